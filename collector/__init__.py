@@ -1,0 +1,1 @@
+"""The collector: one process per symbol, MEXC WebSocket to ClickHouse."""

@@ -1,0 +1,295 @@
+"""One symbol's collector: socket -> parse -> batch -> store.
+
+The receive loop (this thread) reads frames, turns them into rows (wire.parse), and hands a
+batch to the RowWriter every `batch_rows` rows or `flush_interval` seconds.  Between frames it
+keeps the connection honest: a ping every `ping_interval` seconds whatever arrives, a dead
+socket after `dead_after` seconds without a frame, an alarm for a subscribed channel that
+stays silent, a stats line every `stats_interval` seconds.
+"""
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from typing import Optional, Tuple
+
+import websocket
+
+from collector import wire
+from collector.connection import OP_CLOSE, OP_TEXT, FrameReader, open_websocket
+from collector.spool import Spool
+from collector.writer import RowWriter
+
+log = logging.getLogger(__name__)
+
+RECV_TICK = 0.05  # longest a quiet socket blocks the loop: bounds flush and ping lateness
+HEALTHY_AFTER = 60.0  # a connection that lived this long resets the reconnect backoff
+STOP_GRACE = 5.0  # seconds SIGTERM waits for ClickHouse before spooling the rest
+HEARTBEAT_INTERVAL = 1.0
+
+
+class DeadSocket(Exception):
+    pass
+
+
+class Stats:
+    """Counters for the periodic stats line; `rows` by message type."""
+
+    def __init__(self):
+        self.rows = dict.fromkeys(("t", "d", "dp", "dl"), 0)
+        self.frames = 0
+        self.errors = 0
+        self.reconnects = 0
+        self.last_frames = 0
+        self.last_time = time.monotonic()
+
+
+class Collector:
+    def __init__(self, config, symbol: str, socks_proxy: Optional[Tuple[str, int]] = None,
+                 bus=None):
+        self.config = config
+        self.sym = config.symbol(symbol)
+        self.ex = config.exchange
+        self.co = config.collector
+        self.socks_proxy = socks_proxy
+        self.bus = bus  # a bus.sockets.ChildBus under the supervisor, None when run alone
+        self.stopping = False
+        self.exit_code = 0
+        self.connected = False
+        self.last_frame = None
+        self.stats = Stats()
+        self.writer = RowWriter(config.clickhouse, self.sym.name,
+                                Spool(config.spool_dir(), self.sym.name),
+                                max_buffered_rows=self.co["max_buffered_rows"],
+                                max_hold=self.co["max_hold"])
+        self.batch = []
+        self.batch_started = 0.0
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        if self.writer.spool:
+            log.info("spool has %d rows from an earlier run; replaying them first",
+                     self.writer.spool.rows)
+        self.writer.start()
+        bus_thread = None
+        if self.bus is not None:
+            bus_thread = threading.Thread(target=self._bus_loop, name="bus", daemon=True)
+            bus_thread.start()
+        delay = self.ex["reconnect_min"]
+        while not self.stopping:
+            started = time.monotonic()
+            try:
+                self._session()
+            except (OSError, websocket.WebSocketException, DeadSocket) as e:
+                if not self.stopping:
+                    log.warning("disconnected: %s: %s", type(e).__name__, str(e)[:200] or "-")
+            self._flush()
+            if self.stopping:
+                break
+            if time.monotonic() - started >= HEALTHY_AFTER:
+                delay = self.ex["reconnect_min"]
+            wait = delay * random.uniform(0.8, 1.2)
+            self.stats.reconnects += 1
+            log.info("reconnecting in %.1fs", wait)
+            self._sleep(wait)
+            delay = min(delay * 2, self.ex["reconnect_max"])
+        if bus_thread is not None:
+            bus_thread.join()  # it sees self.stopping within a heartbeat interval
+        return self._shutdown()
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.stopping = True
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(RECV_TICK, max(0.0, deadline - time.monotonic())))
+            self._housekeeping(time.monotonic())
+
+    def _shutdown(self) -> int:
+        log.info("stopping: storing %d buffered rows", self.writer.buffered_rows() + len(self.batch))
+        self._flush()
+        self.writer.stop(STOP_GRACE)
+        self._log_stats(time.monotonic())
+        log.info("stopped rows_written=%d spooled=%d", self.writer.rows_written,
+                 self.writer.spool.rows)
+        return self.exit_code
+
+    # --- one connection --------------------------------------------------------------------
+
+    def _session(self) -> None:
+        ws = open_websocket(self.ex["url"], self.ex["connect_timeout"], self.ex["ca_file"],
+                            self.socks_proxy)
+        try:
+            self.connected = True
+            log.info("connected url=%s%s", self.ex["url"],
+                     f" via socks5 {self.socks_proxy[0]}:{self.socks_proxy[1]}"
+                     if self.socks_proxy else "")
+            for request in wire.subscribe_requests(self.sym.symbol, self.ex["depth_limit"]):
+                ws.send(request)
+            ws.settimeout(RECV_TICK)
+            self._receive(ws)
+        finally:
+            self.connected = False
+            ws.close(timeout=0.5)
+
+    def _receive(self, ws) -> None:
+        reader = FrameReader(ws)
+        symbol, batch_rows = self.sym.symbol, self.co["batch_rows"]
+        now = time.monotonic()
+        self.last_frame = self.last_ping = now
+        self.channels = {name: _ChannelWatch(name, now) for name in wire.CHANNELS}
+        next_housekeeping = now + RECV_TICK
+        while not self.stopping:
+            messages = reader.read()
+            now = time.monotonic()
+            if messages is not None:
+                self.last_frame = now
+                rts = int(time.time() * 1000)  # one receive time for all that one read brought
+                for opcode, payload in messages:
+                    self._handle(opcode, payload, symbol, rts, now)
+                if len(self.batch) >= batch_rows:
+                    self._flush()
+            if now >= next_housekeeping:
+                next_housekeeping = now + RECV_TICK
+                self._housekeeping(now)
+                self._keepalive(ws, now)
+
+    def _handle(self, opcode: int, payload: bytes, symbol: str, rts: int, now: float) -> None:
+        if opcode == OP_TEXT:
+            try:
+                payload = payload.decode()
+            except UnicodeDecodeError:
+                pass  # stays bytes: parse() dead-letters what it cannot inflate
+        elif opcode == OP_CLOSE:
+            raise DeadSocket(f"server closed the connection {_close_reason(payload)}")
+        self.stats.frames += 1
+        kind, rows = wire.parse(payload, rts, symbol)
+        if rows:
+            if not self.batch:
+                self.batch_started = now
+            self.batch.extend(rows)
+        watch = self.channels.get(kind)
+        if watch is not None:
+            self.stats.rows[watch.mt] += len(rows)
+            if watch.last_data is None or watch.alarmed:
+                watch.data_again(now)
+            watch.last_data = now
+        elif rows:
+            self.stats.rows["dl"] += 1
+            self.stats.errors += 1
+            if kind == wire.ERROR:
+                log.warning("exchange error: %s", rows[0][2][:200])
+            else:
+                log.warning("dead letter stored: %s", kind[len(wire.DEAD) + 1:][:200])
+
+    def _keepalive(self, ws, now: float) -> None:
+        if now - self.last_ping >= self.ex["ping_interval"]:
+            ws.send(wire.PING)
+            self.last_ping = now
+        if now - self.last_frame >= self.ex["dead_after"]:
+            raise DeadSocket(f"no frame or pong for {now - self.last_frame:.0f}s")
+        for watch in self.channels.values():
+            watch.check(now, self.ex["silent_alarm"])
+
+    # --- the bus: heartbeats out, rotation events in (its own thread) ------------------------
+
+    def _bus_loop(self) -> None:
+        name = f"collector-{self.sym.name}"
+        next_beat = 0.0
+        while not self.stopping:
+            now = time.monotonic()
+            if now >= next_beat:
+                self.bus.send("heartbeat", name=name, pid=os.getpid(), stats=self.status(now))
+                next_beat = now + HEARTBEAT_INTERVAL
+            event = self.bus.receive(timeout=max(0.0, next_beat - time.monotonic()))
+            if event is None or self.sym.symbol not in event.get("symbols", [self.sym.symbol]):
+                continue
+            if event["type"] == "rotate_begin":
+                self.writer.hold(event["rotation"])
+                # Ack once the insert in flight (if any) is over; rotate_begin is repeated
+                # every half second, so an ack not sent now is sent on a later one.
+                deadline = time.monotonic() + 0.3
+                while not self.writer.holding() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                if self.writer.holding():
+                    self.bus.send("rotate_ack", name=name, rotation=event["rotation"])
+            elif event["type"] == "rotate_end":
+                self.writer.release(event["rotation"])
+
+    def status(self, now: float) -> dict:
+        """What the heartbeat tells the supervisor (and mexc status shows)."""
+        s, w = self.stats, self.writer
+        return {
+            "symbol": self.sym.symbol, "connected": self.connected,
+            "rows": dict(s.rows), "frames": s.frames, "errors": s.errors,
+            "reconnects": s.reconnects, "rows_written": w.rows_written,
+            "buffered_rows": w.buffered_rows() + len(self.batch), "spooled_rows": w.spool.rows,
+            "insert_errors": w.insert_errors, "held": w.held,
+            "last_message_age_s": None if self.last_frame is None else round(now - self.last_frame, 3),
+        }
+
+    # --- batching and stats ----------------------------------------------------------------
+
+    def _housekeeping(self, now: float) -> None:
+        if self.writer.failed and not self.stopping:
+            log.error("exiting: the writer thread failed (see above); the supervisor restarts us")
+            self.stopping, self.exit_code = True, 1
+        if self.batch and now - self.batch_started >= self.co["flush_interval"]:
+            self._flush()
+        if now - self.stats.last_time >= self.co["stats_interval"]:
+            self._log_stats(now)
+
+    def _flush(self) -> None:
+        if self.batch:
+            self.writer.submit(self.batch)
+            self.batch = []
+
+    def _log_stats(self, now: float) -> None:
+        s = self.stats
+        rate = (s.frames - s.last_frames) / max(1e-9, now - s.last_time)
+        log.info("stats rows t=%d d=%d dp=%d dl=%d frames/s=%.1f written=%d buffered=%d "
+                 "spooled=%d errors=%d insert_errors=%d reconnects=%d",
+                 s.rows["t"], s.rows["d"], s.rows["dp"], s.rows["dl"], rate,
+                 self.writer.rows_written, self.writer.buffered_rows() + len(self.batch),
+                 self.writer.spool.rows, s.errors, self.writer.insert_errors, s.reconnects)
+        s.last_frames, s.last_time = s.frames, now
+
+
+class _ChannelWatch:
+    """Confirms a subscription by its first data frame; warns while a channel stays silent.
+    The receive loop sets `last_data` itself and calls data_again() only when it matters."""
+
+    MESSAGE_TYPES = {"ticker": "t", "deal": "d", "depth.full": "dp"}
+
+    def __init__(self, name: str, subscribed_at: float):
+        self.name, self.mt = name, self.MESSAGE_TYPES[name]
+        self.subscribed_at = subscribed_at
+        self.last_data = None
+        self.alarmed = False
+
+    def data_again(self, now: float) -> None:
+        if self.last_data is None:
+            log.info("subscribed channel=%s confirmed after %.2fs", self.name,
+                     now - self.subscribed_at)
+        else:
+            log.info("channel=%s data again after %.0fs of silence", self.name,
+                     now - self.last_data)
+        self.alarmed = False
+
+    def check(self, now: float, silent_alarm: float) -> None:
+        since = self.last_data if self.last_data is not None else self.subscribed_at
+        if not self.alarmed and now - since >= silent_alarm:
+            self.alarmed = True
+            what = "no data since subscribing" if self.last_data is None else "silent"
+            log.warning("channel=%s %s for %.0fs", self.name, what, now - since)
+
+
+def _close_reason(payload: bytes) -> str:
+    if len(payload) >= 2:
+        return f"code={int.from_bytes(payload[:2], 'big')} {payload[2:].decode(errors='replace')}"
+    return "(no close code)"

@@ -1,0 +1,134 @@
+"""Opening the WebSocket: directly, or through a SOCKS5 proxy (Tor) with remote DNS.
+
+websocket-client does not TLS-wrap a socket handed to it, so on the proxy path we wrap it
+ourselves, with SNI and certificate checks.  After the SOCKS handshake the PySocks wrapper is
+swapped for a plain socket on the same file descriptor: PySocks adds Python calls to every
+read, and the proxy needs nothing more from it once the tunnel is up.
+
+websocket-client does the handshake and sends our requests; incoming frames are read by
+FrameReader, which takes many frames per recv() instead of three recv() calls per frame (the
+collector's hot loop spent half its time in websocket-client's reader).
+"""
+import socket
+import ssl
+import struct
+from typing import Optional, Tuple
+from urllib.parse import urlsplit
+
+import socks
+import websocket
+
+
+def tls_context(ca_file: str = "") -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=ca_file or None)
+
+
+def open_websocket(url: str, timeout: float, ca_file: str = "",
+                   socks_proxy: Optional[Tuple[str, int]] = None,
+                   socks_auth: Optional[Tuple[str, str]] = None) -> websocket.WebSocket:
+    """Connect and finish the WebSocket handshake; raises OSError or WebSocketException."""
+    options = dict(timeout=timeout, skip_utf8_validation=True, enable_multithread=False,
+                   suppress_origin=True)
+    secure = url.startswith("wss://")
+    if socks_proxy is None:
+        sslopt = {"ssl_context": tls_context(ca_file)} if secure else None
+        return websocket.create_connection(url, sslopt=sslopt, **options)
+    sock = _socks_tunnel(url, timeout, socks_proxy, socks_auth)
+    if secure:
+        sock = tls_context(ca_file).wrap_socket(sock, server_hostname=urlsplit(url).hostname)
+    return websocket.create_connection(url, socket=sock, **options)
+
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+READ_BYTES = 256 * 1024
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+class ProtocolError(OSError):
+    """The server broke the WebSocket framing rules; the connection cannot be trusted."""
+
+
+class FrameReader:
+    """Server-to-client WebSocket frames (RFC 6455), read in bulk from the socket.
+
+    read() returns the complete messages that one recv() made available, as (opcode, payload)
+    with opcode OP_TEXT, OP_BINARY or OP_CLOSE; pings are answered here, pongs count as
+    traffic (an empty list when only control frames arrived).  A socket timeout returns None.
+    """
+
+    def __init__(self, ws):
+        self.ws = ws  # websocket-client's WebSocket: we send through it
+        self.sock = ws.sock
+        self.buffer = bytearray()
+        self.fragments = None  # (opcode, [payloads]) of a fragmented message
+
+    def read(self):
+        try:
+            data = self.sock.recv(READ_BYTES)
+        except socket.timeout:
+            return None
+        if not data:
+            raise ConnectionResetError("the server closed the TCP connection")
+        buffer = self.buffer
+        buffer += data
+        messages, pos, end = [], 0, len(buffer)
+        while end - pos >= 2:
+            first, second = buffer[pos], buffer[pos + 1]
+            length, header = second & 0x7F, 2
+            if length == 126:
+                if end - pos < 4:
+                    break
+                length, header = struct.unpack_from("!H", buffer, pos + 2)[0], 4
+            elif length == 127:
+                if end - pos < 10:
+                    break
+                length, header = struct.unpack_from("!Q", buffer, pos + 2)[0], 10
+            if second & 0x80:
+                raise ProtocolError("the server sent a masked frame")
+            if length > MAX_MESSAGE_BYTES:
+                raise ProtocolError(f"a frame of {length} bytes is over {MAX_MESSAGE_BYTES}")
+            if end - pos < header + length:
+                break
+            payload = bytes(buffer[pos + header:pos + header + length])
+            pos += header + length
+            self._frame(first & 0x80, first & 0x0F, payload, messages)
+        del buffer[:pos]
+        return messages
+
+    def _frame(self, fin: int, opcode: int, payload: bytes, messages: list) -> None:
+        if opcode in (OP_TEXT, OP_BINARY) and fin:
+            messages.append((opcode, payload))
+        elif opcode in (OP_TEXT, OP_BINARY):
+            self.fragments = (opcode, [payload])
+        elif opcode == OP_CONT and self.fragments is not None:
+            self.fragments[1].append(payload)
+            if sum(map(len, self.fragments[1])) > MAX_MESSAGE_BYTES:
+                raise ProtocolError(f"a message over {MAX_MESSAGE_BYTES} bytes")
+            if fin:
+                messages.append((self.fragments[0], b"".join(self.fragments[1])))
+                self.fragments = None
+        elif opcode == OP_PING:
+            self.ws.pong(payload)
+        elif opcode == OP_CLOSE:
+            messages.append((OP_CLOSE, payload))
+        elif opcode != OP_PONG:
+            raise ProtocolError(f"unexpected opcode {opcode:#x}")
+
+
+def _socks_tunnel(url: str, timeout: float, proxy: Tuple[str, int],
+                  auth: Optional[Tuple[str, str]]) -> socket.socket:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    tunnel = socks.socksocket()
+    tunnel.set_proxy(socks.SOCKS5, proxy[0], proxy[1], rdns=True,
+                     username=auth[0] if auth else None, password=auth[1] if auth else None)
+    tunnel.settimeout(timeout)
+    try:
+        tunnel.connect((parts.hostname, port))
+    except Exception:
+        tunnel.close()
+        raise
+    plain = socket.socket(fileno=tunnel.detach())
+    plain.settimeout(timeout)
+    plain.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return plain

@@ -1,0 +1,171 @@
+"""MEXC futures WebSocket wire format: the requests we send and the rows a frame becomes.
+
+This is the only module that knows MEXC's JSON.  `parse()` turns one received frame into
+`(kind, rows)`; each row is `(ts, mt, m, rts)` as stored in ClickHouse (see mexc/schema.py).
+
+Numbers keep the exchange's exact text: the JSON decoder hands float literals over as their
+source text (`0.080100`, `7.548E+4`) instead of converting them through float.
+"""
+import json
+import re
+import zlib
+
+DEAD_LETTER_CHARS = 500
+MAX_INFLATED_BYTES = 16 * 1024 * 1024  # a compressed frame may not inflate beyond this
+
+PING = '{"method":"ping"}'
+CHANNELS = ("ticker", "deal", "depth.full")
+
+# kinds returned by parse()
+PONG, ACK, IGNORED, ERROR, DEAD = "pong", "ack", "ignored", "error", "dead"
+
+_decode = json.JSONDecoder(parse_float=str).decode
+# A formatted row must be number text in our layout; anything else (a nested list, a dict,
+# null, true, a JSON string of letters) means the frame's fields did not fit.
+_NUM = r"[-+]?[0-9][0-9.eE+\-]*"
+_LEVELS = rf"(?:\[{_NUM},{_NUM}\](?:,\[{_NUM},{_NUM}\])*)?"
+_DEAL_TEXT = re.compile(rf"{_NUM}\|{_NUM}\|[12]").fullmatch
+_TICKER_TEXT = re.compile(rf"{_NUM}(?:\|{_NUM}){{4}}").fullmatch
+_DEPTH_TEXT = re.compile(rf"{_LEVELS}\|{_LEVELS}").fullmatch
+
+
+class BadFrame(Exception):
+    """The frame cannot become a data row; its message says why."""
+
+
+def subscribe_requests(symbol: str, depth_limit: int = 20):
+    """The three subscription frames, one channel each."""
+    return [
+        json.dumps({"method": "sub.ticker", "param": {"symbol": symbol}}),
+        json.dumps({"method": "sub.deal", "param": {"symbol": symbol}}),
+        json.dumps({"method": "sub.depth.full", "param": {"symbol": symbol,
+                                                          "limit": depth_limit}}),
+    ]
+
+
+def parse(payload, rts: int, symbol: str):
+    """One frame (str, or bytes for binary frames) -> (kind, rows).
+
+    kind is a channel name from CHANNELS for data, or PONG, ACK, IGNORED, ERROR, DEAD
+    (DEAD and ERROR come with one dead-letter row; for DEAD, `kind:reason` says why).
+    """
+    if not isinstance(payload, str):
+        try:
+            payload = inflate(payload).decode()
+        except (ValueError, zlib.error, UnicodeDecodeError) as e:
+            return _dead(f"binary:{bytes(payload[:240]).hex()}", rts, rts, f"binary frame: {e}")
+    try:
+        frame = _decode(payload)
+    except ValueError:
+        return _dead(payload, rts, rts, "not JSON")
+    channel = frame.get("channel") if type(frame) is dict else None
+    if channel is None:
+        if type(frame) is dict and "ping" in frame:
+            return IGNORED, ()  # the legacy endpoint's {"ping": ms}
+        return _dead(payload, rts, rts, "not a MEXC frame (no channel)")
+    try:
+        if channel == "push.deal":
+            return "deal", _deal_rows(frame, rts, symbol)
+        if channel == "push.depth.full":
+            return "depth.full", _depth_rows(frame, rts, symbol)
+        if channel == "push.ticker":
+            return "ticker", _ticker_rows(frame, rts, symbol)
+    except (BadFrame, KeyError, IndexError, TypeError, AttributeError) as e:
+        return _dead(payload, _frame_ts(frame, rts), rts, f"{channel}: {_reason(e)}")
+    if channel == "pong":
+        return PONG, ()
+    if channel == "rs.error":
+        return ERROR, [_dead_row(payload, _frame_ts(frame, rts), rts)]
+    if isinstance(channel, str) and channel.startswith(("rs.sub.", "rs.unsub.")):
+        return ACK, ()
+    return _dead(payload, _frame_ts(frame, rts), rts, f"unknown channel {str(channel)[:60]!r}")
+
+
+def inflate(data: bytes) -> bytes:
+    """gzip or zlib -> bytes, refusing anything that inflates past MAX_INFLATED_BYTES."""
+    for wbits in (31, 15):  # 31: gzip header, 15: zlib header
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(data, MAX_INFLATED_BYTES)
+        except zlib.error:
+            continue
+        if inflater.unconsumed_tail:
+            raise ValueError(f"inflates past {MAX_INFLATED_BYTES} bytes")
+        if not inflater.eof:
+            raise ValueError("truncated compressed data")
+        return out
+    raise ValueError("neither gzip nor zlib")
+
+
+def _deal_rows(frame: dict, rts: int, symbol: str):
+    _check_symbol(frame, symbol)
+    data = frame["data"]
+    trades = [data] if type(data) is dict else data
+    if type(trades) is not list or not trades:
+        raise BadFrame("data is not a trade or a list of trades")
+    rows = []
+    for trade in trades:
+        m = f'{trade["p"]}|{trade["v"]}|{trade["T"]}'
+        if not _DEAL_TEXT(m):
+            raise BadFrame(f"trade fields are not numbers: {m[:80]!r}")
+        rows.append((_ms(trade["t"]), "d", m, rts))
+    return rows
+
+
+def _depth_rows(frame: dict, rts: int, symbol: str):
+    _check_symbol(frame, symbol)
+    data = frame["data"]
+    m = _levels(data["bids"]) + "|" + _levels(data["asks"])
+    if not _DEPTH_TEXT(m):
+        raise BadFrame(f"depth levels are not [price, size, ...] numbers: {m[:80]!r}")
+    return [(_ms(frame["ts"]), "dp", m, rts)]
+
+
+def _levels(side) -> str:
+    if type(side) is not list:
+        raise BadFrame("depth side is not a list")
+    return ",".join([f"[{level[0]},{level[1]}]" for level in side[:20]])
+
+
+def _ticker_rows(frame: dict, rts: int, symbol: str):
+    _check_symbol(frame, symbol)
+    d = frame["data"]
+    m = f'{d["lastPrice"]}|{d["fairPrice"]}|{d["indexPrice"]}|{d["holdVol"]}|{d["fundingRate"]}'
+    if not _TICKER_TEXT(m):
+        raise BadFrame(f"ticker fields are not numbers: {m[:80]!r}")
+    return [(_ms(d["timestamp"]), "t", m, rts)]
+
+
+def _check_symbol(frame: dict, symbol: str) -> None:
+    if frame.get("symbol") != symbol:
+        raise BadFrame(f"symbol {str(frame.get('symbol'))[:30]!r} is not {symbol}")
+
+
+def _ms(value) -> int:
+    """An exchange timestamp in ms; ints only (a float or string timestamp does not fit)."""
+    if type(value) is not int or value < 0:
+        raise BadFrame(f"timestamp {str(value)[:30]!r} is not integer milliseconds")
+    return value
+
+
+def _frame_ts(frame, rts: int) -> int:
+    ts = frame.get("ts") if isinstance(frame, dict) else None
+    if type(ts) is int and ts >= 0:
+        return ts
+    if type(ts) is str and ts.isdigit():
+        return int(ts)
+    return rts
+
+
+def _dead_row(text: str, ts: int, rts: int):
+    return (ts, "dl", text[:DEAD_LETTER_CHARS], rts)
+
+
+def _dead(text: str, ts: int, rts: int, reason: str):
+    return f"{DEAD}:{reason}", [_dead_row(text, ts, rts)]
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, KeyError):
+        return f"missing field {e.args[0]!r}"
+    return str(e) or type(e).__name__

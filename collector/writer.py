@@ -1,0 +1,314 @@
+"""Storing row batches in ClickHouse: in order, exactly once, whatever the server does.
+
+The receive loop hands batches to `RowWriter.submit()`; a writer thread inserts them.  Rows
+flow oldest first through three places:
+
+    pending (the batch being inserted) -> spool file (older) -> memory queue (newest)
+
+When an insert fails the batch stays pending and is retried with backoff.  While the server
+is away the memory queue grows up to `max_buffered_rows`; beyond that its oldest batches move
+to the spool file, which is replayed before anything newer (also after a restart).
+
+Exactly once: a failed insert may still have landed (the connection broke after the server
+had the data).  This writer is the only one writing its table, so it tracks the table's row
+count: after an unsure failure it reads count() again and retries only if the batch is not
+there.  For spooled batches the count before the insert is kept on disk (see spool.py), so the
+answer survives a crash.
+"""
+import collections
+import logging
+import threading
+import time
+from typing import List, Optional
+
+from clickhouse_driver.errors import ServerException
+
+from mexc import schema
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_TABLE = 60
+
+
+class InsertFailed(Exception):
+    pass
+
+
+class RowWriter:
+    def __init__(self, ch: dict, name: str, spool, max_buffered_rows: int, max_hold: float = 30.0,
+                 max_insert_rows: int = 50_000, retry_max: float = 2.0):
+        self.ch = ch
+        self.table = schema.current_table(name)
+        self.spool = spool
+        self.max_buffered_rows = max_buffered_rows
+        self.max_insert_rows = max_insert_rows
+        self.retry_max = retry_max
+
+        self.queue = collections.deque()  # batches from the receive loop, oldest first
+        self.queued_rows = 0
+        self.wakeup = threading.Condition()
+        self.stopping = False
+        self.storing = threading.Lock()  # held for the whole of one insert attempt
+        self.held = None  # the rotation id while the exporter swaps our table
+        self.held_since = 0.0
+        self.max_hold = max_hold
+
+        self.pending: Optional[List[tuple]] = None
+        self.pending_next_offset: Optional[int] = None  # set when pending came from the spool
+        self.unsure = False  # the last insert of `pending` failed and may have landed
+        self.table_rows: Optional[int] = None  # count() of our table, when known
+        self.recount = False  # set after a rotation: table_rows must be read again
+
+        self.client = None
+        self.failed = False  # the writer thread died: the collector must exit and be restarted
+        self.spool_broken_until = 0.0  # after a failed spool write (disk full), retry later
+        self.rows_written = 0
+        self.insert_errors = 0
+        self.thread = threading.Thread(target=self._run, name=f"writer-{name}", daemon=True)
+
+        if spool.inflight and spool.inflight[0] == spool.offset:
+            # We died during the insert of the first spooled batch: find out whether it landed.
+            _offset, self.table_rows, _rows = spool.inflight
+            self.unsure = True
+
+    # --- called from the receive loop ------------------------------------------------------
+
+    def submit(self, rows: List[tuple]) -> None:
+        with self.wakeup:
+            self.queue.append(rows)
+            self.queued_rows += len(rows)
+            self.wakeup.notify()
+
+    def buffered_rows(self) -> int:
+        return self.queued_rows + (len(self.pending) if self.pending else 0)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def hold(self, rotation: str) -> None:
+        """Stop inserting until release(); returns at once (see holding())."""
+        with self.wakeup:
+            if self.held != rotation:
+                self.held, self.held_since = rotation, time.monotonic()
+                log.info("holding rows for rotation=%s", rotation)
+
+    def holding(self) -> bool:
+        """True once a hold is on and no insert is in flight: our table may be swapped now.
+        (`held` is set first, and an insert re-checks it under `storing`.)"""
+        return self.held is not None and not self.storing.locked()
+
+    def release(self, rotation: str) -> None:
+        with self.wakeup:
+            self.recount = True  # the table was swapped, whether we held or missed the hold
+            if self.held == rotation:
+                self._release(f"rotation={rotation} ended after "
+                              f"{time.monotonic() - self.held_since:.2f}s")
+
+    def _release(self, why: str) -> None:
+        self.held = None
+        self.recount = True
+        self.wakeup.notify()
+        log.info("writing again: %s", why)
+
+    def stop(self, grace: float) -> None:
+        """Store everything; after `grace` seconds of failures, spool what is left."""
+        with self.wakeup:
+            self.stopping = True
+            self.stop_deadline = time.monotonic() + grace
+            self.wakeup.notify()
+        self.thread.join()
+        self.spool.close()
+        if self.client is not None:
+            self.client.disconnect()
+
+    # --- the writer thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._store_forever()
+        except Exception:
+            self.failed = True
+            log.exception("writer thread failed; %d rows in memory are lost, %d spooled rows "
+                          "are kept", self.buffered_rows(), self.spool.rows)
+
+    def _store_forever(self) -> None:
+        backoff = 0.0
+        while True:
+            if not self._wait_for_work():
+                return
+            self._spill_over_bound()
+            try:
+                with self.storing:
+                    if self.held is not None:
+                        continue  # a hold began while we were waiting for the lock
+                    self._store_next()
+                backoff = 0.0
+            except InsertFailed as e:
+                backoff = min(self.retry_max, max(0.2, backoff * 2))
+                self.insert_errors += 1
+                log.warning("insert failed table=%s buffered=%d spooled=%d retry_in=%.1fs: %s",
+                            self.table, self.buffered_rows(), self.spool.rows, backoff, e)
+                if self._stop_overdue():
+                    self._spill_all("ClickHouse is unreachable")
+                    return
+                with self.wakeup:
+                    self.wakeup.wait(backoff)
+
+    def _wait_for_work(self) -> bool:
+        """Block until there is something to store and no hold; False: stop now."""
+        with self.wakeup:
+            while True:
+                self._end_overlong_hold()
+                if self.held is None and (self._has_work() or self.stopping):
+                    return self._has_work()
+                if self.held is not None and self._stop_overdue():
+                    self._spill_all("a rotation holds rows")  # never write into a swapped table
+                    return False
+                self.wakeup.wait(0.5 if self.held is not None or self.stopping else None)
+
+    def _stop_overdue(self) -> bool:
+        return self.stopping and time.monotonic() >= self.stop_deadline
+
+    def _end_overlong_hold(self) -> None:
+        if self.held is not None and time.monotonic() - self.held_since > self.max_hold:
+            log.warning("rotation=%s held rows for over %.0fs without its end: writing again",
+                        self.held, self.max_hold)
+            self._release("hold timed out")
+
+    def _has_work(self) -> bool:
+        return bool(self.pending or self.spool or self.queue)
+
+    def _store_next(self) -> None:
+        if self.pending is None:
+            self._take_next()
+        self._insert(self.pending)
+        if self.pending_next_offset is not None:
+            self.spool.advance(self.pending_next_offset, len(self.pending))
+        self.rows_written += len(self.pending)
+        self.pending = self.pending_next_offset = None
+
+    def _take_next(self) -> None:
+        """Oldest first: the spool, then the memory queue (merged into one larger insert)."""
+        if self.spool:
+            self.pending_next_offset, self.pending = self.spool.peek()
+            return
+        rows = []
+        with self.wakeup:
+            while self.queue and (not rows or len(rows) + len(self.queue[0]) <= self.max_insert_rows):
+                batch = self.queue.popleft()
+                self.queued_rows -= len(batch)
+                rows.extend(batch)
+        self.pending = rows
+
+    def _insert(self, rows: List[tuple]) -> None:
+        client = self._connected()
+        if self.recount and not self.unsure:
+            self.recount, self.table_rows = False, None
+        try:
+            if self.table_rows is None:
+                self.table_rows = self._count(client)
+            if self.unsure:
+                landed = self._landed(client, len(rows))
+                self.unsure = False
+                if landed:
+                    self.table_rows += len(rows)
+                    return
+            if self.pending_next_offset is not None:
+                self.spool.mark_inflight(self.table_rows, len(rows))
+        except Exception as e:  # only reads so far: nothing can have landed
+            self._disconnect()
+            raise InsertFailed(f"{type(e).__name__}: {e}") from None
+        try:
+            client.execute(schema.insert_rows_sql(self.ch["database"], self.table),
+                           [list(column) for column in zip(*rows)], columnar=True)
+        except ServerException as e:  # the server refused the block: it did not land
+            if e.code == UNKNOWN_TABLE:
+                self._disconnect()  # reconnecting recreates the table
+            raise InsertFailed(f"server refused: {_first_line(e)}") from None
+        except Exception as e:
+            self.unsure = True
+            self._disconnect()
+            raise InsertFailed(f"{type(e).__name__}: {_first_line(e)}") from None
+        self.table_rows += len(rows)
+
+    def _landed(self, client, batch_rows: int) -> bool:
+        count = self._count(client)
+        if count == self.table_rows + batch_rows:
+            log.info("unsure insert of %d rows had landed table=%s", batch_rows, self.table)
+            return True
+        if count != self.table_rows:
+            log.warning("cannot tell whether %d rows landed: table=%s has %d rows, expected %d "
+                        "or %d; someone else changed it; inserting them again", batch_rows,
+                        self.table, count, self.table_rows, self.table_rows + batch_rows)
+            self.table_rows = count
+        return False
+
+    def _connected(self):
+        if self.client is None:
+            try:
+                # Not bound to our database, so a missing one can be created; all SQL here
+                # names the database.
+                client = schema.connect(self.ch, database=False)
+                client.execute(schema.create_database(self.ch["database"]))
+                features = schema.detect(client, self.ch["database"])
+                client.execute(schema.create_rows_table(self.ch["database"], self.table, features))
+            except Exception as e:
+                raise InsertFailed(f"cannot reach ClickHouse: {type(e).__name__}: "
+                                   f"{_first_line(e)}") from None
+            self.client = client
+        return self.client
+
+    def _disconnect(self) -> None:
+        if self.client is not None:
+            self.client.disconnect()
+            self.client = None
+
+    def _count(self, client) -> int:
+        sql = f"SELECT count() FROM {schema.quote(self.ch['database'])}.{schema.quote(self.table)}"
+        return client.execute(sql)[0][0]
+
+    # --- spilling to the spool -------------------------------------------------------------
+
+    def _spill_over_bound(self) -> None:
+        if self.queued_rows > self.max_buffered_rows:
+            self._spill(keep_rows=self.max_buffered_rows // 2)
+
+    def _spill_all(self, why: str) -> None:
+        self._spill(keep_rows=0)
+        log.warning("stopping while %s: %d rows kept in %s for the next start", why,
+                    self.spool.rows, self.spool.path)
+
+    def _spill(self, keep_rows: int) -> None:
+        """Move the oldest queued batches to the spool until at most keep_rows stay queued.
+        When the disk refuses (full, read-only), rows stay in memory and we try again later."""
+        if time.monotonic() < self.spool_broken_until:
+            return
+        try:
+            self._spill_to_disk(keep_rows)
+        except OSError as e:
+            self.spool_broken_until = time.monotonic() + 5.0
+            log.error("cannot write spool %s: %s; keeping %d rows in memory, trying again in 5s",
+                      self.spool.path, e, self.buffered_rows())
+
+    def _spill_to_disk(self, keep_rows: int) -> None:
+        if self.pending and self.pending_next_offset is None:
+            # The pending batch is older than anything spooled, so it goes first; the spool is
+            # empty here (a batch is taken from memory only when the spool is empty).
+            self.spool.append(self.pending)
+            self.pending_next_offset = self.spool.size
+            if self.unsure:
+                self.spool.mark_inflight(self.table_rows, len(self.pending))
+        moved = 0
+        with self.wakeup:
+            while self.queue and self.queued_rows > keep_rows:
+                self.spool.append(self.queue[0])  # may raise: then the batch stays queued
+                batch = self.queue.popleft()
+                self.queued_rows -= len(batch)
+                moved += len(batch)
+        if moved:
+            log.warning("memory bound reached table=%s: %d rows moved to spool %s (%d spooled)",
+                        self.table, moved, self.spool.path, self.spool.rows)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

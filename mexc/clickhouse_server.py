@@ -1,0 +1,161 @@
+"""A private ClickHouse server run as a child process (`clickhouse.managed = true`).
+
+Its data lives under `<state_dir>/clickhouse`, it listens on loopback only, and it dies with its
+parent (PR_SET_PDEATHSIG), so a killed supervisor never leaves it behind.  The tests start the
+same class on a temporary directory.
+"""
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from xml.sax.saxutils import escape
+
+from clickhouse_driver import Client
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+CONFIG_XML = """<?xml version="1.0"?>
+<yandex>
+  <logger>
+    <level>warning</level>
+    <log>{dir}/log/clickhouse-server.log</log>
+    <errorlog>{dir}/log/clickhouse-server.err.log</errorlog>
+    <size>50M</size>
+    <count>3</count>
+  </logger>
+  <listen_host>127.0.0.1</listen_host>
+  <tcp_port>{port}</tcp_port>
+  <path>{dir}/data/</path>
+  <tmp_path>{dir}/tmp/</tmp_path>
+  <user_files_path>{dir}/user_files/</user_files_path>
+  <format_schema_path>{dir}/format_schemas/</format_schema_path>
+  <users_config>{dir}/users.xml</users_config>
+  <mark_cache_size>268435456</mark_cache_size>
+  <max_concurrent_queries>100</max_concurrent_queries>
+</yandex>
+"""
+
+USERS_XML = """<?xml version="1.0"?>
+<yandex>
+  <profiles><default><max_memory_usage>4000000000</max_memory_usage></default></profiles>
+  <users>
+    <{user}>
+      <password>{password}</password>
+      <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+      <profile>default</profile>
+      <quota>default</quota>
+    </{user}>
+  </users>
+  <quotas><default></default></quotas>
+</yandex>
+"""
+
+
+class ClickHouseStartError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent():
+    """Runs in the child before exec: SIGTERM it when the parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class ManagedClickHouse:
+    def __init__(self, directory: str, port: int = 0, user: str = "default", password: str = "",
+                 binary: str = "clickhouse-server"):
+        self.directory = os.path.abspath(directory)
+        self.port = port or free_port()
+        self.user = user
+        self.password = password
+        self.binary = binary
+        self.process = None
+
+    def write_config(self) -> str:
+        for sub in ("log", "data", "tmp", "user_files", "format_schemas"):
+            os.makedirs(os.path.join(self.directory, sub), exist_ok=True)
+        config_path = os.path.join(self.directory, "config.xml")
+        with open(config_path, "w") as f:
+            f.write(CONFIG_XML.format(dir=escape(self.directory), port=self.port))
+        users_path = os.path.join(self.directory, "users.xml")
+        # The password sits in this file, so only the owner may read it.
+        fd = os.open(users_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(USERS_XML.format(user=escape(self.user), password=escape(self.password)))
+        return config_path
+
+    def start(self, timeout: float = 60.0, wait: bool = True) -> "ManagedClickHouse":
+        """Launch the server; with wait, return once it answers queries."""
+        binary = shutil.which(self.binary)
+        if binary is None:
+            raise ClickHouseStartError(f"{self.binary} not found: run ./setup "
+                                       "(it installs clickhouse-server)")
+        config_path = self.write_config()
+        output = open(os.path.join(self.directory, "log", "stdout.log"), "ab")
+        self.process = subprocess.Popen([binary, f"--config-file={config_path}"],
+                                        cwd=self.directory, stdout=output, stderr=output,
+                                        stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        output.close()
+        log.info("clickhouse starting pid=%d port=%d dir=%s", self.process.pid, self.port,
+                 self.directory)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ClickHouseStartError(f"clickhouse-server exited with code "
+                                           f"{self.process.returncode}: {self._error_tail()}")
+            if self.healthy():
+                log.info("clickhouse ready pid=%d port=%d", self.process.pid, self.port)
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise ClickHouseStartError(f"clickhouse-server not ready after {timeout:.0f} s: "
+                                   f"{self._error_tail()}")
+
+    def healthy(self) -> bool:
+        client = Client("127.0.0.1", port=self.port, user=self.user, password=self.password,
+                        connect_timeout=1, send_receive_timeout=2)
+        try:
+            return client.execute("SELECT 1") == [(1,)]
+        except Exception:
+            return False
+        finally:
+            client.disconnect()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("clickhouse did not stop in %.0f s; killing pid=%d", timeout,
+                        self.process.pid)
+            self.process.kill()
+            self.process.wait()
+        log.info("clickhouse stopped")
+
+    def _error_tail(self, lines: int = 3) -> str:
+        path = os.path.join(self.directory, "log", "clickhouse-server.err.log")
+        try:
+            with open(path, errors="replace") as f:
+                tail = [line.strip() for line in f.readlines()[-lines:]]
+            return " | ".join(tail) or "(error log empty)"
+        except OSError:
+            return "(no error log)"

@@ -1,0 +1,227 @@
+"""Loading and validating etc/mexc.toml.
+
+Every setting has a default here; the file only overrides.  A bad file raises ConfigError
+with one line naming the file, the key and the problem; the CLI turns it into exit code 78.
+"""
+import os
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    import tomli as tomllib
+
+SEARCH_PATHS = ("/etc/mexc/mexc.toml", "etc/mexc.toml")
+SYMBOL_RE = re.compile(r"^[A-Z0-9]{1,20}_[A-Z0-9]{1,20}$")
+NAME_RE = re.compile(r"^[a-z0-9_]{1,40}$")
+
+# section -> key -> (type, default).  bool is checked before int (bool is an int in Python).
+SCHEMA = {
+    "exchange": {
+        "url": (str, "wss://contract.mexc.com/edge"),
+        "ca_file": (str, ""),
+        "ping_interval": (float, 15.0),
+        "dead_after": (float, 45.0),
+        "silent_alarm": (float, 30.0),
+        "depth_limit": (int, 20),
+        "connect_timeout": (float, 10.0),
+        "reconnect_min": (float, 1.0),
+        "reconnect_max": (float, 60.0),
+    },
+    "clickhouse": {
+        "host": (str, "127.0.0.1"),
+        "port": (int, 9100),
+        "database": (str, "mexc"),
+        "user": (str, "default"),
+        "password": (str, ""),
+        "managed": (bool, True),
+        "binary": (str, "clickhouse-server"),
+    },
+    "collector": {
+        "batch_rows": (int, 1000),
+        "flush_interval": (float, 0.1),
+        "max_buffered_rows": (int, 200_000),
+        "stats_interval": (float, 15.0),
+        "max_hold": (float, 30.0),
+    },
+    "supervisor": {
+        "heartbeat_timeout": (float, 10.0),
+        "restart_min": (float, 1.0),
+        "restart_max": (float, 60.0),
+        "rotation_ack_timeout": (float, 5.0),
+    },
+    "tor": {
+        "enabled": (bool, True),
+    },
+    "export": {
+        "dir": (str, "/var/lib/mexc/export"),
+    },
+    "paths": {
+        "state_dir": (str, "/var/lib/mexc"),
+        "runtime_dir": (str, "/run/mexc"),
+    },
+    "log": {
+        "level": (str, "info"),
+    },
+}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEPTH_LIMITS = (5, 10, 20)
+
+
+class ConfigError(Exception):
+    """A problem with the configuration file; str() is the one line shown to the operator."""
+
+
+@dataclass(frozen=True)
+class Symbol:
+    symbol: str  # exchange contract, e.g. BTC_USDT
+    name: str  # short name for tables and files, e.g. btc
+
+
+@dataclass
+class Config:
+    path: str
+    symbols: List[Symbol]
+    exchange: dict
+    clickhouse: dict
+    collector: dict
+    supervisor: dict
+    tor: dict
+    export: dict
+    paths: dict
+    log: dict
+
+    def symbol(self, symbol: str) -> Symbol:
+        for s in self.symbols:
+            if s.symbol == symbol or s.name == symbol:
+                return s
+        raise ConfigError(f"{self.path}: symbols: {symbol!r} is not configured")
+
+    def spool_dir(self) -> str:
+        return os.path.join(self.paths["state_dir"], "spool")
+
+
+def find_config(explicit: Optional[str] = None) -> str:
+    """--config, then $MEXC_CONFIG, then /etc/mexc/mexc.toml, then ./etc/mexc.toml."""
+    if explicit:
+        return explicit
+    if os.environ.get("MEXC_CONFIG"):
+        return os.environ["MEXC_CONFIG"]
+    for path in SEARCH_PATHS:
+        if os.path.exists(path):
+            return path
+    raise ConfigError("no config file: pass --config PATH or set MEXC_CONFIG "
+                      f"(looked in {', '.join(SEARCH_PATHS)})")
+
+
+def load(explicit: Optional[str] = None) -> Config:
+    path = find_config(explicit)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse(data, path)
+
+
+def parse(data: dict, path: str = "<config>") -> Config:
+    unknown = set(data) - set(SCHEMA) - {"symbols"}
+    if unknown:
+        raise ConfigError(f"{path}: {sorted(unknown)[0]}: unknown key")
+    sections = {name: _section(data.get(name, {}), name, keys, path)
+                for name, keys in SCHEMA.items()}
+    symbols = _symbols(data.get("symbols", ["BTC_USDT", "ETH_USDT", "SOL_USDT"]), path)
+    _check_values(sections, path)
+    return Config(path=path, symbols=symbols, **sections)
+
+
+def _section(values, section: str, keys: dict, path: str) -> dict:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: [{section}]: must be a table")
+    for key in values:
+        if key not in keys:
+            raise ConfigError(f"{path}: {section}.{key}: unknown key")
+    result = {}
+    for key, (kind, default) in keys.items():
+        value = values.get(key, default)
+        result[key] = _typed(value, kind, f"{section}.{key}", path)
+    return result
+
+
+def _typed(value, kind, key: str, path: str):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ConfigError(f"{path}: {key}: expected {kind.__name__}, got {type(value).__name__} "
+                          f"{value!r}")
+    return value
+
+
+def _symbols(entries, path: str) -> List[Symbol]:
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{path}: symbols: expected a non-empty list of contracts "
+                          'like ["BTC_USDT"]')
+    symbols, seen_names, seen_symbols = [], {}, set()
+    for entry in entries:
+        symbol, name = _symbol_entry(entry, path)
+        if not SYMBOL_RE.match(symbol):
+            raise ConfigError(f"{path}: symbols: {symbol!r} is not a contract like BTC_USDT")
+        if not NAME_RE.match(name):
+            raise ConfigError(f"{path}: symbols: name {name!r} for {symbol} must be 1-40 of a-z 0-9 _")
+        if symbol in seen_symbols:
+            raise ConfigError(f"{path}: symbols: {symbol} is listed twice")
+        if name in seen_names:
+            raise ConfigError(f"{path}: symbols: {symbol} and {seen_names[name]} both have the "
+                              f"name {name!r}; give one a name = \"...\"")
+        seen_symbols.add(symbol)
+        seen_names[name] = symbol
+        symbols.append(Symbol(symbol, name))
+    return symbols
+
+
+def _symbol_entry(entry, path: str) -> Tuple[str, str]:
+    if isinstance(entry, str):
+        return entry, entry.split("_", 1)[0].lower()
+    if isinstance(entry, dict):
+        extra = set(entry) - {"symbol", "name"}
+        if extra or not isinstance(entry.get("symbol"), str):
+            raise ConfigError(f"{path}: symbols: {entry!r}: expected {{symbol = \"BTC_USDT\", "
+                              "name = \"btc\"}")
+        symbol = entry["symbol"]
+        name = entry.get("name", symbol.split("_", 1)[0].lower())
+        if not isinstance(name, str):
+            raise ConfigError(f"{path}: symbols: {symbol}: name must be a string")
+        return symbol, name
+    raise ConfigError(f"{path}: symbols: {entry!r}: expected a contract name or "
+                      "{symbol = ..., name = ...}")
+
+
+def _check_values(s: dict, path: str) -> None:
+    def bad(key, problem):
+        raise ConfigError(f"{path}: {key}: {problem}")
+
+    if not s["exchange"]["url"].startswith(("ws://", "wss://")):
+        bad("exchange.url", "must start with ws:// or wss://")
+    if s["exchange"]["depth_limit"] not in DEPTH_LIMITS:
+        bad("exchange.depth_limit", f"must be one of {DEPTH_LIMITS}")
+    if s["exchange"]["ping_interval"] <= 0 or s["exchange"]["dead_after"] <= s["exchange"]["ping_interval"]:
+        bad("exchange.dead_after", "must be greater than exchange.ping_interval (> 0)")
+    if not 0 < s["clickhouse"]["port"] < 65536:
+        bad("clickhouse.port", "must be 1-65535")
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", s["clickhouse"]["database"]):
+        bad("clickhouse.database", "must be a plain identifier (letters, digits, _)")
+    if s["collector"]["batch_rows"] < 1:
+        bad("collector.batch_rows", "must be at least 1")
+    if s["collector"]["flush_interval"] <= 0:
+        bad("collector.flush_interval", "must be > 0")
+    if s["collector"]["max_buffered_rows"] < 0:
+        bad("collector.max_buffered_rows", "must be >= 0")
+    if s["log"]["level"] not in LOG_LEVELS:
+        bad("log.level", f"must be one of {', '.join(LOG_LEVELS)}")
+    for key in ("state_dir", "runtime_dir"):
+        if not s["paths"][key]:
+            bad(f"paths.{key}", "must not be empty")

@@ -1,0 +1,42 @@
+"""One event per line, tagged with the process, e.g. `collector[btc] connected url=...`.
+
+Under journald (JOURNAL_STREAM set) each line starts with a syslog priority prefix such as `<4>`
+so `journalctl -p warning` works and journald adds the timestamp; on a terminal lines carry a
+UTC timestamp and the level name instead.
+"""
+import logging
+import os
+import sys
+import time
+
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+             logging.CRITICAL: 2}
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, tag: str, journald: bool):
+        super().__init__()
+        self.tag = tag
+        self.journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage().replace("\n", " | ")
+        if record.exc_info:
+            message += " | " + self.formatException(record.exc_info).replace("\n", " | ")
+        if self.journald:
+            return f"<{_PRIORITY.get(record.levelno, 6)}>{self.tag} {message}"
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        millis = int(record.msecs)
+        return f"{stamp}.{millis:03d}Z {record.levelname:<7} {self.tag} {message}"
+
+
+def setup(tag: str, level: str = "info") -> logging.Logger:
+    """Configure the root logger of this process; `tag` names it in every line."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(tag, journald=bool(os.environ.get("JOURNAL_STREAM"))))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # clickhouse-driver logs each failed connect with a traceback; our own lines say it better.
+    logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)
+    return logging.getLogger("mexc")

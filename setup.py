@@ -1,0 +1,4 @@
+# Metadata lives in setup.cfg; this file lets `pip install -e .` work with older pips.
+from setuptools import setup
+
+setup()

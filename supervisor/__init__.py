@@ -1,0 +1,1 @@
+"""The supervisor daemon: runs and heals every mexc process (`mexc run`)."""

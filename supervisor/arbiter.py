@@ -1,0 +1,369 @@
+"""`mexc run`: the parent process.  It starts every child, restarts what dies or hangs, runs the
+bus (status requests, heartbeats, the rotation handshake) and talks to systemd.
+
+One loop, no threads: wait up to TICK for bus messages, then look after every child.
+"""
+import fcntl
+import logging
+import os
+import signal
+import time
+
+import psutil
+
+from bus import sockets
+from mexc import config as configuration, schema, __version__
+from mexc.clickhouse_server import ClickHouseStartError, ManagedClickHouse
+from supervisor import sdnotify
+from supervisor.children import Child, Forked, Subprocess, collector_main, prepare_fork
+
+log = logging.getLogger(__name__)
+
+TICK = 0.2
+# Shutdown waits this long per group before SIGKILL; together under the 15 s promised.
+# Collectors need up to collector.STOP_GRACE (5 s) to store or spool their rows.
+STOP_TIMEOUTS = {"collector": 7.0, "exporter": 3.0, "tor": 2.0, "clickhouse": 3.0}
+STOP_TIMEOUT = STOP_TIMEOUTS["collector"]  # a collector removed by a reload
+READY_TIMEOUT = 15.0  # READY=1 at the latest this long after start, even if a collector lags
+REPEAT = 0.5  # rotation events are re-published this often until the rotation is over
+
+
+class RunError(Exception):
+    """mexc run cannot start; the message says why.  `code` is the exit code."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+class Rotation:
+    """One table rotation: collectors hold rows, the exporter swaps tables, collectors write."""
+
+    def __init__(self, rotation_id: str, symbols, requester: str, now: float):
+        self.id, self.symbols, self.requester = rotation_id, list(symbols), requester
+        self.acks = set()
+        self.missing = []
+        self.phase = "holding"  # -> "swapping" (rotate_ready sent) -> "ending" (rotate_end sent)
+        self.started = self.phase_started = now
+        self.last_sent = 0.0
+
+
+class Arbiter:
+    def __init__(self, config):
+        self.config = config
+        self.runtime_dir = config.paths["runtime_dir"]
+        self.children = {}  # name -> Child, in start order
+        self.started = time.monotonic()
+        self.stopping = False
+        self.reload_requested = False
+        self.ready = False
+        self.rotation = None
+        self.rotation_count = 0
+        self.bus = None
+        self.lock_file = None
+        self.usage = {}  # pid -> psutil.Process, kept so cpu_percent measures between calls
+        self.notifier = sdnotify.Notifier.from_environment()  # children must not inherit it
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._check_startable()
+        self._take_lock()
+        self.bus = sockets.SupervisorBus(self.runtime_dir)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        log.info("mexc %s starting pid=%d config=%s symbols=%s", __version__, os.getpid(),
+                 self.config.path, ",".join(s.symbol for s in self.config.symbols))
+        try:
+            for step in (self._start_clickhouse, self._ensure_schema, self._start_collectors,
+                         self._loop):
+                if self.stopping:  # SIGTERM during start-up: stop what is running
+                    break
+                step()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _start_collectors(self) -> None:
+        prepare_fork()
+        for symbol in self.config.symbols:
+            self._add_collector(symbol)
+
+    def _check_startable(self) -> None:
+        if self.config.tor["enabled"]:
+            raise RunError(f"{self.config.path}: tor.enabled: this version of mexc cannot run "
+                           "Tor yet; set [tor] enabled = false to connect directly", code=78)
+        os.makedirs(self.config.paths["state_dir"], exist_ok=True)
+
+    def _take_lock(self) -> None:
+        sockets.prepare_runtime_dir(self.runtime_dir)
+        path = os.path.join(self.runtime_dir, "mexc.lock")
+        self.lock_file = open(path, "a+")
+        try:
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock_file.seek(0)
+            other = self.lock_file.read().strip() or "?"
+            raise RunError(f"another mexc run (pid {other}) is using {self.runtime_dir}; "
+                           "stop it first or give this one its own paths.runtime_dir") from None
+        self.lock_file.truncate(0)
+        self.lock_file.write(f"{os.getpid()}\n")
+        self.lock_file.flush()
+
+    def _on_stop(self, signum, _frame) -> None:
+        self.stopping = True
+
+    def _on_reload(self, signum, _frame) -> None:
+        self.reload_requested = True
+
+    def _start_clickhouse(self) -> None:
+        ch = self.config.clickhouse
+        if not ch["managed"]:
+            return
+        directory = os.path.join(self.config.paths["state_dir"], "clickhouse")
+
+        def spawn(wait=False):  # restarts do not block the loop; collectors retry meanwhile
+            return Subprocess(ManagedClickHouse(directory, port=ch["port"], user=ch["user"],
+                                                password=ch["password"], binary=ch["binary"]),
+                              wait=wait)
+
+        child = Child("clickhouse", "clickhouse", spawn, self.config.supervisor, heartbeats=False)
+        self.children[child.name] = child
+        try:
+            child.process = spawn(wait=True)  # the first start waits: the schema comes next
+        except ClickHouseStartError as e:
+            raise RunError(f"managed ClickHouse did not start: {e}") from None
+        child.state, child.started_at = "running", time.monotonic()
+
+    def _ensure_schema(self) -> None:
+        try:
+            features = schema.setup_db(self.config.clickhouse, [s.name for s in self.config.symbols])
+            log.info("clickhouse %s at %s:%d, database %s ready", features.version,
+                     self.config.clickhouse["host"], self.config.clickhouse["port"],
+                     self.config.clickhouse["database"])
+        except Exception as e:  # collectors buffer and create their tables once it is back
+            log.warning("clickhouse not reachable yet (%s); collectors will buffer",
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+    def _add_collector(self, symbol) -> None:
+        config, parent = self.config, os.getpid()
+        child = Child(f"collector-{symbol.name}", "collector",
+                      lambda: Forked(f"collector-{symbol.name}", collector_main,
+                                     (config, symbol.symbol, parent)),
+                      self.config.supervisor, symbol=symbol.symbol)
+        self.children[child.name] = child
+        child.start(time.monotonic())
+
+    def _loop(self) -> None:
+        watchdog = self.notifier.watchdog_interval
+        next_watchdog = next_status = 0.0
+        while not self.stopping:
+            for source, message in self.bus.poll(TICK):
+                self._dispatch(source, message)
+            if self.stopping:
+                break
+            now = time.monotonic()
+            for child in list(self.children.values()):
+                child.tick(now)
+                if not child.wanted and child.state == "stopped":
+                    del self.children[child.name]  # removed by a reload, now gone
+            self._rotation_tick(now)
+            if self.reload_requested:
+                self.reload_requested = False
+                self._reload()
+            self._notify_ready(now)
+            if watchdog and now >= next_watchdog:
+                self.notifier.notify("WATCHDOG=1")  # only reached while this loop runs
+                next_watchdog = now + watchdog
+            if now >= next_status:
+                self.notifier.notify("STATUS=" + self._summary())
+                next_status = now + 5
+
+    def _shutdown(self) -> None:
+        self.stopping = True
+        self.notifier.notify("STOPPING=1")
+        log.info("stopping: collectors first, then exporter, tor, clickhouse")
+        for kind, timeout in STOP_TIMEOUTS.items():
+            self._stop_group([c for c in self.children.values() if c.kind == kind], timeout)
+        if self.bus is not None:
+            self.bus.close()
+        log.info("stopped")
+
+    def _stop_group(self, group, timeout: float) -> None:
+        now = time.monotonic()
+        for child in group:
+            child.stop(now, timeout)
+        deadline = now + timeout + 1
+        while any(c.state == "stopping" for c in group) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            for child in group:
+                child.tick(time.monotonic())
+
+    # --- bus messages ----------------------------------------------------------------------
+
+    def _dispatch(self, source: str, message: dict) -> None:
+        kind = message["type"]
+        if source == "control":
+            self._control(message)
+        elif kind == "heartbeat":
+            child = self.children.get(message["name"])
+            if child is not None and child.state == "running" and child.process.pid == message["pid"]:
+                child.heartbeat(message["stats"], time.monotonic())
+        elif kind == "rotate_request":
+            self._begin_rotation(message["name"])
+        elif kind == "rotate_ack" and self.rotation and message["rotation"] == self.rotation.id:
+            self.rotation.acks.add(message["name"])
+        elif kind == "rotate_done" and self.rotation and message["rotation"] == self.rotation.id:
+            self._end_rotation("tables swapped")
+        else:
+            log.warning("dropped an unexpected %s message from %s", kind, source)
+
+    def _control(self, request: dict) -> None:
+        kind = request["type"]
+        if kind == "status":
+            self.bus.reply(request, ok=True, result=self.status())
+        elif kind == "restart":
+            child = self.children.get(request["name"])
+            if child is None:
+                self.bus.reply(request, ok=False, error=f"no child named {request['name']!r}; "
+                                                        f"children: {', '.join(self.children)}")
+            else:
+                log.info("restart of %s requested", child.name)
+                child.restart_now(time.monotonic())
+                self.bus.reply(request, ok=True, result={"name": child.name})
+        elif kind == "export":
+            self.bus.reply(request, ok=False, error="no exporter in this version of mexc")
+        else:
+            self.bus.reply(request, ok=False, error=f"{kind} is not a control request")
+
+    # --- the rotation handshake ------------------------------------------------------------
+
+    def _begin_rotation(self, requester: str) -> None:
+        if self.rotation is not None:
+            log.info("rotation %s still running; %s asked again", self.rotation.id, requester)
+            return
+        self.rotation_count += 1
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        symbols = [c.symbol for c in self._collectors()]
+        self.rotation = Rotation(f"{stamp}-{self.rotation_count}", symbols, requester,
+                                 time.monotonic())
+        log.info("rotation %s begins for %s (asked by %s)", self.rotation.id, ",".join(symbols),
+                 requester)
+
+    def _rotation_tick(self, now: float) -> None:
+        r = self.rotation
+        if r is None:
+            return
+        live = {c.name for c in self._collectors() if c.state == "running"}
+        if r.phase == "holding":
+            if live <= r.acks or now - r.phase_started >= self.config.supervisor["rotation_ack_timeout"]:
+                missing = sorted(live - r.acks)
+                if missing:
+                    log.warning("rotation %s: no hold from %s after %.1fs; swapping anyway "
+                                "(their late rows go to the new table)", r.id, ",".join(missing),
+                                now - r.phase_started)
+                r.phase, r.phase_started, r.last_sent, r.missing = "swapping", now, 0.0, missing
+        if r.phase == "swapping" and now - r.phase_started > self.config.collector["max_hold"]:
+            log.error("rotation %s: no rotate_done from the exporter within %.0fs; collectors "
+                      "write again", r.id, self.config.collector["max_hold"])
+            self._end_rotation("exporter did not finish")
+            r = self.rotation
+        if r.phase == "ending" and now - r.phase_started > 3 * REPEAT:
+            self.rotation = None
+            return
+        if now - r.last_sent >= REPEAT:
+            r.last_sent = now
+            if r.phase == "holding":
+                self.bus.publish("rotate_begin", rotation=r.id, symbols=r.symbols)
+            elif r.phase == "swapping":
+                self.bus.publish("rotate_ready", rotation=r.id, held=sorted(r.acks),
+                                 missing=r.missing)
+            else:
+                self.bus.publish("rotate_end", rotation=r.id, symbols=r.symbols)
+
+    def _end_rotation(self, why: str) -> None:
+        r = self.rotation
+        log.info("rotation %s ends after %.2fs: %s", r.id, time.monotonic() - r.started, why)
+        r.phase, r.phase_started, r.last_sent = "ending", time.monotonic(), 0.0
+
+    # --- reload, readiness, status ---------------------------------------------------------
+
+    def _reload(self) -> None:
+        try:
+            new = configuration.load(self.config.path)
+        except configuration.ConfigError as e:
+            log.error("reload rejected, the running config stays in force: %s", e)
+            return
+        wanted = {f"collector-{s.name}": s for s in new.symbols}
+        self.config = new
+        for child in self._collectors():
+            if child.name not in wanted:
+                log.info("reload: %s removed from the config; stopping it", child.symbol)
+                child.stop(time.monotonic(), STOP_TIMEOUT)
+        running = {c.name for c in self._collectors()}
+        for name, symbol in wanted.items():
+            if name not in running:
+                log.info("reload: %s added; starting its collector", symbol.symbol)
+                self._add_collector(symbol)
+        log.info("reload done: symbols=%s", ",".join(s.symbol for s in new.symbols))
+
+    def _collectors(self):
+        return [c for c in self.children.values() if c.kind == "collector" and c.wanted]
+
+    def _notify_ready(self, now: float) -> None:
+        if self.ready:
+            return
+        collectors = self._collectors()
+        if all(c.stats for c in collectors) or now - self.started >= READY_TIMEOUT:
+            self.ready = True
+            self.notifier.notify("READY=1")
+            log.info("ready: %s", self._summary())
+
+    def _summary(self) -> str:
+        collectors = self._collectors()
+        up = sum(1 for c in collectors if c.stats.get("connected"))
+        rate = sum(sum(c.rates.values()) for c in collectors)
+        return f"{up}/{len(collectors)} collectors connected, {rate:.0f} rows/s"
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        children = []
+        live_pids = {c.process.pid for c in self.children.values() if c.process}
+        self.usage = {pid: p for pid, p in self.usage.items() if pid in live_pids}
+        for child in self.children.values():
+            entry = child.describe(now)
+            entry.update(rss_bytes=None, cpu_percent=None)
+            if entry["pid"]:
+                try:
+                    proc = self.usage.get(entry["pid"]) or psutil.Process(entry["pid"])
+                    self.usage[entry["pid"]] = proc
+                    entry["rss_bytes"] = proc.memory_info().rss
+                    entry["cpu_percent"] = round(proc.cpu_percent(interval=None), 1)
+                except psutil.Error:
+                    pass
+            children.append(entry)
+        return {
+            "supervisor": {
+                "pid": os.getpid(), "version": __version__, "uptime_s": round(now - self.started, 1),
+                "config": self.config.path, "ready": self.ready,
+                "clickhouse": self._clickhouse_status(),
+                "rotation": None if self.rotation is None else
+                {"id": self.rotation.id, "phase": self.rotation.phase},
+                "last_export": None,
+                "rss_bytes": psutil.Process().memory_info().rss,
+            },
+            "children": children,
+        }
+
+    def _clickhouse_status(self) -> dict:
+        ch = self.config.clickhouse
+        client = schema.connect(ch, timeout=1.0)
+        try:
+            reachable = client.execute("SELECT 1") == [(1,)]
+        except Exception:
+            reachable = False
+        finally:
+            client.disconnect()
+        return {"host": ch["host"], "port": ch["port"], "managed": ch["managed"],
+                "reachable": reachable}

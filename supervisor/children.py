@@ -1,0 +1,222 @@
+"""Supervised children: what runs in a forked child, and each child's restart bookkeeping."""
+import collections
+import ctypes
+import gc
+import logging
+import multiprocessing
+import os
+import signal
+from typing import Optional
+
+from bus.sockets import ChildBus
+from mexc import log as logging_setup
+
+log = logging.getLogger(__name__)
+
+_PR_SET_NAME, _PR_SET_PDEATHSIG = 15, 1
+STABLE_AFTER = 60.0  # a child up this long has its restart backoff reset
+FLAP_WINDOW, FLAP_EXITS = 60.0, 5  # this many exits within the window: flapping
+_fork = multiprocessing.get_context("fork")
+
+
+def prepare_fork() -> None:
+    """Call once, after all imports: objects allocated so far stay shared with children
+    (copy-on-write) instead of being copied when the garbage collector touches them."""
+    gc.collect()
+    gc.freeze()
+
+
+def _become_child(tag: str, level: str, parent_pid: int) -> None:
+    """First steps in a forked child: default signals, die with the supervisor, own log tag."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    libc.prctl(_PR_SET_NAME, ctypes.c_char_p(f"mexc-{tag}"[:15].encode()))
+    if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
+        os._exit(1)
+    logging_setup.setup(tag, level)
+
+
+def collector_main(config, symbol, parent_pid: int) -> None:
+    """Body of a forked collector process."""
+    from collector.collector import Collector
+
+    name = config.symbol(symbol).name
+    _become_child(f"collector[{name}]", config.log["level"], parent_pid)
+    bus = ChildBus(config.paths["runtime_dir"])
+    try:
+        code = Collector(config, symbol, bus=bus).run()
+    finally:
+        bus.close()
+    os._exit(code)
+
+
+class Forked:
+    """A child forked from the supervisor running `target(*args)`."""
+
+    def __init__(self, name: str, target, args):
+        self.process = _fork.Process(target=target, args=args, name=name, daemon=False)
+        self.process.start()
+        self.pid = self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def exit_description(self) -> str:
+        return describe_exit(self.process.exitcode)
+
+    def signal(self, signum) -> None:
+        if self.process.is_alive():
+            os.kill(self.pid, signum)
+
+
+class Subprocess:
+    """A child that is another program (clickhouse-server, tor), started by `server.start()`."""
+
+    def __init__(self, server, wait: bool = True):
+        server.start(wait=wait)
+        self.server = server
+        self.pid = server.process.pid
+
+    def alive(self) -> bool:
+        return self.server.process.poll() is None
+
+    def exit_description(self) -> str:
+        return describe_exit(self.server.process.returncode)
+
+    def signal(self, signum) -> None:
+        if self.alive():
+            self.server.process.send_signal(signum)
+
+
+def describe_exit(code: Optional[int]) -> str:
+    if code is None:
+        return "running"
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+
+class Child:
+    """One supervised slot (a collector, the exporter, a tor, the managed ClickHouse)."""
+
+    def __init__(self, name: str, kind: str, spawn, sup: dict, symbol: Optional[str] = None,
+                 heartbeats: bool = True):
+        self.name, self.kind, self.symbol = name, kind, symbol
+        self.spawn = spawn  # () -> a process object with pid, alive(), signal(), exit_description()
+        self.sup = sup
+        self.heartbeats = heartbeats
+        self.process = None
+        self.state = "stopped"
+        self.restarts = 0
+        self.started_at = None
+        self.delay = sup["restart_min"]
+        self.next_start = 0.0
+        self.exits = collections.deque(maxlen=FLAP_EXITS)
+        self.last_exit = None
+        self.last_heartbeat = None
+        self.stats = {}
+        self.rates = {}
+        self.wanted = True  # False once removed from the config or shutting down
+        self.restart_at_once = False  # set by `restart NAME`: no backoff, not a crash
+        self.kill_deadline = None
+
+    def start(self, now: float) -> None:
+        self.process = self.spawn()
+        self.state, self.started_at = "running", now
+        self.last_heartbeat = now  # grace: a fresh child has until heartbeat_timeout to report
+        self.kill_deadline = None
+        log.info("started %s pid=%d", self.name, self.process.pid)
+
+    def heartbeat(self, stats: dict, now: float) -> None:
+        previous, previous_time = self.stats, self.last_heartbeat
+        self.stats, self.last_heartbeat = stats, now
+        if previous.get("rows") and stats.get("rows") and now > previous_time:
+            span = now - previous_time
+            self.rates = {mt: round((stats["rows"][mt] - previous["rows"].get(mt, 0)) / span, 1)
+                          for mt in stats["rows"]}
+
+    def tick(self, now: float) -> None:
+        """Notice an exit or a hang; start again when the backoff allows."""
+        if self.state in ("running", "stopping") and not self.process.alive():
+            self._exited(now)
+        elif self.state == "running" and self.heartbeats and self._hung(now):
+            log.error("%s pid=%d sent no heartbeat for %.0fs: hung, killing it", self.name,
+                      self.process.pid, now - self.last_heartbeat)
+            self.process.signal(signal.SIGKILL)
+            self.state = "stopping"
+        elif self.state == "stopping" and self.kill_deadline and now >= self.kill_deadline:
+            log.warning("%s pid=%d did not stop in time: killing it", self.name, self.process.pid)
+            self.process.signal(signal.SIGKILL)
+            self.kill_deadline = None
+        if self.state == "backoff" and self.wanted and now >= self.next_start:
+            self.restarts += 1
+            try:
+                self.start(now)
+            except Exception as e:
+                self.last_exit = f"start failed: {e}"
+                self._schedule_restart(now)
+
+    def _hung(self, now: float) -> bool:
+        return now - self.last_heartbeat > self.sup["heartbeat_timeout"]
+
+    def _exited(self, now: float) -> None:
+        self.last_exit = f"pid {self.process.pid} {self.process.exit_description()}"
+        self.stats, self.rates = {}, {}
+        if not self.wanted:
+            self.state = "stopped"
+            log.info("%s stopped (%s)", self.name, self.last_exit)
+            return
+        if self.restart_at_once:
+            self.restart_at_once = False
+            self.state, self.next_start = "backoff", now
+            return
+        self._schedule_restart(now)
+
+    def _schedule_restart(self, now: float) -> None:
+        if self.started_at is not None and now - self.started_at >= STABLE_AFTER:
+            self.delay = self.sup["restart_min"]
+        self.exits.append(now)
+        flapping = len(self.exits) == FLAP_EXITS and now - self.exits[0] <= FLAP_WINDOW
+        delay = self.sup["restart_max"] if flapping else self.delay
+        self.state, self.next_start = "backoff", now + delay
+        self.delay = min(self.delay * 2, self.sup["restart_max"])
+        level = logging.ERROR if flapping else logging.WARNING
+        log.log(level, "%s %s; restarting in %.1fs%s", self.name, self.last_exit, delay,
+                f" (flapping: {FLAP_EXITS} exits in {now - self.exits[0]:.0f}s)" if flapping else "")
+
+    def restart_now(self, now: float) -> None:
+        """Operator's `restart NAME`: stop it; it comes back at once, no backoff."""
+        if self.state == "running":
+            self.process.signal(signal.SIGTERM)
+            self.state, self.kill_deadline = "stopping", now + 10
+            self.restart_at_once = True
+        self.next_start = now
+
+    def stop(self, now: float, timeout: float) -> None:
+        self.wanted = False
+        if self.state == "running":
+            self.process.signal(signal.SIGTERM)
+            self.state, self.kill_deadline = "stopping", now + timeout
+        elif self.state == "backoff":
+            self.state = "stopped"
+
+    def describe(self, now: float) -> dict:
+        """This child's entry in `mexc status --json`."""
+        running = self.state in ("running", "stopping")
+        entry = {
+            "name": self.name, "kind": self.kind, "symbol": self.symbol,
+            "pid": self.process.pid if running else None, "state": self.state,
+            "restarts": self.restarts,
+            "uptime_s": round(now - self.started_at, 1) if running else None,
+            "last_exit": self.last_exit,
+            "next_start_in_s": round(max(0.0, self.next_start - now), 1)
+            if self.state == "backoff" else None,
+            "heartbeat_age_s": round(now - self.last_heartbeat, 1)
+            if running and self.heartbeats else None,
+            "msgs_per_s": self.rates,
+            "exit_ip": None,
+        }
+        for key in ("rows_written", "buffered_rows", "spooled_rows", "last_message_age_s",
+                    "connected", "reconnects", "errors", "insert_errors", "held"):
+            entry[key] = self.stats.get(key)
+        return entry

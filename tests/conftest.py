@@ -1,0 +1,169 @@
+"""Real parts for the tests: a private ClickHouse server, config files, mexc processes.
+
+Everything listens on 127.0.0.1 only.  Waiting is done by polling with a deadline (`wait_for`).
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from mexc import schema
+from mexc.clickhouse_server import ManagedClickHouse
+
+MEXC = os.path.join(os.path.dirname(sys.executable), "mexc")
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition", interval: float = 0.05):
+    """Poll until predicate() is truthy; return its value or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def toml_dump(data: dict) -> str:
+    """Just enough TOML for test configs: top-level scalars/lists, then one level of tables."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
+        return repr(v)
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for section, values in data.items():
+        if isinstance(values, dict):
+            lines.append(f"\n[{section}]")
+            lines += [f"{k} = {value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def clickhouse(tmp_path_factory):
+    if shutil.which("clickhouse-server") is None:
+        pytest.fail("clickhouse-server is not installed: run ./setup", pytrace=False)
+    server = ManagedClickHouse(str(tmp_path_factory.mktemp("clickhouse"))).start()
+    yield server
+    server.stop()
+
+
+class World:
+    """One test's world: its own database on the shared server and its own state dir."""
+
+    def __init__(self, tmp_path, clickhouse):
+        self.tmp = tmp_path
+        self.clickhouse = clickhouse
+        self.database = "t_" + uuid.uuid4().hex[:10]
+        self.procs = []
+
+    def ch_section(self) -> dict:
+        return {"host": "127.0.0.1", "port": self.clickhouse.port, "database": self.database,
+                "user": "default", "password": "", "managed": False}
+
+    def write_config(self, url: str, symbols=("BTC_USDT",), **sections) -> str:
+        data = {
+            "symbols": list(symbols),
+            "exchange": {"url": url, "reconnect_min": 0.2, "reconnect_max": 2.0},
+            "clickhouse": self.ch_section(),
+            "collector": {"stats_interval": 2.0},
+            "tor": {"enabled": False},
+            "export": {"dir": str(self.tmp / "export")},
+            "paths": {"state_dir": str(self.tmp / "state"), "runtime_dir": str(self.tmp / "run")},
+            "log": {"level": "debug"},
+        }
+        for name, values in sections.items():
+            data.setdefault(name, {}).update(values)
+        path = self.tmp / "mexc.toml"
+        path.write_text(toml_dump(data))
+        return str(path)
+
+    def client(self):
+        return schema.connect(self.ch_section(), database=False)
+
+    def query(self, sql: str):
+        client = self.client()
+        try:
+            return client.execute(sql)
+        finally:
+            client.disconnect()
+
+    def rows(self, table: str = "btc_current"):
+        """Stored rows as (ts, mt, m) plus their count; missing table -> []."""
+        try:
+            return self.query(f"SELECT ts, mt, m FROM {self.database}.{table}")
+        except Exception as e:
+            if "doesn't exist" in str(e) or "UNKNOWN_TABLE" in str(e) or "Code: 60" in str(e):
+                return []
+            raise
+
+    def count(self, table: str = "btc_current") -> int:
+        return len(self.rows(table))
+
+    def mexc(self, *args, name: str = "mexc", extra_env=None) -> "Proc":
+        proc = Proc([MEXC, *args], self.tmp / f"{name}-{len(self.procs)}.log", extra_env)
+        self.procs.append(proc)
+        return proc
+
+    def cleanup(self):
+        for proc in self.procs:
+            proc.kill()
+        try:
+            self.query(f"DROP DATABASE IF EXISTS {self.database}")
+        except Exception:
+            pass
+
+
+class Proc:
+    """A mexc process as a user starts it; its output goes to a log file we can read."""
+
+    def __init__(self, argv, log_path, extra_env=None):
+        self.log_path = log_path
+        self.log_file = open(log_path, "wb")
+        self.popen = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, env={**os.environ, **(extra_env or {})})
+        self.pid = self.popen.pid
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def signal(self, signum) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.pid, signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.popen.args} still running after {timeout}s; log:\n"
+                                 f"{self.log()[-3000:]}") from None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+        self.log_file.close()
+
+
+@pytest.fixture
+def env(tmp_path, clickhouse):
+    world = World(tmp_path, clickhouse)
+    yield world
+    world.cleanup()

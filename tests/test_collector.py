@@ -1,0 +1,227 @@
+"""The collector as a user runs it (`mexc collect`), against the MEXC simulator and a real
+ClickHouse: every row the simulator sent is stored exactly once, whatever goes wrong."""
+import collections
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import ssl
+import time
+
+import pytest
+
+from collector.spool import Spool
+from mexc.clickhouse_server import ManagedClickHouse, free_port
+from tests.conftest import wait_for
+from mexc.simulator import MexcSimulator
+
+pytestmark = pytest.mark.timeout(180)
+OUTAGE_SECONDS = 30
+
+
+def stored(env, table="btc_current"):
+    return collections.Counter(env.rows(table))
+
+
+def assert_stored_exactly_once(env, sim, symbol="BTC_USDT", table="btc_current"):
+    """Stop the simulator's data, wait until the table holds every row sent, compare them."""
+    sim.stop_data()
+    expected = sim.expected_rows(symbol)
+    wait_for(lambda: env.count(table) >= len(expected), 30,
+             f"{len(expected)} rows in {table} (have {env.count(table)})")
+    rows = stored(env, table)
+    duplicates = {row: n for row, n in rows.items() if n > 1}
+    assert not duplicates, f"duplicated rows: {list(duplicates.items())[:5]}"
+    data_rows = collections.Counter(r for r in rows if r[1] != "dl")
+    expected_data = collections.Counter((ts, mt, m) for ts, mt, m in expected if mt != "dl")
+    assert data_rows == expected_data
+    dead = sorted(m for _ts, mt, m in rows if mt == "dl")
+    expected_dead = [m for _ts, mt, m in expected if mt == "dl"]
+    assert len(dead) == len(expected_dead)
+    for m in expected_dead:
+        if m is not None:
+            assert m in dead
+    return expected
+
+
+def start_collector(env, sim, symbol="BTC_USDT", **sections):
+    config = env.write_config(sim.url, symbols=[symbol], **sections)
+    proc = env.mexc("collect", "--config", config, "--symbol", symbol, name="collector")
+    wait_for(lambda: "confirmed" in proc.log(), 20, "a confirmed subscription")
+    return proc
+
+
+@pytest.fixture
+def sim():
+    with MexcSimulator(rate=150.0) as simulator:
+        yield simulator
+
+
+def test_every_row_and_dead_letter_stored_once(env, sim):
+    proc = start_collector(env, sim)
+    wait_for(lambda: len(sim.expected_rows("BTC_USDT")) >= 300, 30, "300 rows sent")
+    sim.send_junk("BTC_USDT")
+    sim.send_unknown_channel("BTC_USDT")
+    sim.send_gzip_deal("BTC_USDT")
+    sim.send_bad_binary("BTC_USDT")
+    sim.send_wrong_types("BTC_USDT")
+    sim.send_huge("BTC_USDT", 3_000_000)
+    sim.send_rs_error("Contract [NOPE_USDT] not exists")
+    expected = assert_stored_exactly_once(env, sim)
+    counts = collections.Counter(mt for _ts, mt, _m in expected)
+    assert counts["t"] > 0 and counts["d"] > 0 and counts["dp"] > 0 and counts["dl"] == 6
+    assert proc.stop() == 0
+    log = proc.log()
+    for channel in ("ticker", "deal", "depth.full"):
+        assert f"subscribed channel={channel} confirmed" in log
+    assert "collector[btc]" in log and "dead letter stored" in log
+    assert "Traceback" not in log
+
+
+def test_reconnects_after_forced_disconnect(env, sim):
+    proc = start_collector(env, sim)
+    wait_for(lambda: env.count() > 50, 20, "rows flowing")
+    sim.force_disconnect()
+    wait_for(lambda: sim.total_connections >= 2 and sim.connections == 1, 20, "a reconnect")
+    before = env.count()
+    wait_for(lambda: env.count() > before + 50, 20, "rows flowing after the reconnect")
+    assert_stored_exactly_once(env, sim)
+    assert "reconnecting in" in proc.log()
+    assert proc.stop() == 0
+
+
+def test_pings_keep_an_idle_connection_open(env):
+    with MexcSimulator(rate=0, idle_timeout=1.5) as sim:
+        proc = start_collector_without_confirmation(env, sim, exchange={"ping_interval": 0.4,
+                                                                        "dead_after": 5.0})
+        wait_for(lambda: sim.pings_received >= 8, 20, "eight pings")
+        assert sim.total_connections == 1, "the idle connection was dropped despite pings"
+        assert proc.stop() == 0
+
+
+def test_stalled_socket_is_declared_dead_and_replaced(env, sim):
+    proc = start_collector(env, sim, exchange={"ping_interval": 0.5, "dead_after": 2.0})
+    sim.stall(4.0)
+    wait_for(lambda: "no frame or pong for" in proc.log(), 20, "dead-socket detection")
+    wait_for(lambda: sim.total_connections >= 2, 20, "a new connection")
+    assert_stored_exactly_once(env, sim)
+    assert proc.stop() == 0
+
+
+def test_silent_channel_alarm_and_rs_error_for_unknown_contract(env):
+    with MexcSimulator(rate=50, known_symbols={"BTC_USDT"}) as sim:
+        config = env.write_config(sim.url, symbols=["NOPE_USDT"], exchange={"silent_alarm": 1.0})
+        proc = env.mexc("collect", "--config", config, "--symbol", "NOPE_USDT")
+        wait_for(lambda: "no data since subscribing" in proc.log(), 20, "a silence alarm")
+        wait_for(lambda: env.count("nope_current") >= 3, 20, "three rs.error dead letters")
+        assert {mt for _ts, mt, _m in env.rows("nope_current")} == {"dl"}
+        assert "Contract [NOPE_USDT] not exists" in proc.log()
+        assert proc.stop() == 0
+
+
+def start_collector_without_confirmation(env, sim, **sections):
+    config = env.write_config(sim.url, **sections)
+    proc = env.mexc("collect", "--config", config, "--symbol", "BTC_USDT")
+    wait_for(lambda: "connected url=" in proc.log(), 20, "a connection")
+    return proc
+
+
+@pytest.fixture
+def own_clickhouse(tmp_path):
+    """A ClickHouse server of this test's own, which it may stop and start."""
+    server = ManagedClickHouse(str(tmp_path / "own-clickhouse")).start()
+    yield server
+    server.stop()
+
+
+def test_clickhouse_outage_of_30s_loses_nothing(env, sim, own_clickhouse):
+    env.clickhouse = own_clickhouse
+    proc = start_collector(env, sim)
+    wait_for(lambda: env.count() > 100, 20, "rows flowing")
+    own_clickhouse.stop()
+    outage_start = len(sim.expected_rows("BTC_USDT"))
+    wait_for(lambda: "insert failed" in proc.log(), 20, "the collector noticing the outage")
+    wait_for(lambda: len(sim.expected_rows("BTC_USDT")) > outage_start + 2000, 60,
+             "2000 rows sent during the outage")
+    time.sleep(OUTAGE_SECONDS)  # a deliberate outage length, not a wait for state
+    own_clickhouse.start()
+    assert_stored_exactly_once(env, sim)
+    assert proc.stop() == 0
+
+
+def test_sigkill_with_rows_in_spool_then_restart(env, sim, own_clickhouse):
+    env.clickhouse = own_clickhouse
+    # max_buffered_rows = 0: every batch that cannot be stored goes to the spool file at once
+    proc = start_collector(env, sim, collector={"max_buffered_rows": 0})
+    wait_for(lambda: env.count() > 50, 20, "rows flowing")
+    own_clickhouse.stop()
+    spool_dir = os.path.join(env.tmp, "state", "spool")
+    wait_for(lambda: os.path.exists(os.path.join(spool_dir, "btc.spool"))
+             and Spool(spool_dir, "btc").rows > 500, 60, "500 rows in the spool")
+    proc.signal(signal.SIGKILL)
+    proc.wait()
+    killed_at_ms = time.time() * 1000
+    spooled_rows = read_spool(spool_dir, "btc")
+    assert len(spooled_rows) > 500
+
+    own_clickhouse.start()
+    proc = start_collector(env, sim, collector={"max_buffered_rows": 0})
+    assert "replaying them first" in proc.log()
+    wait_for(lambda: not os.path.exists(os.path.join(spool_dir, "btc.spool")), 30,
+             "the spool drained")
+    sim.stop_data()
+    sent = collections.Counter((ts, mt, m) for ts, mt, m in sim.expected_rows("BTC_USDT"))
+    wait_for(lambda: env.query(f"SELECT max(ts) FROM {env.database}.btc_current")[0][0]
+             >= max(r[0] for r in sent if r[0] is not None), 30, "the last sent row stored")
+    rows = stored(env)
+    assert not [r for r, n in rows.items() if n > 1], "duplicated rows"
+    assert all(row in rows for row in spooled_rows), "a spooled row was not stored"
+    assert not [r for r in rows if r not in sent], "stored rows the simulator never sent"
+    # Only what the killed process held in memory or had not read yet may be missing.
+    lost = [r for r in sent if r not in rows]
+    assert all(ts > killed_at_ms - 2000 for ts, _mt, _m in lost), "lost rows older than 2 s"
+    assert proc.stop() == 0
+
+
+def read_spool(directory, name):
+    spool = Spool(directory, name)
+    rows = []
+    while spool:
+        spool.offset, batch = spool.peek()
+        rows += [(ts, mt, m) for ts, mt, m, _rts in batch]
+    return rows
+
+
+def test_wss_through_a_real_socks5_proxy(env, tmp_path):
+    if shutil.which("microsocks") is None or shutil.which("openssl") is None:
+        pytest.fail("microsocks/openssl missing: run ./setup", pytrace=False)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    socks_port = free_port()
+    proxy = subprocess.Popen(["microsocks", "-i", "127.0.0.1", "-p", str(socks_port)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: _port_open(socks_port), 10, "microsocks listening")
+        with MexcSimulator(rate=150, ssl_context=context) as sim:
+            url = f"wss://localhost:{sim.port}/edge"  # a host name: the proxy resolves it
+            config = env.write_config(url, exchange={"ca_file": str(cert)})
+            proc = env.mexc("collect", "--config", config, "--symbol", "BTC_USDT",
+                            "--socks", f"127.0.0.1:{socks_port}")
+            wait_for(lambda: env.count() > 100, 30, "rows through the proxy")
+            assert f"via socks5 127.0.0.1:{socks_port}" in proc.log()
+            assert_stored_exactly_once(env, sim)
+            assert proc.stop() == 0
+    finally:
+        proxy.terminate()
+        output = proxy.communicate(timeout=10)[0]
+    assert "localhost" in output or "connected" in output, output
+
+
+def _port_open(port):
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -1,0 +1,92 @@
+"""Configuration: defaults, names, and bad configs (one clear line, exit code 78)."""
+import os
+import subprocess
+
+import pytest
+
+from mexc import config
+from tests.conftest import MEXC
+
+
+def test_defaults_and_names():
+    cfg = config.parse({"symbols": ["BTC_USDT", "1000PEPE_USDT",
+                                    {"symbol": "SOL_USDT", "name": "sol2"}]})
+    assert [(s.symbol, s.name) for s in cfg.symbols] == [
+        ("BTC_USDT", "btc"), ("1000PEPE_USDT", "1000pepe"), ("SOL_USDT", "sol2")]
+    assert cfg.exchange["url"] == "wss://contract.mexc.com/edge"
+    assert cfg.clickhouse["managed"] is True
+    assert cfg.collector["flush_interval"] == 0.1
+    assert cfg.symbol("btc").symbol == "BTC_USDT"
+    assert cfg.symbol("SOL_USDT").name == "sol2"
+
+
+def test_shipped_config_is_valid_and_matches_defaults():
+    shipped = config.load(os.path.join(os.path.dirname(__file__), "..", "etc", "mexc.toml"))
+    defaults = config.parse({})
+    for section in config.SCHEMA:
+        assert getattr(shipped, section) == getattr(defaults, section), section
+    assert shipped.symbols == defaults.symbols
+
+
+def test_int_accepted_for_float():
+    assert config.parse({"collector": {"flush_interval": 1}}).collector["flush_interval"] == 1.0
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"bogus": 1}, "bogus: unknown key"),
+    ({"exchange": {"uri": "ws://x"}}, "exchange.uri: unknown key"),
+    ({"clickhouse": {"port": "9000"}}, "clickhouse.port: expected int, got str"),
+    ({"clickhouse": {"port": True}}, "clickhouse.port: expected int, got bool"),
+    ({"tor": {"enabled": "yes"}}, "tor.enabled: expected bool"),
+    ({"symbols": ["btc_usdt"]}, "'btc_usdt' is not a contract"),
+    ({"symbols": ["BTC_USDT; DROP TABLE x"]}, "is not a contract"),
+    ({"symbols": []}, "symbols: expected a non-empty list"),
+    ({"symbols": ["BTC_USDT", "BTC_USDC"]}, "both have the name 'btc'"),
+    ({"symbols": ["BTC_USDT", "BTC_USDT"]}, "BTC_USDT is listed twice"),
+    ({"symbols": [{"symbol": "BTC_USDT", "name": "b`; x"}]}, "must be 1-40 of a-z 0-9 _"),
+    ({"symbols": [{"symbol": "BTC_USDT", "nme": "b"}]}, "expected {symbol"),
+    ({"exchange": {"url": "http://x"}}, "exchange.url: must start with ws:// or wss://"),
+    ({"exchange": {"depth_limit": 50}}, "exchange.depth_limit: must be one of"),
+    ({"clickhouse": {"database": "a-b"}}, "clickhouse.database: must be a plain identifier"),
+    ({"collector": {"batch_rows": 0}}, "collector.batch_rows: must be at least 1"),
+    ({"log": {"level": "loud"}}, "log.level: must be one of"),
+    ({"paths": 3}, "[paths]: must be a table"),
+])
+def test_bad_values(data, message):
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(data, "/x/mexc.toml")
+    assert str(err.value).startswith("/x/mexc.toml: ")
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("symbols = [", "not valid TOML"),
+    ("[clickhouse]\nport = 'x'\n", "clickhouse.port: expected int, got str"),
+    (None, "cannot read"),
+])
+def test_bad_config_exits_78_with_one_line(tmp_path, content, message):
+    path = tmp_path / "mexc.toml"
+    if content is not None:
+        path.write_text(content)
+    result = subprocess.run([MEXC, "setup-db", "--config", str(path)], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 78
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(path) in lines[0] and message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_config_search_order(tmp_path, monkeypatch):
+    env_file = tmp_path / "env.toml"
+    env_file.write_text("")
+    monkeypatch.setenv("MEXC_CONFIG", str(env_file))
+    assert config.find_config("/explicit.toml") == "/explicit.toml"
+    assert config.find_config() == str(env_file)
+    monkeypatch.delenv("MEXC_CONFIG")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "mexc.toml").write_text("")
+    expected = "/etc/mexc/mexc.toml" if os.path.exists("/etc/mexc/mexc.toml") else "etc/mexc.toml"
+    assert config.find_config() == expected

@@ -1,0 +1,260 @@
+"""`mexc run` as a user starts it: children, healing, reload, status, rotation, systemd notify."""
+import collections
+import json
+import os
+import signal
+import socket
+import subprocess
+
+import psutil
+import pytest
+
+from bus import sockets
+from bus.sockets import ChildBus
+from mexc.status import render
+from tests.conftest import MEXC, wait_for
+from mexc.simulator import MexcSimulator
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def sim():
+    with MexcSimulator(rate=60.0) as simulator:
+        yield simulator
+
+
+class Daemon:
+    def __init__(self, env, sim, symbols=("BTC_USDT", "ETH_USDT"), extra_env=None, **sections):
+        sections.setdefault("supervisor", {}).setdefault("heartbeat_timeout", 4.0)
+        self.env = env
+        self.config = env.write_config(sim.url, symbols=list(symbols), **sections)
+        self.runtime_dir = str(env.tmp / "run")
+        self.proc = env.mexc("run", "--config", self.config, name="daemon", extra_env=extra_env)
+
+    def status(self) -> dict:
+        return sockets.request(self.runtime_dir, "status", timeout=5)["result"]
+
+    def collectors(self) -> dict:
+        return {c["name"]: c for c in self.status()["children"] if c["kind"] == "collector"}
+
+    def wait_flowing(self, names, timeout=30):
+        def flowing():
+            try:
+                collectors = self.collectors()
+            except sockets.NotRunning:
+                return False
+            return all((collectors.get(n) or {}).get("rows_written") for n in names)
+        wait_for(flowing, timeout, f"rows written by {', '.join(names)}")
+
+    def tree(self):
+        return [self.proc.pid] + [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
+
+
+def test_status_json_and_table(env, sim):
+    daemon = Daemon(env, sim)
+    daemon.wait_flowing(["collector-btc", "collector-eth"])
+    result = subprocess.run([MEXC, "status", "--json", "--config", daemon.config],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["supervisor"]["pid"] == daemon.proc.pid
+    assert status["supervisor"]["uptime_s"] > 0
+    assert status["supervisor"]["clickhouse"]["reachable"] is True
+    by_name = {c["name"]: c for c in status["children"]}
+    assert set(by_name) == {"collector-btc", "collector-eth"}
+    btc = by_name["collector-btc"]
+    for key in ("name", "kind", "symbol", "pid", "state", "restarts", "uptime_s",
+                "rows_written", "buffered_rows", "last_message_age_s", "exit_ip", "rss_bytes"):
+        assert key in btc, key
+    assert (btc["kind"], btc["symbol"], btc["state"]) == ("collector", "BTC_USDT", "running")
+    assert btc["pid"] in daemon.tree() and btc["rss_bytes"] > 1_000_000
+    table = subprocess.run([os.path.join(os.path.dirname(MEXC), "mexc-status"), "--config",
+                            daemon.config], capture_output=True, text=True, timeout=20)
+    assert table.returncode == 0 and "collector-eth" in table.stdout and "running" in table.stdout
+    assert daemon.proc.stop(15) == 0
+    assert "Traceback" not in daemon.proc.log()
+
+
+def test_status_without_a_daemon(env):
+    config = env.write_config("ws://127.0.0.1:1/edge")
+    for argv in ([MEXC, "status", "--config", config],
+                 [os.path.join(os.path.dirname(MEXC), "mexc-status"), "--config", config]):
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        assert result.returncode == 1
+        assert result.stderr.startswith("mexc is not running (no answer on ipc://")
+
+
+def test_sigkill_collector_is_replaced_and_data_flows_again(env, sim):
+    daemon = Daemon(env, sim)
+    daemon.wait_flowing(["collector-btc"])
+    old_pid = daemon.collectors()["collector-btc"]["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    new = wait_for(lambda: (lambda c: c if c["pid"] not in (None, old_pid) else None)(
+        daemon.collectors()["collector-btc"]), 3, "a new collector pid within 3 s")
+    assert new["restarts"] == 1
+    written = env.count("btc_current")
+    wait_for(lambda: env.count("btc_current") > written + 20, 20, "rows after the restart")
+    assert "killed by SIGKILL" in daemon.proc.log()
+
+
+def test_hung_collector_is_killed_and_replaced(env, sim):
+    daemon = Daemon(env, sim, supervisor={"heartbeat_timeout": 2.0})
+    daemon.wait_flowing(["collector-eth"])
+    old_pid = daemon.collectors()["collector-eth"]["pid"]
+    os.kill(old_pid, signal.SIGSTOP)
+    wait_for(lambda: daemon.collectors()["collector-eth"]["pid"] not in (None, old_pid), 15,
+             "the hung collector replaced")
+    assert "sent no heartbeat" in daemon.proc.log()
+    wait_for(lambda: not psutil.pid_exists(old_pid) or
+             psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE, 5, "the hung one gone")
+
+
+def test_supervisor_sigkill_leaves_no_orphans(env, sim):
+    daemon = Daemon(env, sim)
+    daemon.wait_flowing(["collector-btc", "collector-eth"])
+    tree = daemon.tree()
+    assert len(tree) >= 3
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(5)
+
+    def all_gone():
+        return not [p for p in tree if psutil.pid_exists(p)
+                    and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    wait_for(all_gone, 5, f"every process of {tree} gone")
+
+
+def test_sigterm_stops_in_order_with_exit_0(env, sim):
+    daemon = Daemon(env, sim)
+    daemon.wait_flowing(["collector-btc", "collector-eth"])
+    tree = daemon.tree()
+    assert daemon.proc.stop(15) == 0
+    assert not [p for p in tree if psutil.pid_exists(p)]
+    log = daemon.proc.log()
+    assert log.index("collector[btc] stopped") < log.index("supervisor stopped")
+    sim.stop_data()
+    for symbol, table in (("BTC_USDT", "btc_current"), ("ETH_USDT", "eth_current")):
+        rows = collections.Counter(env.rows(table))
+        assert max(rows.values()) == 1, "duplicated rows"
+        assert set(rows) <= set(sim.expected_rows(symbol))
+
+
+def test_second_instance_refuses(env, sim):
+    daemon = Daemon(env, sim)
+    daemon.wait_flowing(["collector-btc"])
+    result = subprocess.run([MEXC, "run", "--config", daemon.config], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 1
+    assert f"another mexc run (pid {daemon.proc.pid}) is using" in result.stderr
+
+
+def test_sighup_adds_and_removes_symbols_and_rejects_a_bad_config(env, sim):
+    daemon = Daemon(env, sim, symbols=("BTC_USDT", "ETH_USDT"))
+    daemon.wait_flowing(["collector-btc", "collector-eth"])
+    btc_pid = daemon.collectors()["collector-btc"]["pid"]
+    env.write_config(sim.url, symbols=["BTC_USDT", "SOL_USDT"],
+                     supervisor={"heartbeat_timeout": 4.0})
+    daemon.proc.signal(signal.SIGHUP)
+    daemon.wait_flowing(["collector-sol"])
+    wait_for(lambda: "collector-eth" not in daemon.collectors(), 15, "collector-eth gone")
+    assert daemon.collectors()["collector-btc"]["pid"] == btc_pid, "btc was disturbed"
+
+    with open(daemon.config, "a") as f:
+        f.write("\nbogus = 1\n")
+    daemon.proc.signal(signal.SIGHUP)
+    wait_for(lambda: "reload rejected" in daemon.proc.log(), 10, "the bad config rejected")
+    assert "bogus: unknown key" in daemon.proc.log()
+    assert set(daemon.collectors()) == {"collector-btc", "collector-sol"}
+    assert daemon.collectors()["collector-btc"]["pid"] == btc_pid
+
+
+def test_rotation_with_a_paused_collector_loses_nothing(env, sim):
+    daemon = Daemon(env, sim, supervisor={"heartbeat_timeout": 30.0, "rotation_ack_timeout": 2.0})
+    daemon.wait_flowing(["collector-btc", "collector-eth"])
+    eth_pid = daemon.collectors()["collector-eth"]["pid"]
+    os.kill(eth_pid, signal.SIGSTOP)
+    try:
+        rotation = fake_exporter_rotation(env, daemon, ["btc", "eth"])
+    finally:
+        os.kill(eth_pid, signal.SIGCONT)
+    assert set(rotation["held"]) == {"collector-btc"}
+    assert rotation["missing"] == ["collector-eth"]
+    log = daemon.proc.log()
+    assert "no hold from collector-eth" in log
+    wait_for(lambda: "writing again: rotation=" in daemon.proc.log(), 10, "btc writing again")
+    sim.stop_data()
+    for symbol, name in (("BTC_USDT", "btc"), ("ETH_USDT", "eth")):
+        expected = collections.Counter(sim.expected_rows(symbol))
+
+        def union():
+            return (collections.Counter(env.rows(f"{name}_previous"))
+                    + collections.Counter(env.rows(f"{name}_current")))
+        wait_for(lambda: sum(union().values()) >= sum(expected.values()), 30,
+                 f"every {symbol} row in previous + current")
+        assert union() == expected, f"{symbol}: rows lost or doubled across the rotation"
+        assert env.count(f"{name}_previous") > 0 and env.count(f"{name}_current") > 0
+
+
+def fake_exporter_rotation(env, daemon, names) -> dict:
+    """Play the exporter's part of the handshake over the real bus; swap with RENAME."""
+    bus = ChildBus(daemon.runtime_dir)
+    try:
+        wait_for(lambda: bus.send("rotate_request", name="exporter-test")
+                 or bus.receive(0.5), 10, "a first event")
+        ready = wait_for(lambda: _event(bus, "rotate_ready"), 15, "rotate_ready")
+        db = env.database
+        for name in names:
+            env.query(f"CREATE TABLE {db}.{name}_next AS {db}.{name}_current")
+        env.query("RENAME TABLE " + ", ".join(
+            f"{db}.{n}_current TO {db}.{n}_previous, {db}.{n}_next TO {db}.{n}_current"
+            for n in names))
+        bus.send("rotate_done", name="exporter-test", rotation=ready["rotation"])
+        wait_for(lambda: _event(bus, "rotate_end"), 10, "rotate_end")
+        return ready
+    finally:
+        bus.close()
+
+
+def _event(bus, kind):
+    event = bus.receive(0.2)
+    return event if event and event["type"] == kind else None
+
+
+def test_sd_notify_ready_status_and_watchdog(env, sim, tmp_path):
+    path = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(0.2)
+    daemon = Daemon(env, sim, extra_env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"})
+    received = []
+
+    def got(prefix):
+        try:
+            received.append(listener.recv(4096).decode())
+        except socket.timeout:
+            pass
+        return any(m.startswith(prefix) for m in received)
+    for prefix in ("READY=1", "STATUS=", "WATCHDOG=1"):
+        wait_for(lambda: got(prefix), 20, f"{prefix} on NOTIFY_SOCKET")
+    assert "collectors connected" in next(m for m in received if m.startswith("STATUS="))
+    daemon.proc.signal(signal.SIGTERM)
+    wait_for(lambda: got("STOPPING=1"), 15, "STOPPING=1")
+    assert daemon.proc.wait(15) == 0
+    listener.close()
+
+
+def test_status_table_renders_a_backoff_child():
+    status = {"supervisor": {"pid": 1, "version": "x", "uptime_s": 5, "rotation": None,
+                             "last_export": None, "clickhouse": {"host": "h", "port": 1,
+                                                                 "managed": True,
+                                                                 "reachable": False}},
+              "children": [{"name": "collector-btc", "kind": "collector", "symbol": "BTC_USDT",
+                            "pid": None, "state": "backoff", "restarts": 5, "uptime_s": None,
+                            "msgs_per_s": {}, "rows_written": None, "buffered_rows": None,
+                            "spooled_rows": None, "last_message_age_s": None, "exit_ip": None,
+                            "rss_bytes": None, "cpu_percent": None, "held": None,
+                            "connected": None, "last_exit": "pid 7 exit code 1",
+                            "next_start_in_s": 42.0}]}
+    text = render(status, as_json=False)
+    assert "NOT REACHABLE" in text and "backoff" in text
+    assert "collector-btc: pid 7 exit code 1; next start in 42.0s" in text

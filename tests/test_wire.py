@@ -1,0 +1,114 @@
+"""The MEXC wire format: every frame shape becomes the right row, exactly."""
+import gzip
+import json
+import zlib
+
+import pytest
+
+from collector import wire
+
+RTS = 1_755_487_600_000
+SYM = "BTC_USDT"
+
+
+def parse(text):
+    return wire.parse(text, RTS, SYM)
+
+
+def test_deal_list_keeps_exact_number_text():
+    frame = ('{"symbol":"BTC_USDT","data":[{"p":115309.80,"v":55,"T":2,"O":3,"M":1,'
+             '"t":1755487578276,"i":13064218826},{"p":7.548E+4,"v":0.0100,"T":1,"O":3,"M":1,'
+             '"t":1755487578275,"i":"13064218827"}],"channel":"push.deal","ts":1755487578276}')
+    kind, rows = parse(frame)
+    assert kind == "deal"
+    assert rows == [(1755487578276, "d", "115309.80|55|2", RTS),
+                    (1755487578275, "d", "7.548E+4|0.0100|1", RTS)]
+
+
+def test_deal_single_object_and_key_order():
+    frame = ('{"channel":"push.deal","ts":5,"data":{"t":1755487578276,"T":1,"v":3,"p":0.080100},'
+             '"symbol":"BTC_USDT","cts":"123"}')
+    assert parse(frame) == ("deal", [(1755487578276, "d", "0.080100|3|1", RTS)])
+
+
+def test_ticker_row():
+    frame = ('{"channel":"push.ticker","symbol":"BTC_USDT","ts":1,"data":{"lastPrice":122122.3,'
+             '"fairPrice":122122.3,"indexPrice":122133.7,"holdVol":102648627,'
+             '"fundingRate":0.00010000,"bid1":1,"ask1":2,"timestamp":1755487578000}}')
+    assert parse(frame) == ("ticker", [(1755487578000, "t",
+                                        "122122.3|122122.3|122133.7|102648627|0.00010000", RTS)])
+
+
+def test_depth_top20_drops_order_count():
+    bids = [(f"{122125.8 - i / 10:.2f}", 100 + i, 1) for i in range(25)]  # 122125.80: zeros kept
+    asks = [(f"{122125.9 + i / 10:.1f}", f"{i + 1}E+2", 2) for i in range(25)]
+
+    def side(levels):
+        return "[" + ",".join(f"[{p},{a},{n}]" for p, a, n in levels) + "]"
+
+    text = (f'{{"channel":"push.depth.full","symbol":"BTC_USDT","ts":1755487578111,'
+            f'"data":{{"asks":{side(asks)},"bids":{side(bids)},"version":7}}}}')
+    kind, rows = parse(text)
+    assert kind == "depth.full"
+    expected = "|".join(",".join(f"[{p},{a}]" for p, a, _ in levels[:20]) for levels in (bids, asks))
+    assert rows == [(1755487578111, "dp", expected, RTS)]
+
+
+def test_gzip_and_zlib_binary_frames_are_handled_normally():
+    frame = b'{"channel":"push.deal","symbol":"BTC_USDT","data":[{"p":1.50,"v":2,"T":1,"t":9}]}'
+    expected = ("deal", [(9, "d", "1.50|2|1", RTS)])
+    assert parse(gzip.compress(frame)) == expected
+    assert parse(zlib.compress(frame)) == expected
+
+
+@pytest.mark.parametrize("frame, reason", [
+    ("not json {", "not JSON"),
+    ("[1,2]", "no channel"),
+    ('{"channel":"push.mystery","symbol":"BTC_USDT","data":{}}', "unknown channel"),
+    ('{"channel":"push.deal","symbol":"BTC_USDT","data":42}', "not a trade"),
+    ('{"channel":"push.deal","symbol":"BTC_USDT","data":[]}', "not a trade"),
+    ('{"channel":"push.deal","symbol":"BTC_USDT","data":[{"v":1,"T":1,"t":1}]}', "missing field 'p'"),
+    ('{"channel":"push.deal","symbol":"BTC_USDT","data":[{"p":[1],"v":1,"T":1,"t":1}]}', "not numbers"),
+    ('{"channel":"push.deal","symbol":"BTC_USDT","data":[{"p":"abc","v":1,"T":1,"t":1}]}', "not numbers"),
+    ('{"channel":"push.deal","symbol":"BTC_USDT","data":[{"p":1,"v":1,"T":1,"t":1.5}]}', "integer milliseconds"),
+    ('{"channel":"push.deal","symbol":"ETH_USDT","data":[{"p":1,"v":1,"T":1,"t":1}]}', "is not BTC_USDT"),
+    ('{"channel":"push.depth.full","symbol":"BTC_USDT","ts":1,"data":{"bids":[[1,null]],"asks":[]}}', "not [price"),
+    ('{"channel":"push.depth.full","symbol":"BTC_USDT","ts":1,"data":{"bids":{},"asks":[]}}', "not a list"),
+    ('{"channel":"push.ticker","symbol":"BTC_USDT","data":{"lastPrice":1}}', "missing field"),
+])
+def test_frames_that_do_not_fit_become_dead_letters(frame, reason):
+    kind, rows = parse(frame)
+    assert kind.startswith("dead:") and reason in kind, kind
+    assert rows == [(rows[0][0], "dl", frame[:500], RTS)]
+
+
+def test_dead_letter_is_cut_to_500_chars_and_keeps_frame_ts():
+    frame = '{"channel":"push.huge","ts":1755487578276,"data":"' + "x" * 5_000_000 + '"}'
+    kind, rows = parse(frame)
+    assert kind.startswith("dead:")
+    assert rows == [(1755487578276, "dl", frame[:500], RTS)]
+
+
+def test_undecodable_binary_and_zip_bomb():
+    kind, rows = parse(b"\x00\x01\x02junk")
+    assert kind.startswith("dead:binary frame") and rows[0][2] == "binary:" + b"\x00\x01\x02junk".hex()
+    bomb = gzip.compress(b"0" * (wire.MAX_INFLATED_BYTES + 10))
+    kind, rows = parse(bomb)
+    assert "inflates past" in kind and rows[0][1] == "dl"
+
+
+def test_control_frames():
+    assert parse('{"channel":"pong","data":1755487578276,"ts":1}') == (wire.PONG, ())
+    assert parse('{"channel":"rs.sub.deal","data":"success","ts":"1755487578276"}') == (wire.ACK, ())
+    assert parse('{"ping":1755487578276}') == (wire.IGNORED, ())
+    error = '{"channel":"rs.error","data":"Contract [NOPE_USDT] not exists","ts":"1755487578276"}'
+    assert parse(error) == (wire.ERROR, [(1755487578276, "dl", error, RTS)])
+
+
+def test_subscribe_requests():
+    requests = [json.loads(r) for r in wire.subscribe_requests("SOL_USDT", 20)]
+    assert requests == [
+        {"method": "sub.ticker", "param": {"symbol": "SOL_USDT"}},
+        {"method": "sub.deal", "param": {"symbol": "SOL_USDT"}},
+        {"method": "sub.depth.full", "param": {"symbol": "SOL_USDT", "limit": 20}},
+    ]
