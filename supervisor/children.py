@@ -9,6 +9,7 @@ import signal
 from typing import Optional
 
 from bus.sockets import ChildBus
+from collector.collector import Collector  # imported before the fork: pages stay shared
 from mexc import log as logging_setup
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,6 @@ def _become_child(tag: str, level: str, parent_pid: int) -> None:
 
 def collector_main(config, symbol, parent_pid: int) -> None:
     """Body of a forked collector process."""
-    from collector.collector import Collector
-
     name = config.symbol(symbol).name
     _become_child(f"collector[{name}]", config.log["level"], parent_pid)
     bus = ChildBus(config.paths["runtime_dir"])
@@ -179,7 +178,8 @@ class Child:
         flapping = len(self.exits) == FLAP_EXITS and now - self.exits[0] <= FLAP_WINDOW
         delay = self.sup["restart_max"] if flapping else self.delay
         self.state, self.next_start = "backoff", now + delay
-        self.delay = min(self.delay * 2, self.sup["restart_max"])
+        # a flapping child stays at the longest delay until it runs stably again
+        self.delay = self.sup["restart_max"] if flapping else min(delay * 2, self.sup["restart_max"])
         level = logging.ERROR if flapping else logging.WARNING
         log.log(level, "%s %s; restarting in %.1fs%s", self.name, self.last_exit, delay,
                 f" (flapping: {FLAP_EXITS} exits in {now - self.exits[0]:.0f}s)" if flapping else "")

@@ -90,3 +90,19 @@ def test_config_search_order(tmp_path, monkeypatch):
     (tmp_path / "etc" / "mexc.toml").write_text("")
     expected = "/etc/mexc/mexc.toml" if os.path.exists("/etc/mexc/mexc.toml") else "etc/mexc.toml"
     assert config.find_config() == expected
+
+
+def test_log_lines_under_journald_and_on_a_terminal(monkeypatch, capsys):
+    import logging
+
+    from mexc import log as logging_setup
+
+    monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
+    logging_setup.setup("collector[btc]")
+    logging.getLogger("x").warning("channel=deal silent\nfor 30s")
+    monkeypatch.delenv("JOURNAL_STREAM")
+    logging_setup.setup("collector[btc]")
+    logging.getLogger("x").info("connected")
+    first, second = capsys.readouterr().err.splitlines()
+    assert first == "<4>collector[btc] channel=deal silent | for 30s"
+    assert second.endswith("Z INFO    collector[btc] connected") and second[:4].isdigit()

@@ -258,3 +258,47 @@ def test_status_table_renders_a_backoff_child():
     text = render(status, as_json=False)
     assert "NOT REACHABLE" in text and "backoff" in text
     assert "collector-btc: pid 7 exit code 1; next start in 42.0s" in text
+
+
+def test_bad_bus_messages_are_dropped_and_the_daemon_lives(env, sim):
+    import zmq
+
+    daemon = Daemon(env, sim, symbols=("BTC_USDT",))
+    daemon.wait_flowing(["collector-btc"])
+    context = zmq.Context()
+    try:
+        push = context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(sockets.endpoint(daemon.runtime_dir, "reports"))
+        for junk in (b"\xff\xfe", b"[]", b'{"v": 1, "type": "nope"}', b'{"v": 9, "type": "heartbeat"}',
+                     b'{"v": 1, "type": "heartbeat"}', b"x" * (2 << 20)):
+            push.send(junk)
+        req = context.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(sockets.endpoint(daemon.runtime_dir, "control"))
+        req.send(b"not json")
+        assert req.poll(5000), "no reply to a bad control request"
+        reply = json.loads(req.recv())
+        assert reply["type"] == "reply" and reply["ok"] is False and "bad request" in reply["error"]
+    finally:
+        context.destroy(linger=0)
+    wait_for(lambda: daemon.proc.log().count("dropped a bad bus message") >= 6, 10,
+             "every bad message logged")
+    assert daemon.status()["supervisor"]["pid"] == daemon.proc.pid
+    assert sockets.request(daemon.runtime_dir, "restart", name="nope")["ok"] is False
+
+
+def test_a_rotation_the_exporter_never_finishes_ends_by_itself(env, sim):
+    daemon = Daemon(env, sim, symbols=("BTC_USDT",), collector={"max_hold": 2.0})
+    daemon.wait_flowing(["collector-btc"])
+    bus = ChildBus(daemon.runtime_dir)
+    try:
+        wait_for(lambda: bus.send("rotate_request", name="exporter-test") or bus.receive(0.5), 10,
+                 "a first event")
+        wait_for(lambda: _event(bus, "rotate_ready"), 15, "rotate_ready")
+        held_at = env.count("btc_current")
+        wait_for(lambda: _event(bus, "rotate_end"), 15, "rotate_end without rotate_done")
+    finally:
+        bus.close()
+    assert "no rotate_done from the exporter" in daemon.proc.log()
+    wait_for(lambda: env.count("btc_current") > held_at + 20, 15, "rows written again")

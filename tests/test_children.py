@@ -1,0 +1,90 @@
+"""Restart bookkeeping of a supervised child: backoff, flapping, hangs (pure logic)."""
+import signal
+
+from supervisor.children import FLAP_EXITS, Child
+
+SUP = {"restart_min": 1.0, "restart_max": 60.0, "heartbeat_timeout": 10.0}
+
+
+class FakeProcess:
+    pids = iter(range(1000, 2000))
+
+    def __init__(self):
+        self.pid = next(self.pids)
+        self.running = True
+        self.signals = []
+
+    def alive(self):
+        return self.running
+
+    def exit_description(self):
+        return "exit code 1"
+
+    def signal(self, signum):
+        self.signals.append(signum)
+
+
+def crash_and_restart(child, now):
+    child.process.running = False
+    child.tick(now)
+    assert child.state == "backoff"
+    delay = child.next_start - now
+    child.tick(child.next_start)
+    assert child.state == "running"
+    return delay
+
+
+def test_backoff_doubles_and_resets_after_a_stable_run():
+    child = Child("collector-btc", "collector", FakeProcess, SUP, symbol="BTC_USDT")
+    child.start(0.0)
+    now, delays = 100.0, []
+    for _ in range(3):
+        delays.append(crash_and_restart(child, now))
+        now += 20  # crashes 20 s apart: not stable, not flapping (fewer than 5 in 60 s)
+    assert delays == [1.0, 2.0, 4.0]
+    assert child.restarts == 3
+    now += 100  # a long stable run resets the backoff
+    assert crash_and_restart(child, now) == 1.0
+
+
+def test_flapping_waits_restart_max_and_never_gives_up():
+    child = Child("collector-btc", "collector", FakeProcess, SUP)
+    child.start(0.0)
+    now, delays = 10.0, []
+    for _ in range(FLAP_EXITS + 2):
+        delays.append(crash_and_restart(child, now))
+        now = child.started_at + 0.5
+    assert delays[:FLAP_EXITS - 1] == [1.0, 2.0, 4.0, 8.0]
+    assert all(d == SUP["restart_max"] for d in delays[FLAP_EXITS - 1:])
+    assert child.state == "running" and child.restarts == FLAP_EXITS + 2
+
+
+def test_a_hung_child_is_killed_then_restarted():
+    child = Child("collector-btc", "collector", FakeProcess, SUP)
+    child.start(0.0)
+    child.heartbeat({"rows": {"d": 0}}, 1.0)
+    child.tick(5.0)
+    assert child.process.signals == []
+    child.tick(11.5)
+    assert child.process.signals == [signal.SIGKILL] and child.state == "stopping"
+    child.process.running = False
+    child.tick(12.0)
+    assert child.state == "backoff"
+
+
+def test_rates_come_from_successive_heartbeats():
+    child = Child("collector-btc", "collector", FakeProcess, SUP)
+    child.start(0.0)
+    child.heartbeat({"rows": {"t": 0, "d": 10}}, 1.0)
+    child.heartbeat({"rows": {"t": 2, "d": 30}}, 3.0)
+    assert child.rates == {"t": 1.0, "d": 10.0}
+
+
+def test_operator_restart_has_no_backoff():
+    child = Child("collector-btc", "collector", FakeProcess, SUP)
+    child.start(0.0)
+    child.restart_now(5.0)
+    assert child.process.signals == [signal.SIGTERM]
+    child.process.running = False
+    child.tick(5.1)
+    assert child.state == "running" and child.restarts == 1 and not child.exits
