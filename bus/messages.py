@@ -5,9 +5,9 @@ A message is one ZeroMQ frame holding a JSON object: {"v": 1, "type": NAME, ...f
 log it and drop it, so a bad message never kills a process.
 
 Sockets (all ipc:// in paths.runtime_dir, see bus/sockets.py):
-  control  REQ -> REP   status, export, restart            replies: reply
-  events   PUB -> SUB   rotate_begin, rotate_ready, rotate_end
-  reports  PUSH -> PULL heartbeat, rotate_request, rotate_ack, rotate_done
+  control  REQ -> REP   status, export, export_result, restart     replies: reply
+  events   PUB -> SUB   rotate_begin, rotate_ready, rotate_end, export_now
+  reports  PUSH -> PULL heartbeat, rotate_request, rotate_ack, rotate_done, export_done
 """
 import json
 
@@ -18,19 +18,23 @@ MAX_BYTES = 1 << 20
 MESSAGES = {
     # control: requests carry an id, the reply echoes it
     "status": ("id",),
-    "export": ("id",),
+    "export": ("id",),  # start a rotation + export now; the reply carries a request id
+    "export_result": ("id", "request"),  # how that request ended (or that it is running)
     "restart": ("id", "name"),
     "reply": ("id", "ok"),  # plus "result" when ok, "error" when not
     # events, published by the supervisor; rotate_begin is repeated until the rotation ends,
     # so a collector that was restarting when it was first sent still learns of it
     "rotate_begin": ("rotation", "symbols"),
-    "rotate_ready": ("rotation", "held", "missing"),  # collectors hold their rows: swap now
+    # collectors hold their rows: swap now; `request` echoes the rotate_request's
+    "rotate_ready": ("rotation", "held", "missing", "request"),
     "rotate_end": ("rotation",),
+    "export_now": ("request",),  # to the exporter: run a cycle now
     # reports, pushed by children
     "heartbeat": ("name", "pid", "stats"),
-    "rotate_request": ("name",),  # the exporter asks for a rotation
+    "rotate_request": ("name", "request"),  # the exporter asks for a rotation
     "rotate_ack": ("name", "rotation"),  # a collector holds its rows
     "rotate_done": ("name", "rotation"),  # the exporter swapped the tables
+    "export_done": ("name", "request", "ok", "files", "error"),
 }
 
 

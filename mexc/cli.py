@@ -58,6 +58,28 @@ def _parser() -> argparse.ArgumentParser:
     restart.add_argument("name", help="child name as shown by mexc status")
     restart.set_defaults(handler=_restart)
 
+    export = commands.add_parser(
+        "export", parents=[common], help="rotate and export now (asks the running daemon)",
+        description="Ask the running daemon to rotate every table and write the Parquet files "
+                    "of every finished hour now; wait for it, print the files written.")
+    export.add_argument("--once", action="store_true", required=True,
+                        help="one rotation and export, now")
+    export.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (600)")
+    export.set_defaults(handler=_export)
+
+    verif = commands.add_parser(
+        "verif", parents=[common], help="data collection summary per table and message type",
+        description="Rows per table and message type; exit 1 if a configured symbol has no "
+                    "data from the last 5 minutes.")
+    verif.set_defaults(handler=_verif)
+
+    verify = commands.add_parser(
+        "verify", parents=[common], help="check IP separation, data collection and exports",
+        description="IP separation, data collection (as mexc verif), and export integrity: "
+                    "every file readable, rows and sha256 as in export_log, rows inside their "
+                    "hour, no hour missing.  Exit 1 on any problem.")
+    verify.set_defaults(handler=_verify)
+
     demo = commands.add_parser(
         "demo", help="run the whole pipeline against a local MEXC simulator (no network)",
         description="Start a local MEXC simulator, a managed ClickHouse in a temporary "
@@ -147,6 +169,72 @@ def _restart(args, config) -> int:
         return 1
     print(f"restarting {reply['result']['name']}")
     return 0
+
+
+def _export(args, config) -> int:
+    import time
+
+    from bus.sockets import NotRunning, request
+
+    runtime_dir = config.paths["runtime_dir"]
+    try:
+        reply = request(runtime_dir, "export")
+        if not reply["ok"]:
+            print(f"mexc: cannot export: {reply['error']}", file=sys.stderr)
+            return 1
+        request_id = reply["result"]["request"]
+        deadline = time.monotonic() + args.timeout
+        result = None
+        while result is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            result = request(runtime_dir, "export_result", request=request_id)["result"]
+    except NotRunning as e:
+        print(f"mexc is not running ({e})", file=sys.stderr)
+        return 1
+    if result is None:
+        print(f"mexc: export {request_id} still running after {args.timeout:.0f}s", file=sys.stderr)
+        return 1
+    for path in result["files"]:
+        print(path)
+    if not result["ok"]:
+        print(f"mexc: export incomplete: {result['error']}", file=sys.stderr)
+        return 1
+    print(f"export done: {len(result['files'])} files", file=sys.stderr)
+    return 0
+
+
+def _verif(args, config) -> int:
+    from exporter import verify
+
+    return _report(config, lambda client: [verify.collection(config, client)])
+
+
+def _verify(args, config) -> int:
+    from exporter import verify
+
+    return _report(config, lambda client: [verify.ip_separation(config),
+                                           verify.collection(config, client),
+                                           verify.exports(config, client)])
+
+
+def _report(config, checks) -> int:
+    from mexc import schema
+
+    client = schema.connect(config.clickhouse, database=False)
+    try:
+        results = checks(client)
+    except Exception as e:
+        print(f"mexc: cannot check: ClickHouse at {config.clickhouse['host']}:"
+              f"{config.clickhouse['port']}: {str(e).splitlines()[0] if str(e) else e!r}",
+              file=sys.stderr)
+        return 1
+    finally:
+        client.disconnect()
+    for _ok, lines in results:
+        print("\n".join(lines))
+    ok = all(ok for ok, _lines in results)
+    print("✅ all checks passed" if ok else "❌ some checks failed")
+    return 0 if ok else 1
 
 
 def _demo(args, _config) -> int:

@@ -57,6 +57,11 @@ SCHEMA = {
     },
     "export": {
         "dir": (str, "/var/lib/mexc/export"),
+        "delay": (float, 60.0),
+        "file_mode": (int, 0o640),
+        "group": (str, ""),
+        "clock_speed": (float, 1.0),
+        "clock_anchor_ms": (int, 0),
     },
     "paths": {
         "state_dir": (str, "/var/lib/mexc"),
@@ -220,6 +225,12 @@ def _check_values(s: dict, path: str) -> None:
         bad("collector.flush_interval", "must be > 0")
     if s["collector"]["max_buffered_rows"] < 0:
         bad("collector.max_buffered_rows", "must be >= 0")
+    if not 0 <= s["export"]["file_mode"] <= 0o777:
+        bad("export.file_mode", "must be a file mode like 0o640")
+    if s["export"]["delay"] < 0 or s["export"]["delay"] >= 3600:
+        bad("export.delay", "must be 0 to 3599 seconds")
+    if s["export"]["clock_speed"] <= 0:
+        bad("export.clock_speed", "must be > 0")
     if s["log"]["level"] not in LOG_LEVELS:
         bad("log.level", f"must be one of {', '.join(LOG_LEVELS)}")
     for key in ("state_dir", "runtime_dir"):

@@ -67,6 +67,31 @@ def current_table(name: str) -> str:
     return f"{name}_current"
 
 
+def previous_table(name: str) -> str:
+    return f"{name}_previous"
+
+
+def fresh_table(name: str) -> str:
+    """Exists only during a swap; a crash may leave it behind (the exporter cleans it up)."""
+    return f"{name}_fresh"
+
+
+def swap_statements(database: str, name: str, features: Features):
+    """SQL that makes {name}_current empty and the old one {name}_previous, with no moment in
+    which {name}_current does not exist (an insert could fail or land in a doomed table)."""
+    db = quote(database)
+    current, previous = quote(current_table(name)), quote(previous_table(name))
+    fresh = quote(fresh_table(name))
+    statements = [f"CREATE TABLE {db}.{fresh} AS {db}.{current}"]
+    if features.exchange_tables:
+        statements += [f"EXCHANGE TABLES {db}.{current} AND {db}.{fresh}",
+                       f"RENAME TABLE {db}.{fresh} TO {db}.{previous}"]
+    else:  # one RENAME of both tables: ClickHouse applies it under one lock
+        statements.append(f"RENAME TABLE {db}.{current} TO {db}.{previous}, "
+                          f"{db}.{fresh} TO {db}.{current}")
+    return statements
+
+
 def create_rows_table(database: str, table: str, features: Features) -> str:
     return (f"CREATE TABLE IF NOT EXISTS {quote(database)}.{quote(table)} ("
             f"ts {features.time_type}, mt {MT_ENUM}, m String, rts {features.time_type}"

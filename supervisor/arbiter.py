@@ -15,7 +15,8 @@ from bus import sockets
 from mexc import config as configuration, schema, __version__
 from mexc.clickhouse_server import ClickHouseStartError, ManagedClickHouse
 from supervisor import sdnotify
-from supervisor.children import Child, Forked, Subprocess, collector_main, prepare_fork
+from supervisor.children import (Child, Forked, Subprocess, collector_main, exporter_main,
+                                 prepare_fork)
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ class RunError(Exception):
 class Rotation:
     """One table rotation: collectors hold rows, the exporter swaps tables, collectors write."""
 
-    def __init__(self, rotation_id: str, symbols, requester: str, now: float):
+    def __init__(self, rotation_id: str, symbols, requester: str, request: str, now: float):
         self.id, self.symbols, self.requester = rotation_id, list(symbols), requester
+        self.request = request
         self.acks = set()
         self.missing = []
         self.phase = "holding"  # -> "swapping" (rotate_ready sent) -> "ending" (rotate_end sent)
@@ -59,6 +61,7 @@ class Arbiter:
         self.ready = False
         self.rotation = None
         self.rotation_count = 0
+        self.export_requests = {}  # request id -> None while running, then its export_done
         self.bus = None
         self.lock_file = None
         self.usage = {}  # pid -> psutil.Process, kept so cpu_percent measures between calls
@@ -89,6 +92,12 @@ class Arbiter:
         prepare_fork()
         for symbol in self.config.symbols:
             self._add_collector(symbol)
+        config, parent = self.config, os.getpid()
+        exporter = Child("exporter", "exporter",
+                         lambda: Forked("exporter", exporter_main, (config, parent)),
+                         self.config.supervisor)
+        self.children[exporter.name] = exporter
+        exporter.start(time.monotonic())
 
     def _check_startable(self) -> None:
         if self.config.tor["enabled"]:
@@ -211,11 +220,15 @@ class Arbiter:
             if child is not None and child.state == "running" and child.process.pid == message["pid"]:
                 child.heartbeat(message["stats"], time.monotonic())
         elif kind == "rotate_request":
-            self._begin_rotation(message["name"])
+            self._begin_rotation(message["name"], message["request"])
         elif kind == "rotate_ack" and self.rotation and message["rotation"] == self.rotation.id:
             self.rotation.acks.add(message["name"])
         elif kind == "rotate_done" and self.rotation and message["rotation"] == self.rotation.id:
             self._end_rotation("tables swapped")
+        elif kind == "export_done":
+            self.export_requests[message["request"]] = message
+            log.info("export request %s done: ok=%s files=%d", message["request"],
+                     message["ok"], len(message["files"]))
         else:
             log.warning("dropped an unexpected %s message from %s", kind, source)
 
@@ -233,20 +246,36 @@ class Arbiter:
                 child.restart_now(time.monotonic())
                 self.bus.reply(request, ok=True, result={"name": child.name})
         elif kind == "export":
-            self.bus.reply(request, ok=False, error="no exporter in this version of mexc")
+            exporter = self.children.get("exporter")
+            if exporter is None or exporter.state != "running":
+                self.bus.reply(request, ok=False, error="the exporter is not running")
+                return
+            self.rotation_count += 1
+            request_id = f"export-{os.getpid()}-{self.rotation_count}"
+            self.export_requests = {k: v for k, v in list(self.export_requests.items())[-50:]}
+            self.export_requests[request_id] = None
+            self.bus.publish("export_now", request=request_id)
+            log.info("export requested (%s)", request_id)
+            self.bus.reply(request, ok=True, result={"request": request_id})
+        elif kind == "export_result":
+            if request["request"] not in self.export_requests:
+                self.bus.reply(request, ok=False, error=f"unknown request {request['request']}")
+            else:
+                self.bus.reply(request, ok=True, result=self.export_requests[request["request"]])
         else:
             self.bus.reply(request, ok=False, error=f"{kind} is not a control request")
 
     # --- the rotation handshake ------------------------------------------------------------
 
-    def _begin_rotation(self, requester: str) -> None:
+    def _begin_rotation(self, requester: str, request: str) -> None:
         if self.rotation is not None:
-            log.info("rotation %s still running; %s asked again", self.rotation.id, requester)
+            if self.rotation.request != request:
+                log.info("rotation %s still running; %s asked again", self.rotation.id, requester)
             return
         self.rotation_count += 1
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         symbols = [c.symbol for c in self._collectors()]
-        self.rotation = Rotation(f"{stamp}-{self.rotation_count}", symbols, requester,
+        self.rotation = Rotation(f"{stamp}-{self.rotation_count}", symbols, requester, request,
                                  time.monotonic())
         log.info("rotation %s begins for %s (asked by %s)", self.rotation.id, ",".join(symbols),
                  requester)
@@ -278,7 +307,7 @@ class Arbiter:
                 self.bus.publish("rotate_begin", rotation=r.id, symbols=r.symbols)
             elif r.phase == "swapping":
                 self.bus.publish("rotate_ready", rotation=r.id, held=sorted(r.acks),
-                                 missing=r.missing)
+                                 missing=r.missing, request=r.request)
             else:
                 self.bus.publish("rotate_end", rotation=r.id, symbols=r.symbols)
 
@@ -350,7 +379,9 @@ class Arbiter:
                 "clickhouse": self._clickhouse_status(),
                 "rotation": None if self.rotation is None else
                 {"id": self.rotation.id, "phase": self.rotation.phase},
-                "last_export": None,
+                "last_export": (self.children["exporter"].stats.get("last_export")
+                                if "exporter" in self.children else None),
+                "export": self.children["exporter"].stats if "exporter" in self.children else None,
                 "rss_bytes": psutil.Process().memory_info().rss,
             },
             "children": children,

@@ -10,6 +10,7 @@ from typing import Optional
 
 from bus.sockets import ChildBus
 from collector.collector import Collector  # imported before the fork: pages stay shared
+from exporter.exporter import Exporter
 from mexc import log as logging_setup
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,17 @@ def collector_main(config, symbol, parent_pid: int) -> None:
     bus = ChildBus(config.paths["runtime_dir"])
     try:
         code = Collector(config, symbol, bus=bus).run()
+    finally:
+        bus.close()
+    os._exit(code)
+
+
+def exporter_main(config, parent_pid: int) -> None:
+    """Body of the forked exporter process."""
+    _become_child("exporter", config.log["level"], parent_pid)
+    bus = ChildBus(config.paths["runtime_dir"])
+    try:
+        code = Exporter(config, bus=bus).run()
     finally:
         bus.close()
     os._exit(code)

@@ -62,7 +62,8 @@ def test_status_json_and_table(env, sim):
     assert status["supervisor"]["uptime_s"] > 0
     assert status["supervisor"]["clickhouse"]["reachable"] is True
     by_name = {c["name"]: c for c in status["children"]}
-    assert set(by_name) == {"collector-btc", "collector-eth"}
+    assert set(by_name) == {"collector-btc", "collector-eth", "exporter"}
+    assert by_name["exporter"]["kind"] == "exporter" and by_name["exporter"]["state"] == "running"
     btc = by_name["collector-btc"]
     for key in ("name", "kind", "symbol", "pid", "state", "restarts", "uptime_s",
                 "rows_written", "buffered_rows", "last_message_age_s", "exit_ip", "rss_bytes"):
@@ -199,7 +200,7 @@ def fake_exporter_rotation(env, daemon, names) -> dict:
     """Play the exporter's part of the handshake over the real bus; swap with RENAME."""
     bus = ChildBus(daemon.runtime_dir)
     try:
-        wait_for(lambda: bus.send("rotate_request", name="exporter-test")
+        wait_for(lambda: bus.send("rotate_request", name="exporter-test", request="r1")
                  or bus.receive(0.5), 10, "a first event")
         ready = wait_for(lambda: _event(bus, "rotate_ready"), 15, "rotate_ready")
         db = env.database
@@ -293,8 +294,8 @@ def test_a_rotation_the_exporter_never_finishes_ends_by_itself(env, sim):
     daemon.wait_flowing(["collector-btc"])
     bus = ChildBus(daemon.runtime_dir)
     try:
-        wait_for(lambda: bus.send("rotate_request", name="exporter-test") or bus.receive(0.5), 10,
-                 "a first event")
+        wait_for(lambda: bus.send("rotate_request", name="exporter-test", request="r1")
+                 or bus.receive(0.5), 10, "a first event")
         wait_for(lambda: _event(bus, "rotate_ready"), 15, "rotate_ready")
         held_at = env.count("btc_current")
         wait_for(lambda: _event(bus, "rotate_end"), 15, "rotate_end without rotate_done")

@@ -1,0 +1,589 @@
+"""Benchmark of `mexc run`: the supervisor's idle cost, the memory of its forked collectors, and
+how long a killed collector takes to store rows again.
+
+Run from the repository root:
+
+    /tmp/venv/bin/python bench/supervisor_bench.py [--idle-seconds S] [--repetitions N] [--json]
+
+Everything listens on 127.0.0.1: a private ClickHouse in a temporary directory, the simulator
+CLI (`python -m mexc.simulator`) in a process of its own, and the daemon as users run it
+(`mexc run --config ...`) with a config written for each run: its own database, state and
+runtime dir, clickhouse.managed = false (the private server), tor.enabled = false, the
+simulator as exchange.url, and the shipped [collector] and [supervisor] settings.  Symbols are
+BTC_USDT plus generated S02_USDT, S03_USDT, ... (tables btc_current, s02_current, ...).
+
+Idle.  With 3 and then 20 collectors and the simulator at IDLE_RATE frames/s per stream (three
+streams per collector), once every collector is connected and has stored rows, and SETTLE s
+later: the supervisor's RSS (psutil, every SAMPLE_INTERVAL s) and its CPU% (psutil, averaged
+over the window; 100 % = one core) over --idle-seconds.  At the end of the window, per
+process: USS, PSS and RSS (psutil memory_full_info), reported for the collectors as median and
+max, and summed over the tree (supervisor + collectors).  Then the round trip of a `status`
+request (bus.sockets.request), median of STATUS_ROUNDS.
+
+Restart.  With 3 collectors and the simulator at RESTART_RATE frames/s per stream, per
+repetition on a freshly started daemon (so the restart backoff is the one a crash after stable
+running gets, supervisor.restart_min): SIGKILL collector-btc (pid from the status request),
+then
+  a. kill -> new pid: the supervisor's children (psutil) are polled every POLL s until a new
+     one appears; the status request must then report it as collector-btc.  (Polling `status`
+     itself every 10 ms would wake the supervisor's loop each time and hide its TICK.)
+  b. kill -> first stored row: `SELECT max(rts), count() FROM <db>.btc_current` every POLL s
+     until max(rts) is later than the kill and count() has grown; the time the successful
+     query was issued.  rts is the local receive time, so only the new process has such rows.
+The kill comes a random 0..KILL_PHASE s after the status request that named the victim (a
+request wakes the supervisor's loop, so a kill right after one would always meet the loop at the
+same phase).  The daemon's log (UTC timestamps to the ms) and min(rts) of the new rows break the time down:
+exit noticed, fork, connected, first frame received, first row queryable.  Then the new
+collector is killed again at once, which shows the backoff for a second exit within a minute
+(delay doubled); that figure has no goal.
+"""
+from __future__ import annotations
+
+import argparse
+import calendar
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # for tests.*
+
+import psutil  # noqa: E402
+
+from bus import sockets  # noqa: E402
+from mexc import schema  # noqa: E402
+from mexc.clickhouse_server import ManagedClickHouse  # noqa: E402
+from tests.conftest import toml_dump  # noqa: E402
+
+MEXC = os.path.join(os.path.dirname(sys.executable), "mexc")
+VICTIM = "collector-btc"
+
+IDLE_RATE, RESTART_RATE = 5.0, 100.0  # simulator frames/s per (symbol, channel) stream
+SETTLE = 3.0  # s between "all collectors store rows" and a measurement
+SAMPLE_INTERVAL = 0.5
+STATUS_ROUNDS = 20
+POLL = 0.01
+KILL_PHASE = 1.0  # s; the kill comes a random 0..KILL_PHASE s after the last status request
+FLOW_TIMEOUT, RESTART_TIMEOUT = 90.0, 60.0
+GOAL_USS_MIB, GOAL_RESTART_S = 25.0, 2.0
+MIB = 1024 * 1024
+# Variables that would let the daemon talk to a systemd or journald outside this bench.
+FOREIGN_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "MEXC_CONFIG")
+
+
+class BenchError(Exception):
+    pass
+
+
+def die_with_parent() -> None:
+    """Runs in a child before exec: SIGTERM it if this bench dies without cleaning up."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def symbols(n: int) -> list:
+    return ["BTC_USDT"] + [f"S{i:02d}_USDT" for i in range(2, n + 1)]
+
+
+# --- the simulator ---------------------------------------------------------------------------
+
+def start_simulator(rate: float) -> tuple[subprocess.Popen, str]:
+    """The simulator CLI; --rate is frames/s per subscribed stream (3 per collector)."""
+    popen = subprocess.Popen([sys.executable, "-m", "mexc.simulator", "--port", "0",
+                              "--rate", str(rate)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, text=True, preexec_fn=die_with_parent)
+    line = popen.stdout.readline()
+    if not line.startswith("LISTENING "):
+        popen.kill()
+        popen.wait()
+        raise BenchError(f"simulator did not start: {line!r}")
+    return popen, line.split()[1]
+
+
+def stop_simulator(popen: subprocess.Popen) -> None:
+    popen.terminate()
+    try:
+        popen.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.communicate()
+
+
+# --- the bench's world and the daemon ---------------------------------------------------------
+
+class World:
+    def __init__(self, directory: str, clickhouse: ManagedClickHouse):
+        self.dir = directory
+        self.clickhouse = clickhouse
+
+    def ch_section(self, database: str) -> dict:
+        return {"host": "127.0.0.1", "port": self.clickhouse.port, "database": database,
+                "user": "default", "password": "", "managed": False}
+
+    def write_config(self, directory: str, database: str, names: list, url: str) -> str:
+        config = {
+            "symbols": names,
+            "exchange": {"url": url},
+            "clickhouse": self.ch_section(database),
+            "tor": {"enabled": False},
+            "export": {"dir": os.path.join(directory, "export")},
+            "paths": {"state_dir": os.path.join(directory, "state"),
+                      "runtime_dir": os.path.join(directory, "run")},
+            "log": {"level": "info"},
+        }
+        path = os.path.join(directory, "mexc.toml")
+        with open(path, "w") as f:
+            f.write(toml_dump(config))
+        return path
+
+    def client(self):
+        return schema.connect(self.ch_section("default"), database=False)
+
+
+class Daemon:
+    """`mexc run` on a config of its own; stdout and stderr (its children's too) in daemon.log."""
+
+    def __init__(self, world: World, name: str, n_collectors: int, url: str):
+        self.name, self.n = name, n_collectors
+        self.dir = os.path.join(world.dir, name)
+        os.makedirs(self.dir)
+        self.database = name
+        self.runtime_dir = os.path.join(self.dir, "run")
+        config = world.write_config(self.dir, name, symbols(n_collectors), url)
+        self.log_path = os.path.join(self.dir, "daemon.log")
+        env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV}
+        # This checkout's code, also packages the editable install does not list (yet).
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen([MEXC, "run", "--config", config], stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          env=env, preexec_fn=die_with_parent)
+        self.process = psutil.Process(self.popen.pid)
+        self.seen = {}  # pid -> psutil.Process of every child seen, to reap leftovers
+
+    def status(self):
+        """The status request's result, or None while nobody answers."""
+        try:
+            reply = sockets.request(self.runtime_dir, "status", timeout=3.0)
+        except sockets.NotRunning:
+            return None
+        if not reply["ok"]:
+            raise BenchError(f"{self.name}: status request failed: {reply}")
+        return reply["result"]
+
+    def collectors(self, status: dict) -> dict:
+        return {c["name"]: c for c in status["children"] if c["kind"] == "collector"}
+
+    def children(self) -> dict:
+        """pid -> psutil.Process of the supervisor's children now (zombies included)."""
+        found = {p.pid: p for p in self.process.children()}
+        self.seen.update(found)
+        return found
+
+    def wait_flowing(self, timeout: float = FLOW_TIMEOUT) -> dict:
+        """Wait until all collectors run, are connected and have stored rows; the status."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            status = self.status()
+            if status is not None:
+                collectors = self.collectors(status)
+                if len(collectors) == self.n and all(
+                        c["state"] == "running" and c["connected"] and c["rows_written"]
+                        for c in collectors.values()):
+                    self.children()
+                    return status
+            time.sleep(0.2)
+        raise BenchError(f"{self.name}: collectors not all storing rows after {timeout:.0f}s:\n"
+                         f"{self.log_tail()}")
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise BenchError(f"{self.name}: mexc run exited with code {self.popen.returncode}:\n"
+                             f"{self.log_tail()}")
+
+    def log_tail(self, lines: int = 15) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM and wait (the daemon promises 15 s); SIGKILL after 20; then any child left."""
+        if self.popen.poll() is None:
+            self.children()
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        for child in self.seen.values():  # psutil checks the pid was not reused
+            with contextlib.suppress(psutil.Error):
+                if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+                    child.kill()
+
+
+# --- idle: supervisor cost and collector memory ----------------------------------------------
+
+def idle_run(world: World, url: str, n: int, seconds: float) -> dict:
+    with contextlib.ExitStack() as stack:
+        daemon = Daemon(world, f"bench_idle_{n}", n, url)
+        stack.callback(daemon.stop)
+        daemon.wait_flowing()
+        time.sleep(SETTLE)
+        before = daemon.collectors(daemon.status())
+        supervisor = daemon.process
+        children = [p for p in supervisor.children(recursive=True)
+                    if p.status() != psutil.STATUS_ZOMBIE]
+        rss, cpu = sample_window(supervisor, children, seconds)
+        memory = {p.pid: p.memory_full_info() for p in [supervisor, *children]}
+        names = {p.pid: p.name() for p in children}
+        after = daemon.collectors(daemon.status())
+        restarted = [name for name, c in after.items() if c["pid"] != before[name]["pid"]]
+        if restarted:
+            raise BenchError(f"{daemon.name}: {', '.join(restarted)} restarted while idle:\n"
+                             f"{daemon.log_tail()}")
+        round_trips = status_round_trips(daemon)
+    collectors = {c["pid"] for c in before.values()}
+    return idle_figures(n, supervisor.pid, collectors, names, rss, cpu, memory, round_trips)
+
+
+def sample_window(supervisor, children: list, seconds: float) -> tuple[list, dict]:
+    """Supervisor RSS every SAMPLE_INTERVAL s; CPU% of every process over the whole window."""
+    processes = [supervisor, *children]
+    for p in processes:
+        p.cpu_percent(None)
+    rss = []
+    deadline = time.monotonic() + seconds
+    while True:
+        rss.append(supervisor.memory_info().rss)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(SAMPLE_INTERVAL, left))
+    return rss, {p.pid: p.cpu_percent(None) for p in processes}
+
+
+def status_round_trips(daemon: Daemon) -> list:
+    """Milliseconds per status request, STATUS_ROUNDS of them back to back."""
+    times = []
+    for _ in range(STATUS_ROUNDS):
+        started = time.perf_counter()
+        if daemon.status() is None:
+            raise BenchError(f"{daemon.name}: no answer to a status request")
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def idle_figures(n: int, supervisor_pid: int, collector_pids: set, names: dict, rss: list,
+                 cpu: dict, memory: dict, round_trips: list) -> dict:
+    """Figures of one idle window.  The tree is the supervisor and all its descendants: the
+    collectors and any other child (e.g. an exporter), which is also shown on its own."""
+    collectors = [pid for pid in memory if pid in collector_pids]
+    others = [pid for pid in memory if pid != supervisor_pid and pid not in collector_pids]
+    if len(collectors) != n:
+        raise BenchError(f"{n} collectors configured, {len(collectors)} found in the tree")
+
+    def mib(field, pids):
+        return [getattr(memory[pid], field) / MIB for pid in pids]
+
+    return {
+        "collectors": n,
+        "supervisor_rss_mib_max": max(rss) / MIB,
+        "supervisor_rss_mib_mean": statistics.mean(rss) / MIB,
+        "supervisor_uss_mib": memory[supervisor_pid].uss / MIB,
+        "supervisor_pss_mib": memory[supervisor_pid].pss / MIB,
+        "supervisor_cpu_percent": cpu[supervisor_pid],
+        "collector_uss_mib": mib("uss", collectors),
+        "collector_pss_mib": mib("pss", collectors),
+        "collector_rss_mib": mib("rss", collectors),
+        "collector_cpu_percent": [cpu[pid] for pid in collectors],
+        "other_children": sorted(names[pid] for pid in others),
+        "other_children_uss_mib": sum(mib("uss", others)),
+        "tree_uss_mib": sum(mib("uss", memory)),
+        "tree_pss_mib": sum(mib("pss", memory)),
+        "tree_rss_mib": sum(mib("rss", memory)),
+        "status_round_trip_ms": statistics.median(round_trips),
+    }
+
+
+# --- restart: kill -> new pid -> first stored row --------------------------------------------
+
+def restart_run(world: World, url: str, repetition: int) -> tuple[dict, dict]:
+    """On a fresh daemon: a first kill of collector-btc, then a second one at once."""
+    with contextlib.ExitStack() as stack:
+        daemon = Daemon(world, f"bench_restart_{repetition}", 3, url)
+        stack.callback(daemon.stop)
+        daemon.wait_flowing()
+        time.sleep(SETTLE)
+        client = world.client()
+        stack.callback(client.disconnect)
+        table = f"{daemon.database}.btc_current"
+        first = kill_and_measure(daemon, client, table)
+        second = kill_and_measure(daemon, client, table)
+    return first, second
+
+
+def kill_and_measure(daemon: Daemon, client, table: str) -> dict:
+    victim = daemon.collectors(daemon.status())[VICTIM]
+    if victim["state"] != "running":
+        raise BenchError(f"{daemon.name}: {VICTIM} is {victim['state']}, not running")
+    # A status request wakes the supervisor's loop, which then sleeps up to its TICK: killing
+    # right after one would always meet the slowest phase of that loop.
+    time.sleep(random.uniform(0, KILL_PHASE))
+    known = set(daemon.children())
+    rows_at_kill = client.execute(f"SELECT count() FROM {table}")[0][0]
+    kill_wall, kill_t = time.time(), time.monotonic()
+    os.kill(victim["pid"], signal.SIGKILL)
+    new_pid, new_pid_s = wait_for_new_pid(daemon, known, kill_t)
+    kill_ms = int(kill_wall * 1000)  # rts is int(time.time() * 1000): old rows are <= this
+    row_s = wait_for_new_row(daemon, client, table, kill_ms, rows_at_kill, kill_t)
+    first_rts = client.execute(f"SELECT min(rts) FROM {table} WHERE rts > {kill_ms}")[0][0]
+    steps = log_steps(daemon, victim["pid"], new_pid, kill_wall)
+    return {"old_pid": victim["pid"], "new_pid": new_pid, "new_pid_s": new_pid_s,
+            "first_row_s": row_s, "first_received_s": first_rts / 1000 - kill_wall, **steps}
+
+
+def wait_for_new_pid(daemon: Daemon, known: set, kill_t: float) -> tuple[int, float]:
+    """Poll the supervisor's children until a new one appears that status names VICTIM."""
+    known = set(known)
+    deadline = kill_t + RESTART_TIMEOUT
+    while time.monotonic() < deadline:
+        new = set(daemon.children()) - known
+        if new:
+            seen = time.monotonic() - kill_t
+            reported = daemon.collectors(daemon.status())[VICTIM]["pid"]
+            if reported in new:
+                return reported, seen
+            known |= new  # another child (re)started meanwhile
+        daemon.check_alive()
+        time.sleep(POLL)
+    raise BenchError(f"{daemon.name}: no new {VICTIM} {RESTART_TIMEOUT:.0f}s after the kill:\n"
+                     f"{daemon.log_tail()}")
+
+
+def wait_for_new_row(daemon: Daemon, client, table: str, kill_ms: int, rows_at_kill: int,
+                     kill_t: float) -> float:
+    """Seconds from the kill until a query (time it was issued) sees a row received later."""
+    sql = f"SELECT max(rts), count() FROM {table}"
+    deadline = kill_t + RESTART_TIMEOUT
+    while time.monotonic() < deadline:
+        asked = time.monotonic()
+        newest, count = client.execute(sql)[0]
+        if newest > kill_ms and count > rows_at_kill:
+            return asked - kill_t
+        daemon.check_alive()
+        time.sleep(max(0.0, asked + POLL - time.monotonic()))
+    raise BenchError(f"{daemon.name}: no new row in {table} {RESTART_TIMEOUT:.0f}s after the "
+                     f"kill:\n{daemon.log_tail()}")
+
+
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})Z \S+\s+(\S+) (.*)$")
+
+
+def log_steps(daemon: Daemon, old_pid: int, new_pid: int, kill_wall: float) -> dict:
+    """Seconds from the kill to the daemon's log lines about it (log time is cut to the ms)."""
+    name = VICTIM.split("-", 1)[1]
+    steps = {"noticed_s": None, "restart_delay_s": None, "forked_s": None, "connected_s": None}
+    with open(daemon.log_path, errors="replace") as f:
+        for line in f:
+            match = LOG_LINE.match(line)
+            if not match:
+                continue
+            stamp, millis, tag, message = match.groups()
+            at = calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S")) + int(millis) / 1000
+            since = at - kill_wall
+            if since < -0.001:
+                continue
+            if tag == "supervisor" and f"{VICTIM} pid {old_pid} killed" in message:
+                steps["noticed_s"] = since
+                delay = re.search(r"restarting in ([\d.]+)s", message)
+                steps["restart_delay_s"] = float(delay.group(1)) if delay else None
+            elif tag == "supervisor" and f"started {VICTIM} pid={new_pid}" in message:
+                steps["forked_s"] = since
+            elif (tag == f"collector[{name}]" and message.startswith("connected url=")
+                  and steps["connected_s"] is None):
+                steps["connected_s"] = since
+    return steps
+
+
+# --- report ----------------------------------------------------------------------------------
+
+def machine_info(world: World) -> dict:
+    client = world.client()
+    try:
+        clickhouse_version = client.execute("SELECT version()")[0][0]
+    finally:
+        client.disconnect()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.machine())
+    return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu,
+            "python": platform.python_version(), "clickhouse": clickhouse_version,
+            "psutil": psutil.__version__}
+
+
+def restart_figures(kills: list, label: str) -> dict:
+    figures = {}
+    for key in ("new_pid_s", "first_row_s", "noticed_s", "restart_delay_s", "forked_s",
+                "connected_s", "first_received_s"):
+        values = [k[key] for k in kills if k[key] is not None]
+        figures[f"{label}_{key}"] = values
+        figures[f"{label}_{key}_median"] = statistics.median(values) if values else None
+        figures[f"{label}_{key}_max"] = max(values) if values else None
+    return figures
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def pair(values: list, fmt: str = "{:.1f}") -> str:
+    return f"{fmt.format(statistics.median(values))} / {fmt.format(max(values))}"
+
+
+def idle_rows(f: dict) -> list:
+    n = f["collectors"]
+    uss_max = max(f["collector_uss_mib"])
+    return [
+        (f"[{n} collectors] supervisor RSS mean / max, MiB",
+         f"{f['supervisor_rss_mib_mean']:.1f} / {f['supervisor_rss_mib_max']:.1f}", "", ""),
+        (f"[{n} collectors] supervisor USS, MiB", f"{f['supervisor_uss_mib']:.1f}", "", ""),
+        (f"[{n} collectors] supervisor CPU, % of a core", f"{f['supervisor_cpu_percent']:.1f}",
+         "", ""),
+        (f"[{n} collectors] collector USS median / max, MiB", pair(f["collector_uss_mib"]),
+         f"< {GOAL_USS_MIB:.0f}", verdict(uss_max < GOAL_USS_MIB)),
+        (f"[{n} collectors] collector PSS median / max, MiB", pair(f["collector_pss_mib"]), "", ""),
+        (f"[{n} collectors] collector RSS median / max, MiB", pair(f["collector_rss_mib"]), "", ""),
+        (f"[{n} collectors] collector CPU median / max, %", pair(f["collector_cpu_percent"]),
+         "", ""),
+        (f"[{n} collectors] other children ({', '.join(f['other_children']) or 'none'}) "
+         "USS, MiB", f"{f['other_children_uss_mib']:.1f}", "", ""),
+        (f"[{n} collectors] tree USS total, MiB", f"{f['tree_uss_mib']:.1f}", "", ""),
+        (f"[{n} collectors] tree PSS total, MiB", f"{f['tree_pss_mib']:.1f}", "", ""),
+        (f"[{n} collectors] tree RSS sum, MiB", f"{f['tree_rss_mib']:.1f}", "", ""),
+        (f"[{n} collectors] status request round trip, ms",
+         f"{f['status_round_trip_ms']:.1f}", "", ""),
+    ]
+
+
+def restart_rows(r: dict) -> list:
+    def seconds(key):
+        return pair(r[key], "{:.2f}")
+
+    return [
+        ("[restart] kill -> new pid median / max, s", seconds("first_new_pid_s"), "", ""),
+        ("[restart] kill -> first stored row median / max, s", seconds("first_first_row_s"),
+         f"< {GOAL_RESTART_S:.1f}", verdict(r["first_first_row_s_max"] < GOAL_RESTART_S)),
+        ("[restart] 2nd kill at once: kill -> new pid, s", seconds("second_new_pid_s"), "", ""),
+        ("[restart] 2nd kill at once: kill -> first row, s", seconds("second_first_row_s"),
+         "", ""),
+    ]
+
+
+def print_breakdown(r: dict) -> None:
+    steps = [("exit noticed by the supervisor", "noticed_s"), ("fork (log)", "forked_s"),
+             ("new pid seen", "new_pid_s"), ("websocket connected (log)", "connected_s"),
+             ("first frame received (min rts)", "first_received_s"),
+             ("first row queryable", "first_row_s")]
+    print("restart breakdown, seconds after the SIGKILL (median / max):")
+    for label in ("first", "second"):
+        delays = sorted(set(r[f"{label}_restart_delay_s"]))
+        print(f"  {label} kill (restart delay logged: "
+              f"{', '.join(f'{d:.1f}s' for d in delays) or '?'})")
+        for text, key in steps:
+            values = r[f"{label}_{key}"]
+            shown = pair(values, "{:.3f}") if values else "-"
+            print(f"    {text:<34} {shown}")
+
+
+def print_report(result: dict, machine: dict, args) -> None:
+    print(f"machine: {machine['nproc']} CPUs ({machine['cpu']}), Python {machine['python']}, "
+          f"ClickHouse {machine['clickhouse']}, psutil {machine['psutil']}")
+    print(f"idle: simulator {IDLE_RATE:g} frames/s per stream (3 streams per collector), "
+          f"{args.idle_seconds:g} s window after {SETTLE:g} s settling")
+    print(f"restart: 3 collectors, simulator {RESTART_RATE:g} frames/s per stream, "
+          f"SIGKILL {VICTIM}, {args.repetitions} repetitions on fresh daemons, polls every "
+          f"{POLL * 1000:.0f} ms")
+    print()
+    print_breakdown(result["restart"])
+    print()
+    rows = [*idle_rows(result["idle_3"]), *idle_rows(result["idle_20"]),
+            *restart_rows(result["restart"])]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'figure':<{width}}  {'value':>13}  {'goal':<6}  result")
+    for name, value, goal, outcome in rows:
+        print(f"{name:<{width}}  {value:>13}  {goal:<6}  {outcome}".rstrip())
+    print("(goals apply to the max; the restart figures are for a crash after stable running)")
+
+
+# --- main ------------------------------------------------------------------------------------
+
+def run(args) -> int:
+    with contextlib.ExitStack() as stack:
+        directory = tempfile.mkdtemp(prefix="mexc-sbench-")
+        stack.callback(shutil.rmtree, directory, ignore_errors=True)
+        clickhouse = ManagedClickHouse(os.path.join(directory, "clickhouse"))
+        stack.callback(clickhouse.stop)
+        clickhouse.start()
+        world = World(directory, clickhouse)
+
+        with contextlib.ExitStack() as idle_stack:
+            simulator, url = start_simulator(IDLE_RATE)
+            idle_stack.callback(stop_simulator, simulator)
+            idle = {n: idle_run(world, url, n, args.idle_seconds) for n in (3, 20)}
+
+        simulator, url = start_simulator(RESTART_RATE)
+        stack.callback(stop_simulator, simulator)
+        kills = [restart_run(world, url, i) for i in range(1, args.repetitions + 1)]
+        restart = {**restart_figures([k[0] for k in kills], "first"),
+                   **restart_figures([k[1] for k in kills], "second")}
+        machine = machine_info(world)
+    result = {"idle_3": idle[3], "idle_20": idle[20], "restart": restart}
+    print_report(result, machine, args)
+    if args.json:
+        print(json.dumps({"machine": machine, **result}, sort_keys=True))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--idle-seconds", type=float, default=10.0,
+                        help="length of each idle window (default 10)")
+    parser.add_argument("--repetitions", type=int, default=5,
+                        help="restart measurements (default 5)")
+    parser.add_argument("--json", action="store_true", help="also print one JSON object")
+    args = parser.parse_args(argv)
+    logging.getLogger("clickhouse_driver").setLevel(logging.ERROR)  # start-up probes
+    interrupted = threading.Event()
+
+    def on_sigint(_signum, _frame):
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        return run(args)
+    except BaseException as e:
+        # Ctrl-C reaches ClickHouse, the simulator and the daemon too: what fails next is its echo.
+        if interrupted.is_set():
+            print("supervisor_bench: interrupted", file=sys.stderr)
+            return 130
+        if isinstance(e, BenchError):
+            print(f"supervisor_bench: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

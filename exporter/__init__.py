@@ -1,0 +1,1 @@
+"""The exporter: hourly table rotation and verified hourly Parquet files."""

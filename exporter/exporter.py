@@ -1,0 +1,366 @@
+"""The exporter: every hour, rotate each symbol's table and write its hourly Parquet files.
+
+One cycle, per symbol:
+  1. rotate (collectors hold their rows meanwhile, see bus/messages.py): {name}_current becomes
+     {name}_previous and a fresh empty table takes its place; rows of the hour that is not over
+     yet go back into the new current table;
+  2. export: one file per hour found in previous (late rows for an hour already exported are
+     merged into its file), each read back and verified, recorded in export_log;
+  3. only then drop previous.
+A small state file per symbol (state_dir/exporter/{name}.json) records the step reached, so a
+crash at any point is finished by the next cycle with every row exactly once.
+"""
+import grp
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Optional
+
+from bus.sockets import ChildBus
+from mexc import schema
+from exporter import parquet_files
+from exporter.parquet_files import HOUR_MS
+
+log = logging.getLogger(__name__)
+
+SLICE_MS = HOUR_MS // 6  # rows are fetched in 10-minute slices: memory stays bounded
+READY_TIMEOUT = 30.0
+RETRY_AFTER = 60.0  # seconds before a failed cycle (ClickHouse away, disk full) is tried again
+
+
+class EventClock:
+    """Event time in ms.  Runs `speed` times faster than the wall clock from `anchor_ms`, so
+    tests and `mexc demo` can pass hours in seconds; speed 1 is the wall clock."""
+
+    def __init__(self, speed: float = 1.0, anchor_ms: int = 0):
+        self.speed, self.anchor_ms = speed, anchor_ms
+
+    def now_ms(self) -> int:
+        wall = time.time() * 1000
+        return int(self.anchor_ms + (wall - self.anchor_ms) * self.speed)
+
+    def wall_seconds_until(self, event_ms: int) -> float:
+        return max(0.0, (event_ms - self.now_ms()) / self.speed / 1000)
+
+
+def hour_start(ms: int) -> int:
+    return ms // HOUR_MS * HOUR_MS
+
+
+class SymbolState:
+    """How far the current cycle got for one symbol, on disk (atomic writes)."""
+
+    def __init__(self, directory: str, name: str):
+        self.path = os.path.join(directory, f"{name}.json")
+        self.data = self._load()
+
+    def _load(self) -> Optional[dict]:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def save(self, **changes) -> None:
+        self.data = {**(self.data or {}), **changes}
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        self.data = None
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+class Exporter:
+    def __init__(self, config, bus=None, clock: Optional[EventClock] = None):
+        self.config = config
+        self.ch = config.clickhouse
+        self.db = self.ch["database"]
+        self.export = config.export
+        self.bus = bus  # bus.sockets.ChildBus under the supervisor
+        self.clock = clock or EventClock(self.export["clock_speed"], self.export["clock_anchor_ms"])
+        self.state_dir = os.path.join(config.paths["state_dir"], "exporter")
+        os.makedirs(self.state_dir, exist_ok=True)
+        self.stopping = False
+        self.requests = []  # export_now request ids not served yet
+        self.client = None
+        self.features = None
+        self.stats = {"last_export": None, "last_error": None, "errors": 0, "files": 0,
+                      "next_rotation": None, "exported_until": {}, "rotation_pause_s": None}
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        if self.bus is not None:
+            threading.Thread(target=self._heartbeats, name="heartbeats", daemon=True).start()
+        next_cycle = self._next_rotation()
+        while not self.stopping:
+            request = self._wait(next_cycle)
+            if self.stopping:
+                break
+            ok, files, error = self.cycle()
+            if request is not None:
+                self.bus.send("export_done", name="exporter", request=request, ok=ok,
+                              files=files, error=error)
+            next_cycle = self._next_rotation() if ok else time.monotonic() + RETRY_AFTER
+        log.info("stopped")
+        return 0
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.stopping = True
+
+    def _next_rotation(self) -> float:
+        """Monotonic time of the next rotation: the next hour plus export.delay (event time)."""
+        due_ms = hour_start(self.clock.now_ms()) + HOUR_MS + int(self.export["delay"] * 1000)
+        self.stats["next_rotation"] = _iso(due_ms)
+        return time.monotonic() + self.clock.wall_seconds_until(due_ms)
+
+    def _heartbeats(self) -> None:
+        """Its own thread and socket (ZeroMQ sockets are not shared between threads), so a
+        long export never looks like a hang."""
+        bus = ChildBus(self.config.paths["runtime_dir"])
+        try:
+            while not self.stopping:
+                bus.send("heartbeat", name="exporter", pid=os.getpid(), stats=self.stats)
+                time.sleep(1.0)
+        finally:
+            bus.close()
+
+    def _wait(self, until: float):
+        """Sleep until `until`; return an export request id as soon as one is waiting."""
+        while not self.stopping and time.monotonic() < until and not self.requests:
+            if self.bus is None:
+                time.sleep(min(0.5, until - time.monotonic()))
+            else:
+                self._note(self.bus.receive(timeout=min(0.5, max(0.0, until - time.monotonic()))))
+        return self.requests.pop(0) if self.requests else None
+
+    def _note(self, event) -> None:
+        if event and event["type"] == "export_now":
+            self.requests.append(event["request"])
+
+    # --- one cycle -------------------------------------------------------------------------
+
+    def cycle(self):
+        """Rotate and export every symbol; returns (ok, files written, error or None)."""
+        files, errors = [], []
+        try:
+            self._connect()
+            for symbol in self.config.symbols:
+                self._recover(symbol.name)
+            self._rotate([s.name for s in self.config.symbols
+                          if not self._exists(schema.previous_table(s.name))])
+        except Exception as e:
+            errors.append(f"rotation: {_first_line(e)}")
+            self._disconnect()
+        for symbol in self.config.symbols:
+            try:
+                files += self._export_previous(symbol)
+            except Exception as e:
+                errors.append(f"{symbol.name}: {_first_line(e)}")
+                self._disconnect()
+        self.stats["files"] += len(files)
+        if errors:
+            self.stats["errors"] += len(errors)
+            self.stats["last_error"] = "; ".join(errors)
+            log.error("export cycle incomplete, data stays in ClickHouse, retried in %.0fs: %s",
+                      RETRY_AFTER, "; ".join(errors))
+        else:
+            self.stats["last_export"] = _iso(int(time.time() * 1000))
+        return not errors, files, "; ".join(errors) or None
+
+    def _rotate(self, names) -> None:
+        if not names:
+            return
+        rotation = self._hold_collectors()
+        started = time.monotonic()
+        boundary = hour_start(self.clock.now_ms())  # rows from here on: hour not over yet
+        try:
+            for name in names:
+                state = SymbolState(self.state_dir, name)
+                state.save(phase="swapping", boundary=boundary, hours={})
+                for sql in schema.swap_statements(self.db, name, self.features):
+                    self.client.execute(sql)
+                self._move_back(name, boundary)
+                state.save(phase="exporting")
+        finally:
+            if rotation is not None:
+                self.bus.send("rotate_done", name="exporter", rotation=rotation)
+            pause = time.monotonic() - started
+            self.stats["rotation_pause_s"] = round(pause, 3)
+            log.info("rotated %s in %.3fs (boundary %s)", ",".join(names), pause, _iso(boundary))
+
+    def _hold_collectors(self) -> Optional[str]:
+        """The bus handshake: ask for a rotation, wait until collectors hold their rows."""
+        if self.bus is None:
+            return None
+        deadline = time.monotonic() + READY_TIMEOUT
+        request = f"{os.getpid()}-{time.monotonic_ns()}"  # tells our rotate_ready from old ones
+        self.bus.send("rotate_request", name="exporter", request=request)
+        while time.monotonic() < deadline and not self.stopping:
+            event = self.bus.receive(timeout=0.5)
+            if event and event["type"] == "rotate_ready" and event["request"] == request:
+                return event["rotation"]
+            self._note(event)
+            if event is None or event["type"] == "rotate_end":  # the supervisor was busy
+                self.bus.send("rotate_request", name="exporter", request=request)
+        raise RuntimeError(f"no rotate_ready from the supervisor within {READY_TIMEOUT:.0f}s")
+
+    def _move_back(self, name: str, boundary: int) -> None:
+        """Rows of the hour that is not over go back into current (they belong to its file)."""
+        db, q = schema.quote(self.db), schema.quote
+        self.client.execute(
+            f"INSERT INTO {db}.{q(schema.current_table(name))} SELECT * FROM "
+            f"{db}.{q(schema.previous_table(name))} WHERE {self.features.ts_ms()} >= {boundary}")
+
+    def _recover(self, name: str) -> None:
+        """Finish what a crash interrupted: a swap half done, a move-back not done."""
+        db, q = schema.quote(self.db), schema.quote
+        fresh, previous = schema.fresh_table(name), schema.previous_table(name)
+        if self._exists(fresh):
+            rows = self._count(fresh)
+            if rows == 0:
+                self.client.execute(f"DROP TABLE {db}.{q(fresh)}")
+            elif not self._exists(previous):
+                self.client.execute(f"RENAME TABLE {db}.{q(fresh)} TO {db}.{q(previous)}")
+            else:
+                self.client.execute(f"INSERT INTO {db}.{q(previous)} SELECT * FROM {db}.{q(fresh)}")
+                self.client.execute(f"DROP TABLE {db}.{q(fresh)}")
+            log.warning("recovered %d rows of an interrupted swap for %s", rows, name)
+        state = SymbolState(self.state_dir, name)
+        if state.data and state.data["phase"] == "swapping":
+            if not self._exists(previous):
+                state.clear()  # the swap never happened
+            else:
+                if not self._moved_back(name, state.data["boundary"]):
+                    self._move_back(name, state.data["boundary"])
+                state.save(phase="exporting")
+                log.warning("finished an interrupted rotation of %s", name)
+
+    def _moved_back(self, name: str, boundary: int) -> bool:
+        db, q, ts = schema.quote(self.db), schema.quote, self.features.ts_ms()
+        previous = f"{db}.{q(schema.previous_table(name))}"
+        late = self.client.execute(f"SELECT count() FROM {previous} WHERE {ts} >= {boundary}")[0][0]
+        if late == 0:
+            return True
+        found = self.client.execute(
+            f"SELECT count() FROM {db}.{q(schema.current_table(name))} WHERE (ts, mt, m, rts) IN "
+            f"(SELECT ts, mt, m, rts FROM {previous} WHERE {ts} >= {boundary})")[0][0]
+        return found >= late
+
+    # --- export ----------------------------------------------------------------------------
+
+    def _export_previous(self, symbol):
+        """Write every hour held by {name}_previous, verify, log; then drop previous."""
+        name = symbol.name
+        previous = schema.previous_table(name)
+        if self.client is None:
+            self._connect()
+        if not self._exists(previous):
+            return []
+        state = SymbolState(self.state_dir, name)
+        if state.data is None:  # previous without a state: export all of it
+            state.save(phase="exporting", boundary=None, hours={})
+        boundary = state.data["boundary"]
+        ts = self.features.ts_ms()
+        where = f"WHERE {ts} < {boundary}" if boundary is not None else ""
+        hours = self.client.execute(
+            f"SELECT intDiv({ts}, {HOUR_MS}) * {HOUR_MS} AS h, count() FROM "
+            f"{schema.quote(self.db)}.{schema.quote(previous)} {where} GROUP BY h ORDER BY h")
+        os.makedirs(self.export["dir"], exist_ok=True)
+        files = [self._export_hour(symbol, state, hour, rows) for hour, rows in hours]
+        self.client.execute(f"DROP TABLE {schema.quote(self.db)}.{schema.quote(previous)}")
+        state.clear()
+        if hours:
+            self.stats["exported_until"][symbol.symbol] = _iso(hours[-1][0] + HOUR_MS)
+        return files
+
+    def _export_hour(self, symbol, state: SymbolState, hour: int, rows: int) -> str:
+        path = os.path.join(self.export["dir"], parquet_files.file_name(symbol.name, hour))
+        entry = state.data["hours"].get(str(hour))
+        if entry is None:  # first attempt: note what the file held before (late-row merge)
+            before = parquet_files.read(path).num_rows if os.path.exists(path) else 0
+            entry = {"before_sha": parquet_files.sha256(path) if before else None,
+                     "before_rows": before, "done": False}
+            state.save(hours={**state.data["hours"], str(hour): entry})
+        elif entry["done"]:
+            return path
+        current_sha = parquet_files.sha256(path) if os.path.exists(path) else None
+        expected = entry["before_rows"] + rows
+        if current_sha == entry["before_sha"]:  # not written yet (or a crash before rename)
+            table = self._fetch_hour(symbol.name, hour)
+            if entry["before_rows"]:
+                table = parquet_files.pa.concat_tables([parquet_files.read(path), table])
+            if table.num_rows != expected:
+                raise parquet_files.VerifyError(f"{path}: read {table.num_rows} rows from "
+                                                f"ClickHouse and the old file, expected {expected}")
+            current_sha = parquet_files.write_hour(path, table, symbol.symbol, hour,
+                                                   self.export["file_mode"], self._group())
+        else:  # renamed into place by an attempt that died before logging it
+            parquet_files.verify(path, expected, hour)
+        self.client.execute(
+            f"INSERT INTO {schema.quote(self.db)}.export_log "
+            f"(symbol, hour_start, export_time, filepath, row_count, file_bytes, sha256) VALUES",
+            [(symbol.symbol, hour, int(time.time() * 1000), path, expected,
+              os.path.getsize(path), current_sha)])
+        state.save(hours={**state.data["hours"], str(hour): {**entry, "done": True}})
+        log.info("exported %s rows=%d%s sha256=%s", path, expected,
+                 f" (merged {rows} late rows)" if entry["before_rows"] else "", current_sha[:12])
+        return path
+
+    def _fetch_hour(self, name: str, hour: int):
+        """The hour's rows from previous, in ts order, as an Arrow table (fetched in slices)."""
+        ts, rts = self.features.ts_ms(), self.features.ts_ms("rts")
+        table = f"{schema.quote(self.db)}.{schema.quote(schema.previous_table(name))}"
+        slices = []
+        for start in range(hour, hour + HOUR_MS, SLICE_MS):
+            columns = self.client.execute(
+                f"SELECT {ts}, toString(mt), m, {rts} FROM {table} WHERE {ts} >= {start} "
+                f"AND {ts} < {start + SLICE_MS} ORDER BY {ts}", columnar=True)
+            if columns:
+                slices.append(parquet_files.to_table(*columns))
+        return parquet_files.pa.concat_tables(slices) if slices else \
+            parquet_files.to_table([], [], [], [])
+
+    # --- ClickHouse helpers ----------------------------------------------------------------
+
+    def _connect(self) -> None:
+        if self.client is None:
+            schema.ensure_database(self.ch)
+            self.client = schema.connect(self.ch, database=False, timeout=30.0)
+            self.features = schema.detect(self.client, self.db)
+            schema.ensure_tables(self.client, self.db, [s.name for s in self.config.symbols],
+                                 self.features)
+
+    def _disconnect(self) -> None:
+        if self.client is not None:
+            self.client.disconnect()
+            self.client = None
+
+    def _exists(self, table: str) -> bool:
+        return bool(self.client.execute(f"EXISTS TABLE {schema.quote(self.db)}.{schema.quote(table)}")[0][0])
+
+    def _count(self, table: str) -> int:
+        return self.client.execute(
+            f"SELECT count() FROM {schema.quote(self.db)}.{schema.quote(table)}")[0][0]
+
+    def _group(self) -> Optional[int]:
+        return grp.getgrnam(self.export["group"]).gr_gid if self.export["group"] else None
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms // 1000))
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

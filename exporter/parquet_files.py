@@ -1,0 +1,112 @@
+"""Hourly Parquet files: `{name}_YYYYMMDD_HH00.parquet`, one UTC hour of one symbol.
+
+Columns: ts timestamp[ms, UTC], mt string (dictionary encoded, never null), m string,
+rts timestamp[ms, UTC]; rows in ts order; zstd; key-value metadata (symbol, hour, row count,
+mexc version).  A file is written under a temporary name in the same directory, fsynced, read
+back and checked, and only then renamed into place: a reader never sees half a file or a bad
+one, and a file being replaced (late rows merged in) stays intact until its successor is good.
+"""
+import hashlib
+import os
+import time
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mexc import __version__
+
+HOUR_MS = 3_600_000
+SCHEMA = pa.schema([
+    pa.field("ts", pa.timestamp("ms", tz="UTC"), nullable=False),
+    pa.field("mt", pa.dictionary(pa.int8(), pa.string()), nullable=False),
+    pa.field("m", pa.string(), nullable=False),
+    pa.field("rts", pa.timestamp("ms", tz="UTC"), nullable=False),
+])
+
+
+class VerifyError(Exception):
+    """A written file is not what it must be; nothing is dropped."""
+
+
+def file_name(name: str, hour_ms: int) -> str:
+    return f"{name}_{time.strftime('%Y%m%d_%H00', time.gmtime(hour_ms // 1000))}.parquet"
+
+
+def to_table(ts_ms, mt, m, rts_ms) -> pa.Table:
+    """Columns as ClickHouse gives them (ms integers, strings) -> an Arrow table."""
+    return pa.table([
+        pa.array(ts_ms, pa.int64()).cast(SCHEMA.field("ts").type),
+        pa.array(mt, pa.string()).dictionary_encode().cast(SCHEMA.field("mt").type),
+        pa.array(m, pa.string()),
+        pa.array(rts_ms, pa.int64()).cast(SCHEMA.field("rts").type),
+    ], schema=SCHEMA)
+
+
+def read(path: str) -> pa.Table:
+    return pq.read_table(path).cast(SCHEMA)
+
+
+def write_hour(path: str, table: pa.Table, symbol: str, hour_ms: int,
+               mode: int = 0o640, group: Optional[int] = None) -> str:
+    """Write `table` (sorted here) as the hour's file: verified, then renamed into place.
+    Returns the file's sha256; raises VerifyError (and leaves `path` as it was) if bad."""
+    table = table.sort_by("ts")
+    hour = time.strftime("%Y-%m-%dT%H:00:00Z", time.gmtime(hour_ms // 1000))
+    metadata = {b"symbol": symbol.encode(), b"hour": hour.encode(),
+                b"rows": str(table.num_rows).encode(), b"mexc_version": __version__.encode()}
+    table = table.replace_schema_metadata(metadata)
+    directory = os.path.dirname(path)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.fchmod(fd, mode)
+            if group is not None:
+                os.fchown(fd, -1, group)
+        finally:
+            os.close(fd)
+        verify(tmp, table.num_rows, hour_ms)
+        digest = sha256(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+    return digest
+
+
+def verify(path: str, expected_rows: int, hour_ms: int) -> None:
+    """Read the file back: row count, no null mt, every ts inside the hour, in order."""
+    table = read(path)
+    if table.num_rows != expected_rows:
+        raise VerifyError(f"{path}: {table.num_rows} rows, expected {expected_rows}")
+    if table.column("mt").null_count:
+        raise VerifyError(f"{path}: {table.column('mt').null_count} rows with null mt")
+    if table.num_rows:
+        ts = table.column("ts").cast(pa.int64())
+        low, high = pc.min(ts).as_py(), pc.max(ts).as_py()
+        if low < hour_ms or high >= hour_ms + HOUR_MS:
+            raise VerifyError(f"{path}: ts {low}..{high} outside the hour starting {hour_ms}")
+        if not pc.all(pc.less_equal(ts[:-1], ts[1:])).as_py() and table.num_rows > 1:
+            raise VerifyError(f"{path}: rows not in ts order")
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,237 @@
+"""The exporter: hourly rotation and Parquet files, every row exactly once, whatever fails.
+
+Most tests run the Exporter in this process against the real test ClickHouse with a clock the
+test sets, and inject crashes by making one step raise (what is on disk and in ClickHouse at
+that moment is what a SIGKILL would leave).  The last test runs the whole daemon with an
+accelerated event clock."""
+import collections
+import os
+import subprocess
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from exporter import parquet_files
+from exporter.exporter import EventClock, Exporter, HOUR_MS
+from mexc import config as configuration, schema
+from mexc.clickhouse_server import ManagedClickHouse
+from mexc.simulator import MexcSimulator
+from tests.conftest import MEXC, toml_dump, wait_for
+
+pytestmark = pytest.mark.timeout(180)
+H = 1_763_942_400_000  # 2025-11-24T00:00:00Z, an hour boundary
+
+
+class SetClock:
+    def __init__(self, now_ms):
+        self.now = now_ms
+
+    def now_ms(self):
+        return self.now
+
+    def wall_seconds_until(self, _event_ms):
+        return 0.0
+
+
+def make_config(env, symbols=("BTC_USDT",), **export):
+    data = {"symbols": list(symbols), "clickhouse": env.ch_section(), "tor": {"enabled": False},
+            "export": {"dir": str(env.tmp / "export"), **export},
+            "paths": {"state_dir": str(env.tmp / "state"), "runtime_dir": str(env.tmp / "run")}}
+    return configuration.parse(data, "test")
+
+
+def insert(env, rows, name="btc"):
+    """rows: (ts_ms, mt, m); rts is ts + 5 ms."""
+    client = env.client()
+    try:
+        client.execute(schema.create_database(env.database))
+        features = schema.detect(client, env.database)
+        client.execute(schema.create_rows_table(env.database, f"{name}_current", features))
+        client.execute(schema.insert_rows_sql(env.database, f"{name}_current"),
+                       [(ts, mt, m, ts + 5) for ts, mt, m in rows])
+    finally:
+        client.disconnect()
+
+
+def rows_for(hour, n, tag):
+    return [(hour + i * (HOUR_MS // n), "d", f"{tag}|{i}|1") for i in range(n)]
+
+
+def files_rows(env):
+    """Every row of every Parquet file, and per file the hour its rows fall in."""
+    rows, directory = collections.Counter(), env.tmp / "export"
+    for name in sorted(os.listdir(directory)) if directory.exists() else []:
+        table = pq.read_table(directory / name)
+        assert table.column("mt").null_count == 0
+        for r in table.to_pylist():
+            ts = int(r["ts"].timestamp() * 1000)
+            assert parquet_files.file_name("btc", ts // HOUR_MS * HOUR_MS) == name, name
+            rows[(ts, r["mt"], r["m"])] += 1
+    return rows
+
+
+def stored(env, table="btc_current"):
+    return collections.Counter(env.rows(table))
+
+
+def assert_exactly_once(env, sent):
+    union = files_rows(env) + stored(env) + stored(env, "btc_previous")
+    assert union == collections.Counter(sent), "rows lost or doubled"
+
+
+def test_rows_straddling_the_hour_and_late_rows(env):
+    sent = rows_for(H - 2 * HOUR_MS, 50, "a") + rows_for(H - HOUR_MS, 60, "b") + rows_for(H, 7, "c")
+    insert(env, sent)
+    clock = SetClock(H + 61_000)  # 00:01:01: hours before 00:00 are over, 00:00 is not
+    ok, files, error = Exporter(make_config(env), clock=clock).cycle()
+    assert ok and error is None
+    assert [os.path.basename(f) for f in files] == ["btc_20251123_2200.parquet",
+                                                    "btc_20251123_2300.parquet"]
+    assert env.count("btc_current") == 7 and env.rows("btc_previous") == []
+    assert_exactly_once(env, sent)
+    late = rows_for(H - HOUR_MS + 1, 5, "late") + rows_for(H + 2, 3, "d")
+    insert(env, late)
+    clock.now = H + HOUR_MS + 61_000
+    ok, files, _ = Exporter(make_config(env), clock=clock).cycle()
+    assert ok and sorted(os.path.basename(f) for f in files) == ["btc_20251123_2300.parquet",
+                                                                 "btc_20251124_0000.parquet"]
+    assert pq.read_metadata(env.tmp / "export" / "btc_20251123_2300.parquet").num_rows == 65
+    assert_exactly_once(env, sent + late)
+    logged = env.query(f"SELECT hour_start, argMax(row_count, export_time) FROM "
+                       f"{env.database}.export_log GROUP BY hour_start ORDER BY hour_start")
+    assert logged == [(H - 2 * HOUR_MS, 50), (H - HOUR_MS, 65), (H, 10)]
+
+
+def test_file_format_for_pandas_polars_duckdb_readers(env):
+    sent = rows_for(H - HOUR_MS, 30, "x")
+    insert(env, sent)
+    ok, files, _ = Exporter(make_config(env), clock=SetClock(H + 61_000)).cycle()
+    assert ok
+    path = files[0]
+    schema_ = pq.read_schema(path)
+    assert str(schema_.field("ts").type) == "timestamp[ms, tz=UTC]"
+    assert str(schema_.field("mt").type) == "dictionary<values=string, indices=int8, ordered=0>"
+    meta = pq.read_metadata(path)
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+    assert meta.metadata[b"symbol"] == b"BTC_USDT" and meta.metadata[b"rows"] == b"30"
+    assert meta.metadata[b"hour"] == b"2025-11-23T23:00:00Z"
+    assert oct(os.stat(path).st_mode & 0o777) == "0o640"
+    import duckdb  # a second, independent Parquet reader (test extra)
+    result = duckdb.connect().execute(
+        f"SELECT count(*), count(DISTINCT mt), min(ts), max(ts) FROM '{path}'")
+    count, kinds, low, high = result.fetchall()[0]
+    assert (count, kinds) == (30, 1)
+    assert int(low.timestamp() * 1000) == H - HOUR_MS and high.timestamp() * 1000 < H
+
+
+def test_crash_after_the_file_before_dropping_previous(env, monkeypatch):
+    sent = rows_for(H - HOUR_MS, 40, "a") + rows_for(H, 4, "b")
+    insert(env, sent)
+    real_write = parquet_files.write_hour
+
+    def write_then_die(*args, **kwargs):
+        real_write(*args, **kwargs)
+        raise SystemExit("killed after the rename")
+    monkeypatch.setattr(parquet_files, "write_hour", write_then_die)
+    with pytest.raises(SystemExit):
+        Exporter(make_config(env), clock=SetClock(H + 61_000)).cycle()
+    assert env.count("btc_previous") == 44  # nothing dropped (its 4 new rows are copied back)
+    monkeypatch.setattr(parquet_files, "write_hour", real_write)
+    ok, files, _ = Exporter(make_config(env), clock=SetClock(H + 62_000)).cycle()
+    assert ok and [os.path.basename(f) for f in files] == ["btc_20251123_2300.parquet"]
+    assert pq.read_metadata(files[0]).num_rows == 40
+    assert_exactly_once(env, sent)
+
+
+def test_crash_between_swap_and_move_back(env, monkeypatch):
+    sent = rows_for(H - HOUR_MS, 20, "a") + rows_for(H, 6, "b")
+    insert(env, sent)
+    monkeypatch.setattr(Exporter, "_move_back", lambda *a: (_ for _ in ()).throw(SystemExit))
+    with pytest.raises(SystemExit):
+        Exporter(make_config(env), clock=SetClock(H + 61_000)).cycle()
+    assert env.count("btc_previous") == 26 and env.count("btc_current") == 0
+    monkeypatch.undo()
+    insert(env, rows_for(H + 1, 2, "c"))  # collectors kept writing meanwhile
+    ok, _files, _ = Exporter(make_config(env), clock=SetClock(H + 62_000)).cycle()
+    assert ok
+    assert_exactly_once(env, sent + rows_for(H + 1, 2, "c"))
+    assert env.count("btc_current") == 8
+
+
+def test_exporter_down_for_hours_writes_one_file_per_hour(env):
+    sent = [row for k in range(5, 0, -1) for row in rows_for(H - k * HOUR_MS, 10, f"h{k}")]
+    insert(env, sent)
+    ok, files, _ = Exporter(make_config(env), clock=SetClock(H + 61_000)).cycle()
+    assert ok and len(files) == 5
+    assert_exactly_once(env, sent)
+
+
+def test_unwritable_export_dir_keeps_data_and_retries(env):
+    sent = rows_for(H - HOUR_MS, 10, "a")
+    insert(env, sent)
+    (env.tmp / "export").write_text("a file where the directory should be")
+    ok, files, error = Exporter(make_config(env), clock=SetClock(H + 61_000)).cycle()
+    assert not ok and files == [] and "btc" in error
+    assert env.count("btc_previous") == 10  # data stays in ClickHouse
+    (env.tmp / "export").unlink()
+    ok, files, _ = Exporter(make_config(env), clock=SetClock(H + 62_000)).cycle()
+    assert ok and len(files) == 1
+    assert_exactly_once(env, sent)
+
+
+def test_clickhouse_down_during_rotation(env, tmp_path):
+    own = ManagedClickHouse(str(tmp_path / "own")).start()
+    try:
+        env.clickhouse = own
+        sent = rows_for(H - HOUR_MS, 10, "a")
+        insert(env, sent)
+        exporter = Exporter(make_config(env), clock=SetClock(H + 61_000))
+        own.stop()
+        ok, files, error = exporter.cycle()
+        assert not ok and files == [] and error
+        own.start()
+        ok, files, _ = exporter.cycle()
+        assert ok and len(files) == 1
+        assert_exactly_once(env, sent)
+    finally:
+        own.stop()
+
+
+def test_daemon_with_an_accelerated_clock(env):
+    """Hours pass in 6 s: rotations while data flows; then `mexc export --once`, `mexc verify`."""
+    anchor = int(time.time() * 1000)
+    clock = EventClock(speed=600, anchor_ms=anchor)
+    with MexcSimulator(rate=40, event_clock=clock.now_ms) as sim:
+        config = env.write_config(sim.url, export={"clock_speed": 600.0, "clock_anchor_ms": anchor,
+                                                  "delay": 5.0},
+                                  supervisor={"heartbeat_timeout": 10.0})
+        daemon = env.mexc("run", "--config", config, name="daemon")
+        wait_for(lambda: len(os.listdir(env.tmp / "export")) >= 3 if (env.tmp / "export").exists()
+                 else False, 60, "three hourly files")
+        sim.stop_data()
+        result = subprocess.run([MEXC, "export", "--once", "--config", config],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        sent = collections.Counter(r for r in sim.expected_rows("BTC_USDT"))
+        wait_for(lambda: sum((files_rows(env) + stored(env)).values()) >= sum(sent.values()), 30,
+                 "every row in files or current")
+        assert files_rows(env) + stored(env) + stored(env, "btc_previous") == sent
+        verify = subprocess.run([MEXC, "verify", "--config", config], capture_output=True,
+                                text=True, timeout=60)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        assert "files verified" in verify.stdout and "btc_current:" in verify.stdout
+        assert daemon.stop(15) == 0
+        assert "Traceback" not in daemon.log()
+
+
+def test_verif_reports_no_recent_data(env):
+    insert(env, rows_for(H - HOUR_MS, 3, "old"))
+    path = env.tmp / "mexc.toml"
+    path.write_text(toml_dump({"symbols": ["BTC_USDT"], "clickhouse": env.ch_section(),
+                               "tor": {"enabled": False}}))
+    result = subprocess.run([MEXC, "verif", "--config", str(path)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert "btc_current: 3 records (t: 0, d: 3, dp: 0)" in result.stdout
+    assert "no data in the last 5 minutes" in result.stdout
