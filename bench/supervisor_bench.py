@@ -10,15 +10,19 @@ CLI (`python -m mexc.simulator`) in a process of its own, and the daemon as user
 (`mexc run --config ...`) with a config written for each run: its own database, state and
 runtime dir, clickhouse.managed = false (the private server), tor.enabled = false, the
 simulator as exchange.url, and the shipped [collector] and [supervisor] settings.  Symbols are
-BTC_USDT plus generated S02_USDT, S03_USDT, ... (tables btc_current, s02_current, ...).
+BTC_USDT plus generated S02_USDT, S03_USDT, ... (tables btc_current, s02_current, ...).  The
+daemon runs this checkout's code (PYTHONPATH=<repository root>).
 
 Idle.  With 3 and then 20 collectors and the simulator at IDLE_RATE frames/s per stream (three
 streams per collector), once every collector is connected and has stored rows, and SETTLE s
 later: the supervisor's RSS (psutil, every SAMPLE_INTERVAL s) and its CPU% (psutil, averaged
 over the window; 100 % = one core) over --idle-seconds.  At the end of the window, per
 process: USS, PSS and RSS (psutil memory_full_info), reported for the collectors as median and
-max, and summed over the tree (supervisor + collectors).  Then the round trip of a `status`
-request (bus.sockets.request), median of STATUS_ROUNDS.
+max, and summed over the tree: the supervisor and all its descendants, the collectors and any
+other child (an exporter), which is also shown on its own.  Then the round trip of a `status`
+request (bus.sockets.request), median of STATUS_ROUNDS.  Note: USS counts a page of a shared
+library as private while no other process on the host maps it, so the supervisor's USS
+includes the library pages only it touches unless some unrelated process maps them too.
 
 Restart.  With 3 collectors and the simulator at RESTART_RATE frames/s per stream, per
 repetition on a freshly started daemon (so the restart backoff is the one a crash after stable
@@ -31,11 +35,11 @@ then
      until max(rts) is later than the kill and count() has grown; the time the successful
      query was issued.  rts is the local receive time, so only the new process has such rows.
 The kill comes a random 0..KILL_PHASE s after the status request that named the victim (a
-request wakes the supervisor's loop, so a kill right after one would always meet the loop at the
-same phase).  The daemon's log (UTC timestamps to the ms) and min(rts) of the new rows break the time down:
-exit noticed, fork, connected, first frame received, first row queryable.  Then the new
-collector is killed again at once, which shows the backoff for a second exit within a minute
-(delay doubled); that figure has no goal.
+request wakes the supervisor's loop, so a kill right after one would always meet the loop at
+the same phase).  The daemon's log (UTC timestamps to the ms) and min(rts) of the new rows
+break the time down: exit noticed, fork, connected, first frame received, first row
+queryable.  Then the new collector is killed again at once, which shows the backoff for a
+second exit within a minute (the delay doubled); that figure has no goal.
 """
 from __future__ import annotations
 

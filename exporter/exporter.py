@@ -177,6 +177,7 @@ class Exporter:
                       RETRY_AFTER, "; ".join(errors))
         else:
             self.stats["last_export"] = _iso(int(time.time() * 1000))
+            self.stats["last_error"] = None
         return not errors, files, "; ".join(errors) or None
 
     def _rotate(self, names) -> None:

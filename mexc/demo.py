@@ -1,7 +1,9 @@
 """`mexc demo`: the whole pipeline on this machine with no network at all.
 
 A local MEXC simulator, a managed ClickHouse in a temporary directory, and the real daemon
-(`mexc run`) with three collectors; the status table every few seconds; Ctrl-C stops it all.
+(`mexc run`) with three collectors and the exporter; the status table every few seconds; Ctrl-C
+stops it all.  Event time runs 60 times faster than the wall clock (an hour a minute), so hourly
+Parquet files appear within a minute or two.
 """
 import os
 import signal
@@ -14,8 +16,10 @@ from bus.sockets import NotRunning
 from mexc import status
 from mexc.clickhouse_server import free_port
 from mexc.schema import connect
+from exporter.exporter import EventClock
 from mexc.simulator import MexcSimulator
 
+CLOCK_SPEED = 60.0  # an event hour per wall minute
 SYMBOLS = ["BTC_USDT", "ETH_USDT", "SOL_USDT"]
 CONFIG = """\
 symbols = {symbols}
@@ -32,6 +36,8 @@ enabled = false
 
 [export]
 dir = "{dir}/export"
+clock_speed = {speed}
+clock_anchor_ms = {anchor}
 
 [paths]
 state_dir = "{dir}/state"
@@ -42,12 +48,14 @@ runtime_dir = "{dir}/run"
 def run(refresh: float = 3.0, rate: float = 20.0, duration: float = 0.0) -> int:
     """Run until Ctrl-C (or `duration` seconds when > 0); 0 when it worked."""
     directory = tempfile.mkdtemp(prefix="mexc-demo-")
-    simulator = MexcSimulator(rate=rate).start()
+    anchor = int(time.time() * 1000)
+    clock = EventClock(CLOCK_SPEED, anchor)
+    simulator = MexcSimulator(rate=rate, event_clock=clock.now_ms).start()
     port = free_port()
     config_path = os.path.join(directory, "mexc.toml")
     with open(config_path, "w") as f:
-        f.write(CONFIG.format(symbols=SYMBOLS, url=simulator.url, port=port, dir=directory)
-                .replace("'", '"'))
+        f.write(CONFIG.format(symbols=SYMBOLS, url=simulator.url, port=port, dir=directory,
+                              speed=CLOCK_SPEED, anchor=anchor).replace("'", '"'))
     log_path = os.path.join(directory, "mexc.log")
     print(f"mexc demo: simulator at {simulator.url}; daemon log {log_path}")
     with open(log_path, "wb") as log_file:
@@ -68,6 +76,10 @@ def run(refresh: float = 3.0, rate: float = 20.0, duration: float = 0.0) -> int:
         simulator.stop()
     stored = ", ".join(f"{table} {n:,}" for table, n in counts) or "ClickHouse not reachable"
     print(f"mexc demo: stopped (daemon exit code {code}). Rows stored: {stored}")
+    exports = sorted(os.listdir(os.path.join(directory, "export"))) \
+        if os.path.isdir(os.path.join(directory, "export")) else []
+    print(f"  {len(exports)} hourly Parquet files in {directory}/export"
+          + (f", e.g. {exports[-1]}" if exports else " (the first appears after a minute)"))
     print(f"  everything is in {directory}: config mexc.toml, log mexc.log, ClickHouse data "
           f"in state/clickhouse. To query it again:")
     print(f"    clickhouse-server --config-file={directory}/state/clickhouse/config.xml &")

@@ -40,9 +40,12 @@ def _header(sup: dict) -> str:
                   f"{' (managed)' if ch['managed'] else ''}")
     rotation = f", rotation {sup['rotation']['id']} {sup['rotation']['phase']}" \
         if sup.get("rotation") else ""
+    export = sup.get("export") or {}
     last_export = sup.get("last_export") or "never"
+    next_rotation = f" (next {export['next_rotation']})" if export.get("next_rotation") else ""
+    failing = f", EXPORT FAILING: {export['last_error']}" if export.get("last_error") else ""
     return (f"mexc {sup['version']}  supervisor pid {sup['pid']}  up {_duration(sup['uptime_s'])}"
-            f"  {clickhouse}  last export: {last_export}{rotation}")
+            f"  {clickhouse}  last export: {last_export}{next_rotation}{rotation}{failing}")
 
 
 def _notes(children) -> list:

@@ -66,6 +66,7 @@ class Arbiter:
         self.lock_file = None
         self.usage = {}  # pid -> psutil.Process, kept so cpu_percent measures between calls
         self.notifier = sdnotify.Notifier.from_environment()  # children must not inherit it
+        self.clickhouse_checked = (float("-inf"), False)  # (when, reachable)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -365,8 +366,7 @@ class Arbiter:
             entry.update(rss_bytes=None, cpu_percent=None)
             if entry["pid"]:
                 try:
-                    proc = self.usage.get(entry["pid"]) or psutil.Process(entry["pid"])
-                    self.usage[entry["pid"]] = proc
+                    proc = self.usage.setdefault(entry["pid"], psutil.Process(entry["pid"]))
                     entry["rss_bytes"] = proc.memory_info().rss
                     entry["cpu_percent"] = round(proc.cpu_percent(interval=None), 1)
                 except psutil.Error:
@@ -388,13 +388,16 @@ class Arbiter:
         }
 
     def _clickhouse_status(self) -> dict:
-        ch = self.config.clickhouse
-        client = schema.connect(ch, timeout=1.0)
-        try:
-            reachable = client.execute("SELECT 1") == [(1,)]
-        except Exception:
-            reachable = False
-        finally:
-            client.disconnect()
+        """Checked at most every few seconds: a status request must not stall the loop."""
+        ch, now = self.config.clickhouse, time.monotonic()
+        if now - self.clickhouse_checked[0] >= 5.0:
+            client = schema.connect(ch, timeout=1.0)
+            try:
+                reachable = client.execute("SELECT 1") == [(1,)]
+            except Exception:
+                reachable = False
+            finally:
+                client.disconnect()
+            self.clickhouse_checked = (now, reachable)
         return {"host": ch["host"], "port": ch["port"], "managed": ch["managed"],
-                "reachable": reachable}
+                "reachable": self.clickhouse_checked[1]}

@@ -10,7 +10,6 @@ from typing import Optional
 
 from bus.sockets import ChildBus
 from collector.collector import Collector  # imported before the fork: pages stay shared
-from exporter.exporter import Exporter
 from mexc import log as logging_setup
 
 log = logging.getLogger(__name__)
@@ -54,6 +53,8 @@ def collector_main(config, symbol, parent_pid: int) -> None:
 
 def exporter_main(config, parent_pid: int) -> None:
     """Body of the forked exporter process."""
+    from exporter.exporter import Exporter  # after the fork: only this process needs pyarrow
+
     _become_child("exporter", config.log["level"], parent_pid)
     bus = ChildBus(config.paths["runtime_dir"])
     try:
