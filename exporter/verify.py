@@ -76,7 +76,14 @@ def exports(config, client):
 
 
 def ip_separation(config):
+    """From the running daemon's knowledge of each collector's exit."""
+    from bus.sockets import NotRunning
+    from mexc import status
+
     if not config.tor["enabled"]:
         return True, ["IP separation: Tor is off (tor.enabled = false); every collector uses "
                       "this machine's address"]
-    return False, ["IP separation: cannot check: this version of mexc does not run Tor yet"]
+    try:
+        return status.ip_separation(status.fetch(config.paths["runtime_dir"]))
+    except NotRunning as e:
+        return False, [f"IP separation: cannot check, mexc is not running ({e})"]

@@ -80,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
                     "hour, no hour missing.  Exit 1 on any problem.")
     verify.set_defaults(handler=_verify)
 
+    iptest = commands.add_parser(
+        "iptest", parents=[common], help="show each collector's Tor exit IP; exit 0 if all differ",
+        description="IP separation from the running daemon's knowledge: one line per collector "
+                    "with its exit IP; exit 0 only when every collector has its own.")
+    iptest.set_defaults(handler=_iptest)
+
     demo = commands.add_parser(
         "demo", help="run the whole pipeline against a local MEXC simulator (no network)",
         description="Start a local MEXC simulator, a managed ClickHouse in a temporary "
@@ -201,6 +207,14 @@ def _export(args, config) -> int:
         return 1
     print(f"export done: {len(result['files'])} files", file=sys.stderr)
     return 0
+
+
+def _iptest(args, config) -> int:
+    from exporter import verify
+
+    ok, lines = verify.ip_separation(config)
+    print("\n".join(lines))
+    return 0 if ok else 1
 
 
 def _verif(args, config) -> int:

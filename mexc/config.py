@@ -54,6 +54,13 @@ SCHEMA = {
     },
     "tor": {
         "enabled": (bool, True),
+        "binary": (str, "tor"),
+        "socks_port_base": (int, 0),
+        "control_port_base": (int, 0),
+        "bootstrap_timeout": (float, 120.0),
+        "exit_check_interval": (float, 5.0),
+        "separation_retries": (int, 5),
+        "torrc_extra": (list, []),
     },
     "export": {
         "dir": (str, "/var/lib/mexc/export"),
@@ -225,6 +232,12 @@ def _check_values(s: dict, path: str) -> None:
         bad("collector.flush_interval", "must be > 0")
     if s["collector"]["max_buffered_rows"] < 0:
         bad("collector.max_buffered_rows", "must be >= 0")
+    for line in s["tor"]["torrc_extra"]:
+        if not isinstance(line, str) or "\n" in line:
+            bad("tor.torrc_extra", "must be a list of torrc lines (strings)")
+    for key in ("socks_port_base", "control_port_base"):
+        if not 0 <= s["tor"][key] < 65536 - 1000:
+            bad(f"tor.{key}", "must be 0 (pick free ports) or a port number")
     if not 0 <= s["export"]["file_mode"] <= 0o777:
         bad("export.file_mode", "must be a file mode like 0o640")
     if s["export"]["delay"] < 0 or s["export"]["delay"] >= 3600:

@@ -6,7 +6,7 @@ from bus import sockets
 COLUMNS = [  # header, width, how to show a child entry
     ("NAME", 16, lambda c: c["name"]),
     ("PID", 8, lambda c: c["pid"] or "-"),
-    ("STATE", 10, lambda c: c["state"] + ("*" if c.get("held") else "")),
+    ("STATE", 10, lambda c: _state(c)),
     ("UPTIME", 8, lambda c: _duration(c["uptime_s"])),
     ("RESTARTS", 8, lambda c: c["restarts"]),
     ("MSGS/S t/d/dp/dl", 20, lambda c: _rates(c["msgs_per_s"])),
@@ -58,12 +58,38 @@ def _notes(children) -> list:
             notes.append(f"  {child['name']}: not connected to the exchange")
         if child.get("held"):
             notes.append(f"  {child['name']}: * holding rows for rotation {child['held']}")
+        if (child.get("tor") or {}).get("warning") and child["kind"] == "collector":
+            notes.append(f"  {child['name']}: * {child['tor']['warning']}")
     return notes
 
 
 def _row(cells) -> str:
     return " ".join(str(cell).ljust(width)[:width] if i < len(COLUMNS) - 1 else str(cell)
                     for i, (cell, (_h, width, _f)) in enumerate(zip(cells, COLUMNS))).rstrip()
+
+
+def _state(child: dict) -> str:
+    tor = child.get("tor") or {}
+    if child["kind"] == "tor" and child["state"] == "running" and not tor.get("bootstrapped"):
+        return f"boot {tor.get('bootstrap_progress', 0)}%"
+    return child["state"] + ("*" if child.get("held") or tor.get("warning") else "")
+
+
+def ip_separation(status: dict):
+    """The old ./iptest block from a status answer -> (ok, lines)."""
+    collectors = [c for c in status["children"] if c["kind"] == "collector"]
+    lines = ["IP SEPARATION VERIFICATION", "=" * 26]
+    for c in collectors:
+        lines.append(f"{c['name']:<16} {c['symbol']:<14} exit IP: {c['exit_ip'] or 'unknown'}")
+    ips = [c["exit_ip"] for c in collectors]
+    unique = len(set(ip for ip in ips if ip))
+    if ips and all(ips) and unique == len(ips):
+        lines.append(f"✅ IP Separation Success: {unique} unique IPs detected")
+        return True, lines
+    unknown = sum(1 for ip in ips if not ip)
+    lines.append(f"❌ IP Separation Failure: {unique} unique IPs for {len(ips)} collectors"
+                 + (f" ({unknown} not known yet)" if unknown else ""))
+    return False, lines
 
 
 def _duration(seconds) -> str:

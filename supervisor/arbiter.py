@@ -9,12 +9,16 @@ import os
 import signal
 import time
 
+from urllib.parse import urlsplit
+
 import psutil
 
 from bus import sockets
 from mexc import config as configuration, schema, __version__
 from mexc.clickhouse_server import ClickHouseStartError, ManagedClickHouse
 from supervisor import sdnotify
+from supervisor.exits import ExitGuard
+from supervisor.tor import TorProcess
 from supervisor.children import (Child, Forked, Subprocess, collector_main, exporter_main,
                                  prepare_fork)
 
@@ -67,6 +71,9 @@ class Arbiter:
         self.usage = {}  # pid -> psutil.Process, kept so cpu_percent measures between calls
         self.notifier = sdnotify.Notifier.from_environment()  # children must not inherit it
         self.clickhouse_checked = (float("-inf"), False)  # (when, reachable)
+        url = urlsplit(config.exchange["url"])
+        self.exits = ExitGuard(config.tor, url.port or (443 if url.scheme == "wss" else 80))
+        self.tor_ports = {}  # symbol name -> (socks, control), kept across tor restarts
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -101,9 +108,6 @@ class Arbiter:
         exporter.start(time.monotonic())
 
     def _check_startable(self) -> None:
-        if self.config.tor["enabled"]:
-            raise RunError(f"{self.config.path}: tor.enabled: this version of mexc cannot run "
-                           "Tor yet; set [tor] enabled = false to connect directly", code=78)
         os.makedirs(self.config.paths["state_dir"], exist_ok=True)
 
     def _take_lock(self) -> None:
@@ -158,12 +162,34 @@ class Arbiter:
 
     def _add_collector(self, symbol) -> None:
         config, parent = self.config, os.getpid()
+        tor = self._add_tor(symbol) if config.tor["enabled"] else None
+        socks_port = self.tor_ports[symbol.name][0] if tor else None
         child = Child(f"collector-{symbol.name}", "collector",
                       lambda: Forked(f"collector-{symbol.name}", collector_main,
-                                     (config, symbol.symbol, parent)),
+                                     (config, symbol.symbol, parent, socks_port)),
                       self.config.supervisor, symbol=symbol.symbol)
         self.children[child.name] = child
+        if tor is None:
+            child.start(time.monotonic())
+        else:  # started by the ExitGuard once its tor has bootstrapped
+            self.exits.add(tor, child)
+
+    def _add_tor(self, symbol) -> Child:
+        tor_config, index = self.config.tor, len(self.tor_ports)
+        if symbol.name not in self.tor_ports:
+            self.tor_ports[symbol.name] = (
+                tor_config["socks_port_base"] + index if tor_config["socks_port_base"] else 0,
+                tor_config["control_port_base"] + index if tor_config["control_port_base"] else 0)
+        socks, control = self.tor_ports[symbol.name]
+        directory = os.path.join(self.config.paths["state_dir"], "tor", symbol.name)
+        process = TorProcess(directory, symbol.name, socks, control, tor_config["binary"],
+                             tor_config["torrc_extra"])
+        self.tor_ports[symbol.name] = (process.socks_port, process.control_port)
+        child = Child(f"tor-{symbol.name}", "tor", lambda: Subprocess(process, wait=False),
+                      self.config.supervisor, symbol=symbol.symbol, heartbeats=False)
+        self.children[child.name] = child
         child.start(time.monotonic())
+        return child
 
     def _loop(self) -> None:
         watchdog = self.notifier.watchdog_interval
@@ -179,6 +205,7 @@ class Arbiter:
                 if not child.wanted and child.state == "stopped":
                     del self.children[child.name]  # removed by a reload, now gone
             self._rotation_tick(now)
+            self.exits.tick(now)
             if self.reload_requested:
                 self.reload_requested = False
                 self._reload()
@@ -331,6 +358,10 @@ class Arbiter:
             if child.name not in wanted:
                 log.info("reload: %s removed from the config; stopping it", child.symbol)
                 child.stop(time.monotonic(), STOP_TIMEOUT)
+                tor = self.children.get("tor-" + child.name.split("-", 1)[1])
+                if tor is not None:
+                    tor.stop(time.monotonic(), STOP_TIMEOUTS["tor"])
+                self.exits.remove(child.name)
         running = {c.name for c in self._collectors()}
         for name, symbol in wanted.items():
             if name not in running:
@@ -364,6 +395,11 @@ class Arbiter:
         for child in self.children.values():
             entry = child.describe(now)
             entry.update(rss_bytes=None, cpu_percent=None)
+            slot = self.exits.slots.get(child.name if child.kind == "collector"
+                                        else "collector-" + child.name.split("-", 1)[-1])
+            if slot is not None and child.kind in ("collector", "tor"):
+                entry["exit_ip"] = slot.exit_ip
+                entry["tor"] = slot.describe()
             if entry["pid"]:
                 try:
                     proc = self.usage.setdefault(entry["pid"], psutil.Process(entry["pid"]))

@@ -39,13 +39,14 @@ def _become_child(tag: str, level: str, parent_pid: int) -> None:
     logging_setup.setup(tag, level)
 
 
-def collector_main(config, symbol, parent_pid: int) -> None:
-    """Body of a forked collector process."""
+def collector_main(config, symbol, parent_pid: int, socks_port: Optional[int]) -> None:
+    """Body of a forked collector process; with Tor, it connects through its tor's SocksPort."""
     name = config.symbol(symbol).name
     _become_child(f"collector[{name}]", config.log["level"], parent_pid)
     bus = ChildBus(config.paths["runtime_dir"])
+    socks_proxy = ("127.0.0.1", socks_port) if socks_port else None
     try:
-        code = Collector(config, symbol, bus=bus).run()
+        code = Collector(config, symbol, socks_proxy=socks_proxy, bus=bus).run()
     finally:
         bus.close()
     os._exit(code)
@@ -118,7 +119,7 @@ class Child:
         self.sup = sup
         self.heartbeats = heartbeats
         self.process = None
-        self.state = "stopped"
+        self.state = "waiting"  # until start(): a collector waits for its tor to bootstrap
         self.restarts = 0
         self.started_at = None
         self.delay = sup["restart_min"]
@@ -210,7 +211,7 @@ class Child:
         if self.state == "running":
             self.process.signal(signal.SIGTERM)
             self.state, self.kill_deadline = "stopping", now + timeout
-        elif self.state == "backoff":
+        elif self.state in ("backoff", "waiting"):
             self.state = "stopped"
 
     def describe(self, now: float) -> dict:

@@ -14,8 +14,10 @@ Nothing here ever talks to the public Tor network or leaves 127.0.0.0/8:
   tor exit when the process that started it dies;
 - `TorNetwork.assert_loopback_only()` maps each tor process's socket inodes
   (/proc/<pid>/fd) to /proc/<pid>/net/{tcp,tcp6,udp,udp6} and fails loudly on any peer (or
-  listener) outside 127.0.0.0/8; the fixture runs it once the network is up, and tests call it
-  again whenever they like.
+  listener) outside 127.0.0.0/8. A watcher thread runs the same check every 0.25 s for as
+  long as the network runs; on a violation it SIGKILLs every tor this network started at once
+  and records it, and `assert_loopback_only()` / `stop()` then raise. Tests call
+  `assert_loopback_only()` whenever they like (with extra pids, e.g. the daemon's own tors).
 
 Distinct exit addresses: on loopback Linux gives every connection to 127.0.0.0/8 the source
 address 127.0.0.1, and tor deliberately ignores OutboundBindAddress* for loopback
@@ -40,8 +42,8 @@ Layout: authority i listens on 127.0.1.(i+1), exit i on 127.0.2.(i+1), clients o
 ports are picked free at start. Authority (and relay) keys are cached in `key_cache_dir` when
 given (an empty or missing cache works, it is filled on the way).
 
-Bring-up is about timing: authorities vote on a 10 s schedule (the minimum tor allows on a
-testing network), shifted with `TestingV3AuthVotingStartOffset` so that the first vote comes a
+Bring-up is about timing: authorities vote on a 10 s schedule (about the minimum tor allows
+on a testing network), shifted with `TestingV3AuthVotingStartOffset` so that the first vote comes a
 couple of seconds after the exits have published their descriptors; the first consensus
 (valid-after = vote + 4 s) then already lists them. `start()` returns once every authority
 serves a consensus listing every exit as Running, Valid and Exit.
@@ -61,23 +63,31 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
 TOR = shutil.which("tor") or "/usr/bin/tor"
 TOR_GENCERT = shutil.which("tor-gencert") or "/usr/bin/tor-gencert"
 
-# Voting schedule (seconds). 10 is the smallest interval tor accepts with TestingTorNetwork;
-# vote and distribution delays of 2 are the smallest too.
+# Voting schedule (seconds). Vote and distribution delays of 2 are the smallest tor accepts
+# with TestingTorNetwork, and their sum must be under half the interval: 10 is about the
+# smallest interval.
 VOTING_INTERVAL = 10
 VOTE_DELAY = 2
 DIST_DELAY = 2
+# After the first consensus: a slower schedule and longer validity, so that a network kept up
+# for minutes on a busy machine churns less and never lets its consensus expire.
+LATER_VOTING_INTERVAL = 20
+INTERVALS_VALID = 3
 # Seconds between starting the relays and the authorities' first vote: the exits must have
 # uploaded their descriptors by then (they do within ~1 s of starting).
 FIRST_VOTE_LEAD = 2.5
 
 KEY_CACHE_VERSION = "v1"
+AUTHORITY_CERT_MONTHS = 24
+WATCH_INTERVAL = 0.25
 
 SHIM_C = r"""
 #define _GNU_SOURCE
@@ -241,10 +251,10 @@ def process_sockets(pid: int) -> List[ProcSocket]:
     return found
 
 
-def loopback_violations(pids: Iterable[int]) -> List[str]:
+def loopback_violations(pids: Iterable[int], sockets_of=process_sockets) -> List[str]:
     problems = []
     for pid in pids:
-        for s in process_sockets(pid):
+        for s in sockets_of(pid):
             why = socket_problem(s)
             if why:
                 problems.append(f"pid {pid}: {why}")
@@ -275,11 +285,6 @@ def _run(argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
         raise TorNetworkError(f"{' '.join(argv)} failed ({p.returncode}):\n"
                               f"{p.stdout.decode(errors='replace')[-2000:]}")
     return p
-
-
-def _start_all(argvs_with_kw) -> List[subprocess.Popen]:
-    return [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
-            for argv, kw in argvs_with_kw]
 
 
 def _wait_all(procs: List[subprocess.Popen], what: str, timeout: float = 60) -> List[str]:
@@ -353,6 +358,7 @@ class TorClient:
             f"SocksPort 127.0.0.1:{socks_port}",
             f"ControlPort 127.0.0.1:{control_port}",
             "CookieAuthentication 1",
+            "WarnUnsafeSocks 0",                # we hand tor IP literals on purpose
             *network.common_lines(),
             *network.torrc_extra(),
             f"Log notice file {self.log_path}",
@@ -504,6 +510,10 @@ class TorNetwork:
         self.resolv_conf = os.path.join(self.workdir, "resolv.conf")
         self.timings = {}
         self.progress = []
+        self.violations: List[str] = []      # found by the watcher thread
+        self.sockets_of = process_sockets    # pid -> [ProcSocket]; replaceable in tests
+        self._watch_stop = threading.Event()
+        self._watcher: Optional[threading.Thread] = None
         for i in range(n_authorities):
             self.authorities.append(Relay("authority", f"auth{i}", f"127.0.1.{i + 1}", 0, 0,
                                           os.path.join(self.workdir, f"auth{i}")))
@@ -569,10 +579,10 @@ class TorNetwork:
                 f"TestingV3AuthInitialVotingInterval {VOTING_INTERVAL}",
                 f"TestingV3AuthInitialVoteDelay {VOTE_DELAY}",
                 f"TestingV3AuthInitialDistDelay {DIST_DELAY}",
-                f"V3AuthVotingInterval {VOTING_INTERVAL}",
+                f"V3AuthVotingInterval {LATER_VOTING_INTERVAL}",
                 f"V3AuthVoteDelay {VOTE_DELAY}",
                 f"V3AuthDistDelay {DIST_DELAY}",
-                "V3AuthNIntervalsValid 2",
+                f"V3AuthNIntervalsValid {INTERVALS_VALID}",
                 "TestingDirAuthVoteExit *",
                 "TestingDirAuthVoteGuard *",
                 "TestingDirAuthVoteHSDir *",
@@ -600,7 +610,7 @@ class TorNetwork:
     def _spawn_tor(self, torrc: str, env: Optional[dict], extra_args: Sequence[str] = ()):
         argv = [TOR, "--defaults-torrc", self.empty_defaults, "-f", torrc, *extra_args]
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+                             stderr=subprocess.DEVNULL, env=env)
         self._popens.append(p)
         return p
 
@@ -643,6 +653,20 @@ class TorNetwork:
             return None
         return os.path.join(self.key_cache_dir, KEY_CACHE_VERSION, r.nickname)
 
+    @staticmethod
+    def _cache_usable(r: Relay, cache: str) -> bool:
+        if not os.path.isfile(os.path.join(cache, "fingerprint")):
+            return False
+        if r.role != "authority":
+            return True
+        try:
+            with open(os.path.join(cache, "keys", "authority_certificate")) as f:
+                m = re.search(r"^dir-key-expires (\S+ \S+)", f.read(), re.M)
+            expires = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+        except (OSError, AttributeError, ValueError):
+            return False
+        return expires - time.time() > 30 * 86400      # regenerate a month before expiry
+
     def _prepare_keys(self) -> None:
         relays = self.authorities + self.exits
         todo_gencert, todo_fp = [], []
@@ -650,7 +674,7 @@ class TorNetwork:
             os.makedirs(os.path.join(r.datadir, "keys"), mode=0o700, exist_ok=True)
             os.chmod(r.datadir, 0o700)
             cache = self._cache_path(r)
-            if cache and os.path.isfile(os.path.join(cache, "fingerprint")):
+            if cache and self._cache_usable(r, cache):
                 shutil.rmtree(os.path.join(r.datadir, "keys"))
                 shutil.copytree(os.path.join(cache, "keys"), os.path.join(r.datadir, "keys"))
                 shutil.copy(os.path.join(cache, "fingerprint"), r.datadir)
@@ -663,7 +687,7 @@ class TorNetwork:
         for r in todo_gencert:
             k = os.path.join(r.datadir, "keys")
             procs.append(subprocess.Popen(
-                [TOR_GENCERT, "--create-identity-key", "-m", "24",
+                [TOR_GENCERT, "--create-identity-key", "-m", str(AUTHORITY_CERT_MONTHS),
                  "-i", f"{k}/authority_identity_key", "-s", f"{k}/authority_signing_key",
                  "-c", f"{k}/authority_certificate", "--passphrase-fd", "0"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
@@ -684,9 +708,11 @@ class TorNetwork:
             if cache:
                 tmp = f"{cache}.tmp{os.getpid()}"
                 shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(os.path.dirname(cache), exist_ok=True)
                 os.makedirs(tmp, mode=0o700)
                 shutil.copytree(os.path.join(r.datadir, "keys"), os.path.join(tmp, "keys"))
                 shutil.copy(os.path.join(r.datadir, "fingerprint"), tmp)
+                shutil.rmtree(cache, ignore_errors=True)      # stale (expiring) entry
                 try:
                     os.rename(tmp, cache)          # atomic; loses the race harmlessly
                 except OSError:
@@ -728,6 +754,9 @@ class TorNetwork:
                 env = {**os.environ, "LD_PRELOAD": self.shim_path,
                        "TOR_TEST_BIND_ADDR": r.address}
                 r.popen = self._spawn_tor(r.torrc, env)
+            self._watcher = threading.Thread(target=self._watch, name="tor-socket-watch",
+                                             daemon=True)
+            self._watcher.start()
             self._wait_consensus(timeout - (time.monotonic() - t0))
             self.timings["consensus"] = time.monotonic() - t0
             self.assert_loopback_only()
@@ -821,18 +850,37 @@ class TorNetwork:
             e.popen.wait(10)
         return e
 
+    def _watch(self) -> None:
+        """Check every tor's sockets until stop(); on a violation kill them all at once."""
+        while not self._watch_stop.wait(WATCH_INTERVAL):
+            problems = loopback_violations(self.pids(), self.sockets_of)
+            if problems:
+                self.violations += problems
+                for p in self._popens:
+                    if p.poll() is None:
+                        p.kill()
+                sys.stderr.write("tor_network: NON-LOOPBACK SOCKETS, killed the network:\n"
+                                 + "\n".join(problems) + "\n")
+                return
+
     def assert_loopback_only(self, extra_pids: Iterable[int] = ()) -> int:
-        """Fail unless every socket of every tor we started (and extra_pids) is loopback-only.
+        """Fail unless every socket of every tor we started (and extra_pids) is loopback-only,
+        now and at every check of the watcher so far.
 
         Returns how many sockets were checked (so a caller can see it checked something).
         """
         pids = self.pids() + list(extra_pids)
-        problems = loopback_violations(pids)
+        problems = self.violations + loopback_violations(pids, self.sockets_of)
         if problems:
             raise TorNetworkError("NON-LOOPBACK SOCKETS:\n" + "\n".join(problems))
-        return sum(len(process_sockets(p)) for p in pids)
+        return sum(len(self.sockets_of(p)) for p in pids)
 
     def stop(self) -> None:
+        """Stop every tor this network started (clients too); raise if the watcher ever
+        saw a non-loopback socket."""
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(5)
         for p in self._popens:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -843,6 +891,9 @@ class TorNetwork:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
+        if self.violations:
+            raise TorNetworkError("NON-LOOPBACK SOCKETS seen while the network ran:\n"
+                                  + "\n".join(self.violations))
 
     def __enter__(self) -> "TorNetwork":
         return self.start()

@@ -1,0 +1,650 @@
+"""Benchmark of the exporter: one hour of rows to Parquet (time, memory, size), and how long
+collectors hold their rows while the daemon rotates tables.
+
+Run from the repository root:
+
+    /tmp/venv/bin/python bench/exporter_bench.py [--rows N] [--rotation-seconds S] [--json]
+
+Everything listens on 127.0.0.1: a private ClickHouse in a temporary directory, the simulator
+CLI (`python -m mexc.simulator`) in a process of its own, and the daemon as users run it.
+
+Export.  N rows (default 1,000,000) of the live mix, made by the simulator's own frame
+generator (mexc/simulator.py): ~70% deals `price|volume|direction`, 25% depth rows with 20+20
+levels `[p,a],...|[p,a],...` (~670 chars), 5% ticker; ts spread evenly over the last complete
+UTC hour (plus 0-3 ms of jitter, so the rows are not exactly sorted), rts = ts + 2..12 ms.
+They go into btc_current in BATCH_ROWS-row columnar inserts (clickhouse-driver).  The table's
+size on disk is then the size of its data directory, <clickhouse>/data/data/<db>/btc_current/
+(system.parts knows nothing of StripeLog on 18.16).  Then ONE `Exporter(config).cycle()` runs
+in a spawned child process, with a fixed clock 61 s after the end of that hour: it rotates the
+table, writes, verifies and logs the hour's file and drops the previous table.  Figures:
+  - the cycle's wall time, measured in the child around cycle() (imports and start-up
+    excluded), broken down into phases by wrapping the exporter's steps with timers;
+  - the child's peak RSS: the larger of its ru_maxrss at the end and psutil samples taken by
+    the parent every RSS_POLL s (the child's RSS after its imports is shown too);
+  - the Parquet file's bytes against the ClickHouse table's bytes.
+
+Rotation pause.  The daemon (`mexc run --config X`, this checkout's code) with three symbols,
+tor off, clickhouse.managed = false (the private server), the simulator at --rate
+SIMULATOR_RATE frames/s per stream as exchange.url, and an accelerated event clock
+(export.clock_speed = 600 anchored now: an hour passes every 6 s; export.delay = 5).  Once
+every collector stores rows, it runs --rotation-seconds (default 60, ~10 rotations); the
+daemon's log (all children log to its stderr) then gives, per rotation and collector, how long
+the collector held its rows (`writing again: rotation=... ended after X.XXs`, 10 ms
+resolution), and per rotation the exporter's own swap time (`rotated ... in X.XXXs`).  At the
+end `mexc status --json --config X` must answer and show every child running, no restarts,
+ClickHouse reachable and no export errors.  Note: the simulator stamps rows with the wall
+clock, so every accelerated "hour" exports into the file of the real current hour (the late-row
+merge path: old file read back and rewritten), and the tables are small (seconds of data), so
+the swap here is cheaper than with a real hour's table -- the export part reports the rotation
+step for N rows as well.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import logging
+import math
+import multiprocessing
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # for tests.*; also in the spawned export child
+
+import psutil  # noqa: E402
+
+from bus import sockets  # noqa: E402
+from mexc import schema  # noqa: E402
+from mexc.clickhouse_server import ManagedClickHouse  # noqa: E402
+
+MEXC = os.path.join(os.path.dirname(sys.executable), "mexc")
+HOUR_MS = 3_600_000
+SYMBOL, NAME = "BTC_USDT", "btc"
+DAEMON_SYMBOLS = ["BTC_USDT", "ETH_USDT", "SOL_USDT"]
+ROW_MIX = (("d", 0.70), ("dp", 0.25), ("t", 0.05))
+BATCH_ROWS = 50_000
+RSS_POLL = 0.02
+SIMULATOR_RATE = 200.0  # frames/s per (symbol, channel) stream
+CLOCK_SPEED, EXPORT_DELAY = 600.0, 5.0
+FLOW_TIMEOUT = 90.0
+GOAL_EXPORT_S, GOAL_RSS_MIB, GOAL_HOLD_P99_MS = 2.0, 350.0, 200.0
+MIB = 1024 * 1024
+# Variables that would let the daemon talk to a systemd or journald outside this bench.
+FOREIGN_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "MEXC_CONFIG")
+
+# The steps of a cycle the export child times: key -> what the report calls it ("  " = a part
+# of the step above it).
+PHASES = {
+    "rotate": "rotate (swap + move back)",
+    "move_back": "  of which move back (INSERT SELECT)",
+    "fetch": "fetch: 6 slice SELECTs -> Arrow",
+    "to_table": "  of which Python lists -> Arrow",
+    "write_hour": "write_hour: sort, write, verify",
+    "write_table": "  of which pq.write_table (zstd)",
+    "verify": "  of which verify (read back)",
+    "sha256": "  of which sha256",
+}
+
+HOLD_LINE = re.compile(r"(collector\[\w+\]) writing again: rotation=(\S+) ended after ([\d.]+)s")
+ROTATED_LINE = re.compile(r" rotated (\S+) in ([\d.]+)s")
+TROUBLE_LINE = re.compile(r"Traceback|hold timed out|no hold from|no rotate_done|"
+                          r"export cycle incomplete")
+
+
+class BenchError(Exception):
+    pass
+
+
+def die_with_parent() -> None:
+    """Runs in a child before exec: SIGTERM it if this bench dies without cleaning up."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def percentile(ordered: list, q: float) -> float:
+    """Nearest rank."""
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+# --- the bench's world: ClickHouse, temp dir, configs ----------------------------------------
+
+class World:
+    def __init__(self, directory: str, clickhouse: ManagedClickHouse):
+        self.dir = directory
+        self.clickhouse = clickhouse
+
+    def ch_section(self, database: str) -> dict:
+        return {"host": "127.0.0.1", "port": self.clickhouse.port, "database": database,
+                "user": "default", "password": "", "managed": False}
+
+    def config_data(self, database: str, symbols: list, **sections) -> dict:
+        """A config (as parsed TOML) with its own database, export, state and runtime dirs."""
+        run_dir = os.path.join(self.dir, database)
+        os.makedirs(run_dir, exist_ok=True)
+        data = {
+            "symbols": symbols,
+            "clickhouse": self.ch_section(database),
+            "tor": {"enabled": False},
+            "export": {"dir": os.path.join(run_dir, "export")},
+            "paths": {"state_dir": os.path.join(run_dir, "state"),
+                      "runtime_dir": os.path.join(run_dir, "run")},
+            "log": {"level": "info"},
+        }
+        for section, values in sections.items():
+            data[section] = {**data.get(section, {}), **values}
+        return data
+
+    def write_config(self, data: dict) -> str:
+        from tests.conftest import toml_dump  # not at the top: it imports pytest, and the
+        # spawned export child imports this module
+        path = os.path.join(os.path.dirname(data["paths"]["state_dir"]), "mexc.toml")
+        with open(path, "w") as f:
+            f.write(toml_dump(data))
+        return path
+
+    def client(self, database: str = "default"):
+        return schema.connect(self.ch_section(database), database=False)
+
+    def table_bytes(self, database: str, table: str) -> int:
+        """Bytes of a table's data directory (StripeLog: data.bin, index.mrk, sizes.json)."""
+        path = os.path.join(self.clickhouse.directory, "data", "data", database, table)
+        if not os.path.isdir(path):
+            raise BenchError(f"no data directory for {database}.{table} at {path}")
+        return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
+# --- export: rows, the child process, the figures ---------------------------------------------
+
+def row_batches(n: int, hour_ms: int, seed: int = 1):
+    """n rows of the live mix over the hour from hour_ms, as columnar batches
+    (ts, mt, m, rts) of up to BATCH_ROWS rows.  Row texts come from the simulator's feed."""
+    from mexc.simulator import _Feed, _Sequences  # the generator behind every frame it sends
+
+    rng = random.Random(seed)
+    feed = _Feed(SYMBOL, seed, rng, _Sequences(lambda: 0))
+    makers = {"d": feed.deal_frame, "dp": lambda: feed.depth_frame(20), "t": feed.ticker_frame}
+    kinds, weights = zip(*ROW_MIX)
+    for start in range(0, n, BATCH_ROWS):
+        ts, mt, m, rts = [], [], [], []
+        for i in range(start, min(n, start + BATCH_ROWS)):
+            kind = rng.choices(kinds, weights)[0]
+            _ts, kind, text = makers[kind]()[1][0]
+            stamp = min(hour_ms + i * HOUR_MS // n + rng.randrange(4), hour_ms + HOUR_MS - 1)
+            ts.append(stamp)
+            mt.append(kind)
+            m.append(text)
+            rts.append(stamp + rng.randrange(2, 13))
+        yield ts, mt, m, rts
+
+
+def insert_hour(world: World, database: str, n: int, hour_ms: int) -> dict:
+    """The hour's rows into btc_current; the table's size on disk afterwards."""
+    schema.setup_db(world.ch_section(database), [NAME])
+    client = world.client(database)
+    sql = schema.insert_rows_sql(database, schema.current_table(NAME))
+    insert_s, mix = 0.0, {kind: 0 for kind, _w in ROW_MIX}
+    texts = 0
+    try:
+        for columns in row_batches(n, hour_ms):
+            started = time.perf_counter()
+            client.execute(sql, list(columns), columnar=True)
+            insert_s += time.perf_counter() - started
+            for kind in columns[1]:
+                mix[kind] += 1
+            texts += sum(len(text) for text in columns[2])
+        count = client.execute(f"SELECT count() FROM {database}.{schema.current_table(NAME)}")
+    finally:
+        client.disconnect()
+    if count[0][0] != n:
+        raise BenchError(f"{database}.btc_current has {count[0][0]} rows after the insert, "
+                         f"expected {n}")
+    return {"insert_s": insert_s, "mix": mix, "avg_text_bytes": texts / max(1, n),
+            "table_bytes": world.table_bytes(database, schema.current_table(NAME))}
+
+
+class FixedClock:
+    """The exporter's clock, stopped at one moment (tests' SetClock)."""
+
+    def __init__(self, now_ms: int):
+        self.now = now_ms
+
+    def now_ms(self) -> int:
+        return self.now
+
+    def wall_seconds_until(self, _event_ms: int) -> float:
+        return 0.0
+
+
+def timed(phases: dict, key: str, function):
+    """`function`, adding the seconds each call takes to phases[key]."""
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            phases[key] = phases.get(key, 0.0) + time.perf_counter() - started
+    return wrapper
+
+
+def export_child(config_data: dict, now_ms: int, pipe) -> None:
+    """Spawned process: one Exporter cycle; sends its result, wall time, phases and memory."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends this process
+    logging.basicConfig(level=logging.WARNING, format="export child: %(message)s")
+    from exporter import exporter as exporter_module, parquet_files
+    from mexc import config as configuration
+
+    config = configuration.parse(config_data, "bench")
+    phases = dict.fromkeys(PHASES, 0.0)
+    cls = exporter_module.Exporter
+    cls._rotate = timed(phases, "rotate", cls._rotate)
+    cls._move_back = timed(phases, "move_back", cls._move_back)
+    cls._fetch_hour = timed(phases, "fetch", cls._fetch_hour)
+    parquet_files.to_table = timed(phases, "to_table", parquet_files.to_table)
+    parquet_files.write_hour = timed(phases, "write_hour", parquet_files.write_hour)
+    parquet_files.pq.write_table = timed(phases, "write_table", parquet_files.pq.write_table)
+    parquet_files.verify = timed(phases, "verify", parquet_files.verify)
+    parquet_files.sha256 = timed(phases, "sha256", parquet_files.sha256)
+    exporter = cls(config, clock=FixedClock(now_ms))
+    baseline_rss = psutil.Process().memory_info().rss
+    pipe.send("ready")
+    pipe.recv()  # the parent's RSS sampler is running
+    started = time.perf_counter()
+    ok, files, error = exporter.cycle()
+    seconds = time.perf_counter() - started
+    exporter._disconnect()
+    pipe.send({"ok": ok, "files": files, "error": error, "seconds": seconds, "phases": phases,
+               "baseline_rss": baseline_rss,
+               "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+
+
+class RssSampler(threading.Thread):
+    """Peak RSS of one process, sampled every RSS_POLL s until stop()."""
+
+    def __init__(self, pid: int):
+        super().__init__(name="rss-sampler", daemon=True)
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(RSS_POLL):
+            try:
+                self.peak = max(self.peak, self.process.memory_info().rss)
+            except psutil.Error:
+                return
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+
+
+def run_export_child(config_data: dict, now_ms: int) -> dict:
+    context = multiprocessing.get_context("spawn")
+    pipe, child_end = context.Pipe()
+    process = context.Process(target=export_child, args=(config_data, now_ms, child_end),
+                              name="export-child", daemon=True)
+    process.start()
+    try:
+        receive(pipe, process, 120, "the export child to start")
+        sampler = RssSampler(process.pid)
+        sampler.start()
+        try:
+            pipe.send("go")
+            result = receive(pipe, process, 600, "the export cycle")
+        finally:
+            sampler.stop()
+        process.join(30)
+    finally:
+        if process.is_alive():
+            process.terminate()
+            process.join(5)
+    result["sampled_rss"] = sampler.peak
+    return result
+
+
+def receive(pipe, process, timeout: float, what: str):
+    try:
+        if pipe.poll(timeout):
+            return pipe.recv()
+    except EOFError:
+        pass
+    if not process.is_alive():
+        raise BenchError(f"the export child died (exit code {process.exitcode}) while "
+                         f"waiting for {what}")
+    raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def export_run(world: World, n: int) -> dict:
+    import pyarrow.parquet as pq
+
+    database = "bench_export"
+    hour = int(time.time() * 1000) // HOUR_MS * HOUR_MS - HOUR_MS  # the last complete hour
+    inserted = insert_hour(world, database, n, hour)
+    data = world.config_data(database, [SYMBOL])
+    result = run_export_child(data, hour + HOUR_MS + 61_000)
+    if not result["ok"] or len(result["files"]) != 1:
+        raise BenchError(f"export cycle failed: ok={result['ok']} files={result['files']} "
+                         f"error={result['error']}")
+    path = result["files"][0]
+    rows = pq.read_metadata(path).num_rows
+    if rows != n:
+        raise BenchError(f"{path} has {rows} rows, expected {n}")
+    return {**inserted, "rows": n, "file": os.path.basename(path),
+            "file_bytes": os.path.getsize(path), "cycle_s": result["seconds"],
+            "phases": result["phases"], "baseline_rss": result["baseline_rss"],
+            "peak_rss": max(result["maxrss"], result["sampled_rss"]),
+            "maxrss": result["maxrss"], "sampled_rss": result["sampled_rss"]}
+
+
+# --- rotation pause: the daemon with an accelerated clock -------------------------------------
+
+def start_simulator(rate: float) -> tuple[subprocess.Popen, str]:
+    """The simulator CLI; --rate is frames/s per subscribed stream (3 per collector)."""
+    popen = subprocess.Popen([sys.executable, "-m", "mexc.simulator", "--port", "0",
+                              "--rate", str(rate)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, text=True, preexec_fn=die_with_parent)
+    line = popen.stdout.readline()
+    if not line.startswith("LISTENING "):
+        popen.kill()
+        popen.wait()
+        raise BenchError(f"simulator did not start: {line!r}")
+    return popen, line.split()[1]
+
+
+def stop_simulator(popen: subprocess.Popen) -> None:
+    popen.terminate()
+    try:
+        popen.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.communicate()
+
+
+class Daemon:
+    """`mexc run` on a config; stdout and stderr (its children's too) in daemon.log."""
+
+    def __init__(self, config: str, runtime_dir: str, n_collectors: int):
+        self.config, self.runtime_dir, self.n = config, runtime_dir, n_collectors
+        self.log_path = os.path.join(os.path.dirname(config), "daemon.log")
+        env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV}
+        # This checkout's code, also packages the editable install does not list (yet).
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+        self.env = env
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen([MEXC, "run", "--config", config], stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          env=env, preexec_fn=die_with_parent)
+        self.process = psutil.Process(self.popen.pid)
+        self.seen = {}  # pid -> psutil.Process of every child seen, to reap leftovers
+
+    def status(self):
+        """The status request's result, or None while nobody answers."""
+        try:
+            reply = sockets.request(self.runtime_dir, "status", timeout=3.0)
+        except sockets.NotRunning:
+            return None
+        return reply["result"] if reply["ok"] else None
+
+    def wait_flowing(self, timeout: float = FLOW_TIMEOUT) -> None:
+        """Until every collector runs, is connected and has stored rows."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            status = self.status()
+            if status is not None:
+                self.seen.update({p.pid: p for p in self.process.children()})
+                collectors = [c for c in status["children"] if c["kind"] == "collector"]
+                if len(collectors) == self.n and all(
+                        c["state"] == "running" and c["connected"] and c["rows_written"]
+                        for c in collectors):
+                    return
+            time.sleep(0.2)
+        raise BenchError(f"collectors not all storing rows after {timeout:.0f}s:\n"
+                         f"{self.log_tail()}")
+
+    def status_cli(self) -> tuple[int, dict | None, str]:
+        """`mexc status --json --config X` as an operator runs it: (exit code, JSON, stderr)."""
+        done = subprocess.run([MEXC, "status", "--json", "--config", self.config],
+                              capture_output=True, text=True, timeout=30, env=self.env)
+        try:
+            return done.returncode, json.loads(done.stdout), done.stderr
+        except ValueError:
+            return done.returncode, None, done.stderr + done.stdout
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise BenchError(f"mexc run exited with code {self.popen.returncode}:\n"
+                             f"{self.log_tail()}")
+
+    def log_size(self) -> int:
+        return os.path.getsize(self.log_path)
+
+    def log_text(self, offset: int = 0) -> str:
+        with open(self.log_path, errors="replace") as f:
+            f.seek(offset)
+            return f.read()
+
+    def log_tail(self, lines: int = 15) -> str:
+        return "".join(self.log_text().splitlines(True)[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM and wait (the daemon promises 15 s); SIGKILL after 20; then any child left."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                self.seen.update({p.pid: p for p in self.process.children()})
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        for child in self.seen.values():  # psutil checks the pid was not reused
+            with contextlib.suppress(psutil.Error):
+                if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+                    child.kill()
+
+
+def healthy(code: int, status: dict | None) -> tuple[bool, str]:
+    """The status answer of a daemon that is fine: every child running, never restarted,
+    ClickHouse reachable, no export errors."""
+    if code != 0 or status is None:
+        return False, f"mexc status exited with {code}"
+    problems = [f"{c['name']} {c['state']} restarts={c['restarts']}" for c in status["children"]
+                if c["state"] != "running" or c["restarts"]]
+    supervisor = status["supervisor"]
+    if not supervisor["clickhouse"]["reachable"]:
+        problems.append("clickhouse not reachable")
+    errors = (supervisor.get("export") or {}).get("errors")
+    if errors:
+        problems.append(f"exporter errors={errors}: {supervisor['export'].get('last_error')}")
+    if problems:
+        return False, "; ".join(problems)
+    kinds = sorted(c["kind"] for c in status["children"])
+    return True, f"{len(kinds)} children running ({', '.join(kinds)}), no restarts, no errors"
+
+
+def rotation_run(world: World, seconds: float, stack: contextlib.ExitStack) -> dict:
+    simulator, url = start_simulator(SIMULATOR_RATE)
+    stack.callback(stop_simulator, simulator)
+    data = world.config_data(
+        "bench_rotation", DAEMON_SYMBOLS,
+        exchange={"url": url, "reconnect_min": 0.2, "reconnect_max": 2.0},
+        export={"clock_speed": CLOCK_SPEED, "clock_anchor_ms": int(time.time() * 1000),
+                "delay": EXPORT_DELAY})
+    daemon = Daemon(world.write_config(data), data["paths"]["runtime_dir"], len(DAEMON_SYMBOLS))
+    stack.callback(daemon.stop)
+    daemon.wait_flowing()
+    offset = daemon.log_size()
+    time.sleep(seconds)
+    daemon.check_alive()
+    code, status, stderr = daemon.status_cli()
+    ok, health = healthy(code, status)
+    if not ok and stderr:
+        health += f" ({stderr.strip()})"
+    text = daemon.log_text(offset)
+    return {**rotation_figures(text), "seconds": seconds, "healthy": ok, "health": health,
+            "exported_files": len(os.listdir(data["export"]["dir"]))
+            if os.path.isdir(data["export"]["dir"]) else 0}
+
+
+def rotation_figures(log_text: str) -> dict:
+    holds = [(who, rotation, float(s)) for who, rotation, s in HOLD_LINE.findall(log_text)]
+    swaps = sorted(float(s) for _names, s in ROTATED_LINE.findall(log_text))
+    if not holds:
+        raise BenchError("no collector logged the end of a hold (`writing again: rotation=`)")
+    ms = sorted(s * 1000 for _who, _r, s in holds)
+    rotations = {rotation for _who, rotation, _s in holds}
+    return {
+        "rotations": len(rotations), "exporter_rotations": len(swaps), "holds": len(holds),
+        "hold_p50_ms": percentile(ms, 0.50), "hold_p99_ms": percentile(ms, 0.99),
+        "hold_max_ms": ms[-1],
+        "swap_p50_ms": percentile(swaps, 0.50) * 1000 if swaps else None,
+        "swap_max_ms": swaps[-1] * 1000 if swaps else None,
+        "trouble_lines": [line for line in log_text.splitlines() if TROUBLE_LINE.search(line)],
+    }
+
+
+# --- report ----------------------------------------------------------------------------------
+
+def machine_info(world: World) -> dict:
+    import clickhouse_driver
+    import pyarrow
+
+    client = world.client()
+    try:
+        clickhouse_version = client.execute("SELECT version()")[0][0]
+    finally:
+        client.disconnect()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.machine())
+    return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu,
+            "memory_gib": psutil.virtual_memory().total / 1024 ** 3,
+            "python": platform.python_version(), "clickhouse": clickhouse_version,
+            "pyarrow": pyarrow.__version__, "clickhouse_driver": clickhouse_driver.__version__}
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def report_rows(e: dict, r: dict) -> list:
+    peak = e["peak_rss"] / MIB
+    return [
+        (f"export cycle, {e['rows']:,} rows, s", f"{e['cycle_s']:.2f}", f"< {GOAL_EXPORT_S:g}",
+         verdict(e["cycle_s"] < GOAL_EXPORT_S)),
+        ("export child peak RSS, MiB", f"{peak:.0f}", f"< {GOAL_RSS_MIB:.0f}",
+         verdict(peak < GOAL_RSS_MIB)),
+        ("export child RSS before the cycle, MiB", f"{e['baseline_rss'] / MIB:.0f}", "", ""),
+        ("ClickHouse table on disk, MB", f"{e['table_bytes'] / 1e6:.1f}", "", ""),
+        ("Parquet file, MB", f"{e['file_bytes'] / 1e6:.1f}", "<= table",
+         verdict(e["file_bytes"] <= e["table_bytes"])),
+        ("collector hold per rotation p50, ms", f"{r['hold_p50_ms']:.0f}", "", ""),
+        ("collector hold per rotation p99, ms", f"{r['hold_p99_ms']:.0f}",
+         f"< {GOAL_HOLD_P99_MS:.0f}", verdict(r["hold_p99_ms"] < GOAL_HOLD_P99_MS)),
+        ("collector hold per rotation max, ms", f"{r['hold_max_ms']:.0f}", "", ""),
+        ("exporter swap (rotated ... in) p50, ms",
+         "-" if r["swap_p50_ms"] is None else f"{r['swap_p50_ms']:.1f}", "", ""),
+        ("exporter swap (rotated ... in) max, ms",
+         "-" if r["swap_max_ms"] is None else f"{r['swap_max_ms']:.1f}", "", ""),
+        ("daemon healthy at the end", "yes" if r["healthy"] else "no", "yes",
+         verdict(r["healthy"])),
+    ]
+
+
+def print_report(e: dict, r: dict, machine: dict) -> None:
+    print(f"machine: {machine['nproc']} CPUs ({machine['cpu']}), "
+          f"{machine['memory_gib']:.0f} GiB, Python {machine['python']}, ClickHouse "
+          f"{machine['clickhouse']}, pyarrow {machine['pyarrow']}, clickhouse-driver "
+          f"{machine['clickhouse_driver']}")
+    mix = ", ".join(f"{kind} {count / e['rows']:.0%}" for kind, count in e["mix"].items())
+    print(f"export: {e['rows']:,} rows ({mix}; {e['avg_text_bytes']:.0f} B average m) inserted "
+          f"in {e['insert_s']:.1f}s ({e['rows'] / e['insert_s']:,.0f} rows/s) -> {e['file']}")
+    print(f"  peak RSS: ru_maxrss {e['maxrss'] / MIB:.0f} MiB, sampled every "
+          f"{RSS_POLL * 1000:.0f} ms {e['sampled_rss'] / MIB:.0f} MiB")
+    print(f"  file / table: {e['file_bytes'] / e['table_bytes']:.2f}")
+    accounted = sum(s for k, s in e["phases"].items() if not PHASES[k].startswith(" "))
+    steps = [(PHASES[k], s) for k, s in e["phases"].items()]
+    for label, seconds in steps + [("rest (connect, EXISTS, DROP, state, log)",
+                                    e["cycle_s"] - accounted)]:
+        print(f"  {label:<40} {seconds:6.3f}s")
+    print(f"rotation: {r['seconds']:.0f} s of `mexc run` with {len(DAEMON_SYMBOLS)} collectors, "
+          f"simulator {SIMULATOR_RATE:g} frames/s per stream, clock x{CLOCK_SPEED:g}: "
+          f"{r['rotations']} rotations seen by collectors, {r['exporter_rotations']} by the "
+          f"exporter, {r['holds']} holds ({r['holds'] / max(1, r['rotations']):.1f} per "
+          f"rotation), {r['exported_files']} files")
+    print(f"  status at the end: {r['health']}")
+    for line in r["trouble_lines"][:10]:
+        print(f"  log: {line}")
+    print()
+    rows = report_rows(e, r)
+    width = max(len(row[0]) for row in rows)
+    print(f"{'figure':<{width}}  {'value':>8}  {'goal':<8}  result")
+    for name, value, goal, result in rows:
+        print(f"{name:<{width}}  {value:>8}  {goal:<8}  {result}".rstrip())
+
+
+# --- main ------------------------------------------------------------------------------------
+
+def run(args) -> int:
+    with contextlib.ExitStack() as stack:
+        directory = tempfile.mkdtemp(prefix="mexc-bench-")
+        stack.callback(shutil.rmtree, directory, ignore_errors=True)
+        clickhouse = ManagedClickHouse(os.path.join(directory, "clickhouse"))
+        stack.callback(clickhouse.stop)
+        clickhouse.start()
+        world = World(directory, clickhouse)
+        export = export_run(world, args.rows)
+        rotation = rotation_run(world, args.rotation_seconds, stack)
+        machine = machine_info(world)
+    print_report(export, rotation, machine)
+    if args.json:
+        export = {f"export_{k}": v for k, v in export.items()}
+        rotation = {f"rotation_{k}": v for k, v in rotation.items()}
+        print(json.dumps({"machine": machine, **export, **rotation}, sort_keys=True))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000,
+                        help="rows in the exported hour (default 1,000,000)")
+    parser.add_argument("--rotation-seconds", type=float, default=60.0,
+                        help="length of the daemon run (default 60: ~10 rotations)")
+    parser.add_argument("--json", action="store_true", help="also print one JSON object")
+    args = parser.parse_args(argv)
+    if args.rows < 1:
+        parser.error("--rows must be at least 1")
+    logging.getLogger("clickhouse_driver").setLevel(logging.ERROR)  # start-up probes
+    interrupted = threading.Event()
+
+    def on_sigint(_signum, _frame):
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        return run(args)
+    except BaseException as e:
+        # Ctrl-C reaches ClickHouse and the daemon too: whatever fails next is its echo.
+        if interrupted.is_set():
+            print("exporter_bench: interrupted", file=sys.stderr)
+            return 130
+        if isinstance(e, BenchError):
+            print(f"exporter_bench: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
