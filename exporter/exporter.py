@@ -26,7 +26,7 @@ from exporter.parquet_files import HOUR_MS
 
 log = logging.getLogger(__name__)
 
-SLICE_MS = HOUR_MS // 6  # rows are fetched in 10-minute slices: memory stays bounded
+ROW_GROUP_ROWS = 131_072  # rows per Parquet row group; the export streams one group at a time
 READY_TIMEOUT = 30.0
 RETRY_AFTER = 60.0  # seconds before a failed cycle (ClickHouse away, disk full) is tried again
 
@@ -186,20 +186,24 @@ class Exporter:
         rotation = self._hold_collectors()
         started = time.monotonic()
         boundary = hour_start(self.clock.now_ms())  # rows from here on: hour not over yet
-        try:
+        swapped = []
+        try:  # only the swaps happen while collectors hold their rows: keep this short
             for name in names:
-                state = SymbolState(self.state_dir, name)
-                state.save(phase="swapping", boundary=boundary, hours={})
+                SymbolState(self.state_dir, name).save(phase="swapping", boundary=boundary,
+                                                       hours={})
                 for sql in schema.swap_statements(self.db, name, self.features):
                     self.client.execute(sql)
-                self._move_back(name, boundary)
-                state.save(phase="exporting")
+                swapped.append(name)
         finally:
             if rotation is not None:
                 self.bus.send("rotate_done", name="exporter", rotation=rotation)
             pause = time.monotonic() - started
             self.stats["rotation_pause_s"] = round(pause, 3)
-            log.info("rotated %s in %.3fs (boundary %s)", ",".join(names), pause, _iso(boundary))
+            log.info("rotated %s in %.3fs (boundary %s)", ",".join(swapped), pause,
+                     _iso(boundary))
+        for name in swapped:  # the unfinished hour's rows go back; collectors write meanwhile
+            self._move_back(name, boundary)
+            SymbolState(self.state_dir, name).save(phase="exporting")
 
     def _hold_collectors(self) -> Optional[str]:
         """The bus handshake: ask for a rotation, wait until collectors hold their rows."""
@@ -220,9 +224,12 @@ class Exporter:
     def _move_back(self, name: str, boundary: int) -> None:
         """Rows of the hour that is not over go back into current (they belong to its file)."""
         db, q = schema.quote(self.db), schema.quote
-        self.client.execute(
-            f"INSERT INTO {db}.{q(schema.current_table(name))} SELECT * FROM "
-            f"{db}.{q(schema.previous_table(name))} WHERE {self.features.ts_ms()} >= {boundary}")
+        previous = f"{db}.{q(schema.previous_table(name))}"
+        if not self.client.execute(f"SELECT count() FROM {previous} "
+                                   f"WHERE {self.features.ts_ms()} >= {boundary}")[0][0]:
+            return
+        self.client.execute(f"INSERT INTO {db}.{q(schema.current_table(name))} SELECT * FROM "
+                            f"{previous} WHERE {self.features.ts_ms()} >= {boundary}")
 
     def _recover(self, name: str) -> None:
         """Finish what a crash interrupted: a swap half done, a move-back not done."""
@@ -298,15 +305,21 @@ class Exporter:
             return path
         current_sha = parquet_files.sha256(path) if os.path.exists(path) else None
         expected = entry["before_rows"] + rows
-        if current_sha == entry["before_sha"]:  # not written yet (or a crash before rename)
-            table = self._fetch_hour(symbol.name, hour)
-            if entry["before_rows"]:
-                table = parquet_files.pa.concat_tables([parquet_files.read(path), table])
-            if table.num_rows != expected:
-                raise parquet_files.VerifyError(f"{path}: read {table.num_rows} rows from "
-                                                f"ClickHouse and the old file, expected {expected}")
+        if current_sha == entry["before_sha"] and entry["before_rows"]:  # late rows: merge
+            table = parquet_files.pa.concat_tables(
+                [parquet_files.read(path), *self._hour_row_groups(symbol.name, hour)])
             current_sha = parquet_files.write_hour(path, table, symbol.symbol, hour,
                                                    self.export["file_mode"], self._group())
+        elif current_sha == entry["before_sha"]:  # not written yet (or a crash before rename)
+            hour_file = parquet_files.HourFile(path, symbol.symbol, hour, expected,
+                                               self.export["file_mode"], self._group())
+            try:
+                for table in self._hour_row_groups(symbol.name, hour):
+                    hour_file.write(table)
+            except BaseException:
+                hour_file.discard()
+                raise
+            current_sha = hour_file.commit()
         else:  # renamed into place by an attempt that died before logging it
             parquet_files.verify(path, expected, hour)
         self.client.execute(
@@ -319,19 +332,21 @@ class Exporter:
                  f" (merged {rows} late rows)" if entry["before_rows"] else "", current_sha[:12])
         return path
 
-    def _fetch_hour(self, name: str, hour: int):
-        """The hour's rows from previous, in ts order, as an Arrow table (fetched in slices)."""
+    def _hour_row_groups(self, name: str, hour: int):
+        """The hour's rows from previous in ts order, as Arrow tables of ROW_GROUP_ROWS rows,
+        streamed block by block: memory stays bounded however big the hour is."""
         ts, rts = self.features.ts_ms(), self.features.ts_ms("rts")
         table = f"{schema.quote(self.db)}.{schema.quote(schema.previous_table(name))}"
-        slices = []
-        for start in range(hour, hour + HOUR_MS, SLICE_MS):
-            columns = self.client.execute(
-                f"SELECT {ts}, toString(mt), m, {rts} FROM {table} WHERE {ts} >= {start} "
-                f"AND {ts} < {start + SLICE_MS} ORDER BY {ts}", columnar=True)
-            if columns:
-                slices.append(parquet_files.to_table(*columns))
-        return parquet_files.pa.concat_tables(slices) if slices else \
-            parquet_files.to_table([], [], [], [])
+        rows = []
+        for row in self.client.execute_iter(
+                f"SELECT {ts}, toString(mt), m, {rts} FROM {table} WHERE {ts} >= {hour} "
+                f"AND {ts} < {hour + HOUR_MS} ORDER BY {ts}", settings={"max_block_size": 65536}):
+            rows.append(row)
+            if len(rows) == ROW_GROUP_ROWS:
+                yield parquet_files.to_table(*zip(*rows))
+                rows = []
+        if rows:
+            yield parquet_files.to_table(*zip(*rows))
 
     # --- ClickHouse helpers ----------------------------------------------------------------
 

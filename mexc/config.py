@@ -3,6 +3,7 @@
 Every setting has a default here; the file only overrides.  A bad file raises ConfigError
 with one line naming the file, the key and the problem; the CLI turns it into exit code 78.
 """
+import grp
 import os
 import re
 from dataclasses import dataclass
@@ -238,6 +239,11 @@ def _check_values(s: dict, path: str) -> None:
     for key in ("socks_port_base", "control_port_base"):
         if not 0 <= s["tor"][key] < 65536 - 1000:
             bad(f"tor.{key}", "must be 0 (pick free ports) or a port number")
+    if s["export"]["group"]:
+        try:
+            grp.getgrnam(s["export"]["group"])
+        except KeyError:
+            bad("export.group", f"no group named {s['export']['group']!r} on this machine")
     if not 0 <= s["export"]["file_mode"] <= 0o777:
         bad("export.file_mode", "must be a file mode like 0o640")
     if s["export"]["delay"] < 0 or s["export"]["delay"] >= 3600:

@@ -6,6 +6,7 @@ One loop, no threads: wait up to TICK for bus messages, then look after every ch
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import time
 
@@ -109,6 +110,9 @@ class Arbiter:
 
     def _check_startable(self) -> None:
         os.makedirs(self.config.paths["state_dir"], exist_ok=True)
+        if self.config.tor["enabled"] and shutil.which(self.config.tor["binary"]) is None:
+            raise RunError(f"tor.enabled = true but {self.config.tor['binary']!r} is not "
+                           "installed: run ./setup (or apt-get install tor)")
 
     def _take_lock(self) -> None:
         sockets.prepare_runtime_dir(self.runtime_dir)

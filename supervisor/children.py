@@ -134,7 +134,15 @@ class Child:
         self.kill_deadline = None
 
     def start(self, now: float) -> None:
-        self.process = self.spawn()
+        """Start the process; a failure (a program missing, a disk full) is logged and
+        retried with the usual backoff, never fatal to the supervisor."""
+        try:
+            self.process = self.spawn()
+        except Exception as e:
+            log.error("%s failed to start: %s", self.name, e)
+            self.last_exit, self.started_at = f"start failed: {e}", now
+            self._schedule_restart(now)
+            return
         self.state, self.started_at = "running", now
         self.last_heartbeat = now  # grace: a fresh child has until heartbeat_timeout to report
         self.kill_deadline = None
@@ -163,11 +171,7 @@ class Child:
             self.kill_deadline = None
         if self.state == "backoff" and self.wanted and now >= self.next_start:
             self.restarts += 1
-            try:
-                self.start(now)
-            except Exception as e:
-                self.last_exit = f"start failed: {e}"
-                self._schedule_restart(now)
+            self.start(now)
 
     def _hung(self, now: float) -> bool:
         return now - self.last_heartbeat > self.sup["heartbeat_timeout"]

@@ -64,6 +64,7 @@ class ExitGuard:
     def _watch_bootstrap(self, slot: TorSlot, now: float) -> None:
         if slot.tor.state != "running":
             slot.bootstrapped, slot.progress, slot.exit_ip = False, 0, None
+            slot.separations = 0  # a new tor gets new tries
             return
         if slot.bootstrapped or now < slot.next_check:
             return
@@ -74,7 +75,7 @@ class ExitGuard:
         except (OSError, TorError):
             pass  # not listening yet
         if slot.progress == 100:
-            slot.bootstrapped = True
+            slot.bootstrapped, slot.warning = True, None
             log.info("tor[%s] bootstrapped in %.1fs", slot.collector.name.split("-", 1)[1],
                      now - slot.tor.started_at)
             if slot.collector.state == "waiting" and slot.collector.wanted:
@@ -120,9 +121,10 @@ class ExitGuard:
     def _new_exit(self, slot: TorSlot, ip: str, keeper: TorSlot, now: float) -> None:
         if slot.separations >= self.config["separation_retries"]:
             if slot.warning is None or not slot.warning.startswith("shares"):
-                log.error("%s still shares exit %s with %s after %d new circuits; giving it "
-                          "more time, check the Tor network", slot.collector.name, ip,
-                          keeper.collector.name, slot.separations)
+                log.error("%s still shares exit %s with %s after %d new circuits; no more "
+                          "tries until its tor restarts (mexc restart tor-%s); check the Tor "
+                          "network", slot.collector.name, ip, keeper.collector.name,
+                          slot.separations, slot.collector.name.split("-", 1)[1])
             slot.warning = f"shares exit {ip} with {keeper.collector.name}"
             return
         others = sorted({s.exit_fingerprint for s in self.slots.values()

@@ -33,7 +33,8 @@ class TorError(RuntimeError):
 class TorControl:
     """A control-port connection: AUTHENTICATE with the cookie, then commands."""
 
-    def __init__(self, port: int, cookie_path: str, timeout: float = 5.0):
+    def __init__(self, port: int, cookie_path: str, timeout: float = 1.0):
+        # a short timeout: the supervisor's loop (and systemd's watchdog) waits on it
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.buffer = b""
         with open(cookie_path, "rb") as f:

@@ -128,16 +128,16 @@ def test_file_format_for_pandas_polars_duckdb_readers(env):
 def test_crash_after_the_file_before_dropping_previous(env, monkeypatch):
     sent = rows_for(H - HOUR_MS, 40, "a") + rows_for(H, 4, "b")
     insert(env, sent)
-    real_write = parquet_files.write_hour
+    real_commit = parquet_files.HourFile.commit
 
-    def write_then_die(*args, **kwargs):
-        real_write(*args, **kwargs)
+    def commit_then_die(self):
+        real_commit(self)
         raise SystemExit("killed after the rename")
-    monkeypatch.setattr(parquet_files, "write_hour", write_then_die)
+    monkeypatch.setattr(parquet_files.HourFile, "commit", commit_then_die)
     with pytest.raises(SystemExit):
         Exporter(make_config(env), clock=SetClock(H + 61_000)).cycle()
     assert env.count("btc_previous") == 44  # nothing dropped (its 4 new rows are copied back)
-    monkeypatch.setattr(parquet_files, "write_hour", real_write)
+    monkeypatch.undo()
     ok, files, _ = Exporter(make_config(env), clock=SetClock(H + 62_000)).cycle()
     assert ok and [os.path.basename(f) for f in files] == ["btc_20251123_2300.parquet"]
     assert pq.read_metadata(files[0]).num_rows == 40

@@ -303,3 +303,12 @@ def test_a_rotation_the_exporter_never_finishes_ends_by_itself(env, sim):
         bus.close()
     assert "no rotate_done from the exporter" in daemon.proc.log()
     wait_for(lambda: env.count("btc_current") > held_at + 20, 15, "rows written again")
+
+
+def test_tor_enabled_without_tor_installed_says_so(env, sim):
+    config = env.write_config(sim.url, tor={"enabled": True, "binary": "no-such-tor"})
+    result = subprocess.run([MEXC, "run", "--config", config], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 1
+    assert "'no-such-tor' is not installed: run ./setup" in result.stderr
+    assert "Traceback" not in result.stderr

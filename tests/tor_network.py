@@ -54,6 +54,7 @@ A client joins with `torrc_extra()`; see `TorClient` for reading which exit carr
 from __future__ import annotations
 
 import binascii
+import calendar
 import http.client
 import ipaddress
 import os
@@ -111,7 +112,8 @@ static int state = -1; /* -1 unknown, 0 disabled, 1 enabled */
 int connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
     if (!real_connect)
-        real_connect = (int (*)(int, const struct sockaddr *, socklen_t))dlsym(RTLD_NEXT, "connect");
+        real_connect = (int (*)(int, const struct sockaddr *, socklen_t))
+            dlsym(RTLD_NEXT, "connect");
     if (state < 0) {
         const char *s = getenv("TOR_TEST_BIND_ADDR");
         state = (s && inet_pton(AF_INET, s, &bind_addr) == 1) ? 1 : 0;
@@ -408,9 +410,9 @@ class ControlConnection:
 
     Which exit carries a stream: GETINFO stream-status gives "<stream id> <status> <circuit id>
     <target>"; GETINFO circuit-status gives "<circuit id> BUILT $FP~nick,$FP~nick,$FP~nick ...";
-    the last hop is the exit; GETINFO ns/id/<FP> gives its "r" line, whose 6th field is the
-    address. (stem: get_streams() -> circ_id, get_circuit(id).path[-1][0],
-    get_network_status(fp).address.)
+    the last hop is the exit; GETINFO ns/id/<FP> gives its "r" line
+    ("r nick identity digest date time ADDRESS orport dirport"). With stem: get_streams() ->
+    circ_id, get_circuit(circ_id).path[-1][0] -> fingerprint, get_network_status(fp).address.
     """
 
     def __init__(self, host: str, port: int, cookie_path: str, timeout: float = 10):
@@ -476,7 +478,7 @@ class ControlConnection:
         return out
 
     def exit_of_stream(self, target_port: int) -> tuple:
-        """(fingerprint, address) of the exit carrying this client's stream to port `target_port`."""
+        """(fingerprint, address) of the exit carrying this client's stream to `target_port`."""
         for line in self.getinfo("stream-status"):
             parts = line.split()
             if len(parts) >= 4 and parts[1] == "SUCCEEDED" and parts[3].endswith(f":{target_port}"):
@@ -512,6 +514,7 @@ class TorNetwork:
         self.progress = []
         self.violations: List[str] = []      # found by the watcher thread
         self.sockets_of = process_sockets    # pid -> [ProcSocket]; replaceable in tests
+        self.watched_pids: set = set()       # other processes' tors the watcher checks too
         self._watch_stop = threading.Event()
         self._watcher: Optional[threading.Thread] = None
         for i in range(n_authorities):
@@ -662,7 +665,7 @@ class TorNetwork:
         try:
             with open(os.path.join(cache, "keys", "authority_certificate")) as f:
                 m = re.search(r"^dir-key-expires (\S+ \S+)", f.read(), re.M)
-            expires = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+            expires = calendar.timegm(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
         except (OSError, AttributeError, ValueError):
             return False
         return expires - time.time() > 30 * 86400      # regenerate a month before expiry
@@ -850,10 +853,17 @@ class TorNetwork:
             e.popen.wait(10)
         return e
 
+    def watch(self, *pids: int) -> None:
+        """Have the watcher check these processes too (e.g. the tors a daemon under test
+        started). A violation there is recorded and kills this network's own tors; the
+        watched processes themselves are left to their owner."""
+        self.watched_pids.update(pids)
+
     def _watch(self) -> None:
-        """Check every tor's sockets until stop(); on a violation kill them all at once."""
+        """Check every tor's sockets until stop(); on a violation kill ours all at once."""
         while not self._watch_stop.wait(WATCH_INTERVAL):
-            problems = loopback_violations(self.pids(), self.sockets_of)
+            alive = [p for p in self.watched_pids if os.path.exists(f"/proc/{p}")]
+            problems = loopback_violations(self.pids() + alive, self.sockets_of)
             if problems:
                 self.violations += problems
                 for p in self._popens:
