@@ -87,12 +87,10 @@ FOREIGN_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM
 # The steps of a cycle the export child times: key -> what the report calls it ("  " = a part
 # of the step above it).
 PHASES = {
-    "rotate": "rotate (swap + move back)",
+    "rotate": "rotate (swaps, then move back)",
     "move_back": "  of which move back (INSERT SELECT)",
-    "fetch": "fetch: 6 slice SELECTs -> Arrow",
-    "to_table": "  of which Python lists -> Arrow",
-    "write_hour": "write_hour: sort, write, verify",
-    "write_table": "  of which pq.write_table (zstd)",
+    "commit": "stream, write and commit the file",
+    "to_table": "  of which rows -> Arrow",
     "verify": "  of which verify (read back)",
     "sha256": "  of which sha256",
 }
@@ -249,10 +247,8 @@ def export_child(config_data: dict, now_ms: int, pipe) -> None:
     cls = exporter_module.Exporter
     cls._rotate = timed(phases, "rotate", cls._rotate)
     cls._move_back = timed(phases, "move_back", cls._move_back)
-    cls._fetch_hour = timed(phases, "fetch", cls._fetch_hour)
+    cls._export_hour = timed(phases, "commit", cls._export_hour)
     parquet_files.to_table = timed(phases, "to_table", parquet_files.to_table)
-    parquet_files.write_hour = timed(phases, "write_hour", parquet_files.write_hour)
-    parquet_files.pq.write_table = timed(phases, "write_table", parquet_files.pq.write_table)
     parquet_files.verify = timed(phases, "verify", parquet_files.verify)
     parquet_files.sha256 = timed(phases, "sha256", parquet_files.sha256)
     exporter = cls(config, clock=FixedClock(now_ms))

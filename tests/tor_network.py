@@ -78,10 +78,9 @@ TOR_GENCERT = shutil.which("tor-gencert") or "/usr/bin/tor-gencert"
 VOTING_INTERVAL = 10
 VOTE_DELAY = 2
 DIST_DELAY = 2
-# After the first consensus: a slower schedule and longer validity, so that a network kept up
-# for minutes on a busy machine churns less and never lets its consensus expire.
-LATER_VOTING_INTERVAL = 20
-INTERVALS_VALID = 3
+# A consensus stays valid for 4 intervals (40 s), so a network kept up for minutes on a busy
+# machine survives a few failed voting rounds without its consensus expiring.
+INTERVALS_VALID = 4
 # Seconds between starting the relays and the authorities' first vote: the exits must have
 # uploaded their descriptors by then (they do within ~1 s of starting).
 FIRST_VOTE_LEAD = 2.5
@@ -582,7 +581,7 @@ class TorNetwork:
                 f"TestingV3AuthInitialVotingInterval {VOTING_INTERVAL}",
                 f"TestingV3AuthInitialVoteDelay {VOTE_DELAY}",
                 f"TestingV3AuthInitialDistDelay {DIST_DELAY}",
-                f"V3AuthVotingInterval {LATER_VOTING_INTERVAL}",
+                f"V3AuthVotingInterval {VOTING_INTERVAL}",
                 f"V3AuthVoteDelay {VOTE_DELAY}",
                 f"V3AuthDistDelay {DIST_DELAY}",
                 f"V3AuthNIntervalsValid {INTERVALS_VALID}",
