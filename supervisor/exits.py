@@ -28,6 +28,7 @@ class TorSlot:
         self.exit_fingerprint: Optional[str] = None
         self.exit_ip: Optional[str] = None
         self.separations = 0
+        self.stream_missing = 0  # exit checks in a row that found no stream for a connected collector
         self.warning: Optional[str] = None
 
     def describe(self) -> dict:
@@ -58,7 +59,7 @@ class ExitGuard:
             self._watch_bootstrap(slot, now)
         if now >= self.next_exit_check:
             self.next_exit_check = now + self.config["exit_check_interval"]
-            self._read_exits()
+            self._read_exits(now)
             self._separate(now)
 
     def _watch_bootstrap(self, slot: TorSlot, now: float) -> None:
@@ -87,7 +88,7 @@ class ExitGuard:
             slot.warning = f"bootstrap stuck at {slot.progress}%"
             slot.tor.process.signal(signal.SIGKILL)
 
-    def _read_exits(self) -> None:
+    def _read_exits(self, now: float) -> None:
         for slot in self.slots.values():
             if not (slot.bootstrapped and slot.collector.stats.get("connected")):
                 slot.exit_ip = slot.exit_fingerprint = None
@@ -99,10 +100,24 @@ class ExitGuard:
                 log.warning("%s: cannot read its exit: %s", slot.collector.name, e)
                 continue
             if found is None:
+                self._stream_gone(slot, now)
                 continue
+            slot.stream_missing = 0
             if found[1] != slot.exit_ip:
                 log.info("%s exits from %s (%s)", slot.collector.name, found[1], found[0][:8])
             slot.exit_fingerprint, slot.exit_ip = found
+
+    def _stream_gone(self, slot: TorSlot, now: float) -> None:
+        """The collector says it is connected but its tor carries no stream for it: the circuit
+        died (an exit relay went away).  Reconnect now instead of waiting for the collector's
+        dead-socket timeout."""
+        slot.stream_missing += 1
+        slot.exit_ip = slot.exit_fingerprint = None
+        if slot.stream_missing >= 2:
+            log.warning("%s: its tor has no open stream to the exchange (circuit gone); "
+                        "reconnecting", slot.collector.name)
+            slot.stream_missing = 0
+            slot.collector.restart_now(now)
 
     def _separate(self, now: float) -> None:
         by_ip = defaultdict(list)
