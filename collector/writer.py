@@ -208,7 +208,7 @@ class RowWriter:
             if self.table_rows is None:
                 self.table_rows = self._count(client)
             if self.unsure:
-                landed = self._landed(client, len(rows))
+                landed = self._landed(client, rows)
                 self.unsure = False
                 if landed:
                     self.table_rows += len(rows)
@@ -231,17 +231,28 @@ class RowWriter:
             raise InsertFailed(f"{type(e).__name__}: {_first_line(e)}") from None
         self.table_rows += len(rows)
 
-    def _landed(self, client, batch_rows: int) -> bool:
+    def _landed(self, client, rows: List[tuple]) -> bool:
+        """Did the unsure insert of `rows` land?  The row count answers when only we wrote;
+        when someone else changed the table too (the exporter moving rows back after a
+        rotation), look for the batch's first and last rows: a block lands whole or not."""
         count = self._count(client)
-        if count == self.table_rows + batch_rows:
-            log.info("unsure insert of %d rows had landed table=%s", batch_rows, self.table)
-            return True
-        if count != self.table_rows:
-            log.warning("cannot tell whether %d rows landed: table=%s has %d rows, expected %d "
-                        "or %d; someone else changed it; inserting them again", batch_rows,
-                        self.table, count, self.table_rows, self.table_rows + batch_rows)
-            self.table_rows = count
-        return False
+        if count in (self.table_rows, self.table_rows + len(rows)):
+            landed = count == self.table_rows + len(rows)
+        else:
+            landed = self._contains(client, rows[0]) and self._contains(client, rows[-1])
+            self.table_rows = count - (len(rows) if landed else 0)
+        log.info("unsure insert of %d rows %s table=%s", len(rows),
+                 "had landed" if landed else "had not landed: inserting again", self.table)
+        return landed
+
+    def _contains(self, client, row: tuple) -> bool:
+        """Is this exact row in the table?"""
+        ts, mt, m, rts = row
+        features = schema.detect(client, self.ch["database"])
+        sql = (f"SELECT count() FROM {schema.quote(self.ch['database'])}.{schema.quote(self.table)} "
+               f"WHERE {features.ts_ms()} = %(ts)s AND mt = %(mt)s AND m = %(m)s "
+               f"AND {features.ts_ms('rts')} = %(rts)s")
+        return client.execute(sql, {"ts": ts, "mt": mt, "m": m, "rts": rts})[0][0] > 0
 
     def _connected(self):
         if self.client is None:

@@ -1,0 +1,59 @@
+"""The writer's exactly-once rule for an insert that failed after sending (it may have landed),
+against a real ClickHouse: the batch is stored once whether or not it had landed, also when
+someone else (the exporter moving rows back) changed the table meanwhile."""
+import collections
+
+import pytest
+
+from collector.spool import Spool
+from collector.writer import RowWriter
+from mexc import schema
+from tests.conftest import wait_for
+
+
+def rows(tag, n=50):
+    return [(1_700_000_000_000 + i, "d", f"{tag}|{i}|1", 1_700_000_000_500 + i) for i in range(n)]
+
+
+@pytest.fixture
+def writer(env, tmp_path):
+    ch = env.ch_section()
+    schema.ensure_database(ch)
+    w = RowWriter(ch, "btc", Spool(str(tmp_path / "spool"), "btc"), max_buffered_rows=1000)
+    yield w
+    w.stop(grace=2.0)
+
+
+def insert_directly(env, batch):
+    client = env.client()
+    try:
+        client.execute(schema.insert_rows_sql(env.database, "btc_current"), batch)
+    finally:
+        client.disconnect()
+
+
+def stored(env):
+    return collections.Counter(env.query(f"SELECT ts, mt, m, rts FROM {env.database}.btc_current"))
+
+
+@pytest.mark.parametrize("landed", [True, False])
+@pytest.mark.parametrize("someone_else_wrote", [False, True])
+def test_unsure_insert_is_stored_exactly_once(env, writer, landed, someone_else_wrote):
+    writer.start()
+    first = rows("first")
+    writer.submit(first)
+    wait_for(lambda: writer.rows_written == len(first), 20, "the first batch stored")
+    batch = rows("unsure")
+    # The state after an insert that broke after sending: pending, unsure, count known before.
+    with writer.storing:
+        writer.pending, writer.unsure = batch, True
+        if landed:
+            insert_directly(env, batch)
+        if someone_else_wrote:
+            insert_directly(env, rows("moved-back", 7))
+    with writer.wakeup:
+        writer.wakeup.notify()
+    wait_for(lambda: writer.pending is None, 20, "the unsure batch resolved")
+    counts = stored(env)
+    assert all(counts[row] == 1 for row in batch), "the unsure batch is not stored exactly once"
+    assert sum(counts.values()) == len(first) + len(batch) + (7 if someone_else_wrote else 0)
