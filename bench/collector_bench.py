@@ -33,46 +33,28 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
-import json
-import logging
-import math
-import multiprocessing
 import os
-import platform
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # for tests.*; also in the spawned sender process
+# bench/ (this script's directory) is on sys.path; benchlib puts the repository root there too.
+import benchlib
+import websocket
 
-import psutil  # noqa: E402
-import websocket  # noqa: E402
-
-from collector import wire  # noqa: E402
-from mexc import schema  # noqa: E402
-from mexc.clickhouse_server import ManagedClickHouse  # noqa: E402
-from tests.conftest import toml_dump  # noqa: E402
-from mexc.simulator import MexcSimulator, live_mix_frames  # noqa: E402
+from benchlib import MEXC, MIB, BenchError, PeakMemory, percentile, verdict
+from collector import wire
+from mexc import schema
+from mexc.simulator import MexcSimulator, live_mix_frames
 
 SYMBOL, TABLE = "BTC_USDT", "btc_current"
-MEXC = os.path.join(os.path.dirname(sys.executable), "mexc")
 
 STEADY_FRAMES_PER_S = 1000
 COUNT_POLL = 0.05
 LATENCY_POLL = 0.005
 MEMORY_POLL = 0.1
 GOAL_RATIO, GOAL_P99_MS, GOAL_RSS_MIB = 0.5, 300.0, 60.0
-MIB = 1024 * 1024
-
-
-class BenchError(Exception):
-    pass
 
 
 # --- the frame sender (runs in its own process) ---------------------------------------------
@@ -83,7 +65,6 @@ def serve_frames(n_frames: int, pipe) -> None:
 
     Reports (port, rows, bytes) when listening, then per client the wall time its first frame
     was sent."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends this process
     data, rows = live_mix_frames(n_frames, SYMBOL)
     with MexcSimulator(rate=0) as simulator:
         pipe.send((simulator.port, rows, len(data)))
@@ -100,11 +81,7 @@ def serve_frames(n_frames: int, pipe) -> None:
 
 class FrameSender:
     def __init__(self, n_frames: int):
-        context = multiprocessing.get_context("spawn")
-        self.pipe, child_end = context.Pipe()
-        self.process = context.Process(target=serve_frames, args=(n_frames, child_end),
-                                       name="frame-sender", daemon=True)
-        self.process.start()
+        self.process, self.pipe = benchlib.spawn(serve_frames, n_frames, name="frame-sender")
         self.n_frames = n_frames
 
     def wait_ready(self) -> None:
@@ -116,130 +93,28 @@ class FrameSender:
         return self._receive(30, "the sender to report its send time")
 
     def _receive(self, timeout: float, what: str):
-        try:
-            if self.pipe.poll(timeout):
-                return self.pipe.recv()
-        except EOFError:
-            raise BenchError(f"the sender process died (exit code {self.process.exitcode}) "
-                             f"while waiting for {what}") from None
-        raise BenchError(f"timed out waiting for {what}")
+        return benchlib.receive(self.pipe, self.process, timeout, what, "the sender process")
 
     def stop(self) -> None:
         self.process.terminate()
         self.process.join(5)
 
 
-# --- processes under test --------------------------------------------------------------------
+# --- the bench's world: ClickHouse, temp dir, configs, the collector -------------------------
 
-class CollectorProcess:
-    def __init__(self, config: str, log_path: str):
-        self.log_path = log_path
-        with open(log_path, "wb") as log:
-            self.popen = subprocess.Popen([MEXC, "collect", "--config", config, "--symbol", SYMBOL],
-                                          stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL)
-        self.pid = self.popen.pid
-
-    def check_alive(self) -> None:
-        if self.popen.poll() is not None:
-            raise BenchError(f"collector exited with code {self.popen.returncode}:\n"
-                             f"{self.log_tail()}")
-
-    def log_tail(self, lines: int = 15) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
-def start_simulator(frames_per_s: float) -> tuple[subprocess.Popen, str]:
-    """The simulator CLI; its --rate is per stream, and a collector subscribes three."""
-    rate = frames_per_s / len(wire.CHANNELS)
-    popen = subprocess.Popen([sys.executable, "-m", "mexc.simulator", "--port", "0",
-                              "--rate", str(rate)], cwd=ROOT, stdout=subprocess.PIPE,
-                             stdin=subprocess.DEVNULL, text=True)
-    line = popen.stdout.readline()
-    if not line.startswith("LISTENING "):
-        popen.kill()
-        raise BenchError(f"simulator did not start: {line!r}")
-    return popen, line.split()[1]
-
-
-def stop_simulator(popen: subprocess.Popen) -> None:
-    popen.terminate()
-    try:
-        popen.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        popen.kill()
-        popen.communicate()
-
-
-class MemorySampler(threading.Thread):
-    """Peak RSS and USS of one process, sampled every MEMORY_POLL seconds until stop()."""
-
-    def __init__(self, pid: int):
-        super().__init__(name="memory-sampler", daemon=True)
-        self.process = psutil.Process(pid)
-        self.peak_rss = self.peak_uss = 0
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(MEMORY_POLL):
-            try:
-                info = self.process.memory_full_info()
-            except psutil.Error:
-                return
-            self.peak_rss = max(self.peak_rss, info.rss)
-            self.peak_uss = max(self.peak_uss, info.uss)
-
-    def stop(self) -> None:
-        self.done.set()
-        self.join()
-
-
-# --- the bench's world: ClickHouse, temp dir, configs ----------------------------------------
-
-class World:
-    def __init__(self, directory: str, clickhouse: ManagedClickHouse):
-        self.dir = directory
-        self.clickhouse = clickhouse
-
-    def ch_section(self, database: str) -> dict:
-        return {"host": "127.0.0.1", "port": self.clickhouse.port, "database": database,
-                "user": "default", "password": "", "managed": False}
-
+class World(benchlib.World):
     def new_database(self, database: str, url: str) -> str:
         """A fresh database with the collector's tables, and a config for it; returns its path."""
         schema.setup_db(self.ch_section(database), ["btc"])
-        run_dir = os.path.join(self.dir, database)
-        config = {
-            "symbols": [SYMBOL],
-            "exchange": {"url": url, "reconnect_min": 0.2, "reconnect_max": 2.0},
-            "clickhouse": self.ch_section(database),
-            "tor": {"enabled": False},
-            "export": {"dir": os.path.join(run_dir, "export")},
-            "paths": {"state_dir": os.path.join(run_dir, "state"),
-                      "runtime_dir": os.path.join(run_dir, "run")},
-            "log": {"level": "info"},
-        }
-        os.makedirs(run_dir)
-        path = os.path.join(run_dir, "mexc.toml")
-        with open(path, "w") as f:
-            f.write(toml_dump(config))
-        return path
+        return self.write_config(self.config_data(
+            database, [SYMBOL],
+            exchange={"url": url, "reconnect_min": 0.2, "reconnect_max": 2.0}))
 
-    def collector(self, config: str) -> CollectorProcess:
-        return CollectorProcess(config, os.path.join(os.path.dirname(config), "collector.log"))
-
-    def client(self, database: str):
-        return schema.connect(self.ch_section(database))
+    def collector(self, config: str) -> benchlib.LoggedProcess:
+        """`mexc collect --config <config> --symbol BTC_USDT`, its output in collector.log."""
+        return benchlib.LoggedProcess([MEXC, "collect", "--config", config, "--symbol", SYMBOL],
+                                      os.path.join(os.path.dirname(config), "collector.log"),
+                                      "collector", stop_timeout=15)
 
 
 # --- measurements ----------------------------------------------------------------------------
@@ -262,9 +137,9 @@ def ceiling_round(sender: FrameSender) -> float:
 def collector_round(world: World, sender: FrameSender, database: str) -> dict:
     """Frames/s and rows/s the collector stores, and its peak memory meanwhile."""
     collector = world.collector(world.new_database(database, sender.url))
-    memory = MemorySampler(collector.pid)
+    memory = PeakMemory(collector.pid, MEMORY_POLL, uss=True)
     memory.start()
-    client = world.client(database)
+    client = world.client()
     try:
         done, count = wait_for_count(client, database, sender.rows, collector,
                                      timeout=60 + sender.n_frames / 2000)
@@ -280,7 +155,7 @@ def collector_round(world: World, sender: FrameSender, database: str) -> dict:
             "peak_rss": memory.peak_rss, "peak_uss": memory.peak_uss}
 
 
-def wait_for_count(client, database: str, rows: int, collector: CollectorProcess,
+def wait_for_count(client, database: str, rows: int, collector: benchlib.LoggedProcess,
                    timeout: float) -> tuple[float, int]:
     """Poll count() every COUNT_POLL s until it reaches `rows`: (wall time asked, count)."""
     sql = f"SELECT count() FROM {database}.{TABLE}"
@@ -344,15 +219,17 @@ class LatencyPoller(threading.Thread):
 
 def latency_run(world: World, seconds: float, stack: contextlib.ExitStack) -> dict:
     """Latency percentiles and peak memory at STEADY_FRAMES_PER_S from the simulator CLI."""
-    simulator, url = start_simulator(STEADY_FRAMES_PER_S)
-    stack.callback(stop_simulator, simulator)
+    # The simulator's --rate is per stream, and a collector subscribes three.
+    simulator, url = benchlib.start_simulator(STEADY_FRAMES_PER_S / len(wire.CHANNELS))
+    stack.callback(benchlib.stop_simulator, simulator)
     database = "bench_latency"
     collector = world.collector(world.new_database(database, url))
     stack.callback(collector.stop)
-    client = world.client(database)
+    client = world.client()
     stack.callback(client.disconnect)
     wait_for_count(client, database, 1, collector, timeout=30)
-    memory, poller = MemorySampler(collector.pid), LatencyPoller(client, database)
+    memory = PeakMemory(collector.pid, MEMORY_POLL, uss=True)
+    poller = LatencyPoller(client, database)
     memory.start()
     poller.start()
     try:
@@ -369,25 +246,7 @@ def latency_run(world: World, seconds: float, stack: contextlib.ExitStack) -> di
             "max_ms": latencies[-1], "peak_rss": memory.peak_rss, "peak_uss": memory.peak_uss}
 
 
-def percentile(ordered: list, q: float) -> float:
-    """Nearest rank."""
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
 # --- report ----------------------------------------------------------------------------------
-
-def machine_info(world: World) -> dict:
-    client = world.client("default")
-    try:
-        clickhouse_version = client.execute("SELECT version()")[0][0]
-    finally:
-        client.disconnect()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.machine())
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu,
-            "python": platform.python_version(), "clickhouse": clickhouse_version,
-            "websocket_client": websocket.__version__}
-
 
 def figures(sender: FrameSender, ceilings: list, rounds: list, latency: dict) -> dict:
     ceiling = statistics.median(ceilings)
@@ -415,10 +274,6 @@ def figures(sender: FrameSender, ceilings: list, rounds: list, latency: dict) ->
     }
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
 def print_report(f: dict, machine: dict, latency_seconds: float) -> None:
     rows = [
         ("ceiling: bare websocket-client, frames/s", f"{f['ceiling_frames_per_s']:,.0f}", "", ""),
@@ -437,8 +292,7 @@ def print_report(f: dict, machine: dict, latency_seconds: float) -> None:
          f"< {GOAL_RSS_MIB:.0f}", verdict(f["steady_peak_rss_mib"] < GOAL_RSS_MIB)),
         ("peak USS at 1,000 frames/s, MiB", f"{f['steady_peak_uss_mib']:.1f}", "", ""),
     ]
-    print(f"machine: {machine['nproc']} CPUs ({machine['cpu']}), Python {machine['python']}, "
-          f"ClickHouse {machine['clickhouse']}, websocket-client {machine['websocket_client']}")
+    benchlib.print_machine(machine, "websocket_client")
     print(f"throughput: {f['frames']:,} frames ({f['avg_frame_bytes']:.0f} B average) -> "
           f"{f['rows']:,} rows, {len(f['rounds_ceiling_frames_per_s'])} alternating rounds, "
           f"medians")
@@ -449,24 +303,16 @@ def print_report(f: dict, machine: dict, latency_seconds: float) -> None:
     print(f"latency: {latency_seconds:.0f} s at ~{f['steady_frames_per_s_est']:,.0f} frames/s "
           f"({f['steady_rows_per_s']:,.0f} rows/s), {f['latency_rows']:,} rows measured")
     print()
-    width = max(len(r[0]) for r in rows)
-    print(f"{'figure':<{width}}  {'value':>10}  {'goal':<7}  result")
-    for name, value, goal, result in rows:
-        print(f"{name:<{width}}  {value:>10}  {goal:<7}  {result}".rstrip())
+    benchlib.print_table(rows, value_width=10, goal_width=7)
 
 
 # --- main ------------------------------------------------------------------------------------
 
 def run(args) -> int:
     with contextlib.ExitStack() as stack:
-        directory = tempfile.mkdtemp(prefix="mexc-bench-")
-        stack.callback(shutil.rmtree, directory, ignore_errors=True)
         sender = FrameSender(args.frames)  # encodes while ClickHouse starts
         stack.callback(sender.stop)
-        clickhouse = ManagedClickHouse(os.path.join(directory, "clickhouse"))
-        stack.callback(clickhouse.stop)
-        clickhouse.start()
-        world = World(directory, clickhouse)
+        world = World.start(stack, "mexc-bench-")
         sender.wait_ready()
 
         ceilings, rounds = [], []
@@ -476,10 +322,10 @@ def run(args) -> int:
         latency = latency_run(world, args.latency_seconds, stack)
 
         result = figures(sender, ceilings, rounds, latency)
-        machine = machine_info(world)
+        machine = benchlib.machine_info(world, websocket_client=websocket.__version__)
     print_report(result, machine, args.latency_seconds)
     if args.json:
-        print(json.dumps({"machine": machine, **result}, sort_keys=True))
+        benchlib.print_json(machine, result)
     return 0
 
 
@@ -491,27 +337,7 @@ def main(argv=None) -> int:
                         help="throughput rounds of each kind (default 3)")
     parser.add_argument("--latency-seconds", type=float, default=20.0,
                         help="length of the latency run (default 20)")
-    parser.add_argument("--json", action="store_true", help="also print one JSON object")
-    args = parser.parse_args(argv)
-    logging.getLogger("clickhouse_driver").setLevel(logging.ERROR)  # start-up probes
-    interrupted = threading.Event()
-
-    def on_sigint(_signum, _frame):
-        interrupted.set()
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, on_sigint)
-    try:
-        return run(args)
-    except BaseException as e:
-        # Ctrl-C reaches ClickHouse and the collector too: whatever fails next is its echo.
-        if interrupted.is_set():
-            print("collector_bench: interrupted", file=sys.stderr)
-            return 130
-        if isinstance(e, BenchError):
-            print(f"collector_bench: {e}", file=sys.stderr)
-            return 1
-        raise
+    return benchlib.main("collector_bench", run, benchlib.parse_args(parser, argv))
 
 
 if __name__ == "__main__":

@@ -42,34 +42,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import logging
-import math
-import multiprocessing
 import os
-import platform
 import random
 import re
 import resource
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # for tests.*; also in the spawned export child
+# bench/ (this script's directory) is on sys.path; benchlib puts the repository root there too.
+import benchlib
+import psutil
 
-import psutil  # noqa: E402
+from benchlib import MEXC, MIB, BenchError, PeakMemory, percentile, verdict
+from mexc import schema
 
-from bus import sockets  # noqa: E402
-from mexc import schema  # noqa: E402
-from mexc.clickhouse_server import ManagedClickHouse  # noqa: E402
-
-MEXC = os.path.join(os.path.dirname(sys.executable), "mexc")
 HOUR_MS = 3_600_000
 SYMBOL, NAME = "BTC_USDT", "btc"
 DAEMON_SYMBOLS = ["BTC_USDT", "ETH_USDT", "SOL_USDT"]
@@ -78,11 +67,7 @@ BATCH_ROWS = 50_000
 RSS_POLL = 0.02
 SIMULATOR_RATE = 200.0  # frames/s per (symbol, channel) stream
 CLOCK_SPEED, EXPORT_DELAY = 600.0, 5.0
-FLOW_TIMEOUT = 90.0
 GOAL_EXPORT_S, GOAL_RSS_MIB, GOAL_HOLD_P99_MS = 2.0, 350.0, 200.0
-MIB = 1024 * 1024
-# Variables that would let the daemon talk to a systemd or journald outside this bench.
-FOREIGN_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "MEXC_CONFIG")
 
 # The steps of a cycle the export child times: key -> what the report calls it ("  " = a part
 # of the step above it).
@@ -101,59 +86,9 @@ TROUBLE_LINE = re.compile(r"Traceback|hold timed out|no hold from|no rotate_done
                           r"export cycle incomplete")
 
 
-class BenchError(Exception):
-    pass
-
-
-def die_with_parent() -> None:
-    """Runs in a child before exec: SIGTERM it if this bench dies without cleaning up."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def percentile(ordered: list, q: float) -> float:
-    """Nearest rank."""
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
 # --- the bench's world: ClickHouse, temp dir, configs ----------------------------------------
 
-class World:
-    def __init__(self, directory: str, clickhouse: ManagedClickHouse):
-        self.dir = directory
-        self.clickhouse = clickhouse
-
-    def ch_section(self, database: str) -> dict:
-        return {"host": "127.0.0.1", "port": self.clickhouse.port, "database": database,
-                "user": "default", "password": "", "managed": False}
-
-    def config_data(self, database: str, symbols: list, **sections) -> dict:
-        """A config (as parsed TOML) with its own database, export, state and runtime dirs."""
-        run_dir = os.path.join(self.dir, database)
-        os.makedirs(run_dir, exist_ok=True)
-        data = {
-            "symbols": symbols,
-            "clickhouse": self.ch_section(database),
-            "tor": {"enabled": False},
-            "export": {"dir": os.path.join(run_dir, "export")},
-            "paths": {"state_dir": os.path.join(run_dir, "state"),
-                      "runtime_dir": os.path.join(run_dir, "run")},
-            "log": {"level": "info"},
-        }
-        for section, values in sections.items():
-            data[section] = {**data.get(section, {}), **values}
-        return data
-
-    def write_config(self, data: dict) -> str:
-        from tests.conftest import toml_dump  # not at the top: it imports pytest, and the
-        # spawned export child imports this module
-        path = os.path.join(os.path.dirname(data["paths"]["state_dir"]), "mexc.toml")
-        with open(path, "w") as f:
-            f.write(toml_dump(data))
-        return path
-
-    def client(self, database: str = "default"):
-        return schema.connect(self.ch_section(database), database=False)
-
+class World(benchlib.World):
     def table_bytes(self, database: str, table: str) -> int:
         """Bytes of a table's data directory (StripeLog: data.bin, index.mrk, sizes.json)."""
         path = os.path.join(self.clickhouse.directory, "data", "data", database, table)
@@ -189,7 +124,7 @@ def row_batches(n: int, hour_ms: int, seed: int = 1):
 def insert_hour(world: World, database: str, n: int, hour_ms: int) -> dict:
     """The hour's rows into btc_current; the table's size on disk afterwards."""
     schema.setup_db(world.ch_section(database), [NAME])
-    client = world.client(database)
+    client = world.client()
     sql = schema.insert_rows_sql(database, schema.current_table(NAME))
     insert_s, mix = 0.0, {kind: 0 for kind, _w in ROW_MIX}
     texts = 0
@@ -237,7 +172,6 @@ def timed(phases: dict, key: str, function):
 
 def export_child(config_data: dict, now_ms: int, pipe) -> None:
     """Spawned process: one Exporter cycle; sends its result, wall time, phases and memory."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends this process
     logging.basicConfig(level=logging.WARNING, format="export child: %(message)s")
     from exporter import exporter as exporter_module, parquet_files
     from mexc import config as configuration
@@ -264,36 +198,11 @@ def export_child(config_data: dict, now_ms: int, pipe) -> None:
                "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
 
 
-class RssSampler(threading.Thread):
-    """Peak RSS of one process, sampled every RSS_POLL s until stop()."""
-
-    def __init__(self, pid: int):
-        super().__init__(name="rss-sampler", daemon=True)
-        self.process = psutil.Process(pid)
-        self.peak = 0
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(RSS_POLL):
-            try:
-                self.peak = max(self.peak, self.process.memory_info().rss)
-            except psutil.Error:
-                return
-
-    def stop(self) -> None:
-        self.done.set()
-        self.join()
-
-
 def run_export_child(config_data: dict, now_ms: int) -> dict:
-    context = multiprocessing.get_context("spawn")
-    pipe, child_end = context.Pipe()
-    process = context.Process(target=export_child, args=(config_data, now_ms, child_end),
-                              name="export-child", daemon=True)
-    process.start()
+    process, pipe = benchlib.spawn(export_child, config_data, now_ms, name="export-child")
     try:
         receive(pipe, process, 120, "the export child to start")
-        sampler = RssSampler(process.pid)
+        sampler = PeakMemory(process.pid, RSS_POLL)
         sampler.start()
         try:
             pipe.send("go")
@@ -305,20 +214,12 @@ def run_export_child(config_data: dict, now_ms: int) -> dict:
         if process.is_alive():
             process.terminate()
             process.join(5)
-    result["sampled_rss"] = sampler.peak
+    result["sampled_rss"] = sampler.peak_rss
     return result
 
 
 def receive(pipe, process, timeout: float, what: str):
-    try:
-        if pipe.poll(timeout):
-            return pipe.recv()
-    except EOFError:
-        pass
-    if not process.is_alive():
-        raise BenchError(f"the export child died (exit code {process.exitcode}) while "
-                         f"waiting for {what}")
-    raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
+    return benchlib.receive(pipe, process, timeout, what, "the export child")
 
 
 def export_run(world: World, n: int) -> dict:
@@ -345,70 +246,7 @@ def export_run(world: World, n: int) -> dict:
 
 # --- rotation pause: the daemon with an accelerated clock -------------------------------------
 
-def start_simulator(rate: float) -> tuple[subprocess.Popen, str]:
-    """The simulator CLI; --rate is frames/s per subscribed stream (3 per collector)."""
-    popen = subprocess.Popen([sys.executable, "-m", "mexc.simulator", "--port", "0",
-                              "--rate", str(rate)], cwd=ROOT, stdout=subprocess.PIPE,
-                             stdin=subprocess.DEVNULL, text=True, preexec_fn=die_with_parent)
-    line = popen.stdout.readline()
-    if not line.startswith("LISTENING "):
-        popen.kill()
-        popen.wait()
-        raise BenchError(f"simulator did not start: {line!r}")
-    return popen, line.split()[1]
-
-
-def stop_simulator(popen: subprocess.Popen) -> None:
-    popen.terminate()
-    try:
-        popen.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        popen.kill()
-        popen.communicate()
-
-
-class Daemon:
-    """`mexc run` on a config; stdout and stderr (its children's too) in daemon.log."""
-
-    def __init__(self, config: str, runtime_dir: str, n_collectors: int):
-        self.config, self.runtime_dir, self.n = config, runtime_dir, n_collectors
-        self.log_path = os.path.join(os.path.dirname(config), "daemon.log")
-        env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV}
-        # This checkout's code, also packages the editable install does not list (yet).
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-        self.env = env
-        with open(self.log_path, "ab") as log:
-            self.popen = subprocess.Popen([MEXC, "run", "--config", config], stdout=log,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env=env, preexec_fn=die_with_parent)
-        self.process = psutil.Process(self.popen.pid)
-        self.seen = {}  # pid -> psutil.Process of every child seen, to reap leftovers
-
-    def status(self):
-        """The status request's result, or None while nobody answers."""
-        try:
-            reply = sockets.request(self.runtime_dir, "status", timeout=3.0)
-        except sockets.NotRunning:
-            return None
-        return reply["result"] if reply["ok"] else None
-
-    def wait_flowing(self, timeout: float = FLOW_TIMEOUT) -> None:
-        """Until every collector runs, is connected and has stored rows."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_alive()
-            status = self.status()
-            if status is not None:
-                self.seen.update({p.pid: p for p in self.process.children()})
-                collectors = [c for c in status["children"] if c["kind"] == "collector"]
-                if len(collectors) == self.n and all(
-                        c["state"] == "running" and c["connected"] and c["rows_written"]
-                        for c in collectors):
-                    return
-            time.sleep(0.2)
-        raise BenchError(f"collectors not all storing rows after {timeout:.0f}s:\n"
-                         f"{self.log_tail()}")
-
+class Daemon(benchlib.Daemon):
     def status_cli(self) -> tuple[int, dict | None, str]:
         """`mexc status --json --config X` as an operator runs it: (exit code, JSON, stderr)."""
         done = subprocess.run([MEXC, "status", "--json", "--config", self.config],
@@ -417,38 +255,6 @@ class Daemon:
             return done.returncode, json.loads(done.stdout), done.stderr
         except ValueError:
             return done.returncode, None, done.stderr + done.stdout
-
-    def check_alive(self) -> None:
-        if self.popen.poll() is not None:
-            raise BenchError(f"mexc run exited with code {self.popen.returncode}:\n"
-                             f"{self.log_tail()}")
-
-    def log_size(self) -> int:
-        return os.path.getsize(self.log_path)
-
-    def log_text(self, offset: int = 0) -> str:
-        with open(self.log_path, errors="replace") as f:
-            f.seek(offset)
-            return f.read()
-
-    def log_tail(self, lines: int = 15) -> str:
-        return "".join(self.log_text().splitlines(True)[-lines:])
-
-    def stop(self) -> None:
-        """SIGTERM and wait (the daemon promises 15 s); SIGKILL after 20; then any child left."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(psutil.Error):
-                self.seen.update({p.pid: p for p in self.process.children()})
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        for child in self.seen.values():  # psutil checks the pid was not reused
-            with contextlib.suppress(psutil.Error):
-                if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
-                    child.kill()
 
 
 def healthy(code: int, status: dict | None) -> tuple[bool, str]:
@@ -471,8 +277,8 @@ def healthy(code: int, status: dict | None) -> tuple[bool, str]:
 
 
 def rotation_run(world: World, seconds: float, stack: contextlib.ExitStack) -> dict:
-    simulator, url = start_simulator(SIMULATOR_RATE)
-    stack.callback(stop_simulator, simulator)
+    simulator, url = benchlib.start_simulator(SIMULATOR_RATE)
+    stack.callback(benchlib.stop_simulator, simulator)
     data = world.config_data(
         "bench_rotation", DAEMON_SYMBOLS,
         exchange={"url": url, "reconnect_min": 0.2, "reconnect_max": 2.0},
@@ -517,21 +323,9 @@ def machine_info(world: World) -> dict:
     import clickhouse_driver
     import pyarrow
 
-    client = world.client()
-    try:
-        clickhouse_version = client.execute("SELECT version()")[0][0]
-    finally:
-        client.disconnect()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.machine())
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu,
-            "memory_gib": psutil.virtual_memory().total / 1024 ** 3,
-            "python": platform.python_version(), "clickhouse": clickhouse_version,
-            "pyarrow": pyarrow.__version__, "clickhouse_driver": clickhouse_driver.__version__}
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
+    return benchlib.machine_info(world, memory_gib=psutil.virtual_memory().total / 1024 ** 3,
+                                 pyarrow=pyarrow.__version__,
+                                 clickhouse_driver=clickhouse_driver.__version__)
 
 
 def report_rows(e: dict, r: dict) -> list:
@@ -559,10 +353,7 @@ def report_rows(e: dict, r: dict) -> list:
 
 
 def print_report(e: dict, r: dict, machine: dict) -> None:
-    print(f"machine: {machine['nproc']} CPUs ({machine['cpu']}), "
-          f"{machine['memory_gib']:.0f} GiB, Python {machine['python']}, ClickHouse "
-          f"{machine['clickhouse']}, pyarrow {machine['pyarrow']}, clickhouse-driver "
-          f"{machine['clickhouse_driver']}")
+    benchlib.print_machine(machine, "pyarrow", "clickhouse_driver")
     mix = ", ".join(f"{kind} {count / e['rows']:.0%}" for kind, count in e["mix"].items())
     print(f"export: {e['rows']:,} rows ({mix}; {e['avg_text_bytes']:.0f} B average m) inserted "
           f"in {e['insert_s']:.1f}s ({e['rows'] / e['insert_s']:,.0f} rows/s) -> {e['file']}")
@@ -583,23 +374,14 @@ def print_report(e: dict, r: dict, machine: dict) -> None:
     for line in r["trouble_lines"][:10]:
         print(f"  log: {line}")
     print()
-    rows = report_rows(e, r)
-    width = max(len(row[0]) for row in rows)
-    print(f"{'figure':<{width}}  {'value':>8}  {'goal':<8}  result")
-    for name, value, goal, result in rows:
-        print(f"{name:<{width}}  {value:>8}  {goal:<8}  {result}".rstrip())
+    benchlib.print_table(report_rows(e, r), value_width=8, goal_width=8)
 
 
 # --- main ------------------------------------------------------------------------------------
 
 def run(args) -> int:
     with contextlib.ExitStack() as stack:
-        directory = tempfile.mkdtemp(prefix="mexc-bench-")
-        stack.callback(shutil.rmtree, directory, ignore_errors=True)
-        clickhouse = ManagedClickHouse(os.path.join(directory, "clickhouse"))
-        stack.callback(clickhouse.stop)
-        clickhouse.start()
-        world = World(directory, clickhouse)
+        world = World.start(stack, "mexc-bench-")
         export = export_run(world, args.rows)
         rotation = rotation_run(world, args.rotation_seconds, stack)
         machine = machine_info(world)
@@ -607,7 +389,7 @@ def run(args) -> int:
     if args.json:
         export = {f"export_{k}": v for k, v in export.items()}
         rotation = {f"rotation_{k}": v for k, v in rotation.items()}
-        print(json.dumps({"machine": machine, **export, **rotation}, sort_keys=True))
+        benchlib.print_json(machine, {**export, **rotation})
     return 0
 
 
@@ -617,29 +399,10 @@ def main(argv=None) -> int:
                         help="rows in the exported hour (default 1,000,000)")
     parser.add_argument("--rotation-seconds", type=float, default=60.0,
                         help="length of the daemon run (default 60: ~10 rotations)")
-    parser.add_argument("--json", action="store_true", help="also print one JSON object")
-    args = parser.parse_args(argv)
+    args = benchlib.parse_args(parser, argv)
     if args.rows < 1:
         parser.error("--rows must be at least 1")
-    logging.getLogger("clickhouse_driver").setLevel(logging.ERROR)  # start-up probes
-    interrupted = threading.Event()
-
-    def on_sigint(_signum, _frame):
-        interrupted.set()
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, on_sigint)
-    try:
-        return run(args)
-    except BaseException as e:
-        # Ctrl-C reaches ClickHouse and the daemon too: whatever fails next is its echo.
-        if interrupted.is_set():
-            print("exporter_bench: interrupted", file=sys.stderr)
-            return 130
-        if isinstance(e, BenchError):
-            print(f"exporter_bench: {e}", file=sys.stderr)
-            return 1
-        raise
+    return benchlib.main("exporter_bench", run, args)
 
 
 if __name__ == "__main__":

@@ -46,33 +46,20 @@ from __future__ import annotations
 import argparse
 import calendar
 import contextlib
-import ctypes
-import json
-import logging
 import os
-import platform
 import random
 import re
-import shutil
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # for tests.*
+# bench/ (this script's directory) is on sys.path; benchlib puts the repository root there too.
+import benchlib
+import psutil
 
-import psutil  # noqa: E402
+from benchlib import MIB, BenchError, Daemon, verdict
 
-from bus import sockets  # noqa: E402
-from mexc import schema  # noqa: E402
-from mexc.clickhouse_server import ManagedClickHouse  # noqa: E402
-from tests.conftest import toml_dump  # noqa: E402
-
-MEXC = os.path.join(os.path.dirname(sys.executable), "mexc")
 VICTIM = "collector-btc"
 
 IDLE_RATE, RESTART_RATE = 5.0, 100.0  # simulator frames/s per (symbol, channel) stream
@@ -81,168 +68,28 @@ SAMPLE_INTERVAL = 0.5
 STATUS_ROUNDS = 20
 POLL = 0.01
 KILL_PHASE = 1.0  # s; the kill comes a random 0..KILL_PHASE s after the last status request
-FLOW_TIMEOUT, RESTART_TIMEOUT = 90.0, 60.0
+RESTART_TIMEOUT = 60.0
 GOAL_USS_MIB, GOAL_RESTART_S = 25.0, 2.0
-MIB = 1024 * 1024
-# Variables that would let the daemon talk to a systemd or journald outside this bench.
-FOREIGN_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "MEXC_CONFIG")
-
-
-class BenchError(Exception):
-    pass
-
-
-def die_with_parent() -> None:
-    """Runs in a child before exec: SIGTERM it if this bench dies without cleaning up."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def symbols(n: int) -> list:
     return ["BTC_USDT"] + [f"S{i:02d}_USDT" for i in range(2, n + 1)]
 
 
-# --- the simulator ---------------------------------------------------------------------------
+# --- the daemon ------------------------------------------------------------------------------
 
-def start_simulator(rate: float) -> tuple[subprocess.Popen, str]:
-    """The simulator CLI; --rate is frames/s per subscribed stream (3 per collector)."""
-    popen = subprocess.Popen([sys.executable, "-m", "mexc.simulator", "--port", "0",
-                              "--rate", str(rate)], cwd=ROOT, stdout=subprocess.PIPE,
-                             stdin=subprocess.DEVNULL, text=True, preexec_fn=die_with_parent)
-    line = popen.stdout.readline()
-    if not line.startswith("LISTENING "):
-        popen.kill()
-        popen.wait()
-        raise BenchError(f"simulator did not start: {line!r}")
-    return popen, line.split()[1]
-
-
-def stop_simulator(popen: subprocess.Popen) -> None:
-    popen.terminate()
-    try:
-        popen.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        popen.kill()
-        popen.communicate()
-
-
-# --- the bench's world and the daemon ---------------------------------------------------------
-
-class World:
-    def __init__(self, directory: str, clickhouse: ManagedClickHouse):
-        self.dir = directory
-        self.clickhouse = clickhouse
-
-    def ch_section(self, database: str) -> dict:
-        return {"host": "127.0.0.1", "port": self.clickhouse.port, "database": database,
-                "user": "default", "password": "", "managed": False}
-
-    def write_config(self, directory: str, database: str, names: list, url: str) -> str:
-        config = {
-            "symbols": names,
-            "exchange": {"url": url},
-            "clickhouse": self.ch_section(database),
-            "tor": {"enabled": False},
-            "export": {"dir": os.path.join(directory, "export")},
-            "paths": {"state_dir": os.path.join(directory, "state"),
-                      "runtime_dir": os.path.join(directory, "run")},
-            "log": {"level": "info"},
-        }
-        path = os.path.join(directory, "mexc.toml")
-        with open(path, "w") as f:
-            f.write(toml_dump(config))
-        return path
-
-    def client(self):
-        return schema.connect(self.ch_section("default"), database=False)
-
-
-class Daemon:
-    """`mexc run` on a config of its own; stdout and stderr (its children's too) in daemon.log."""
-
-    def __init__(self, world: World, name: str, n_collectors: int, url: str):
-        self.name, self.n = name, n_collectors
-        self.dir = os.path.join(world.dir, name)
-        os.makedirs(self.dir)
-        self.database = name
-        self.runtime_dir = os.path.join(self.dir, "run")
-        config = world.write_config(self.dir, name, symbols(n_collectors), url)
-        self.log_path = os.path.join(self.dir, "daemon.log")
-        env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV}
-        # This checkout's code, also packages the editable install does not list (yet).
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-        with open(self.log_path, "ab") as log:
-            self.popen = subprocess.Popen([MEXC, "run", "--config", config], stdout=log,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env=env, preexec_fn=die_with_parent)
-        self.process = psutil.Process(self.popen.pid)
-        self.seen = {}  # pid -> psutil.Process of every child seen, to reap leftovers
-
-    def status(self):
-        """The status request's result, or None while nobody answers."""
-        try:
-            reply = sockets.request(self.runtime_dir, "status", timeout=3.0)
-        except sockets.NotRunning:
-            return None
-        if not reply["ok"]:
-            raise BenchError(f"{self.name}: status request failed: {reply}")
-        return reply["result"]
-
-    def collectors(self, status: dict) -> dict:
-        return {c["name"]: c for c in status["children"] if c["kind"] == "collector"}
-
-    def children(self) -> dict:
-        """pid -> psutil.Process of the supervisor's children now (zombies included)."""
-        found = {p.pid: p for p in self.process.children()}
-        self.seen.update(found)
-        return found
-
-    def wait_flowing(self, timeout: float = FLOW_TIMEOUT) -> dict:
-        """Wait until all collectors run, are connected and have stored rows; the status."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_alive()
-            status = self.status()
-            if status is not None:
-                collectors = self.collectors(status)
-                if len(collectors) == self.n and all(
-                        c["state"] == "running" and c["connected"] and c["rows_written"]
-                        for c in collectors.values()):
-                    self.children()
-                    return status
-            time.sleep(0.2)
-        raise BenchError(f"{self.name}: collectors not all storing rows after {timeout:.0f}s:\n"
-                         f"{self.log_tail()}")
-
-    def check_alive(self) -> None:
-        if self.popen.poll() is not None:
-            raise BenchError(f"{self.name}: mexc run exited with code {self.popen.returncode}:\n"
-                             f"{self.log_tail()}")
-
-    def log_tail(self, lines: int = 15) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-
-    def stop(self) -> None:
-        """SIGTERM and wait (the daemon promises 15 s); SIGKILL after 20; then any child left."""
-        if self.popen.poll() is None:
-            self.children()
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        for child in self.seen.values():  # psutil checks the pid was not reused
-            with contextlib.suppress(psutil.Error):
-                if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
-                    child.kill()
+def start_daemon(world: benchlib.World, name: str, n_collectors: int, url: str) -> Daemon:
+    """`mexc run` with n collectors on a config of its own (database, state and runtime dir
+    <name>, the simulator at `url`); its output and its children's in <name>/daemon.log."""
+    data = world.config_data(name, symbols(n_collectors), exchange={"url": url})
+    return Daemon(world.write_config(data), data["paths"]["runtime_dir"], n_collectors, name)
 
 
 # --- idle: supervisor cost and collector memory ----------------------------------------------
 
-def idle_run(world: World, url: str, n: int, seconds: float) -> dict:
+def idle_run(world: benchlib.World, url: str, n: int, seconds: float) -> dict:
     with contextlib.ExitStack() as stack:
-        daemon = Daemon(world, f"bench_idle_{n}", n, url)
+        daemon = start_daemon(world, f"bench_idle_{n}", n, url)
         stack.callback(daemon.stop)
         daemon.wait_flowing()
         time.sleep(SETTLE)
@@ -324,16 +171,16 @@ def idle_figures(n: int, supervisor_pid: int, collector_pids: set, names: dict, 
 
 # --- restart: kill -> new pid -> first stored row --------------------------------------------
 
-def restart_run(world: World, url: str, repetition: int) -> tuple[dict, dict]:
+def restart_run(world: benchlib.World, url: str, repetition: int) -> tuple[dict, dict]:
     """On a fresh daemon: a first kill of collector-btc, then a second one at once."""
     with contextlib.ExitStack() as stack:
-        daemon = Daemon(world, f"bench_restart_{repetition}", 3, url)
+        daemon = start_daemon(world, f"bench_restart_{repetition}", 3, url)
         stack.callback(daemon.stop)
         daemon.wait_flowing()
         time.sleep(SETTLE)
         client = world.client()
         stack.callback(client.disconnect)
-        table = f"{daemon.database}.btc_current"
+        table = f"{daemon.name}.btc_current"
         first = kill_and_measure(daemon, client, table)
         second = kill_and_measure(daemon, client, table)
     return first, second
@@ -424,19 +271,6 @@ def log_steps(daemon: Daemon, old_pid: int, new_pid: int, kill_wall: float) -> d
 
 # --- report ----------------------------------------------------------------------------------
 
-def machine_info(world: World) -> dict:
-    client = world.client()
-    try:
-        clickhouse_version = client.execute("SELECT version()")[0][0]
-    finally:
-        client.disconnect()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.machine())
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu,
-            "python": platform.python_version(), "clickhouse": clickhouse_version,
-            "psutil": psutil.__version__}
-
-
 def restart_figures(kills: list, label: str) -> dict:
     figures = {}
     for key in ("new_pid_s", "first_row_s", "noticed_s", "restart_delay_s", "forked_s",
@@ -446,10 +280,6 @@ def restart_figures(kills: list, label: str) -> dict:
         figures[f"{label}_{key}_median"] = statistics.median(values) if values else None
         figures[f"{label}_{key}_max"] = max(values) if values else None
     return figures
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 def pair(values: list, fmt: str = "{:.1f}") -> str:
@@ -512,8 +342,7 @@ def print_breakdown(r: dict) -> None:
 
 
 def print_report(result: dict, machine: dict, args) -> None:
-    print(f"machine: {machine['nproc']} CPUs ({machine['cpu']}), Python {machine['python']}, "
-          f"ClickHouse {machine['clickhouse']}, psutil {machine['psutil']}")
+    benchlib.print_machine(machine, "psutil")
     print(f"idle: simulator {IDLE_RATE:g} frames/s per stream (3 streams per collector), "
           f"{args.idle_seconds:g} s window after {SETTLE:g} s settling")
     print(f"restart: 3 collectors, simulator {RESTART_RATE:g} frames/s per stream, "
@@ -524,10 +353,7 @@ def print_report(result: dict, machine: dict, args) -> None:
     print()
     rows = [*idle_rows(result["idle_3"]), *idle_rows(result["idle_20"]),
             *restart_rows(result["restart"])]
-    width = max(len(r[0]) for r in rows)
-    print(f"{'figure':<{width}}  {'value':>13}  {'goal':<6}  result")
-    for name, value, goal, outcome in rows:
-        print(f"{name:<{width}}  {value:>13}  {goal:<6}  {outcome}".rstrip())
+    benchlib.print_table(rows, value_width=13, goal_width=6)
     print("(goals apply to the max; the restart figures are for a crash after stable running)")
 
 
@@ -535,28 +361,23 @@ def print_report(result: dict, machine: dict, args) -> None:
 
 def run(args) -> int:
     with contextlib.ExitStack() as stack:
-        directory = tempfile.mkdtemp(prefix="mexc-sbench-")
-        stack.callback(shutil.rmtree, directory, ignore_errors=True)
-        clickhouse = ManagedClickHouse(os.path.join(directory, "clickhouse"))
-        stack.callback(clickhouse.stop)
-        clickhouse.start()
-        world = World(directory, clickhouse)
+        world = benchlib.World.start(stack, "mexc-sbench-")
 
         with contextlib.ExitStack() as idle_stack:
-            simulator, url = start_simulator(IDLE_RATE)
-            idle_stack.callback(stop_simulator, simulator)
+            simulator, url = benchlib.start_simulator(IDLE_RATE)
+            idle_stack.callback(benchlib.stop_simulator, simulator)
             idle = {n: idle_run(world, url, n, args.idle_seconds) for n in (3, 20)}
 
-        simulator, url = start_simulator(RESTART_RATE)
-        stack.callback(stop_simulator, simulator)
+        simulator, url = benchlib.start_simulator(RESTART_RATE)
+        stack.callback(benchlib.stop_simulator, simulator)
         kills = [restart_run(world, url, i) for i in range(1, args.repetitions + 1)]
         restart = {**restart_figures([k[0] for k in kills], "first"),
                    **restart_figures([k[1] for k in kills], "second")}
-        machine = machine_info(world)
+        machine = benchlib.machine_info(world, psutil=psutil.__version__)
     result = {"idle_3": idle[3], "idle_20": idle[20], "restart": restart}
     print_report(result, machine, args)
     if args.json:
-        print(json.dumps({"machine": machine, **result}, sort_keys=True))
+        benchlib.print_json(machine, result)
     return 0
 
 
@@ -566,27 +387,7 @@ def main(argv=None) -> int:
                         help="length of each idle window (default 10)")
     parser.add_argument("--repetitions", type=int, default=5,
                         help="restart measurements (default 5)")
-    parser.add_argument("--json", action="store_true", help="also print one JSON object")
-    args = parser.parse_args(argv)
-    logging.getLogger("clickhouse_driver").setLevel(logging.ERROR)  # start-up probes
-    interrupted = threading.Event()
-
-    def on_sigint(_signum, _frame):
-        interrupted.set()
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, on_sigint)
-    try:
-        return run(args)
-    except BaseException as e:
-        # Ctrl-C reaches ClickHouse, the simulator and the daemon too: what fails next is its echo.
-        if interrupted.is_set():
-            print("supervisor_bench: interrupted", file=sys.stderr)
-            return 130
-        if isinstance(e, BenchError):
-            print(f"supervisor_bench: {e}", file=sys.stderr)
-            return 1
-        raise
+    return benchlib.main("supervisor_bench", run, benchlib.parse_args(parser, argv))
 
 
 if __name__ == "__main__":

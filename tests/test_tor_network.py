@@ -17,6 +17,7 @@ import psutil
 import pytest
 import socks
 
+from tests.conftest import wait_for
 from tests.tor_network import (TorNetwork, TorNetworkError, loopback_violations,
                                parse_proc_net_line, process_sockets, socket_problem,
                                voting_start_offset)
@@ -24,16 +25,6 @@ from tests.tor_network import (TorNetwork, TorNetworkError, loopback_violations,
 # Every test has a timeout: this one unless marked otherwise. The module's network bring-up
 # (~8-10 s, more on a loaded machine) counts against whichever test needs it first.
 pytestmark = pytest.mark.timeout(120)
-
-def wait_for(predicate, timeout, what, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 class PeerServer:
@@ -289,11 +280,13 @@ def test_pinned_clients_come_from_their_exits_address(tor_net, clients, server):
         s, peer = open_via(client, server.port)
         try:
             assert peer == exit_relay.address, (client.workdir, peer, exit_relay)
-            # What the daemon will do: ask the client's control port which exit carries the
-            # stream (circuit path last hop) and where the consensus says that exit is.
+            # What the daemon does (supervisor.tor.TorControl): ask the client's control port
+            # which exit carries the stream (circuit path last hop) and where the consensus
+            # says that exit is.
             with client.controller() as ctl:
-                fp, address = ctl.exit_of_stream(server.port)
-            assert (fp, address) == (exit_relay.fingerprint, exit_relay.address)
+                found = ctl.exit_of_stream(server.port)
+            assert found is not None, f"{client.workdir}: no stream to port {server.port}"
+            assert found == (exit_relay.fingerprint, exit_relay.address)
         finally:
             s.close()
         seen.append(peer)

@@ -48,8 +48,9 @@ couple of seconds after the exits have published their descriptors; the first co
 (valid-after = vote + 4 s) then already lists them. `start()` returns once every authority
 serves a consensus listing every exit as Running, Valid and Exit.
 
-A client joins with `torrc_extra()`; see `TorClient` for reading which exit carried a stream
-(circuit path last hop -> `ns/id/<fp>` address) through the control port.
+A client joins with `torrc_extra()`; `TorClient.controller()` reads which exit carried a stream
+(circuit path last hop -> `ns/id/<fp>` address) through the control port, with the daemon's own
+control-port client (supervisor.tor.TorControl).
 """
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
+
+from supervisor.tor import TorControl
 
 TOR = shutil.which("tor") or "/usr/bin/tor"
 TOR_GENCERT = shutil.which("tor-gencert") or "/usr/bin/tor-gencert"
@@ -396,100 +399,15 @@ class TorClient:
                     f"(last: {last[-1] if last else 'no progress'}):\n{log[-3000:]}")
             time.sleep(0.1)
 
-    def controller(self) -> "ControlConnection":
-        return ControlConnection("127.0.0.1", self.control_port,
-                                 os.path.join(self.workdir, "control_auth_cookie"))
+    def controller(self) -> TorControl:
+        """The daemon's own control-port client (supervisor.tor.TorControl) on this client:
+        cookie-authenticated; command(), getinfo(), exit_of_stream(port) (None when no
+        succeeded stream goes there); a 10 s timeout (the daemon's is 1 s)."""
+        return TorControl(self.control_port, os.path.join(self.workdir, "control_auth_cookie"),
+                          timeout=10)
 
     def stop(self, timeout: float = 10) -> None:
         self.network._stop_popen(self.popen, timeout)
-
-
-class ControlConnection:
-    """Just enough of the Tor control protocol for tests (the daemon will likely use stem).
-
-    Which exit carries a stream: GETINFO stream-status gives "<stream id> <status> <circuit id>
-    <target>"; GETINFO circuit-status gives "<circuit id> BUILT $FP~nick,$FP~nick,$FP~nick ...";
-    the last hop is the exit; GETINFO ns/id/<FP> gives its "r" line
-    ("r nick identity digest date time ADDRESS orport dirport"). With stem: get_streams() ->
-    circ_id, get_circuit(circ_id).path[-1][0] -> fingerprint, get_network_status(fp).address.
-    """
-
-    def __init__(self, host: str, port: int, cookie_path: str, timeout: float = 10):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.buf = b""
-        with open(cookie_path, "rb") as f:
-            cookie = f.read()
-        self.command(f"AUTHENTICATE {cookie.hex()}")
-
-    def close(self):
-        try:
-            self.sock.sendall(b"QUIT\r\n")
-        except OSError:
-            pass
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _readline(self) -> str:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise TorNetworkError("control connection closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line.decode(errors="replace")
-
-    def command(self, cmd: str) -> List[str]:
-        """Send one command; return the reply's lines (data lines included), raise on error."""
-        self.sock.sendall(cmd.encode() + b"\r\n")
-        lines = []
-        while True:
-            line = self._readline()
-            code, sep, rest = line[:3], line[3:4], line[4:]
-            if sep == "+":                      # data reply, ends with "."
-                lines.append(rest)
-                while True:
-                    data = self._readline()
-                    if data == ".":
-                        break
-                    lines.append(data[1:] if data.startswith("..") else data)
-            else:
-                lines.append(rest)
-            if sep == " ":
-                if not code.startswith("2"):
-                    raise TorNetworkError(f"control command {cmd.split()[0]} failed: {line}")
-                return lines
-
-    def getinfo(self, key: str) -> List[str]:
-        lines = self.command(f"GETINFO {key}")
-        out = []
-        for line in lines:
-            if line.startswith(f"{key}="):
-                rest = line[len(key) + 1:]
-                if rest:
-                    out.append(rest)
-            elif line != "OK":
-                out.append(line)
-        return out
-
-    def exit_of_stream(self, target_port: int) -> tuple:
-        """(fingerprint, address) of the exit carrying this client's stream to `target_port`."""
-        for line in self.getinfo("stream-status"):
-            parts = line.split()
-            if len(parts) >= 4 and parts[1] == "SUCCEEDED" and parts[3].endswith(f":{target_port}"):
-                circ = parts[2]
-                for cline in self.getinfo("circuit-status"):
-                    cparts = cline.split()
-                    if cparts[0] == circ:
-                        last = cparts[2].split(",")[-1]
-                        fp = last.split("~")[0].lstrip("$")
-                        r = [x for x in self.getinfo(f"ns/id/{fp}") if x.startswith("r ")]
-                        return fp, r[0].split()[6]
-        raise TorNetworkError(f"no succeeded stream to port {target_port}")
 
 
 class TorNetwork:
