@@ -101,9 +101,10 @@ class Arbiter:
         prepare_fork()
         for symbol in self.config.symbols:
             self._add_collector(symbol)
-        config, parent = self.config, os.getpid()
+        parent = os.getpid()
+        # self.config at fork time: a restarted exporter works with the reloaded config
         exporter = Child("exporter", "exporter",
-                         lambda: Forked("exporter", exporter_main, (config, parent)),
+                         lambda: Forked("exporter", exporter_main, (self.config, parent)),
                          self.config.supervisor)
         self.children[exporter.name] = exporter
         exporter.start(time.monotonic())
@@ -165,12 +166,13 @@ class Arbiter:
                         str(e).splitlines()[0] if str(e) else type(e).__name__)
 
     def _add_collector(self, symbol) -> None:
-        config, parent = self.config, os.getpid()
-        tor = self._add_tor(symbol) if config.tor["enabled"] else None
+        parent = os.getpid()
+        tor = self._add_tor(symbol) if self.config.tor["enabled"] else None
         socks_port = self.tor_ports[symbol.name][0] if tor else None
+        # self.config at fork time: a collector (re)started after a reload gets its settings
         child = Child(f"collector-{symbol.name}", "collector",
                       lambda: Forked(f"collector-{symbol.name}", collector_main,
-                                     (config, symbol.symbol, parent, socks_port)),
+                                     (self.config, symbol.symbol, parent, socks_port)),
                       self.config.supervisor, symbol=symbol.symbol)
         self.children[child.name] = child
         if tor is None:
@@ -367,10 +369,12 @@ class Arbiter:
                     tor.stop(time.monotonic(), STOP_TIMEOUTS["tor"])
                 self.exits.remove(child.name)
         running = {c.name for c in self._collectors()}
-        for name, symbol in wanted.items():
-            if name not in running:
-                log.info("reload: %s added; starting its collector", symbol.symbol)
-                self._add_collector(symbol)
+        added = [symbol for name, symbol in wanted.items() if name not in running]
+        for symbol in added:
+            log.info("reload: %s added; starting its collector", symbol.symbol)
+            self._add_collector(symbol)
+        if added and "exporter" in self.children:
+            self.children["exporter"].restart_now(time.monotonic())  # to export them too
         log.info("reload done: symbols=%s", ",".join(s.symbol for s in new.symbols))
 
     def _collectors(self):

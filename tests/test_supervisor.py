@@ -153,12 +153,16 @@ def test_sighup_adds_and_removes_symbols_and_rejects_a_bad_config(env, sim):
     daemon = Daemon(env, sim, symbols=("BTC_USDT", "ETH_USDT"))
     daemon.wait_flowing(["collector-btc", "collector-eth"])
     btc_pid = daemon.collectors()["collector-btc"]["pid"]
+    exporter_pid = next(c["pid"] for c in daemon.status()["children"] if c["kind"] == "exporter")
     env.write_config(sim.url, symbols=["BTC_USDT", "SOL_USDT"],
                      supervisor={"heartbeat_timeout": 4.0})
     daemon.proc.signal(signal.SIGHUP)
     daemon.wait_flowing(["collector-sol"])
     wait_for(lambda: "collector-eth" not in daemon.collectors(), 15, "collector-eth gone")
     assert daemon.collectors()["collector-btc"]["pid"] == btc_pid, "btc was disturbed"
+    wait_for(lambda: next(c["pid"] for c in daemon.status()["children"]
+                          if c["kind"] == "exporter") not in (None, exporter_pid), 15,
+             "the exporter restarted with the new symbols")
 
     with open(daemon.config, "a") as f:
         f.write("\nbogus = 1\n")
