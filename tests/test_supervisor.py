@@ -70,6 +70,8 @@ def test_status_json_and_table(env, sim):
         assert key in btc, key
     assert (btc["kind"], btc["symbol"], btc["state"]) == ("collector", "BTC_USDT", "running")
     assert btc["pid"] in daemon.tree() and btc["rss_bytes"] > 1_000_000
+    # other local users cannot reach the control socket: its directory is the daemon's alone
+    assert os.stat(daemon.runtime_dir).st_mode & 0o777 == 0o700
     table = subprocess.run([os.path.join(os.path.dirname(MEXC), "mexc-status"), "--config",
                             daemon.config], capture_output=True, text=True, timeout=20)
     assert table.returncode == 0 and "collector-eth" in table.stdout and "running" in table.stdout
