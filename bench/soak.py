@@ -1436,8 +1436,10 @@ def main(argv=None) -> int:
                         help="the daemon runs ClickHouse itself (clickhouse.managed = true)")
     parser.add_argument("--rate", type=float, default=100.0,
                         help="simulator frames/s per stream, three streams per symbol (100)")
-    parser.add_argument("--hour-seconds", type=float, default=10.0,
-                        help="wall seconds per event hour (10)")
+    # Longer than any outage the schedule injects (about 14 s at most): an event hour with no
+    # data at all would be a real collection gap, which `mexc verify` rightly reports.
+    parser.add_argument("--hour-seconds", type=float, default=20.0,
+                        help="wall seconds per event hour (20)")
     parser.add_argument("--no-tmpfs", action="store_true",
                         help="no tmpfs for export.dir: a full disk is export.dir replaced by a "
                              "file for a while")
