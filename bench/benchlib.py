@@ -18,6 +18,7 @@ import math
 import multiprocessing
 import os
 import platform
+import random
 import shutil
 import signal
 import subprocess
@@ -231,6 +232,35 @@ class Daemon(LoggedProcess):
             time.sleep(0.2)
         raise BenchError(f"{self.label}collectors not all storing rows after {timeout:.0f}s:\n"
                          f"{self.log_tail()}")
+
+    def kill_and_time(self, pid: int, client, table: str, wait_new_pid, timeout: float,
+                      poll: float = 0.01, phase: float = 0.2) -> dict:
+        """SIGKILL a child; seconds until wait_new_pid(self, known pids, kill_t) returns its
+        successor's (pid, seconds) and until a query sees a row received after the kill."""
+        # A status request wakes the supervisor's loop, which then sleeps up to its tick:
+        # killing right after one would always meet the same phase of that loop.
+        time.sleep(random.uniform(0, phase))
+        known = set(self.children())
+        rows_at_kill = client.execute(f"SELECT count() FROM {table}")[0][0]
+        kill_wall, kill_t = time.time(), time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        new_pid, new_pid_s = wait_new_pid(self, known, kill_t)
+        kill_ms = int(kill_wall * 1000)  # rts is int(time.time() * 1000): old rows are <= this
+        sql = f"SELECT max(rts), count() FROM {table}"
+        while True:
+            asked = time.monotonic()
+            newest, count = client.execute(sql)[0]
+            if newest > kill_ms and count > rows_at_kill:
+                break
+            self.check_alive()
+            if asked > kill_t + timeout:
+                raise BenchError(f"{self.label}no new row in {table} {timeout:.0f}s after the "
+                                 f"kill:\n{self.log_tail()}")
+            time.sleep(max(0.0, asked + poll - time.monotonic()))
+        first_rts = client.execute(f"SELECT min(rts) FROM {table} WHERE rts > {kill_ms}")[0][0]
+        return {"old_pid": pid, "new_pid": new_pid, "new_pid_s": new_pid_s,
+                "first_row_s": asked - kill_t, "first_received_s": first_rts / 1000 - kill_wall,
+                "kill_wall": kill_wall}
 
     def stop(self) -> None:
         """SIGTERM and wait (the daemon promises 15 s); SIGKILL after 20; then any child left."""

@@ -46,10 +46,7 @@ from __future__ import annotations
 import argparse
 import calendar
 import contextlib
-import os
-import random
 import re
-import signal
 import statistics
 import sys
 import time
@@ -190,20 +187,10 @@ def kill_and_measure(daemon: Daemon, client, table: str) -> dict:
     victim = daemon.collectors(daemon.status())[VICTIM]
     if victim["state"] != "running":
         raise BenchError(f"{daemon.name}: {VICTIM} is {victim['state']}, not running")
-    # A status request wakes the supervisor's loop, which then sleeps up to its TICK: killing
-    # right after one would always meet the slowest phase of that loop.
-    time.sleep(random.uniform(0, KILL_PHASE))
-    known = set(daemon.children())
-    rows_at_kill = client.execute(f"SELECT count() FROM {table}")[0][0]
-    kill_wall, kill_t = time.time(), time.monotonic()
-    os.kill(victim["pid"], signal.SIGKILL)
-    new_pid, new_pid_s = wait_for_new_pid(daemon, known, kill_t)
-    kill_ms = int(kill_wall * 1000)  # rts is int(time.time() * 1000): old rows are <= this
-    row_s = wait_for_new_row(daemon, client, table, kill_ms, rows_at_kill, kill_t)
-    first_rts = client.execute(f"SELECT min(rts) FROM {table} WHERE rts > {kill_ms}")[0][0]
-    steps = log_steps(daemon, victim["pid"], new_pid, kill_wall)
-    return {"old_pid": victim["pid"], "new_pid": new_pid, "new_pid_s": new_pid_s,
-            "first_row_s": row_s, "first_received_s": first_rts / 1000 - kill_wall, **steps}
+    timing = daemon.kill_and_time(victim["pid"], client, table, wait_for_new_pid,
+                                  RESTART_TIMEOUT, POLL, KILL_PHASE)
+    steps = log_steps(daemon, victim["pid"], timing["new_pid"], timing.pop("kill_wall"))
+    return {**timing, **steps}
 
 
 def wait_for_new_pid(daemon: Daemon, known: set, kill_t: float) -> tuple[int, float]:
@@ -222,22 +209,6 @@ def wait_for_new_pid(daemon: Daemon, known: set, kill_t: float) -> tuple[int, fl
         time.sleep(POLL)
     raise BenchError(f"{daemon.name}: no new {VICTIM} {RESTART_TIMEOUT:.0f}s after the kill:\n"
                      f"{daemon.log_tail()}")
-
-
-def wait_for_new_row(daemon: Daemon, client, table: str, kill_ms: int, rows_at_kill: int,
-                     kill_t: float) -> float:
-    """Seconds from the kill until a query (time it was issued) sees a row received later."""
-    sql = f"SELECT max(rts), count() FROM {table}"
-    deadline = kill_t + RESTART_TIMEOUT
-    while time.monotonic() < deadline:
-        asked = time.monotonic()
-        newest, count = client.execute(sql)[0]
-        if newest > kill_ms and count > rows_at_kill:
-            return asked - kill_t
-        daemon.check_alive()
-        time.sleep(max(0.0, asked + POLL - time.monotonic()))
-    raise BenchError(f"{daemon.name}: no new row in {table} {RESTART_TIMEOUT:.0f}s after the "
-                     f"kill:\n{daemon.log_tail()}")
 
 
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})Z \S+\s+(\S+) (.*)$")

@@ -52,9 +52,7 @@ import argparse
 import calendar
 import contextlib
 import os
-import random
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -258,24 +256,14 @@ def kill_tor(daemon: Daemon, client, table: str, tors: TorPids) -> dict:
     status = daemon.status()
     victim = tor_entries(status)[VICTIM]
     collector_pid = Daemon.collectors(status)[f"collector-{VICTIM}"]["pid"]
-    # A status request wakes the supervisor's loop, which then sleeps up to its tick: killing
-    # right after one would always meet the same phase of that loop.
-    time.sleep(random.uniform(0, KILL_PHASE))
-    known = set(daemon.children())
-    rows_at_kill = client.execute(f"SELECT count() FROM {table}")[0][0]
-    kill_wall, kill_t = time.time(), time.monotonic()
-    os.kill(victim["pid"], signal.SIGKILL)
-    new_pid, new_pid_s = wait_new_tor(daemon, known, kill_t)
-    kill_ms = int(kill_wall * 1000)  # rts is int(time.time() * 1000): old rows are <= this
-    row_s = wait_new_row(daemon, client, table, kill_ms, rows_at_kill, kill_t)
-    first_rts = client.execute(f"SELECT min(rts) FROM {table} WHERE rts > {kill_ms}")[0][0]
+    timing = daemon.kill_and_time(victim["pid"], client, table, wait_new_tor,
+                                  RECOVERY_TIMEOUT, POLL, KILL_PHASE)
+    kill_wall = timing.pop("kill_wall")
     status = daemon.status()
     tors.add(status)
     collector_kept = Daemon.collectors(status)[f"collector-{VICTIM}"]["pid"] == collector_pid
-    return {"old_pid": victim["pid"], "new_pid": new_pid, "new_pid_s": new_pid_s,
-            "first_row_s": row_s, "first_received_s": first_rts / 1000 - kill_wall,
-            "collector_kept": collector_kept,
-            **kill_steps(daemon, victim["pid"], new_pid, kill_wall)}
+    return {**timing, "collector_kept": collector_kept,
+            **kill_steps(daemon, victim["pid"], timing["new_pid"], kill_wall)}
 
 
 def wait_new_tor(daemon: Daemon, known: set, kill_t: float) -> tuple:
@@ -294,22 +282,6 @@ def wait_new_tor(daemon: Daemon, known: set, kill_t: float) -> tuple:
         time.sleep(POLL)
     raise BenchError(f"{daemon.name}: no new tor-{VICTIM} {RECOVERY_TIMEOUT:.0f}s after the "
                      f"kill:\n{daemon.log_tail()}")
-
-
-def wait_new_row(daemon: Daemon, client, table: str, kill_ms: int, rows_at_kill: int,
-                 kill_t: float) -> float:
-    """Seconds from the kill until a query (time it was issued) sees a row received later."""
-    sql = f"SELECT max(rts), count() FROM {table}"
-    deadline = kill_t + RECOVERY_TIMEOUT
-    while time.monotonic() < deadline:
-        asked = time.monotonic()
-        newest, count = client.execute(sql)[0]
-        if newest > kill_ms and count > rows_at_kill:
-            return asked - kill_t
-        daemon.check_alive()
-        time.sleep(max(0.0, asked + POLL - time.monotonic()))
-    raise BenchError(f"{daemon.name}: no new row in {table} {RECOVERY_TIMEOUT:.0f}s after "
-                     f"the kill:\n{daemon.log_tail()}")
 
 
 def kill_steps(daemon: Daemon, old_pid: int, new_pid: int, kill_wall: float) -> dict:

@@ -6,11 +6,16 @@ the end (the process died mid-write) fails its length or checksum and is cut off
 File `<name>.spool.pos`: how far replay got, plus the in-flight insert (offset, row count and
 the table's row count before it), written atomically before each insert of a spooled batch.
 After a crash that marker tells whether the batch landed (see writer.InsertTracker).
+
+File `<name>.spool.lock`: flock()ed while a process uses the spool.  Sizes and offsets live in
+memory, so two processes on one spool would delete each other's batches.
 """
+import fcntl
 import json
 import logging
 import os
 import struct
+import time
 import zlib
 from typing import List, Optional, Tuple
 
@@ -18,11 +23,20 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<II")
 
 
+class SpoolBusy(RuntimeError):
+    """Another process still uses this symbol's spool."""
+
+
 class Spool:
-    def __init__(self, directory: str, name: str):
+    # lock_wait: longer than a stopping collector takes (collector.STOP_GRACE), shorter than
+    # the supervisor's default heartbeat_timeout
+    def __init__(self, directory: str, name: str, lock_wait: float = 8.0, readonly=False):
+        """readonly: look at a spool another process may be using (no lock, no repair)."""
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, f"{name}.spool")
         self.pos_path = self.path + ".pos"
+        self.readonly = readonly
+        self._lock = None if readonly else _lock(self.path + ".lock", lock_wait)
         self.offset, self.inflight = self._read_pos()
         self.size = self._recover_size()
         self.rows = self._count_rows()
@@ -117,7 +131,7 @@ class Spool:
                     break
                 good = f.tell()
             end = f.seek(0, os.SEEK_END)
-            if end != good:
+            if end != good and not self.readonly:
                 log.warning("spool %s: cutting %d bytes of a torn record at offset %d",
                             self.path, end - good, good)
                 f.truncate(good)
@@ -134,3 +148,31 @@ class Spool:
                 rows += len(json.loads(f.read(length)))
                 offset += _HEADER.size + length
         return rows
+
+
+def _lock(path: str, wait: float):
+    """Hold an exclusive flock on path, waiting up to `wait` s for a collector that is still
+    stopping (a reload that re-adds a symbol, a restart of `mexc run`) to let go."""
+    f = open(path, "a+")
+    deadline, warned = time.monotonic() + wait, False
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                f.close()
+                raise SpoolBusy(f"{path} is locked by pid {holder}: another collector of this "
+                                "symbol is running (mexc collect, or a second mexc run with the "
+                                "same paths.state_dir)") from None
+            if not warned:
+                log.info("spool %s is in use; waiting up to %.0fs for the other process", path,
+                         wait)
+                warned = True
+            time.sleep(0.1)
+        else:
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            return f

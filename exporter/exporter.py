@@ -154,6 +154,7 @@ class Exporter:
     def cycle(self):
         """Rotate and export every symbol; returns (ok, files written, error or None)."""
         files, errors = [], []
+        self._remove_stale_temporaries()
         try:
             self._connect()
             for symbol in self.config.symbols:
@@ -179,6 +180,15 @@ class Exporter:
             self.stats["last_export"] = _iso(int(time.time() * 1000))
             self.stats["last_error"] = None
         return not errors, files, "; ".join(errors) or None
+
+    def _remove_stale_temporaries(self) -> None:
+        try:
+            stale = parquet_files.remove_stale_temporaries(self.export["dir"])
+        except OSError:  # no export dir yet, or unreadable: _export_previous reports that
+            return
+        if stale:
+            log.warning("removed %d temporary files left by an exporter that died mid-write: %s",
+                        len(stale), ", ".join(stale[:5]))
 
     def _rotate(self, names) -> None:
         if not names:

@@ -61,7 +61,11 @@ class HourFile:
         self.schema = SCHEMA.with_metadata({
             b"symbol": symbol.encode(), b"hour": hour.encode(), b"rows": str(rows).encode(),
             b"mexc_version": __version__.encode()})
-        self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+        try:
+            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+        except BaseException:  # e.g. the disk is full: the file may exist, empty
+            _unlink(self.tmp)
+            raise
 
     def write(self, table: pa.Table) -> None:
         self.writer.write_table(table.replace_schema_metadata(self.schema.metadata))
@@ -87,9 +91,12 @@ class HourFile:
         return digest
 
     def discard(self) -> None:
-        self.writer.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+        try:
+            self.writer.close()  # flushes: fails again on a full disk
+        except Exception:
+            pass
+        finally:
+            _unlink(self.tmp)
 
 
 def write_hour(path: str, table: pa.Table, symbol: str, hour_ms: int,
@@ -127,6 +134,36 @@ def sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def remove_stale_temporaries(directory: str) -> list:
+    """Temporary files (`.{file}.{pid}.tmp`) of an exporter that died mid-write (SIGKILL,
+    power loss); those of a live process (`mexc export --once` next to the daemon) stay."""
+    stale = []
+    for name in os.listdir(directory):
+        parts = name.split(".")
+        if name.startswith(".") and name.endswith(".parquet.%s.tmp" % parts[-2]) \
+                and parts[-2].isdigit() and not _process_exists(int(parts[-2])):
+            _unlink(os.path.join(directory, name))
+            stale.append(name)
+    return stale
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _fsync_directory(directory: str) -> None:

@@ -116,11 +116,16 @@ def main(argv=None) -> int:
 
 def _collect(args, config) -> int:
     from collector.collector import Collector
+    from collector.spool import SpoolBusy
 
     symbol = config.symbol(args.symbol)
     socks_proxy = _host_port(args.socks) if args.socks else None
-    logging_setup.setup(f"collector[{symbol.name}]", config.log["level"])
-    return Collector(config, symbol.symbol, socks_proxy=socks_proxy).run()
+    log = logging_setup.setup(f"collector[{symbol.name}]", config.log["level"])
+    try:
+        return Collector(config, symbol.symbol, socks_proxy=socks_proxy).run()
+    except SpoolBusy as e:
+        log.error("cannot start: %s", e)
+        return 1
 
 
 def _setup_db(args, config) -> int:

@@ -67,6 +67,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _die_with_parent():
     """Runs in the child before exec: SIGTERM it when the parent dies."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -102,6 +107,7 @@ class ManagedClickHouse:
         if binary is None:
             raise ClickHouseStartError(f"{self.binary} not found: run ./setup "
                                        "(it installs clickhouse-server)")
+        self._wait_port_free(timeout if wait else 0.0)  # a restart must not block its caller
         config_path = self.write_config()
         output = open(os.path.join(self.directory, "log", "stdout.log"), "ab")
         self.process = subprocess.Popen([binary, f"--config-file={config_path}"],
@@ -113,6 +119,16 @@ class ManagedClickHouse:
         if wait:
             self.wait_ready(timeout)
         return self
+
+    def _wait_port_free(self, timeout: float) -> None:
+        """A server on our port (one of a killed `mexc run`, still stopping) would answer
+        wait_ready() in place of ours."""
+        deadline = time.monotonic() + timeout
+        while _listening(self.port):
+            if time.monotonic() >= deadline:
+                raise ClickHouseStartError(f"port {self.port} is in use by another program; "
+                                           "set clickhouse.port to a free one")
+            time.sleep(0.1)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

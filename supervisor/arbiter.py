@@ -31,7 +31,17 @@ TICK = 0.2
 STOP_TIMEOUTS = {"collector": 7.0, "exporter": 3.0, "tor": 2.0, "clickhouse": 3.0}
 STOP_TIMEOUT = STOP_TIMEOUTS["collector"]  # a collector removed by a reload
 READY_TIMEOUT = 15.0  # READY=1 at the latest this long after start, even if a collector lags
+LEFTOVER_WAIT = 20.0  # for the children of a killed `mexc run` to die with it (collectors flush)
 REPEAT = 0.5  # rotation events are re-published this often until the rotation is over
+
+
+def _alive(pid: str) -> bool:
+    try:
+        return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+    except (ValueError, psutil.NoSuchProcess):
+        return False
+    except psutil.Error:
+        return True
 
 
 class RunError(Exception):
@@ -75,6 +85,9 @@ class Arbiter:
         url = urlsplit(config.exchange["url"])
         self.exits = ExitGuard(config.tor, url.port or (443 if url.scheme == "wss" else 80))
         self.tor_ports = {}  # symbol name -> (socks, control), kept across tor restarts
+        # symbols re-added by a reload while their old collector or tor is still stopping:
+        # started once those are gone (two collectors of one symbol would share its spool)
+        self.deferred_adds = []
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -119,13 +132,27 @@ class Arbiter:
         sockets.prepare_runtime_dir(self.runtime_dir)
         path = os.path.join(self.runtime_dir, "mexc.lock")
         self.lock_file = open(path, "a+")
-        try:
-            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.lock_file.seek(0)
-            other = self.lock_file.read().strip() or "?"
-            raise RunError(f"another mexc run (pid {other}) is using {self.runtime_dir}; "
-                           "stop it first or give this one its own paths.runtime_dir") from None
+        # Forked children inherit the lock: it is free once every process of a run is gone.
+        deadline = time.monotonic() + LEFTOVER_WAIT
+        while True:
+            try:
+                fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                self.lock_file.seek(0)
+                other = self.lock_file.read().strip() or "?"
+                if _alive(other):
+                    raise RunError(f"another mexc run (pid {other}) is using {self.runtime_dir}; "
+                                   "stop it first or give this one its own paths.runtime_dir"
+                                   ) from None
+                if time.monotonic() >= deadline:
+                    raise RunError(f"processes of an earlier mexc run (pid {other}) still hold "
+                                   f"{path} after {LEFTOVER_WAIT:.0f}s: see `fuser -v {path}`"
+                                   ) from None
+                if deadline - time.monotonic() > LEFTOVER_WAIT - TICK:
+                    log.warning("the previous mexc run (pid %s) is gone but its children are "
+                                "still stopping; waiting up to %.0fs", other, LEFTOVER_WAIT)
+                time.sleep(TICK)
         self.lock_file.truncate(0)
         self.lock_file.write(f"{os.getpid()}\n")
         self.lock_file.flush()
@@ -210,6 +237,7 @@ class Arbiter:
                 child.tick(now)
                 if not child.wanted and child.state == "stopped":
                     del self.children[child.name]  # removed by a reload, now gone
+            self._start_deferred()
             self._rotation_tick(now)
             self.exits.tick(now)
             if self.reload_requested:
@@ -370,12 +398,33 @@ class Arbiter:
                 self.exits.remove(child.name)
         running = {c.name for c in self._collectors()}
         added = [symbol for name, symbol in wanted.items() if name not in running]
+        self.deferred_adds = [wanted[f"collector-{s.name}"] for s in self.deferred_adds
+                              if f"collector-{s.name}" in wanted]
         for symbol in added:
-            log.info("reload: %s added; starting its collector", symbol.symbol)
-            self._add_collector(symbol)
+            if self._leftovers(symbol):
+                log.info("reload: %s added; its collector starts once the old one has stopped",
+                         symbol.symbol)
+                if symbol.name not in {s.name for s in self.deferred_adds}:
+                    self.deferred_adds.append(symbol)
+            else:
+                log.info("reload: %s added; starting its collector", symbol.symbol)
+                self._add_collector(symbol)
         if added and "exporter" in self.children:
             self.children["exporter"].restart_now(time.monotonic())  # to export them too
         log.info("reload done: symbols=%s", ",".join(s.symbol for s in new.symbols))
+
+    def _leftovers(self, symbol) -> list:
+        """The children of a removed symbol that are still stopping."""
+        return [c for c in (self.children.get(f"collector-{symbol.name}"),
+                            self.children.get(f"tor-{symbol.name}")) if c is not None]
+
+    def _start_deferred(self) -> None:
+        for symbol in list(self.deferred_adds):
+            if not self._leftovers(symbol):
+                self.deferred_adds.remove(symbol)
+                log.info("reload: the old %s collector has stopped; starting the new one",
+                         symbol.symbol)
+                self._add_collector(symbol)
 
     def _collectors(self):
         return [c for c in self.children.values() if c.kind == "collector" and c.wanted]

@@ -10,6 +10,7 @@ from typing import Optional
 
 from bus.sockets import ChildBus
 from collector.collector import Collector  # imported before the fork: pages stay shared
+from collector.spool import SpoolBusy
 from mexc import log as logging_setup
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ def collector_main(config, symbol, parent_pid: int, socks_port: Optional[int]) -
     socks_proxy = ("127.0.0.1", socks_port) if socks_port else None
     try:
         code = Collector(config, symbol, socks_proxy=socks_proxy, bus=bus).run()
+    except SpoolBusy as e:
+        log.error("cannot start: %s", e)
+        code = 1
     finally:
         bus.close()
     os._exit(code)

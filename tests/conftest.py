@@ -167,3 +167,11 @@ def env(tmp_path, clickhouse):
     world = World(tmp_path, clickhouse)
     yield world
     world.cleanup()
+
+
+@pytest.fixture
+def own_clickhouse(tmp_path):
+    """A ClickHouse server of this test's own, which it may stop and start."""
+    server = ManagedClickHouse(str(tmp_path / "own-clickhouse")).start()
+    yield server
+    server.stop()

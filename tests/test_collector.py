@@ -12,7 +12,7 @@ import time
 import pytest
 
 from collector.spool import Spool
-from mexc.clickhouse_server import ManagedClickHouse, free_port
+from mexc.clickhouse_server import free_port
 from tests.conftest import wait_for
 from mexc.simulator import MexcSimulator
 
@@ -127,14 +127,6 @@ def start_collector_without_confirmation(env, sim, **sections):
     return proc
 
 
-@pytest.fixture
-def own_clickhouse(tmp_path):
-    """A ClickHouse server of this test's own, which it may stop and start."""
-    server = ManagedClickHouse(str(tmp_path / "own-clickhouse")).start()
-    yield server
-    server.stop()
-
-
 def test_clickhouse_outage_of_30s_loses_nothing(env, sim, own_clickhouse):
     env.clickhouse = own_clickhouse
     proc = start_collector(env, sim)
@@ -158,7 +150,7 @@ def test_sigkill_with_rows_in_spool_then_restart(env, sim, own_clickhouse):
     own_clickhouse.stop()
     spool_dir = os.path.join(env.tmp, "state", "spool")
     wait_for(lambda: os.path.exists(os.path.join(spool_dir, "btc.spool"))
-             and Spool(spool_dir, "btc").rows > 500, 60, "500 rows in the spool")
+             and Spool(spool_dir, "btc", readonly=True).rows > 500, 60, "500 rows in the spool")
     proc.signal(signal.SIGKILL)
     proc.wait()
     killed_at_ms = time.time() * 1000

@@ -180,6 +180,30 @@ def test_unwritable_export_dir_keeps_data_and_retries(env):
     assert_exactly_once(env, sent)
 
 
+def test_full_export_disk_keeps_data_and_leaves_no_temporary_files(env):
+    export_dir = env.tmp / "export"
+    export_dir.mkdir()
+    # 256 KiB of disk for ~2 MB of rows that do not compress (distinct random text)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(export_dir)],
+                   check=True)
+    try:
+        dead = subprocess.Popen(["true"])
+        dead.wait()  # a pid no process has: its temporary file is a crashed exporter's
+        stale = export_dir / f".btc_20251123_2300.parquet.{dead.pid}.tmp"
+        stale.write_bytes(b"half a file")
+        sent = [(H - HOUR_MS + i, "d", os.urandom(1000).hex()) for i in range(1000)]
+        insert(env, sent)
+        ok, files, error = Exporter(make_config(env), clock=SetClock(H + 61_000)).cycle()
+        assert not ok and files == [] and "No space left" in error
+        assert os.listdir(export_dir) == [], "temporary files left on the full disk"
+        assert env.count("btc_previous") == len(sent)  # the data stays in ClickHouse
+    finally:
+        subprocess.run(["umount", str(export_dir)], check=True)
+    ok, files, _ = Exporter(make_config(env), clock=SetClock(H + 62_000)).cycle()
+    assert ok and len(files) == 1
+    assert_exactly_once(env, sent)
+
+
 def test_clickhouse_down_during_rotation(env, tmp_path):
     own = ManagedClickHouse(str(tmp_path / "own")).start()
     try:

@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 
 import psutil
 import pytest
@@ -149,6 +150,60 @@ def test_second_instance_refuses(env, sim):
                             text=True, timeout=30)
     assert result.returncode == 1
     assert f"another mexc run (pid {daemon.proc.pid}) is using" in result.stderr
+
+
+def test_run_again_right_after_a_supervisor_sigkill(env, sim):
+    """The new run waits for the children of the killed one (they flush on their way out)."""
+    daemon = Daemon(env, sim)
+    daemon.wait_flowing(["collector-btc", "collector-eth"])
+    eth_pid = daemon.collectors()["collector-eth"]["pid"]
+    os.kill(eth_pid, signal.SIGSTOP)  # a collector slow to stop: it outlives its supervisor
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(5)
+    again = env.mexc("run", "--config", daemon.config, name="daemon")
+    wait_for(lambda: "children are still stopping" in again.log(), 15, "the new run waiting")
+    os.kill(eth_pid, signal.SIGCONT)  # its SIGTERM from the supervisor's death arrives now
+    daemon.proc = again
+    daemon.wait_flowing(["collector-btc", "collector-eth"])
+    assert eth_pid not in daemon.tree()
+    assert again.stop(15) == 0
+
+
+def test_symbol_re_added_while_its_old_collector_stops_loses_nothing(env, sim, own_clickhouse):
+    """The old collector spools its rows before it exits and the new one replays them: the new
+    one starts only once the old one is gone (two on one spool deleted each other's batches)."""
+    env.clickhouse = own_clickhouse
+    sections = {"supervisor": {"heartbeat_timeout": 4.0}}
+    daemon = Daemon(env, sim, symbols=("ETH_USDT",), **sections)
+    daemon.wait_flowing(["collector-eth"])
+    own_clickhouse.stop()
+    wait_for(lambda: (daemon.collectors()["collector-eth"]["buffered_rows"] or 0) > 500, 30,
+             "eth rows waiting for ClickHouse")  # spooled when the collector stops
+    env.write_config(sim.url, symbols=["BTC_USDT"], **sections)
+    daemon.proc.signal(signal.SIGHUP)
+    wait_for(lambda: "ETH_USDT removed from the config" in daemon.proc.log(), 10, "eth removed")
+    removed_at_ms = time.time() * 1000
+    env.write_config(sim.url, symbols=["BTC_USDT", "ETH_USDT"], **sections)
+    daemon.proc.signal(signal.SIGHUP)
+    wait_for(lambda: "its collector starts once the old one has stopped" in daemon.proc.log(),
+             10, "the re-added eth deferred")
+    wait_for(lambda: "the old ETH_USDT collector has stopped" in daemon.proc.log(), 20,
+             "the new eth collector started")
+    own_clickhouse.start()
+    wait_for(lambda: (lambda c: c.get("connected") and c["spooled_rows"] == 0)(
+        daemon.collectors().get("collector-eth", {})), 30, "the eth spool replayed")
+    sim.stop_data()
+    sent = collections.Counter(sim.expected_rows("ETH_USDT"))
+    wait_for(lambda: env.query(f"SELECT max(ts) FROM {env.database}.eth_current")[0][0]
+             >= max(ts for ts, _mt, _m in sent if ts is not None), 30, "the last row stored")
+    rows = collections.Counter(env.rows("eth_current"))
+    assert max(rows.values()) == 1, "duplicated rows"
+    assert set(rows) <= set(sent)
+    lost = [r for r in sent if r not in rows]
+    # only what the old collector had not read when it was told to stop may be missing
+    assert all(ts > removed_at_ms - 1000 for ts, _mt, _m in lost), "spooled rows lost"
+    assert not os.path.exists(env.tmp / "state" / "spool" / "eth.spool"), "rows left in the spool"
+    assert daemon.proc.stop(15) == 0
 
 
 def test_sighup_adds_and_removes_symbols_and_rejects_a_bad_config(env, sim):

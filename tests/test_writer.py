@@ -2,10 +2,13 @@
 against a real ClickHouse: the batch is stored once whether or not it had landed, also when
 someone else (the exporter moving rows back) changed the table meanwhile."""
 import collections
+import signal
+import subprocess
+import sys
 
 import pytest
 
-from collector.spool import Spool
+from collector.spool import Spool, SpoolBusy
 from collector.writer import RowWriter
 from mexc import schema
 from tests.conftest import wait_for
@@ -57,3 +60,23 @@ def test_unsure_insert_is_stored_exactly_once(env, writer, landed, someone_else_
     counts = stored(env)
     assert all(counts[row] == 1 for row in batch), "the unsure batch is not stored exactly once"
     assert sum(counts.values()) == len(first) + len(batch) + (7 if someone_else_wrote else 0)
+
+
+def test_a_spool_has_one_user_at_a_time(tmp_path):
+    """Sizes and offsets live in memory: a second user would delete the first one's batches."""
+    directory = str(tmp_path / "spool")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from collector.spool import Spool; "
+         f"s = Spool({directory!r}, 'btc'); s.append([(1, 'd', 'x', 2)]); print('ok', flush=True);"
+         " sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "ok\n"
+        with pytest.raises(SpoolBusy, match=f"locked by pid {holder.pid}"):
+            Spool(directory, "btc", lock_wait=0.3)
+        assert Spool(directory, "btc", readonly=True).rows == 1  # looking is allowed
+        holder.send_signal(signal.SIGKILL)  # a dead process holds no lock
+        holder.wait()
+        assert Spool(directory, "btc", lock_wait=5).rows == 1
+    finally:
+        holder.kill()
+        holder.wait()
