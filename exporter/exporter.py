@@ -21,6 +21,7 @@ from typing import Optional
 
 from bus.sockets import ChildBus
 from mexc import schema
+from mexc.config import Symbol
 from exporter import parquet_files
 from exporter.parquet_files import HOUR_MS
 
@@ -79,6 +80,43 @@ class SymbolState:
             os.unlink(self.path)
 
 
+class KnownSymbols:
+    """Every symbol exported so far, on disk: one removed from the config is still rotated
+    and exported until its tables are empty, so its last rows reach the archive too."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path) as f:
+                self.symbols = {name: Symbol(symbol, name)
+                                for name, symbol in json.load(f).items()}
+        except FileNotFoundError:
+            self.symbols = {}
+
+    def update(self, configured) -> list:
+        """The configured symbols, then the removed ones still known."""
+        retired = [s for name, s in self.symbols.items()
+                   if name not in {c.name for c in configured}]
+        for symbol in retired:
+            log.info("%s is no longer configured; exporting what its tables still hold",
+                     symbol.symbol)
+        self.symbols = {**{s.name: s for s in retired}, **{s.name: s for s in configured}}
+        self._save()
+        return list(configured) + retired
+
+    def forget(self, symbol) -> None:
+        log.info("%s: every row exported; no longer exported (it is not configured)",
+                 symbol.symbol)
+        del self.symbols[symbol.name]
+        self._save()
+
+    def _save(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({name: s.symbol for name, s in self.symbols.items()}, f)
+        os.replace(tmp, self.path)
+
+
 class Exporter:
     def __init__(self, config, bus=None, clock: Optional[EventClock] = None):
         self.config = config
@@ -89,6 +127,8 @@ class Exporter:
         self.clock = clock or EventClock(self.export["clock_speed"], self.export["clock_anchor_ms"])
         self.state_dir = os.path.join(config.paths["state_dir"], "exporter")
         os.makedirs(self.state_dir, exist_ok=True)
+        # "-": no symbol's state file ({name}.json) can have this name
+        self.known = KnownSymbols(os.path.join(self.state_dir, "known-symbols.json"))
         self.stopping = False
         self.requests = []  # export_now request ids not served yet
         self.client = None
@@ -155,18 +195,22 @@ class Exporter:
         """Rotate and export every symbol; returns (ok, files written, error or None)."""
         files, errors = [], []
         self._remove_stale_temporaries()
+        symbols = self.known.update(self.config.symbols)
         try:
             self._connect()
-            for symbol in self.config.symbols:
+            for symbol in symbols:
                 self._recover(symbol.name)
-            self._rotate([s.name for s in self.config.symbols
-                          if not self._exists(schema.previous_table(s.name))])
+            self._rotate([s.name for s in symbols
+                          if not self._exists(schema.previous_table(s.name))
+                          and self._exists(schema.current_table(s.name))])
         except Exception as e:
             errors.append(f"rotation: {_first_line(e)}")
             self._disconnect()
-        for symbol in self.config.symbols:
+        for symbol in symbols:
             try:
                 files += self._export_previous(symbol)
+                if symbol not in self.config.symbols and self._emptied(symbol.name):
+                    self.known.forget(symbol)
             except Exception as e:
                 errors.append(f"{symbol.name}: {_first_line(e)}")
                 self._disconnect()
@@ -180,6 +224,12 @@ class Exporter:
             self.stats["last_export"] = _iso(int(time.time() * 1000))
             self.stats["last_error"] = None
         return not errors, files, "; ".join(errors) or None
+
+    def _emptied(self, name: str) -> bool:
+        """Nothing of this symbol left to export (its current table may stay, empty)."""
+        current = schema.current_table(name)
+        return not self._exists(schema.previous_table(name)) and (
+            not self._exists(current) or self._count(current) == 0)
 
     def _remove_stale_temporaries(self) -> None:
         try:
@@ -374,7 +424,8 @@ class Exporter:
             self.client = None
 
     def _exists(self, table: str) -> bool:
-        return bool(self.client.execute(f"EXISTS TABLE {schema.quote(self.db)}.{schema.quote(table)}")[0][0])
+        return bool(self.client.execute(
+            f"EXISTS TABLE {schema.quote(self.db)}.{schema.quote(table)}")[0][0])
 
     def _count(self, table: str) -> int:
         return self.client.execute(

@@ -133,7 +133,7 @@ class Arbiter:
         path = os.path.join(self.runtime_dir, "mexc.lock")
         self.lock_file = open(path, "a+")
         # Forked children inherit the lock: it is free once every process of a run is gone.
-        deadline = time.monotonic() + LEFTOVER_WAIT
+        deadline, warned = time.monotonic() + LEFTOVER_WAIT, False
         while True:
             try:
                 fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -141,18 +141,17 @@ class Arbiter:
             except BlockingIOError:
                 self.lock_file.seek(0)
                 other = self.lock_file.read().strip() or "?"
-                if _alive(other):
-                    raise RunError(f"another mexc run (pid {other}) is using {self.runtime_dir}; "
-                                   "stop it first or give this one its own paths.runtime_dir"
-                                   ) from None
-                if time.monotonic() >= deadline:
-                    raise RunError(f"processes of an earlier mexc run (pid {other}) still hold "
-                                   f"{path} after {LEFTOVER_WAIT:.0f}s: see `fuser -v {path}`"
-                                   ) from None
-                if deadline - time.monotonic() > LEFTOVER_WAIT - TICK:
-                    log.warning("the previous mexc run (pid %s) is gone but its children are "
-                                "still stopping; waiting up to %.0fs", other, LEFTOVER_WAIT)
-                time.sleep(TICK)
+            if _alive(other):
+                raise RunError(f"another mexc run (pid {other}) is using {self.runtime_dir}; "
+                               "stop it first or give this one its own paths.runtime_dir")
+            if time.monotonic() >= deadline:
+                raise RunError(f"processes of an earlier mexc run (pid {other}) still hold "
+                               f"{path} after {LEFTOVER_WAIT:.0f}s: see `fuser -v {path}`")
+            if not warned:
+                log.warning("the previous mexc run (pid %s) is gone but its children are still "
+                            "stopping; waiting up to %.0fs", other, LEFTOVER_WAIT)
+                warned = True
+            time.sleep(TICK)
         self.lock_file.truncate(0)
         self.lock_file.write(f"{os.getpid()}\n")
         self.lock_file.flush()

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _LEVELS = {"[debug]": logging.DEBUG, "[info]": logging.INFO, "[notice]": logging.INFO,
            "[warn]": logging.WARNING, "[err]": logging.ERROR}
+# tor notices caused by our own exit checks (a control connection every few seconds): debug
+_ROUTINE = ("New control connection opened",)
 
 
 class TorError(RuntimeError):
@@ -183,4 +185,6 @@ class TorProcess:
             line = raw.decode(errors="replace").strip()
             level = next((lvl for tag, lvl in _LEVELS.items() if tag in line), logging.INFO)
             message = line.split("] ", 1)[-1] if "] " in line else line
+            if message.startswith(_ROUTINE):
+                level = logging.DEBUG
             log.log(level, "tor[%s] %s", self.name, message)

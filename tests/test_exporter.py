@@ -180,6 +180,31 @@ def test_unwritable_export_dir_keeps_data_and_retries(env):
     assert_exactly_once(env, sent)
 
 
+def test_a_symbol_removed_from_the_config_is_exported_until_its_tables_are_empty(env):
+    Exporter(make_config(env, ("BTC_USDT", "ETH_USDT")), clock=SetClock(H - HOUR_MS)).cycle()
+    late = rows_for(H - 2 * HOUR_MS, 10, "old") + rows_for(H - HOUR_MS, 10, "last")
+    current = rows_for(H, 5, "open")  # the hour is not over at the first cycle below
+    insert(env, late + current, name="eth")
+    exporter = Exporter(make_config(env, ("BTC_USDT",)), clock=SetClock(H + 61_000))
+    ok, files, _ = exporter.cycle()
+    assert ok and sorted(os.path.basename(f) for f in files) == [
+        parquet_files.file_name("eth", H - 2 * HOUR_MS), parquet_files.file_name("eth", H - HOUR_MS)]
+    assert collections.Counter(env.rows("eth_current")) == collections.Counter(current)
+    exporter.clock = SetClock(H + HOUR_MS + 61_000)
+    ok, files, _ = exporter.cycle()
+    assert ok and [os.path.basename(f) for f in files] == [parquet_files.file_name("eth", H)]
+    assert env.count("eth_current") == 0
+    exported = collections.Counter()
+    for f in os.listdir(env.tmp / "export"):
+        if f.startswith("eth_"):
+            exported.update((int(r["ts"].timestamp() * 1000), r["mt"], r["m"])
+                            for r in pq.read_table(env.tmp / "export" / f).to_pylist())
+    assert exported == collections.Counter(late + current), "eth rows lost or doubled"
+    assert "eth" not in (env.tmp / "state" / "exporter" / "known-symbols.json").read_text()
+    exporter.clock = SetClock(H + 2 * HOUR_MS + 61_000)
+    assert exporter.cycle()[:2] == (True, [])
+
+
 def test_full_export_disk_keeps_data_and_leaves_no_temporary_files(env):
     export_dir = env.tmp / "export"
     export_dir.mkdir()
