@@ -83,7 +83,9 @@ Stored = the union of every Parquet file and the live {name}_current / _previous
 Windows that are not explained by a planned fault are listed as unplanned reconnects or
 daemon-initiated restarts (a collector restarted after exiting 0, e.g. by the Tor exit
 separation, which makes it reconnect through a new circuit); a collector that restarted without
-a planned cause and did not exit 0 is an unplanned crash, a failure.
+a planned cause and did not exit 0 is an unplanned crash, a failure.  The longest window per
+symbol is reported; one over LONG_WINDOW (60 s, longer than any single fault keeps a collector
+away) keeps the work dir with its logs, but is not a failure by itself.
 
 At the end: every fault undone, the daemon healthy again, then sim.stop_data(), the collectors
 drained (nothing buffered, spooled or held), `mexc export --once` (exit 0 required), 20 fresh
@@ -152,6 +154,9 @@ END_SLACK = 0.5  # s added to the end of a window
 EVENT_SLACK = 0.5  # wall s on each side of a window when mapped to event time
 BURST_FACTOR = 100  # a burst is one second of frames at this many times the rate
 KILL_SPACING = 20.0  # s between two kills/long stops of one collector
+# s; no single fault keeps a collector away this long, so such a window is reported (not failed:
+# a slow tor bootstrap on the small test network is one cause) and the work dir is kept
+LONG_WINDOW = 60.0
 QUIET_END = 5.0  # s at the end of the fault phase in which no fault is active
 
 # kind -> faults per minute; every kind happens at least once per run
@@ -335,6 +340,8 @@ class SymbolReport:
     windows: int = 0
     window_seconds: float = 0.0
     max_extension_s: float = 0.0
+    longest_window: str = ""  # its length, start and causes
+    long_windows: int = 0  # windows over LONG_WINDOW s: a recovery this slow is worth a look
     dead_letters_injected: int = 0
     dead_letters_stored: int = 0
     examples: List[str] = field(default_factory=list)  # first runs lost outside windows
@@ -391,6 +398,10 @@ class Report:
     @property
     def passed(self) -> bool:
         return not self.failures
+
+    @property
+    def long_windows(self) -> int:
+        return sum(s.long_windows for s in self.symbols)
 
     def judge(self) -> None:
         """Fill `failures` from the figures."""
@@ -456,6 +467,10 @@ class Report:
                 lines.append(f"  {s.name} outage {outage}")
             if len(s.outages) > 8:
                 lines.append(f"  {s.name}: {len(s.outages) - 8} more outages with loss")
+        lines.append("longest outage window: " + "; ".join(
+            f"{s.name} {s.longest_window or '-'}" for s in self.symbols)
+            + (f" ({self.long_windows} over {LONG_WINDOW:.0f}s: work dir kept)"
+               if self.long_windows else ""))
         for s in self.symbols:
             for example in s.examples:
                 lines.append(f"  {s.name} LOST OUTSIDE WINDOWS: {example}")
@@ -1026,7 +1041,7 @@ class Soak:
                 self.network.stop()
             except Exception as e:
                 say(f"tor network: {e}")
-        keep = self.args.keep or not self.report.passed
+        keep = self.args.keep or not self.report.passed or self.report.long_windows
         if self.tmpfs:
             if keep and os.path.isdir(self.export_dir):  # the tmpfs goes: keep its files
                 shutil.copytree(self.export_dir, os.path.join(self.dir, "export-kept"))
@@ -1354,7 +1369,14 @@ def account_symbol(soak: Soak, name: str, stored: Stored) -> SymbolReport:
 
     report.sent = len(rows)
     report.windows = sum(1 for w in soak.windows if w.symbol == name)
-    report.window_seconds = sum(w.end - w.start for w in soak.windows if w.symbol == name)
+    windows = [w for w in soak.windows if w.symbol == name]
+    report.window_seconds = sum(w.end - w.start for w in windows)
+    report.long_windows = sum(1 for w in windows if w.end - w.start > LONG_WINDOW)
+    if windows:
+        w = max(windows, key=lambda w: w.end - w.start)
+        report.longest_window = (f"{w.end - w.start:.1f}s from "
+                                 f"{time.strftime('%H:%M:%S', time.localtime(w.start))} "
+                                 f"({', '.join(w.causes) or 'unplanned'})")
     sent_content = {}
     missing = []
     for ts, mt, m in rows:

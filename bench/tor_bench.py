@@ -443,7 +443,7 @@ def print_report(f: dict, machine: dict, args) -> None:
     print(f"  tor CPU while carrying it, % of a core: client {tp['tor_cpu_percent_client']:.0f}, "
           f"busiest relay {tp['tor_cpu_percent_relay_max']:.0f}, all tors "
           f"{tp['tor_cpu_percent_all']:.0f}")
-    print(f"  the bench's tor client (tests/tor_network.py torrc: GeoIPFile /dev/null, unlike the "
+    print(f"  the bench's tor client (tests/tor_network.py torrc, GeoIPFile /dev/null like the "
           f"daemon's): RSS {tp['client_rss_mib']:.1f} MiB, USS {tp['client_uss_mib']:.1f} MiB "
           f"once bootstrapped, RSS {tp['client_rss_after_mib']:.1f} MiB after the tor rounds")
     print()
