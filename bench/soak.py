@@ -733,8 +733,12 @@ class Soak:
                 continue
             if not CONNECTION_FAULTS[e.kind] and e.target != window.symbol:
                 continue
-            if e.wall - 2.0 <= window.detected and window.start <= e.wall + e.duration + 2.0 \
-                    + (HEARTBEAT_TIMEOUT if e.kind == "stop_collector" else 0.0):
+            # the process a planned fault signalled, by pid: also when it came after the
+            # window opened (a collector killed while it was reconnecting)
+            victim = e.note.startswith("pid ") and (window.last_exit or "").startswith(
+                e.note.split(",")[0] + " ")
+            if victim or e.wall - 2.0 <= window.detected and window.start <= e.wall \
+                    + e.duration + 2.0 + (HEARTBEAT_TIMEOUT if e.kind == "stop_collector" else 0.0):
                 window.causes.append(e.kind)
                 window.start = min(window.start, e.wall - 0.5)
         if not window.causes:
