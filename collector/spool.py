@@ -10,14 +10,14 @@ After a crash that marker tells whether the batch landed (see writer.InsertTrack
 File `<name>.spool.lock`: flock()ed while a process uses the spool.  Sizes and offsets live in
 memory, so two processes on one spool would delete each other's batches.
 """
-import fcntl
 import json
 import logging
 import os
 import struct
-import time
 import zlib
 from typing import List, Optional, Tuple
+
+from mexc import pidlock
 
 log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<II")
@@ -36,11 +36,21 @@ class Spool:
         self.path = os.path.join(directory, f"{name}.spool")
         self.pos_path = self.path + ".pos"
         self.readonly = readonly
-        self._lock = None if readonly else _lock(self.path + ".lock", lock_wait)
+        self._lock = None if readonly else self._take_lock(lock_wait)
         self.offset, self.inflight = self._read_pos()
         self.size = self._recover_size()
         self.rows = self._count_rows()
         self._fd = None
+
+    def _take_lock(self, wait: float):
+        """Wait up to `wait` s for a collector that is still stopping (a reload that re-adds
+        the symbol, a restart of `mexc run`) to let go."""
+        try:
+            return pidlock.acquire(self.path + ".lock", wait, on_wait=lambda _holder: log.info(
+                "spool %s is in use; waiting up to %.0fs for the other process", self.path, wait))
+        except pidlock.Held as e:
+            raise SpoolBusy(f"{e}: another collector of this symbol is running (mexc collect, "
+                            "or a second mexc run with the same paths.state_dir)") from None
 
     def __bool__(self) -> bool:
         return self.offset < self.size
@@ -149,30 +159,3 @@ class Spool:
                 offset += _HEADER.size + length
         return rows
 
-
-def _lock(path: str, wait: float):
-    """Hold an exclusive flock on path, waiting up to `wait` s for a collector that is still
-    stopping (a reload that re-adds a symbol, a restart of `mexc run`) to let go."""
-    f = open(path, "a+")
-    deadline, warned = time.monotonic() + wait, False
-    while True:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                f.seek(0)
-                holder = f.read().strip() or "?"
-                f.close()
-                raise SpoolBusy(f"{path} is locked by pid {holder}: another collector of this "
-                                "symbol is running (mexc collect, or a second mexc run with the "
-                                "same paths.state_dir)") from None
-            if not warned:
-                log.info("spool %s is in use; waiting up to %.0fs for the other process", path,
-                         wait)
-                warned = True
-            time.sleep(0.1)
-        else:
-            f.truncate(0)
-            f.write(f"{os.getpid()}\n")
-            f.flush()
-            return f

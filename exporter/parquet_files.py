@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mexc import __version__
+from mexc import __version__, pidlock
 
 HOUR_MS = 3_600_000
 SCHEMA = pa.schema([
@@ -143,20 +143,10 @@ def remove_stale_temporaries(directory: str) -> list:
     for name in os.listdir(directory):
         parts = name.split(".")
         if name.startswith(".") and name.endswith(".parquet.%s.tmp" % parts[-2]) \
-                and parts[-2].isdigit() and not _process_exists(int(parts[-2])):
+                and parts[-2].isdigit() and not pidlock.alive(parts[-2]):
             _unlink(os.path.join(directory, name))
             stale.append(name)
     return stale
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _unlink(path: str) -> None:

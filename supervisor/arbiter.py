@@ -3,7 +3,6 @@ bus (status requests, heartbeats, the rotation handshake) and talks to systemd.
 
 One loop, no threads: wait up to TICK for bus messages, then look after every child.
 """
-import fcntl
 import logging
 import os
 import shutil
@@ -15,7 +14,7 @@ from urllib.parse import urlsplit
 import psutil
 
 from bus import sockets
-from mexc import config as configuration, schema, __version__
+from mexc import config as configuration, pidlock, schema, __version__
 from mexc.clickhouse_server import ClickHouseStartError, ManagedClickHouse
 from supervisor import sdnotify
 from supervisor.exits import ExitGuard
@@ -33,15 +32,6 @@ STOP_TIMEOUT = STOP_TIMEOUTS["collector"]  # a collector removed by a reload
 READY_TIMEOUT = 15.0  # READY=1 at the latest this long after start, even if a collector lags
 LEFTOVER_WAIT = 20.0  # for the children of a killed `mexc run` to die with it (collectors flush)
 REPEAT = 0.5  # rotation events are re-published this often until the rotation is over
-
-
-def _alive(pid: str) -> bool:
-    try:
-        return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
-    except (ValueError, psutil.NoSuchProcess):
-        return False
-    except psutil.Error:
-        return True
 
 
 class RunError(Exception):
@@ -131,30 +121,18 @@ class Arbiter:
     def _take_lock(self) -> None:
         sockets.prepare_runtime_dir(self.runtime_dir)
         path = os.path.join(self.runtime_dir, "mexc.lock")
-        self.lock_file = open(path, "a+")
         # Forked children inherit the lock: it is free once every process of a run is gone.
-        deadline, warned = time.monotonic() + LEFTOVER_WAIT, False
-        while True:
-            try:
-                fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                self.lock_file.seek(0)
-                other = self.lock_file.read().strip() or "?"
-            if _alive(other):
-                raise RunError(f"another mexc run (pid {other}) is using {self.runtime_dir}; "
+        try:
+            self.lock_file = pidlock.acquire(
+                path, LEFTOVER_WAIT, give_up=pidlock.alive, on_wait=lambda holder: log.warning(
+                    "the previous mexc run (pid %s) is gone but its children are still "
+                    "stopping; waiting up to %.0fs", holder, LEFTOVER_WAIT))
+        except pidlock.Held as e:
+            if pidlock.alive(e.holder):
+                raise RunError(f"another mexc run (pid {e.holder}) is using {self.runtime_dir}; "
                                "stop it first or give this one its own paths.runtime_dir")
-            if time.monotonic() >= deadline:
-                raise RunError(f"processes of an earlier mexc run (pid {other}) still hold "
-                               f"{path} after {LEFTOVER_WAIT:.0f}s: see `fuser -v {path}`")
-            if not warned:
-                log.warning("the previous mexc run (pid %s) is gone but its children are still "
-                            "stopping; waiting up to %.0fs", other, LEFTOVER_WAIT)
-                warned = True
-            time.sleep(TICK)
-        self.lock_file.truncate(0)
-        self.lock_file.write(f"{os.getpid()}\n")
-        self.lock_file.flush()
+            raise RunError(f"processes of an earlier mexc run (pid {e.holder}) still hold "
+                           f"{path} after {LEFTOVER_WAIT:.0f}s: see `fuser -v {path}`")
 
     def _on_stop(self, signum, _frame) -> None:
         self.stopping = True
