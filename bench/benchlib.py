@@ -34,8 +34,8 @@ if ROOT not in sys.path:
 import psutil  # noqa: E402
 
 from bus import sockets  # noqa: E402
-from mexc import schema  # noqa: E402
-from mexc.clickhouse_server import ManagedClickHouse  # noqa: E402
+from core.clickhouse_server import ManagedClickHouse  # noqa: E402
+from core.store import Store  # noqa: E402
 
 MEXC = os.path.join(os.path.dirname(sys.executable), "mexc")
 MIB = 1024 * 1024
@@ -119,9 +119,14 @@ class World:
             f.write(toml_dump(data))
         return path
 
+    def store(self, database: str = "default") -> Store:
+        """A store session (close it when done)."""
+        return Store(self.ch_section(database))
+
     def client(self):
-        """A clickhouse-driver client on the "default" database (queries name their tables)."""
-        return schema.connect(self.ch_section("default"), database=False)
+        """A clickhouse-driver client for the bench's own measurement queries (they name
+        their tables); disconnect() it when done."""
+        return self.store().client
 
 
 # --- processes: the simulator, `mexc` commands, spawned helpers ------------------------------

@@ -45,7 +45,7 @@ import websocket
 
 from benchlib import MEXC, MIB, BenchError, PeakMemory, percentile, verdict
 from collector import wire
-from mexc import schema
+from core.store import Store
 from mexc.simulator import MexcSimulator, live_mix_frames
 
 SYMBOL, TABLE = "BTC_USDT", "btc_current"
@@ -105,7 +105,11 @@ class FrameSender:
 class World(benchlib.World):
     def new_database(self, database: str, url: str) -> str:
         """A fresh database with the collector's tables, and a config for it; returns its path."""
-        schema.setup_db(self.ch_section(database), ["btc"])
+        store = Store(self.ch_section(database))
+        try:
+            store.setup(["btc"])
+        finally:
+            store.close()
         return self.write_config(self.config_data(
             database, [SYMBOL],
             exchange={"url": url, "reconnect_min": 0.2, "reconnect_max": 2.0}))
@@ -178,11 +182,10 @@ class LatencyPoller(threading.Thread):
     the last millisecond but came in a later insert.
     """
 
-    def __init__(self, client, database: str):
+    def __init__(self, store: Store, database: str):
         super().__init__(name="latency-poller", daemon=True)
-        self.client = client
-        features = schema.detect(client, database)
-        self.rts = features.ts_ms("rts")
+        self.client = store.client
+        self.rts = store.features.ms("rts")
         self.table = f"{database}.{TABLE}"
         self.latencies_ms = []
         self.done = threading.Event()
@@ -225,11 +228,12 @@ def latency_run(world: World, seconds: float, stack: contextlib.ExitStack) -> di
     database = "bench_latency"
     collector = world.collector(world.new_database(database, url))
     stack.callback(collector.stop)
-    client = world.client()
-    stack.callback(client.disconnect)
+    store = world.store(database)
+    stack.callback(store.close)
+    client = store.client
     wait_for_count(client, database, 1, collector, timeout=30)
     memory = PeakMemory(collector.pid, MEMORY_POLL, uss=True)
-    poller = LatencyPoller(client, database)
+    poller = LatencyPoller(store, database)
     memory.start()
     poller.start()
     try:

@@ -57,7 +57,7 @@ import benchlib
 import psutil
 
 from benchlib import MEXC, MIB, BenchError, PeakMemory, percentile, verdict
-from mexc import schema
+from core.store import current_table
 
 HOUR_MS = 3_600_000
 SYMBOL, NAME = "BTC_USDT", "btc"
@@ -123,27 +123,26 @@ def row_batches(n: int, hour_ms: int, seed: int = 1):
 
 def insert_hour(world: World, database: str, n: int, hour_ms: int) -> dict:
     """The hour's rows into btc_current; the table's size on disk afterwards."""
-    schema.setup_db(world.ch_section(database), [NAME])
-    client = world.client()
-    sql = schema.insert_rows_sql(database, schema.current_table(NAME))
+    store = world.store(database)
     insert_s, mix = 0.0, {kind: 0 for kind, _w in ROW_MIX}
     texts = 0
     try:
+        store.setup([NAME])
         for columns in row_batches(n, hour_ms):
             started = time.perf_counter()
-            client.execute(sql, list(columns), columnar=True)
+            store.insert_rows(current_table(NAME), list(zip(*columns)))
             insert_s += time.perf_counter() - started
             for kind in columns[1]:
                 mix[kind] += 1
             texts += sum(len(text) for text in columns[2])
-        count = client.execute(f"SELECT count() FROM {database}.{schema.current_table(NAME)}")
+        count = store.count(current_table(NAME))
     finally:
-        client.disconnect()
-    if count[0][0] != n:
-        raise BenchError(f"{database}.btc_current has {count[0][0]} rows after the insert, "
+        store.close()
+    if count != n:
+        raise BenchError(f"{database}.btc_current has {count} rows after the insert, "
                          f"expected {n}")
     return {"insert_s": insert_s, "mix": mix, "avg_text_bytes": texts / max(1, n),
-            "table_bytes": world.table_bytes(database, schema.current_table(NAME))}
+            "table_bytes": world.table_bytes(database, current_table(NAME))}
 
 
 class FixedClock:

@@ -128,10 +128,10 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from bus import sockets  # noqa: E402
-from exporter.exporter import EventClock  # noqa: E402
-from exporter.parquet_files import HOUR_MS  # noqa: E402
-from mexc import schema  # noqa: E402
-from mexc.clickhouse_server import ManagedClickHouse, free_port  # noqa: E402
+from core.clickhouse_server import ManagedClickHouse  # noqa: E402
+from core.clock import HOUR_MS, EventClock  # noqa: E402
+from core.process import free_port  # noqa: E402
+from core.store import Store  # noqa: E402
 from mexc.simulator import MexcSimulator  # noqa: E402
 from tests.conftest import Proc, toml_dump  # noqa: E402
 
@@ -869,14 +869,14 @@ class Soak:
                     total += pq.read_metadata(os.path.join(self.export_dir, name)).num_rows
                 except Exception:
                     pass
-        client = schema.connect(self.ch_section(), database=False)
+        store = Store(self.ch_section())
         try:
             for n in self.names:
                 for table in (f"{n}_current", f"{n}_previous", f"{n}_fresh"):
-                    if client.execute(f"EXISTS TABLE soak.{table}")[0][0]:
-                        total += client.execute(f"SELECT count() FROM soak.{table}")[0][0]
+                    if store.exists(table):
+                        total += store.count(table)
         finally:
-            client.disconnect()
+            store.close()
         return total
 
     def settle(self, timeout: float = 60.0) -> None:
@@ -919,14 +919,13 @@ class Soak:
         r.healthy = not r.health_notes
 
     def current_counts(self) -> Dict[str, int]:
-        client = schema.connect(self.ch_section(), database=False)
+        store = Store(self.ch_section())
         try:
-            return {n: client.execute(f"SELECT count() FROM soak.{n}_current")[0][0]
-                    for n in self.names}
+            return {n: store.count(f"{n}_current") for n in self.names}
         except Exception:
             return {}
         finally:
-            client.disconnect()
+            store.close()
 
     def verify(self) -> None:
         """`mexc verify`, right after fresh frames reached every {name}_current.  Two of its
@@ -1303,23 +1302,20 @@ def read_files(soak: Soak, stored: Dict[str, Stored]) -> None:
 
 
 def read_tables(soak: Soak, stored: Dict[str, Stored]) -> None:
-    client = schema.connect(soak.ch_section(), database=False, timeout=60.0)
+    store = Store(soak.ch_section(), timeout=60.0)
     try:
-        features = schema.detect(client, "soak")
         for name in soak.names:
             for table in (f"{name}_current", f"{name}_previous", f"{name}_fresh"):
-                if not client.execute(f"EXISTS TABLE soak.{table}")[0][0]:
+                if not store.exists(table):
                     continue
                 add, n = stored[name].add, 0
-                for ts, mt, m in client.execute_iter(
-                        f"SELECT {features.ts_ms()}, toString(mt), m FROM soak.{table}",
-                        settings={"max_block_size": 65536}):
+                for ts, mt, m, _rts in store.rows(table):
                     add(ts, mt, m)
                     n += 1
                 if table.endswith("_fresh"):
                     soak.report.fresh_rows += n
     finally:
-        client.disconnect()
+        store.close()
 
 
 def event_ms(soak: Soak, wall_s: float) -> int:

@@ -16,10 +16,12 @@ from typing import Optional, Tuple
 
 import websocket
 
+from bus.rotation import Holder
 from collector import wire
 from collector.connection import OP_CLOSE, OP_TEXT, FrameReader, open_websocket
 from collector.spool import Spool
 from collector.writer import RowWriter
+from core.vocabulary import CHANNEL_TYPES, COLLECTOR, DEAD_LETTER, MESSAGE_TYPES, ChildId
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class Stats:
     """Counters for the periodic stats line; `rows` by message type."""
 
     def __init__(self):
-        self.rows = dict.fromkeys(("t", "d", "dp", "dl"), 0)
+        self.rows = dict.fromkeys(MESSAGE_TYPES, 0)
         self.frames = 0
         self.errors = 0
         self.reconnects = 0
@@ -46,6 +48,10 @@ class Stats:
 
 
 class Collector:
+    """One symbol's collector process: connects (directly or through its tor's SOCKS port),
+    subscribes, turns frames into rows and hands them to its RowWriter; reconnects with
+    backoff; under the supervisor, sends heartbeats and holds rows during rotations."""
+
     def __init__(self, config, symbol: str, socks_proxy: Optional[Tuple[str, int]] = None,
                  bus=None):
         self.config = config
@@ -65,6 +71,7 @@ class Collector:
                                 max_hold=self.co["max_hold"])
         self.batch = []
         self.batch_started = 0.0
+        self.child_id = ChildId(COLLECTOR, self.sym.name)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -142,7 +149,7 @@ class Collector:
         symbol, batch_rows = self.sym.symbol, self.co["batch_rows"]
         now = time.monotonic()
         self.last_frame = self.last_ping = now
-        self.channels = {name: _ChannelWatch(name, now) for name in wire.CHANNELS}
+        self.channels = {name: _ChannelWatch(name, now) for name in CHANNEL_TYPES}
         next_housekeeping = now + RECV_TICK
         while not self.stopping:
             messages = reader.read()
@@ -180,7 +187,7 @@ class Collector:
                 watch.data_again(now)
             watch.last_data = now
         elif rows:
-            self.stats.rows["dl"] += 1
+            self.stats.rows[DEAD_LETTER] += 1
             self.stats.errors += 1
             if kind == wire.ERROR:
                 log.warning("exchange error: %s", rows[0][2][:200])
@@ -199,7 +206,8 @@ class Collector:
     # --- the bus: heartbeats out, rotation events in (its own thread) ------------------------
 
     def _bus_loop(self) -> None:
-        name = f"collector-{self.sym.name}"
+        name = str(self.child_id)
+        holder = Holder(name, self.sym.symbol, self.writer, self.bus.send)
         next_beat = 0.0
         while not self.stopping:
             now = time.monotonic()
@@ -207,19 +215,8 @@ class Collector:
                 self.bus.send("heartbeat", name=name, pid=os.getpid(), stats=self.status(now))
                 next_beat = now + HEARTBEAT_INTERVAL
             event = self.bus.receive(timeout=max(0.0, next_beat - time.monotonic()))
-            if event is None or self.sym.symbol not in event.get("symbols", [self.sym.symbol]):
-                continue
-            if event["type"] == "rotate_begin":
-                self.writer.hold(event["rotation"])
-                # Ack once the insert in flight (if any) is over; rotate_begin is repeated
-                # every half second, so an ack not sent now is sent on a later one.
-                deadline = time.monotonic() + 0.3
-                while not self.writer.holding() and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                if self.writer.holding():
-                    self.bus.send("rotate_ack", name=name, rotation=event["rotation"])
-            elif event["type"] == "rotate_end":
-                self.writer.release(event["rotation"])
+            if event is not None:
+                holder.on_event(event)
 
     def status(self, now: float) -> dict:
         """What the heartbeat tells the supervisor (and mexc status shows)."""
@@ -264,10 +261,8 @@ class _ChannelWatch:
     """Confirms a subscription by its first data frame; warns while a channel stays silent.
     The receive loop sets `last_data` itself and calls data_again() only when it matters."""
 
-    MESSAGE_TYPES = {"ticker": "t", "deal": "d", "depth.full": "dp"}
-
     def __init__(self, name: str, subscribed_at: float):
-        self.name, self.mt = name, self.MESSAGE_TYPES[name]
+        self.name, self.mt = name, CHANNEL_TYPES[name]
         self.subscribed_at = subscribed_at
         self.last_data = None
         self.alarmed = False

@@ -24,8 +24,7 @@ def tls_context(ca_file: str = "") -> ssl.SSLContext:
 
 
 def open_websocket(url: str, timeout: float, ca_file: str = "",
-                   socks_proxy: Optional[Tuple[str, int]] = None,
-                   socks_auth: Optional[Tuple[str, str]] = None) -> websocket.WebSocket:
+                   socks_proxy: Optional[Tuple[str, int]] = None) -> websocket.WebSocket:
     """Connect and finish the WebSocket handshake; raises OSError or WebSocketException."""
     options = dict(timeout=timeout, skip_utf8_validation=True, enable_multithread=False,
                    suppress_origin=True)
@@ -33,7 +32,7 @@ def open_websocket(url: str, timeout: float, ca_file: str = "",
     if socks_proxy is None:
         sslopt = {"ssl_context": tls_context(ca_file)} if secure else None
         return websocket.create_connection(url, sslopt=sslopt, **options)
-    sock = _socks_tunnel(url, timeout, socks_proxy, socks_auth)
+    sock = _socks_tunnel(url, timeout, socks_proxy)
     if secure:
         sock = tls_context(ca_file).wrap_socket(sock, server_hostname=urlsplit(url).hostname)
     return websocket.create_connection(url, socket=sock, **options)
@@ -115,13 +114,11 @@ class FrameReader:
             raise ProtocolError(f"unexpected opcode {opcode:#x}")
 
 
-def _socks_tunnel(url: str, timeout: float, proxy: Tuple[str, int],
-                  auth: Optional[Tuple[str, str]]) -> socket.socket:
+def _socks_tunnel(url: str, timeout: float, proxy: Tuple[str, int]) -> socket.socket:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "wss" else 80)
     tunnel = socks.socksocket()
-    tunnel.set_proxy(socks.SOCKS5, proxy[0], proxy[1], rdns=True,
-                     username=auth[0] if auth else None, password=auth[1] if auth else None)
+    tunnel.set_proxy(socks.SOCKS5, proxy[0], proxy[1], rdns=True)
     tunnel.settimeout(timeout)
     try:
         tunnel.connect((parts.hostname, port))

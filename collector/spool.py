@@ -5,7 +5,7 @@ the end (the process died mid-write) fails its length or checksum and is cut off
 
 File `<name>.spool.pos`: how far replay got, plus the in-flight insert (offset, row count and
 the table's row count before it), written atomically before each insert of a spooled batch.
-After a crash that marker tells whether the batch landed (see writer.InsertTracker).
+After a crash that marker tells the RowWriter whether the batch landed (collector/writer.py).
 
 File `<name>.spool.lock`: flock()ed while a process uses the spool.  Sizes and offsets live in
 memory, so two processes on one spool would delete each other's batches.
@@ -17,7 +17,8 @@ import struct
 import zlib
 from typing import List, Optional, Tuple
 
-from mexc import pidlock
+from core import pidlock
+from core.process import write_json_atomic
 
 log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<II")
@@ -28,6 +29,9 @@ class SpoolBusy(RuntimeError):
 
 
 class Spool:
+    """One symbol's spool: append() batches, peek() the oldest, advance() past it once stored.
+    Its rows survive a crash; a torn last record is cut off on open."""
+
     # lock_wait: longer than a stopping collector takes (collector.STOP_GRACE), shorter than
     # the supervisor's default heartbeat_timeout
     def __init__(self, directory: str, name: str, lock_wait: float = 8.0, readonly=False):
@@ -105,12 +109,7 @@ class Spool:
             self._fd = None
 
     def _write_pos(self) -> None:
-        tmp = self.pos_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"offset": self.offset, "inflight": self.inflight}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.pos_path)
+        write_json_atomic(self.pos_path, {"offset": self.offset, "inflight": self.inflight})
 
     def _read_pos(self) -> Tuple[int, Optional[tuple]]:
         try:

@@ -1,7 +1,7 @@
 """MEXC futures WebSocket wire format: the requests we send and the rows a frame becomes.
 
 This is the only module that knows MEXC's JSON.  `parse()` turns one received frame into
-`(kind, rows)`; each row is `(ts, mt, m, rts)` as stored in ClickHouse (see mexc/schema.py).
+`(kind, rows)`; each row is a tuple `(ts, mt, m, rts)`: a core.vocabulary.Row.
 
 Numbers keep the exchange's exact text: the JSON decoder hands float literals over as their
 source text (`0.080100`, `7.548E+4`) instead of converting them through float.
@@ -10,11 +10,12 @@ import json
 import re
 import zlib
 
+from core.vocabulary import CHANNELS, DEAD_LETTER, DEAL, DEPTH, TICKER
+
 DEAD_LETTER_CHARS = 500
 MAX_INFLATED_BYTES = 16 * 1024 * 1024  # a compressed frame may not inflate beyond this
 
 PING = '{"method":"ping"}'
-CHANNELS = ("ticker", "deal", "depth.full")
 
 # kinds returned by parse()
 PONG, ACK, IGNORED, ERROR, DEAD = "pong", "ack", "ignored", "error", "dead"
@@ -35,12 +36,10 @@ class BadFrame(Exception):
 
 def subscribe_requests(symbol: str, depth_limit: int = 20):
     """The three subscription frames, one channel each."""
-    return [
-        json.dumps({"method": "sub.ticker", "param": {"symbol": symbol}}),
-        json.dumps({"method": "sub.deal", "param": {"symbol": symbol}}),
-        json.dumps({"method": "sub.depth.full", "param": {"symbol": symbol,
-                                                          "limit": depth_limit}}),
-    ]
+    params = {"ticker": {"symbol": symbol}, "deal": {"symbol": symbol},
+              "depth.full": {"symbol": symbol, "limit": depth_limit}}
+    return [json.dumps({"method": f"sub.{channel}", "param": params[channel]})
+            for channel in CHANNELS]
 
 
 def parse(payload, rts: int, symbol: str):
@@ -108,7 +107,7 @@ def _deal_rows(frame: dict, rts: int, symbol: str):
         m = f'{trade["p"]}|{trade["v"]}|{trade["T"]}'
         if not _DEAL_TEXT(m):
             raise BadFrame(f"trade fields are not numbers: {m[:80]!r}")
-        rows.append((_ms(trade["t"]), "d", m, rts))
+        rows.append((_ms(trade["t"]), DEAL, m, rts))
     return rows
 
 
@@ -118,7 +117,7 @@ def _depth_rows(frame: dict, rts: int, symbol: str):
     m = _levels(data["bids"]) + "|" + _levels(data["asks"])
     if not _DEPTH_TEXT(m):
         raise BadFrame(f"depth levels are not [price, size, ...] numbers: {m[:80]!r}")
-    return [(_ms(frame["ts"]), "dp", m, rts)]
+    return [(_ms(frame["ts"]), DEPTH, m, rts)]
 
 
 def _levels(side) -> str:
@@ -133,7 +132,7 @@ def _ticker_rows(frame: dict, rts: int, symbol: str):
     m = f'{d["lastPrice"]}|{d["fairPrice"]}|{d["indexPrice"]}|{d["holdVol"]}|{d["fundingRate"]}'
     if not _TICKER_TEXT(m):
         raise BadFrame(f"ticker fields are not numbers: {m[:80]!r}")
-    return [(_ms(d["timestamp"]), "t", m, rts)]
+    return [(_ms(d["timestamp"]), TICKER, m, rts)]
 
 
 def _check_symbol(frame: dict, symbol: str) -> None:
@@ -158,7 +157,7 @@ def _frame_ts(frame, rts: int) -> int:
 
 
 def _dead_row(text: str, ts: int, rts: int):
-    return (ts, "dl", text[:DEAD_LETTER_CHARS], rts)
+    return (ts, DEAD_LETTER, text[:DEAD_LETTER_CHARS], rts)
 
 
 def _dead(text: str, ts: int, rts: int, reason: str):

@@ -14,6 +14,8 @@ had the data).  This writer is the only one writing its table, so it tracks the 
 count: after an unsure failure it reads count() again and retries only if the batch is not
 there.  For spooled batches the count before the insert is kept on disk (see spool.py), so the
 answer survives a crash.
+
+While a rotation swaps the table (bus/rotation.py), hold() stops inserts until release().
 """
 import collections
 import logging
@@ -21,13 +23,10 @@ import threading
 import time
 from typing import List, Optional
 
-from clickhouse_driver.errors import ServerException
-
-from mexc import schema
+from core import store
+from core.log import first_line
 
 log = logging.getLogger(__name__)
-
-UNKNOWN_TABLE = 60
 
 
 class InsertFailed(Exception):
@@ -35,10 +34,13 @@ class InsertFailed(Exception):
 
 
 class RowWriter:
+    """The writer thread of one collector: stores submitted batches in {name}_current in
+    order, exactly once, through outages (memory queue, then spool) and rotations (hold)."""
+
     def __init__(self, ch: dict, name: str, spool, max_buffered_rows: int, max_hold: float = 30.0,
                  max_insert_rows: int = 50_000, retry_max: float = 2.0):
-        self.ch = ch
-        self.table = schema.current_table(name)
+        self.store = store.Store(ch)
+        self.table = store.current_table(name)
         self.spool = spool
         self.max_buffered_rows = max_buffered_rows
         self.max_insert_rows = max_insert_rows
@@ -59,7 +61,7 @@ class RowWriter:
         self.table_rows: Optional[int] = None  # count() of our table, when known
         self.recount = False  # set after a rotation: table_rows must be read again
 
-        self.client = None
+        self.connected = False  # our table is known to exist on the current connection
         self.failed = False  # the writer thread died: the collector must exit and be restarted
         self.spool_broken_until = 0.0  # after a failed spool write (disk full), retry later
         self.rows_written = 0
@@ -118,8 +120,7 @@ class RowWriter:
             self.wakeup.notify()
         self.thread.join()
         self.spool.close()
-        if self.client is not None:
-            self.client.disconnect()
+        self.store.close()
 
     # --- the writer thread -----------------------------------------------------------------
 
@@ -201,14 +202,14 @@ class RowWriter:
         self.pending = rows
 
     def _insert(self, rows: List[tuple]) -> None:
-        client = self._connected()
+        self._connect()
         if self.recount and not self.unsure:
             self.recount, self.table_rows = False, None
         try:
             if self.table_rows is None:
-                self.table_rows = self._count(client)
+                self.table_rows = self.store.count(self.table)
             if self.unsure:
-                landed = self._landed(client, rows)
+                landed = self._landed(rows)
                 self.unsure = False
                 if landed:
                     self.table_rows += len(rows)
@@ -219,64 +220,48 @@ class RowWriter:
             self._disconnect()
             raise InsertFailed(f"{type(e).__name__}: {e}") from None
         try:
-            client.execute(schema.insert_rows_sql(self.ch["database"], self.table),
-                           [list(column) for column in zip(*rows)], columnar=True)
-        except ServerException as e:  # the server refused the block: it did not land
-            if e.code == UNKNOWN_TABLE:
+            self.store.insert_rows(self.table, rows)
+        except store.Refused as e:  # the server refused the block: it did not land
+            if e.code == store.UNKNOWN_TABLE:
                 self._disconnect()  # reconnecting recreates the table
-            raise InsertFailed(f"server refused: {_first_line(e)}") from None
+            raise InsertFailed(f"server refused: {first_line(e)}") from None
         except Exception as e:
             self.unsure = True
             self._disconnect()
-            raise InsertFailed(f"{type(e).__name__}: {_first_line(e)}") from None
+            raise InsertFailed(f"{type(e).__name__}: {first_line(e)}") from None
         self.table_rows += len(rows)
 
-    def _landed(self, client, rows: List[tuple]) -> bool:
+    def _landed(self, rows: List[tuple]) -> bool:
         """Did the unsure insert of `rows` land?  The row count answers when only we wrote;
         when someone else changed the table too (the exporter moving rows back after a
         rotation), look for the batch's first and last rows: a block lands whole or not."""
-        count = self._count(client)
+        count = self.store.count(self.table)
         if count in (self.table_rows, self.table_rows + len(rows)):
             landed = count == self.table_rows + len(rows)
         else:
-            landed = self._contains(client, rows[0]) and self._contains(client, rows[-1])
+            landed = (self.store.contains(self.table, rows[0])
+                      and self.store.contains(self.table, rows[-1]))
             self.table_rows = count - (len(rows) if landed else 0)
         log.info("unsure insert of %d rows %s table=%s", len(rows),
                  "had landed" if landed else "had not landed: inserting again", self.table)
         return landed
 
-    def _contains(self, client, row: tuple) -> bool:
-        """Is this exact row in the table?"""
-        ts, mt, m, rts = row
-        features = schema.detect(client, self.ch["database"])
-        sql = (f"SELECT count() FROM {schema.quote(self.ch['database'])}.{schema.quote(self.table)} "
-               f"WHERE {features.ts_ms()} = %(ts)s AND mt = %(mt)s AND m = %(m)s "
-               f"AND {features.ts_ms('rts')} = %(rts)s")
-        return client.execute(sql, {"ts": ts, "mt": mt, "m": m, "rts": rts})[0][0] > 0
-
-    def _connected(self):
-        if self.client is None:
+    def _connect(self) -> None:
+        """Make sure the database and our table exist (a rotation or an operator may have
+        dropped them; a fresh server has neither)."""
+        if not self.connected:
             try:
-                # Not bound to our database, so a missing one can be created; all SQL here
-                # names the database.
-                client = schema.connect(self.ch, database=False)
-                client.execute(schema.create_database(self.ch["database"]))
-                features = schema.detect(client, self.ch["database"])
-                client.execute(schema.create_rows_table(self.ch["database"], self.table, features))
+                self.store.create_database()
+                self.store.create_rows_table(self.table)
             except Exception as e:
+                self.store.close()
                 raise InsertFailed(f"cannot reach ClickHouse: {type(e).__name__}: "
-                                   f"{_first_line(e)}") from None
-            self.client = client
-        return self.client
+                                   f"{first_line(e)}") from None
+            self.connected = True
 
     def _disconnect(self) -> None:
-        if self.client is not None:
-            self.client.disconnect()
-            self.client = None
-
-    def _count(self, client) -> int:
-        sql = f"SELECT count() FROM {schema.quote(self.ch['database'])}.{schema.quote(self.table)}"
-        return client.execute(sql)[0][0]
+        self.store.close()
+        self.connected = False
 
     # --- spilling to the spool -------------------------------------------------------------
 
@@ -319,7 +304,3 @@ class RowWriter:
         if moved:
             log.warning("memory bound reached table=%s: %d rows moved to spool %s (%d spooled)",
                         self.table, moved, self.spool.path, self.spool.rows)
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

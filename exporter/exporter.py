@@ -1,7 +1,7 @@
 """The exporter: every hour, rotate each symbol's table and write its hourly Parquet files.
 
 One cycle, per symbol:
-  1. rotate (collectors hold their rows meanwhile, see bus/messages.py): {name}_current becomes
+  1. rotate (collectors hold their rows meanwhile, see bus/rotation.py): {name}_current becomes
      {name}_previous and a fresh empty table takes its place; rows of the hour that is not over
      yet go back into the new current table;
   2. export: one file per hour found in previous (late rows for an hour already exported are
@@ -19,36 +19,20 @@ import threading
 import time
 from typing import Optional
 
+from bus.rotation import Requester
 from bus.sockets import ChildBus
-from mexc import schema
-from mexc.config import Symbol
+from core import store
+from core.clock import HOUR_MS, EventClock, hour_start, iso
+from core.config import Symbol
+from core.log import first_line
+from core.process import write_json_atomic
+from core.vocabulary import EXPORTER
 from exporter import parquet_files
-from exporter.parquet_files import HOUR_MS
 
 log = logging.getLogger(__name__)
 
 ROW_GROUP_ROWS = 131_072  # rows per Parquet row group; the export streams one group at a time
-READY_TIMEOUT = 30.0
 RETRY_AFTER = 60.0  # seconds before a failed cycle (ClickHouse away, disk full) is tried again
-
-
-class EventClock:
-    """Event time in ms.  Runs `speed` times faster than the wall clock from `anchor_ms`, so
-    tests and `mexc demo` can pass hours in seconds; speed 1 is the wall clock."""
-
-    def __init__(self, speed: float = 1.0, anchor_ms: int = 0):
-        self.speed, self.anchor_ms = speed, anchor_ms
-
-    def now_ms(self) -> int:
-        wall = time.time() * 1000
-        return int(self.anchor_ms + (wall - self.anchor_ms) * self.speed)
-
-    def wall_seconds_until(self, event_ms: int) -> float:
-        return max(0.0, (event_ms - self.now_ms()) / self.speed / 1000)
-
-
-def hour_start(ms: int) -> int:
-    return ms // HOUR_MS * HOUR_MS
 
 
 class SymbolState:
@@ -67,12 +51,7 @@ class SymbolState:
 
     def save(self, **changes) -> None:
         self.data = {**(self.data or {}), **changes}
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.data)
 
     def clear(self) -> None:
         self.data = None
@@ -111,17 +90,15 @@ class KnownSymbols:
         self._save()
 
     def _save(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({name: s.symbol for name, s in self.symbols.items()}, f)
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, {name: s.symbol for name, s in self.symbols.items()})
 
 
 class Exporter:
+    """The exporter process: sleeps until the hour (plus export.delay) is over or an export is
+    requested, then runs one cycle over every symbol (see the module docstring)."""
+
     def __init__(self, config, bus=None, clock: Optional[EventClock] = None):
         self.config = config
-        self.ch = config.clickhouse
-        self.db = self.ch["database"]
         self.export = config.export
         self.bus = bus  # bus.sockets.ChildBus under the supervisor
         self.clock = clock or EventClock(self.export["clock_speed"], self.export["clock_anchor_ms"])
@@ -131,8 +108,8 @@ class Exporter:
         self.known = KnownSymbols(os.path.join(self.state_dir, "known-symbols.json"))
         self.stopping = False
         self.requests = []  # export_now request ids not served yet
-        self.client = None
-        self.features = None
+        self.store = store.Store(config.clickhouse, timeout=30.0)
+        self.rotation = None if bus is None else Requester(bus, EXPORTER, on_other=self._note)
         self.stats = {"last_export": None, "last_error": None, "errors": 0, "files": 0,
                       "next_rotation": None, "exported_until": {}, "rotation_pause_s": None}
 
@@ -150,7 +127,7 @@ class Exporter:
                 break
             ok, files, error = self.cycle()
             if request is not None:
-                self.bus.send("export_done", name="exporter", request=request, ok=ok,
+                self.bus.send("export_done", name=EXPORTER, request=request, ok=ok,
                               files=files, error=error)
             next_cycle = self._next_rotation() if ok else time.monotonic() + RETRY_AFTER
         log.info("stopped")
@@ -162,7 +139,7 @@ class Exporter:
     def _next_rotation(self) -> float:
         """Monotonic time of the next rotation: the next hour plus export.delay (event time)."""
         due_ms = hour_start(self.clock.now_ms()) + HOUR_MS + int(self.export["delay"] * 1000)
-        self.stats["next_rotation"] = _iso(due_ms)
+        self.stats["next_rotation"] = iso(due_ms)
         return time.monotonic() + self.clock.wall_seconds_until(due_ms)
 
     def _heartbeats(self) -> None:
@@ -171,7 +148,7 @@ class Exporter:
         bus = ChildBus(self.config.paths["runtime_dir"])
         try:
             while not self.stopping:
-                bus.send("heartbeat", name="exporter", pid=os.getpid(), stats=self.stats)
+                bus.send("heartbeat", name=EXPORTER, pid=os.getpid(), stats=self.stats)
                 time.sleep(1.0)
         finally:
             bus.close()
@@ -197,23 +174,23 @@ class Exporter:
         self._remove_stale_temporaries()
         symbols = self.known.update(self.config.symbols)
         try:
-            self._connect()
+            self.store.setup([s.name for s in self.config.symbols])
             for symbol in symbols:
                 self._recover(symbol.name)
             self._rotate([s.name for s in symbols
-                          if not self._exists(schema.previous_table(s.name))
-                          and self._exists(schema.current_table(s.name))])
+                          if not self.store.exists(store.previous_table(s.name))
+                          and self.store.exists(store.current_table(s.name))])
         except Exception as e:
-            errors.append(f"rotation: {_first_line(e)}")
-            self._disconnect()
+            errors.append(f"rotation: {first_line(e)}")
+            self.store.close()
         for symbol in symbols:
             try:
                 files += self._export_previous(symbol)
                 if symbol not in self.config.symbols and self._emptied(symbol.name):
                     self.known.forget(symbol)
             except Exception as e:
-                errors.append(f"{symbol.name}: {_first_line(e)}")
-                self._disconnect()
+                errors.append(f"{symbol.name}: {first_line(e)}")
+                self.store.close()
         self.stats["files"] += len(files)
         if errors:
             self.stats["errors"] += len(errors)
@@ -221,15 +198,15 @@ class Exporter:
             log.error("export cycle incomplete, data stays in ClickHouse, retried in %.0fs: %s",
                       RETRY_AFTER, "; ".join(errors))
         else:
-            self.stats["last_export"] = _iso(int(time.time() * 1000))
+            self.stats["last_export"] = iso(int(time.time() * 1000))
             self.stats["last_error"] = None
         return not errors, files, "; ".join(errors) or None
 
     def _emptied(self, name: str) -> bool:
         """Nothing of this symbol left to export (its current table may stay, empty)."""
-        current = schema.current_table(name)
-        return not self._exists(schema.previous_table(name)) and (
-            not self._exists(current) or self._count(current) == 0)
+        current = store.current_table(name)
+        return not self.store.exists(store.previous_table(name)) and (
+            not self.store.exists(current) or self.store.count(current) == 0)
 
     def _remove_stale_temporaries(self) -> None:
         try:
@@ -243,7 +220,7 @@ class Exporter:
     def _rotate(self, names) -> None:
         if not names:
             return
-        rotation = self._hold_collectors()
+        rotation = self.rotation.hold_collectors(lambda: self.stopping) if self.rotation else None
         started = time.monotonic()
         boundary = hour_start(self.clock.now_ms())  # rows from here on: hour not over yet
         swapped = []
@@ -251,106 +228,52 @@ class Exporter:
             for name in names:
                 SymbolState(self.state_dir, name).save(phase="swapping", boundary=boundary,
                                                        hours={})
-                for sql in schema.swap_statements(self.db, name, self.features):
-                    self.client.execute(sql)
+                self.store.swap(name)
                 swapped.append(name)
         finally:
             if rotation is not None:
-                self.bus.send("rotate_done", name="exporter", rotation=rotation)
+                self.rotation.done(rotation)
             pause = time.monotonic() - started
             self.stats["rotation_pause_s"] = round(pause, 3)
             log.info("rotated %s in %.3fs (boundary %s)", ",".join(swapped), pause,
-                     _iso(boundary))
+                     iso(boundary))
         for name in swapped:  # the unfinished hour's rows go back; collectors write meanwhile
-            self._move_back(name, boundary)
+            self.store.move_back(name, boundary)
             SymbolState(self.state_dir, name).save(phase="exporting")
-
-    def _hold_collectors(self) -> Optional[str]:
-        """The bus handshake: ask for a rotation, wait until collectors hold their rows."""
-        if self.bus is None:
-            return None
-        deadline = time.monotonic() + READY_TIMEOUT
-        request = f"{os.getpid()}-{time.monotonic_ns()}"  # tells our rotate_ready from old ones
-        self.bus.send("rotate_request", name="exporter", request=request)
-        while time.monotonic() < deadline and not self.stopping:
-            event = self.bus.receive(timeout=0.5)
-            if event and event["type"] == "rotate_ready" and event["request"] == request:
-                return event["rotation"]
-            self._note(event)
-            if event is None or event["type"] == "rotate_end":  # the supervisor was busy
-                self.bus.send("rotate_request", name="exporter", request=request)
-        raise RuntimeError(f"no rotate_ready from the supervisor within {READY_TIMEOUT:.0f}s")
-
-    def _move_back(self, name: str, boundary: int) -> None:
-        """Rows of the hour that is not over go back into current (they belong to its file)."""
-        db, q = schema.quote(self.db), schema.quote
-        previous = f"{db}.{q(schema.previous_table(name))}"
-        if not self.client.execute(f"SELECT count() FROM {previous} "
-                                   f"WHERE {self.features.ts_ms()} >= {boundary}")[0][0]:
-            return
-        self.client.execute(f"INSERT INTO {db}.{q(schema.current_table(name))} SELECT * FROM "
-                            f"{previous} WHERE {self.features.ts_ms()} >= {boundary}")
 
     def _recover(self, name: str) -> None:
         """Finish what a crash interrupted: a swap half done, a move-back not done."""
-        db, q = schema.quote(self.db), schema.quote
-        fresh, previous = schema.fresh_table(name), schema.previous_table(name)
-        if self._exists(fresh):
-            rows = self._count(fresh)
-            if rows == 0:
-                self.client.execute(f"DROP TABLE {db}.{q(fresh)}")
-            elif not self._exists(previous):
-                self.client.execute(f"RENAME TABLE {db}.{q(fresh)} TO {db}.{q(previous)}")
-            else:
-                self.client.execute(f"INSERT INTO {db}.{q(previous)} SELECT * FROM {db}.{q(fresh)}")
-                self.client.execute(f"DROP TABLE {db}.{q(fresh)}")
+        rows = self.store.recover_fresh(name)
+        if rows is not None:
             log.warning("recovered %d rows of an interrupted swap for %s", rows, name)
         state = SymbolState(self.state_dir, name)
         if state.data and state.data["phase"] == "swapping":
-            if not self._exists(previous):
+            if not self.store.exists(store.previous_table(name)):
                 state.clear()  # the swap never happened
             else:
-                if not self._moved_back(name, state.data["boundary"]):
-                    self._move_back(name, state.data["boundary"])
+                if not self.store.moved_back(name, state.data["boundary"]):
+                    self.store.move_back(name, state.data["boundary"])
                 state.save(phase="exporting")
                 log.warning("finished an interrupted rotation of %s", name)
-
-    def _moved_back(self, name: str, boundary: int) -> bool:
-        db, q, ts = schema.quote(self.db), schema.quote, self.features.ts_ms()
-        previous = f"{db}.{q(schema.previous_table(name))}"
-        late = self.client.execute(f"SELECT count() FROM {previous} WHERE {ts} >= {boundary}")[0][0]
-        if late == 0:
-            return True
-        found = self.client.execute(
-            f"SELECT count() FROM {db}.{q(schema.current_table(name))} WHERE (ts, mt, m, rts) IN "
-            f"(SELECT ts, mt, m, rts FROM {previous} WHERE {ts} >= {boundary})")[0][0]
-        return found >= late
 
     # --- export ----------------------------------------------------------------------------
 
     def _export_previous(self, symbol):
         """Write every hour held by {name}_previous, verify, log; then drop previous."""
         name = symbol.name
-        previous = schema.previous_table(name)
-        if self.client is None:
-            self._connect()
-        if not self._exists(previous):
+        previous = store.previous_table(name)
+        if not self.store.exists(previous):
             return []
         state = SymbolState(self.state_dir, name)
         if state.data is None:  # previous without a state: export all of it
             state.save(phase="exporting", boundary=None, hours={})
-        boundary = state.data["boundary"]
-        ts = self.features.ts_ms()
-        where = f"WHERE {ts} < {boundary}" if boundary is not None else ""
-        hours = self.client.execute(
-            f"SELECT intDiv({ts}, {HOUR_MS}) * {HOUR_MS} AS h, count() FROM "
-            f"{schema.quote(self.db)}.{schema.quote(previous)} {where} GROUP BY h ORDER BY h")
+        hours = self.store.hours(name, before=state.data["boundary"])
         os.makedirs(self.export["dir"], exist_ok=True)
         files = [self._export_hour(symbol, state, hour, rows) for hour, rows in hours]
-        self.client.execute(f"DROP TABLE {schema.quote(self.db)}.{schema.quote(previous)}")
+        self.store.drop(previous)
         state.clear()
         if hours:
-            self.stats["exported_until"][symbol.symbol] = _iso(hours[-1][0] + HOUR_MS)
+            self.stats["exported_until"][symbol.symbol] = iso(hours[-1][0] + HOUR_MS)
         return files
 
     def _export_hour(self, symbol, state: SymbolState, hour: int, rows: int) -> str:
@@ -382,11 +305,8 @@ class Exporter:
             current_sha = hour_file.commit()
         else:  # renamed into place by an attempt that died before logging it
             parquet_files.verify(path, expected, hour)
-        self.client.execute(
-            f"INSERT INTO {schema.quote(self.db)}.export_log "
-            f"(symbol, hour_start, export_time, filepath, row_count, file_bytes, sha256) VALUES",
-            [(symbol.symbol, hour, int(time.time() * 1000), path, expected,
-              os.path.getsize(path), current_sha)])
+        self.store.log_export(symbol.symbol, hour, int(time.time() * 1000), path, expected,
+                              os.path.getsize(path), current_sha)
         state.save(hours={**state.data["hours"], str(hour): {**entry, "done": True}})
         log.info("exported %s rows=%d%s sha256=%s", path, expected,
                  f" (merged {rows} late rows)" if entry["before_rows"] else "", current_sha[:12])
@@ -395,12 +315,8 @@ class Exporter:
     def _hour_row_groups(self, name: str, hour: int):
         """The hour's rows from previous in ts order, as Arrow tables of ROW_GROUP_ROWS rows,
         streamed block by block: memory stays bounded however big the hour is."""
-        ts, rts = self.features.ts_ms(), self.features.ts_ms("rts")
-        table = f"{schema.quote(self.db)}.{schema.quote(schema.previous_table(name))}"
         rows = []
-        for row in self.client.execute_iter(
-                f"SELECT {ts}, toString(mt), m, {rts} FROM {table} WHERE {ts} >= {hour} "
-                f"AND {ts} < {hour + HOUR_MS} ORDER BY {ts}", settings={"max_block_size": 65536}):
+        for row in self.store.hour_rows(name, hour):
             rows.append(row)
             if len(rows) == ROW_GROUP_ROWS:
                 yield parquet_files.to_table(*zip(*rows))
@@ -408,36 +324,6 @@ class Exporter:
         if rows:
             yield parquet_files.to_table(*zip(*rows))
 
-    # --- ClickHouse helpers ----------------------------------------------------------------
-
-    def _connect(self) -> None:
-        if self.client is None:
-            schema.ensure_database(self.ch)
-            self.client = schema.connect(self.ch, database=False, timeout=30.0)
-            self.features = schema.detect(self.client, self.db)
-            schema.ensure_tables(self.client, self.db, [s.name for s in self.config.symbols],
-                                 self.features)
-
-    def _disconnect(self) -> None:
-        if self.client is not None:
-            self.client.disconnect()
-            self.client = None
-
-    def _exists(self, table: str) -> bool:
-        return bool(self.client.execute(
-            f"EXISTS TABLE {schema.quote(self.db)}.{schema.quote(table)}")[0][0])
-
-    def _count(self, table: str) -> int:
-        return self.client.execute(
-            f"SELECT count() FROM {schema.quote(self.db)}.{schema.quote(table)}")[0][0]
-
     def _group(self) -> Optional[int]:
         return grp.getgrnam(self.export["group"]).gr_gid if self.export["group"] else None
 
-
-def _iso(ms: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms // 1000))
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mexc import __version__, pidlock
+from core import __version__, pidlock
+from core.clock import HOUR_MS
 
-HOUR_MS = 3_600_000
 SCHEMA = pa.schema([
     pa.field("ts", pa.timestamp("ms", tz="UTC"), nullable=False),
     pa.field("mt", pa.dictionary(pa.int8(), pa.string()), nullable=False),

@@ -1,8 +1,9 @@
-"""mexc: MEXC futures market data, WebSocket to ClickHouse to hourly Parquet."""
-import os
+"""mexc: MEXC futures market data, WebSocket to ClickHouse to hourly Parquet.
 
-__version__ = "0.1.0"
+This package is the front door: the `mexc` command (cli), `mexc demo`, the status view and
+`mexc verify`.  The parts it drives live in bus/, collector/, exporter/ and supervisor/; the
+ground they stand on in core/ (see docs/architecture.md).
+"""
+from core import __version__
 
-# clickhouse-driver builds a ~22 MB date lookup table at import unless told to do it lazily
-# (the variable's name is spelled so); every collector process would pay for it.
-os.environ.setdefault("CLICKHOUSE_DRIVER_LASY_DATE_LUT", "1")
+__all__ = ["__version__"]

@@ -3,8 +3,9 @@ import argparse
 import os
 import sys
 
-from mexc import __version__, config as configuration
-from mexc import log as logging_setup
+from core import config as configuration, log as logging_setup
+from core.log import first_line
+from mexc import __version__
 
 EX_CONFIG = 78
 
@@ -129,18 +130,21 @@ def _collect(args, config) -> int:
 
 
 def _setup_db(args, config) -> int:
-    from mexc import schema
+    from core.store import Store, current_table
 
     log = logging_setup.setup("setup-db", config.log["level"])
+    store = Store(config.clickhouse)
     try:
-        features = schema.setup_db(config.clickhouse, [s.name for s in config.symbols])
+        features = store.setup([s.name for s in config.symbols])
     except Exception as e:
         log.error("cannot set up ClickHouse at %s:%d: %s", config.clickhouse["host"],
-                  config.clickhouse["port"], str(e).splitlines()[0] if str(e) else type(e).__name__)
+                  config.clickhouse["port"], first_line(e))
         return 1
+    finally:
+        store.close()
     log.info("database %s ready on ClickHouse %s (time columns %s): %s",
              config.clickhouse["database"], features.version, features.time_type,
-             ", ".join(schema.current_table(s.name) for s in config.symbols) + ", export_log")
+             ", ".join(current_table(s.name) for s in config.symbols) + ", export_log")
     return 0
 
 
@@ -156,51 +160,54 @@ def _run(args, config) -> int:
 
 
 def _status(args, config) -> int:
-    from bus.sockets import NotRunning
-    from mexc import status
+    import json
 
-    try:
-        print(status.render(status.fetch(config.paths["runtime_dir"], args.timeout), args.json))
-    except NotRunning as e:
-        print(f"mexc is not running ({e})", file=sys.stderr)
-        return 1
-    return 0
+    return _ask(config, "status", timeout=args.timeout,
+                show=(lambda result: json.dumps(result, indent=2, sort_keys=True))
+                if args.json else None)
 
 
 def _restart(args, config) -> int:
-    from bus.sockets import NotRunning, request
+    return _ask(config, "restart", name=args.name)
+
+
+def _ask(config, name: str, timeout: float = 3.0, show=None, **fields) -> int:
+    """One control command; print what it shows.  Exit 1 when the daemon does not answer or
+    refuses."""
+    from bus.sockets import NotRunning
+    from supervisor.commands import COMMANDS, CommandError, ask
 
     try:
-        reply = request(config.paths["runtime_dir"], "restart", name=args.name)
+        result = ask(config.paths["runtime_dir"], name, timeout=timeout, **fields)
     except NotRunning as e:
         print(f"mexc is not running ({e})", file=sys.stderr)
         return 1
-    if not reply["ok"]:
-        print(f"mexc: {reply['error']}", file=sys.stderr)
+    except CommandError as e:
+        print(f"mexc: {e}", file=sys.stderr)
         return 1
-    print(f"restarting {reply['result']['name']}")
+    print((show or COMMANDS[name].show)(result))
     return 0
 
 
 def _export(args, config) -> int:
     import time
 
-    from bus.sockets import NotRunning, request
+    from bus.sockets import NotRunning
+    from supervisor.commands import CommandError, ask
 
     runtime_dir = config.paths["runtime_dir"]
     try:
-        reply = request(runtime_dir, "export")
-        if not reply["ok"]:
-            print(f"mexc: cannot export: {reply['error']}", file=sys.stderr)
-            return 1
-        request_id = reply["result"]["request"]
+        request_id = ask(runtime_dir, "export")["request"]
         deadline = time.monotonic() + args.timeout
         result = None
         while result is None and time.monotonic() < deadline:
             time.sleep(0.5)
-            result = request(runtime_dir, "export_result", request=request_id)["result"]
+            result = ask(runtime_dir, "export_result", request=request_id)
     except NotRunning as e:
         print(f"mexc is not running ({e})", file=sys.stderr)
+        return 1
+    except CommandError as e:
+        print(f"mexc: cannot export: {e}", file=sys.stderr)
         return 1
     if result is None:
         print(f"mexc: export {request_id} still running after {args.timeout:.0f}s", file=sys.stderr)
@@ -215,7 +222,7 @@ def _export(args, config) -> int:
 
 
 def _iptest(args, config) -> int:
-    from exporter import verify
+    from mexc import verify
 
     ok, lines = verify.ip_separation(config)
     print("\n".join(lines))
@@ -223,32 +230,31 @@ def _iptest(args, config) -> int:
 
 
 def _verif(args, config) -> int:
-    from exporter import verify
+    from mexc import verify
 
-    return _report(config, lambda client: [verify.collection(config, client)])
+    return _report(config, lambda store: [verify.collection(config, store)])
 
 
 def _verify(args, config) -> int:
-    from exporter import verify
+    from mexc import verify
 
-    return _report(config, lambda client: [verify.ip_separation(config),
-                                           verify.collection(config, client),
-                                           verify.exports(config, client)])
+    return _report(config, lambda store: [verify.ip_separation(config),
+                                          verify.collection(config, store),
+                                          verify.exports(config, store)])
 
 
 def _report(config, checks) -> int:
-    from mexc import schema
+    from core.store import Store
 
-    client = schema.connect(config.clickhouse, database=False)
+    store = Store(config.clickhouse)
     try:
-        results = checks(client)
+        results = checks(store)
     except Exception as e:
         print(f"mexc: cannot check: ClickHouse at {config.clickhouse['host']}:"
-              f"{config.clickhouse['port']}: {str(e).splitlines()[0] if str(e) else e!r}",
-              file=sys.stderr)
+              f"{config.clickhouse['port']}: {first_line(e)}", file=sys.stderr)
         return 1
     finally:
-        client.disconnect()
+        store.close()
     for _ok, lines in results:
         print("\n".join(lines))
     ok = all(ok for ok, _lines in results)

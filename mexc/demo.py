@@ -13,11 +13,11 @@ import tempfile
 import time
 
 from bus.sockets import NotRunning
-from mexc import status
-from mexc.clickhouse_server import free_port
-from mexc.schema import connect
-from exporter.exporter import EventClock
+from core.clock import EventClock
+from core.process import free_port
+from core.store import Store, current_table
 from mexc.simulator import MexcSimulator
+from supervisor.commands import COMMANDS, ask
 
 CLOCK_SPEED = 60.0  # an event hour per wall minute
 SYMBOLS = ["BTC_USDT", "ETH_USDT", "SOL_USDT"]
@@ -90,19 +90,19 @@ def run(refresh: float = 3.0, rate: float = 20.0, duration: float = 0.0) -> int:
 
 def _show(runtime_dir: str) -> None:
     try:
-        table = status.render(status.fetch(runtime_dir, timeout=2.0), as_json=False)
+        table = COMMANDS["status"].show(ask(runtime_dir, "status", timeout=2.0))
     except NotRunning:
         table = "(daemon starting...)"
     print(f"\n{time.strftime('%H:%M:%S')}\n{table}", flush=True)
 
 
 def _counts(port: int):
-    client = connect({"host": "127.0.0.1", "port": port, "user": "default", "password": "",
-                      "database": "mexc"}, timeout=2.0)
+    store = Store({"host": "127.0.0.1", "port": port, "user": "default", "password": "",
+                   "database": "mexc"}, timeout=2.0)
+    tables = [current_table(s.split("_")[0].lower()) for s in SYMBOLS]
     try:
-        return [(f"{name}_current", client.execute(f"SELECT count() FROM mexc.{name}_current")[0][0])
-                for name in (s.split("_")[0].lower() for s in SYMBOLS)]
+        return [(table, store.count(table)) for table in tables]
     except Exception:
         return []
     finally:
-        client.disconnect()
+        store.close()

@@ -1,6 +1,13 @@
-"""Supervised children: what runs in a forked child, and each child's restart bookkeeping."""
+"""Supervised children: what runs in a forked child, and each child's restart bookkeeping.
+
+A child moves through named states; every move goes through Child._become, which logs it:
+
+    WAITING --start--> RUNNING --exit--> BACKOFF --delay over--> RUNNING ...
+    RUNNING --hung: SIGKILL--> STOPPING --exit--> BACKOFF
+    RUNNING --stop or restart: SIGTERM--> STOPPING --exit--> STOPPED (stop) or BACKOFF
+"""
 import collections
-import ctypes
+import enum
 import gc
 import logging
 import multiprocessing
@@ -11,14 +18,23 @@ from typing import Optional
 from bus.sockets import ChildBus
 from collector.collector import Collector  # imported before the fork: pages stay shared
 from collector.spool import SpoolBusy
-from mexc import log as logging_setup
+from core import log as logging_setup
+from core.process import die_with_parent, set_name
+from core.vocabulary import EXPORTER
 
 log = logging.getLogger(__name__)
 
-_PR_SET_NAME, _PR_SET_PDEATHSIG = 15, 1
 STABLE_AFTER = 60.0  # a child up this long has its restart backoff reset
 FLAP_WINDOW, FLAP_EXITS = 60.0, 5  # this many exits within the window: flapping
 _fork = multiprocessing.get_context("fork")
+
+
+class ChildState(str, enum.Enum):
+    WAITING = "waiting"  # not started yet: a collector waits for its tor to bootstrap
+    RUNNING = "running"
+    STOPPING = "stopping"  # signalled; waiting for it to exit
+    BACKOFF = "backoff"  # exited; starts again at next_start
+    STOPPED = "stopped"  # exited and not wanted again (removed by a reload, shutting down)
 
 
 def prepare_fork() -> None:
@@ -32,9 +48,8 @@ def _become_child(tag: str, level: str, parent_pid: int) -> None:
     """First steps in a forked child: default signals, die with the supervisor, own log tag."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    libc.prctl(_PR_SET_NAME, ctypes.c_char_p(f"mexc-{tag}"[:15].encode()))
+    die_with_parent()
+    set_name(f"mexc-{tag}")
     if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
         os._exit(1)
     logging_setup.setup(tag, level)
@@ -60,7 +75,7 @@ def exporter_main(config, parent_pid: int) -> None:
     """Body of the forked exporter process."""
     from exporter.exporter import Exporter  # after the fork: only this process needs pyarrow
 
-    _become_child("exporter", config.log["level"], parent_pid)
+    _become_child(EXPORTER, config.log["level"], parent_pid)
     bus = ChildBus(config.paths["runtime_dir"])
     try:
         code = Exporter(config, bus=bus).run()
@@ -114,21 +129,24 @@ def describe_exit(code: Optional[int]) -> str:
 
 
 class Child:
-    """One supervised slot (a collector, the exporter, a tor, the managed ClickHouse)."""
+    """One supervised slot (a collector, the exporter, a tor, the managed ClickHouse): its
+    process, its state, and when it may start again.  `child_id` is a ChildId; `name` its
+    text (`collector-btc`)."""
 
-    def __init__(self, name: str, kind: str, spawn, sup: dict, symbol: Optional[str] = None,
+    def __init__(self, child_id, spawn, sup: dict, symbol: Optional[str] = None,
                  heartbeats: bool = True):
-        self.name, self.kind, self.symbol = name, kind, symbol
+        self.child_id, self.name, self.kind = child_id, str(child_id), child_id.kind
+        self.symbol = symbol
         self.spawn = spawn  # () -> a process object with pid, alive(), signal(), exit_description()
         self.sup = sup
         self.heartbeats = heartbeats
         self.process = None
-        self.state = "waiting"  # until start(): a collector waits for its tor to bootstrap
+        self.state = ChildState.WAITING
         self.restarts = 0
         self.started_at = None
         self.delay = sup["restart_min"]
         self.next_start = 0.0
-        self.exits = collections.deque(maxlen=FLAP_EXITS)
+        self.exit_times = collections.deque(maxlen=FLAP_EXITS)
         self.last_exit = None
         self.last_heartbeat = None
         self.stats = {}
@@ -137,20 +155,28 @@ class Child:
         self.restart_at_once = False  # set by `restart NAME`: no backoff, not a crash
         self.kill_deadline = None
 
+    def _become(self, state: ChildState, why: str, level: int = logging.INFO) -> None:
+        """The one place a child changes state, and its log line."""
+        self.state = state
+        log.log(level, "%s %s -> %s", self.name, why, state.value)
+
     def start(self, now: float) -> None:
         """Start the process; a failure (a program missing, a disk full) is logged and
         retried with the usual backoff, never fatal to the supervisor."""
         try:
             self.process = self.spawn()
         except Exception as e:
-            log.error("%s failed to start: %s", self.name, e)
             self.last_exit, self.started_at = f"start failed: {e}", now
-            self._schedule_restart(now)
+            self._schedule_restart(now, f"failed to start: {e}")
             return
-        self.state, self.started_at = "running", now
+        self.running(now, f"started pid={self.process.pid}")
+
+    def running(self, now: float, why: str) -> None:
+        """The process is up (start() calls this; so does a caller that started it itself)."""
+        self.started_at = now
         self.last_heartbeat = now  # grace: a fresh child has until heartbeat_timeout to report
         self.kill_deadline = None
-        log.info("started %s pid=%d", self.name, self.process.pid)
+        self._become(ChildState.RUNNING, why)
 
     def heartbeat(self, stats: dict, now: float) -> None:
         previous, previous_time = self.stats, self.last_heartbeat
@@ -162,18 +188,17 @@ class Child:
 
     def tick(self, now: float) -> None:
         """Notice an exit or a hang; start again when the backoff allows."""
-        if self.state in ("running", "stopping") and not self.process.alive():
+        if self.state in (ChildState.RUNNING, ChildState.STOPPING) and not self.process.alive():
             self._exited(now)
-        elif self.state == "running" and self.heartbeats and self._hung(now):
-            log.error("%s pid=%d sent no heartbeat for %.0fs: hung, killing it", self.name,
-                      self.process.pid, now - self.last_heartbeat)
+        elif self.state is ChildState.RUNNING and self.heartbeats and self._hung(now):
             self.process.signal(signal.SIGKILL)
-            self.state = "stopping"
-        elif self.state == "stopping" and self.kill_deadline and now >= self.kill_deadline:
+            self._become(ChildState.STOPPING, f"pid={self.process.pid} sent no heartbeat for "
+                         f"{now - self.last_heartbeat:.0f}s: hung, killing it", logging.ERROR)
+        elif self.state is ChildState.STOPPING and self.kill_deadline and now >= self.kill_deadline:
             log.warning("%s pid=%d did not stop in time: killing it", self.name, self.process.pid)
             self.process.signal(signal.SIGKILL)
             self.kill_deadline = None
-        if self.state == "backoff" and self.wanted and now >= self.next_start:
+        if self.state is ChildState.BACKOFF and self.wanted and now >= self.next_start:
             self.restarts += 1
             self.start(now)
 
@@ -184,55 +209,54 @@ class Child:
         self.last_exit = f"pid {self.process.pid} {self.process.exit_description()}"
         self.stats, self.rates = {}, {}
         if not self.wanted:
-            self.state = "stopped"
-            log.info("%s stopped (%s)", self.name, self.last_exit)
-            return
-        if self.restart_at_once:
-            self.restart_at_once = False
-            self.state, self.next_start = "backoff", now
-            return
-        self._schedule_restart(now)
+            self._become(ChildState.STOPPED, f"stopped ({self.last_exit})")
+        elif self.restart_at_once:
+            self.restart_at_once, self.next_start = False, now
+            self._become(ChildState.BACKOFF, f"{self.last_exit}; restarting now as asked")
+        else:
+            self._schedule_restart(now, self.last_exit)
 
-    def _schedule_restart(self, now: float) -> None:
+    def _schedule_restart(self, now: float, why: str) -> None:
         if self.started_at is not None and now - self.started_at >= STABLE_AFTER:
             self.delay = self.sup["restart_min"]
-        self.exits.append(now)
-        flapping = len(self.exits) == FLAP_EXITS and now - self.exits[0] <= FLAP_WINDOW
+        self.exit_times.append(now)
+        flapping = len(self.exit_times) == FLAP_EXITS and now - self.exit_times[0] <= FLAP_WINDOW
         delay = self.sup["restart_max"] if flapping else self.delay
-        self.state, self.next_start = "backoff", now + delay
+        self.next_start = now + delay
         # a flapping child stays at the longest delay until it runs stably again
         self.delay = self.sup["restart_max"] if flapping else min(delay * 2, self.sup["restart_max"])
-        level = logging.ERROR if flapping else logging.WARNING
-        log.log(level, "%s %s; restarting in %.1fs%s", self.name, self.last_exit, delay,
-                f" (flapping: {FLAP_EXITS} exits in {now - self.exits[0]:.0f}s)" if flapping else "")
+        self._become(ChildState.BACKOFF, f"{why}; restarting in {delay:.1f}s"
+                     + (f" (flapping: {FLAP_EXITS} exits in {now - self.exit_times[0]:.0f}s)"
+                        if flapping else ""), logging.ERROR if flapping else logging.WARNING)
 
     def restart_now(self, now: float) -> None:
         """Operator's `restart NAME`: stop it; it comes back at once, no backoff."""
-        if self.state == "running":
+        if self.state is ChildState.RUNNING:
             self.process.signal(signal.SIGTERM)
-            self.state, self.kill_deadline = "stopping", now + 10
-            self.restart_at_once = True
+            self.kill_deadline, self.restart_at_once = now + 10, True
+            self._become(ChildState.STOPPING, "restart: SIGTERM sent")
         self.next_start = now
 
     def stop(self, now: float, timeout: float) -> None:
         self.wanted = False
-        if self.state == "running":
+        if self.state is ChildState.RUNNING:
             self.process.signal(signal.SIGTERM)
-            self.state, self.kill_deadline = "stopping", now + timeout
-        elif self.state in ("backoff", "waiting"):
-            self.state = "stopped"
+            self.kill_deadline = now + timeout
+            self._become(ChildState.STOPPING, "stop: SIGTERM sent")
+        elif self.state in (ChildState.BACKOFF, ChildState.WAITING):
+            self._become(ChildState.STOPPED, "stop: not running")
 
     def describe(self, now: float) -> dict:
         """This child's entry in `mexc status --json`."""
-        running = self.state in ("running", "stopping")
+        running = self.state in (ChildState.RUNNING, ChildState.STOPPING)
         entry = {
             "name": self.name, "kind": self.kind, "symbol": self.symbol,
-            "pid": self.process.pid if running else None, "state": self.state,
+            "pid": self.process.pid if running else None, "state": self.state.value,
             "restarts": self.restarts,
             "uptime_s": round(now - self.started_at, 1) if running else None,
             "last_exit": self.last_exit,
             "next_start_in_s": round(max(0.0, self.next_start - now), 1)
-            if self.state == "backoff" else None,
+            if self.state is ChildState.BACKOFF else None,
             "heartbeat_age_s": round(now - self.last_heartbeat, 1)
             if running and self.heartbeats else None,
             "msgs_per_s": self.rates,

@@ -12,6 +12,7 @@ import signal
 from collections import defaultdict
 from typing import Optional
 
+from supervisor.children import ChildState
 from supervisor.tor import TorError
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ class TorSlot:
 
 
 class ExitGuard:
+    """Every collector's tor slot: starts a collector once its tor has bootstrapped, reads
+    each connected collector's exit, and moves a collector that shares an exit."""
+
     def __init__(self, tor_config: dict, exchange_port: int):
         self.config = tor_config
         self.exchange_port = exchange_port
@@ -63,7 +67,7 @@ class ExitGuard:
             self._separate(now)
 
     def _watch_bootstrap(self, slot: TorSlot, now: float) -> None:
-        if slot.tor.state != "running":
+        if slot.tor.state is not ChildState.RUNNING:
             slot.bootstrapped, slot.progress, slot.exit_ip = False, 0, None
             slot.separations = 0  # a new tor gets new tries
             return
@@ -77,13 +81,13 @@ class ExitGuard:
             pass  # not listening yet
         if slot.progress == 100:
             slot.bootstrapped, slot.warning = True, None
-            log.info("tor[%s] bootstrapped in %.1fs", slot.collector.name.split("-", 1)[1],
+            log.info("tor[%s] bootstrapped in %.1fs", slot.collector.child_id.name,
                      now - slot.tor.started_at)
-            if slot.collector.state == "waiting" and slot.collector.wanted:
+            if slot.collector.state is ChildState.WAITING and slot.collector.wanted:
                 slot.collector.start(now)
         elif now - slot.tor.started_at > self.config["bootstrap_timeout"]:
             log.error("tor[%s] not bootstrapped after %.0fs (stuck at %d%%); restarting it",
-                      slot.collector.name.split("-", 1)[1], now - slot.tor.started_at,
+                      slot.collector.child_id.name, now - slot.tor.started_at,
                       slot.progress)
             slot.warning = f"bootstrap stuck at {slot.progress}%"
             slot.tor.process.signal(signal.SIGKILL)
@@ -137,9 +141,9 @@ class ExitGuard:
         if slot.separations >= self.config["separation_retries"]:
             if slot.warning is None or not slot.warning.startswith("shares"):
                 log.error("%s still shares exit %s with %s after %d new circuits; no more "
-                          "tries until its tor restarts (mexc restart tor-%s); check the Tor "
+                          "tries until its tor restarts (mexc restart %s); check the Tor "
                           "network", slot.collector.name, ip, keeper.collector.name,
-                          slot.separations, slot.collector.name.split("-", 1)[1])
+                          slot.separations, slot.tor.name)
             slot.warning = f"shares exit {ip} with {keeper.collector.name}"
             return
         others = sorted({s.exit_fingerprint for s in self.slots.values()

@@ -9,19 +9,17 @@ Which exit carries a collector's connection: GETINFO stream-status gives
 $FP~nick,...,$FP~nick ..."; the last hop is the exit; GETINFO ns/id/<FP> gives its "r" line,
 whose 7th field is its address.
 """
-import ctypes
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import threading
-import time
 from typing import List, Optional, Tuple
 
+from core.process import die_with_parent, free_port
+
 log = logging.getLogger(__name__)
-_PR_SET_PDEATHSIG = 1
 _LEVELS = {"[debug]": logging.DEBUG, "[info]": logging.INFO, "[notice]": logging.INFO,
            "[warn]": logging.WARNING, "[err]": logging.ERROR}
 # tor notices caused by our own exit checks (a control connection every few seconds): debug
@@ -111,16 +109,6 @@ class TorControl:
         return line.decode(errors="replace")
 
 
-def _die_with_parent():
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class TorProcess:
     """A tor for one collector; `start()` launches it (bootstrap is watched separately)."""
 
@@ -133,7 +121,6 @@ class TorProcess:
         self.binary = binary
         self.extra_lines = list(extra_lines)
         self.process = None
-        self.started = None
 
     @property
     def cookie_path(self) -> str:
@@ -168,8 +155,7 @@ class TorProcess:
         # --defaults-torrc /dev/null: the system's /etc/tor/torrc never applies to our instances
         self.process = subprocess.Popen(
             [binary, "--defaults-torrc", os.devnull, "-f", torrc], stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        self.started = time.monotonic()
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         threading.Thread(target=self._pump_log, args=(self.process.stdout,),
                          name=f"tor-{self.name}-log", daemon=True).start()
         log.info("tor[%s] starting pid=%d socks=%d control=%d", self.name, self.process.pid,

@@ -12,8 +12,8 @@ import uuid
 
 import pytest
 
-from mexc import schema
-from mexc.clickhouse_server import ManagedClickHouse
+from core.clickhouse_server import ManagedClickHouse
+from core.store import Store
 
 MEXC = os.path.join(os.path.dirname(sys.executable), "mexc")
 
@@ -90,15 +90,16 @@ class World:
         path.write_text(toml_dump(data))
         return str(path)
 
-    def client(self):
-        return schema.connect(self.ch_section(), database=False)
+    def store(self) -> Store:
+        """A session with this test's database (close it when done)."""
+        return Store(self.ch_section())
 
     def query(self, sql: str):
-        client = self.client()
+        store = self.store()
         try:
-            return client.execute(sql)
+            return store.client.execute(sql)
         finally:
-            client.disconnect()
+            store.close()
 
     def rows(self, table: str = "btc_current"):
         """Stored rows as (ts, mt, m) plus their count; missing table -> []."""

@@ -1,7 +1,10 @@
 """Restart bookkeeping of a supervised child: backoff, flapping, hangs (pure logic)."""
 import signal
 
+from core.vocabulary import ChildId
 from supervisor.children import FLAP_EXITS, Child
+
+BTC = ChildId("collector", "btc")
 
 SUP = {"restart_min": 1.0, "restart_max": 60.0, "heartbeat_timeout": 10.0}
 
@@ -35,7 +38,7 @@ def crash_and_restart(child, now):
 
 
 def test_backoff_doubles_and_resets_after_a_stable_run():
-    child = Child("collector-btc", "collector", FakeProcess, SUP, symbol="BTC_USDT")
+    child = Child(BTC, FakeProcess, SUP, symbol="BTC_USDT")
     child.start(0.0)
     now, delays = 100.0, []
     for _ in range(3):
@@ -48,7 +51,7 @@ def test_backoff_doubles_and_resets_after_a_stable_run():
 
 
 def test_flapping_waits_restart_max_and_never_gives_up():
-    child = Child("collector-btc", "collector", FakeProcess, SUP)
+    child = Child(BTC, FakeProcess, SUP)
     child.start(0.0)
     now, delays = 10.0, []
     for _ in range(FLAP_EXITS + 2):
@@ -60,7 +63,7 @@ def test_flapping_waits_restart_max_and_never_gives_up():
 
 
 def test_a_hung_child_is_killed_then_restarted():
-    child = Child("collector-btc", "collector", FakeProcess, SUP)
+    child = Child(BTC, FakeProcess, SUP)
     child.start(0.0)
     child.heartbeat({"rows": {"d": 0}}, 1.0)
     child.tick(5.0)
@@ -73,7 +76,7 @@ def test_a_hung_child_is_killed_then_restarted():
 
 
 def test_rates_come_from_successive_heartbeats():
-    child = Child("collector-btc", "collector", FakeProcess, SUP)
+    child = Child(BTC, FakeProcess, SUP)
     child.start(0.0)
     child.heartbeat({"rows": {"t": 0, "d": 10}}, 1.0)
     child.heartbeat({"rows": {"t": 2, "d": 30}}, 3.0)
@@ -81,10 +84,10 @@ def test_rates_come_from_successive_heartbeats():
 
 
 def test_operator_restart_has_no_backoff():
-    child = Child("collector-btc", "collector", FakeProcess, SUP)
+    child = Child(BTC, FakeProcess, SUP)
     child.start(0.0)
     child.restart_now(5.0)
     assert child.process.signals == [signal.SIGTERM]
     child.process.running = False
     child.tick(5.1)
-    assert child.state == "running" and child.restarts == 1 and not child.exits
+    assert child.state == "running" and child.restarts == 1 and not child.exit_times

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from collector.spool import Spool
-from mexc.clickhouse_server import free_port
+from core.process import free_port
 from tests.conftest import wait_for
 from mexc.simulator import MexcSimulator
 

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from mexc import config
+from core import config
 from tests.conftest import MEXC
 
 
@@ -95,7 +95,7 @@ def test_config_search_order(tmp_path, monkeypatch):
 def test_log_lines_under_journald_and_on_a_terminal(monkeypatch, capsys):
     import logging
 
-    from mexc import log as logging_setup
+    from core import log as logging_setup
 
     monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
     logging_setup.setup("collector[btc]")

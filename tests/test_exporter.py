@@ -13,9 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from exporter import parquet_files
-from exporter.exporter import EventClock, Exporter, HOUR_MS
-from mexc import config as configuration, schema
-from mexc.clickhouse_server import ManagedClickHouse
+from core import config as configuration
+from core.clickhouse_server import ManagedClickHouse
+from core.clock import HOUR_MS, EventClock
+from core.store import Store
+from exporter.exporter import Exporter
 from mexc.simulator import MexcSimulator
 from tests.conftest import MEXC, toml_dump, wait_for
 
@@ -43,15 +45,13 @@ def make_config(env, symbols=("BTC_USDT",), **export):
 
 def insert(env, rows, name="btc"):
     """rows: (ts_ms, mt, m); rts is ts + 5 ms."""
-    client = env.client()
+    store = env.store()
     try:
-        client.execute(schema.create_database(env.database))
-        features = schema.detect(client, env.database)
-        client.execute(schema.create_rows_table(env.database, f"{name}_current", features))
-        client.execute(schema.insert_rows_sql(env.database, f"{name}_current"),
-                       [(ts, mt, m, ts + 5) for ts, mt, m in rows])
+        store.create_database()
+        store.create_rows_table(f"{name}_current")
+        store.insert_rows(f"{name}_current", [(ts, mt, m, ts + 5) for ts, mt, m in rows])
     finally:
-        client.disconnect()
+        store.close()
 
 
 def rows_for(hour, n, tag):
@@ -147,7 +147,7 @@ def test_crash_after_the_file_before_dropping_previous(env, monkeypatch):
 def test_crash_between_swap_and_move_back(env, monkeypatch):
     sent = rows_for(H - HOUR_MS, 20, "a") + rows_for(H, 6, "b")
     insert(env, sent)
-    monkeypatch.setattr(Exporter, "_move_back", lambda *a: (_ for _ in ()).throw(SystemExit))
+    monkeypatch.setattr(Store, "move_back", lambda *a: (_ for _ in ()).throw(SystemExit))
     with pytest.raises(SystemExit):
         Exporter(make_config(env), clock=SetClock(H + 61_000)).cycle()
     assert env.count("btc_previous") == 26 and env.count("btc_current") == 0

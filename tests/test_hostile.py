@@ -7,7 +7,8 @@ from hypothesis import given, settings, strategies as st
 
 from bus import messages
 from collector import wire
-from mexc import config, schema
+from core import config, store
+from core.vocabulary import MESSAGE_TYPES
 from tests.conftest import MEXC
 
 json_values = st.recursive(
@@ -53,7 +54,7 @@ def test_frame_parser_never_raises_and_rows_fit_the_table(payload):
     assert isinstance(kind, str)
     for ts, mt, m, rts in rows:
         assert type(ts) is int and ts >= 0 and rts == 1_700_000_000_000
-        assert mt in schema.MESSAGE_TYPES and isinstance(m, str)
+        assert mt in MESSAGE_TYPES and isinstance(m, str)
         if mt == "dl":
             assert len(m) <= wire.DEAD_LETTER_CHARS
         else:
@@ -82,7 +83,7 @@ def test_hostile_names_never_reach_sql_or_paths():
         except config.ConfigError:
             continue
         raise AssertionError(f"database {database!r} was accepted")
-    assert schema.quote("x`; DROP TABLE y") == "`x\\`; DROP TABLE y`"
+    assert store.quote("x`; DROP TABLE y") == "`x\\`; DROP TABLE y`"
 
 
 def test_password_never_in_logs_errors_or_status(env):

@@ -12,7 +12,7 @@ import pytest
 
 from bus import sockets
 from bus.sockets import ChildBus
-from mexc.status import render
+from supervisor.commands import COMMANDS
 from tests.conftest import MEXC, wait_for
 from mexc.simulator import MexcSimulator
 
@@ -317,7 +317,7 @@ def test_status_table_renders_a_backoff_child():
                             "rss_bytes": None, "cpu_percent": None, "held": None,
                             "connected": None, "last_exit": "pid 7 exit code 1",
                             "next_start_in_s": 42.0}]}
-    text = render(status, as_json=False)
+    text = COMMANDS["status"].show(status)
     assert "NOT REACHABLE" in text and "backoff" in text
     assert "collector-btc: pid 7 exit code 1; next start in 42.0s" in text
 

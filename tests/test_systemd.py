@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from mexc import cli, config
+from core import config
+from mexc import cli
 from supervisor import arbiter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ import pytest
 
 from collector.spool import Spool, SpoolBusy
 from collector.writer import RowWriter
-from mexc import schema
+from core.store import Store
 from tests.conftest import wait_for
 
 
@@ -21,18 +21,18 @@ def rows(tag, n=50):
 @pytest.fixture
 def writer(env, tmp_path):
     ch = env.ch_section()
-    schema.ensure_database(ch)
+    Store(ch).create_database()
     w = RowWriter(ch, "btc", Spool(str(tmp_path / "spool"), "btc"), max_buffered_rows=1000)
     yield w
     w.stop(grace=2.0)
 
 
 def insert_directly(env, batch):
-    client = env.client()
+    store = env.store()
     try:
-        client.execute(schema.insert_rows_sql(env.database, "btc_current"), batch)
+        store.insert_rows("btc_current", batch)
     finally:
-        client.disconnect()
+        store.close()
 
 
 def stored(env):

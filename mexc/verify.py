@@ -1,35 +1,36 @@
-"""`mexc verif` (data collection) and `mexc verify` (everything: IP separation, collection,
-export integrity), as the old ./verif and ./verify scripts did, from ClickHouse and the files.
+"""`mexc verif` (data collection), `mexc iptest` (IP separation) and `mexc verify`
+(everything: IP separation, collection, export integrity), as the old ./verif, ./iptest and
+./verify scripts did, from ClickHouse, the files and the running daemon.
 Each check returns (ok, lines)."""
 import os
 import time
 
+from bus.sockets import NotRunning
+from core.clock import HOUR_MS
+from core.log import first_line
+from core.store import current_table
+from core.vocabulary import COLLECTOR, DEAD_LETTER, DEAL, DEPTH, TICKER
 from exporter import parquet_files
-from exporter.parquet_files import HOUR_MS
-from mexc import schema
+from supervisor import commands
 
 RECENT_S = 300  # a symbol with no row received in this many seconds has "no recent data"
 
 
-def collection(config, client):
+def collection(config, store):
     """`btc_current: 4,128 records (t: 128, d: 2,890, dp: 1,110)` per symbol."""
     ok, lines = True, []
-    db = schema.quote(config.clickhouse["database"])
-    features = schema.detect(client, config.clickhouse["database"])
     now_ms = int(time.time() * 1000)
     for symbol in config.symbols:
-        table = schema.current_table(symbol.name)
+        table = current_table(symbol.name)
         try:
-            counts = dict(client.execute(f"SELECT toString(mt), count() FROM {db}.{schema.quote(table)} "
-                                         f"GROUP BY mt"))
-            newest = client.execute(f"SELECT max({features.ts_ms('rts')}) FROM "
-                                    f"{db}.{schema.quote(table)}")[0][0]
+            counts = store.rows_by_type(table)
+            newest = store.newest_receive_ms(table)
         except Exception as e:
             ok = False
-            lines.append(f"❌ {table}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            lines.append(f"❌ {table}: {first_line(e)}")
             continue
-        by_type = ", ".join(f"{mt}: {counts.get(mt, 0):,}" for mt in ("t", "d", "dp")) + \
-            (f", dl: {counts['dl']:,}" if counts.get("dl") else "")
+        by_type = ", ".join(f"{mt}: {counts.get(mt, 0):,}" for mt in (TICKER, DEAL, DEPTH)) + \
+            (f", dl: {counts[DEAD_LETTER]:,}" if counts.get(DEAD_LETTER) else "")
         line = f"{table}: {sum(counts.values()):,} records ({by_type})"
         if not counts or now_ms - newest > RECENT_S * 1000:
             ok = False
@@ -38,18 +39,12 @@ def collection(config, client):
     return ok, lines
 
 
-def exports(config, client):
+def exports(config, store):
     """Every logged file readable, its rows and sha256 as logged, rows inside its hour, and no
     hour missing between a symbol's first and last export."""
     ok, lines = True, []
-    db = schema.quote(config.clickhouse["database"])
-    features = schema.detect(client, config.clickhouse["database"])
     for symbol in config.symbols:
-        logged = client.execute(
-            f"SELECT {features.ts_ms('hour_start')}, argMax(filepath, export_time), "
-            f"argMax(row_count, export_time), argMax(sha256, export_time) FROM {db}.export_log "
-            f"WHERE symbol = %(symbol)s GROUP BY hour_start ORDER BY hour_start",
-            {"symbol": symbol.symbol})
+        logged = store.logged_exports(symbol.symbol)
         if not logged:
             lines.append(f"{symbol.name}: no exports yet")
             continue
@@ -77,13 +72,27 @@ def exports(config, client):
 
 def ip_separation(config):
     """From the running daemon's knowledge of each collector's exit."""
-    from bus.sockets import NotRunning
-    from mexc import status
-
     if not config.tor["enabled"]:
         return True, ["IP separation: Tor is off (tor.enabled = false); every collector uses "
                       "this machine's address"]
     try:
-        return status.ip_separation(status.fetch(config.paths["runtime_dir"]))
+        return exits_apart(commands.ask(config.paths["runtime_dir"], "status"))
     except NotRunning as e:
         return False, [f"IP separation: cannot check, mexc is not running ({e})"]
+
+
+def exits_apart(status: dict):
+    """The old ./iptest block from a status answer -> (ok, lines)."""
+    collectors = [c for c in status["children"] if c["kind"] == COLLECTOR]
+    lines = ["IP SEPARATION VERIFICATION", "=" * 26]
+    for c in collectors:
+        lines.append(f"{c['name']:<16} {c['symbol']:<14} exit IP: {c['exit_ip'] or 'unknown'}")
+    ips = [c["exit_ip"] for c in collectors]
+    unique = len(set(ip for ip in ips if ip))
+    if ips and all(ips) and unique == len(ips):
+        lines.append(f"✅ IP Separation Success: {unique} unique IPs detected")
+        return True, lines
+    unknown = sum(1 for ip in ips if not ip)
+    lines.append(f"❌ IP Separation Failure: {unique} unique IPs for {len(ips)} collectors"
+                 + (f" ({unknown} not known yet)" if unknown else ""))
+    return False, lines

@@ -4,21 +4,19 @@ Its data lives under `<state_dir>/clickhouse`, it listens on loopback only, and 
 parent (PR_SET_PDEATHSIG), so a killed supervisor never leaves it behind.  The tests start the
 same class on a temporary directory.
 """
-import ctypes
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from xml.sax.saxutils import escape
 
-from clickhouse_driver import Client
+
+from core.process import die_with_parent, free_port
+from core.store import Store
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
 
 CONFIG_XML = """<?xml version="1.0"?>
 <yandex>
@@ -61,24 +59,14 @@ class ClickHouseStartError(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _die_with_parent():
-    """Runs in the child before exec: SIGTERM it when the parent dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class ManagedClickHouse:
+    """clickhouse-server on loopback with its config, data and logs in `directory`."""
+
     def __init__(self, directory: str, port: int = 0, user: str = "default", password: str = "",
                  binary: str = "clickhouse-server"):
         self.directory = os.path.abspath(directory)
@@ -112,7 +100,7 @@ class ManagedClickHouse:
         output = open(os.path.join(self.directory, "log", "stdout.log"), "ab")
         self.process = subprocess.Popen([binary, f"--config-file={config_path}"],
                                         cwd=self.directory, stdout=output, stderr=output,
-                                        stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                        stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         output.close()
         log.info("clickhouse starting pid=%d port=%d dir=%s", self.process.pid, self.port,
                  self.directory)
@@ -145,14 +133,12 @@ class ManagedClickHouse:
                                    f"{self._error_tail()}")
 
     def healthy(self) -> bool:
-        client = Client("127.0.0.1", port=self.port, user=self.user, password=self.password,
-                        connect_timeout=1, send_receive_timeout=2)
+        session = Store({"host": "127.0.0.1", "port": self.port, "user": self.user,
+                         "password": self.password, "database": "default"}, timeout=1.0)
         try:
-            return client.execute("SELECT 1") == [(1,)]
-        except Exception:
-            return False
+            return session.reachable()
         finally:
-            client.disconnect()
+            session.close()
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -40,3 +40,8 @@ def setup(tag: str, level: str = "info") -> logging.Logger:
     # clickhouse-driver logs each failed connect with a traceback; our own lines say it better.
     logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)
     return logging.getLogger("mexc")
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one short log-friendly line (ClickHouse errors carry a stack trace)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

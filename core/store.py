@@ -1,0 +1,282 @@
+"""The ClickHouse store: the schema, and every statement mexc ever sends to ClickHouse.
+
+Tables, per symbol short name (e.g. btc), all in the configured database:
+  {name}_current   rows being collected; collectors insert here (StripeLog)
+  {name}_previous  the rows of the last rotation, until the exporter has written their files
+  {name}_fresh     exists only during a swap; a crash may leave it behind (recover_fresh)
+  export_log       one row per Parquet file written (MergeTree)
+
+Rows are (ts, mt, m, rts), see core/vocabulary.py.  Time columns are DateTime64(3, 'UTC')
+where the server has it and UInt64 milliseconds on old servers (18.16, Debian's package).
+Both accept the same integer milliseconds on insert and every read here selects
+milliseconds, so nothing above this module sees the difference.
+
+`Store` is one session: it connects on first use, probes what the server supports once per
+connection (Features), and names each operation.  Writer, exporter, supervisor, verify and
+status all go through it; nobody else writes SQL.
+"""
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+from clickhouse_driver import Client
+from clickhouse_driver.errors import ServerException
+
+from core.clock import HOUR_MS
+from core.vocabulary import MESSAGE_TYPES, ROW_COLUMNS
+
+UNKNOWN_TABLE = 60  # ClickHouse's error code for a table that does not exist
+Refused = ServerException  # the server answered with an error: the statement did not apply
+MT_ENUM = "Enum8(" + ", ".join(f"'{mt}' = {i}" for i, mt in enumerate(MESSAGE_TYPES, 1)) + ")"
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the server can do, probed once per connection."""
+    version: str
+    datetime64: bool
+    exchange_tables: bool
+
+    @property
+    def time_type(self) -> str:
+        return "DateTime64(3, 'UTC')" if self.datetime64 else "UInt64"
+
+    def ms(self, column: str = "ts") -> str:
+        """SQL expression giving a time column as integer milliseconds."""
+        return f"toUnixTimestamp64Milli({column})" if self.datetime64 else column
+
+
+def quote(identifier: str) -> str:
+    """Backtick-quote an identifier; config validation already restricts the characters."""
+    return "`" + identifier.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def current_table(name: str) -> str:
+    return f"{name}_current"
+
+
+def previous_table(name: str) -> str:
+    return f"{name}_previous"
+
+
+def fresh_table(name: str) -> str:
+    return f"{name}_fresh"
+
+
+class Store:
+    """A session with the ClickHouse of the [clickhouse] config section.
+
+    Not bound to the database (so a missing one can be created): every statement names it.
+    On any error the caller may call close(); the next operation connects again."""
+
+    def __init__(self, ch: dict, timeout: float = 10.0):
+        self.ch = ch
+        self.timeout = timeout
+        self.database = ch["database"]
+        self.db = quote(self.database)
+        self._client: Optional[Client] = None
+        self._features: Optional[Features] = None
+
+    # --- the session -----------------------------------------------------------------------
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            ch = self.ch
+            self._client = Client(host=ch["host"], port=ch["port"], user=ch["user"],
+                                  password=ch["password"], database="default",
+                                  connect_timeout=self.timeout,
+                                  send_receive_timeout=self.timeout,
+                                  settings={"strings_as_bytes": False})
+        return self._client
+
+    @property
+    def features(self) -> Features:
+        """Probed on first use after each (re)connect."""
+        if self._features is None:
+            self._features = self._probe()
+        return self._features
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.disconnect()
+        self._client = self._features = None
+
+    def _probe(self) -> Features:
+        version = self._one("SELECT version()")
+        try:
+            self.client.execute("SELECT toDateTime64(0, 3, 'UTC')")
+            datetime64 = True
+        except ServerException:
+            datetime64 = False
+        engine = self.client.execute("SELECT engine FROM system.databases WHERE name = %(db)s",
+                                     {"db": self.database})
+        # EXCHANGE TABLES exists only for Atomic databases (ClickHouse 20.x and later).
+        exchange = bool(engine) and engine[0][0] == "Atomic"
+        return Features(version=version, datetime64=datetime64, exchange_tables=exchange)
+
+    def reachable(self) -> bool:
+        """Does the server answer a trivial query?  Never raises."""
+        try:
+            return self._one("SELECT 1") == 1
+        except Exception:
+            self.close()
+            return False
+
+    def _one(self, sql: str, params=None):
+        return self.client.execute(sql, params)[0][0]
+
+    def _table(self, table: str) -> str:
+        return f"{self.db}.{quote(table)}"
+
+    # --- schema ----------------------------------------------------------------------------
+
+    def create_database(self) -> None:
+        self.client.execute(f"CREATE DATABASE IF NOT EXISTS {self.db}")
+        self._features = None  # the database engine decides EXCHANGE TABLES
+
+    def create_rows_table(self, table: str) -> None:
+        t = self.features.time_type
+        self.client.execute(f"CREATE TABLE IF NOT EXISTS {self._table(table)} ("
+                            f"ts {t}, mt {MT_ENUM}, m String, rts {t}) ENGINE = StripeLog")
+
+    def create_export_log(self) -> None:
+        t = self.features.time_type
+        self.client.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._table('export_log')} ("
+            f"symbol String, hour_start {t}, export_time {t}, filepath String, "
+            f"row_count UInt64, file_bytes UInt64, sha256 String"
+            f") ENGINE = MergeTree ORDER BY (symbol, hour_start)")
+
+    def setup(self, names: Sequence[str]) -> Features:
+        """Database, export_log and every {name}_current that is missing.  Idempotent."""
+        self.create_database()
+        self.create_export_log()
+        for name in names:
+            self.create_rows_table(current_table(name))
+        return self.features
+
+    # --- rows tables -----------------------------------------------------------------------
+
+    def exists(self, table: str) -> bool:
+        return bool(self._one(f"EXISTS TABLE {self._table(table)}"))
+
+    def count(self, table: str) -> int:
+        return self._one(f"SELECT count() FROM {self._table(table)}")
+
+    def insert_rows(self, table: str, rows: List[tuple]) -> None:
+        """One INSERT of (ts, mt, m, rts) rows; a block lands whole or not at all."""
+        self.client.execute(f"INSERT INTO {self._table(table)} ({', '.join(ROW_COLUMNS)}) VALUES",
+                            [list(column) for column in zip(*rows)], columnar=True)
+
+    def contains(self, table: str, row: tuple) -> bool:
+        """Is this exact row in the table?"""
+        ts, mt, m, rts = row
+        f = self.features
+        return self._one(f"SELECT count() FROM {self._table(table)} WHERE {f.ms()} = %(ts)s "
+                         f"AND mt = %(mt)s AND m = %(m)s AND {f.ms('rts')} = %(rts)s",
+                         {"ts": ts, "mt": mt, "m": m, "rts": rts}) > 0
+
+    def rows_by_type(self, table: str) -> dict:
+        """{mt: rows}"""
+        return dict(self.client.execute(
+            f"SELECT toString(mt), count() FROM {self._table(table)} GROUP BY mt"))
+
+    def newest_receive_ms(self, table: str) -> int:
+        """The latest rts in the table (0 when empty)."""
+        return self._one(f"SELECT max({self.features.ms('rts')}) FROM {self._table(table)}")
+
+    def drop(self, table: str) -> None:
+        self.client.execute(f"DROP TABLE IF EXISTS {self._table(table)}")
+
+    # --- rotation: current -> previous -------------------------------------------------------
+
+    def swap(self, name: str) -> None:
+        """Make {name}_current empty and the old one {name}_previous, with no moment in which
+        {name}_current does not exist (an insert could fail or land in a doomed table)."""
+        current, previous = self._table(current_table(name)), self._table(previous_table(name))
+        fresh = self._table(fresh_table(name))
+        self.client.execute(f"CREATE TABLE {fresh} AS {current}")
+        if self.features.exchange_tables:
+            self.client.execute(f"EXCHANGE TABLES {current} AND {fresh}")
+            self.client.execute(f"RENAME TABLE {fresh} TO {previous}")
+        else:  # one RENAME of both tables: ClickHouse applies it under one lock
+            self.client.execute(f"RENAME TABLE {current} TO {previous}, {fresh} TO {current}")
+
+    def recover_fresh(self, name: str) -> Optional[int]:
+        """Finish a swap a crash interrupted: fold a leftover {name}_fresh into previous.
+        Returns the rows it held, None when there was none."""
+        fresh, previous = fresh_table(name), previous_table(name)
+        if not self.exists(fresh):
+            return None
+        rows = self.count(fresh)
+        if rows == 0:
+            self.drop(fresh)
+        elif not self.exists(previous):
+            self.client.execute(f"RENAME TABLE {self._table(fresh)} TO {self._table(previous)}")
+        else:
+            self.client.execute(f"INSERT INTO {self._table(previous)} "
+                                f"SELECT * FROM {self._table(fresh)}")
+            self.drop(fresh)
+        return rows
+
+    def move_back(self, name: str, boundary: int) -> None:
+        """Rows of previous from `boundary` on (an hour not over yet) go back into current."""
+        previous = self._table(previous_table(name))
+        where = f"WHERE {self.features.ms()} >= {int(boundary)}"
+        if self._one(f"SELECT count() FROM {previous} {where}"):
+            self.client.execute(f"INSERT INTO {self._table(current_table(name))} "
+                                f"SELECT * FROM {previous} {where}")
+
+    def moved_back(self, name: str, boundary: int) -> bool:
+        """Are previous's rows from `boundary` on all in current already?"""
+        previous = self._table(previous_table(name))
+        where = f"WHERE {self.features.ms()} >= {int(boundary)}"
+        late = self._one(f"SELECT count() FROM {previous} {where}")
+        if late == 0:
+            return True
+        found = self._one(f"SELECT count() FROM {self._table(current_table(name))} "
+                          f"WHERE (ts, mt, m, rts) IN (SELECT ts, mt, m, rts FROM {previous} "
+                          f"{where})")
+        return found >= late
+
+    # --- export: previous -> hourly files ----------------------------------------------------
+
+    def hours(self, name: str, before: Optional[int] = None) -> List[Tuple[int, int]]:
+        """[(hour start ms, rows)] held by {name}_previous, oldest first; rows before
+        `before` only, when given."""
+        ts = self.features.ms()
+        where = f"WHERE {ts} < {int(before)}" if before is not None else ""
+        return self.client.execute(
+            f"SELECT intDiv({ts}, {HOUR_MS}) * {HOUR_MS} AS h, count() FROM "
+            f"{self._table(previous_table(name))} {where} GROUP BY h ORDER BY h")
+
+    def hour_rows(self, name: str, hour: int) -> Iterator[tuple]:
+        """The hour's rows from {name}_previous as (ts ms, mt, m, rts ms), in ts order,
+        streamed block by block (memory stays bounded however big the hour is)."""
+        ts = self.features.ms()
+        return self.rows(previous_table(name), f"WHERE {ts} >= {int(hour)} AND "
+                                               f"{ts} < {int(hour) + HOUR_MS} ORDER BY {ts}")
+
+    def rows(self, table: str, where: str = "") -> Iterator[tuple]:
+        """A table's rows as (ts ms, mt, m, rts ms), streamed block by block."""
+        ts, rts = self.features.ms(), self.features.ms("rts")
+        return self.client.execute_iter(
+            f"SELECT {ts}, toString(mt), m, {rts} FROM {self._table(table)} {where}",
+            settings={"max_block_size": 65536})
+
+    # --- export_log ------------------------------------------------------------------------
+
+    def log_export(self, symbol: str, hour: int, export_ms: int, path: str, rows: int,
+                   file_bytes: int, sha256: str) -> None:
+        self.client.execute(
+            f"INSERT INTO {self._table('export_log')} "
+            f"(symbol, hour_start, export_time, filepath, row_count, file_bytes, sha256) VALUES",
+            [(symbol, hour, export_ms, path, rows, file_bytes, sha256)])
+
+    def logged_exports(self, symbol: str) -> List[Tuple[int, str, int, str]]:
+        """[(hour start ms, path, rows, sha256)], the latest entry per hour, oldest first."""
+        return self.client.execute(
+            f"SELECT {self.features.ms('hour_start')}, argMax(filepath, export_time), "
+            f"argMax(row_count, export_time), argMax(sha256, export_time) "
+            f"FROM {self._table('export_log')} WHERE symbol = %(symbol)s "
+            f"GROUP BY hour_start ORDER BY hour_start", {"symbol": symbol})

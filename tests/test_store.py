@@ -1,0 +1,83 @@
+"""The ClickHouse store: what the server supports decides the column types; each named
+operation does what it says on a real server; setup-db is idempotent."""
+import subprocess
+
+from core import store
+from core.clock import HOUR_MS
+from tests.conftest import MEXC
+
+HOUR = 1_700_000_000_000 // HOUR_MS * HOUR_MS
+
+
+def rows(hour, n, tag):
+    return [(hour + i * (HOUR_MS // n), "d", f"{tag}|{i}|1", hour + i) for i in range(n)]
+
+
+def test_features_follow_the_server(env):
+    session = env.store()
+    try:
+        session.setup(["btc"])
+        features = session.features
+        version = tuple(int(x) for x in features.version.split(".")[:2])
+        assert features.datetime64 == (version >= (20, 1))
+        assert features.exchange_tables is False or version >= (20, 1)
+        columns = dict(row[:2] for row in session.client.execute(
+            f"DESCRIBE TABLE {env.database}.btc_current"))
+    finally:
+        session.close()
+    time_type = "DateTime64(3, 'UTC')" if features.datetime64 else "UInt64"
+    assert columns == {"ts": time_type, "mt": "Enum8('t' = 1, 'd' = 2, 'dp' = 3, 'dl' = 4)",
+                       "m": "String", "rts": time_type}
+    assert features.ms() == ("toUnixTimestamp64Milli(ts)" if features.datetime64 else "ts")
+
+
+def test_rotation_operations_keep_every_row_once(env):
+    """swap, move_back, hours, hour_rows, drop: the exporter's steps, one by one."""
+    session = env.store()
+    try:
+        session.setup(["btc"])
+        old, new = rows(HOUR, 30, "old"), rows(HOUR + HOUR_MS, 20, "new")
+        session.insert_rows("btc_current", old + new)
+        assert session.contains("btc_current", old[3]) and session.rows_by_type("btc_current") == {"d": 50}
+        session.swap("btc")
+        assert session.count("btc_current") == 0 and session.count("btc_previous") == 50
+        assert not session.moved_back("btc", HOUR + HOUR_MS)
+        session.move_back("btc", HOUR + HOUR_MS)
+        assert session.moved_back("btc", HOUR + HOUR_MS)
+        assert sorted(session.client.execute(
+            f"SELECT m FROM {env.database}.btc_current")) == sorted((m,) for _t, _mt, m, _r in new)
+        assert session.hours("btc", before=HOUR + HOUR_MS) == [(HOUR, 30)]
+        assert session.hours("btc") == [(HOUR, 30), (HOUR + HOUR_MS, 20)]
+        assert list(session.hour_rows("btc", HOUR)) == old  # in ts order, times as ms
+        session.drop("btc_previous")
+        assert not session.exists("btc_previous") and session.exists("btc_current")
+        assert session.recover_fresh("btc") is None
+    finally:
+        session.close()
+
+
+def test_identifiers_are_quoted():
+    assert store.quote("1000pepe_current") == "`1000pepe_current`"
+    assert store.quote("a`b") == "`a\\`b`"
+
+
+def test_setup_db_is_idempotent(env):
+    config = env.write_config("ws://127.0.0.1:1/edge", symbols=["BTC_USDT", "1000PEPE_USDT"])
+    for _ in range(2):
+        result = subprocess.run([MEXC, "setup-db", "--config", config], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "btc_current, 1000pepe_current, export_log" in result.stderr
+    tables = {name for (name,) in env.query(f"SHOW TABLES FROM {env.database}")}
+    assert tables == {"btc_current", "1000pepe_current", "export_log"}
+    columns = env.query(f"DESCRIBE TABLE {env.database}.btc_current")
+    assert [c[0] for c in columns] == ["ts", "mt", "m", "rts"]
+
+
+def test_setup_db_without_clickhouse_fails_clearly(env):
+    config = env.write_config("ws://127.0.0.1:1/edge", clickhouse={"port": 1})
+    result = subprocess.run([MEXC, "setup-db", "--config", config], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert "cannot set up ClickHouse at 127.0.0.1:1" in result.stderr
+    assert "Traceback" not in result.stderr
