@@ -249,9 +249,9 @@ class Collector:
     def _log_stats(self, now: float) -> None:
         s = self.stats
         rate = (s.frames - s.last_frames) / max(1e-9, now - s.last_time)
-        log.info("stats rows t=%d d=%d dp=%d dl=%d frames/s=%.1f written=%d buffered=%d "
+        log.info("stats rows %s frames/s=%.1f written=%d buffered=%d "
                  "spooled=%d errors=%d insert_errors=%d reconnects=%d",
-                 s.rows["t"], s.rows["d"], s.rows["dp"], s.rows["dl"], rate,
+                 " ".join(f"{mt}={n}" for mt, n in s.rows.items()), rate,
                  self.writer.rows_written, self.writer.buffered_rows() + len(self.batch),
                  self.writer.spool.rows, s.errors, self.writer.insert_errors, s.reconnects)
         s.last_frames, s.last_time = s.frames, now

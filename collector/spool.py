@@ -19,6 +19,7 @@ from typing import List, Optional, Tuple
 
 from core import pidlock
 from core.process import write_json_atomic
+from core.vocabulary import Row
 
 log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<II")
@@ -76,7 +77,7 @@ class Spool:
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             length, _crc = _HEADER.unpack(f.read(_HEADER.size))
-            rows = [tuple(r) for r in json.loads(f.read(length))]
+            rows = [Row(*r) for r in json.loads(f.read(length))]
         return self.offset + _HEADER.size + length, rows
 
     def mark_inflight(self, table_rows: int, batch_rows: int) -> None:

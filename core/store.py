@@ -22,7 +22,7 @@ from clickhouse_driver import Client
 from clickhouse_driver.errors import ServerException
 
 from core.clock import HOUR_MS
-from core.vocabulary import MESSAGE_TYPES, ROW_COLUMNS
+from core.vocabulary import MESSAGE_TYPES, ROW_COLUMNS, Row
 
 UNKNOWN_TABLE = 60  # ClickHouse's error code for a table that does not exist
 Refused = ServerException  # the server answered with an error: the statement did not apply
@@ -163,12 +163,12 @@ class Store:
     def count(self, table: str) -> int:
         return self._one(f"SELECT count() FROM {self._table(table)}")
 
-    def insert_rows(self, table: str, rows: List[tuple]) -> None:
+    def insert_rows(self, table: str, rows: List[Row]) -> None:
         """One INSERT of (ts, mt, m, rts) rows; a block lands whole or not at all."""
         self.client.execute(f"INSERT INTO {self._table(table)} ({', '.join(ROW_COLUMNS)}) VALUES",
                             [list(column) for column in zip(*rows)], columnar=True)
 
-    def contains(self, table: str, row: tuple) -> bool:
+    def contains(self, table: str, row: Row) -> bool:
         """Is this exact row in the table?"""
         ts, mt, m, rts = row
         f = self.features
