@@ -316,8 +316,7 @@ class Soak:
             link = self.links[name]
             if link.window is not None or link.epoch is None:
                 return False
-        return any(c.open and not c.closed.is_set() and c.subscribed_to(symbol)
-                   for c in self.sim._open_connections())
+        return self.sim.streaming_to(symbol)
 
     def inject(self, fault: Fault, what: str, send: Callable[[str], object]) -> bool:
         """A simulator-side send for fault.target, in a thread of its own: a send to a
