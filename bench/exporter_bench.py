@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import importlib
 import json
 import logging
 import os
@@ -172,8 +173,6 @@ class FixedClock:
 def phase_seconds(profile: cProfile.Profile) -> dict:
     """key -> cumulative seconds of the phase's function in the profile (0 if never called);
     a function is known by its module's file and its name."""
-    import importlib
-
     functions = pstats.Stats(profile).get_stats_profile().func_profiles
     phases = {}
     for key, (module, name) in PHASE_FUNCTIONS.items():
