@@ -18,7 +18,12 @@ size on disk is then the size of its data directory, <clickhouse>/data/data/<db>
 in a spawned child process, with a fixed clock 61 s after the end of that hour: it rotates the
 table, writes, verifies and logs the hour's file and drops the previous table.  Figures:
   - the cycle's wall time, measured in the child around cycle() (imports and start-up
-    excluded), broken down into phases by wrapping the exporter's steps with timers;
+    excluded);
+  - its phases: the same rows go into a second database, whose cycle runs under cProfile in a
+    second child; each phase is the cumulative time of one function in that profile (the
+    exporter's rotation and hour export, Store.move_back, parquet_files.to_table, verify and
+    sha256).  The profiler slows the cycle down, so its total is shown next to the unprofiled
+    one and the phases are that cycle's seconds, not shares of the unprofiled one;
   - the child's peak RSS: the larger of its ru_maxrss at the end and psutil samples taken by
     the parent every RSS_POLL s (the child's RSS after its imports is shown too);
   - the Parquet file's bytes against the ClickHouse table's bytes.
@@ -42,9 +47,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import importlib
 import json
 import logging
 import os
+import pstats
 import random
 import re
 import resource
@@ -58,18 +66,19 @@ import psutil
 
 from benchlib import MEXC, MIB, BenchError, PeakMemory, percentile, verdict
 from core.store import current_table
+from mexc.simulator import live_mix_rows
 
 HOUR_MS = 3_600_000
 SYMBOL, NAME = "BTC_USDT", "btc"
 DAEMON_SYMBOLS = ["BTC_USDT", "ETH_USDT", "SOL_USDT"]
-ROW_MIX = (("d", 0.70), ("dp", 0.25), ("t", 0.05))
+ROW_KINDS = ("d", "dp", "t")  # of the live mix (~70% deals, 25% depth, 5% ticker)
 BATCH_ROWS = 50_000
 RSS_POLL = 0.02
 SIMULATOR_RATE = 200.0  # frames/s per (symbol, channel) stream
 CLOCK_SPEED, EXPORT_DELAY = 600.0, 5.0
 GOAL_EXPORT_S, GOAL_RSS_MIB, GOAL_HOLD_P99_MS = 2.0, 350.0, 200.0
 
-# The steps of a cycle the export child times: key -> what the report calls it ("  " = a part
+# The steps of a cycle read from its profile: key -> what the report calls it ("  " = a part
 # of the step above it).
 PHASES = {
     "rotate": "rotate (swaps, then move back)",
@@ -78,6 +87,15 @@ PHASES = {
     "to_table": "  of which rows -> Arrow",
     "verify": "  of which verify (read back)",
     "sha256": "  of which sha256",
+}
+# key -> (module, function): the function whose cumulative time in the profile is the phase
+PHASE_FUNCTIONS = {
+    "rotate": ("exporter.exporter", "_rotate"),
+    "move_back": ("core.store", "move_back"),
+    "commit": ("exporter.exporter", "_export_hour"),
+    "to_table": ("exporter.parquet_files", "to_table"),
+    "verify": ("exporter.parquet_files", "verify"),
+    "sha256": ("exporter.parquet_files", "sha256"),
 }
 
 HOLD_LINE = re.compile(r"(collector\[\w+\]) writing again: rotation=(\S+) ended after ([\d.]+)s")
@@ -102,17 +120,11 @@ class World(benchlib.World):
 def row_batches(n: int, hour_ms: int, seed: int = 1):
     """n rows of the live mix over the hour from hour_ms, as columnar batches
     (ts, mt, m, rts) of up to BATCH_ROWS rows.  Row texts come from the simulator's feed."""
-    from mexc.simulator import _Feed, _Sequences  # the generator behind every frame it sends
-
     rng = random.Random(seed)
-    feed = _Feed(SYMBOL, seed, rng, _Sequences(lambda: 0))
-    makers = {"d": feed.deal_frame, "dp": lambda: feed.depth_frame(20), "t": feed.ticker_frame}
-    kinds, weights = zip(*ROW_MIX)
+    rows = live_mix_rows(n, SYMBOL, seed)
     for start in range(0, n, BATCH_ROWS):
         ts, mt, m, rts = [], [], [], []
-        for i in range(start, min(n, start + BATCH_ROWS)):
-            kind = rng.choices(kinds, weights)[0]
-            _ts, kind, text = makers[kind]()[1][0]
+        for i, (kind, text) in zip(range(start, min(n, start + BATCH_ROWS)), rows):
             stamp = min(hour_ms + i * HOUR_MS // n + rng.randrange(4), hour_ms + HOUR_MS - 1)
             ts.append(stamp)
             mt.append(kind)
@@ -124,7 +136,7 @@ def row_batches(n: int, hour_ms: int, seed: int = 1):
 def insert_hour(world: World, database: str, n: int, hour_ms: int) -> dict:
     """The hour's rows into btc_current; the table's size on disk afterwards."""
     store = world.store(database)
-    insert_s, mix = 0.0, {kind: 0 for kind, _w in ROW_MIX}
+    insert_s, mix = 0.0, dict.fromkeys(ROW_KINDS, 0)
     texts = 0
     try:
         store.setup([NAME])
@@ -158,47 +170,48 @@ class FixedClock:
         return 0.0
 
 
-def timed(phases: dict, key: str, function):
-    """`function`, adding the seconds each call takes to phases[key]."""
-    def wrapper(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            phases[key] = phases.get(key, 0.0) + time.perf_counter() - started
-    return wrapper
+def phase_seconds(profile: cProfile.Profile) -> dict:
+    """key -> cumulative seconds of the phase's function in the profile (0 if never called);
+    a function is known by its module's file and its name."""
+    functions = pstats.Stats(profile).get_stats_profile().func_profiles
+    phases = {}
+    for key, (module, name) in PHASE_FUNCTIONS.items():
+        found = functions.get(name)
+        if found is not None and found.file_name != importlib.import_module(module).__file__:
+            raise BenchError(f"the profile's {name} is in {found.file_name}, not in {module}")
+        phases[key] = found.cumtime if found is not None else 0.0
+    return phases
 
 
-def export_child(config_data: dict, now_ms: int, pipe) -> None:
-    """Spawned process: one Exporter cycle; sends its result, wall time, phases and memory."""
+def export_child(config_data: dict, now_ms: int, profile: bool, pipe) -> None:
+    """Spawned process: one Exporter cycle; sends its result, wall time and memory, and with
+    `profile` the cycle runs under cProfile and its phases are sent too."""
     logging.basicConfig(level=logging.WARNING, format="export child: %(message)s")
-    from exporter import exporter as exporter_module, parquet_files
-    from mexc import config as configuration
+    from core import config as configuration
+    from exporter.exporter import Exporter
 
     config = configuration.parse(config_data, "bench")
-    phases = dict.fromkeys(PHASES, 0.0)
-    cls = exporter_module.Exporter
-    cls._rotate = timed(phases, "rotate", cls._rotate)
-    cls._move_back = timed(phases, "move_back", cls._move_back)
-    cls._export_hour = timed(phases, "commit", cls._export_hour)
-    parquet_files.to_table = timed(phases, "to_table", parquet_files.to_table)
-    parquet_files.verify = timed(phases, "verify", parquet_files.verify)
-    parquet_files.sha256 = timed(phases, "sha256", parquet_files.sha256)
-    exporter = cls(config, clock=FixedClock(now_ms))
+    exporter = Exporter(config, clock=FixedClock(now_ms))
+    profiler = cProfile.Profile() if profile else None
     baseline_rss = psutil.Process().memory_info().rss
     pipe.send("ready")
     pipe.recv()  # the parent's RSS sampler is running
     started = time.perf_counter()
-    ok, files, error = exporter.cycle()
+    if profiler is None:
+        ok, files, error = exporter.cycle()
+    else:
+        ok, files, error = profiler.runcall(exporter.cycle)
     seconds = time.perf_counter() - started
-    exporter._disconnect()
-    pipe.send({"ok": ok, "files": files, "error": error, "seconds": seconds, "phases": phases,
+    exporter.store.close()
+    pipe.send({"ok": ok, "files": files, "error": error, "seconds": seconds,
+               "phases": None if profiler is None else phase_seconds(profiler),
                "baseline_rss": baseline_rss,
                "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
 
 
-def run_export_child(config_data: dict, now_ms: int) -> dict:
-    process, pipe = benchlib.spawn(export_child, config_data, now_ms, name="export-child")
+def run_export_child(config_data: dict, now_ms: int, profile: bool = False) -> dict:
+    process, pipe = benchlib.spawn(export_child, config_data, now_ms, profile,
+                                   name="export-child")
     try:
         receive(pipe, process, 120, "the export child to start")
         sampler = PeakMemory(process.pid, RSS_POLL)
@@ -221,14 +234,14 @@ def receive(pipe, process, timeout: float, what: str):
     return benchlib.receive(pipe, process, timeout, what, "the export child")
 
 
-def export_run(world: World, n: int) -> dict:
+def export_cycle(world: World, database: str, n: int, hour: int, profile: bool = False):
+    """The hour's n rows into `database`, then one export cycle in a child: (what
+    insert_hour says, the child's result, the file written)."""
     import pyarrow.parquet as pq
 
-    database = "bench_export"
-    hour = int(time.time() * 1000) // HOUR_MS * HOUR_MS - HOUR_MS  # the last complete hour
     inserted = insert_hour(world, database, n, hour)
     data = world.config_data(database, [SYMBOL])
-    result = run_export_child(data, hour + HOUR_MS + 61_000)
+    result = run_export_child(data, hour + HOUR_MS + 61_000, profile)
     if not result["ok"] or len(result["files"]) != 1:
         raise BenchError(f"export cycle failed: ok={result['ok']} files={result['files']} "
                          f"error={result['error']}")
@@ -236,9 +249,20 @@ def export_run(world: World, n: int) -> dict:
     rows = pq.read_metadata(path).num_rows
     if rows != n:
         raise BenchError(f"{path} has {rows} rows, expected {n}")
+    return inserted, result, path
+
+
+def export_run(world: World, n: int) -> dict:
+    """The measured cycle (time, memory, sizes); then the same rows again in another database,
+    exported under cProfile for the phases."""
+    hour = int(time.time() * 1000) // HOUR_MS * HOUR_MS - HOUR_MS  # the last complete hour
+    inserted, result, path = export_cycle(world, "bench_export", n, hour)
+    _inserted, profiled, _path = export_cycle(world, "bench_export_profiled", n, hour,
+                                              profile=True)
     return {**inserted, "rows": n, "file": os.path.basename(path),
             "file_bytes": os.path.getsize(path), "cycle_s": result["seconds"],
-            "phases": result["phases"], "baseline_rss": result["baseline_rss"],
+            "phases": profiled["phases"], "profiled_cycle_s": profiled["seconds"],
+            "baseline_rss": result["baseline_rss"],
             "peak_rss": max(result["maxrss"], result["sampled_rss"]),
             "maxrss": result["maxrss"], "sampled_rss": result["sampled_rss"]}
 
@@ -359,10 +383,12 @@ def print_report(e: dict, r: dict, machine: dict) -> None:
     print(f"  peak RSS: ru_maxrss {e['maxrss'] / MIB:.0f} MiB, sampled every "
           f"{RSS_POLL * 1000:.0f} ms {e['sampled_rss'] / MIB:.0f} MiB")
     print(f"  file / table: {e['file_bytes'] / e['table_bytes']:.2f}")
+    print(f"  phases of the same cycle under cProfile ({e['profiled_cycle_s']:.3f}s there, "
+          f"{e['cycle_s']:.3f}s without):")
     accounted = sum(s for k, s in e["phases"].items() if not PHASES[k].startswith(" "))
     steps = [(PHASES[k], s) for k, s in e["phases"].items()]
     for label, seconds in steps + [("rest (connect, EXISTS, DROP, state, log)",
-                                    e["cycle_s"] - accounted)]:
+                                    e["profiled_cycle_s"] - accounted)]:
         print(f"  {label:<40} {seconds:6.3f}s")
     print(f"rotation: {r['seconds']:.0f} s of `mexc run` with {len(DAEMON_SYMBOLS)} collectors, "
           f"simulator {SIMULATOR_RATE:g} frames/s per stream, clock x{CLOCK_SPEED:g}: "

@@ -356,6 +356,17 @@ def live_mix_frames(n: int, symbol: str = "BTC_USDT", seed: int = 1) -> tuple:
     return b"".join(frames), rows
 
 
+def live_mix_rows(n: int, symbol: str = "BTC_USDT", seed: int = 1):
+    """Yields n (mt, m) rows of the live mix, one per frame (a deal frame's first trade): ~70%
+    deals 'd', 25% depth 'dp' (20+20 levels), 5% ticker 't' (CHANNEL_WEIGHTS), the texts a
+    collector stores; for benchmarks that fill tables without sending frames."""
+    feed = _Feed(symbol, seed, random.Random(seed), _Sequences(wall_ms))
+    for _ in range(n):
+        _text, rows = feed.frame(feed.random_channel())
+        _ts, mt, m = rows[0]
+        yield mt, m
+
+
 _TS_MARKER = 2 * 10**15
 _VERSION_MARKER = 9 * 10**15
 _MARKER_NUMBER = re.compile(r"\b(\d{16})\b")
@@ -820,6 +831,12 @@ class MexcSimulator:
         with self._lock:
             symbols = list(self._rows)
         return {symbol: self.sent_counts(symbol) for symbol in symbols}
+
+    def streaming_to(self, symbol: str) -> bool:
+        """An open connection is subscribed to symbol: a send_* for it goes to that symbol's
+        own subscriber, not to another connection."""
+        return any(c.open and not c.closed.is_set() and c.subscribed_to(symbol)
+                   for c in self._open_connections())
 
     @property
     def connections(self) -> int:

@@ -1,0 +1,194 @@
+"""The fault injectors: each takes (soak, fault), injects the fault and may return its undo,
+which the schedule runs fault.duration seconds later; FAULTS maps a kind to its injector."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from bus import sockets
+
+from .common import SYMBOLS, SoakError, say, wait_for
+from .schedule import Fault
+
+if TYPE_CHECKING:
+    from .world import Soak
+
+BURST_FACTOR = 100  # a burst is one second of frames at this many times the rate
+
+
+def _signal_child(soak: Soak, fault: Fault, name: str, signum: int):
+    child = soak.child(name)
+    if child is None:
+        raise SoakError(f"{name} is not running")
+    soak.note(fault, f"pid {child['pid']}")
+    soak.signal_pid(child["pid"], signum)
+    if signum == signal.SIGSTOP:
+        return lambda: soak.signal_pid(child["pid"], signal.SIGCONT)
+    return None
+
+
+def kill_collector(soak, fault):
+    return _signal_child(soak, fault, f"collector-{fault.target}", signal.SIGKILL)
+
+
+def stop_collector(soak, fault):
+    return _signal_child(soak, fault, f"collector-{fault.target}", signal.SIGSTOP)
+
+
+def kill_exporter(soak, fault):
+    return _signal_child(soak, fault, "exporter", signal.SIGKILL)
+
+
+def stop_exporter(soak, fault):
+    return _signal_child(soak, fault, "exporter", signal.SIGSTOP)
+
+
+def kill_tor(soak, fault):
+    return _signal_child(soak, fault, f"tor-{fault.target}", signal.SIGKILL)
+
+
+def stop_tor(soak, fault):
+    return _signal_child(soak, fault, f"tor-{fault.target}", signal.SIGSTOP)
+
+
+def clickhouse_outage(soak, fault):
+    if soak.args.managed:  # the daemon's own server crashes; its supervisor restarts it
+        return _signal_child(soak, fault, "clickhouse", signal.SIGKILL)
+    soak.note(fault, "stopping our clickhouse")
+    soak.ch.stop()
+
+    def back():
+        soak.ch.start()
+        say("clickhouse started again")
+    return back
+
+
+def fill_disk(soak, fault):
+    if soak.tmpfs:
+        soak.filler = os.path.join(soak.tmpfs, "filler")
+        with open(soak.filler, "wb") as f:
+            block = b"\0" * (1 << 20)
+            try:
+                while True:
+                    f.write(block)
+                    f.flush()
+            except OSError:
+                pass
+        soak.note(fault, f"{os.path.getsize(soak.filler) >> 20} MiB filler, tmpfs full")
+    else:
+        os.rename(soak.export_dir, soak.export_dir + ".away")
+        with open(soak.export_dir, "w") as f:
+            f.write("a file where the export directory should be\n")
+        soak.note(fault, "export.dir replaced by a file")
+    # The exporter may be waiting out a retry (a minute, whatever the clock speed): ask for a
+    # cycle now, so the full disk is met at once.
+    try:
+        sockets.request(soak.runtime_dir, "export", timeout=3.0)
+    except Exception as e:
+        say(f"export request: {type(e).__name__}: {e}")
+    return lambda: free_disk(soak)
+
+
+def free_disk(soak) -> None:
+    if soak.filler:
+        os.unlink(soak.filler)
+        soak.filler = None
+    elif not os.path.isdir(soak.export_dir):
+        os.unlink(soak.export_dir)
+        os.rename(soak.export_dir + ".away", soak.export_dir)
+    say("export disk usable again")
+
+
+def reload(soak, fault):
+    """SIGHUP without fault.target (maybe after an invalid file first), later with it again."""
+    if soak.rng.random() < 0.3:
+        soak.write_config(invalid=True)
+        soak.daemon.signal(signal.SIGHUP)
+        time.sleep(1.0)
+    soak.removed = fault.target
+    soak.write_config([n for n in soak.names if n != fault.target])
+    soak.note(fault, f"SIGHUP without {SYMBOLS[fault.target]}")
+    soak.daemon.signal(signal.SIGHUP)
+
+    def add_back():
+        soak.write_config()
+        soak.daemon.signal(signal.SIGHUP)
+        soak.removed = None
+        say(f"SIGHUP with {SYMBOLS[fault.target]} again")
+    return add_back
+
+
+def kill_supervisor(soak, fault):
+    """SIGKILL `mexc run` and start it again at once, as systemd would: the new run must wait
+    for the old children (they die with it, storing or spooling their rows) by itself."""
+    soak.note(fault, f"pid {soak.daemon.pid}")
+    soak.daemon.signal(signal.SIGKILL)
+    soak.daemon.popen.wait(10)
+    for _attempt in range(5):
+        proc = soak.start_daemon()
+        try:
+            wait_for(lambda: proc.popen.poll() is not None or soak.status(timeout=1.0), 60,
+                     "the new mexc run to answer status", 0.2)
+        except SoakError as e:
+            say(str(e))
+        if proc.popen.poll() is None:
+            return None
+        soak.report.supervisor_restart_refusals += 1
+        say(f"mexc run exited {proc.popen.returncode}: {proc.log().strip()[-300:]}")
+        time.sleep(1.0)
+    raise SoakError("mexc run would not start again")
+
+
+def disconnect(soak, fault):
+    soak.note(fault)
+    soak.sim.force_disconnect()
+
+
+def stall(soak, fault):
+    soak.note(fault)
+    soak.sim.stall(fault.duration)
+
+
+def burst(soak, fault):
+    frames = int(BURST_FACTOR * soak.args.rate * 3)
+    if soak.inject(fault, "", lambda symbol: soak.sim.send_frames(symbol, frames)):
+        soak.note(fault, f"{frames} frames at once")
+    else:
+        soak.report.faults_skipped.append(f"{fault} (not connected)")
+
+
+def junk(soak, fault):
+    sim = soak.sim
+    kinds = {
+        "junk": lambda s: sim.send_junk(s),
+        "unknown_channel": lambda s: sim.send_unknown_channel(s),
+        "wrong_types": lambda s: sim.send_wrong_types(s),
+        "bad_binary": lambda s: sim.send_bad_binary(s),
+        "gzip_deal": lambda s: sim.send_gzip_deal(s),
+    }
+    what = soak.rng.choice(sorted(kinds))
+    dead_letter = what != "gzip_deal"  # a gzip deal is ordinary data
+    if soak.inject(fault, what if dead_letter else "", kinds[what]):
+        soak.note(fault, what)
+    else:
+        soak.report.faults_skipped.append(f"{fault} (not connected)")
+
+
+def huge(soak, fault):
+    nbytes = soak.rng.randint(2, 6) << 20
+    if soak.inject(fault, "huge", lambda s: soak.sim.send_huge(s, nbytes)):
+        soak.note(fault, f"{nbytes >> 20} MiB frame")
+    else:
+        soak.report.faults_skipped.append(f"{fault} (not connected)")
+
+
+FAULTS = {
+    "kill_collector": kill_collector, "stop_collector": stop_collector,
+    "kill_exporter": kill_exporter, "stop_exporter": stop_exporter,
+    "kill_tor": kill_tor, "stop_tor": stop_tor,
+    "clickhouse_outage": clickhouse_outage, "disk_full": fill_disk, "reload": reload,
+    "kill_supervisor": kill_supervisor, "disconnect": disconnect, "stall": stall,
+    "burst": burst, "junk": junk, "huge": huge,
+}

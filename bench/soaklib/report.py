@@ -1,0 +1,217 @@
+"""The soak's findings: per symbol (SymbolReport) and for the whole run (Report), the verdict
+(Report.judge), and the report as text and as JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+# s; no single fault keeps a collector away this long, so such a window is reported (not failed:
+# a slow tor bootstrap on the small test network is one cause) and the work dir is kept
+LONG_WINDOW = 60.0
+
+
+@dataclass
+class SymbolReport:
+    name: str
+    sent: int = 0  # data rows the simulator sent
+    stored: int = 0  # distinct data rows stored (files + tables)
+    duplicates: int = 0
+    corrupt: int = 0
+    unrecorded_in_windows: int = 0
+    unrecorded_outside: int = 0
+    lost_in_windows: int = 0
+    lost_outside: int = 0
+    gap_seconds: float = 0.0
+    windows: int = 0
+    window_seconds: float = 0.0
+    max_extension_s: float = 0.0
+    longest_window: str = ""  # its length, start and causes
+    long_windows: int = 0  # windows over LONG_WINDOW s: a recovery this slow is worth a look
+    dead_letters_injected: int = 0
+    dead_letters_stored: int = 0
+    examples: List[str] = field(default_factory=list)  # first runs lost outside windows
+    outages: List[str] = field(default_factory=list)  # the windows that cost rows
+
+
+@dataclass
+class Report:
+    seed: int
+    minutes: float
+    rate: float
+    hour_seconds: float
+    tor: bool
+    clickhouse: str
+    disk_full_method: str = ""
+    runtime_s: float = 0.0
+    faults: Dict[str, int] = field(default_factory=dict)
+    faults_skipped: List[str] = field(default_factory=list)
+    symbols: List[SymbolReport] = field(default_factory=list)
+    dead_letters_sent: int = 0
+    dead_letters_stored: int = 0
+    dead_letters_missing: int = 0
+    dead_letters_missing_allowed: int = 0
+    dead_letters_extra: int = 0
+    files: int = 0
+    file_rows: int = 0
+    bad_files: List[str] = field(default_factory=list)
+    temp_files_left: int = 0
+    temp_file_names: List[str] = field(default_factory=list)
+    fresh_rows: int = 0
+    export_once_exit: Optional[int] = None
+    export_once_attempts: int = 0
+    verify_exit: Optional[int] = None
+    # verify failed only by "hour ... missing" for hours of which no row of that symbol was
+    # stored (outages of 10 s are whole event hours here): a true gap, not a bad export
+    verify_excused: List[str] = field(default_factory=list)
+    verify_attempts: int = 0
+    verify_output: str = ""
+    rotations: int = 0
+    restarts: Dict[str, int] = field(default_factory=dict)
+    peak_rss_mb: Dict[str, float] = field(default_factory=dict)
+    unplanned: List[str] = field(default_factory=list)
+    crashes: List[str] = field(default_factory=list)
+    supervisor_restart_refusals: int = 0
+    healthy: bool = False
+    health_notes: List[str] = field(default_factory=list)
+    flapping_lines: int = 0
+    tracebacks: int = 0
+    stop_exit: Optional[int] = None
+    stop_seconds: Optional[float] = None
+    loopback_only: Optional[bool] = None
+    failures: List[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def long_windows(self) -> int:
+        return sum(s.long_windows for s in self.symbols)
+
+    def judge(self) -> None:
+        """Fill `failures` from the figures."""
+        f = self.failures
+        for s in self.symbols:
+            if s.duplicates:
+                f.append(f"{s.name}: {s.duplicates} duplicate rows")
+            if s.corrupt:
+                f.append(f"{s.name}: {s.corrupt} stored rows differ from what was sent")
+            if s.lost_outside:
+                f.append(f"{s.name}: {s.lost_outside} rows lost outside outage windows")
+            if s.unrecorded_outside:
+                f.append(f"{s.name}: {s.unrecorded_outside} rows stored that were never sent")
+        if self.dead_letters_extra:
+            f.append(f"{self.dead_letters_extra} dead letters stored twice or never sent")
+        if self.dead_letters_missing > self.dead_letters_missing_allowed:
+            f.append(f"{self.dead_letters_missing} dead letters lost "
+                     f"({self.dead_letters_missing_allowed} sent inside outage windows)")
+        if self.bad_files:
+            f.append(f"{len(self.bad_files)} corrupt or mis-houred files")
+        if self.temp_files_left:
+            f.append(f"{self.temp_files_left} temporary files left in the export dir")
+        if self.supervisor_restart_refusals:
+            f.append(f"mexc run refused to start {self.supervisor_restart_refusals} times "
+                     "after a supervisor kill")
+        if self.export_once_exit != 0:
+            f.append(f"mexc export --once exit {self.export_once_exit}")
+        if self.verify_exit != 0 and not self.verify_excused:
+            f.append(f"mexc verify exit {self.verify_exit}")
+        if self.crashes:
+            f.append(f"{len(self.crashes)} unplanned collector crashes")
+        if not self.healthy:
+            f.append("daemon unhealthy at the end: " + "; ".join(self.health_notes))
+        if self.stop_exit != 0:
+            f.append(f"SIGTERM stop: exit {self.stop_exit}")
+        elif self.stop_seconds is not None and self.stop_seconds > 15.0:
+            f.append(f"SIGTERM stop took {self.stop_seconds:.1f}s (the promise is 15 s)")
+        if self.loopback_only is False:
+            f.append("a tor socket outside 127.0.0.0/8")
+
+    def text(self) -> str:
+        lines = [f"mexc soak: seed {self.seed}, {self.minutes:g} min of faults, {self.rate:g} "
+                 f"frames/s per stream, an event hour every {self.hour_seconds:g} s, tor "
+                 f"{'on' if self.tor else 'off'}, clickhouse {self.clickhouse}, full disk by "
+                 f"{self.disk_full_method}; ran {self.runtime_s:.0f} s",
+                 "faults injected: " + ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items()))
+                 + (f" ({len(self.faults_skipped)} skipped: "
+                    f"{', '.join(self.faults_skipped[:6])})" if self.faults_skipped else "")]
+        header = ("symbol", "sent", "stored", "dup", "corrupt", "lost", "in windows", "gap s",
+                  "windows", "window s", "ext s", "outside", "dl inj", "dl stored")
+        rows = [header] + [(s.name, f"{s.sent:,}", f"{s.stored:,}", s.duplicates, s.corrupt,
+                            s.lost_in_windows + s.lost_outside, s.lost_in_windows,
+                            f"{s.gap_seconds:.1f}", s.windows, f"{s.window_seconds:.1f}",
+                            f"{s.max_extension_s:.1f}", s.lost_outside,
+                            s.dead_letters_injected, s.dead_letters_stored)
+                           for s in self.symbols]
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+        for r in rows:
+            lines.append("  " + "  ".join(str(v).rjust(w) if i else str(v).ljust(w)
+                                          for i, (v, w) in enumerate(zip(r, widths))))
+        for s in self.symbols:
+            for outage in s.outages[:8]:
+                lines.append(f"  {s.name} outage {outage}")
+            if len(s.outages) > 8:
+                lines.append(f"  {s.name}: {len(s.outages) - 8} more outages with loss")
+        lines.append("longest outage window: " + "; ".join(
+            f"{s.name} {s.longest_window or '-'}" for s in self.symbols)
+            + (f" ({self.long_windows} over {LONG_WINDOW:.0f}s: work dir kept)"
+               if self.long_windows else ""))
+        for s in self.symbols:
+            for example in s.examples:
+                lines.append(f"  {s.name} LOST OUTSIDE WINDOWS: {example}")
+        total = lambda attr: sum(getattr(s, attr) for s in self.symbols)  # noqa: E731
+        lines += [
+            f"duplicates: {total('duplicates')}",
+            f"lost outside outage windows: {total('lost_outside')}",
+            f"lost inside outage windows: {total('lost_in_windows')} rows, "
+            f"{sum(s.gap_seconds for s in self.symbols):.1f} gap seconds",
+            f"stored rows that differ or were never sent: "
+            f"{total('corrupt') + total('unrecorded_outside')} "
+            f"(+{total('unrecorded_in_windows')} delivered by half-sent frames inside windows)",
+            f"dead letters: {self.dead_letters_sent} sent, {self.dead_letters_stored} stored, "
+            f"{self.dead_letters_missing} missing ({self.dead_letters_missing_allowed} allowed), "
+            f"{self.dead_letters_extra} extra",
+            f"files: {self.files} Parquet files, {self.file_rows:,} rows; "
+            f"corrupt or mis-houred files: {len(self.bad_files)}"
+            + (f" ({'; '.join(self.bad_files[:3])})" if self.bad_files else "")
+            + f"; temporary files left: {self.temp_files_left}"
+            + (f" ({', '.join(self.temp_file_names[:3])})" if self.temp_file_names else "")
+            + (f"; rows in *_fresh tables: {self.fresh_rows}" if self.fresh_rows else ""),
+            f"mexc export --once: exit {self.export_once_exit} after "
+            f"{self.export_once_attempts} attempt(s); mexc verify: exit {self.verify_exit} "
+            f"after {self.verify_attempts} attempt(s)"
+            + (f" (only for {len(self.verify_excused)} hours in which no row of the symbol was "
+               f"stored: {', '.join(self.verify_excused[:4])})" if self.verify_excused else "")
+            + f"; rotations: {self.rotations}",
+            "restarts: " + (", ".join(f"{k} {v}" for k, v in sorted(self.restarts.items()))
+                            or "none"),
+            "peak RSS: " + ", ".join(f"{k} {v:.0f} MiB"
+                                     for k, v in sorted(self.peak_rss_mb.items())),
+            f"unplanned reconnects and daemon-initiated restarts: {len(self.unplanned)}"
+            + (f" ({'; '.join(self.unplanned[:5])})" if self.unplanned else ""),
+            f"unplanned collector crashes: {len(self.crashes)}"
+            + (f" ({'; '.join(self.crashes[:5])})" if self.crashes else ""),
+            f"supervisor restarts refused: {self.supervisor_restart_refusals}; "
+            f"flapping log lines: {self.flapping_lines}; tracebacks in logs: {self.tracebacks}",
+        ]
+        if self.loopback_only is not None:
+            lines.append(f"tor sockets loopback only: {'yes' if self.loopback_only else 'NO'}")
+        lines.append(f"daemon healthy at end: {'yes' if self.healthy else 'NO'}"
+                     + (f" ({'; '.join(self.health_notes)})" if self.health_notes else "")
+                     + f"; SIGTERM stop: exit {self.stop_exit}"
+                     + (f" in {self.stop_seconds:.1f}s" if self.stop_seconds is not None else ""))
+        if self.verify_exit not in (0, None) and not self.verify_excused:
+            said = self.verify_output.strip().replace("\n", " | ")
+            lines.append("mexc verify said: " + said[-600:])
+        lines += [f"FAIL: {f}" for f in self.failures]
+        lines.append(f"RESULT: {'PASS' if self.passed else 'FAIL'}")
+        return "\n".join(lines)
+
+
+def to_json(report: Report) -> str:
+    """The report as one line of JSON, with `passed`."""
+    data = dataclasses.asdict(report)
+    data["passed"] = report.passed
+    return json.dumps(data, sort_keys=True)
