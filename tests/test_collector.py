@@ -91,6 +91,7 @@ def test_reconnects_after_forced_disconnect(env, sim):
     assert proc.stop() == 0
 
 
+@pytest.mark.slow
 def test_pings_keep_an_idle_connection_open(env):
     with MexcSimulator(rate=0, idle_timeout=1.5) as sim:
         proc = start_collector_without_confirmation(env, sim, exchange={"ping_interval": 0.4,
@@ -100,6 +101,7 @@ def test_pings_keep_an_idle_connection_open(env):
         assert proc.stop() == 0
 
 
+@pytest.mark.slow
 def test_stalled_socket_is_declared_dead_and_replaced(env, sim):
     proc = start_collector(env, sim, exchange={"ping_interval": 0.5, "dead_after": 2.0})
     sim.stall(4.0)
@@ -127,6 +129,7 @@ def start_collector_without_confirmation(env, sim, **sections):
     return proc
 
 
+@pytest.mark.slow
 def test_clickhouse_outage_of_30s_loses_nothing(env, sim, own_clickhouse):
     env.clickhouse = own_clickhouse
     proc = start_collector(env, sim)
@@ -142,6 +145,7 @@ def test_clickhouse_outage_of_30s_loses_nothing(env, sim, own_clickhouse):
     assert proc.stop() == 0
 
 
+@pytest.mark.slow
 def test_sigkill_with_rows_in_spool_then_restart(env, sim, own_clickhouse):
     env.clickhouse = own_clickhouse
     # max_buffered_rows = 0: every batch that cannot be stored goes to the spool file at once

@@ -229,6 +229,7 @@ def test_full_export_disk_keeps_data_and_leaves_no_temporary_files(env):
     assert_exactly_once(env, sent)
 
 
+@pytest.mark.slow
 def test_clickhouse_down_during_rotation(env, tmp_path):
     own = ManagedClickHouse(str(tmp_path / "own")).start()
     try:
@@ -247,6 +248,7 @@ def test_clickhouse_down_during_rotation(env, tmp_path):
         own.stop()
 
 
+@pytest.mark.slow
 def test_daemon_with_an_accelerated_clock(env):
     """Hours pass in 6 s: rotations while data flows; then `mexc export --once`, `mexc verify`."""
     anchor = int(time.time() * 1000)

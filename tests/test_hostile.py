@@ -3,6 +3,7 @@ secrets kept out of logs and status.  Nothing may crash a process or leak the pa
 import json
 import subprocess
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from bus import messages
@@ -18,6 +19,7 @@ json_values = st.recursive(
     max_leaves=30)
 
 
+@pytest.mark.slow
 @settings(max_examples=3000, deadline=None)
 @given(st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_bus_decoder_never_fails_but_with_bad_message(data):
@@ -32,6 +34,7 @@ def test_bus_decoder_never_fails_but_with_bad_message(data):
 @settings(max_examples=500, deadline=None)
 @given(st.sampled_from(sorted(messages.MESSAGES)), st.dictionaries(st.text(max_size=8), json_values,
                                                                   max_size=4))
+@pytest.mark.slow
 def test_every_message_round_trips(kind, extra):
     fields = {field: extra.get(field, 1) for field in messages.MESSAGES[kind]}
     assert messages.decode(messages.encode(kind, **fields))["type"] == kind
@@ -49,6 +52,7 @@ MEXC_LIKE = st.fixed_dictionaries({
 @settings(max_examples=3000, deadline=None)
 @given(st.text(max_size=400) | st.binary(max_size=200)
        | MEXC_LIKE.map(json.dumps) | json_values.map(json.dumps))
+@pytest.mark.slow
 def test_frame_parser_never_raises_and_rows_fit_the_table(payload):
     kind, rows = wire.parse(payload, 1_700_000_000_000, "BTC_USDT")
     assert isinstance(kind, str)

@@ -315,6 +315,7 @@ def test_idle_connection_is_closed_after_rs_error():
         poll(lambda: sim.connections == 0, what="connection to be dropped")
 
 
+@pytest.mark.slow
 def test_pings_keep_a_connection_open():
     with MexcSimulator(rate=0, idle_timeout=1.0) as sim:
         ws = connect(sim)

@@ -14,6 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOAK = os.path.join(ROOT, "bench", "soak.py")
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.mark.timeout(400)
 def test_short_soak_with_tor_loses_and_doubles_nothing():
     started = time.monotonic()

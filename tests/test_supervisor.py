@@ -102,6 +102,7 @@ def test_sigkill_collector_is_replaced_and_data_flows_again(env, sim):
     assert "killed by SIGKILL" in daemon.proc.log()
 
 
+@pytest.mark.slow
 def test_hung_collector_is_killed_and_replaced(env, sim):
     daemon = Daemon(env, sim, supervisor={"heartbeat_timeout": 2.0})
     daemon.wait_flowing(["collector-eth"])
@@ -114,6 +115,7 @@ def test_hung_collector_is_killed_and_replaced(env, sim):
              psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE, 5, "the hung one gone")
 
 
+@pytest.mark.slow
 def test_supervisor_sigkill_leaves_no_orphans(env, sim):
     daemon = Daemon(env, sim)
     daemon.wait_flowing(["collector-btc", "collector-eth"])
@@ -128,6 +130,7 @@ def test_supervisor_sigkill_leaves_no_orphans(env, sim):
     wait_for(all_gone, 5, f"every process of {tree} gone")
 
 
+@pytest.mark.slow
 def test_sigterm_stops_in_order_with_exit_0(env, sim):
     daemon = Daemon(env, sim)
     daemon.wait_flowing(["collector-btc", "collector-eth"])
@@ -143,6 +146,7 @@ def test_sigterm_stops_in_order_with_exit_0(env, sim):
         assert set(rows) <= set(sim.expected_rows(symbol))
 
 
+@pytest.mark.slow
 def test_second_instance_refuses(env, sim):
     daemon = Daemon(env, sim)
     daemon.wait_flowing(["collector-btc"])
@@ -152,6 +156,7 @@ def test_second_instance_refuses(env, sim):
     assert f"another mexc run (pid {daemon.proc.pid}) is using" in result.stderr
 
 
+@pytest.mark.slow
 def test_run_again_right_after_a_supervisor_sigkill(env, sim):
     """The new run waits for the children of the killed one (they flush on their way out)."""
     daemon = Daemon(env, sim)
@@ -169,6 +174,7 @@ def test_run_again_right_after_a_supervisor_sigkill(env, sim):
     assert again.stop(15) == 0
 
 
+@pytest.mark.slow
 def test_symbol_re_added_while_its_old_collector_stops_loses_nothing(env, sim, own_clickhouse):
     """The old collector spools its rows before it exits and the new one replays them: the new
     one starts only once the old one is gone (two on one spool deleted each other's batches)."""
@@ -206,6 +212,7 @@ def test_symbol_re_added_while_its_old_collector_stops_loses_nothing(env, sim, o
     assert daemon.proc.stop(15) == 0
 
 
+@pytest.mark.slow
 def test_sighup_adds_and_removes_symbols_and_rejects_a_bad_config(env, sim):
     daemon = Daemon(env, sim, symbols=("BTC_USDT", "ETH_USDT"))
     daemon.wait_flowing(["collector-btc", "collector-eth"])
@@ -230,6 +237,7 @@ def test_sighup_adds_and_removes_symbols_and_rejects_a_bad_config(env, sim):
     assert daemon.collectors()["collector-btc"]["pid"] == btc_pid
 
 
+@pytest.mark.slow
 def test_rotation_with_a_paused_collector_loses_nothing(env, sim):
     daemon = Daemon(env, sim, supervisor={"heartbeat_timeout": 30.0, "rotation_ack_timeout": 2.0})
     daemon.wait_flowing(["collector-btc", "collector-eth"])
@@ -282,6 +290,7 @@ def _event(bus, kind):
     return event if event and event["type"] == kind else None
 
 
+@pytest.mark.slow
 def test_sd_notify_ready_status_and_watchdog(env, sim, tmp_path):
     path = str(tmp_path / "notify.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -350,6 +359,7 @@ def test_bad_bus_messages_are_dropped_and_the_daemon_lives(env, sim):
     assert sockets.request(daemon.runtime_dir, "restart", name="nope")["ok"] is False
 
 
+@pytest.mark.slow
 def test_a_rotation_the_exporter_never_finishes_ends_by_itself(env, sim):
     daemon = Daemon(env, sim, symbols=("BTC_USDT",), collector={"max_hold": 2.0})
     daemon.wait_flowing(["collector-btc"])

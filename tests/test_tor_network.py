@@ -250,6 +250,7 @@ def test_voting_start_offset_puts_first_valid_after_just_after_lead():
 # The network
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_network_up_with_distinct_exits(tor_net):
     assert len(tor_net.exits) == 3 and len(tor_net.authorities) == 3
@@ -273,6 +274,7 @@ def test_network_up_with_distinct_exits(tor_net):
             assert f" {e.address} {e.or_port} " in cons
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_pinned_clients_come_from_their_exits_address(tor_net, clients, server):
     seen = []
@@ -294,12 +296,14 @@ def test_pinned_clients_come_from_their_exits_address(tor_net, clients, server):
     assert server.peers[-3:] == seen
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_free_client_connects(tor_net, clients, server):
     peer = peer_via(clients["free"], server.port)
     assert peer in {e.address for e in tor_net.exits}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_only_loopback_sockets_while_streams_are_open(tor_net, clients, server):
     held = [open_via(c, server.port)[0] for c in clients["pinned"] + [clients["free"]]]
@@ -326,6 +330,7 @@ BAD_SOCKET = parse_proc_net_line(
     "     0        0 1 1 0 20 4 30 10 -1", "tcp")
 
 
+@pytest.mark.slow
 def test_assert_loopback_only_raises_on_a_violation(tor_net, tmp_path):
     """The check the fixture uses, on a real exit's real sockets plus one fabricated bad one
     (through a separate, unstarted TorNetwork, so the running network's watcher is unaffected)."""
@@ -353,6 +358,7 @@ def test_watcher_kills_everything_on_a_violation(tmp_path):
         net.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_kill_exit_mid_stream(tor_net, clients, server):
     """Runs last in this module: exit 2 dies while carrying a stream."""
