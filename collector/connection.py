@@ -53,6 +53,8 @@ class FrameReader:
     read() returns the complete messages that one recv() made available, as (opcode, payload)
     with opcode OP_TEXT, OP_BINARY or OP_CLOSE; pings are answered here, pongs count as
     traffic (an empty list when only control frames arrived).  A socket timeout returns None.
+    Anything RFC 6455 forbids (masked or reserved bits, a new message inside a fragmented
+    one, a fragmented or long control frame, an unknown opcode) raises ProtocolError.
     """
 
     def __init__(self, ws):
@@ -60,6 +62,7 @@ class FrameReader:
         self.sock = ws.sock
         self.buffer = bytearray()
         self.fragments = None  # (opcode, [payloads]) of a fragmented message
+        self.fragment_bytes = 0  # their total length, kept as they arrive
 
     def read(self):
         try:
@@ -90,27 +93,39 @@ class FrameReader:
                 break
             payload = bytes(buffer[pos + header:pos + header + length])
             pos += header + length
-            self._frame(first & 0x80, first & 0x0F, payload, messages)
+            self._frame(first, payload, messages)
         del buffer[:pos]
         return messages
 
-    def _frame(self, fin: int, opcode: int, payload: bytes, messages: list) -> None:
-        if opcode in (OP_TEXT, OP_BINARY) and fin:
-            messages.append((opcode, payload))
-        elif opcode in (OP_TEXT, OP_BINARY):
-            self.fragments = (opcode, [payload])
-        elif opcode == OP_CONT and self.fragments is not None:
+    def _frame(self, first: int, payload: bytes, messages: list) -> None:
+        fin, opcode = first & 0x80, first & 0x0F
+        if first & 0x70:
+            raise ProtocolError("reserved bits set, but no extension was negotiated")
+        if opcode in (OP_TEXT, OP_BINARY):
+            if self.fragments is not None:
+                raise ProtocolError("a new message began inside a fragmented one")
+            if fin:
+                messages.append((opcode, payload))
+            else:
+                self.fragments, self.fragment_bytes = (opcode, [payload]), len(payload)
+        elif opcode == OP_CONT:
+            if self.fragments is None:
+                raise ProtocolError("a continuation frame outside a fragmented message")
             self.fragments[1].append(payload)
-            if sum(map(len, self.fragments[1])) > MAX_MESSAGE_BYTES:
+            self.fragment_bytes += len(payload)
+            if self.fragment_bytes > MAX_MESSAGE_BYTES:
                 raise ProtocolError(f"a message over {MAX_MESSAGE_BYTES} bytes")
             if fin:
                 messages.append((self.fragments[0], b"".join(self.fragments[1])))
                 self.fragments = None
-        elif opcode == OP_PING:
-            self.ws.pong(payload)
-        elif opcode == OP_CLOSE:
-            messages.append((OP_CLOSE, payload))
-        elif opcode != OP_PONG:
+        elif opcode in (OP_PING, OP_PONG, OP_CLOSE):
+            if not fin or len(payload) > 125:
+                raise ProtocolError("a control frame fragmented or over 125 bytes")
+            if opcode == OP_PING:
+                self.ws.pong(payload)
+            elif opcode == OP_CLOSE:
+                messages.append((OP_CLOSE, payload))
+        else:
             raise ProtocolError(f"unexpected opcode {opcode:#x}")
 
 

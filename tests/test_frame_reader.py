@@ -6,6 +6,7 @@ and whose pong() records what it was asked to send.
 import random
 import socket
 import struct
+import time
 from collections import deque
 
 import pytest
@@ -300,6 +301,42 @@ def test_a_continuation_without_a_first_fragment_is_a_protocol_error():
     reader, _ = reader_for(frame(OP_CONT, b"orphan"))
     with pytest.raises(ProtocolError):
         reader.read()
+
+
+def test_a_new_message_inside_a_fragmented_one_is_a_protocol_error():
+    for second in (frame(OP_TEXT, b"x", fin=False), frame(OP_BINARY, b"x")):
+        reader, _ = reader_for(frame(OP_TEXT, b"ab", fin=False) + second + frame(OP_CONT, b"cd"))
+        with pytest.raises(ProtocolError, match="inside a fragmented"):
+            reader.read()
+
+
+@pytest.mark.parametrize("bits", [0x40, 0x20, 0x10])
+def test_reserved_bits_are_a_protocol_error(bits):
+    data = frame(OP_TEXT, b"x")
+    reader, _ = reader_for(bytes([data[0] | bits]) + data[1:])
+    with pytest.raises(ProtocolError, match="reserved"):
+        reader.read()
+
+
+@pytest.mark.parametrize("opcode", [OP_PING, OP_PONG, OP_CLOSE])
+def test_control_frames_must_be_whole_and_short(opcode):
+    for bad in (frame(opcode, b"p", fin=False), frame(opcode, b"p" * 126)):
+        reader, ws = reader_for(bad)
+        with pytest.raises(ProtocolError, match="control frame"):
+            reader.read()
+        assert ws.pongs == []
+
+
+def test_many_tiny_fragments_cost_linear_time():
+    """The running total: 100,000 empty continuation frames in one read are quick (the old
+    reader summed every fragment again on each one: quadratic, seconds of CPU)."""
+    stream = frame(OP_TEXT, b"a", fin=False) + frame(OP_CONT, b"", fin=False) * 100_000 \
+        + frame(OP_CONT, b"z")
+    reader, _ = reader_for(*[stream[i:i + 200_000] for i in range(0, len(stream), 200_000)])
+    started = time.process_time()
+    assert read_all(reader) == [(OP_TEXT, b"az")]
+    # a complexity guard, not a timing goal: CPU time (not wall), linear ~0.2 s, quadratic minutes
+    assert time.process_time() - started < 5.0
 
 
 def test_an_empty_recv_is_a_connection_reset():

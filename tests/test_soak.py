@@ -32,7 +32,10 @@ def test_short_soak_with_tor_loses_and_doubles_nothing():
         assert line in out, line
     report = json.loads(out.strip().splitlines()[-1])
     assert report["passed"] and report["failures"] == []
-    assert report["verify_exit"] == 0 and report["export_once_exit"] == 0
+    # verify may fail only for hours in which no row of the symbol was stored (an outage can
+    # span a 20-s event hour); the soak lists those and checks that no row of them exists
+    assert report["verify_exit"] == 0 or report["verify_excused"], report["verify_output"]
+    assert report["export_once_exit"] == 0
     assert report["stop_exit"] == 0
     for symbol in report["symbols"]:
         assert symbol["sent"] > 10_000, symbol
