@@ -3,8 +3,9 @@
   common      what every part shares: paths, the symbols, the daemon settings that make faults
               show quickly, say(), wait_for(), SoakError
   schedule    the seeded schedule of faults (Fault, build_schedule) and the fault rates
+  windows     faults as injected and the outage windows the status sampler found
   world       the Soak: simulator, ClickHouse, the daemon, the private Tor network; the status
-              sampler and its outage windows; running the schedule; the end phase
+              sampler that opens and closes outage windows; running the schedule; the end phase
   faults      the fault injectors (kill_collector ... huge), each (soak, fault) -> its undo
   accounting  every row read back and counted against what the simulator sent
   report      the figures (Report, SymbolReport), the verdict, the text and JSON output

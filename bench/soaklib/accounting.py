@@ -9,7 +9,7 @@ import collections
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,10 +18,8 @@ from core.clock import HOUR_MS
 from core.store import Store
 
 from .common import FILE_RE, SYMBOLS, say
+from .windows import Window
 from .report import LONG_WINDOW, SymbolReport
-
-if TYPE_CHECKING:
-    from .world import Soak, Window
 
 EVENT_SLACK = 0.5  # wall s on each side of a window when mapped to event time
 
@@ -42,7 +40,7 @@ class Stored:
         self.content.setdefault(ts, hash((mt, m)))
 
 
-def read_files(soak: Soak, stored: Dict[str, Stored]) -> None:
+def read_files(soak, stored: Dict[str, Stored]) -> None:
     """Every Parquet file: readable, mt never null, every ts inside the file's hour."""
     r = soak.report
     for filename in sorted(os.listdir(soak.export_dir)):
@@ -77,7 +75,7 @@ def read_files(soak: Soak, stored: Dict[str, Stored]) -> None:
             add(t, mt, m)
 
 
-def read_tables(soak: Soak, stored: Dict[str, Stored]) -> None:
+def read_tables(soak, stored: Dict[str, Stored]) -> None:
     store = Store(soak.ch_section(), timeout=60.0)
     try:
         for name in soak.names:
@@ -94,11 +92,11 @@ def read_tables(soak: Soak, stored: Dict[str, Stored]) -> None:
         store.close()
 
 
-def event_ms(soak: Soak, wall_s: float) -> int:
+def event_ms(soak, wall_s: float) -> int:
     return int(soak.anchor + (wall_s * 1000 - soak.anchor) * soak.speed)
 
 
-def merged_windows(soak: Soak, name: str) -> List[Tuple[int, int, List[Window]]]:
+def merged_windows(soak, name: str) -> List[Tuple[int, int, List[Window]]]:
     """The symbol's outage windows in event ms, with slack, overlapping ones merged:
     (start, end, the windows merged)."""
     windows = sorted((w for w in soak.windows if w.symbol == name), key=lambda w: w.start)
@@ -133,7 +131,7 @@ def describe_outage(windows: List[Window], lost: int, gap: float, extension_s: f
             + (f", reaching {extension_s:.1f}s before the window" if extension_s else ""))
 
 
-def account_symbol(soak: Soak, name: str, stored: Stored) -> SymbolReport:
+def account_symbol(soak, name: str, stored: Stored) -> SymbolReport:
     report = SymbolReport(name)
     rows = [row for row in soak.sim.expected_rows(SYMBOLS[name]) if row[0] is not None]
     spans = merged_windows(soak, name)
@@ -214,7 +212,7 @@ def account_symbol(soak: Soak, name: str, stored: Stored) -> SymbolReport:
     return report
 
 
-def account_dead_letters(soak: Soak, stored: Dict[str, Stored]) -> None:
+def account_dead_letters(soak, stored: Dict[str, Stored]) -> None:
     """Dead letters have no event time: compare the multisets of texts over all symbols."""
     r = soak.report
     expected = collections.Counter(m for ts, mt, m in soak.sim.expected_rows() if mt == "dl")
@@ -237,7 +235,7 @@ def account_dead_letters(soak: Soak, stored: Dict[str, Stored]) -> None:
         if any(a <= wall <= b for a, b in windows[name]))
 
 
-def account(soak: Soak) -> None:
+def account(soak) -> None:
     say("reading every file and table back")
     stored = {name: Stored() for name in soak.names}
     read_files(soak, stored)
@@ -250,7 +248,7 @@ def account(soak: Soak) -> None:
 MISSING_HOUR = re.compile(r"^❌ ([a-z0-9_]+): hour ([a-z0-9_]+_\d{8}_\d{2}00\.parquet) missing$")
 
 
-def excuse_missing_hours(soak: Soak, stored: Dict[str, Stored]) -> None:
+def excuse_missing_hours(soak, stored: Dict[str, Stored]) -> None:
     """`mexc verify` calls an hour missing between a symbol's first and last file.  With an event
     hour every few seconds an outage can span a whole hour; the failure is excused when every
     problem it names is such an hour, with no row of that symbol stored."""

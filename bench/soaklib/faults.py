@@ -5,20 +5,16 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import TYPE_CHECKING
 
 from bus import sockets
 
 from .common import SYMBOLS, SoakError, say, wait_for
 from .schedule import Fault
 
-if TYPE_CHECKING:
-    from .world import Soak
-
 BURST_FACTOR = 100  # a burst is one second of frames at this many times the rate
 
 
-def _signal_child(soak: Soak, fault: Fault, name: str, signum: int):
+def _signal_child(soak, fault: Fault, name: str, signum: int):
     child = soak.child(name)
     if child is None:
         raise SoakError(f"{name} is not running")

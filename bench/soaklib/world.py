@@ -16,7 +16,6 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import psutil
@@ -32,6 +31,7 @@ from tests.conftest import Proc, toml_dump
 
 from . import ROOT
 from .accounting import MISSING_HOUR, account
+from .windows import Event, Link, Window
 from .common import (DEAD_AFTER, EXPORT_DELAY, FILE_RE, HEARTBEAT_TIMEOUT, MAX_BUFFERED_ROWS,
                      MEXC, PING_INTERVAL, SYMBOLS, say, wait_for)
 from .faults import FAULTS, free_disk
@@ -42,37 +42,6 @@ STATUS_EVERY = 1.0  # s between status samples
 STALE = 1.5  # s a heartbeat (every 1 s) can be older than the status that shows it
 END_SLACK = 0.5  # s added to the end of a window
 
-
-# --- what happened -------------------------------------------------------------------------------
-
-@dataclass
-class Event:
-    """A fault as injected (wall time)."""
-    wall: float
-    kind: str
-    target: str
-    duration: float
-    note: str = ""
-
-
-@dataclass
-class Window:
-    """A span of wall time during which a symbol's collector was not connected."""
-    symbol: str  # short name
-    start: float
-    end: Optional[float] = None
-    detected: float = 0.0
-    restarted: bool = False  # a new collector pid afterwards
-    last_exit: Optional[str] = None
-    causes: List[str] = field(default_factory=list)
-
-
-@dataclass
-class Link:
-    """One symbol's collector connection as the status sampler sees it."""
-    epoch: Optional[Tuple[int, int]] = None  # (pid, reconnects) while connected
-    last_up: float = 0.0
-    window: Optional[Window] = None
 
 # --- the world -----------------------------------------------------------------------------------
 
