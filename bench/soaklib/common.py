@@ -8,6 +8,8 @@ import re
 import sys
 import time
 
+from tests.conftest import wait_for as poll
+
 # clickhouse-driver logs every refused connect with a traceback; outages are on purpose here
 logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)
 
@@ -29,14 +31,11 @@ def say(message: str) -> None:
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise SoakError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    """The tests' wait_for, failing with SoakError: the soak could not go on."""
+    try:
+        return poll(predicate, timeout, what, interval)
+    except AssertionError as e:
+        raise SoakError(str(e)) from None
 
 
 class SoakError(Exception):
