@@ -70,6 +70,13 @@ Stored = the union of every Parquet file and the live {name}_current / _previous
   rows, so what a kill costs is exactly such a run (how far a window was extended is reported).
   Lost rows inside windows are reported: rows, and "gap seconds" (for each run of consecutive
   lost rows, the wall time from its first to its last, summed).
+  Rows sent on a connection after a newer connection for the same symbol had subscribed are
+  lost on a superseded connection, reported apart and not a failure: a collector leaves a
+  connection before it opens the next, so nobody reads these.  (A SIGKILLed tor's exit stream
+  can stay open at the exit relay for seconds, once 52 s, and the simulator's sendall() keeps
+  completing into the loopback kernel buffers, long after the collector is connected again
+  through the new tor and its window has closed.)  The simulator tells them apart
+  (orphaned_rows).
   A lost row outside every window is a failure.  ClickHouse outages, full disks, exporter
   crashes, rotations, short stops, short stalls, bursts and bad frames open no window: they
   must cost nothing.

@@ -23,6 +23,8 @@ class SymbolReport:
     unrecorded_outside: int = 0
     lost_in_windows: int = 0
     lost_outside: int = 0
+    # sent on a connection after a newer one for the symbol had subscribed: nobody reads them
+    lost_orphaned: int = 0
     gap_seconds: float = 0.0
     windows: int = 0
     window_seconds: float = 0.0
@@ -140,7 +142,8 @@ class Report:
         header = ("symbol", "sent", "stored", "dup", "corrupt", "lost", "in windows", "gap s",
                   "windows", "window s", "ext s", "outside", "dl inj", "dl stored")
         rows = [header] + [(s.name, f"{s.sent:,}", f"{s.stored:,}", s.duplicates, s.corrupt,
-                            s.lost_in_windows + s.lost_outside, s.lost_in_windows,
+                            s.lost_in_windows + s.lost_outside + s.lost_orphaned,
+                            s.lost_in_windows,
                             f"{s.gap_seconds:.1f}", s.windows, f"{s.window_seconds:.1f}",
                             f"{s.max_extension_s:.1f}", s.lost_outside,
                             s.dead_letters_injected, s.dead_letters_stored)
@@ -165,6 +168,10 @@ class Report:
         lines += [
             f"duplicates: {total('duplicates')}",
             f"lost outside outage windows: {total('lost_outside')}",
+            f"lost on superseded connections (sent after the symbol's next connection had "
+            f"subscribed): {total('lost_orphaned')}"
+            + (" (" + ", ".join(f"{s.name} {s.lost_orphaned}" for s in self.symbols
+                                if s.lost_orphaned) + ")" if total('lost_orphaned') else ""),
             f"lost inside outage windows: {total('lost_in_windows')} rows, "
             f"{sum(s.gap_seconds for s in self.symbols):.1f} gap seconds",
             f"stored rows that differ or were never sent: "
