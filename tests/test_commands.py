@@ -199,4 +199,5 @@ def test_status_table_of_a_backoff_child_and_a_managed_clickhouse():
                                              (86399, "23h59m"), (86400, "1d00h"),
                                              (10 * 86400 + 7200, "10d02h")])
 def test_durations(seconds, shown):
-    assert commands._duration(seconds) == shown
+    header = COMMANDS["status"].show(status([], uptime_s=seconds)).splitlines()[0]
+    assert f"  up {shown}  " in header
