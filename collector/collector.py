@@ -136,7 +136,8 @@ class Collector:
             log.info("connected url=%s%s", self.ex["url"],
                      f" via socks5 {self.socks_proxy[0]}:{self.socks_proxy[1]}"
                      if self.socks_proxy else "")
-            for request in wire.subscribe_requests(self.sym.symbol, self.ex["depth_limit"]):
+            for request in wire.subscribe_requests(self.sym.symbol, self.ex["depth_limit"],
+                                                   self.ex["merge_deals"]):
                 ws.send(request)
             ws.settimeout(RECV_TICK)
             self._receive(ws)

@@ -34,9 +34,11 @@ class BadFrame(Exception):
     """The frame cannot become a data row; its message says why."""
 
 
-def subscribe_requests(symbol: str, depth_limit: int = 20):
-    """The three subscription frames, one channel each."""
-    params = {"ticker": {"symbol": symbol}, "deal": {"symbol": symbol},
+def subscribe_requests(symbol: str, depth_limit: int = 20, merge_deals: bool = False):
+    """The three subscription frames, one channel each.  MEXC merges the prints of the deal
+    stream unless sub.deal says "compress": false; merge_deals keeps its default."""
+    deal = {"symbol": symbol} if merge_deals else {"symbol": symbol, "compress": False}
+    params = {"ticker": {"symbol": symbol}, "deal": deal,
               "depth.full": {"symbol": symbol, "limit": depth_limit}}
     return [json.dumps({"method": f"sub.{channel}", "param": params[channel]})
             for channel in CHANNELS]

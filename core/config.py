@@ -27,6 +27,7 @@ SCHEMA = {
         "dead_after": (float, 45.0),
         "silent_alarm": (float, 30.0),
         "depth_limit": (int, 20),
+        "merge_deals": (bool, False),
         "connect_timeout": (float, 10.0),
         "reconnect_min": (float, 1.0),
         "reconnect_max": (float, 60.0),

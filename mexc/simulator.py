@@ -659,7 +659,7 @@ class _Connection:
         if type(limit) is not int or limit not in DEPTH_LIMITS:
             limit = DEFAULT_DEPTH_LIMIT
         if action == "sub":
-            self.sim._log_subscription(symbol, channel, limit)
+            self.sim._log_subscription(symbol, channel, limit, param)
         if not self.sim._contract_exists(symbol):
             error = rs_error(f"Contract [{symbol}] not exists")
             self.reply(error, [(symbol, [dead_letter(error)])])
@@ -873,6 +873,12 @@ class MexcSimulator:
     def subscriptions(self) -> list:
         """Every sub.* request received, accepted or not, as (symbol, channel)."""
         with self._lock:
+            return [(symbol, channel) for symbol, channel, _param in self._subscriptions]
+
+    @property
+    def subscription_params(self) -> list:
+        """Every sub.* request received, as (symbol, channel, its param object)."""
+        with self._lock:
             return list(self._subscriptions)
 
     @property
@@ -1037,9 +1043,9 @@ class MexcSimulator:
         with self._lock:
             self._pings += 1
 
-    def _log_subscription(self, symbol: str, channel: str, limit: int) -> None:
+    def _log_subscription(self, symbol: str, channel: str, limit: int, param: dict) -> None:
         with self._lock:
-            self._subscriptions.append((symbol, channel))
+            self._subscriptions.append((symbol, channel, dict(param)))
             if channel == "depth.full":
                 self._depth_limits[symbol] = limit
 

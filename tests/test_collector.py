@@ -77,6 +77,8 @@ def test_every_row_and_dead_letter_stored_once(env, sim):
         assert f"subscribed channel={channel} confirmed" in log
     assert "collector[btc]" in log and "dead letter stored" in log
     assert "Traceback" not in log
+    # every trade, unmerged: MEXC merges deals unless sub.deal says compress false
+    assert ("BTC_USDT", "deal", {"symbol": "BTC_USDT", "compress": False}) in sim.subscription_params
 
 
 def test_reconnects_after_forced_disconnect(env, sim):

@@ -105,10 +105,13 @@ def test_control_frames():
     assert parse(error) == (wire.ERROR, [(1755487578276, "dl", error, RTS)])
 
 
-def test_subscribe_requests():
+def test_subscribe_requests_ask_for_every_trade_unmerged():
     requests = [json.loads(r) for r in wire.subscribe_requests("SOL_USDT", 20)]
     assert requests == [
         {"method": "sub.ticker", "param": {"symbol": "SOL_USDT"}},
-        {"method": "sub.deal", "param": {"symbol": "SOL_USDT"}},
+        {"method": "sub.deal", "param": {"symbol": "SOL_USDT", "compress": False}},
         {"method": "sub.depth.full", "param": {"symbol": "SOL_USDT", "limit": 20}},
     ]
+    merged = [json.loads(r) for r in wire.subscribe_requests("SOL_USDT", 5, merge_deals=True)]
+    assert merged[1] == {"method": "sub.deal", "param": {"symbol": "SOL_USDT"}}
+    assert merged[2]["param"]["limit"] == 5
