@@ -242,7 +242,7 @@ def test_rotation_with_a_paused_collector_loses_nothing(env, sim):
     daemon = Daemon(env, sim, supervisor={"heartbeat_timeout": 30.0, "rotation_ack_timeout": 2.0})
     daemon.wait_flowing(["collector-btc", "collector-eth"])
     eth_pid = daemon.collectors()["collector-eth"]["pid"]
-    os.kill(eth_pid, signal.SIGSTOP)
+    pause_between_inserts(env, eth_pid, "eth_current")
     try:
         rotation = fake_exporter_rotation(env, daemon, ["btc", "eth"])
     finally:
@@ -263,6 +263,20 @@ def test_rotation_with_a_paused_collector_loses_nothing(env, sim):
                  f"every {symbol} row in previous + current")
         assert union() == expected, f"{symbol}: rows lost or doubled across the rotation"
         assert env.count(f"{name}_previous") > 0 and env.count(f"{name}_current") > 0
+
+
+def pause_between_inserts(env, pid: int, table: str) -> None:
+    """SIGSTOP a collector at a moment it has no INSERT in flight.  One stopped mid-insert
+    keeps its table locked in ClickHouse, so any RENAME waits (the daemon kills such a
+    collector as hung after supervisor.heartbeat_timeout; this test keeps it paused)."""
+    def paused_idle():
+        os.kill(pid, signal.SIGSTOP)
+        inserting = env.query(f"SELECT count() FROM system.processes WHERE query LIKE "
+                              f"'INSERT INTO `{env.database}`.`{table}`%'")[0][0]
+        if inserting:
+            os.kill(pid, signal.SIGCONT)
+        return not inserting
+    wait_for(paused_idle, 20, f"a moment without an insert into {table}", interval=0.01)
 
 
 def fake_exporter_rotation(env, daemon, names) -> dict:
