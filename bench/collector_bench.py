@@ -105,11 +105,8 @@ class FrameSender:
 class World(benchlib.World):
     def new_database(self, database: str, url: str) -> str:
         """A fresh database with the collector's tables, and a config for it; returns its path."""
-        store = Store(self.ch_section(database))
-        try:
+        with Store(self.ch_section(database)) as store:
             store.setup(["btc"])
-        finally:
-            store.close()
         return self.write_config(self.config_data(
             database, [SYMBOL],
             exchange={"url": url, "reconnect_min": 0.2, "reconnect_max": 2.0}))

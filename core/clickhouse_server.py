@@ -133,12 +133,9 @@ class ManagedClickHouse:
                                    f"{self._error_tail()}")
 
     def healthy(self) -> bool:
-        session = Store({"host": "127.0.0.1", "port": self.port, "user": self.user,
-                         "password": self.password, "database": "default"}, timeout=1.0)
-        try:
+        with Store({"host": "127.0.0.1", "port": self.port, "user": self.user,
+                    "password": self.password, "database": "default"}, timeout=1.0) as session:
             return session.reachable()
-        finally:
-            session.close()
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -101,6 +101,12 @@ class Store:
             self._client.disconnect()
         self._client = self._features = None
 
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def _probe(self) -> Features:
         version = self._one("SELECT version()")
         try:

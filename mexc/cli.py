@@ -133,15 +133,13 @@ def _setup_db(args, config) -> int:
     from core.store import Store, current_table
 
     log = logging_setup.setup("setup-db", config.log["level"])
-    store = Store(config.clickhouse)
     try:
-        features = store.setup([s.name for s in config.symbols])
+        with Store(config.clickhouse) as store:
+            features = store.setup([s.name for s in config.symbols])
     except Exception as e:
         log.error("cannot set up ClickHouse at %s:%d: %s", config.clickhouse["host"],
                   config.clickhouse["port"], first_line(e))
         return 1
-    finally:
-        store.close()
     log.info("database %s ready on ClickHouse %s (time columns %s): %s",
              config.clickhouse["database"], features.version, features.time_type,
              ", ".join(current_table(s.name) for s in config.symbols) + ", export_log")
@@ -246,15 +244,13 @@ def _verify(args, config) -> int:
 def _report(config, checks) -> int:
     from core.store import Store
 
-    store = Store(config.clickhouse)
     try:
-        results = checks(store)
+        with Store(config.clickhouse) as store:
+            results = checks(store)
     except Exception as e:
         print(f"mexc: cannot check: ClickHouse at {config.clickhouse['host']}:"
               f"{config.clickhouse['port']}: {first_line(e)}", file=sys.stderr)
         return 1
-    finally:
-        store.close()
     for _ok, lines in results:
         print("\n".join(lines))
     ok = all(ok for ok, _lines in results)

@@ -97,12 +97,10 @@ def _show(runtime_dir: str) -> None:
 
 
 def _counts(port: int):
-    store = Store({"host": "127.0.0.1", "port": port, "user": "default", "password": "",
-                   "database": "mexc"}, timeout=2.0)
     tables = [current_table(s.split("_")[0].lower()) for s in SYMBOLS]
     try:
-        return [(table, store.count(table)) for table in tables]
+        with Store({"host": "127.0.0.1", "port": port, "user": "default", "password": "",
+                    "database": "mexc"}, timeout=2.0) as store:
+            return [(table, store.count(table)) for table in tables]
     except Exception:
         return []
-    finally:
-        store.close()

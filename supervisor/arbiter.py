@@ -155,17 +155,15 @@ class Arbiter:
         child.running(time.monotonic(), f"started pid={child.process.pid}")
 
     def _ensure_schema(self) -> None:
-        session = Store(self.config.clickhouse)
         try:
-            features = session.setup([s.name for s in self.config.symbols])
+            with Store(self.config.clickhouse) as session:
+                features = session.setup([s.name for s in self.config.symbols])
             log.info("clickhouse %s at %s:%d, database %s ready", features.version,
                      self.config.clickhouse["host"], self.config.clickhouse["port"],
                      self.config.clickhouse["database"])
         except Exception as e:  # collectors buffer and create their tables once it is back
             log.warning("clickhouse not reachable yet (%s); collectors will buffer",
                         first_line(e))
-        finally:
-            session.close()
 
     def _add_collector(self, symbol) -> None:
         parent = os.getpid()
@@ -406,10 +404,7 @@ class Arbiter:
         """Checked at most every few seconds: a status request must not stall the loop."""
         ch, now = self.config.clickhouse, time.monotonic()
         if now - self.clickhouse_checked[0] >= CLICKHOUSE_CHECK_EVERY:
-            session = Store(ch, timeout=1.0)
-            try:
+            with Store(ch, timeout=1.0) as session:
                 self.clickhouse_checked = (now, session.reachable())
-            finally:
-                session.close()
         return {"host": ch["host"], "port": ch["port"], "managed": ch["managed"],
                 "reachable": self.clickhouse_checked[1]}

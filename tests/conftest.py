@@ -95,11 +95,8 @@ class World:
         return Store(self.ch_section())
 
     def query(self, sql: str):
-        store = self.store()
-        try:
+        with self.store() as store:
             return store.client.execute(sql)
-        finally:
-            store.close()
 
     def rows(self, table: str = "btc_current"):
         """Stored rows as (ts, mt, m) plus their count; missing table -> []."""

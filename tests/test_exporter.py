@@ -45,13 +45,10 @@ def make_config(env, symbols=("BTC_USDT",), **export):
 
 def insert(env, rows, name="btc"):
     """rows: (ts_ms, mt, m); rts is ts + 5 ms."""
-    store = env.store()
-    try:
+    with env.store() as store:
         store.create_database()
         store.create_rows_table(f"{name}_current")
         store.insert_rows(f"{name}_current", [(ts, mt, m, ts + 5) for ts, mt, m in rows])
-    finally:
-        store.close()
 
 
 def rows_for(hour, n, tag):

@@ -28,11 +28,8 @@ def writer(env, tmp_path):
 
 
 def insert_directly(env, batch):
-    store = env.store()
-    try:
+    with env.store() as store:
         store.insert_rows("btc_current", batch)
-    finally:
-        store.close()
 
 
 def stored(env):
