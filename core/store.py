@@ -5,6 +5,7 @@ Tables, per symbol short name (e.g. btc), all in the configured database:
   {name}_previous  the rows of the last rotation, until the exporter has written their files
   {name}_fresh     exists only during a swap; a crash may leave it behind (recover_fresh)
   export_log       one row per Parquet file written (MergeTree)
+  gaps             the gap ledger: one row per stretch without a live subscription (MergeTree)
 
 Rows are (ts, mt, m, rts), see core/vocabulary.py.  Time columns are DateTime64(3, 'UTC')
 where the server has it and UInt64 milliseconds on old servers (18.16, Debian's package).
@@ -22,7 +23,7 @@ from clickhouse_driver import Client
 from clickhouse_driver.errors import ServerException
 
 from core.clock import HOUR_MS
-from core.vocabulary import MESSAGE_TYPES, ROW_COLUMNS, Row
+from core.vocabulary import GAP_COLUMNS, MESSAGE_TYPES, ROW_COLUMNS, Gap, Row
 
 UNKNOWN_TABLE = 60  # ClickHouse's error code for a table that does not exist
 Refused = ServerException  # the server answered with an error: the statement did not apply
@@ -153,10 +154,19 @@ class Store:
             f"row_count UInt64, file_bytes UInt64, sha256 String"
             f") ENGINE = MergeTree ORDER BY (symbol, hour_start)")
 
+    def create_gaps_table(self) -> None:
+        t = self.features.time_type
+        self.client.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._table('gaps')} ("
+            f"symbol String, name String, start_ms {t}, end_ms {t}, reason String, "
+            f"detail String, backfilled UInt32, covered UInt8, recorded_ms {t}"
+            f") ENGINE = MergeTree ORDER BY (name, start_ms)")
+
     def setup(self, names: Sequence[str]) -> Features:
-        """Database, export_log and every {name}_current that is missing.  Idempotent."""
+        """Database, export_log, gaps and every {name}_current that is missing.  Idempotent."""
         self.create_database()
         self.create_export_log()
+        self.create_gaps_table()
         for name in names:
             self.create_rows_table(current_table(name))
         return self.features
@@ -286,3 +296,30 @@ class Store:
             f"argMax(row_count, export_time), argMax(sha256, export_time) "
             f"FROM {self._table('export_log')} WHERE symbol = %(symbol)s "
             f"GROUP BY hour_start ORDER BY hour_start", {"symbol": symbol})
+
+    # --- the gap ledger --------------------------------------------------------------------
+
+    def record_gaps(self, gaps: Sequence[Gap]) -> None:
+        self.client.execute(f"INSERT INTO {self._table('gaps')} ({', '.join(GAP_COLUMNS)}) VALUES",
+                            [tuple(int(v) if isinstance(v, bool) else v for v in gap)
+                             for gap in gaps])
+
+    def gaps(self, name: Optional[str] = None, since_ms: Optional[int] = None,
+             until_ms: Optional[int] = None) -> List[Gap]:
+        """Ledger records, oldest first: of one symbol (short name) when given, and only
+        those overlapping [since_ms, until_ms) when given."""
+        f = self.features
+        start, end, recorded = f.ms("start_ms"), f.ms("end_ms"), f.ms("recorded_ms")
+        where, params = [], {}
+        if name is not None:
+            where.append("name = %(name)s")
+            params["name"] = name
+        if since_ms is not None:
+            where.append(f"{end} > {int(since_ms)}")
+        if until_ms is not None:
+            where.append(f"{start} < {int(until_ms)}")
+        rows = self.client.execute(
+            f"SELECT symbol, name, {start}, {end}, reason, detail, backfilled, covered, "
+            f"{recorded} FROM {self._table('gaps')} "
+            f"{'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {start}, name", params)
+        return [Gap(*row[:7], bool(row[7]), row[8]) for row in rows]

@@ -29,6 +29,38 @@ class Row(NamedTuple):
 
 ROW_COLUMNS = Row._fields
 
+# Why a symbol had no live subscription for a while (the gap ledger, table `gaps`)
+GAP_DISCONNECT = "disconnect"            # the exchange or the network closed the WebSocket
+GAP_DEAD_SOCKET = "dead_socket"          # nothing at all arrived (no pong) for too long
+GAP_STALL = "stall"                      # pongs arrive, data frames do not (silent alarm)
+GAP_EXCHANGE_ERROR = "exchange_error"    # the exchange refused a subscription or errored
+GAP_COLLECTOR_RESTART = "collector_restart"  # the collector was stopped and started again
+GAP_COLLECTOR_CRASH = "collector_crash"  # the collector died (crash, SIGKILL) and came back
+GAP_TOR_RESTART = "tor_restart"          # the symbol's tor was restarted
+GAP_DAEMON_RESTART = "daemon_restart"    # the whole daemon was down
+GAP_REASONS = (GAP_DISCONNECT, GAP_DEAD_SOCKET, GAP_STALL, GAP_EXCHANGE_ERROR,
+               GAP_COLLECTOR_RESTART, GAP_COLLECTOR_CRASH, GAP_TOR_RESTART, GAP_DAEMON_RESTART)
+
+
+class Gap(NamedTuple):
+    """One stretch in which a symbol had no live subscription, as the ledger stores it.
+
+    start_ms/end_ms are exchange times (the clock of a row's ts and a trade's T): the last
+    data frame stored before the stretch and the first one after it.  `covered` says whether
+    the REST backfill reached back to start_ms (so no trade of the stretch is missing)."""
+    symbol: str        # exchange contract, e.g. BTC_USDT
+    name: str          # short name, e.g. btc
+    start_ms: int
+    end_ms: int
+    reason: str        # one of GAP_REASONS
+    detail: str        # e.g. "close code 1006", "SIGKILL"; free text for operators
+    backfilled: int    # trades stored by backfill inside the stretch
+    covered: bool
+    recorded_ms: int   # local time the record was written
+
+
+GAP_COLUMNS = Gap._fields
+
 # kinds of supervised children
 COLLECTOR, TOR, EXPORTER, CLICKHOUSE = "collector", "tor", "exporter", "clickhouse"
 CHILD_KINDS = (COLLECTOR, TOR, EXPORTER, CLICKHOUSE)

@@ -33,8 +33,9 @@ def _parser() -> argparse.ArgumentParser:
 
     setup_db = commands.add_parser(
         "setup-db", parents=[common], help="create the database and tables (idempotent)",
-        description="Create the database, export_log and every configured symbol's "
-                    "{name}_current table that is missing.  Safe to run again.")
+        description="Create the database, export_log, the gap ledger (gaps) and every "
+                    "configured symbol's {name}_current table that is missing.  Safe to run "
+                    "again.")
     setup_db.set_defaults(handler=_setup_db)
 
     run = commands.add_parser(
@@ -142,7 +143,7 @@ def _setup_db(args, config) -> int:
         return 1
     log.info("database %s ready on ClickHouse %s (time columns %s): %s",
              config.clickhouse["database"], features.version, features.time_type,
-             ", ".join(current_table(s.name) for s in config.symbols) + ", export_log")
+             ", ".join(current_table(s.name) for s in config.symbols) + ", export_log, gaps")
     return 0
 
 

@@ -56,6 +56,22 @@ def test_rotation_operations_keep_every_row_once(env):
         session.close()
 
 
+def test_gap_ledger_round_trip(env):
+    """record_gaps then gaps(): every field back as written; the filters select by overlap."""
+    from core.vocabulary import GAP_COLLECTOR_CRASH, GAP_DISCONNECT, Gap
+    first = Gap("BTC_USDT", "btc", HOUR + 1_000, HOUR + 5_000, GAP_DISCONNECT,
+                "close code 1006", 12, True, HOUR + 6_000)
+    second = Gap("ETH_USDT", "eth", HOUR + 4_000, HOUR + HOUR_MS + 1, GAP_COLLECTOR_CRASH,
+                 "SIGKILL", 0, False, HOUR + HOUR_MS + 2)
+    with env.store() as session:
+        session.setup(["btc", "eth"])
+        session.record_gaps([second, first])
+        assert session.gaps() == [first, second]
+        assert session.gaps(name="eth") == [second]
+        assert session.gaps(since_ms=HOUR + 5_000) == [second]  # first ends where this starts
+        assert session.gaps(until_ms=HOUR + 4_000) == [first]
+
+
 def test_identifiers_are_quoted():
     assert store.quote("1000pepe_current") == "`1000pepe_current`"
     assert store.quote("a`b") == "`a\\`b`"
@@ -67,9 +83,9 @@ def test_setup_db_is_idempotent(env):
         result = subprocess.run([MEXC, "setup-db", "--config", config], capture_output=True,
                                 text=True, timeout=60)
         assert result.returncode == 0, result.stderr
-        assert "btc_current, 1000pepe_current, export_log" in result.stderr
+        assert "btc_current, 1000pepe_current, export_log, gaps" in result.stderr
     tables = {name for (name,) in env.query(f"SHOW TABLES FROM {env.database}")}
-    assert tables == {"btc_current", "1000pepe_current", "export_log"}
+    assert tables == {"btc_current", "1000pepe_current", "export_log", "gaps"}
     columns = env.query(f"DESCRIBE TABLE {env.database}.btc_current")
     assert [c[0] for c in columns] == ["ts", "mt", "m", "rts"]
 
