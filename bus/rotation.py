@@ -65,6 +65,11 @@ class RotationTimeout(RuntimeError):
     """The supervisor did not let the exporter swap in time."""
 
 
+class RotationCancelled(Exception):
+    """The requester was told to stop before the rotation began: nothing was swapped, and
+    that is no failure (the daemon is shutting down; the next start rotates)."""
+
+
 class Rotation:
     """One rotation as the coordinator sees it."""
 
@@ -184,11 +189,15 @@ class Requester:
         self.bus, self.child_name, self.on_other = bus, child_name, on_other
 
     def hold_collectors(self, stopping: Callable[[], bool] = lambda: False) -> str:
-        """Ask for a rotation; return its id once the collectors hold their rows."""
+        """Ask for a rotation; return its id once the collectors hold their rows.  Raises
+        RotationTimeout when the supervisor does not answer in time, RotationCancelled as soon
+        as `stopping()` (a supervisor shutting down stops its collectors, not rotations)."""
         deadline = time.monotonic() + READY_TIMEOUT
         request = f"{os.getpid()}-{time.monotonic_ns()}"  # tells our rotate_ready from old ones
         self.bus.send("rotate_request", name=self.child_name, request=request)
-        while time.monotonic() < deadline and not stopping():
+        while time.monotonic() < deadline:
+            if stopping():
+                raise RotationCancelled("stopping before the rotation began")
             event = self.bus.receive(timeout=REPEAT)
             if event and event["type"] == "rotate_ready" and event["request"] == request:
                 return event["rotation"]

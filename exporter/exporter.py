@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Optional
 
-from bus.rotation import Requester
+from bus.rotation import Requester, RotationCancelled
 from bus.sockets import ChildBus
 from core import store
 from core.clock import HOUR_MS, EventClock, hour_start, iso
@@ -180,6 +180,9 @@ class Exporter:
             self._rotate([s.name for s in symbols
                           if not self.store.exists(store.previous_table(s.name))
                           and self.store.exists(store.current_table(s.name))])
+        except RotationCancelled:  # SIGTERM while waiting for the supervisor: no failure
+            log.info("stopping: no rotation this cycle; the next start rotates and exports")
+            return False, files, "stopped before the rotation"
         except Exception as e:
             errors.append(f"rotation: {first_line(e)}")
             self.store.close()

@@ -5,6 +5,7 @@ test sets, and inject crashes by making one step raise (what is on disk and in C
 that moment is what a SIGKILL would leave).  The last test runs the whole daemon with an
 accelerated event clock."""
 import collections
+import logging
 import os
 import subprocess
 import time
@@ -75,6 +76,32 @@ def stored(env, table="btc_current"):
 def assert_exactly_once(env, sent):
     union = files_rows(env) + stored(env) + stored(env, "btc_previous")
     assert union == collections.Counter(sent), "rows lost or doubled"
+
+
+class ShuttingDownSupervisor:
+    """The exporter's bus while the supervisor stops its collectors: no rotate_ready comes,
+    and the exporter gets its SIGTERM while it waits."""
+
+    def __init__(self):
+        self.exporter = None
+
+    def send(self, kind, **fields):
+        pass
+
+    def receive(self, timeout):
+        self.exporter.stopping = True
+        return None
+
+
+def test_sigterm_while_waiting_for_the_rotation_is_no_error(env, caplog):
+    insert(env, rows_for(H, 10, "a"))
+    bus = ShuttingDownSupervisor()
+    bus.exporter = Exporter(make_config(env), bus=bus, clock=SetClock(H + HOUR_MS + 60_000))
+    with caplog.at_level(logging.INFO):
+        ok, files, error = bus.exporter.cycle()
+    assert (ok, files, error) == (False, [], "stopped before the rotation")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert env.count("btc_current") == 10 and not os.path.exists(env.tmp / "export" / "btc")
 
 
 def test_rows_straddling_the_hour_and_late_rows(env):

@@ -7,7 +7,7 @@ import pytest
 
 from bus import messages, rotation
 from bus.rotation import (ENDING_FOR, REPEAT, Coordinator, Holder, Phase, Requester,
-                          RotationTimeout, Timeouts)
+                          RotationCancelled, RotationTimeout, Timeouts)
 
 T0 = 1000.0  # a monotonic clock value well past zero, as it is on any running machine
 LIVE = {"collector-btc", "collector-eth"}
@@ -383,7 +383,7 @@ def test_requester_gives_up_after_a_shorter_ready_timeout(clock, monkeypatch):
 def test_requester_stops_waiting_when_stopping(clock):
     bus = FakeBus(clock)
     stop = iter([False, False, True])
-    with pytest.raises(RotationTimeout):
+    with pytest.raises(RotationCancelled):
         Requester(bus, "exporter").hold_collectors(stopping=lambda: next(stop))
     assert clock.now - T0 == pytest.approx(2 * REPEAT)
 
