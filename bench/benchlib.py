@@ -105,6 +105,7 @@ class World:
             "paths": {"state_dir": os.path.join(run_dir, "state"),
                       "runtime_dir": os.path.join(run_dir, "run")},
             "log": {"level": "info"},
+            "http": {"listen": ""},
         }
         for section, values in sections.items():
             data[section] = {**data.get(section, {}), **values}

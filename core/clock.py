@@ -2,6 +2,7 @@
 
 Times are integer milliseconds since the epoch, UTC, as the exchange sends them.
 """
+import calendar
 import time
 
 HOUR_MS = 3_600_000
@@ -15,6 +16,11 @@ def hour_start(ms: int) -> int:
 def iso(ms: int) -> str:
     """`2026-11-26T13:00:00Z` (whole seconds)."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms // 1000))
+
+
+def from_iso(text: str) -> int:
+    """iso()'s text back to ms since the epoch."""
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")) * 1000
 
 
 class EventClock:

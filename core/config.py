@@ -4,6 +4,7 @@ Every setting has a default here; the file only overrides.  A bad file raises Co
 with one line naming the file, the key and the problem; the CLI turns it into exit code 78.
 """
 import grp
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -79,6 +80,18 @@ SCHEMA = {
     "log": {
         "level": (str, "info"),
     },
+    "http": {
+        "listen": (str, "127.0.0.1:8470"),
+        "token": (str, ""),
+    },
+    "alerts": {
+        "command": (str, ""),
+        "webhook": (str, ""),
+        "export_behind": (float, 7200.0),
+        "spool_rows": (int, 0),
+        "disk_free_percent": (float, 10.0),
+        "max_per_minute": (int, 20),
+    },
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEPTH_LIMITS = (5, 10, 20)
@@ -106,6 +119,8 @@ class Config:
     export: dict
     paths: dict
     log: dict
+    http: dict
+    alerts: dict
 
     def symbol(self, symbol: str) -> Symbol:
         for s in self.symbols:
@@ -256,3 +271,37 @@ def _check_values(s: dict, path: str) -> None:
     for key in ("state_dir", "runtime_dir"):
         if not s["paths"][key]:
             bad(f"paths.{key}", "must not be empty")
+    _check_http(s["http"], bad)
+    if s["alerts"]["webhook"] and not s["alerts"]["webhook"].startswith(("http://", "https://")):
+        bad("alerts.webhook", "must be an http:// or https:// URL")
+    if s["alerts"]["max_per_minute"] < 1:
+        bad("alerts.max_per_minute", "must be at least 1")
+
+
+def listen_address(listen: str) -> Tuple[str, int]:
+    """`127.0.0.1:8470` or `[::1]:8470` -> (host, port); ValueError if it is neither."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{listen!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_http(http: dict, bad) -> None:
+    if not http["listen"]:
+        return
+    try:
+        host, _port = listen_address(http["listen"])
+    except ValueError as e:
+        bad("http.listen", f"{e} (e.g. \"127.0.0.1:8470\"; empty disables it)")
+    if not is_loopback(host) and not http["token"]:
+        bad("http.listen", f"{host} is not loopback: set http.token too, or anyone who can "
+                           "reach it reads the dashboard")

@@ -4,6 +4,7 @@ Under journald (JOURNAL_STREAM set) each line starts with a syslog priority pref
 so `journalctl -p warning` works and journald adds the timestamp; on a terminal lines carry a
 UTC timestamp and the level name instead.
 """
+import collections
 import logging
 import os
 import sys
@@ -40,6 +41,24 @@ def setup(tag: str, level: str = "info") -> logging.Logger:
     # clickhouse-driver logs each failed connect with a traceback; our own lines say it better.
     logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)
     return logging.getLogger("mexc")
+
+
+class RecentProblems(logging.Handler):
+    """The last `size` warnings and errors of this process, for the dashboard: a ring buffer
+    (old ones fall out), read from other threads with lines()."""
+
+    def __init__(self, size: int = 30):
+        super().__init__(logging.WARNING)
+        self.records = collections.deque(maxlen=size)
+
+    def emit(self, record: logging.LogRecord) -> None:  # called under self.lock
+        self.records.append({"ts_ms": int(record.created * 1000), "level": record.levelname,
+                             "message": record.getMessage().replace("\n", " | ")[:500]})
+
+    def lines(self) -> list:
+        """Oldest first; a copy taken under the handler's lock."""
+        with self.lock:
+            return list(self.records)
 
 
 def first_line(e: BaseException) -> str:

@@ -297,6 +297,13 @@ class Store:
             f"FROM {self._table('export_log')} WHERE symbol = %(symbol)s "
             f"GROUP BY hour_start ORDER BY hour_start", {"symbol": symbol})
 
+    def exported_hours(self, since_ms: int) -> List[Tuple[str, int]]:
+        """[(symbol, hour start ms)] of every hour with a file in export_log from since_ms on."""
+        hour = self.features.ms("hour_start")
+        return self.client.execute(
+            f"SELECT DISTINCT symbol, {hour} FROM {self._table('export_log')} "
+            f"WHERE {hour} >= {int(since_ms)} ORDER BY symbol, {hour}")
+
     # --- the gap ledger --------------------------------------------------------------------
 
     def record_gaps(self, gaps: Sequence[Gap]) -> None:

@@ -111,7 +111,8 @@ class Exporter:
         self.store = store.Store(config.clickhouse, timeout=30.0)
         self.rotation = None if bus is None else Requester(bus, EXPORTER, on_other=self._note)
         self.stats = {"last_export": None, "last_error": None, "errors": 0, "files": 0,
-                      "next_rotation": None, "exported_until": {}, "rotation_pause_s": None}
+                      "next_rotation": None, "exported_until": {}, "rotation_pause_s": None,
+                      "files_by_symbol": {}, "cycle_s": None}
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -170,7 +171,7 @@ class Exporter:
 
     def cycle(self):
         """Rotate and export every symbol; returns (ok, files written, error or None)."""
-        files, errors = [], []
+        files, errors, started = [], [], time.monotonic()
         self._remove_stale_temporaries()
         symbols = self.known.update(self.config.symbols)
         try:
@@ -195,6 +196,7 @@ class Exporter:
                 errors.append(f"{symbol.name}: {first_line(e)}")
                 self.store.close()
         self.stats["files"] += len(files)
+        self.stats["cycle_s"] = round(time.monotonic() - started, 3)
         if errors:
             self.stats["errors"] += len(errors)
             self.stats["last_error"] = "; ".join(errors)
@@ -277,6 +279,8 @@ class Exporter:
         state.clear()
         if hours:
             self.stats["exported_until"][symbol.symbol] = iso(hours[-1][0] + HOUR_MS)
+            by_symbol = self.stats["files_by_symbol"]
+            by_symbol[symbol.symbol] = by_symbol.get(symbol.symbol, 0) + len(files)
         return files
 
     def _export_hour(self, symbol, state: SymbolState, hour: int, rows: int) -> str:

@@ -1,9 +1,11 @@
 """`mexc run`: the parent process.  It starts every child, restarts what dies or hangs, runs the
 bus (status requests, heartbeats, the rotation handshake) and talks to systemd.
 
-One loop, no threads: wait up to TICK for bus messages, then look after every child.
-Control requests are answered by supervisor/commands.py, the rotation is run by
-bus/rotation.Coordinator, Tor exits are kept apart by supervisor/exits.ExitGuard.
+One loop: wait up to TICK for bus messages, then look after every child.  Control requests
+are answered by supervisor/commands.py, the rotation is run by bus/rotation.Coordinator, Tor
+exits are kept apart by supervisor/exits.ExitGuard.  The dashboard, /metrics and alerts run
+in threads of their own (supervisor/monitor.py, web.py) and learn the status by asking the
+loop over the control socket like `mexc status`, so the loop's state stays its own.
 """
 import logging
 import os
@@ -19,14 +21,16 @@ from bus import sockets
 from bus.rotation import Coordinator, Timeouts
 from core import __version__, config as configuration, pidlock
 from core.clickhouse_server import ClickHouseStartError, ManagedClickHouse
-from core.log import first_line
+from core.log import RecentProblems, first_line
 from core.store import Store
 from core.vocabulary import CLICKHOUSE, COLLECTOR, EXPORTER, TOR, ChildId
 from supervisor import commands, sdnotify
 from supervisor.children import (Child, ChildState, Forked, Subprocess, collector_main,
                                  exporter_main, prepare_fork)
 from supervisor.exits import ExitGuard
+from supervisor.monitor import Monitor
 from supervisor.tor import TorProcess
+from supervisor.web import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,9 @@ class Arbiter:
         # symbols re-added by a reload while their old collector or tor is still stopping:
         # started once those are gone (two collectors of one symbol would share its spool)
         self.deferred_adds = []
+        self.problems = RecentProblems()  # the last warnings and errors, for the dashboard
+        self.monitor = None
+        self.web = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -83,11 +90,12 @@ class Arbiter:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
+        logging.getLogger().addHandler(self.problems)  # forked children set their own handlers
         log.info("mexc %s starting pid=%d config=%s symbols=%s", __version__, os.getpid(),
                  self.config.path, ",".join(s.symbol for s in self.config.symbols))
         try:
             for step in (self._start_clickhouse, self._ensure_schema, self._start_collectors,
-                         self._loop):
+                         self._start_monitor, self._loop):
                 if self.stopping:  # SIGTERM during start-up: stop what is running
                     break
                 step()
@@ -106,6 +114,26 @@ class Arbiter:
                          self.config.supervisor)
         self.children[exporter.name] = exporter
         exporter.start(time.monotonic())
+
+    def _start_monitor(self) -> None:
+        """The dashboard and /metrics; a port already taken costs the dashboard, not the run."""
+        http = self.config.http
+        if not http["listen"]:
+            return
+        self.monitor = Monitor(self.config, lambda: commands.ask(self.runtime_dir, "status",
+                                                                 timeout=10.0))
+        self.monitor.start()
+        try:
+            self.web = WebServer(http["listen"], http["token"], self.monitor).start()
+        except OSError as e:
+            log.error("no dashboard: cannot listen on %s: %s (http.listen)", http["listen"],
+                      e.strerror or e)
+
+    def _stop_monitor(self) -> None:
+        """First thing at shutdown: children stopping on purpose are no news."""
+        for part in (self.web, self.monitor):
+            if part is not None:
+                part.stop()
 
     def _check_startable(self) -> None:
         os.makedirs(self.config.paths["state_dir"], exist_ok=True)
@@ -228,6 +256,7 @@ class Arbiter:
     def _shutdown(self) -> None:
         self.stopping = True
         self.notifier.notify("STOPPING=1")
+        self._stop_monitor()
         log.info("stopping: collectors first, then exporter, tor, clickhouse")
         for kind, timeout in STOP_TIMEOUTS.items():
             self._stop_group([c for c in self.children.values() if c.kind == kind], timeout)
@@ -396,6 +425,8 @@ class Arbiter:
                                 if EXPORTER in self.children else None),
                 "export": self.children[EXPORTER].stats if EXPORTER in self.children else None,
                 "rss_bytes": psutil.Process().memory_info().rss,
+                "dashboard": self.web.url if self.web else None,
+                "problems": self.problems.lines(),
             },
             "children": children,
         }

@@ -263,6 +263,15 @@ class Child:
             "exit_ip": None,
         }
         for key in ("rows_written", "buffered_rows", "spooled_rows", "last_message_age_s",
-                    "connected", "reconnects", "errors", "insert_errors", "held"):
+                    "connected", "reconnects", "errors", "insert_errors", "held", "rows",
+                    "frames"):
             entry[key] = self.stats.get(key)
+        entry["flapping"] = self.flapping(now)
         return entry
+
+    def flapping(self, now: float) -> bool:
+        """FLAP_EXITS exits within FLAP_WINDOW, and not running stably since the last one."""
+        return (len(self.exit_times) == FLAP_EXITS
+                and self.exit_times[-1] - self.exit_times[0] <= FLAP_WINDOW
+                and not (self.state is ChildState.RUNNING and self.started_at is not None
+                         and now - self.started_at >= STABLE_AFTER))

@@ -83,6 +83,7 @@ class World:
             "export": {"dir": str(self.tmp / "export")},
             "paths": {"state_dir": str(self.tmp / "state"), "runtime_dir": str(self.tmp / "run")},
             "log": {"level": "debug"},
+            "http": {"listen": ""},  # tests run side by side: the dashboard's tests pick a port
         }
         for name, values in sections.items():
             data.setdefault(name, {}).update(values)
