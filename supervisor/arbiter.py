@@ -25,6 +25,7 @@ from core.log import RecentProblems, first_line
 from core.store import Store
 from core.vocabulary import CLICKHOUSE, COLLECTOR, EXPORTER, TOR, ChildId
 from supervisor import commands, sdnotify
+from supervisor.alerts import Alerts
 from supervisor.children import (Child, ChildState, Forked, Subprocess, collector_main,
                                  exporter_main, prepare_fork)
 from supervisor.exits import ExitGuard
@@ -78,8 +79,7 @@ class Arbiter:
         # started once those are gone (two collectors of one symbol would share its spool)
         self.deferred_adds = []
         self.problems = RecentProblems()  # the last warnings and errors, for the dashboard
-        self.monitor = None
-        self.web = None
+        self.monitor = self.web = self.alerts = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -116,13 +116,19 @@ class Arbiter:
         exporter.start(time.monotonic())
 
     def _start_monitor(self) -> None:
-        """The dashboard and /metrics; a port already taken costs the dashboard, not the run."""
-        http = self.config.http
+        """The dashboard, /metrics and alerts; a port already taken costs the dashboard (an
+        error line), not the run."""
+        http, alerts = self.config.http, self.config.alerts
+        if not (http["listen"] or alerts["command"] or alerts["webhook"]):
+            return
+        if alerts["command"] or alerts["webhook"]:
+            self.alerts = Alerts(self.config)
+        self.monitor = Monitor(self.config, lambda: commands.ask(self.runtime_dir, "status",
+                                                                 timeout=5.0),
+                               on_sample=self.alerts.on_sample if self.alerts else None)
+        self.monitor.start()
         if not http["listen"]:
             return
-        self.monitor = Monitor(self.config, lambda: commands.ask(self.runtime_dir, "status",
-                                                                 timeout=10.0))
-        self.monitor.start()
         try:
             self.web = WebServer(http["listen"], http["token"], self.monitor).start()
         except OSError as e:
@@ -130,8 +136,9 @@ class Arbiter:
                       e.strerror or e)
 
     def _stop_monitor(self) -> None:
-        """First thing at shutdown: children stopping on purpose are no news."""
-        for part in (self.web, self.monitor):
+        """First thing at shutdown: children stopping on purpose are no news (nor alerts);
+        alerts already queued are still sent."""
+        for part in (self.web, self.monitor, self.alerts):
             if part is not None:
                 part.stop()
 

@@ -75,15 +75,19 @@ class Monitor(threading.Thread):
         self.store.close()
 
     def stop(self) -> None:
+        """Stop sampling.  A status request in flight at shutdown gets no answer (the loop
+        has ended): do not wait for it; its late answer is dropped."""
         self.stopped.set()
         if self.is_alive():
-            self.join(timeout=5.0)
+            self.join(timeout=1.0)
 
     def _sample(self) -> None:
         try:
             status = self.ask_status()
         except Exception as e:  # the loop is busy (a shutdown, a reload): try next time
             log.debug("monitor: no status: %s", first_line(e))
+            return
+        if self.stopped.is_set():
             return
         now_ms = int(time.time() * 1000)
         with self.lock:
