@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Ask the running daemon (over its control socket in paths.runtime_dir). "
                     "Exit 1 when it does not answer.")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument("--watch", action="store_true",
+                        help="redraw the table in place, like top, until Ctrl-C")
+    status.add_argument("--interval", type=float, default=2.0,
+                        help="seconds between redraws with --watch (2)")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (3)")
     status.set_defaults(handler=_status)
 
@@ -160,6 +164,14 @@ def _run(args, config) -> int:
 
 def _status(args, config) -> int:
     import json
+
+    if args.watch:
+        from mexc.watch import watch
+
+        try:
+            watch(config.paths["runtime_dir"], args.interval)
+        except KeyboardInterrupt:
+            return 0
 
     return _ask(config, "status", timeout=args.timeout,
                 show=(lambda result: json.dumps(result, indent=2, sort_keys=True))

@@ -1,8 +1,8 @@
 """`mexc demo`: the whole pipeline on this machine with no network at all.
 
 A local MEXC simulator, a managed ClickHouse in a temporary directory, and the real daemon
-(`mexc run`) with three collectors and the exporter; the status table every few seconds; Ctrl-C
-stops it all.  Event time runs 60 times faster than the wall clock (an hour a minute), so hourly
+(`mexc run`) with three collectors and the exporter; the status table redrawn in place every
+few seconds (`mexc status --watch`) and the dashboard's URL; Ctrl-C stops it all.  Event time runs 60 times faster than the wall clock (an hour a minute), so hourly
 Parquet files appear within a minute or two.
 """
 import os
@@ -12,12 +12,11 @@ import sys
 import tempfile
 import time
 
-from bus.sockets import NotRunning
 from core.clock import EventClock
 from core.process import free_port
 from core.store import Store, current_table
 from mexc.simulator import MexcSimulator
-from supervisor.commands import COMMANDS, ask
+from mexc.watch import watch
 
 CLOCK_SPEED = 60.0  # an event hour per wall minute
 SYMBOLS = ["BTC_USDT", "ETH_USDT", "SOL_USDT"]
@@ -42,6 +41,9 @@ clock_anchor_ms = {anchor}
 [paths]
 state_dir = "{dir}/state"
 runtime_dir = "{dir}/run"
+
+[http]
+listen = "127.0.0.1:{http_port}"
 """
 
 
@@ -51,11 +53,12 @@ def run(refresh: float = 3.0, rate: float = 20.0, duration: float = 0.0) -> int:
     anchor = int(time.time() * 1000)
     clock = EventClock(CLOCK_SPEED, anchor)
     simulator = MexcSimulator(rate=rate, event_clock=clock.now_ms).start()
-    port = free_port()
+    port, http_port = free_port(), free_port()
     config_path = os.path.join(directory, "mexc.toml")
     with open(config_path, "w") as f:
         f.write(CONFIG.format(symbols=SYMBOLS, url=simulator.url, port=port, dir=directory,
-                              speed=CLOCK_SPEED, anchor=anchor).replace("'", '"'))
+                              speed=CLOCK_SPEED, anchor=anchor, http_port=http_port)
+                .replace("'", '"'))
     log_path = os.path.join(directory, "mexc.log")
     print(f"mexc demo: simulator at {simulator.url}; daemon log {log_path}")
     with open(log_path, "wb") as log_file:
@@ -63,10 +66,13 @@ def run(refresh: float = 3.0, rate: float = 20.0, duration: float = 0.0) -> int:
                                    config_path], stdout=log_file, stderr=subprocess.STDOUT,
                                   start_new_session=True)  # Ctrl-C reaches only the demo
     started = time.monotonic()
+    dashboard = f"http://127.0.0.1:{http_port}/"
+    print(f"mexc demo: dashboard {dashboard} (open it in a browser)")
     try:
-        while daemon.poll() is None and (duration <= 0 or time.monotonic() - started < duration):
-            _show(os.path.join(directory, "run"))
-            time.sleep(refresh)
+        watch(os.path.join(directory, "run"), refresh,
+              title=f"mexc demo: dashboard {dashboard}  log {log_path}\n",
+              keep_going=lambda: daemon.poll() is None and (
+                  duration <= 0 or time.monotonic() - started < duration))
     except KeyboardInterrupt:
         print()
     finally:
@@ -86,14 +92,6 @@ def run(refresh: float = 3.0, rate: float = 20.0, duration: float = 0.0) -> int:
     print(f"    clickhouse-client --port {port} -q 'SELECT mt, count() FROM mexc.btc_current "
           f"GROUP BY mt'")
     return 0 if code == 0 and counts and all(n for _table, n in counts) else 1
-
-
-def _show(runtime_dir: str) -> None:
-    try:
-        table = COMMANDS["status"].show(ask(runtime_dir, "status", timeout=2.0))
-    except NotRunning:
-        table = "(daemon starting...)"
-    print(f"\n{time.strftime('%H:%M:%S')}\n{table}", flush=True)
 
 
 def _counts(port: int):

@@ -5,6 +5,7 @@ import base64
 import json
 import re
 import shutil
+import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -173,4 +174,23 @@ def test_dashboard_in_a_real_browser(env, sim):
         assert screenshot.stat().st_size > 10_000
     finally:
         browser.quit()
+    assert daemon.proc.stop(20) == 0
+
+
+def test_status_watch_redraws_in_place_until_ctrl_c(env, sim):
+    daemon, _port = start(env, sim)
+    watcher = subprocess.Popen([MEXC, "status", "--watch", "--interval", "0.3", "--config",
+                                daemon.config], stdout=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in watcher.stdout:  # until the fourth screen begins
+            lines.append(line)
+            if sum("\033[H\033[J" in seen for seen in lines) == 4:
+                break
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(10) == 0
+    finally:
+        watcher.kill()
+    screens = "".join(lines).split("\033[H\033[J")[1:-1]
+    assert len(screens) == 3 and all("collector-btc" in screen for screen in screens)
     assert daemon.proc.stop(20) == 0

@@ -20,6 +20,8 @@ def test_demo_stores_rows_for_every_symbol_and_stops_cleanly():
     try:
         assert result.returncode == 0, out[-3000:] + result.stderr[-2000:]
         assert "collector-btc" in out and "running" in out  # the status table was shown
+        assert out.count("\033[H\033[J") >= 2  # redrawn in place, not scrolled
+        assert re.search(r"dashboard http://127\.0\.0\.1:\d+/", out)
         stored = dict((table, int(n.replace(",", ""))) for table, n in
                       re.findall(r"(\w+_current) ([\d,]+)", out.split("Rows stored:")[1]))
         assert set(stored) == {"btc_current", "eth_current", "sol_current"}
