@@ -40,6 +40,13 @@ the same phase).  The daemon's log (UTC timestamps to the ms) and min(rts) of th
 break the time down: exit noticed, fork, connected, first frame received, first row
 queryable.  Then the new collector is killed again at once, which shows the backoff for a
 second exit within a minute (the delay doubled); that figure has no goal.
+
+Dashboard.  The supervisor's CPU (psutil cpu_times over --dashboard-seconds; 100 % = one core)
+with DASHBOARD_COLLECTORS collectors at IDLE_RATE, three ways, rounds alternating:
+  off   http.listen = "" and no alerts: no monitor thread, the daemon as before the dashboard
+  on    the dashboard served (the monitor samples the status every 2 s), nobody looking
+  page  the same with the page open: api/status and api/dashboard every 2 s, as the page polls
+Goal: page within 2x of off.  --parts picks idle, restart, dashboard (default: all).
 """
 from __future__ import annotations
 
@@ -49,13 +56,16 @@ import contextlib
 import re
 import statistics
 import sys
+import threading
 import time
+import urllib.request
 
 # bench/ (this script's directory) is on sys.path; benchlib puts the repository root there too.
 import benchlib
 import psutil
 
 from benchlib import MIB, BenchError, Daemon, verdict
+from core.process import free_port
 
 VICTIM = "collector-btc"
 
@@ -67,6 +77,8 @@ POLL = 0.01
 KILL_PHASE = 1.0  # s; the kill comes a random 0..KILL_PHASE s after the last status request
 RESTART_TIMEOUT = 60.0
 GOAL_USS_MIB, GOAL_RESTART_S = 25.0, 2.0
+DASHBOARD_COLLECTORS, PAGE_EVERY, DASHBOARD_ROUNDS, GOAL_PAGE_RATIO = 30, 2.0, 2, 2.0
+PARTS = ("idle", "restart", "dashboard")
 
 
 def symbols(n: int) -> list:
@@ -75,10 +87,13 @@ def symbols(n: int) -> list:
 
 # --- the daemon ------------------------------------------------------------------------------
 
-def start_daemon(world: benchlib.World, name: str, n_collectors: int, url: str) -> Daemon:
+def start_daemon(world: benchlib.World, name: str, n_collectors: int, url: str,
+                 listen: str = "") -> Daemon:
     """`mexc run` with n collectors on a config of its own (database, state and runtime dir
-    <name>, the simulator at `url`); its output and its children's in <name>/daemon.log."""
-    data = world.config_data(name, symbols(n_collectors), exchange={"url": url})
+    <name>, the simulator at `url`, the dashboard on `listen`); its output and its
+    children's in <name>/daemon.log."""
+    data = world.config_data(name, symbols(n_collectors), exchange={"url": url},
+                             http={"listen": listen})
     return Daemon(world.write_config(data), data["paths"]["runtime_dir"], n_collectors, name)
 
 
@@ -240,6 +255,65 @@ def log_steps(daemon: Daemon, old_pid: int, new_pid: int, kill_wall: float) -> d
     return steps
 
 
+# --- dashboard: supervisor CPU with the page open --------------------------------------------
+
+def dashboard_run(world: benchlib.World, url: str, seconds: float, round_: int) -> dict:
+    """Supervisor CPU% off, on, and with the page open (see the module docstring)."""
+    figures = {}
+    with contextlib.ExitStack() as stack:
+        daemon = start_daemon(world, f"bench_dash_off_{round_}", DASHBOARD_COLLECTORS, url)
+        stack.callback(daemon.stop)
+        daemon.wait_flowing()
+        time.sleep(SETTLE)
+        figures["off"] = cpu_percent(daemon.process, seconds)
+    port = free_port()
+    with contextlib.ExitStack() as stack:
+        daemon = start_daemon(world, f"bench_dash_on_{round_}", DASHBOARD_COLLECTORS, url,
+                              listen=f"127.0.0.1:{port}")
+        stack.callback(daemon.stop)
+        daemon.wait_flowing()
+        time.sleep(SETTLE)
+        figures["on"] = cpu_percent(daemon.process, seconds)
+        page = threading.Event()
+        poller = threading.Thread(target=poll_like_the_page, args=(port, page), daemon=True)
+        poller.start()
+        stack.callback(poller.join)
+        stack.callback(page.set)
+        figures["page"] = cpu_percent(daemon.process, seconds)
+    return figures
+
+
+def cpu_percent(process, seconds: float) -> float:
+    """The process's CPU over a window of `seconds`, % of one core."""
+    before, started = process.cpu_times(), time.monotonic()
+    time.sleep(seconds)
+    after = process.cpu_times()
+    used = (after.user - before.user) + (after.system - before.system)
+    return used / (time.monotonic() - started) * 100
+
+
+def poll_like_the_page(port: int, stop: threading.Event) -> None:
+    while not stop.is_set():
+        for path in ("/api/status", "/api/dashboard"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                r.read()
+        stop.wait(PAGE_EVERY)
+
+
+def dashboard_rows(rounds: list) -> list:
+    medians = {k: statistics.median(r[k] for r in rounds) for k in ("off", "on", "page")}
+    ratio = medians["page"] / max(medians["off"], 1e-9)
+    n = DASHBOARD_COLLECTORS
+    return [
+        (f"[{n} collectors] supervisor CPU, http off (before), %", f"{medians['off']:.2f}",
+         "", ""),
+        (f"[{n} collectors] supervisor CPU, dashboard on, %", f"{medians['on']:.2f}", "", ""),
+        (f"[{n} collectors] supervisor CPU, page open, %", f"{medians['page']:.2f}", "", ""),
+        (f"[{n} collectors] page open / http off", f"{ratio:.2f}",
+         f"<= {GOAL_PAGE_RATIO:g}", verdict(ratio <= GOAL_PAGE_RATIO)),
+    ]
+
+
 # --- report ----------------------------------------------------------------------------------
 
 def restart_figures(kills: list, label: str) -> dict:
@@ -314,16 +388,27 @@ def print_breakdown(r: dict) -> None:
 
 def print_report(result: dict, machine: dict, args) -> None:
     benchlib.print_machine(machine, "psutil")
-    print(f"idle: simulator {IDLE_RATE:g} frames/s per stream (3 streams per collector), "
-          f"{args.idle_seconds:g} s window after {SETTLE:g} s settling")
-    print(f"restart: 3 collectors, simulator {RESTART_RATE:g} frames/s per stream, "
-          f"SIGKILL {VICTIM}, {args.repetitions} repetitions on fresh daemons, polls every "
-          f"{POLL * 1000:.0f} ms")
+    if "idle_3" in result:
+        print(f"idle: simulator {IDLE_RATE:g} frames/s per stream (3 streams per collector), "
+              f"{args.idle_seconds:g} s window after {SETTLE:g} s settling")
+    if "restart" in result:
+        print(f"restart: 3 collectors, simulator {RESTART_RATE:g} frames/s per stream, "
+              f"SIGKILL {VICTIM}, {args.repetitions} repetitions on fresh daemons, polls every "
+              f"{POLL * 1000:.0f} ms")
+    if "dashboard" in result:
+        print(f"dashboard: {DASHBOARD_COLLECTORS} collectors, simulator {IDLE_RATE:g} frames/s "
+              f"per stream, {args.dashboard_seconds:g} s windows, median of "
+              f"{DASHBOARD_ROUNDS} rounds: " + "; ".join(
+                  f"off {r['off']:.2f} on {r['on']:.2f} page {r['page']:.2f}"
+                  for r in result["dashboard"]))
     print()
-    print_breakdown(result["restart"])
-    print()
-    rows = [*idle_rows(result["idle_3"]), *idle_rows(result["idle_20"]),
-            *restart_rows(result["restart"])]
+    if "restart" in result:
+        print_breakdown(result["restart"])
+        print()
+    rows = [*(idle_rows(result["idle_3"]) + idle_rows(result["idle_20"])
+              if "idle_3" in result else []),
+            *(restart_rows(result["restart"]) if "restart" in result else []),
+            *(dashboard_rows(result["dashboard"]) if "dashboard" in result else [])]
     benchlib.print_table(rows, value_width=13, goal_width=6)
     print("(goals apply to the max; the restart figures are for a crash after stable running)")
 
@@ -331,21 +416,29 @@ def print_report(result: dict, machine: dict, args) -> None:
 # --- main ------------------------------------------------------------------------------------
 
 def run(args) -> int:
+    parts, result = args.parts.split(","), {}
+    if set(parts) - set(PARTS):
+        raise BenchError(f"--parts: choose from {', '.join(PARTS)}")
     with contextlib.ExitStack() as stack:
         world = benchlib.World.start(stack, "mexc-sbench-")
 
         with contextlib.ExitStack() as idle_stack:
             simulator, url = benchlib.start_simulator(IDLE_RATE)
             idle_stack.callback(benchlib.stop_simulator, simulator)
-            idle = {n: idle_run(world, url, n, args.idle_seconds) for n in (3, 20)}
+            if "idle" in parts:
+                result.update({f"idle_{n}": idle_run(world, url, n, args.idle_seconds)
+                               for n in (3, 20)})
+            if "dashboard" in parts:
+                result["dashboard"] = [dashboard_run(world, url, args.dashboard_seconds, i)
+                                       for i in range(1, DASHBOARD_ROUNDS + 1)]
 
-        simulator, url = benchlib.start_simulator(RESTART_RATE)
-        stack.callback(benchlib.stop_simulator, simulator)
-        kills = [restart_run(world, url, i) for i in range(1, args.repetitions + 1)]
-        restart = {**restart_figures([k[0] for k in kills], "first"),
-                   **restart_figures([k[1] for k in kills], "second")}
+        if "restart" in parts:
+            simulator, url = benchlib.start_simulator(RESTART_RATE)
+            stack.callback(benchlib.stop_simulator, simulator)
+            kills = [restart_run(world, url, i) for i in range(1, args.repetitions + 1)]
+            result["restart"] = {**restart_figures([k[0] for k in kills], "first"),
+                                 **restart_figures([k[1] for k in kills], "second")}
         machine = benchlib.machine_info(world, psutil=psutil.__version__)
-    result = {"idle_3": idle[3], "idle_20": idle[20], "restart": restart}
     print_report(result, machine, args)
     if args.json:
         benchlib.print_json(machine, result)
@@ -358,6 +451,10 @@ def main(argv=None) -> int:
                         help="length of each idle window (default 10)")
     parser.add_argument("--repetitions", type=int, default=5,
                         help="restart measurements (default 5)")
+    parser.add_argument("--dashboard-seconds", type=float, default=20.0,
+                        help="length of each dashboard CPU window (default 20)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated, of {', '.join(PARTS)} (default: all)")
     return benchlib.main("supervisor_bench", run, benchlib.parse_args(parser, argv))
 
 
