@@ -51,6 +51,10 @@ def test_int_accepted_for_float():
     ({"collector": {"batch_rows": 0}}, "collector.batch_rows: must be at least 1"),
     ({"log": {"level": "loud"}}, "log.level: must be one of"),
     ({"paths": 3}, "[paths]: must be a table"),
+    ({"http": {"listen": "8470"}}, "http.listen: '8470' is not HOST:PORT"),
+    ({"http": {"listen": "0.0.0.0:8470"}}, "http.listen: 0.0.0.0 is not loopback: set http.token"),
+    ({"http": {"listen": "[2001:db8::1]:8470"}}, "is not loopback"),
+    ({"alerts": {"webhook": "ftp://x"}}, "alerts.webhook: must be an http:// or https:// URL"),
 ])
 def test_bad_values(data, message):
     with pytest.raises(config.ConfigError) as err:
@@ -106,3 +110,10 @@ def test_log_lines_under_journald_and_on_a_terminal(monkeypatch, capsys):
     first, second = capsys.readouterr().err.splitlines()
     assert first == "<4>collector[btc] channel=deal silent | for 30s"
     assert second.endswith("Z INFO    collector[btc] connected") and second[:4].isdigit()
+
+
+@pytest.mark.parametrize("http", [{"listen": ""}, {"listen": "127.0.0.1:1"},
+                                  {"listen": "[::1]:8470"}, {"listen": "localhost:8470"},
+                                  {"listen": "0.0.0.0:8470", "token": "t"}])
+def test_http_listen_loopback_or_with_a_token(http):
+    assert config.parse({"http": http}).http["listen"] == http["listen"]
