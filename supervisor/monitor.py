@@ -26,6 +26,7 @@ STORE_EVERY = 30.0  # seconds between reads of the gap ledger and export_log
 RATE_BUCKET = 30.0  # seconds per point of the rate history ...
 RATE_POINTS = 120  # ... an hour of them
 CALENDAR_HOURS = 24
+EXPORT_GRACE = 60.0  # wall seconds an hour's export may take before its file counts missing
 EVENTS_KEPT = 200
 
 
@@ -175,10 +176,13 @@ class Monitor(threading.Thread):
         }
 
     def calendar(self, symbols, ledger: Ledger) -> dict:
-        """Hours x symbols: verified (a file in export_log), pending (not due yet), missing
-        (due, no file; only from the symbol's first file or this daemon's start on), none."""
+        """Hours x symbols: verified (a file in export_log), pending (not due yet, or due so
+        recently that the export or our next read of export_log may still be under way),
+        missing (due, no file; only from the symbol's first file or this daemon's start
+        on), none."""
         now = self.clock.now_ms()
-        delay = int(self.config.export["delay"] * 1000)
+        settle = (EXPORT_GRACE + STORE_EVERY) * self.config.export["clock_speed"]
+        delay = int((self.config.export["delay"] + settle) * 1000)
         hours = [hour_start(now) - i * HOUR_MS for i in range(CALENDAR_HOURS - 1, -1, -1)]
         first = {}
         for symbol, hour in ledger.exported:
