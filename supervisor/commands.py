@@ -141,8 +141,10 @@ def _header(sup: dict) -> str:
     last_export = sup.get("last_export") or "never"
     next_rotation = f" (next {export['next_rotation']})" if export.get("next_rotation") else ""
     failing = f", EXPORT FAILING: {export['last_error']}" if export.get("last_error") else ""
+    dashboard = f"  dashboard {sup['dashboard']}" if sup.get("dashboard") else ""
     return (f"mexc {sup['version']}  supervisor pid {sup['pid']}  up {_duration(sup['uptime_s'])}"
-            f"  {clickhouse}  last export: {last_export}{next_rotation}{rotation}{failing}")
+            f"  {clickhouse}{dashboard}  last export: {last_export}{next_rotation}{rotation}"
+            f"{failing}")
 
 
 def _notes(children) -> list:
@@ -153,6 +155,9 @@ def _notes(children) -> list:
                          f"{child['next_start_in_s']}s")
         elif child.get("connected") is False and child["kind"] == COLLECTOR:
             notes.append(f"  {child['name']}: not connected to the exchange")
+        if child.get("flapping"):
+            notes.append(f"  {child['name']}: flapping (5 exits within a minute): restarts "
+                         "wait supervisor.restart_max until it runs stably for a minute")
         if child.get("held"):
             notes.append(f"  {child['name']}: * holding rows for rotation {child['held']}")
         if (child.get("tor") or {}).get("warning") and child["kind"] == COLLECTOR:

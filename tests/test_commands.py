@@ -186,10 +186,11 @@ def test_status_table_columns_line_up():
 def test_status_table_of_a_backoff_child_and_a_managed_clickhouse():
     text = COMMANDS["status"].show(status(
         [child("collector-btc", "collector", pid=None, state="backoff", restarts=5,
-               last_exit="pid 7 exit code 1", next_start_in_s=42.0)],
+               last_exit="pid 7 exit code 1", next_start_in_s=42.0, flapping=True)],
         clickhouse={"host": "h", "port": 1, "managed": True, "reachable": False},
-        last_export=None))
-    assert "clickhouse h:1 NOT REACHABLE (managed)" in text
+        last_export=None, dashboard="http://127.0.0.1:8470/"))
+    assert "clickhouse h:1 NOT REACHABLE (managed)  dashboard http://127.0.0.1:8470/  " in text
+    assert "collector-btc: flapping (5 exits within a minute)" in text
     assert "last export: never" in text
     assert "collector-btc: pid 7 exit code 1; next start in 42.0s" in text
 
