@@ -96,7 +96,10 @@ class Monitor(threading.Thread):
             self._note_rates(status, now_ms)
             self.status = status
         if self.on_sample is not None:
-            self.on_sample(self)
+            try:
+                self.on_sample(self)
+            except Exception:  # a bug in a rule must not end the sampling (nor the dashboard)
+                log.exception("monitor: the alerts failed on this sample")
 
     def _note_restarts(self, before: Optional[dict], after: dict, now_ms: int) -> None:
         if before is None:
