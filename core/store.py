@@ -16,6 +16,7 @@ milliseconds, so nothing above this module sees the difference.
 connection (Features), and names each operation.  Writer, exporter, supervisor, verify and
 status all go through it; nobody else writes SQL.
 """
+import re
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -279,6 +280,20 @@ class Store:
         return self.client.execute_iter(
             f"SELECT {ts}, toString(mt), m, {rts} FROM {self._table(table)} {where}",
             settings={"max_block_size": 65536})
+
+    def live_rows(self, name: str, mt: str, since_ms: int, until_ms: int) -> list:
+        """Rows of type mt with ts in [since_ms, until_ms) of {name}_current and, while an
+        export is pending, {name}_previous, read in one statement (so one snapshot of which
+        of the two exist), in ts order, as columns: [ts ms], [m], [rts ms], [from previous]."""
+        f = self.features
+        tables = f"^{re.escape(name)}_(current|previous)$"
+        columns = self.client.execute(
+            f"SELECT {f.ms()}, m, {f.ms('rts')}, _table = %(previous)s FROM merge(%(db)s, "
+            f"%(tables)s) WHERE mt = %(mt)s AND {f.ms()} >= {int(since_ms)} AND "
+            f"{f.ms()} < {int(until_ms)} ORDER BY {f.ms()}",
+            {"db": self.database, "tables": tables, "mt": mt, "previous": previous_table(name)},
+            columnar=True)
+        return columns or [[], [], [], []]
 
     # --- export_log ------------------------------------------------------------------------
 
