@@ -201,8 +201,8 @@ class Archive:
             current, previous = self._live_rows(name, mt, start_ms, end_ms)
             previous = _anti_join(previous, current)
             chunks = []
-            for path in before:
-                raw = _file_rows(path, mt, start_ms, end_ms)
+            for path, (hour, *_identity) in before.items():
+                raw = _file_rows(path, mt, start_ms, end_ms, hour)
                 previous = _anti_join(previous, raw)
                 chunks.append(convert(raw))
             if self._file_identities(name, start_ms, end_ms) == before:
@@ -214,7 +214,7 @@ class Archive:
                            f"each of {ATTEMPTS} reads (an export running?); try again")
 
     def _file_identities(self, name: str, start_ms: int, end_ms: int) -> dict:
-        """{path: (inode, size, mtime)} of the hourly files of the range that exist."""
+        """{path: (hour, inode, size, mtime)} of the hourly files of the range that exist."""
         identities = {}
         for hour in range(hour_start(start_ms), end_ms, HOUR_MS):
             path = os.path.join(self.export_dir, parquet_files.file_name(name, hour))
@@ -222,7 +222,7 @@ class Archive:
                 st = os.stat(path)
             except FileNotFoundError:
                 continue
-            identities[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            identities[path] = (hour, st.st_ino, st.st_size, st.st_mtime_ns)
         return identities
 
     def _live_rows(self, name: str, mt: str, start_ms: int, end_ms: int):
@@ -258,14 +258,25 @@ def _raw_table(ts, m, rts) -> pa.Table:
                      "rts": pa.array(rts, pa.int64()).cast(TIMESTAMP)})
 
 
-def _file_rows(path: str, mt: str, start_ms: int, end_ms: int) -> pa.Table:
+def _file_rows(path: str, mt: str, start_ms: int, end_ms: int, hour: int) -> pa.Table:
     """One hourly file's rows of type mt in the range, as (ts, m, rts)."""
     table = pq.read_table(path, columns=["ts", "mt", "m", "rts"])
-    ts = table.column("ts")
-    keep = pc.and_(pc.equal(table.column("mt"), mt), pc.and_(
-        pc.greater_equal(ts, pa.scalar(start_ms, TIMESTAMP)),
-        pc.less(ts, pa.scalar(end_ms, TIMESTAMP))))
+    keep = _is_type(table.column("mt"), mt)
+    if start_ms > hour or end_ms < hour + HOUR_MS:  # the range cuts this hour
+        ts = table.column("ts")
+        keep = pc.and_(keep, pc.and_(pc.greater_equal(ts, pa.scalar(start_ms, TIMESTAMP)),
+                                     pc.less(ts, pa.scalar(end_ms, TIMESTAMP))))
     return table.filter(keep).select(["ts", "m", "rts"])
+
+
+def _is_type(mt_column: pa.ChunkedArray, mt: str) -> pa.ChunkedArray:
+    """mt == mt for a dictionary column, comparing the small int codes (decoding the
+    dictionary for a plain comparison costs more than the rest of the filter)."""
+    masks = []
+    for chunk in mt_column.chunks:
+        code = chunk.dictionary.index(mt).as_py()  # -1 when this chunk has no such row
+        masks.append(pc.equal(chunk.indices, pa.scalar(code, chunk.indices.type)))
+    return pa.chunked_array(masks, pa.bool_())
 
 
 def _anti_join(rows: pa.Table, others: pa.Table) -> pa.Table:
