@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import platform
 import random
 import shutil
 import statistics
@@ -34,7 +35,8 @@ import sys
 import tempfile
 import time
 
-import benchlib  # noqa: F401  (puts the repository root on sys.path)
+import benchlib  # puts the repository root on sys.path
+import pyarrow
 
 from core.clock import HOUR_MS
 from exporter import parquet_files
@@ -181,10 +183,14 @@ def run(args) -> int:
             ("bars 1m (1,440)", figures["bars"], "", ""))]
     rows_table.append(("trades / reference", f"{ratio:.2f}x", "< 2.5x",
                        benchlib.verdict(ratio < 2.5)))
+    machine = {"nproc": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+               "pyarrow": pyarrow.__version__, "load_average": os.getloadavg()[0]}
+    print(f"machine: {machine['nproc']} CPUs, Python {machine['python']}, pyarrow "
+          f"{machine['pyarrow']}, load average {machine['load_average']:.1f} at the end")
     print(f"medians of {args.rounds} rounds, each in a fresh process")
     benchlib.print_table(rows_table, 48, 9)
     if args.json:
-        benchlib.print_json({}, {"figures": figures, "trades_over_reference": ratio})
+        benchlib.print_json(machine, {"figures": figures, "trades_over_reference": ratio})
     return 0
 
 

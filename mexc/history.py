@@ -47,6 +47,7 @@ BOOK_SIDES = pa.array(["bid", "ask"])
 TICKER_FIELDS = ("last_price", "fair_price", "index_price", "hold_vol", "funding_rate")
 GAPS_KEY, RANGE_KEY = b"mexc.gaps", b"mexc.range"  # GAPS_KEY: the exporter's file key too
 ATTEMPTS = 5  # reads of a range that a rotation changed midway before giving up
+LIVE = "files and ClickHouse"  # Archive.live when ClickHouse answered
 RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhd])$")
 UNITS_MS = {"s": 1000, "m": 60_000, "h": HOUR_MS, "d": 24 * HOUR_MS}
 
@@ -155,14 +156,8 @@ class Archive:
         """The gaps overlapping [start, end): from the ledger (ClickHouse's `gaps` table) when
         it answers, else from the hourly files' `mexc.gaps` metadata (offline use)."""
         start_ms, end_ms = self._range(start, end)
-        name = self.symbol(symbol).name
-        if self.clickhouse is not None:
-            try:
-                with Store(self.clickhouse) as store:
-                    return store.gaps(name, start_ms, end_ms)
-            except Exception:  # ClickHouse away: the files know the gaps of exported hours
-                pass
-        return self._file_gaps(name, start_ms, end_ms)
+        return self._gaps(self.symbol(symbol).name, start_ms, end_ms,
+                          ledger=self.clickhouse is not None)
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -173,12 +168,21 @@ class Archive:
             raise HistoryError(f"empty range: {iso(start_ms)} to {iso(end_ms)}")
         return start_ms, end_ms
 
+    def _gaps(self, name: str, start_ms: int, end_ms: int, ledger: bool) -> List[Gap]:
+        if ledger:
+            try:
+                with Store(self.clickhouse) as store:
+                    return store.gaps(name, start_ms, end_ms)
+            except Exception:  # ClickHouse away: the files know the gaps of exported hours
+                pass
+        return self._file_gaps(name, start_ms, end_ms)
+
     def _typed(self, symbol: str, mt: str, start, end, convert) -> pa.Table:
         start_ms, end_ms = self._range(start, end)
         s = self.symbol(symbol)
         table = self._rows(s.name, mt, start_ms, end_ms, convert)
-        return _with_metadata(table, s, start_ms, end_ms, self.gaps(symbol, start_ms, end_ms),
-                              self.live)
+        gaps = self._gaps(s.name, start_ms, end_ms, ledger=self.live == LIVE)
+        return _with_metadata(table, s, start_ms, end_ms, gaps, self.live)
 
     def _rows(self, name: str, mt: str, start_ms: int, end_ms: int, convert) -> pa.Table:
         """Every row of type mt with ts in [start_ms, end_ms), exactly once, typed.
@@ -238,7 +242,7 @@ class Archive:
         except Exception as e:  # the archive still answers for every exported hour
             self.live = f"ClickHouse unavailable, the files only: {first_line(e)}"
             return current, previous
-        self.live = "files and ClickHouse"
+        self.live = LIVE
         table = _raw_table(ts, m, rts)
         in_previous = pa.array(from_previous, pa.uint8()).cast(pa.bool_())  # 0 or 1
         return table.filter(pc.invert(in_previous)), table.filter(in_previous)

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.clock import HOUR_MS
+from core.process import free_port
 from core.vocabulary import GAP_DISCONNECT, Gap
 from exporter import parquet_files
 from exporter.exporter import Exporter
@@ -167,6 +168,10 @@ def test_offline_reads_the_files_and_their_gap_metadata(env, archive):
     assert history.gaps_of(trades) == [GAP]
     assert offline.gaps("BTC_USDT", H - 13 * MINUTE, H - 12 * MINUTE) == [GAP]
     assert offline.gaps("BTC_USDT", H - 12 * MINUTE, H) == []
+    away = history.Archive(archive.export_dir, {**archive.clickhouse, "port": free_port()})
+    away_trades = away.trades("btc", H - HOUR_MS, H + HOUR_MS)
+    assert away_trades == trades and history.gaps_of(away_trades) == [GAP]  # files, their gaps
+    assert away.live.startswith("ClickHouse unavailable")
 
 
 @pytest.mark.slow
