@@ -17,6 +17,7 @@ import pytest
 
 from core.clock import HOUR_MS
 from core.process import free_port
+from core.store import Store
 from core.vocabulary import GAP_DISCONNECT, Gap
 from exporter import parquet_files
 from exporter.exporter import Exporter
@@ -222,6 +223,27 @@ def test_exactly_once_while_an_export_is_half_done(env, monkeypatch):
     assert collections.Counter(ms(t) for t in trades["ts"].to_pylist()) == collections.Counter(
         ts for ts, _mt, _m in sent)
     assert history.Archive(archive.export_dir).trades("btc", H - HOUR_MS, H).num_rows == 40
+
+
+def test_a_rotation_between_the_reads_is_read_again(env, monkeypatch):
+    """The exporter writes the hour's file right after history read the live table: the rows
+    it read there are now in the file too; history notices the new file and reads again."""
+    sent = rows_for(H - HOUR_MS, 30, "1") + rows_for(H, 5, "2")
+    insert(env, sent)
+    real_live_rows, reads = Store.live_rows, []
+
+    def live_rows_then_rotate(store, *args):
+        rows = real_live_rows(store, *args)
+        reads.append(len(rows[0]))
+        if len(reads) == 1:
+            assert Exporter(make_config(env), clock=SetClock(H + 61_000)).cycle()[0]
+        return rows
+    monkeypatch.setattr(Store, "live_rows", live_rows_then_rotate)
+    trades = history.Archive.from_config(make_config(env)).trades("btc", H - HOUR_MS,
+                                                                  H + HOUR_MS)
+    assert reads == [35, 5]  # all rows live, then 30 in the file and 5 live
+    assert collections.Counter(ms(t) for t in trades["ts"].to_pylist()) == collections.Counter(
+        ts for ts, _mt, _m in sent)
 
 
 def test_times_and_intervals():
