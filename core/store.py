@@ -284,7 +284,10 @@ class Store:
     def live_rows(self, name: str, mt: str, since_ms: int, until_ms: int) -> list:
         """Rows of type mt with ts in [since_ms, until_ms) of {name}_current and, while an
         export is pending, {name}_previous, read in one statement (so one snapshot of which
-        of the two exist), in ts order, as columns: [ts ms], [m], [rts ms], [from previous]."""
+        of the two exist), in ts order, as columns: [ts ms], [m], [rts ms], [from previous].
+        No such table (a symbol never collected here): no rows."""
+        if not self.exists(current_table(name)) and not self.exists(previous_table(name)):
+            return [[], [], [], []]
         f = self.features
         tables = f"^{re.escape(name)}_(current|previous)$"
         columns = self.client.execute(

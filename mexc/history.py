@@ -22,6 +22,7 @@ All heavy lifting is pyarrow compute (already a dependency): splitting the `m` t
 grouping bars.  Memory stays bounded by the answer: each hour's file is read, filtered to one
 message type and typed before the next one is read.
 """
+import contextlib
 import datetime
 import json
 import os
@@ -31,6 +32,7 @@ from typing import Iterable, List, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from core import config as configuration
@@ -437,34 +439,42 @@ def gaps_of(table: pa.Table) -> List[Gap]:
 # --- output (mexc trades|book|ticker|bars) ---------------------------------------------------
 
 def write(table: pa.Table, output: str, out) -> None:
-    """Write a table as parquet, csv or an aligned text table to a path or a text stream."""
+    """Write a table as parquet, csv or an aligned text table to a path or a text stream
+    (book lists need per_level rows for csv and table)."""
     if output == "parquet":
         pq.write_table(table, out, compression="zstd")  # the metadata (gaps) goes along
         return
-    flat = pa.table({name: _text(column) for name, column in zip(table.column_names,
-                                                                   table.columns)})
+    text = pa.table([_text(column) for column in table.columns], names=table.column_names)
+    with _opened(out, binary=output == "csv") as stream:
+        if output == "csv":
+            stream.write((",".join(text.column_names) + "\n").encode())
+            # numbers, times and categories never hold a comma or a quote: nothing to quote
+            pa_csv.write_csv(text, stream, pa_csv.WriteOptions(include_header=False,
+                                                               quoting_style="none"))
+        else:
+            _write_aligned(text, stream)
+
+
+@contextlib.contextmanager
+def _opened(out, binary: bool):
+    """A path opened for writing (closed after), or a text stream (its bytes if binary)."""
     if isinstance(out, str):
-        with open(out, "w") as stream:
-            _write_text(flat, output, stream)
+        with open(out, "wb" if binary else "w") as stream:
+            yield stream
     else:
-        _write_text(flat, output, out)
+        out.flush()
+        yield out.buffer if binary else out
+        (out.buffer if binary else out).flush()
 
 
-def _write_text(flat: pa.Table, output: str, stream) -> None:
-    if output == "csv":
-        stream.write(",".join(flat.column_names) + "\n")
-        for batch in flat.to_batches(65536):
-            rows = zip(*(column.to_pylist() for column in batch.columns))
-            stream.writelines(",".join("" if v is None else v for v in row) + "\n"
-                              for row in rows)
-        return
-    widths = [max([len(name)] + [pc.max(pc.utf8_length(c)).as_py() or 0 for c in [column]])
-              for name, column in zip(flat.column_names, flat.columns)]
-    stream.write("  ".join(n.rjust(w) for n, w in zip(flat.column_names, widths)) + "\n")
-    for batch in flat.to_batches(65536):
-        rows = zip(*(column.to_pylist() for column in batch.columns))
-        stream.writelines("  ".join(("" if v is None else v).rjust(w) for v, w in zip(row, widths))
-                          + "\n" for row in rows)
+def _write_aligned(text: pa.Table, stream) -> None:
+    """Columns right-aligned under their names, a batch of rows at a time."""
+    widths = [max(len(name), pc.max(pc.utf8_length(column)).as_py() or 0)
+              for name, column in zip(text.column_names, text.columns)]
+    stream.write("  ".join(n.rjust(w) for n, w in zip(text.column_names, widths)) + "\n")
+    for batch in text.to_batches(65536):
+        for row in zip(*(column.to_pylist() for column in batch.columns)):
+            stream.write("  ".join((v or "").rjust(w) for v, w in zip(row, widths)) + "\n")
 
 
 def _text(column) -> pa.ChunkedArray:
