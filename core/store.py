@@ -282,20 +282,22 @@ class Store:
             settings={"max_block_size": 65536})
 
     def live_rows(self, name: str, mt: str, since_ms: int, until_ms: int) -> list:
-        """Rows of type mt with ts in [since_ms, until_ms) of {name}_current and, while an
-        export is pending, {name}_previous, read in one statement (so one snapshot of which
-        of the two exist), in ts order, as columns: [ts ms], [m], [rts ms], [from previous].
+        """Rows of type mt with ts in [since_ms, until_ms) not exported yet: those of
+        {name}_current and of the tables of an export in progress ({name}_previous, and a
+        {name}_fresh a crash left in the middle of a swap), read in one statement (so one
+        snapshot of which tables exist), in ts order, as columns:
+        [ts ms], [m], [rts ms], [1 if from previous or fresh, else 0].
         No such table (a symbol never collected here): no rows."""
-        if not self.exists(current_table(name)) and not self.exists(previous_table(name)):
+        names = [current_table(name), previous_table(name), fresh_table(name)]
+        if not any(self.exists(table) for table in names):
             return [[], [], [], []]
         f = self.features
-        tables = f"^{re.escape(name)}_(current|previous)$"
         columns = self.client.execute(
-            f"SELECT {f.ms()}, m, {f.ms('rts')}, _table = %(previous)s FROM merge(%(db)s, "
+            f"SELECT {f.ms()}, m, {f.ms('rts')}, _table != %(current)s FROM merge(%(db)s, "
             f"%(tables)s) WHERE mt = %(mt)s AND {f.ms()} >= {int(since_ms)} AND "
             f"{f.ms()} < {int(until_ms)} ORDER BY {f.ms()}",
-            {"db": self.database, "tables": tables, "mt": mt, "previous": previous_table(name)},
-            columnar=True)
+            {"db": self.database, "tables": "^(" + "|".join(map(re.escape, names)) + ")$",
+             "mt": mt, "current": current_table(name)}, columnar=True)
         return columns or [[], [], [], []]
 
     # --- export_log ------------------------------------------------------------------------

@@ -49,6 +49,7 @@ BOOK_SIDES = pa.array(["bid", "ask"])
 TICKER_FIELDS = ("last_price", "fair_price", "index_price", "hold_vol", "funding_rate")
 GAPS_KEY, RANGE_KEY = b"mexc.gaps", b"mexc.range"  # GAPS_KEY: the exporter's file key too
 ATTEMPTS = 5  # reads of a range that a rotation changed midway before giving up
+KEYS = ["ts", "m", "rts"]  # a row's identity within one symbol and message type
 LIVE = "files and ClickHouse"  # Archive.live when ClickHouse answered
 RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhd])$")
 UNITS_MS = {"s": 1000, "m": 60_000, "h": HOUR_MS, "d": 24 * HOUR_MS}
@@ -195,26 +196,27 @@ class Archive:
         (the hour written, previous not dropped yet) or previous and current (rows of the
         hour in progress moved back).  So:
           1. note the identity (inode, size, mtime) of each hour's file in the range;
-          2. read current and previous in one statement (one snapshot of which tables exist);
+          2. read current and the pending tables (previous; a fresh left by a crash
+             mid-swap) in one statement, so one snapshot of which tables exist;
           3. read the files, each hour filtered and typed before the next is read;
-          4. rows of previous also in current or in a file (the same ts, m, rts) are dropped:
-             previous is only what the exporter has not finished yet;
+          4. pending rows also in current or in a file (the same ts, m, rts) are dropped:
+             pending is only what the exporter has not finished yet;
           5. if any file changed since step 1 (a rotation wrote or merged an hour, possibly
              with rows read in step 2), read again.
         Current is never compared with files: its late rows for an exported hour are new."""
         for _attempt in range(ATTEMPTS):
             before = self._file_identities(name, start_ms, end_ms)
-            current, previous = self._live_rows(name, mt, start_ms, end_ms)
-            previous = _anti_join(previous, current)
+            current, pending = self._live_rows(name, mt, start_ms, end_ms)
+            pending = _anti_join(pending, current)
             chunks = []
             for path, (hour, *_identity) in before.items():
                 raw = _file_rows(path, mt, start_ms, end_ms, hour)
-                previous = _anti_join(previous, raw)
+                pending = _anti_join(pending, raw)
                 chunks.append(convert(raw))
             if self._file_identities(name, start_ms, end_ms) == before:
-                chunks += [convert(current), convert(previous)]
+                chunks += [convert(current), convert(pending)]
                 table = pa.concat_tables(chunks)
-                live = current.num_rows + previous.num_rows
+                live = current.num_rows + pending.num_rows
                 return table.sort_by("ts") if live else table  # files are in ts order
         raise HistoryError(f"{name}: the files of {iso(start_ms)}..{iso(end_ms)} changed during "
                            f"each of {ATTEMPTS} reads (an export running?); try again")
@@ -232,22 +234,25 @@ class Archive:
         return identities
 
     def _live_rows(self, name: str, mt: str, start_ms: int, end_ms: int):
-        """(current, previous) rows of the range as (ts, m, rts) tables; empty offline or
-        when ClickHouse does not answer (then `self.live` says why)."""
-        current = previous = _raw_table([], [], [])
+        """(current, pending) rows of the range as (ts, m, rts) tables, pending being those
+        of an export in progress (Store.live_rows); empty offline or when ClickHouse does
+        not answer (then `self.live` says why)."""
+        current = pending = _raw_table([], [], [])
         if self.clickhouse is None:
             self.live = "offline: the files only"
-            return current, previous
+            return current, pending
         try:
             with Store(self.clickhouse) as store:
-                ts, m, rts, from_previous = store.live_rows(name, mt, start_ms, end_ms)
+                ts, m, rts, is_pending = store.live_rows(name, mt, start_ms, end_ms)
         except Exception as e:  # the archive still answers for every exported hour
             self.live = f"ClickHouse unavailable, the files only: {first_line(e)}"
-            return current, previous
+            return current, pending
         self.live = LIVE
         table = _raw_table(ts, m, rts)
-        in_previous = pa.array(from_previous, pa.uint8()).cast(pa.bool_())  # 0 or 1
-        return table.filter(pc.invert(in_previous)), table.filter(in_previous)
+        in_pending = pa.array(is_pending, pa.uint8()).cast(pa.bool_())  # 0 or 1
+        # distinct: a crash's fresh rows are copied into previous before fresh is dropped
+        pending = table.filter(in_pending).group_by(KEYS, use_threads=False).aggregate([])
+        return table.filter(pc.invert(in_pending)), pending.select(KEYS)
 
     def _file_gaps(self, name: str, start_ms: int, end_ms: int) -> List[Gap]:
         """The gaps the range's files carry in their metadata, once each, oldest first."""
@@ -289,8 +294,7 @@ def _anti_join(rows: pa.Table, others: pa.Table) -> pa.Table:
     """rows minus those also in others (same ts, m, rts)."""
     if rows.num_rows == 0 or others.num_rows == 0:
         return rows
-    keys = ["ts", "m", "rts"]
-    return rows.join(others.select(keys), keys=keys, join_type="left anti").select(keys)
+    return rows.join(others.select(KEYS), keys=KEYS, join_type="left anti").select(KEYS)
 
 
 # --- typing the message text --------------------------------------------------------------

@@ -225,6 +225,24 @@ def test_exactly_once_while_an_export_is_half_done(env, monkeypatch):
     assert history.Archive(archive.export_dir).trades("btc", H - HOUR_MS, H).num_rows == 40
 
 
+def test_exactly_once_after_a_crash_in_the_middle_of_a_swap(env):
+    """A crash can leave {name}_fresh holding rows (EXCHANGE TABLES done, RENAME not), and
+    the next exporter copies them into previous before dropping fresh."""
+    sent = rows_for(H - HOUR_MS, 10, "1")
+    insert(env, sent[:4])
+    for table in ("btc_previous", "btc_fresh"):
+        env.query(f"CREATE TABLE {env.database}.{table} AS {env.database}.btc_current")
+    insert_into(env, "btc_fresh", sent[4:])
+    insert_into(env, "btc_previous", sent[4:7])  # recover_fresh copied, not dropped yet
+    trades = history.Archive.from_config(make_config(env)).trades("btc", H - HOUR_MS, H)
+    assert sorted(ms(t) for t in trades["ts"].to_pylist()) == [ts for ts, _mt, _m in sent]
+
+
+def insert_into(env, table, rows):
+    with env.store() as store:
+        store.insert_rows(table, [(ts, mt, m, ts + 5) for ts, mt, m in rows])
+
+
 def test_a_rotation_between_the_reads_is_read_again(env, monkeypatch):
     """The exporter writes the hour's file right after history read the live table: the rows
     it read there are now in the file too; history notices the new file and reads again."""
