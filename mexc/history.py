@@ -22,6 +22,7 @@ All heavy lifting is pyarrow compute (already a dependency): splitting the `m` t
 grouping bars.  Memory stays bounded by the answer: each hour's file is read, filtered to one
 message type and typed before the next one is read.
 """
+import concurrent.futures
 import contextlib
 import datetime
 import json
@@ -48,6 +49,7 @@ SIDES = pa.array(["buy", "sell"])  # a deal's direction: 1 buy, 2 sell (README "
 BOOK_SIDES = pa.array(["bid", "ask"])
 TICKER_FIELDS = ("last_price", "fair_price", "index_price", "hold_vol", "funding_rate")
 GAPS_KEY, RANGE_KEY = b"mexc.gaps", b"mexc.range"  # GAPS_KEY: the exporter's file key too
+READERS = 2  # hourly files read at the same time
 ATTEMPTS = 5  # reads of a range that a rotation changed midway before giving up
 KEYS = ["ts", "m", "rts"]  # a row's identity within one symbol and message type
 LIVE = "files and ClickHouse"  # Archive.live when ClickHouse answered
@@ -209,10 +211,9 @@ class Archive:
             current, pending = self._live_rows(name, mt, start_ms, end_ms)
             pending = _anti_join(pending, current)
             chunks = []
-            for path, (hour, *_identity) in before.items():
-                raw = _file_rows(path, mt, start_ms, end_ms, hour)
+            for raw, typed in self._read_files(before, mt, start_ms, end_ms, convert):
                 pending = _anti_join(pending, raw)
-                chunks.append(convert(raw))
+                chunks.append(typed)
             if self._file_identities(name, start_ms, end_ms) == before:
                 chunks += [convert(current), convert(pending)]
                 table = pa.concat_tables(chunks)
@@ -220,6 +221,17 @@ class Archive:
                 return table.sort_by("ts") if live else table  # files are in ts order
         raise HistoryError(f"{name}: the files of {iso(start_ms)}..{iso(end_ms)} changed during "
                            f"each of {ATTEMPTS} reads (an export running?); try again")
+
+    @staticmethod
+    def _read_files(files: dict, mt: str, start_ms: int, end_ms: int, convert):
+        """(raw rows, typed rows) of each file, in hour order, READERS files at a time (Arrow
+        reads and computes without the GIL; memory holds a few hours' raw rows at most)."""
+        def read(item):
+            path, (hour, *_identity) = item
+            raw = _file_rows(path, mt, start_ms, end_ms, hour)
+            return raw, convert(raw)
+        with concurrent.futures.ThreadPoolExecutor(READERS) as pool:
+            yield from pool.map(read, files.items())
 
     def _file_identities(self, name: str, start_ms: int, end_ms: int) -> dict:
         """{path: (hour, inode, size, mtime)} of the hourly files of the range that exist."""
