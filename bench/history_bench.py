@@ -14,8 +14,7 @@ one depth row of 20+20 levels and 0.2 ticker rows), cycled from a pool the simul
 generated, so a reader has to skip them as it would in a real archive.
 
 The figures, each the median (and the best) of R rounds, each round in a fresh spawned
-process (so its peak
-RSS, VmHWM, is its own; the peak after its imports is shown too):
+process (so its peak RSS, VmHWM, is its own; the peak after its imports is shown too):
   - reference: pyarrow.parquet.read_table of the 24 files at once (pyarrow reads them in
     parallel) and a filter to mt = 'd': the same rows, untyped (ts, m text, rts), with the
     same library and no typing;
