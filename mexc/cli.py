@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_relative_times(sys.argv[1:] if argv is None else argv))
     try:
         config = configuration.load(args.config) if getattr(args, "needs_config", True) else None
         return args.handler(args, config)
@@ -314,28 +314,49 @@ def _history(args, config) -> int:
     from mexc import history
 
     output = args.format or _format_of(args.out)
-    if output == "parquet" and not args.out:
-        print("mexc: --format parquet needs --out PATH", file=sys.stderr)
-        return 2
     try:
-        start, end = history.parse_time(args.start), history.parse_time(args.end)
-        options = ({"interval": args.interval} if args.kind == "bars" else {"exact": args.exact})
-        if args.kind == "bars":
-            history.parse_interval(args.interval)
-        if args.kind == "book":
-            options.update(levels=args.levels, per_level=args.per_level or output != "parquet")
+        start, end, options = _history_request(args, output)
     except history.HistoryError as e:
         print(f"mexc: {e}", file=sys.stderr)
         return 2
     archive = history.Archive.from_config(config, offline=args.offline)
     try:
         table = getattr(archive, args.kind)(args.symbol, start, end, **options)
-    except history.HistoryError as e:
-        print(f"mexc: {e}", file=sys.stderr)
+        history.write(table, output, args.out or sys.stdout)
+    except (history.HistoryError, OSError) as e:
+        print(f"mexc: {args.kind} {args.symbol}: {first_line(e)}", file=sys.stderr)
         return 1
-    history.write(table, output, args.out or sys.stdout)
     print(history.summary(table, args.kind), file=sys.stderr)
     return 0
+
+
+def _history_request(args, output: str):
+    """(start ms, end ms, keyword arguments) from the command line; HistoryError if unusable."""
+    from mexc import history
+
+    if output == "parquet" and not args.out:
+        raise history.HistoryError("--format parquet needs --out PATH")
+    start, end = history.parse_time(args.start), history.parse_time(args.end)
+    if end <= start:
+        raise history.HistoryError(f"--to must be after --from ({args.start} .. {args.end})")
+    if args.kind == "bars":
+        history.parse_interval(args.interval)
+        return start, end, {"interval": args.interval}
+    if args.kind == "book":
+        if args.levels < 1:
+            raise history.HistoryError("--levels must be at least 1")
+        return start, end, {"exact": args.exact, "levels": args.levels,
+                            "per_level": args.per_level or output != "parquet"}
+    return start, end, {"exact": args.exact}
+
+
+def _relative_times(argv: list) -> list:
+    """`--from -2h` as `--from=-2h`: argparse takes a value starting with '-' for an option."""
+    argv = list(argv)
+    for i, word in enumerate(argv[:-1]):
+        if word in ("--from", "--to") and argv[i + 1].startswith("-"):
+            argv[i:i + 2] = [f"{word}={argv[i + 1]}", None]
+    return [word for word in argv if word is not None]
 
 
 def _format_of(path) -> str:

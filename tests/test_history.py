@@ -198,6 +198,8 @@ def test_command_line(env, archive):
     assert len(result.stdout.splitlines()) == 1 + 4 * len(sent_of(sent, "dp", H))
     assert run("ticker", "BTC_USDT", "--from", "yesterday", "--config",
                str(config)).returncode == 2
+    recent = run("ticker", "BTC_USDT", "--from", "-2h", "--to", "-1h", "--config", str(config))
+    assert recent.returncode == 0 and "0 ticker rows" in recent.stderr, recent.stderr
 
 
 def run(*args):
