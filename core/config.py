@@ -212,16 +212,21 @@ def _symbols(entries, path: str) -> List[Symbol]:
     return symbols
 
 
+def default_name(symbol: str) -> str:
+    """A symbol's short name unless the config gives one: its lower-cased base asset."""
+    return symbol.split("_", 1)[0].lower()
+
+
 def _symbol_entry(entry, path: str) -> Tuple[str, str]:
     if isinstance(entry, str):
-        return entry, entry.split("_", 1)[0].lower()
+        return entry, default_name(entry)
     if isinstance(entry, dict):
         extra = set(entry) - {"symbol", "name"}
         if extra or not isinstance(entry.get("symbol"), str):
             raise ConfigError(f"{path}: symbols: {entry!r}: expected {{symbol = \"BTC_USDT\", "
                               "name = \"btc\"}")
         symbol = entry["symbol"]
-        name = entry.get("name", symbol.split("_", 1)[0].lower())
+        name = entry.get("name", default_name(symbol))
         if not isinstance(name, str):
             raise ConfigError(f"{path}: symbols: {symbol}: name must be a string")
         return symbol, name

@@ -16,6 +16,7 @@ milliseconds, so nothing above this module sees the difference.
 connection (Features), and names each operation.  Writer, exporter, supervisor, verify and
 status all go through it; nobody else writes SQL.
 """
+import re
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -279,6 +280,25 @@ class Store:
         return self.client.execute_iter(
             f"SELECT {ts}, toString(mt), m, {rts} FROM {self._table(table)} {where}",
             settings={"max_block_size": 65536})
+
+    def live_rows(self, name: str, mt: str, since_ms: int, until_ms: int) -> list:
+        """Rows of type mt with ts in [since_ms, until_ms) not exported yet: those of
+        {name}_current and of the tables of an export in progress ({name}_previous, and a
+        {name}_fresh a crash left in the middle of a swap), read in one statement (so one
+        snapshot of which tables exist), in ts order, as columns:
+        [ts ms], [m], [rts ms], [1 if from previous or fresh, else 0].
+        No such table (a symbol never collected here): no rows."""
+        names = [current_table(name), previous_table(name), fresh_table(name)]
+        if not any(self.exists(table) for table in names):
+            return [[], [], [], []]
+        f = self.features
+        columns = self.client.execute(
+            f"SELECT {f.ms()}, m, {f.ms('rts')}, _table != %(current)s FROM merge(%(db)s, "
+            f"%(tables)s) WHERE mt = %(mt)s AND {f.ms()} >= {int(since_ms)} AND "
+            f"{f.ms()} < {int(until_ms)} ORDER BY {f.ms()}",
+            {"db": self.database, "tables": "^(" + "|".join(map(re.escape, names)) + ")$",
+             "mt": mt, "current": current_table(name)}, columnar=True)
+        return columns or [[], [], [], []]
 
     # --- export_log ------------------------------------------------------------------------
 

@@ -103,11 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=0.0,
                       help="stop by itself after this many seconds (0: run until Ctrl-C)")
     demo.set_defaults(handler=_demo, needs_config=False)
+    _add_history_commands(commands, common)
     return parser
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_relative_times(sys.argv[1:] if argv is None else argv))
     try:
         config = configuration.load(args.config) if getattr(args, "needs_config", True) else None
         return args.handler(args, config)
@@ -275,6 +276,104 @@ def _demo(args, _config) -> int:
     from mexc import demo
 
     return demo.run(rate=args.rate, duration=args.duration)
+
+
+# --- history: mexc trades|book|ticker|bars (mexc/history.py does the work) ------------------
+
+HISTORY_KINDS = {
+    "trades": "every trade: ts, price, volume, side (buy/sell), rts",
+    "book": "order-book snapshots: one row per level (ts, side, level, price, size, rts); "
+            "Parquet keeps each snapshot's levels as lists unless --per-level",
+    "ticker": "tickers: ts, last_price, fair_price, index_price, hold_vol, funding_rate, rts",
+    "bars": "OHLCV bars from the trades: ts, open, high, low, close, volume, vwap, trades, "
+            "buy_volume, sell_volume, gap (the interval overlaps a gap in the data)",
+}
+
+
+def _add_history_commands(commands, common) -> None:
+    for kind, what in HISTORY_KINDS.items():
+        command = commands.add_parser(
+            kind, parents=[common], help=f"{kind} of a time range, typed, from the archive",
+            description=f"{what[0].upper()}{what[1:]}.  From the hourly Parquet files and, for "
+                        "what is not exported yet, ClickHouse; every row once.  Gaps in the "
+                        "range are listed on stderr.  Times: ISO-8601 (2026-11-24T14:00, UTC "
+                        "unless a zone is given), relative (-2h, -30m, -1d) or now.",
+            epilog="Exit codes: 0 ok, 1 failure, 2 usage, 78 bad configuration.")
+        command.add_argument("symbol", help="contract (BTC_USDT) or its short name (btc)")
+        command.add_argument("--from", dest="start", required=True, metavar="T",
+                             help="start of the range (inclusive)")
+        command.add_argument("--to", dest="end", default="now", metavar="T",
+                             help="end of the range (exclusive; default now)")
+        command.add_argument("--format", choices=("parquet", "csv", "table"),
+                             help="output format (default: from --out's extension, else table)")
+        command.add_argument("--out", metavar="PATH", help="write here (default: stdout)")
+        command.add_argument("--offline", action="store_true",
+                             help="the Parquet files only; do not ask ClickHouse")
+        if kind == "bars":
+            command.add_argument("--interval", default="1m", help="bar length: 1s, 5m, 1h, 1d "
+                                                                  "(1m)")
+        else:
+            command.add_argument("--exact", action="store_true",
+                                 help="numbers as exact decimals, not float64")
+        if kind == "book":
+            command.add_argument("--levels", type=int, default=20, help="levels per side (20)")
+            command.add_argument("--per-level", action="store_true",
+                                 help="one row per level in Parquet too")
+        command.set_defaults(handler=_history, kind=kind)
+
+
+def _history(args, config) -> int:
+    from mexc import history
+
+    output = args.format or _format_of(args.out)
+    try:
+        start, end, options = _history_request(args, output)
+    except history.HistoryError as e:
+        print(f"mexc: {e}", file=sys.stderr)
+        return 2
+    archive = history.Archive.from_config(config, offline=args.offline)
+    try:
+        table = getattr(archive, args.kind)(args.symbol, start, end, **options)
+        history.write(table, output, args.out or sys.stdout)
+    except (history.HistoryError, OSError) as e:
+        print(f"mexc: {args.kind} {args.symbol}: {first_line(e)}", file=sys.stderr)
+        return 1
+    print(history.summary(table, args.kind), file=sys.stderr)
+    return 0
+
+
+def _history_request(args, output: str):
+    """(start ms, end ms, keyword arguments) from the command line; HistoryError if unusable."""
+    from mexc import history
+
+    if output == "parquet" and not args.out:
+        raise history.HistoryError("--format parquet needs --out PATH")
+    start, end = history.parse_time(args.start), history.parse_time(args.end)
+    if end <= start:
+        raise history.HistoryError(f"--to must be after --from ({args.start} .. {args.end})")
+    if args.kind == "bars":
+        history.parse_interval(args.interval)
+        return start, end, {"interval": args.interval}
+    if args.kind == "book":
+        if args.levels < 1:
+            raise history.HistoryError("--levels must be at least 1")
+        return start, end, {"exact": args.exact, "levels": args.levels,
+                            "per_level": args.per_level or output != "parquet"}
+    return start, end, {"exact": args.exact}
+
+
+def _relative_times(argv: list) -> list:
+    """`--from -2h` as `--from=-2h`: argparse takes a value starting with '-' for an option."""
+    argv = list(argv)
+    for i, word in enumerate(argv[:-1]):
+        if word in ("--from", "--to") and argv[i + 1].startswith("-"):
+            argv[i:i + 2] = [f"{word}={argv[i + 1]}", None]
+    return [word for word in argv if word is not None]
+
+
+def _format_of(path) -> str:
+    extension = os.path.splitext(path or "")[1].lower()
+    return {".parquet": "parquet", ".csv": "csv"}.get(extension, "table")
 
 
 def status_main(argv=None) -> int:

@@ -72,6 +72,24 @@ def test_gap_ledger_round_trip(env):
         assert session.gaps(until_ms=HOUR + 4_000) == [first]
 
 
+def test_live_rows_of_current_and_previous_in_one_read(env):
+    with env.store() as session:
+        assert session.live_rows("btc", "d", 0, 2 * HOUR) == [[], [], [], []]  # no table
+        session.setup(["btc"])
+        old, new = rows(HOUR, 4, "old"), rows(HOUR + HOUR_MS, 3, "new")
+        session.insert_rows("btc_current", old)
+        session.swap("btc")  # old rows now in previous
+        session.insert_rows("btc_current", new + [(HOUR + 1, "t", "1|2|3|4|5", HOUR + 2)])
+        session.client.execute(f"CREATE TABLE {env.database}.btc_fresh AS "
+                               f"{env.database}.btc_current")  # as a crash mid-swap leaves it
+        session.insert_rows("btc_fresh", old[-1:])
+        ts, m, rts, pending = session.live_rows("btc", "d", HOUR + 1, HOUR + 2 * HOUR_MS)
+    expected = sorted([(r[0], r[2], r[3], 1) for r in old[1:] + old[-1:]] +
+                      [(r[0], r[2], r[3], 0) for r in new])
+    assert sorted(zip(ts, m, rts, pending)) == expected  # the range, mt 'd' only
+    assert list(ts) == sorted(ts)
+
+
 def test_identifiers_are_quoted():
     assert store.quote("1000pepe_current") == "`1000pepe_current`"
     assert store.quote("a`b") == "`a\\`b`"

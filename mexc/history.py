@@ -1,0 +1,526 @@
+"""Typed history: trades, books, tickers and bars of any time range, in one call.
+
+    from mexc import history
+    archive = history.Archive.from_config()          # the config's export dir and ClickHouse
+    trades = archive.trades("BTC_USDT", "2026-11-24T14:00", "2026-11-25T02:00")
+    df = history.to_pandas(trades)                   # or history.to_polars(trades)
+
+Rows come from the hourly Parquet files (exporter/parquet_files.py) and, for what is not
+exported yet (the hour in progress, late rows, an export still pending), from ClickHouse's
+{name}_current and {name}_previous, each row exactly once (see `Archive._rows`).  Without a
+reachable ClickHouse (`offline`) the files alone answer.  Every result carries the gap
+ledger's gaps inside its range in its schema metadata (`gaps_of(table)`); `bars` marks the
+intervals overlapping one.
+
+Prices and sizes are float64 by default: pandas, polars and numpy compute on it natively, and
+every MEXC number (at most ~12 significant digits) comes back as the double nearest to the
+exchange's text, so `float(text) == value`.  `exact=True` gives decimal128(38, 18) instead:
+the exchange's value to the last digit, trailing zeros and exponent forms included; a number
+that does not fit raises, nothing is rounded silently.  The text itself stays in the archive.
+
+All heavy lifting is pyarrow compute (already a dependency): splitting the `m` text, casting,
+grouping bars.  Memory stays bounded by the answer: each hour's file is read, filtered to one
+message type and typed before the next one is read.
+"""
+import concurrent.futures
+import contextlib
+import datetime
+import json
+import os
+import re
+import time
+from typing import Iterable, List, Optional, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from core import config as configuration
+from core.clock import HOUR_MS, hour_start, iso
+from core.log import first_line
+from core.store import Store
+from core.vocabulary import DEAL, DEPTH, GAP_COLUMNS, TICKER, Gap
+from exporter import parquet_files
+
+TIMESTAMP = pa.timestamp("ms", tz="UTC")
+EXACT = pa.decimal128(38, 18)
+SIDES = pa.array(["buy", "sell"])  # a deal's direction: 1 buy, 2 sell (README "Row format")
+BOOK_SIDES = pa.array(["bid", "ask"])
+TICKER_FIELDS = ("last_price", "fair_price", "index_price", "hold_vol", "funding_rate")
+GAPS_KEY, RANGE_KEY = b"mexc.gaps", b"mexc.range"  # GAPS_KEY: the exporter's file key too
+READERS = 2  # hourly files read at the same time
+ATTEMPTS = 5  # reads of a range that a rotation changed midway before giving up
+KEYS = ["ts", "m", "rts"]  # a row's identity within one symbol and message type
+LIVE = "files and ClickHouse"  # Archive.live when ClickHouse answered
+RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhd])$")
+UNITS_MS = {"s": 1000, "m": 60_000, "h": HOUR_MS, "d": 24 * HOUR_MS}
+
+
+class HistoryError(Exception):
+    """A range that cannot be answered (bad time, the archive changing under every read)."""
+
+
+# --- times ---------------------------------------------------------------------------------
+
+def parse_time(value, now_ms: Optional[int] = None) -> int:
+    """ms since the epoch from: an int (ms), a datetime (naive = UTC), "now", a relative
+    "-2h" / "-30m" / "-1.5d" / "-90s", or ISO-8601 ("2026-11-24", "2026-11-24T14:00",
+    "2026-11-24T14:00:00.5+01:00"; no zone = UTC)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, datetime.datetime):
+        return _datetime_ms(value)
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    text = str(value).strip()
+    if text == "now":
+        return now_ms
+    relative = RELATIVE.match(text)
+    if relative:
+        return now_ms - int(float(relative.group(1)) * UNITS_MS[relative.group(2)])
+    try:
+        return _datetime_ms(datetime.datetime.fromisoformat(text.replace("Z", "+00:00")))
+    except ValueError:
+        raise HistoryError(f"not a time: {text!r} (ISO-8601 like 2026-11-24T14:00, or "
+                           f"relative like -2h, -30m, -1d)") from None
+
+
+def parse_interval(text: str) -> int:
+    """"1m" -> 60000; s, m, h, d."""
+    match = re.match(r"^(\d+)([smhd])$", text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise HistoryError(f"not an interval: {text!r} (like 1s, 5m, 1h, 1d)")
+    return int(match.group(1)) * UNITS_MS[match.group(2)]
+
+
+def _datetime_ms(value: datetime.datetime) -> int:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=datetime.timezone.utc)
+    return int(value.timestamp() * 1000)
+
+
+# --- the archive ---------------------------------------------------------------------------
+
+class Archive:
+    """One export directory, and the ClickHouse whose live tables hold what is not exported
+    yet (clickhouse=None: the files only)."""
+
+    def __init__(self, export_dir: str, clickhouse: Optional[dict] = None,
+                 symbols: Sequence[configuration.Symbol] = ()):
+        self.export_dir = export_dir
+        self.clickhouse = clickhouse
+        self.symbols = list(symbols)
+        self.live = None  # where the last answer came from (files, ClickHouse), for users
+
+    @classmethod
+    def from_config(cls, config=None, offline: bool = False) -> "Archive":
+        """From a Config or a config file path (None: the usual search, core/config.py)."""
+        if not isinstance(config, configuration.Config):
+            config = configuration.load(config)
+        return cls(config.export["dir"], None if offline else config.clickhouse, config.symbols)
+
+    def symbol(self, symbol: str) -> configuration.Symbol:
+        """A configured symbol by contract or short name; else the default short name (a
+        symbol no longer configured still has its files)."""
+        for s in self.symbols:
+            if symbol in (s.symbol, s.name):
+                return s
+        return configuration.Symbol(symbol, configuration.default_name(symbol))
+
+    # --- the four kinds ---------------------------------------------------------------------
+
+    def trades(self, symbol: str, start, end, exact: bool = False) -> pa.Table:
+        """ts, price, volume, side (dictionary buy/sell), rts: one row per trade, ts order."""
+        return self._typed(symbol, DEAL, start, end, lambda raw: _trades(raw, exact))
+
+    def ticker(self, symbol: str, start, end, exact: bool = False) -> pa.Table:
+        """ts, last_price, fair_price, index_price, hold_vol, funding_rate, rts."""
+        return self._typed(symbol, TICKER, start, end, lambda raw: _ticker(raw, exact))
+
+    def book(self, symbol: str, start, end, levels: int = 20, per_level: bool = False,
+             exact: bool = False) -> pa.Table:
+        """Order-book snapshots: ts, bid_price, bid_size, ask_price, ask_size (lists, best
+        first, at most `levels`), rts.  per_level=True: one row per level instead: ts, side
+        (dictionary bid/ask), level (1 = best), price, size, rts."""
+        return self._typed(symbol, DEPTH, start, end,
+                           lambda raw: _book(raw, levels, per_level, exact))
+
+    def bars(self, symbol: str, start, end, interval: str = "1m") -> pa.Table:
+        """One row per interval of [start, end), empty intervals included: ts (interval
+        start), open, high, low, close, volume, vwap, trades, buy_volume, sell_volume (float64;
+        prices null where no trade), gap (the interval overlaps a gap in which trades may be
+        missing: a ledger gap the REST backfill did not cover)."""
+        start_ms, end_ms = self._range(start, end)
+        trades = self.trades(symbol, start_ms, end_ms)
+        gaps = gaps_of(trades)
+        table = _bars(trades, start_ms, end_ms, parse_interval(interval),
+                      [g for g in gaps if not g.covered])
+        return _with_metadata(table, self.symbol(symbol), start_ms, end_ms, gaps, self.live)
+
+    def gaps(self, symbol: str, start, end) -> List[Gap]:
+        """The gaps overlapping [start, end): from the ledger (ClickHouse's `gaps` table) when
+        it answers, else from the hourly files' `mexc.gaps` metadata (offline use)."""
+        start_ms, end_ms = self._range(start, end)
+        return self._gaps(self.symbol(symbol).name, start_ms, end_ms,
+                          ledger=self.clickhouse is not None)
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def _range(self, start, end):
+        now = int(time.time() * 1000)
+        start_ms, end_ms = parse_time(start, now), parse_time(end, now)
+        if end_ms <= start_ms:
+            raise HistoryError(f"empty range: {iso(start_ms)} to {iso(end_ms)}")
+        return start_ms, end_ms
+
+    def _gaps(self, name: str, start_ms: int, end_ms: int, ledger: bool) -> List[Gap]:
+        if ledger:
+            try:
+                with Store(self.clickhouse) as store:
+                    return store.gaps(name, start_ms, end_ms)
+            except Exception:  # ClickHouse away: the files know the gaps of exported hours
+                pass
+        return self._file_gaps(name, start_ms, end_ms)
+
+    def _typed(self, symbol: str, mt: str, start, end, convert) -> pa.Table:
+        start_ms, end_ms = self._range(start, end)
+        s = self.symbol(symbol)
+        table = self._rows(s.name, mt, start_ms, end_ms, convert)
+        gaps = self._gaps(s.name, start_ms, end_ms, ledger=self.live == LIVE)
+        return _with_metadata(table, s, start_ms, end_ms, gaps, self.live)
+
+    def _rows(self, name: str, mt: str, start_ms: int, end_ms: int, convert) -> pa.Table:
+        """Every row of type mt with ts in [start_ms, end_ms), exactly once, typed.
+
+        A row is in an hourly file, in {name}_current or in {name}_previous, but a rotation
+        (bus/rotation.py, exporter/exporter.py) copies and moves rows between them while we
+        read, and between its steps a row may be in two places at once: previous and a file
+        (the hour written, previous not dropped yet) or previous and current (rows of the
+        hour in progress moved back).  So:
+          1. note the identity (inode, size, mtime) of each hour's file in the range;
+          2. read current and the pending tables (previous; a fresh left by a crash
+             mid-swap) in one statement, so one snapshot of which tables exist;
+          3. read the files, each hour filtered and typed before the next is read;
+          4. pending rows also in current or in a file (the same ts, m, rts) are dropped:
+             pending is only what the exporter has not finished yet;
+          5. if any file changed since step 1 (a rotation wrote or merged an hour, possibly
+             with rows read in step 2), read again.
+        Current is never compared with files: its late rows for an exported hour are new."""
+        for _attempt in range(ATTEMPTS):
+            before = self._file_identities(name, start_ms, end_ms)
+            current, pending = self._live_rows(name, mt, start_ms, end_ms)
+            pending = _anti_join(pending, current)
+            chunks = []
+            for raw, typed in self._read_files(before, mt, start_ms, end_ms, convert):
+                pending = _anti_join(pending, raw)
+                chunks.append(typed)
+            if self._file_identities(name, start_ms, end_ms) == before:
+                chunks += [convert(current), convert(pending)]
+                table = pa.concat_tables(chunks)
+                live = current.num_rows + pending.num_rows
+                return table.sort_by("ts") if live else table  # files are in ts order
+        raise HistoryError(f"{name}: the files of {iso(start_ms)}..{iso(end_ms)} changed during "
+                           f"each of {ATTEMPTS} reads (an export running?); try again")
+
+    @staticmethod
+    def _read_files(files: dict, mt: str, start_ms: int, end_ms: int, convert):
+        """(raw rows, typed rows) of each file, in hour order, READERS files at a time (Arrow
+        reads and computes without the GIL; memory holds a few hours' raw rows at most)."""
+        def read(item):
+            path, (hour, *_identity) = item
+            raw = _file_rows(path, mt, start_ms, end_ms, hour)
+            return raw, convert(raw)
+        with concurrent.futures.ThreadPoolExecutor(READERS) as pool:
+            yield from pool.map(read, files.items())
+
+    def _file_identities(self, name: str, start_ms: int, end_ms: int) -> dict:
+        """{path: (hour, inode, size, mtime)} of the hourly files of the range that exist."""
+        identities = {}
+        for hour in range(hour_start(start_ms), end_ms, HOUR_MS):
+            path = os.path.join(self.export_dir, parquet_files.file_name(name, hour))
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            identities[path] = (hour, st.st_ino, st.st_size, st.st_mtime_ns)
+        return identities
+
+    def _live_rows(self, name: str, mt: str, start_ms: int, end_ms: int):
+        """(current, pending) rows of the range as (ts, m, rts) tables, pending being those
+        of an export in progress (Store.live_rows); empty offline or when ClickHouse does
+        not answer (then `self.live` says why)."""
+        current = pending = _raw_table([], [], [])
+        if self.clickhouse is None:
+            self.live = "offline: the files only"
+            return current, pending
+        try:
+            with Store(self.clickhouse) as store:
+                ts, m, rts, is_pending = store.live_rows(name, mt, start_ms, end_ms)
+        except Exception as e:  # the archive still answers for every exported hour
+            self.live = f"ClickHouse unavailable, the files only: {first_line(e)}"
+            return current, pending
+        self.live = LIVE
+        table = _raw_table(ts, m, rts)
+        in_pending = pa.array(is_pending, pa.uint8()).cast(pa.bool_())  # 0 or 1
+        # distinct: a crash's fresh rows are copied into previous before fresh is dropped
+        pending = table.filter(in_pending).group_by(KEYS, use_threads=False).aggregate([])
+        return table.filter(pc.invert(in_pending)), pending.select(KEYS)
+
+    def _file_gaps(self, name: str, start_ms: int, end_ms: int) -> List[Gap]:
+        """The gaps the range's files carry in their metadata, once each, oldest first."""
+        found = set()
+        for path in self._file_identities(name, start_ms, end_ms):
+            metadata = pq.read_schema(path).metadata or {}
+            found.update(_gaps_from_json(metadata.get(GAPS_KEY, b"[]")))
+        return sorted((g for g in found if g.end_ms > start_ms and g.start_ms < end_ms),
+                      key=lambda g: (g.start_ms, g.end_ms))
+
+
+def _raw_table(ts, m, rts) -> pa.Table:
+    return pa.table({"ts": pa.array(ts, pa.int64()).cast(TIMESTAMP), "m": pa.array(m, pa.string()),
+                     "rts": pa.array(rts, pa.int64()).cast(TIMESTAMP)})
+
+
+def _file_rows(path: str, mt: str, start_ms: int, end_ms: int, hour: int) -> pa.Table:
+    """One hourly file's rows of type mt in the range, as (ts, m, rts)."""
+    table = pq.read_table(path, columns=["ts", "mt", "m", "rts"])
+    keep = _is_type(table.column("mt"), mt)
+    if start_ms > hour or end_ms < hour + HOUR_MS:  # the range cuts this hour
+        ts = table.column("ts")
+        keep = pc.and_(keep, pc.and_(pc.greater_equal(ts, pa.scalar(start_ms, TIMESTAMP)),
+                                     pc.less(ts, pa.scalar(end_ms, TIMESTAMP))))
+    return table.filter(keep).select(["ts", "m", "rts"])
+
+
+def _is_type(mt_column: pa.ChunkedArray, mt: str) -> pa.ChunkedArray:
+    """mt == mt for a dictionary column, comparing the small int codes (decoding the
+    dictionary for a plain comparison costs more than the rest of the filter)."""
+    masks = []
+    for chunk in mt_column.chunks:
+        code = chunk.dictionary.index(mt).as_py()  # -1 when this chunk has no such row
+        masks.append(pc.equal(chunk.indices, pa.scalar(code, chunk.indices.type)))
+    return pa.chunked_array(masks, pa.bool_())
+
+
+def _anti_join(rows: pa.Table, others: pa.Table) -> pa.Table:
+    """rows minus those also in others (same ts, m, rts)."""
+    if rows.num_rows == 0 or others.num_rows == 0:
+        return rows
+    return rows.join(others.select(KEYS), keys=KEYS, join_type="left anti").select(KEYS)
+
+
+# --- typing the message text --------------------------------------------------------------
+
+def _fields(m, count: int) -> list:
+    """The `|`-separated fields of each message, as string arrays."""
+    parts = pc.split_pattern(m, "|", max_splits=count - 1)
+    return [pc.list_element(parts, i) for i in range(count)]
+
+
+def _number(text, exact: bool):
+    return pc.cast(text, EXACT if exact else pa.float64())
+
+
+def _trades(raw: pa.Table, exact: bool) -> pa.Table:
+    price, volume, direction = _fields(raw.column("m"), 3)
+    codes = pc.subtract(pc.cast(direction, pa.int8()), 1).cast(pa.int8())  # 0 buy, 1 sell
+    side = pa.DictionaryArray.from_arrays(_array(codes), SIDES, safe=True)  # raises if not 1/2
+    return pa.table({"ts": raw.column("ts"), "price": _number(price, exact),
+                     "volume": _number(volume, exact), "side": side, "rts": raw.column("rts")})
+
+
+def _ticker(raw: pa.Table, exact: bool) -> pa.Table:
+    fields = _fields(raw.column("m"), len(TICKER_FIELDS))
+    return pa.table({"ts": raw.column("ts"),
+                     **{name: _number(f, exact) for name, f in zip(TICKER_FIELDS, fields)},
+                     "rts": raw.column("rts")})
+
+
+def _array(values) -> pa.Array:
+    """One array from a chunked one (compute functions hand back either)."""
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def _levels(side_text, levels: int, exact: bool):
+    """`[p,s],[p,s],...` texts -> (price lists, size lists), at most `levels` each."""
+    side_text = _array(side_text)
+    counts = pc.count_substring(side_text, "[")  # levels per row; 0 for an empty side
+    pairs = pc.list_flatten(pc.split_pattern(pc.utf8_slice_codeunits(side_text, 1, -1), "],["))
+    pairs = pairs.filter(pc.not_equal(pairs, ""))  # an empty side splits to one ""
+    price, size = (pc.list_element(pc.split_pattern(pairs, ","), i) for i in (0, 1))
+    offsets = pa.concat_arrays([pa.array([0], pa.int32()),
+                                pc.cumulative_sum(counts).cast(pa.int32())])
+    return [pc.list_slice(pa.ListArray.from_arrays(offsets, _number(column, exact)), 0, levels)
+            for column in (price, size)]
+
+
+def _book(raw: pa.Table, levels: int, per_level: bool, exact: bool) -> pa.Table:
+    bids, asks = _fields(raw.column("m"), 2)
+    bid_price, bid_size = _levels(bids, levels, exact)
+    ask_price, ask_size = _levels(asks, levels, exact)
+    if not per_level:
+        return pa.table({"ts": raw.column("ts"), "bid_price": bid_price, "bid_size": bid_size,
+                         "ask_price": ask_price, "ask_size": ask_size, "rts": raw.column("rts")})
+    sides = [_one_row_per_level(raw, 0, bid_price, bid_size),
+             _one_row_per_level(raw, 1, ask_price, ask_size)]
+    table = pa.concat_tables(sides)  # all bids, then all asks: sort each snapshot together
+    table = table.sort_by([("ts", "ascending"), ("side", "ascending"), ("level", "ascending")])
+    side = pa.DictionaryArray.from_arrays(_array(table.column("side")), BOOK_SIDES)
+    return table.set_column(1, "side", side)
+
+
+def _one_row_per_level(raw: pa.Table, side: int, price, size) -> pa.Table:
+    parents = pc.list_parent_indices(price)
+    row_start = pa.concat_arrays([pa.array([0], pa.int64()),
+                                  pc.cumulative_sum(pc.list_value_length(price).cast(pa.int64()))])
+    n = len(parents)
+    level = pc.add(pc.subtract(pa.array(range(n), pa.int64()),  # position in the row, from 1
+                               pc.take(row_start, parents)), 1).cast(pa.int8())
+    return pa.table({"ts": pc.take(raw.column("ts"), parents),
+                     "side": pa.array([side] * n, pa.int8()),  # 0 bid, 1 ask; see _book
+                     "level": level, "price": pc.list_flatten(price),
+                     "size": pc.list_flatten(size), "rts": pc.take(raw.column("rts"), parents)})
+
+
+# --- bars ------------------------------------------------------------------------------------
+
+def _bars(trades: pa.Table, start_ms: int, end_ms: int, interval_ms: int,
+          gaps: Sequence[Gap]) -> pa.Table:
+    ts_ms = trades.column("ts").cast(pa.int64())
+    bucket = pc.multiply(pc.divide(ts_ms, interval_ms), interval_ms)  # int division
+    is_buy = pc.equal(trades.column("side").cast(pa.string()), "buy")
+    volume = trades.column("volume")
+    zero = pa.scalar(0.0)
+    work = pa.table({"bucket": bucket, "price": trades.column("price"), "volume": volume,
+                     "notional": pc.multiply(trades.column("price"), volume),
+                     "buy": pc.if_else(is_buy, volume, zero),
+                     "sell": pc.if_else(is_buy, zero, volume)})
+    grouped = work.group_by("bucket", use_threads=False).aggregate([
+        ("price", "first"), ("price", "max"), ("price", "min"), ("price", "last"),
+        ("volume", "sum"), ("notional", "sum"), ("price", "count"), ("buy", "sum"),
+        ("sell", "sum")])
+    first = start_ms // interval_ms * interval_ms
+    grid = pa.table({"bucket": pa.array(range(first, end_ms, interval_ms), pa.int64())})
+    bars = grid.join(grouped, "bucket", join_type="left outer").sort_by("bucket")
+    column = bars.column
+    volume_sum = pc.fill_null(column("volume_sum"), 0.0)
+    return pa.table({
+        "ts": column("bucket").cast(TIMESTAMP),
+        "open": column("price_first"), "high": column("price_max"),
+        "low": column("price_min"), "close": column("price_last"),
+        "volume": volume_sum,
+        "vwap": pc.divide(column("notional_sum"), column("volume_sum")),
+        "trades": pc.fill_null(column("price_count"), 0),
+        "buy_volume": pc.fill_null(column("buy_sum"), 0.0),
+        "sell_volume": pc.fill_null(column("sell_sum"), 0.0),
+        "gap": _overlaps(column("bucket"), interval_ms, gaps),
+    })
+
+
+def _overlaps(bucket, interval_ms: int, gaps: Sequence[Gap]):
+    """Per interval [bucket, bucket + interval): does it overlap any of the gaps?"""
+    marked = pa.array([False] * len(bucket), pa.bool_())
+    for gap in gaps:
+        marked = pc.or_(marked, pc.and_(pc.less(bucket, gap.end_ms),
+                                        pc.greater(pc.add(bucket, interval_ms), gap.start_ms)))
+    return marked
+
+
+# --- gaps in the answer ----------------------------------------------------------------------
+
+def _with_metadata(table: pa.Table, symbol, start_ms: int, end_ms: int,
+                   gaps: Iterable[Gap], source: str) -> pa.Table:
+    return table.replace_schema_metadata({
+        GAPS_KEY: gaps_json(gaps),
+        RANGE_KEY: json.dumps({"symbol": symbol.symbol, "name": symbol.name,
+                               "start": iso(start_ms), "end": iso(end_ms),
+                               "start_ms": start_ms, "end_ms": end_ms,
+                               "source": source}).encode()})
+
+
+def gaps_json(gaps: Iterable[Gap]) -> bytes:
+    """The `mexc.gaps` metadata value: a JSON list of objects with the Gap fields."""
+    return json.dumps([g._asdict() for g in gaps]).encode()
+
+
+def _gaps_from_json(text: bytes) -> List[Gap]:
+    return [Gap(**{k: entry[k] for k in GAP_COLUMNS}) for entry in json.loads(text)]
+
+
+def gaps_of(table: pa.Table) -> List[Gap]:
+    """The gaps inside the range of a table this module returned."""
+    return _gaps_from_json((table.schema.metadata or {}).get(GAPS_KEY, b"[]"))
+
+
+# --- output (mexc trades|book|ticker|bars) ---------------------------------------------------
+
+def write(table: pa.Table, output: str, out) -> None:
+    """Write a table as parquet, csv or an aligned text table to a path or a text stream
+    (book lists need per_level rows for csv and table)."""
+    if output == "parquet":
+        pq.write_table(table, out, compression="zstd")  # the metadata (gaps) goes along
+        return
+    text = pa.table([_text(column) for column in table.columns], names=table.column_names)
+    with _opened(out, binary=output == "csv") as stream:
+        if output == "csv":
+            stream.write((",".join(text.column_names) + "\n").encode())
+            # numbers, times and categories never hold a comma or a quote: nothing to quote
+            pa_csv.write_csv(text, stream, pa_csv.WriteOptions(include_header=False,
+                                                               quoting_style="none"))
+        else:
+            _write_aligned(text, stream)
+
+
+@contextlib.contextmanager
+def _opened(out, binary: bool):
+    """A path opened for writing (closed after), or a text stream (its bytes if binary)."""
+    if isinstance(out, str):
+        with open(out, "wb" if binary else "w") as stream:
+            yield stream
+    else:
+        out.flush()
+        yield out.buffer if binary else out
+        (out.buffer if binary else out).flush()
+
+
+def _write_aligned(text: pa.Table, stream) -> None:
+    """Columns right-aligned under their names, a batch of rows at a time."""
+    widths = [max(len(name), pc.max(pc.utf8_length(column)).as_py() or 0)
+              for name, column in zip(text.column_names, text.columns)]
+    stream.write("  ".join(n.rjust(w) for n, w in zip(text.column_names, widths)) + "\n")
+    for batch in text.to_batches(65536):
+        for row in zip(*(column.to_pylist() for column in batch.columns)):
+            stream.write("  ".join((v or "").rjust(w) for v, w in zip(row, widths)) + "\n")
+
+
+def _text(column) -> pa.ChunkedArray:
+    """A column as text: times as ISO-8601 UTC, numbers as pyarrow prints them."""
+    if pa.types.is_timestamp(column.type):
+        return pc.strftime(column, format="%Y-%m-%dT%H:%M:%SZ")  # %S has the milliseconds
+    return pc.cast(column, pa.string())
+
+
+def summary(table: pa.Table, kind: str) -> str:
+    """One line for stderr: what came back, from where; then one line per gap."""
+    about = json.loads(table.schema.metadata[RANGE_KEY])
+    gaps = gaps_of(table)
+    lines = [f"{table.num_rows:,} {kind} rows of {about['symbol']} from {about['start']} to "
+             f"{about['end']} ({about['source']}); {len(gaps)} gaps"]
+    lines += [f"  gap {iso(g.start_ms)} to {iso(g.end_ms)}: {g.reason} {g.detail}".rstrip()
+              + (f", {g.backfilled} trades backfilled" if g.backfilled else "")
+              + ("" if g.covered else ", trades may be missing") for g in gaps]
+    return "\n".join(lines)
+
+
+# --- conversions -----------------------------------------------------------------------------
+
+def to_pandas(table: pa.Table):
+    """A pandas DataFrame (pandas is not a dependency of mexc: pip install pandas)."""
+    return table.to_pandas()
+
+
+def to_polars(table: pa.Table):
+    """A polars DataFrame (polars is not a dependency of mexc: pip install polars)."""
+    import polars  # only for users who asked for it
+
+    return polars.from_arrow(table)
