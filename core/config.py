@@ -28,6 +28,8 @@ SCHEMA = {
         "silent_alarm": (float, 30.0),
         "depth_limit": (int, 20),
         "merge_deals": (bool, False),
+        "rest_url": (str, "https://contract.mexc.com"),
+        "backfill": (bool, True),
         "connect_timeout": (float, 10.0),
         "reconnect_min": (float, 1.0),
         "reconnect_max": (float, 60.0),
@@ -220,6 +222,8 @@ def _check_values(s: dict, path: str) -> None:
 
     if not s["exchange"]["url"].startswith(("ws://", "wss://")):
         bad("exchange.url", "must start with ws:// or wss://")
+    if not s["exchange"]["rest_url"].startswith(("http://", "https://")):
+        bad("exchange.rest_url", "must start with http:// or https://")
     if s["exchange"]["depth_limit"] not in DEPTH_LIMITS:
         bad("exchange.depth_limit", f"must be one of {DEPTH_LIMITS}")
     if s["exchange"]["ping_interval"] <= 0 or s["exchange"]["dead_after"] <= s["exchange"]["ping_interval"]:
