@@ -18,6 +18,7 @@ import websocket
 
 from bus.rotation import Holder
 from collector import wire
+from collector.backfill import Backfill
 from collector.gaps import GapLedger
 from collector.connection import OP_CLOSE, OP_TEXT, FrameReader, open_websocket
 from collector.spool import Spool
@@ -78,8 +79,10 @@ class Collector:
                                 Spool(config.spool_dir(), self.sym.name),
                                 max_buffered_rows=self.co["max_buffered_rows"],
                                 max_hold=self.co["max_hold"])
+        backfill = (Backfill(self.ex, self.sym, socks_proxy, self.writer)
+                    if self.ex["backfill"] else None)
         self.gaps = GapLedger(self.sym, config.clickhouse, self.writer, self.ex["silent_alarm"],
-                              *started_because)
+                              *started_because, backfill=backfill)
         self.batch = []
         self.batch_started = 0.0
         self.child_id = ChildId(COLLECTOR, self.sym.name)

@@ -104,13 +104,35 @@ def _deal_rows(frame: dict, rts: int, symbol: str):
     trades = [data] if type(data) is dict else data
     if type(trades) is not list or not trades:
         raise BadFrame("data is not a trade or a list of trades")
-    rows = []
-    for trade in trades:
-        m = f'{trade["p"]}|{trade["v"]}|{trade["T"]}'
-        if not _DEAL_TEXT(m):
-            raise BadFrame(f"trade fields are not numbers: {m[:80]!r}")
-        rows.append((_ms(trade["t"]), DEAL, m, rts))
-    return rows
+    return [_trade_row(trade, rts) for trade in trades]
+
+
+def _trade_row(trade: dict, rts: int):
+    m = f'{trade["p"]}|{trade["v"]}|{trade["T"]}'
+    if not _DEAL_TEXT(m):
+        raise BadFrame(f"trade fields are not numbers: {m[:80]!r}")
+    return (_ms(trade["t"]), DEAL, m, rts)
+
+
+def recent_deals_path(symbol: str, limit: int) -> str:
+    """The REST request for a symbol's latest trades (newest first, limit at most 100)."""
+    return f"/api/v1/contract/deals/{symbol}?limit={limit}"
+
+
+def recent_deal_rows(body: bytes, rts: int):
+    """The answer to recent_deals_path() -> deal rows, exactly as the WebSocket's trades
+    become rows, in the answer's order.  Raises BadFrame for a failure answer or bad fields."""
+    try:
+        answer = _decode(body.decode())
+    except (ValueError, UnicodeDecodeError):
+        raise BadFrame(f"not JSON: {body[:120]!r}") from None
+    if type(answer) is not dict or answer.get("success") is not True \
+            or type(answer.get("data")) is not list:
+        raise BadFrame(f"not a successful answer: {body[:200]!r}")
+    try:
+        return [_trade_row(trade, rts) for trade in answer["data"]]
+    except (KeyError, TypeError) as e:
+        raise BadFrame(f"a trade does not fit: {_reason(e)}") from None
 
 
 def _depth_rows(frame: dict, rts: int, symbol: str):
