@@ -24,8 +24,8 @@ from collector.connection import OP_CLOSE, OP_TEXT, FrameReader, open_websocket
 from collector.spool import Spool
 from collector.writer import RowWriter
 from core.vocabulary import (CHANNEL_TYPES, COLLECTOR, DEAD_LETTER, GAP_COLLECTOR_RESTART,
-                             GAP_DEAD_SOCKET, GAP_DISCONNECT, GAP_EXCHANGE_ERROR, MESSAGE_TYPES,
-                             ChildId)
+                             GAP_DEAD_SOCKET, GAP_DISCONNECT, GAP_EXCHANGE_ERROR, GAP_TOR_RESTART,
+                             MESSAGE_TYPES, ChildId)
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +237,11 @@ class Collector:
                 self.bus.send("heartbeat", name=name, pid=os.getpid(), stats=self.status(now))
                 next_beat = now + HEARTBEAT_INTERVAL
             event = self.bus.receive(timeout=max(0.0, next_beat - time.monotonic()))
-            if event is not None:
-                holder.on_event(event)
+            if event is None:
+                continue
+            holder.on_event(event)
+            if event["type"] == "tor_restarted" and event["name"] == self.sym.name:
+                self.gaps.hint(GAP_TOR_RESTART, event["detail"])
 
     def status(self, now: float) -> dict:
         """What the heartbeat tells the supervisor (and mexc status shows)."""

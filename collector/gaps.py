@@ -3,7 +3,9 @@
 The receive loop tells the ledger what happens, each with one small call:
   seen(rows, now)       a data frame arrived (ticker, deal or depth rows)
   lost(reason, detail)  the connection ended (disconnect, dead socket)
-  hint(reason, detail)  something that explains the next gap (an exchange error)
+  hint(reason, detail)  something that explains a gap open now or opening within HINT_TTL
+                        seconds (an exchange error; the supervisor's word that our tor was
+                        restarted, from the bus thread)
 A gap opens when the connection is lost (its start: the newest exchange ts seen before it) or
 when the process starts (its start: what was stored last, read back from ClickHouse, since a
 SIGKILLed process left no word; its reason comes from whoever started us: the supervisor
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SETTLE = 0.3  # seconds after a gap closes before its edge rows are surely handed to the writer
 RETRY = 2.0  # seconds between tries while ClickHouse is away
+HINT_TTL = 5.0  # seconds a hint explains a gap that has not opened yet
 
 
 @dataclass
@@ -60,7 +63,7 @@ class GapLedger:
         self.open: Optional[OpenGap] = OpenGap(None, start_reason, start_detail)
         self.last_ms = 0  # newest exchange ts of the data seen
         self.last_seen = 0.0  # monotonic time of the last data frame
-        self.hinted = None  # (reason, detail) that explains the next gap
+        self.hinted = None  # (reason, detail, until): explains a gap opening before `until`
         self.closed = queue.Queue()
         self.stopping = False
         self.recorded = 0
@@ -76,23 +79,34 @@ class GapLedger:
         if newest > self.last_ms:
             self.last_ms = newest
         self.last_seen = now
-        self.hinted = None
 
     def lost(self, reason: str, detail: str) -> None:
         """The connection ended; a gap opens unless one is open already."""
         if self.open is None:
-            reason, detail = self.hinted or (reason, detail)
+            reason, detail = self._hinted() or (reason, detail)
             self.open = OpenGap(self.last_ms or None, reason, detail)
             log.info("gap opened reason=%s detail=%s start_ms=%s", reason, detail, self.last_ms)
 
     def hint(self, reason: str, detail: str) -> None:
-        """If a gap follows before the next data frame, this is why."""
-        self.hinted = (reason, detail)
+        """This explains the gap open now (a start's gap keeps its own reason), or one that
+        opens within HINT_TTL seconds."""
+        gap = self.open
+        if gap is not None and gap.start_ms is not None:
+            gap.reason, gap.detail = reason, detail
+        else:
+            self.hinted = (reason, detail, time.monotonic() + HINT_TTL)
+
+    def _hinted(self):
+        hinted = self.hinted
+        if hinted is not None and time.monotonic() < hinted[2]:
+            return hinted[:2]
+        return None
 
     def _data_again(self, rows, now: float) -> None:
         gap = self.open
         if gap is None:  # data stopped on a live connection
-            reason, detail = self.hinted or (GAP_STALL, f"no data for {now - self.last_seen:.1f}s")
+            reason, detail = self._hinted() or (GAP_STALL,
+                                                f"no data for {now - self.last_seen:.1f}s")
             gap = OpenGap(self.last_ms, reason, detail)
         gap.end_ms, gap.closed_at = min(row[0] for row in rows), now
         self.open = None

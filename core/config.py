@@ -8,6 +8,7 @@ import os
 import re
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
+from urllib.parse import urlsplit
 
 try:
     import tomllib
@@ -28,7 +29,7 @@ SCHEMA = {
         "silent_alarm": (float, 30.0),
         "depth_limit": (int, 20),
         "merge_deals": (bool, False),
-        "rest_url": (str, "https://contract.mexc.com"),
+        "rest_url": (str, ""),  # "": the WebSocket's host (rest_url_of), contract.mexc.com
         "backfill": (bool, True),
         "connect_timeout": (float, 10.0),
         "reconnect_min": (float, 1.0),
@@ -151,8 +152,17 @@ def parse(data: dict, path: str = "<config>") -> Config:
     sections = {name: _section(data.get(name, {}), name, keys, path)
                 for name, keys in SCHEMA.items()}
     symbols = _symbols(data.get("symbols", ["BTC_USDT", "ETH_USDT", "SOL_USDT"]), path)
+    sections["exchange"]["rest_url"] = (sections["exchange"]["rest_url"]
+                                        or rest_url_of(sections["exchange"]["url"]))
     _check_values(sections, path)
     return Config(path=path, symbols=symbols, **sections)
+
+
+def rest_url_of(websocket_url: str) -> str:
+    """The REST API on the WebSocket's own host: wss://contract.mexc.com/edge ->
+    https://contract.mexc.com (MEXC serves both there; a test's simulator too)."""
+    parts = urlsplit(websocket_url)
+    return f"{'https' if parts.scheme == 'wss' else 'http'}://{parts.netloc}"
 
 
 def _section(values, section: str, keys: dict, path: str) -> dict:

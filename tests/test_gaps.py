@@ -1,12 +1,18 @@
 """The gap ledger on real parts: the simulator, ClickHouse and `mexc collect` / `mexc run`.
 Every stretch without a live subscription becomes one record with the right reason and
 bounds: the last data row stored before it and the first one after."""
+import os
+import signal
+
 import pytest
 
-from core.vocabulary import GAP_DISCONNECT, GAP_STALL
+from core.vocabulary import (GAP_COLLECTOR_CRASH, GAP_DAEMON_RESTART, GAP_DISCONNECT, GAP_STALL,
+                             GAP_TOR_RESTART)
 from mexc.simulator import MexcSimulator
 from tests.conftest import wait_for
 from tests.test_collector import start_collector
+from tests.test_supervisor import Daemon
+from tests.test_tor import TorDaemon, network  # noqa: F401 (the private Tor network fixture)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -27,17 +33,15 @@ def recorded_gaps(env, name="btc"):
         raise
 
 
-def data_times(env, table="btc_current"):
-    """Exchange times (ms) of the stored data rows, oldest first."""
-    with env.store() as store:
-        return sorted(ts for ts, mt, _m, _rts in store.rows(table) if mt != "dl")
-
-
 def assert_bounds(env, gap):
-    """start and end are stored data rows, and no data row was stored between them."""
-    times = data_times(env)
-    assert gap.start_ms in times and gap.end_ms in times, (gap, times[:3], times[-3:])
-    assert not [t for t in times if gap.start_ms < t < gap.end_ms]
+    """start and end are stored data rows, and the only rows stored between them are the
+    trades backfill brought."""
+    with env.store() as store:
+        rows = [(ts, mt) for ts, mt, _m, _rts in store.rows("btc_current") if mt != "dl"]
+    times = {ts for ts, _mt in rows}
+    assert gap.start_ms in times and gap.end_ms in times, gap
+    inside = [mt for ts, mt in rows if gap.start_ms < ts < gap.end_ms]
+    assert set(inside) <= {"d"} and len(inside) <= gap.backfilled, (gap, len(inside))
     assert gap.start_ms < gap.end_ms
 
 
@@ -74,3 +78,43 @@ def test_stall_is_a_gap_although_the_socket_stays(env, sim):
     assert_bounds(env, gap)
     assert gap.end_ms - gap.start_ms >= 1000
     assert proc.stop() == 0
+
+
+@pytest.mark.slow
+def test_collector_sigkill_is_a_crash_from_the_last_stored_row(env, sim):
+    daemon = Daemon(env, sim, symbols=["BTC_USDT"], exchange={"backfill": False})
+    daemon.wait_flowing(["collector-btc"])
+    rows_after(env, sim, 50)
+    os.kill(daemon.collectors()["collector-btc"]["pid"], signal.SIGKILL)
+    [gap] = wait_gaps(env, 1, "the crash's record")
+    assert gap.reason == GAP_COLLECTOR_CRASH and "SIGKILL" in gap.detail
+    assert_bounds(env, gap)
+    assert daemon.proc.stop(15) == 0
+
+
+@pytest.mark.slow
+def test_supervisor_sigkill_is_a_daemon_restart(env, sim):
+    daemon = Daemon(env, sim, symbols=["BTC_USDT"], exchange={"backfill": False})
+    daemon.wait_flowing(["collector-btc"])
+    rows_after(env, sim, 50)
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(5)
+    daemon.proc = env.mexc("run", "--config", daemon.config, name="daemon")
+    [gap] = wait_gaps(env, 1, "the daemon restart's record")
+    assert gap.reason == GAP_DAEMON_RESTART
+    assert_bounds(env, gap)
+    assert daemon.proc.stop(15) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_tor_sigkill_is_a_tor_restart(env, sim, network):  # noqa: F811
+    daemon = TorDaemon(env, sim, network, ["BTC_USDT"])
+    wait_for(lambda: daemon.exits(["collector-btc"]), 90, "btc's exit")
+    rows_after(env, sim, 20)
+    os.kill(daemon.child("tor-btc")["pid"], signal.SIGKILL)
+    [gap] = wait_gaps(env, 1, "the tor restart's record")
+    assert gap.reason == GAP_TOR_RESTART and "SIGKILL" in gap.detail
+    assert_bounds(env, gap)
+    daemon.check_loopback()
+    assert daemon.proc.stop(20) == 0
