@@ -189,7 +189,9 @@ def test_unknown_contract_gets_rs_error_and_no_data():
         ws.close()
 
 
-def test_tls(tmp_path):
+@pytest.fixture
+def tls_context(tmp_path):
+    """A server context with a fresh self-signed certificate for 127.0.0.1."""
     if shutil.which("openssl") is None:
         pytest.skip("openssl not installed")
     cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
@@ -198,7 +200,11 @@ def test_tls(tmp_path):
                    check=True, capture_output=True)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    with MexcSimulator(ssl_context=context, rate=100) as sim:
+    return context
+
+
+def test_tls(tls_context):
+    with MexcSimulator(ssl_context=tls_context, rate=100) as sim:
         assert sim.url.startswith("wss://127.0.0.1:")
         ws = connect(sim, sslopt={"cert_reqs": ssl.CERT_NONE})
         subscribe(ws, "deal", BTC)
