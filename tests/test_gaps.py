@@ -1,12 +1,13 @@
 """The gap ledger on real parts: the simulator, ClickHouse and `mexc collect` / `mexc run`.
 Every stretch without a live subscription becomes one record with the right reason and
 bounds: the last data row stored before it and the first one after."""
+import collections
 import os
 import signal
 
 import pytest
 
-from core.vocabulary import (GAP_COLLECTOR_CRASH, GAP_DAEMON_RESTART, GAP_DISCONNECT, GAP_STALL,
+from core.vocabulary import (GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTART, GAP_DAEMON_RESTART, GAP_DISCONNECT, GAP_STALL,
                              GAP_TOR_RESTART)
 from mexc.simulator import MexcSimulator
 from tests.conftest import wait_for
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture
 def sim():
-    with MexcSimulator(rate=60.0) as simulator:
+    with MexcSimulator(rate=6.0) as simulator:  # about 12 trades/s: a REST page is 8 s
         yield simulator
 
 
@@ -45,6 +46,21 @@ def assert_bounds(env, gap):
     assert gap.start_ms < gap.end_ms
 
 
+def assert_trades_once(env, sim, gap):
+    """Every trade the simulator's market made inside the gap is stored exactly once: the
+    edges by the WebSocket, the rest by backfill."""
+    truth = collections.Counter(trade.row for trade in sim.trades("BTC_USDT", gap.start_ms,
+                                                                  gap.end_ms))
+
+    def stored():
+        with env.store() as store:
+            return collections.Counter((ts, mt, m) for ts, mt, m, _rts in store.rows("btc_current")
+                                       if mt == "d" and gap.start_ms <= ts <= gap.end_ms)
+    wait_for(lambda: sum(stored().values()) >= sum(truth.values()), 20, "backfilled rows stored")
+    assert stored() == truth
+    assert gap.covered
+
+
 def wait_gaps(env, n, what):
     return wait_for(lambda: len(recorded_gaps(env)) >= n and recorded_gaps(env), 30, what)
 
@@ -55,54 +71,57 @@ def rows_after(env, sim, n):
 
 
 def test_forced_disconnect_is_one_record_with_its_close(env, sim):
-    proc = start_collector(env, sim, exchange={"backfill": False})
-    rows_after(env, sim, 50)
+    proc = start_collector(env, sim)
+    rows_after(env, sim, 30)
     sim.force_disconnect()
     wait_for(lambda: sim.total_connections >= 2, 20, "a reconnect")
     [gap] = wait_gaps(env, 1, "the disconnect's record")
     assert gap.reason == GAP_DISCONNECT and gap.symbol == "BTC_USDT"
-    assert gap.backfilled == 0 and not gap.covered
     assert_bounds(env, gap)
+    assert_trades_once(env, sim, gap)
     assert proc.stop() == 0
     assert "gap recorded reason=disconnect" in proc.log()
     assert len(recorded_gaps(env)) == 1  # the first start had nothing stored before: no gap
 
 
 def test_stall_is_a_gap_although_the_socket_stays(env, sim):
-    proc = start_collector(env, sim, exchange={"backfill": False, "silent_alarm": 1.0})
-    rows_after(env, sim, 50)
-    sim.stall(2.5)
+    proc = start_collector(env, sim, exchange={"silent_alarm": 1.0})
+    rows_after(env, sim, 30)
+    sim.stall(2.0)
     [gap] = wait_gaps(env, 1, "the stall's record")
     assert gap.reason == GAP_STALL
     assert sim.total_connections == 1
     assert_bounds(env, gap)
     assert gap.end_ms - gap.start_ms >= 1000
+    assert_trades_once(env, sim, gap)
     assert proc.stop() == 0
 
 
 @pytest.mark.slow
 def test_collector_sigkill_is_a_crash_from_the_last_stored_row(env, sim):
-    daemon = Daemon(env, sim, symbols=["BTC_USDT"], exchange={"backfill": False})
+    daemon = Daemon(env, sim, symbols=["BTC_USDT"])
     daemon.wait_flowing(["collector-btc"])
-    rows_after(env, sim, 50)
+    rows_after(env, sim, 30)
     os.kill(daemon.collectors()["collector-btc"]["pid"], signal.SIGKILL)
     [gap] = wait_gaps(env, 1, "the crash's record")
     assert gap.reason == GAP_COLLECTOR_CRASH and "SIGKILL" in gap.detail
     assert_bounds(env, gap)
+    assert_trades_once(env, sim, gap)
     assert daemon.proc.stop(15) == 0
 
 
 @pytest.mark.slow
 def test_supervisor_sigkill_is_a_daemon_restart(env, sim):
-    daemon = Daemon(env, sim, symbols=["BTC_USDT"], exchange={"backfill": False})
+    daemon = Daemon(env, sim, symbols=["BTC_USDT"])
     daemon.wait_flowing(["collector-btc"])
-    rows_after(env, sim, 50)
+    rows_after(env, sim, 30)
     os.kill(daemon.proc.pid, signal.SIGKILL)
     daemon.proc.wait(5)
     daemon.proc = env.mexc("run", "--config", daemon.config, name="daemon")
     [gap] = wait_gaps(env, 1, "the daemon restart's record")
     assert gap.reason == GAP_DAEMON_RESTART
     assert_bounds(env, gap)
+    assert_trades_once(env, sim, gap)
     assert daemon.proc.stop(15) == 0
 
 
@@ -116,5 +135,24 @@ def test_tor_sigkill_is_a_tor_restart(env, sim, network):  # noqa: F811
     [gap] = wait_gaps(env, 1, "the tor restart's record")
     assert gap.reason == GAP_TOR_RESTART and "SIGKILL" in gap.detail
     assert_bounds(env, gap)
+    assert_trades_once(env, sim, gap)
     daemon.check_loopback()
     assert daemon.proc.stop(20) == 0
+
+
+def test_a_gap_longer_than_the_rest_window_is_not_covered(env, sim):
+    proc = start_collector(env, sim)
+    rows_after(env, sim, 30)
+    assert proc.stop() == 0
+    made = sim.trade("BTC_USDT", 150)  # nobody listens: more than one REST page
+    proc = start_collector(env, sim)
+    [gap] = wait_gaps(env, 1, "the restart's record")
+    assert gap.reason == GAP_COLLECTOR_RESTART and not gap.covered
+    assert gap.start_ms < made[0].t and made[-1].t < gap.end_ms
+    truth = [trade.row for trade in sim.trades("BTC_USDT", gap.start_ms + 1, gap.end_ms - 1)]
+    with env.store() as store:
+        inside = collections.Counter((ts, mt, m) for ts, mt, m, _rts in store.rows("btc_current")
+                                     if mt == "d" and gap.start_ms < ts < gap.end_ms)
+    assert 0 < gap.backfilled <= 100 and sum(inside.values()) == gap.backfilled
+    assert inside == collections.Counter(truth[-gap.backfilled:])  # the newest, each once
+    assert proc.stop() == 0
