@@ -83,6 +83,7 @@ class Collector:
                     if self.ex["backfill"] else None)
         self.gaps = GapLedger(self.sym, config.clickhouse, self.writer, self.ex["silent_alarm"],
                               *started_because, backfill=backfill)
+        self.depth_versions = {}  # symbol -> the last depth.full version stored (wire.parse)
         self.batch = []
         self.batch_started = 0.0
         self.child_id = ChildId(COLLECTOR, self.sym.name)
@@ -194,7 +195,7 @@ class Collector:
         elif opcode == OP_CLOSE:
             raise ServerClosed(f"server closed the connection {_close_reason(payload)}")
         self.stats.frames += 1
-        kind, rows = wire.parse(payload, rts, symbol)
+        kind, rows = wire.parse(payload, rts, symbol, self.depth_versions)
         if rows:
             if not self.batch:
                 self.batch_started = now

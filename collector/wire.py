@@ -9,6 +9,7 @@ source text (`0.080100`, `7.548E+4`) instead of converting them through float.
 import json
 import re
 import zlib
+from typing import Optional
 
 from core.vocabulary import CHANNELS, DEAD_LETTER, DEAL, DEPTH, TICKER
 
@@ -44,11 +45,14 @@ def subscribe_requests(symbol: str, depth_limit: int = 20, merge_deals: bool = F
             for channel in CHANNELS]
 
 
-def parse(payload, rts: int, symbol: str):
+def parse(payload, rts: int, symbol: str, depth_versions: Optional[dict] = None):
     """One frame (str, or bytes for binary frames) -> (kind, rows).
 
     kind is a channel name from CHANNELS for data, or PONG, ACK, IGNORED, ERROR, DEAD
     (DEAD and ERROR come with one dead-letter row; for DEAD, `kind:reason` says why).
+    depth_versions ({symbol: last version}, kept by the caller): a depth.full snapshot whose
+    `version` is not newer than the last one is stale, and becomes a dead letter, so the dp
+    rows never take the book back in time (README, "Stale depth snapshots").
     """
     if not isinstance(payload, str):
         try:
@@ -68,7 +72,11 @@ def parse(payload, rts: int, symbol: str):
         if channel == "push.deal":
             return "deal", _deal_rows(frame, rts, symbol)
         if channel == "push.depth.full":
-            return "depth.full", _depth_rows(frame, rts, symbol)
+            rows = _depth_rows(frame, rts, symbol)
+            stale = _stale_version(frame, depth_versions, symbol)
+            if stale:
+                return _dead(payload, rows[0][0], rts, f"{channel}: {stale}")
+            return "depth.full", rows
         if channel == "push.ticker":
             return "ticker", _ticker_rows(frame, rts, symbol)
     except (BadFrame, KeyError, IndexError, TypeError, AttributeError) as e:
@@ -142,6 +150,18 @@ def _depth_rows(frame: dict, rts: int, symbol: str):
     if not _DEPTH_TEXT(m):
         raise BadFrame(f"depth levels are not [price, size, ...] numbers: {m[:80]!r}")
     return [(_ms(frame["ts"]), DEPTH, m, rts)]
+
+
+def _stale_version(frame: dict, depth_versions: Optional[dict], symbol: str) -> str:
+    """Why the snapshot is stale ("" when it is not); remembers a newer version."""
+    version = frame["data"].get("version")
+    if depth_versions is None or type(version) is not int:
+        return ""
+    last = depth_versions.get(symbol)
+    if last is not None and version <= last:
+        return f"stale version {version}, not newer than {last}"
+    depth_versions[symbol] = version
+    return ""
 
 
 def _levels(side) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from core.vocabulary import (GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTART, GAP_DAEMON_RESTART, GAP_DISCONNECT, GAP_STALL,
                              GAP_TOR_RESTART)
-from mexc.simulator import MexcSimulator
+from mexc.simulator import MexcSimulator, text_frame
 from tests.conftest import wait_for
 from tests.test_collector import start_collector
 from tests.test_supervisor import Daemon
@@ -156,3 +156,16 @@ def test_a_gap_longer_than_the_rest_window_is_not_covered(env, sim):
     assert 0 < gap.backfilled <= 100 and sum(inside.values()) == gap.backfilled
     assert inside == collections.Counter(truth[-gap.backfilled:])  # the newest, each once
     assert proc.stop() == 0
+
+
+def test_a_stale_depth_snapshot_is_caught_and_kept_out_of_the_book(env, sim):
+    proc = start_collector(env, sim)
+    rows_after(env, sim, 30)
+    stale = ('{"channel":"push.depth.full","symbol":"BTC_USDT","ts":%d,"data":{"asks":[[2,1]],'
+             '"bids":[[1,1]],"version":7}}' % (sim.trades("BTC_USDT")[-1].t + 1))
+    assert sim.send_prepared("BTC_USDT", text_frame(stale))
+    wait_for(lambda: "stale version 7, not newer than" in proc.log(), 20, "the stale snapshot logged")
+    assert proc.stop() == 0
+    rows = env.rows()
+    assert [mt for _ts, mt, m in rows if m == stale] == ["dl"]
+    assert not [m for _ts, mt, m in rows if mt == "dp" and m == "[1,1]|[2,1]"]
