@@ -573,10 +573,8 @@ class _Market:
         return trades
 
     def _push(self, symbol: str, channel: str, render) -> None:
-        """To every connection subscribed, each variant rendered once; none while stalled (the
-        stream freezes: those trades exist, nobody gets them)."""
-        if self.sim._stall_remaining() > 0:
-            return
+        """To every connection subscribed, each variant rendered once.  While the simulator is
+        stalled they wait in the outboxes, as data does in a frozen network path."""
         subscribers = self.sim._subscribers(symbol, channel)
         variants = collections.Counter(subscription.variant for _, subscription in subscribers)
         frames = {}
@@ -1209,8 +1207,9 @@ class MexcSimulator:
         self._rest.fail(seconds, mode)
 
     def stall(self, seconds: float) -> None:
-        """Send nothing (data, acks, pongs) for a while; replies go out, in order, afterwards.
-        The send_* methods below still send."""
+        """Send nothing (data, acks, pongs) for a while; replies and the market's pushes go out
+        afterwards (those of a connection closed meanwhile never do).  The send_* methods below
+        still send."""
         with self._lock:
             self._stall_until = max(self._stall_until, time.monotonic() + seconds)
 
