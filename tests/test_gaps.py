@@ -92,7 +92,9 @@ def test_stall_is_a_gap_although_the_socket_stays(env, sim):
     assert gap.reason == GAP_STALL
     assert sim.total_connections == 1
     assert_bounds(env, gap)
-    assert gap.end_ms - gap.start_ms >= 1000
+    # the path froze and then delivered late: the record's exchange-time bounds are those
+    # of the frames on either side, and its detail says how long nothing came
+    assert float(gap.detail.split()[-1].rstrip("s")) >= 1.0, gap.detail
     assert_trades_once(env, sim, gap)
     assert proc.stop() == 0
 
