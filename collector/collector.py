@@ -19,8 +19,8 @@ import websocket
 from bus.rotation import Holder
 from collector import wire
 from collector.backfill import Backfill
-from collector.gaps import GapLedger
 from collector.connection import OP_CLOSE, OP_TEXT, FrameReader, open_websocket
+from collector.gaps import GapLedger
 from collector.spool import Spool
 from collector.writer import RowWriter
 from core.vocabulary import (CHANNEL_TYPES, COLLECTOR, DEAD_LETTER, GAP_COLLECTOR_RESTART,

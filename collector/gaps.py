@@ -75,7 +75,7 @@ class GapLedger:
         """A data frame's rows arrived (rows is not empty)."""
         if self.open is not None or now - self.last_seen >= self.stall_after:
             self._data_again(rows, now)
-        newest = max(row[0] for row in rows)
+        newest = rows[0][0] if len(rows) == 1 else max(row[0] for row in rows)  # hot path
         if newest > self.last_ms:
             self.last_ms = newest
         self.last_seen = now

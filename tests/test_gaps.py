@@ -11,7 +11,7 @@ from core.vocabulary import (GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTART, GAP_DAE
                              GAP_TOR_RESTART)
 from mexc.simulator import MexcSimulator, text_frame
 from tests.conftest import wait_for
-from tests.test_collector import start_collector
+from tests.test_collector import microsocks, self_signed_tls, start_collector
 from tests.test_supervisor import Daemon
 from tests.test_tor import TorDaemon, network  # noqa: F401 (the private Tor network fixture)
 
@@ -171,3 +171,20 @@ def test_a_stale_depth_snapshot_is_caught_and_kept_out_of_the_book(env, sim):
     rows = env.rows()
     assert [mt for _ts, mt, m in rows if m == stale] == ["dl"]
     assert not [m for _ts, mt, m in rows if mt == "dp" and m == "[1,1]|[2,1]"]
+
+
+def test_backfill_over_https_through_a_socks5_proxy(env, tmp_path):
+    """The REST request takes the WebSocket's path: the proxy (remote DNS), our TLS, SNI."""
+    context, cert = self_signed_tls(tmp_path)
+    with microsocks() as (socks_port, _output):
+        with MexcSimulator(rate=6.0, ssl_context=context) as sim:
+            config = env.write_config(f"wss://localhost:{sim.port}/edge",
+                                      exchange={"ca_file": cert})
+            proc = env.mexc("collect", "--config", config, "--symbol", "BTC_USDT",
+                            "--socks", f"127.0.0.1:{socks_port}")
+            rows_after(env, sim, 30)
+            sim.force_disconnect()
+            [gap] = wait_gaps(env, 1, "the disconnect's record")
+            assert_trades_once(env, sim, gap)
+            assert proc.stop() == 0
+    assert "backfill request failed" not in proc.log()
