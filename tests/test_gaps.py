@@ -7,8 +7,8 @@ import signal
 
 import pytest
 
-from core.vocabulary import (GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTART, GAP_DAEMON_RESTART, GAP_DISCONNECT, GAP_STALL,
-                             GAP_TOR_RESTART)
+from core.vocabulary import (GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTART, GAP_DAEMON_RESTART,
+                             GAP_DISCONNECT, GAP_EXCHANGE_ERROR, GAP_STALL, GAP_TOR_RESTART)
 from mexc.simulator import MexcSimulator, text_frame
 from tests.conftest import wait_for
 from tests.test_collector import microsocks, self_signed_tls, start_collector
@@ -84,6 +84,21 @@ def test_forced_disconnect_is_one_record_with_its_close(env, sim):
     assert len(recorded_gaps(env)) == 1  # the first start had nothing stored before: no gap
 
 
+@pytest.mark.slow
+def test_an_exchange_error_before_the_close_names_the_gap(env, sim):
+    proc = start_collector(env, sim)
+    rows_after(env, sim, 30)
+    assert sim.send_rs_error("more than 60 seconds no response, close the channel")
+    wait_for(lambda: "exchange error" in proc.log(), 10, "the rs.error logged")
+    sim.force_disconnect()
+    [gap] = wait_gaps(env, 1, "the record")
+    assert gap.reason == GAP_EXCHANGE_ERROR and "no response" in gap.detail
+    assert_bounds(env, gap)
+    assert_trades_once(env, sim, gap)
+    assert proc.stop() == 0
+
+
+@pytest.mark.slow
 def test_stall_is_a_gap_although_the_socket_stays(env, sim):
     proc = start_collector(env, sim, exchange={"silent_alarm": 1.0})
     rows_after(env, sim, 30)
