@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -599,6 +599,17 @@ _HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many
                  500: "Internal Server Error"}
 
 
+class RestAnswer(NamedTuple):
+    """A deals request the REST API answered with trades: how far back the answer reached, so a
+    test can tell whether a gap was within reach of a backfill."""
+    ip: str
+    symbol: str
+    limit: int
+    count: int  # trades listed (fewer than limit: every trade the market made)
+    oldest_t: Optional[int]  # None when count is 0
+    newest_t: Optional[int]
+
+
 def _rest_error(code: int, message: str) -> str:
     return json.dumps({"success": False, "code": code, "message": message})
 
@@ -613,6 +624,7 @@ class _RestApi:
         self.lock = threading.Lock()
         self.served = collections.defaultdict(collections.deque)  # ip -> monotonic times
         self.requests = collections.Counter()  # ip -> requests received
+        self.answers = []  # RestAnswer of every deals request answered with trades
         self.fault, self.fault_until = None, 0.0
 
     def fail(self, seconds: float, mode: str = "error") -> None:
@@ -636,7 +648,7 @@ class _RestApi:
                 return _http(404, _rest_error(404, "Not Found"))
             if not self._admit(ip):
                 return _http(429, _rest_error(510, "Requests are too frequent!"))
-        return _http(200, self._deals(match.group(1), _query_limit(target)))
+        return _http(200, self._deals(match.group(1), _query_limit(target), ip))
 
     def _admit(self, ip: str) -> bool:
         """Within the rate limit: counts served requests in a sliding window."""
@@ -649,10 +661,13 @@ class _RestApi:
         served.append(now)
         return True
 
-    def _deals(self, symbol: str, limit: int) -> str:
+    def _deals(self, symbol: str, limit: int, ip: str) -> str:
         if not self.sim._contract_exists(symbol):
             return _rest_error(1001, "Contract does not exist!")
         latest = self.sim._market.trades(symbol)[-limit:]
+        times = [trade.t for trade in latest] or [None]
+        with self.lock:
+            self.answers.append(RestAnswer(ip, symbol, limit, len(latest), times[0], times[-1]))
         data = ",".join(trade.rest_json() for trade in reversed(latest))
         return f'{{"success":true,"code":0,"data":[{data}]}}'
 
@@ -772,7 +787,9 @@ class _Connection:
 
     def _send_outbox_locked(self) -> None:
         """Queued pushes in one sendall (up to BATCH_BYTES), skipping those of a subscription
-        ended since: no data after an unsub ack."""
+        ended since: no data after an unsub ack.  Replies held back by a stall go first."""
+        if self.pending:
+            return
         parts, records, size = [], [], 0
         while self.outbox and size < BATCH_BYTES:
             frame, symbol, rows, key, token = self.outbox.popleft()
@@ -955,15 +972,30 @@ class _Connection:
             self.active.pop((symbol, channel), None)
             self.reply(ack)
             return
-        self.reply(ack)  # ack first: a stream starts only once its ack is sent (or queued)
         if self.first_symbol is None:
             self.first_symbol = symbol
         if not self.subscribed_to(symbol):
             self.sim._supersede(self, symbol)
         variant = limit if channel == "depth.full" else merges_deals(param) if channel == "deal" \
             else None
-        self.active[(symbol, channel)] = _Subscription(limit, next(self.sim._tokens), variant)
+        self._start_stream((symbol, channel),
+                           _Subscription(limit, next(self.sim._tokens), variant), ack)
         self.sim._market.open(symbol)
+
+    def _start_stream(self, key: tuple, subscription: _Subscription, ack: str) -> None:
+        """Subscribe and ack as one step: the subscription exists before the client can read
+        the ack (a trade made once it has the ack reaches it), and no push goes out before the
+        ack (pushes wait for send_lock, or for the replies held back by a stall)."""
+        frame = text_frame(ack)
+        with self.reply_lock:
+            if self.pending or self.sim._stall_remaining() > 0:
+                self.active[key] = subscription
+                self.pending.append((frame, ()))
+                self.wake.set()
+                return
+            with self.send_lock:
+                self.active[key] = subscription
+                self._send_locked(frame, ())
 
     # sender thread
 
@@ -1184,6 +1216,12 @@ class MexcSimulator:
         """Client IP -> REST requests received (answered, refused or failed)."""
         with self._rest.lock:
             return dict(self._rest.requests)
+
+    def rest_answers(self, symbol=None) -> list:
+        """RestAnswer of every deals request answered with trades (of symbol, when given), in
+        the order served."""
+        with self._rest.lock:
+            return [a for a in self._rest.answers if symbol is None or a.symbol == symbol]
 
     # fault injection
 
