@@ -150,6 +150,11 @@ class _Sequences:
             self._last_ts[symbol] = first + n - 1
         return first
 
+    def latest(self, symbol: str):
+        """The last ms handed out for symbol (None before the first)."""
+        with self._lock:
+            return self._last_ts.get(symbol)
+
     def version(self, symbol: str, gap: int) -> int:
         with self._lock:
             self._version[symbol] += gap
@@ -608,6 +613,7 @@ class RestAnswer(NamedTuple):
     count: int  # trades listed (fewer than limit: every trade the market made)
     oldest_t: Optional[int]  # None when count is 0
     newest_t: Optional[int]
+    latest_ms: Optional[int]  # the symbol's latest event ms (any frame) when it was answered
 
 
 def _rest_error(code: int, message: str) -> str:
@@ -664,10 +670,12 @@ class _RestApi:
     def _deals(self, symbol: str, limit: int, ip: str) -> str:
         if not self.sim._contract_exists(symbol):
             return _rest_error(1001, "Contract does not exist!")
+        stamped = self.sim._sequences.latest(symbol)  # before the trades: nothing missed
         latest = self.sim._market.trades(symbol)[-limit:]
         times = [trade.t for trade in latest] or [None]
         with self.lock:
-            self.answers.append(RestAnswer(ip, symbol, limit, len(latest), times[0], times[-1]))
+            self.answers.append(RestAnswer(ip, symbol, limit, len(latest), times[0], times[-1],
+                                           stamped))
         data = ",".join(trade.rest_json() for trade in reversed(latest))
         return f'{{"success":true,"code":0,"data":[{data}]}}'
 
@@ -785,13 +793,11 @@ class _Connection:
         self.outbox.append((frame, symbol, rows, (symbol, channel), token))
         self.wake.set()
 
-    def _send_outbox_locked(self) -> None:
-        """Queued pushes in one sendall (up to BATCH_BYTES), skipping those of a subscription
-        ended since: no data after an unsub ack.  Replies held back by a stall go first."""
-        if self.pending:
-            return
+    def _send_outbox_locked(self, max_bytes=BATCH_BYTES) -> None:
+        """Queued pushes in one sendall (up to max_bytes; None: all), skipping those of a
+        subscription ended since: no data after an unsub ack."""
         parts, records, size = [], [], 0
-        while self.outbox and size < BATCH_BYTES:
+        while self.outbox and (max_bytes is None or size < max_bytes):
             frame, symbol, rows, key, token = self.outbox.popleft()
             subscription = self.active.get(key)
             if subscription is None or subscription.token != token:
@@ -802,24 +808,38 @@ class _Connection:
         if parts:
             self._send_locked(b"".join(parts), records)
 
-    def reply(self, text: str, records=()) -> None:
-        self.reply_frame(text_frame(text), records)
+    def reply(self, text: str, records=(), start=None) -> None:
+        self.reply_frame(text_frame(text), records, start)
 
-    def reply_frame(self, frame: bytes, records=()) -> None:
-        """Send a reply now, or hold it (in order) while the simulator is stalled."""
+    def reply_frame(self, frame: bytes, records=(), start=None) -> None:
+        """Send a reply now, or hold it (in order) while the simulator is stalled.
+        start: (key, _Subscription) the reply acks, started as the reply goes."""
         with self.reply_lock:
             if self.pending or self.sim._stall_remaining() > 0:
-                self.pending.append((frame, records))
+                self.pending.append((frame, records, start))
                 self.wake.set()
                 return
-            self.send(frame, records)
+            self._send_replies([(frame, records, start)])
 
     def _flush_pending(self) -> None:
         with self.reply_lock:
             if self.pending:
-                self.send(b"".join(frame for frame, _ in self.pending),
-                          [record for _, records in self.pending for record in records])
+                self._send_replies(self.pending)
                 self.pending = []
+
+    def _send_replies(self, replies: list) -> None:
+        """Replies go after every push queued before them (a pong follows the trades made
+        before its ping).  A subscription a reply acks starts under the same lock: it exists
+        before the client can read the ack (a trade made once the client has the ack reaches
+        it), and its pushes can only follow the ack."""
+        with self.send_lock:
+            self._send_outbox_locked(max_bytes=None)
+            for _frame, _records, start in replies:
+                if start is not None:
+                    key, subscription = start
+                    self.active[key] = subscription
+            self._send_locked(b"".join(frame for frame, _, _ in replies),
+                              [record for _, records, _ in replies for record in records])
 
     def _feed(self, symbol: str) -> _Feed:
         feed = self.feeds.get(symbol)
@@ -978,24 +998,9 @@ class _Connection:
             self.sim._supersede(self, symbol)
         variant = limit if channel == "depth.full" else merges_deals(param) if channel == "deal" \
             else None
-        self._start_stream((symbol, channel),
-                           _Subscription(limit, next(self.sim._tokens), variant), ack)
+        subscription = _Subscription(limit, next(self.sim._tokens), variant)
+        self.reply(ack, start=((symbol, channel), subscription))
         self.sim._market.open(symbol)
-
-    def _start_stream(self, key: tuple, subscription: _Subscription, ack: str) -> None:
-        """Subscribe and ack as one step: the subscription exists before the client can read
-        the ack (a trade made once it has the ack reaches it), and no push goes out before the
-        ack (pushes wait for send_lock, or for the replies held back by a stall)."""
-        frame = text_frame(ack)
-        with self.reply_lock:
-            if self.pending or self.sim._stall_remaining() > 0:
-                self.active[key] = subscription
-                self.pending.append((frame, ()))
-                self.wake.set()
-                return
-            with self.send_lock:
-                self.active[key] = subscription
-                self._send_locked(frame, ())
 
     # sender thread
 
@@ -1126,7 +1131,7 @@ class MexcSimulator:
 
     def trade(self, symbol: str, count: int = 1) -> list:
         """count trades now, pushed (as one push.deal) to the symbol's deal subscribers; the
-        Trades made."""
+        Trades made.  The reply to any later request (a pong) follows that push."""
         return self._market.trade(symbol, count)
 
     def trades(self, symbol: str, since_ms=None, until_ms=None) -> list:

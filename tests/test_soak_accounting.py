@@ -94,8 +94,9 @@ def gap(start_ms, end_ms, covered=False, backfilled=0, reason=GAP_DISCONNECT, sy
     return Gap(symbol, "btc", start_ms, end_ms, reason, "", backfilled, covered, 0)
 
 
-def answer(oldest_t, newest_t, count=100, limit=100, symbol="BTC_USDT"):
-    return RestAnswer("127.0.0.1", symbol, limit, count, oldest_t, newest_t)
+def answer(oldest_t, newest_t, count=100, limit=100, symbol="BTC_USDT", latest_ms=None):
+    latest_ms = newest_t if latest_ms is None else latest_ms
+    return RestAnswer("127.0.0.1", symbol, limit, count, oldest_t, newest_t, latest_ms)
 
 
 def test_every_window_after_the_first_data_needs_an_overlapping_record():
@@ -114,7 +115,10 @@ def test_a_gap_is_reachable_when_an_answer_after_it_reached_back_to_its_start():
     assert ledger.reachable(g, [answer(120, 260), answer(90, 300)])
     assert ledger.reachable(g, [answer(120, 260, count=40)])  # every trade there was
     assert not ledger.reachable(g, [answer(90, 300, symbol="ETH_USDT")])
-    assert not ledger.reachable(g, [answer(None, None, count=0)])
+    assert not ledger.reachable(g, [answer(None, None, count=0)])  # before any frame
+    assert ledger.reachable(g, [answer(None, None, count=0, latest_ms=200)])  # no trade at all
+    # the gap ended with a depth frame; no trade since: the answer still holds the whole gap
+    assert ledger.reachable(g, [answer(90, 190, latest_ms=205)])
 
 
 def test_trades_missing_before_and_after_backfill():

@@ -36,10 +36,10 @@ def without_record(windows: Sequence[Span], gaps: Sequence,
 
 
 def reachable(gap, answers: Iterable) -> bool:
-    """Some REST answer (simulator.RestAnswer) for the gap's symbol, served once the gap had
-    ended, listed every trade from the gap's start to its end."""
-    return any(a.symbol == gap.symbol and a.count and a.newest_t >= gap.end_ms
-               and (a.oldest_t <= gap.start_ms or a.count < a.limit) for a in answers)
+    """Some REST answer (simulator.RestAnswer) for the gap's symbol, served once the frame
+    ending the gap existed, listed every trade from the gap's start to its end."""
+    return any(a.symbol == gap.symbol and a.latest_ms is not None and a.latest_ms >= gap.end_ms
+               and (a.count < a.limit or a.oldest_t <= gap.start_ms) for a in answers)
 
 
 class Spans:
