@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -149,6 +149,11 @@ class _Sequences:
             first = max(now, self._last_ts.get(symbol, now - 1) + 1)
             self._last_ts[symbol] = first + n - 1
         return first
+
+    def latest(self, symbol: str):
+        """The last ms handed out for symbol (None before the first)."""
+        with self._lock:
+            return self._last_ts.get(symbol)
 
     def version(self, symbol: str, gap: int) -> int:
         with self._lock:
@@ -599,6 +604,18 @@ _HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many
                  500: "Internal Server Error"}
 
 
+class RestAnswer(NamedTuple):
+    """A deals request the REST API answered with trades: how far back the answer reached, so a
+    test can tell whether a gap was within reach of a backfill."""
+    ip: str
+    symbol: str
+    limit: int
+    count: int  # trades listed (fewer than limit: every trade the market made)
+    oldest_t: Optional[int]  # None when count is 0
+    newest_t: Optional[int]
+    latest_ms: Optional[int]  # the symbol's latest event ms (any frame) when it was answered
+
+
 def _rest_error(code: int, message: str) -> str:
     return json.dumps({"success": False, "code": code, "message": message})
 
@@ -613,6 +630,7 @@ class _RestApi:
         self.lock = threading.Lock()
         self.served = collections.defaultdict(collections.deque)  # ip -> monotonic times
         self.requests = collections.Counter()  # ip -> requests received
+        self.answers = []  # RestAnswer of every deals request answered with trades
         self.fault, self.fault_until = None, 0.0
 
     def fail(self, seconds: float, mode: str = "error") -> None:
@@ -636,7 +654,7 @@ class _RestApi:
                 return _http(404, _rest_error(404, "Not Found"))
             if not self._admit(ip):
                 return _http(429, _rest_error(510, "Requests are too frequent!"))
-        return _http(200, self._deals(match.group(1), _query_limit(target)))
+        return _http(200, self._deals(match.group(1), _query_limit(target), ip))
 
     def _admit(self, ip: str) -> bool:
         """Within the rate limit: counts served requests in a sliding window."""
@@ -649,10 +667,15 @@ class _RestApi:
         served.append(now)
         return True
 
-    def _deals(self, symbol: str, limit: int) -> str:
+    def _deals(self, symbol: str, limit: int, ip: str) -> str:
         if not self.sim._contract_exists(symbol):
             return _rest_error(1001, "Contract does not exist!")
+        stamped = self.sim._sequences.latest(symbol)  # before the trades: nothing missed
         latest = self.sim._market.trades(symbol)[-limit:]
+        times = [trade.t for trade in latest] or [None]
+        with self.lock:
+            self.answers.append(RestAnswer(ip, symbol, limit, len(latest), times[0], times[-1],
+                                           stamped))
         data = ",".join(trade.rest_json() for trade in reversed(latest))
         return f'{{"success":true,"code":0,"data":[{data}]}}'
 
@@ -770,11 +793,11 @@ class _Connection:
         self.outbox.append((frame, symbol, rows, (symbol, channel), token))
         self.wake.set()
 
-    def _send_outbox_locked(self) -> None:
-        """Queued pushes in one sendall (up to BATCH_BYTES), skipping those of a subscription
-        ended since: no data after an unsub ack."""
+    def _send_outbox_locked(self, max_bytes=BATCH_BYTES) -> None:
+        """Queued pushes in one sendall (up to max_bytes; None: all), skipping those of a
+        subscription ended since: no data after an unsub ack."""
         parts, records, size = [], [], 0
-        while self.outbox and size < BATCH_BYTES:
+        while self.outbox and (max_bytes is None or size < max_bytes):
             frame, symbol, rows, key, token = self.outbox.popleft()
             subscription = self.active.get(key)
             if subscription is None or subscription.token != token:
@@ -785,24 +808,38 @@ class _Connection:
         if parts:
             self._send_locked(b"".join(parts), records)
 
-    def reply(self, text: str, records=()) -> None:
-        self.reply_frame(text_frame(text), records)
+    def reply(self, text: str, records=(), start=None) -> None:
+        self.reply_frame(text_frame(text), records, start)
 
-    def reply_frame(self, frame: bytes, records=()) -> None:
-        """Send a reply now, or hold it (in order) while the simulator is stalled."""
+    def reply_frame(self, frame: bytes, records=(), start=None) -> None:
+        """Send a reply now, or hold it (in order) while the simulator is stalled.
+        start: (key, _Subscription) the reply acks, started as the reply goes."""
         with self.reply_lock:
             if self.pending or self.sim._stall_remaining() > 0:
-                self.pending.append((frame, records))
+                self.pending.append((frame, records, start))
                 self.wake.set()
                 return
-            self.send(frame, records)
+            self._send_replies([(frame, records, start)])
 
     def _flush_pending(self) -> None:
         with self.reply_lock:
             if self.pending:
-                self.send(b"".join(frame for frame, _ in self.pending),
-                          [record for _, records in self.pending for record in records])
+                self._send_replies(self.pending)
                 self.pending = []
+
+    def _send_replies(self, replies: list) -> None:
+        """Replies go after every push queued before them (a pong follows the trades made
+        before its ping).  A subscription a reply acks starts under the same lock: it exists
+        before the client can read the ack (a trade made once the client has the ack reaches
+        it), and its pushes can only follow the ack."""
+        with self.send_lock:
+            self._send_outbox_locked(max_bytes=None)
+            for _frame, _records, start in replies:
+                if start is not None:
+                    key, subscription = start
+                    self.active[key] = subscription
+            self._send_locked(b"".join(frame for frame, _, _ in replies),
+                              [record for _, records, _ in replies for record in records])
 
     def _feed(self, symbol: str) -> _Feed:
         feed = self.feeds.get(symbol)
@@ -955,14 +992,14 @@ class _Connection:
             self.active.pop((symbol, channel), None)
             self.reply(ack)
             return
-        self.reply(ack)  # ack first: a stream starts only once its ack is sent (or queued)
         if self.first_symbol is None:
             self.first_symbol = symbol
         if not self.subscribed_to(symbol):
             self.sim._supersede(self, symbol)
         variant = limit if channel == "depth.full" else merges_deals(param) if channel == "deal" \
             else None
-        self.active[(symbol, channel)] = _Subscription(limit, next(self.sim._tokens), variant)
+        subscription = _Subscription(limit, next(self.sim._tokens), variant)
+        self.reply(ack, start=((symbol, channel), subscription))
         self.sim._market.open(symbol)
 
     # sender thread
@@ -1094,7 +1131,7 @@ class MexcSimulator:
 
     def trade(self, symbol: str, count: int = 1) -> list:
         """count trades now, pushed (as one push.deal) to the symbol's deal subscribers; the
-        Trades made."""
+        Trades made.  The reply to any later request (a pong) follows that push."""
         return self._market.trade(symbol, count)
 
     def trades(self, symbol: str, since_ms=None, until_ms=None) -> list:
@@ -1184,6 +1221,12 @@ class MexcSimulator:
         """Client IP -> REST requests received (answered, refused or failed)."""
         with self._rest.lock:
             return dict(self._rest.requests)
+
+    def rest_answers(self, symbol=None) -> list:
+        """RestAnswer of every deals request answered with trades (of symbol, when given), in
+        the order served."""
+        with self._rest.lock:
+            return [a for a in self._rest.answers if symbol is None or a.symbol == symbol]
 
     # fault injection
 
