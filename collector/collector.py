@@ -138,7 +138,7 @@ class Collector:
     def _shutdown(self) -> int:
         log.info("stopping: storing %d buffered rows", self.writer.buffered_rows() + len(self.batch))
         self._flush()
-        self.gaps.stop(STOP_GRACE)
+        self.gaps.stop()
         self.writer.stop(STOP_GRACE)
         self._log_stats(time.monotonic())
         log.info("stopped rows_written=%d spooled=%d", self.writer.rows_written,

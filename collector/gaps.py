@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SETTLE = 0.3  # seconds after a gap closes before its edge rows are surely handed to the writer
 RETRY = 2.0  # seconds between tries while ClickHouse is away
+STOP_GRACE = 1.0  # a stopping collector gives its gap records this long (its rows come first)
 HINT_TTL = 5.0  # seconds a hint explains a gap that has not opened yet
 
 
@@ -65,7 +66,7 @@ class GapLedger:
         self.last_seen = 0.0  # monotonic time of the last data frame
         self.hinted = None  # (reason, detail, until): explains a gap opening before `until`
         self.closed = queue.Queue()
-        self.stopping = False
+        self.stopping = threading.Event()
         self.recorded = 0
         self.thread = threading.Thread(target=self._run, name=f"gaps-{self.name}", daemon=True)
 
@@ -117,16 +118,16 @@ class GapLedger:
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self, grace: float) -> None:
-        """Finish the gaps closed so far within `grace` seconds (the writer still runs)."""
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """Finish the gaps closed so far within about `grace` seconds (the writer still runs;
+        a request or query still blocked then is left to the daemon thread's end)."""
         self.closed.put(None)
         self.thread.join(grace)
-        self.stopping = True
-        self.thread.join(RETRY + 1)
+        self.stopping.set()
+        self.thread.join(0.2)
         if self.thread.is_alive() or not self.closed.empty():
-            log.warning("stopping with a gap record unwritten; the next start records the "
-                        "stretch from the last stored row")
-        self.store.close()
+            log.warning("stopping with a gap record unwritten (ClickHouse or the REST API slow "
+                        "or away)")
 
     # --- the worker thread -----------------------------------------------------------------
 
@@ -148,7 +149,7 @@ class GapLedger:
         if gap.start_ms is None:
             gap.start_ms = self._retry(lambda: self.store.newest_data_ms(
                 self.name, self.symbol, gap.end_ms))
-            if self.stopping and gap.start_ms is None:
+            if self.stopping.is_set() and gap.start_ms is None:
                 return
             if gap.start_ms is None:
                 log.info("first data of %s: nothing stored before, no gap", self.symbol)
@@ -171,13 +172,11 @@ class GapLedger:
     def _wait_stored(self, gap: OpenGap) -> bool:
         """Wait until the writer has stored every row handed to it up to the gap's end (so
         the rows at both edges are in ClickHouse).  False: we are stopping first."""
-        while time.monotonic() < gap.closed_at + SETTLE and not self.stopping:
-            time.sleep(0.05)
+        self.stopping.wait(max(0.0, gap.closed_at + SETTLE - time.monotonic()))
         mark = self.written_before + self.writer.rows_submitted
         while self.writer.rows_written < mark:
-            if self.stopping:
+            if self.stopping.wait(0.05):
                 return False
-            time.sleep(0.05)
         return True
 
     def _record(self, record: Gap) -> bool:
@@ -192,8 +191,8 @@ class GapLedger:
                 return step()
             except Exception as e:
                 self.store.close()
-                if self.stopping:
+                if self.stopping.is_set():
                     log.warning("gap ledger: %s; giving up, stopping", first_line(e))
                     return None
                 log.warning("gap ledger: %s; retrying in %.0fs", first_line(e), RETRY)
-                time.sleep(RETRY)
+                self.stopping.wait(RETRY)
