@@ -2,9 +2,10 @@
 
 Columns: ts timestamp[ms, UTC], mt string (dictionary encoded, never null), m string,
 rts timestamp[ms, UTC]; rows in ts order; zstd; key-value metadata (symbol, hour, row count,
-mexc version, and the hour's gaps from the ledger: GAPS_KEY, COMPLETENESS_KEY).  A file is written under a temporary name in the same directory, fsynced, read
-back and checked, and only then renamed into place: a reader never sees half a file or a bad
-one, and a file being replaced (late rows merged in) stays intact until its successor is good.
+mexc version, and the hour's gaps from the ledger: GAPS_KEY, COMPLETENESS_KEY).  A file is
+written under a temporary name in the same directory, fsynced, read back and checked, and only
+then renamed into place: a reader never sees half a file or a bad one, and a file being
+replaced (late rows merged in) stays intact until its successor is good.
 """
 import hashlib
 import json

@@ -181,7 +181,8 @@ def test_a_stale_depth_snapshot_is_caught_and_kept_out_of_the_book(env, sim):
     stale = ('{"channel":"push.depth.full","symbol":"BTC_USDT","ts":%d,"data":{"asks":[[2,1]],'
              '"bids":[[1,1]],"version":7}}' % (sim.trades("BTC_USDT")[-1].t + 1))
     assert sim.send_prepared("BTC_USDT", text_frame(stale))
-    wait_for(lambda: "stale version 7, not newer than" in proc.log(), 20, "the stale snapshot logged")
+    wait_for(lambda: "stale version 7, not newer than" in proc.log(), 20,
+             "the stale snapshot logged")
     assert proc.stop() == 0
     rows = env.rows()
     assert [mt for _ts, mt, m in rows if m == stale] == ["dl"]
