@@ -1,7 +1,6 @@
 """The ledger beyond ClickHouse: each hour's Parquet metadata (mexc.gaps, mexc.completeness),
 `mexc gaps`, and `mexc verify`'s per-hour report, with a gap recorded after its hour's export."""
 import json
-import os
 import subprocess
 
 import pytest
