@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import collections
 import decimal
 import gzip
@@ -510,6 +511,7 @@ class _Market:
         self.rng = random.Random(f"{sim.seed}:market")
         self.feeds = {}  # symbol -> _Feed
         self.truth = {}  # symbol -> [Trade], in the order made (t rising)
+        self.times = {}  # symbol -> [t of each Trade in truth], for bisect
         self.schedule = []  # heap of (due, order, symbol, channel)
         self.order = itertools.count()
         self.wake = threading.Event()
@@ -522,7 +524,7 @@ class _Market:
             if feed is None:
                 feed = self.feeds[symbol] = _Feed(symbol, self.sim.seed, self.rng,
                                                   self.sim._sequences)
-                self.truth[symbol] = []
+                self.truth[symbol], self.times[symbol] = [], []
                 now = time.monotonic()
                 for channel in self.sim._intervals:
                     heapq.heappush(self.schedule, (now, next(self.order), symbol, channel))
@@ -537,9 +539,10 @@ class _Market:
 
     def trades(self, symbol: str, since_ms=None, until_ms=None) -> list:
         with self.lock:
-            return [trade for trade in self.truth.get(symbol, ())
-                    if (since_ms is None or trade.t >= since_ms)
-                    and (until_ms is None or trade.t <= until_ms)]
+            times = self.times.get(symbol, [])
+            first = 0 if since_ms is None else bisect.bisect_left(times, since_ms)
+            end = len(times) if until_ms is None else bisect.bisect_right(times, until_ms)
+            return self.truth.get(symbol, [])[first:end]
 
     def _run(self) -> None:
         while not self.sim._stopping.is_set():
@@ -568,6 +571,7 @@ class _Market:
         if channel == "deal":
             trades = feed.new_trades(count)
             self.truth[feed.symbol] += trades
+            self.times[feed.symbol] += [trade.t for trade in trades]
             render = functools.partial(feed.deal_frame, trades)  # variant: merge
         elif channel == "depth.full":
             render = functools.partial(feed.render_depth, feed.next_depth())  # variant: limit

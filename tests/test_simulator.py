@@ -380,6 +380,7 @@ def test_cli_reports_counts_on_sigterm():
     try:
         line = proc.stdout.readline()
         assert line.startswith("LISTENING ws://127.0.0.1:")
+        assert line.split()[2:] == ["REST", line.split()[1].replace("ws://", "http://")[:-5]]
         ws = websocket.create_connection(line.split()[1], skip_utf8_validation=True, timeout=5)
         subscribe(ws, "deal", BTC)
         deals = sum(len(rows_of(recv_json(ws))) for _ in range(20))  # the ack counts as no rows
