@@ -83,6 +83,16 @@ Stored = the union of every Parquet file and the live {name}_current / _previous
 * unrecorded: a stored data row the simulator did not record.  A sendall() that fails half way
   (the connection is being torn down) may still deliver complete frames; inside a window that is
   expected, outside one it is a failure.
+* backfilled: a stored trade row no WebSocket sent but the simulator's market made (its truth,
+  `sim.trades()`): the collector fetched it over REST after a gap.  Not a failure; counted.
+* the gap ledger (table `gaps`, read back with Store.gaps): every outage window after the
+  symbol's first stored row must overlap a ledger record of that symbol, else a failure.
+  Against the truth, per symbol: trades made inside windows, those no WebSocket sent (missing
+  before backfill) and those stored nowhere (missing after backfill).  A gap is "reachable"
+  when a REST answer the simulator served after the gap's end reached back to its start (or
+  listed every trade there was): a trade missing inside a reachable gap, or inside one the
+  ledger calls covered, is a failure.  Longer gaps (more trades than a REST answer holds at
+  the soak's trade rate) lose trades by design, reported (soaklib/ledger.py).
 * dead letters (mt = 'dl', no event time): the multiset of texts stored must equal the one sent
   (a bad binary frame's text is the collector's own `binary:<hex>`, matched by prefix), except
   that injections made inside an outage window of their symbol may be missing.

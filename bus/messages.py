@@ -6,7 +6,7 @@ log it and drop it, so a bad message never kills a process.
 
 Sockets (all ipc:// in paths.runtime_dir, see bus/sockets.py):
   control  REQ -> REP   status, export, export_result, restart     replies: reply
-  events   PUB -> SUB   rotate_begin, rotate_ready, rotate_end, export_now
+  events   PUB -> SUB   rotate_begin, rotate_ready, rotate_end, export_now, tor_restarted
   reports  PUSH -> PULL heartbeat, rotate_request, rotate_ack, rotate_done, export_done
 """
 import json
@@ -29,6 +29,8 @@ MESSAGES = {
     "rotate_ready": ("rotation", "held", "missing", "request"),
     "rotate_end": ("rotation",),
     "export_now": ("request",),  # to the exporter: run a cycle now
+    # a symbol's tor exited and is being restarted: its collector's gap has this reason
+    "tor_restarted": ("name", "detail"),
     # reports, pushed by children
     "heartbeat": ("name", "pid", "stats"),
     "rotate_request": ("name", "request"),  # the exporter asks for a rotation

@@ -18,10 +18,14 @@ import websocket
 
 from bus.rotation import Holder
 from collector import wire
+from collector.backfill import Backfill
 from collector.connection import OP_CLOSE, OP_TEXT, FrameReader, open_websocket
+from collector.gaps import GapLedger
 from collector.spool import Spool
 from collector.writer import RowWriter
-from core.vocabulary import CHANNEL_TYPES, COLLECTOR, DEAD_LETTER, MESSAGE_TYPES, ChildId
+from core.vocabulary import (CHANNEL_TYPES, COLLECTOR, DEAD_LETTER, GAP_COLLECTOR_RESTART,
+                             GAP_DEAD_SOCKET, GAP_DISCONNECT, GAP_EXCHANGE_ERROR, GAP_TOR_RESTART,
+                             MESSAGE_TYPES, ChildId)
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,11 @@ HEARTBEAT_INTERVAL = 1.0
 
 
 class DeadSocket(Exception):
-    pass
+    """Nothing arrived for too long."""
+
+
+class ServerClosed(DeadSocket):
+    """The server sent a close frame."""
 
 
 class Stats:
@@ -50,10 +58,12 @@ class Stats:
 class Collector:
     """One symbol's collector process: connects (directly or through its tor's SOCKS port),
     subscribes, turns frames into rows and hands them to its RowWriter; reconnects with
-    backoff; under the supervisor, sends heartbeats and holds rows during rotations."""
+    backoff; under the supervisor, sends heartbeats and holds rows during rotations.
+    `started_because` is the (reason, detail) of the gap this start ends (core.vocabulary
+    GAP_*): the supervisor knows whether it restarted a crashed collector."""
 
     def __init__(self, config, symbol: str, socks_proxy: Optional[Tuple[str, int]] = None,
-                 bus=None):
+                 bus=None, started_because=(GAP_COLLECTOR_RESTART, "collector started")):
         self.config = config
         self.sym = config.symbol(symbol)
         self.ex = config.exchange
@@ -69,6 +79,11 @@ class Collector:
                                 Spool(config.spool_dir(), self.sym.name),
                                 max_buffered_rows=self.co["max_buffered_rows"],
                                 max_hold=self.co["max_hold"])
+        backfill = (Backfill(self.ex, self.sym, socks_proxy, self.writer)
+                    if self.ex["backfill"] else None)
+        self.gaps = GapLedger(self.sym, config.clickhouse, self.writer, self.ex["silent_alarm"],
+                              *started_because, backfill=backfill)
+        self.depth_versions = {}  # symbol -> the last depth.full version stored (wire.parse)
         self.batch = []
         self.batch_started = 0.0
         self.child_id = ChildId(COLLECTOR, self.sym.name)
@@ -82,6 +97,7 @@ class Collector:
             log.info("spool has %d rows from an earlier run; replaying them first",
                      self.writer.spool.rows)
         self.writer.start()
+        self.gaps.start()
         bus_thread = None
         if self.bus is not None:
             bus_thread = threading.Thread(target=self._bus_loop, name="bus", daemon=True)
@@ -94,6 +110,8 @@ class Collector:
             except (OSError, websocket.WebSocketException, DeadSocket) as e:
                 if not self.stopping:
                     log.warning("disconnected: %s: %s", type(e).__name__, str(e)[:200] or "-")
+                    self.gaps.lost(GAP_DEAD_SOCKET if type(e) is DeadSocket else GAP_DISCONNECT,
+                                   f"{type(e).__name__}: {str(e)[:200]}")
             self._flush()
             if self.stopping:
                 break
@@ -120,6 +138,7 @@ class Collector:
     def _shutdown(self) -> int:
         log.info("stopping: storing %d buffered rows", self.writer.buffered_rows() + len(self.batch))
         self._flush()
+        self.gaps.stop()
         self.writer.stop(STOP_GRACE)
         self._log_stats(time.monotonic())
         log.info("stopped rows_written=%d spooled=%d", self.writer.rows_written,
@@ -174,15 +193,17 @@ class Collector:
             except UnicodeDecodeError:
                 pass  # stays bytes: parse() dead-letters what it cannot inflate
         elif opcode == OP_CLOSE:
-            raise DeadSocket(f"server closed the connection {_close_reason(payload)}")
+            raise ServerClosed(f"server closed the connection {_close_reason(payload)}")
         self.stats.frames += 1
-        kind, rows = wire.parse(payload, rts, symbol)
+        kind, rows = wire.parse(payload, rts, symbol, self.depth_versions)
         if rows:
             if not self.batch:
                 self.batch_started = now
             self.batch.extend(rows)
         watch = self.channels.get(kind)
         if watch is not None:
+            if rows:
+                self.gaps.seen(rows, now)
             self.stats.rows[watch.mt] += len(rows)
             if watch.last_data is None or watch.alarmed:
                 watch.data_again(now)
@@ -192,6 +213,7 @@ class Collector:
             self.stats.errors += 1
             if kind == wire.ERROR:
                 log.warning("exchange error: %s", rows[0][2][:200])
+                self.gaps.hint(GAP_EXCHANGE_ERROR, rows[0][2][:200])
             else:
                 log.warning("dead letter stored: %s", kind[len(wire.DEAD) + 1:][:200])
 
@@ -216,8 +238,11 @@ class Collector:
                 self.bus.send("heartbeat", name=name, pid=os.getpid(), stats=self.status(now))
                 next_beat = now + HEARTBEAT_INTERVAL
             event = self.bus.receive(timeout=max(0.0, next_beat - time.monotonic()))
-            if event is not None:
-                holder.on_event(event)
+            if event is None:
+                continue
+            holder.on_event(event)
+            if event["type"] == "tor_restarted" and event["name"] == self.sym.name:
+                self.gaps.hint(GAP_TOR_RESTART, event["detail"])
 
     def status(self, now: float) -> dict:
         """What the heartbeat tells the supervisor (and mexc status shows)."""
@@ -227,7 +252,7 @@ class Collector:
             "rows": dict(s.rows), "frames": s.frames, "errors": s.errors,
             "reconnects": s.reconnects, "rows_written": w.rows_written,
             "buffered_rows": w.buffered_rows() + len(self.batch), "spooled_rows": w.spool.rows,
-            "insert_errors": w.insert_errors, "held": w.held,
+            "insert_errors": w.insert_errors, "held": w.held, "gaps_recorded": self.gaps.recorded,
             "last_message_age_s": None if self.last_frame is None else round(now - self.last_frame, 3),
         }
 

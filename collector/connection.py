@@ -9,6 +9,7 @@ websocket-client does the handshake and sends our requests; incoming frames are 
 FrameReader, which takes many frames per recv() instead of three recv() calls per frame (the
 collector's hot loop spent half its time in websocket-client's reader).
 """
+import http.client
 import socket
 import ssl
 import struct
@@ -36,6 +37,31 @@ def open_websocket(url: str, timeout: float, ca_file: str = "",
     if secure:
         sock = tls_context(ca_file).wrap_socket(sock, server_hostname=urlsplit(url).hostname)
     return websocket.create_connection(url, socket=sock, **options)
+
+
+def http_get(url: str, timeout: float, ca_file: str = "",
+             socks_proxy: Optional[Tuple[str, int]] = None) -> Tuple[int, bytes]:
+    """GET `url` (http:// or https://) along the same path as the WebSocket: directly or
+    through the SOCKS5 proxy with remote DNS, our TLS with SNI.  Returns (status, body);
+    raises OSError or http.client.HTTPException."""
+    parts = urlsplit(url)
+    secure = parts.scheme == "https"
+    if socks_proxy is None:
+        sock = socket.create_connection((parts.hostname, parts.port or (443 if secure else 80)),
+                                        timeout)
+    else:
+        sock = _socks_tunnel(url, timeout, socks_proxy)
+    if secure:
+        sock = tls_context(ca_file).wrap_socket(sock, server_hostname=parts.hostname)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    connection.sock = sock  # already connected: HTTPConnection sends over it as it is
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        connection.request("GET", path, headers={"Accept": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -131,7 +157,7 @@ class FrameReader:
 
 def _socks_tunnel(url: str, timeout: float, proxy: Tuple[str, int]) -> socket.socket:
     parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    port = parts.port or (443 if parts.scheme in ("wss", "https") else 80)
     tunnel = socks.socksocket()
     tunnel.set_proxy(socks.SOCKS5, proxy[0], proxy[1], rdns=True)
     tunnel.settimeout(timeout)

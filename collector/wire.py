@@ -9,6 +9,7 @@ source text (`0.080100`, `7.548E+4`) instead of converting them through float.
 import json
 import re
 import zlib
+from typing import Optional
 
 from core.vocabulary import CHANNELS, DEAD_LETTER, DEAL, DEPTH, TICKER
 
@@ -44,11 +45,14 @@ def subscribe_requests(symbol: str, depth_limit: int = 20, merge_deals: bool = F
             for channel in CHANNELS]
 
 
-def parse(payload, rts: int, symbol: str):
+def parse(payload, rts: int, symbol: str, depth_versions: Optional[dict] = None):
     """One frame (str, or bytes for binary frames) -> (kind, rows).
 
     kind is a channel name from CHANNELS for data, or PONG, ACK, IGNORED, ERROR, DEAD
     (DEAD and ERROR come with one dead-letter row; for DEAD, `kind:reason` says why).
+    depth_versions ({symbol: last version}, kept by the caller): a depth.full snapshot whose
+    `version` is not newer than the last one is stale, and becomes a dead letter, so the dp
+    rows never take the book back in time (README, "Stale depth snapshots").
     """
     if not isinstance(payload, str):
         try:
@@ -68,7 +72,11 @@ def parse(payload, rts: int, symbol: str):
         if channel == "push.deal":
             return "deal", _deal_rows(frame, rts, symbol)
         if channel == "push.depth.full":
-            return "depth.full", _depth_rows(frame, rts, symbol)
+            rows = _depth_rows(frame, rts, symbol)
+            stale = _stale_version(frame, depth_versions, symbol)
+            if stale:
+                return _dead(payload, rows[0][0], rts, f"{channel}: {stale}")
+            return "depth.full", rows
         if channel == "push.ticker":
             return "ticker", _ticker_rows(frame, rts, symbol)
     except (BadFrame, KeyError, IndexError, TypeError, AttributeError) as e:
@@ -104,13 +112,35 @@ def _deal_rows(frame: dict, rts: int, symbol: str):
     trades = [data] if type(data) is dict else data
     if type(trades) is not list or not trades:
         raise BadFrame("data is not a trade or a list of trades")
-    rows = []
-    for trade in trades:
-        m = f'{trade["p"]}|{trade["v"]}|{trade["T"]}'
-        if not _DEAL_TEXT(m):
-            raise BadFrame(f"trade fields are not numbers: {m[:80]!r}")
-        rows.append((_ms(trade["t"]), DEAL, m, rts))
-    return rows
+    return [_trade_row(trade, rts) for trade in trades]
+
+
+def _trade_row(trade: dict, rts: int):
+    m = f'{trade["p"]}|{trade["v"]}|{trade["T"]}'
+    if not _DEAL_TEXT(m):
+        raise BadFrame(f"trade fields are not numbers: {m[:80]!r}")
+    return (_ms(trade["t"]), DEAL, m, rts)
+
+
+def recent_deals_path(symbol: str, limit: int) -> str:
+    """The REST request for a symbol's latest trades (newest first, limit at most 100)."""
+    return f"/api/v1/contract/deals/{symbol}?limit={limit}"
+
+
+def recent_deal_rows(body: bytes, rts: int):
+    """The answer to recent_deals_path() -> deal rows, exactly as the WebSocket's trades
+    become rows, in the answer's order.  Raises BadFrame for a failure answer or bad fields."""
+    try:
+        answer = _decode(body.decode())
+    except (ValueError, UnicodeDecodeError):
+        raise BadFrame(f"not JSON: {body[:120]!r}") from None
+    if type(answer) is not dict or answer.get("success") is not True \
+            or type(answer.get("data")) is not list:
+        raise BadFrame(f"not a successful answer: {body[:200]!r}")
+    try:
+        return [_trade_row(trade, rts) for trade in answer["data"]]
+    except (KeyError, TypeError) as e:
+        raise BadFrame(f"a trade does not fit: {_reason(e)}") from None
 
 
 def _depth_rows(frame: dict, rts: int, symbol: str):
@@ -120,6 +150,18 @@ def _depth_rows(frame: dict, rts: int, symbol: str):
     if not _DEPTH_TEXT(m):
         raise BadFrame(f"depth levels are not [price, size, ...] numbers: {m[:80]!r}")
     return [(_ms(frame["ts"]), DEPTH, m, rts)]
+
+
+def _stale_version(frame: dict, depth_versions: Optional[dict], symbol: str) -> str:
+    """Why the snapshot is stale ("" when it is not); remembers a newer version."""
+    version = frame["data"].get("version")
+    if depth_versions is None or type(version) is not int:
+        return ""
+    last = depth_versions.get(symbol)
+    if last is not None and version <= last:
+        return f"stale version {version}, not newer than {last}"
+    depth_versions[symbol] = version
+    return ""
 
 
 def _levels(side) -> str:

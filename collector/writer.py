@@ -64,6 +64,7 @@ class RowWriter:
         self.connected = False  # our table is known to exist on the current connection
         self.failed = False  # the writer thread died: the collector must exit and be restarted
         self.spool_broken_until = 0.0  # after a failed spool write (disk full), retry later
+        self.rows_submitted = 0  # by the receive loop and backfill, in this run
         self.rows_written = 0
         self.insert_errors = 0
         self.thread = threading.Thread(target=self._run, name=f"writer-{name}", daemon=True)
@@ -79,6 +80,7 @@ class RowWriter:
         with self.wakeup:
             self.queue.append(rows)
             self.queued_rows += len(rows)
+            self.rows_submitted += len(rows)
             self.wakeup.notify()
 
     def buffered_rows(self) -> int:

@@ -9,6 +9,7 @@ import os
 import re
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
+from urllib.parse import urlsplit
 
 try:
     import tomllib
@@ -29,6 +30,8 @@ SCHEMA = {
         "silent_alarm": (float, 30.0),
         "depth_limit": (int, 20),
         "merge_deals": (bool, False),
+        "rest_url": (str, ""),  # "": the WebSocket's host (rest_url_of), contract.mexc.com
+        "backfill": (bool, True),
         "connect_timeout": (float, 10.0),
         "reconnect_min": (float, 1.0),
         "reconnect_max": (float, 60.0),
@@ -164,8 +167,17 @@ def parse(data: dict, path: str = "<config>") -> Config:
     sections = {name: _section(data.get(name, {}), name, keys, path)
                 for name, keys in SCHEMA.items()}
     symbols = _symbols(data.get("symbols", ["BTC_USDT", "ETH_USDT", "SOL_USDT"]), path)
+    sections["exchange"]["rest_url"] = (sections["exchange"]["rest_url"]
+                                        or rest_url_of(sections["exchange"]["url"]))
     _check_values(sections, path)
     return Config(path=path, symbols=symbols, **sections)
+
+
+def rest_url_of(websocket_url: str) -> str:
+    """The REST API on the WebSocket's own host: wss://contract.mexc.com/edge ->
+    https://contract.mexc.com (MEXC serves both there; a test's simulator too)."""
+    parts = urlsplit(websocket_url)
+    return f"{'https' if parts.scheme == 'wss' else 'http'}://{parts.netloc}"
 
 
 def _section(values, section: str, keys: dict, path: str) -> dict:
@@ -240,6 +252,8 @@ def _check_values(s: dict, path: str) -> None:
 
     if not s["exchange"]["url"].startswith(("ws://", "wss://")):
         bad("exchange.url", "must start with ws:// or wss://")
+    if not s["exchange"]["rest_url"].startswith(("http://", "https://")):
+        bad("exchange.rest_url", "must start with http:// or https://")
     if s["exchange"]["depth_limit"] not in DEPTH_LIMITS:
         bad("exchange.depth_limit", f"must be one of {DEPTH_LIMITS}")
     if s["exchange"]["ping_interval"] <= 0 or s["exchange"]["dead_after"] <= s["exchange"]["ping_interval"]:

@@ -295,14 +295,15 @@ class Exporter:
             return path
         current_sha = parquet_files.sha256(path) if os.path.exists(path) else None
         expected = entry["before_rows"] + rows
+        gaps = self.store.gaps(symbol.name, hour, hour + HOUR_MS)  # as the ledger has them now
         if current_sha == entry["before_sha"] and entry["before_rows"]:  # late rows: merge
             table = parquet_files.pa.concat_tables(
                 [parquet_files.read(path), *self._hour_row_groups(symbol.name, hour)])
             current_sha = parquet_files.write_hour(path, table, symbol.symbol, hour,
-                                                   self.export["file_mode"], self._group())
+                                                   self.export["file_mode"], self._group(), gaps)
         elif current_sha == entry["before_sha"]:  # not written yet (or a crash before rename)
             hour_file = parquet_files.HourFile(path, symbol.symbol, hour, expected,
-                                               self.export["file_mode"], self._group())
+                                               self.export["file_mode"], self._group(), gaps)
             try:
                 for table in self._hour_row_groups(symbol.name, hour):
                     hour_file.write(table)

@@ -2,14 +2,16 @@
 
 Columns: ts timestamp[ms, UTC], mt string (dictionary encoded, never null), m string,
 rts timestamp[ms, UTC]; rows in ts order; zstd; key-value metadata (symbol, hour, row count,
-mexc version).  A file is written under a temporary name in the same directory, fsynced, read
-back and checked, and only then renamed into place: a reader never sees half a file or a bad
-one, and a file being replaced (late rows merged in) stays intact until its successor is good.
+mexc version, and the hour's gaps from the ledger: GAPS_KEY, COMPLETENESS_KEY).  A file is
+written under a temporary name in the same directory, fsynced, read back and checked, and only
+then renamed into place: a reader never sees half a file or a bad one, and a file being
+replaced (late rows merged in) stays intact until its successor is good.
 """
 import hashlib
+import json
 import os
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,6 +26,33 @@ SCHEMA = pa.schema([
     pa.field("m", pa.string(), nullable=False),
     pa.field("rts", pa.timestamp("ms", tz="UTC"), nullable=False),
 ])
+
+
+GAPS_KEY = b"mexc.gaps"  # JSON list of the ledger's records touching the hour (Gap fields)
+COMPLETENESS_KEY = b"mexc.completeness"  # seconds with a live subscription / 3600, decimal text
+
+
+def completeness(gaps: Sequence, hour_ms: int) -> str:
+    """The share of the hour not inside any gap (gaps may overlap), as decimal text."""
+    spans = sorted((max(g.start_ms, hour_ms), min(g.end_ms, hour_ms + HOUR_MS)) for g in gaps)
+    lost, reached = 0, hour_ms
+    for start, end in spans:
+        start = max(start, reached)
+        if end > start:
+            lost += end - start
+            reached = end
+    return f"{(HOUR_MS - lost) / HOUR_MS:.6f}"
+
+
+def gap_metadata(gaps: Sequence, hour_ms: int) -> dict:
+    """The two metadata keys for an hour and the ledger's records that touch it."""
+    return {GAPS_KEY: json.dumps([g._asdict() for g in gaps], separators=(",", ":")).encode(),
+            COMPLETENESS_KEY: completeness(gaps, hour_ms).encode()}
+
+
+def metadata(path: str) -> dict:
+    """A file's key-value metadata (bytes -> bytes), read from its footer only."""
+    return pq.read_schema(path).metadata or {}
 
 
 class VerifyError(Exception):
@@ -53,14 +82,14 @@ class HourFile:
     ts order, then commit() (fsync, verify, rename; returns the sha256) or discard()."""
 
     def __init__(self, path: str, symbol: str, hour_ms: int, rows: int,
-                 mode: int = 0o640, group: Optional[int] = None):
+                 mode: int = 0o640, group: Optional[int] = None, gaps: Sequence = ()):
         self.path, self.hour_ms, self.rows = path, hour_ms, rows
         self.mode, self.group = mode, group
         self.tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
         hour = time.strftime("%Y-%m-%dT%H:00:00Z", time.gmtime(hour_ms // 1000))
         self.schema = SCHEMA.with_metadata({
             b"symbol": symbol.encode(), b"hour": hour.encode(), b"rows": str(rows).encode(),
-            b"mexc_version": __version__.encode()})
+            b"mexc_version": __version__.encode(), **gap_metadata(gaps, hour_ms)})
         try:
             self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
         except BaseException:  # e.g. the disk is full: the file may exist, empty
@@ -100,9 +129,9 @@ class HourFile:
 
 
 def write_hour(path: str, table: pa.Table, symbol: str, hour_ms: int,
-               mode: int = 0o640, group: Optional[int] = None) -> str:
+               mode: int = 0o640, group: Optional[int] = None, gaps: Sequence = ()) -> str:
     """Write a whole table (sorted here) as the hour's file; see HourFile."""
-    hour_file = HourFile(path, symbol, hour_ms, table.num_rows, mode, group)
+    hour_file = HourFile(path, symbol, hour_ms, table.num_rows, mode, group, gaps)
     try:
         hour_file.write(table.sort_by("ts"))
     except BaseException:

@@ -86,6 +86,21 @@ def _parser() -> argparse.ArgumentParser:
                     "hour, no hour missing.  Exit 1 on any problem.")
     verify.set_defaults(handler=_verify)
 
+    gaps = commands.add_parser(
+        "gaps", parents=[common], help="list the gap ledger: stretches without live data",
+        description="Every stretch in which a symbol had no live subscription (disconnect, "
+                    "dead socket, stall, exchange error, collector restart or crash, tor or "
+                    "daemon restart), oldest first, with the trades backfilled from MEXC's REST "
+                    "API and whether backfill reached back to the stretch's start (covered).")
+    gaps.add_argument("--symbol", help="only this contract (BTC_USDT) or short name (btc)")
+    gaps.add_argument("--since", metavar="T",
+                      help="only gaps ending after T: 2h, 30m, 1d ago, an ISO time "
+                           "(2026-11-26T10:00, UTC), or epoch ms")
+    gaps.add_argument("--json", action="store_true",
+                      help="a JSON list, one object per gap (symbol, name, start_ms, end_ms, "
+                           "reason, detail, backfilled, covered, recorded_ms, seconds)")
+    gaps.set_defaults(handler=_gaps)
+
     iptest = commands.add_parser(
         "iptest", parents=[common], help="show each collector's Tor exit IP; exit 0 if all differ",
         description="IP separation from the running daemon's knowledge: one line per collector "
@@ -230,6 +245,28 @@ def _export(args, config) -> int:
         print(f"mexc: export incomplete: {result['error']}", file=sys.stderr)
         return 1
     print(f"export done: {len(result['files'])} files", file=sys.stderr)
+    return 0
+
+
+def _gaps(args, config) -> int:
+    from core.store import Store
+    from mexc import gaps
+
+    try:
+        since = gaps.parse_since(args.since) if args.since else None
+    except ValueError:
+        print(f"mexc: --since expects 2h, 30m, an ISO time or epoch ms, got {args.since!r}",
+              file=sys.stderr)
+        return 2
+    name = config.symbol(args.symbol).name if args.symbol else None
+    try:
+        with Store(config.clickhouse) as store:
+            found = store.gaps(name, since_ms=since)
+    except Exception as e:
+        print(f"mexc: cannot read the gap ledger: ClickHouse at {config.clickhouse['host']}:"
+              f"{config.clickhouse['port']}: {first_line(e)}", file=sys.stderr)
+        return 1
+    print(gaps.as_json(found) if args.json else gaps.table(found))
     return 0
 
 

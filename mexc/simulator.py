@@ -1,17 +1,23 @@
-"""A MEXC futures WebSocket server on loopback, for the tests, the benchmarks and `mexc demo`.
+"""A MEXC futures exchange on loopback (WebSocket and REST), for the tests, benchmarks, `mexc demo`.
 
 Hand-rolled RFC 6455 on plain sockets and threads (stdlib only), speaking the protocol described
-in README "Row format" and collector/wire.py. Every frame whose sendall completed is turned into the rows a
+in README "Row format" and collector/wire.py. A market per symbol trades on the simulator's
+clock whether or not anyone listens, and keeps every trade (`trades()`, the truth); the REST
+API lists the latest ones. Every frame whose sendall completed is turned into the rows a
 correct collector must store, so tests can compare the database with `expected_rows()`.
 
 Run standalone: python -m mexc.simulator --port 0 --rate 1000 [--tls-cert C --tls-key K]
+(prints "LISTENING ws://HOST:PORT/edge REST http://HOST:PORT"; SIGTERM prints the rows sent)
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import collections
+import decimal
 import gzip
+import functools
 import hashlib
 import heapq
 import itertools
@@ -25,6 +31,8 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
+from typing import NamedTuple, Optional
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -45,6 +53,7 @@ BATCH_BYTES = 256 * 1024
 MAX_BACKLOG = 1.0  # s; a stream that fell behind (stall, overload) catches up at most this much
 SEND_CHUNK = 512  # frames per sendall in send_frames
 MAX_CLIENT_FRAME = 1 << 20
+OUTBOX_FRAMES = 50_000  # market pushes queued for one connection at most
 JOIN_TIMEOUT = 2.0
 
 _SHORT_HEADER = struct.Struct("!BB")
@@ -83,6 +92,11 @@ def control_message(channel: str, data: str) -> str:
 
 def rs_error(text: str) -> str:
     return control_message("rs.error", json.dumps(text))
+
+
+def merges_deals(param: dict) -> bool:
+    """Whether MEXC merges this sub.deal's prints: unless its param says "compress": false."""
+    return param.get("compress") is not False
 
 
 def dead_letter(text: str | None) -> tuple:
@@ -136,6 +150,11 @@ class _Sequences:
             first = max(now, self._last_ts.get(symbol, now - 1) + 1)
             self._last_ts[symbol] = first + n - 1
         return first
+
+    def latest(self, symbol: str):
+        """The last ms handed out for symbol (None before the first)."""
+        with self._lock:
+            return self._last_ts.get(symbol)
 
     def version(self, symbol: str, gap: int) -> int:
         with self._lock:
@@ -192,6 +211,44 @@ def _instrument(symbol: str, seed: int) -> tuple:
     magnitude = rng.randint(-3, 5)
     scale = min(8, max(1, 5 - magnitude))
     return int(10 ** (magnitude + scale) * (1 + 9 * rng.random())), scale
+
+
+class Trade(NamedTuple):
+    """One trade the simulated market made, in MEXC's words: p and v are the exact number texts
+    sent, T the side (1 buy, 2 sell), O the open/close effect, M the self-trade flag, t the
+    trade time (ms, unique per symbol), id MEXC's "i" (unique per symbol)."""
+    symbol: str
+    id: int
+    p: str
+    v: str
+    T: int
+    O: int  # noqa: E741 (MEXC's name)
+    M: int
+    t: int
+
+    @property
+    def row(self) -> tuple:
+        """The (ts, mt, m) row a collector stores for this trade."""
+        return (self.t, "d", f"{self.p}|{self.v}|{self.T}")
+
+    def rest_json(self) -> str:
+        """The trade as GET /api/v1/contract/deals lists it (no id: MEXC documents none)."""
+        return (f'{{"p":{self.p},"v":{self.v},"T":{self.T},"O":{self.O},"M":{self.M},'
+                f'"t":{self.t}}}')
+
+
+def merged_prints(trades: list) -> list:
+    """MEXC's deal merging (compress on, its default since 2025-08): consecutive prints of one
+    side at one price in a push go out as one print, volumes summed, with the first one's t."""
+    prints = []
+    for trade in trades:
+        last = prints[-1] if prints else None
+        if last and last.T == trade.T and decimal.Decimal(last.p) == decimal.Decimal(trade.p):
+            volume = int(decimal.Decimal(last.v) + decimal.Decimal(trade.v))
+            prints[-1] = last._replace(v=decimal_text(volume, 0))
+        else:
+            prints.append(trade)
+    return prints
 
 
 class _BookSide:
@@ -252,28 +309,39 @@ class _Feed:
     def _price_text(self, units: int) -> str:
         return decimal_text(units, self.scale, next(self.styles))
 
-    def deal_frame(self) -> tuple:
+    def new_trades(self, n: int = 0) -> list:
+        """n trades (1-3 when 0) at consecutive unique ms, the price walking between them."""
         random = self.random
-        n = 1 + int(random() * 3)
-        single = n == 1 and random() < 0.3  # the pre-2025-08 format: one object, not a list
+        n = n or 1 + int(random() * 3)
         first_t = self.sequences.timestamps(self.symbol, n)
-        template = _TRADE_FORMATS[int(random() * len(_TRADE_FORMATS))]
-        quote_ids = random() < 0.5  # ids are ints in the docs, strings live
-        trades, rows = [], []
+        trades = []
         for t in range(first_t, first_t + n):
             self._walk()
             price = self._price_text(self.price)
             volume = decimal_text(1 + int(random() ** 3 * 5000), 0, next(self.styles))
-            side = 1 + int(random() * 2)
-            trade_id = f'"{t + _TRADE_ID_OFFSET}"' if quote_ids else t + _TRADE_ID_OFFSET
-            trades.append(template.format(price, volume, side, 1 + int(random() * 4),
-                                          1 + int(random() * 2), t, trade_id))
-            rows.append((t, "d", f"{price}|{volume}|{side}"))
+            trades.append(Trade(self.symbol, t + _TRADE_ID_OFFSET, price, volume,
+                                1 + int(random() * 2), 1 + int(random() * 4),
+                                1 + int(random() * 2), t))
+        return trades
+
+    def deal_frame(self, trades=None, merge: bool = False) -> tuple:
+        """A push.deal of trades (new ones when None), merged as MEXC's compress does if asked."""
+        random = self.random
+        prints = self.new_trades() if trades is None else trades
+        if merge:
+            prints = merged_prints(prints)
+        single = len(prints) == 1 and random() < 0.3  # the pre-2025-08 format: an object
+        template = _TRADE_FORMATS[int(random() * len(_TRADE_FORMATS))]
+        quote_ids = random() < 0.5  # ids are ints in the docs, strings live
+        texts = [template.format(trade.p, trade.v, trade.T, trade.O, trade.M, trade.t,
+                                 f'"{trade.id}"' if quote_ids else trade.id)
+                 for trade in prints]
+        rows = [trade.row for trade in prints]
         if random() < 0.3:  # batches are not chronological; rows follow frame order
-            trades.reverse()
+            texts.reverse()
             rows.reverse()
-        data = trades[0] if single else "[" + ",".join(trades) + "]"
-        last_t = first_t + n - 1
+        data = texts[0] if single else "[" + ",".join(texts) + "]"
+        last_t = max(trade.t for trade in prints)
         return self._push("push.deal", data, last_t, f'"{last_t}"'), rows
 
     def ticker_frame(self) -> tuple:
@@ -305,19 +373,27 @@ class _Feed:
         return self._push("push.ticker", template.format(*fields), frame_ts, frame_ts), [row]
 
     def depth_frame(self, limit: int) -> tuple:
+        return self.render_depth(self.next_depth(), limit)
+
+    def next_depth(self) -> tuple:
+        """The book changes; its (ts, version, cts), for render_depth at any limit."""
         if self.book_mid is None or (self.price != self.book_mid and self.random() < 0.2):
             self._rebuild_book()
         else:
             self._touch_book()
         ts = self.sequences.timestamps(self.symbol)
         version = self.sequences.version(self.symbol, 1 + int(self.random() * 3))
+        return ts, version, ts - int(self.random() * 5)
+
+    def render_depth(self, state: tuple, limit: int) -> tuple:
+        """The push.depth.full of the book as it is now, stamped with next_depth's state."""
+        ts, version, cts = state
         template = _DEPTH_FORMATS[int(self.random() * len(_DEPTH_FORMATS))]
         data = template.format(",".join(self.asks.levels[:limit]),
                                ",".join(self.bids.levels[:limit]), version)
         # limit <= 20, so the frame's levels are exactly the row's top 20
         row = (ts, "dp", ",".join(self.bids.pairs[:limit]) + "|"
                + ",".join(self.asks.pairs[:limit]))
-        cts = ts - int(self.random() * 5)
         return self._push("push.depth.full", data, ts, cts), [row]
 
     def _random_size(self) -> int:
@@ -420,22 +496,229 @@ class _FramePool:
         return b"".join(parts), rows
 
 
+# --- the market ---------------------------------------------------------------------------------
+
+class _Market:
+    """The exchange's side of every symbol: once a symbol's market is open (its first
+    subscription, or open()), its trades, book and ticker change on the simulator's clock whether
+    or not anyone is connected; subscribed connections get each change as a push. Every trade
+    is kept (the truth), so tests can ask which trades happened between two times.
+    One thread makes the events; everything here is guarded by `lock`."""
+
+    def __init__(self, sim: "MexcSimulator"):
+        self.sim = sim
+        self.lock = threading.Lock()
+        self.rng = random.Random(f"{sim.seed}:market")
+        self.feeds = {}  # symbol -> _Feed
+        self.truth = {}  # symbol -> [Trade], in the order made (t rising)
+        self.times = {}  # symbol -> [t of each Trade in truth], for bisect
+        self.schedule = []  # heap of (due, order, symbol, channel)
+        self.order = itertools.count()
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="mexc-sim-market", daemon=True)
+
+    def open(self, symbol: str) -> _Feed:
+        """The symbol's market, trading from now on (at the simulator's rate)."""
+        with self.lock:
+            feed = self.feeds.get(symbol)
+            if feed is None:
+                feed = self.feeds[symbol] = _Feed(symbol, self.sim.seed, self.rng,
+                                                  self.sim._sequences)
+                self.truth[symbol], self.times[symbol] = [], []
+                now = time.monotonic()
+                for channel in self.sim._intervals:
+                    heapq.heappush(self.schedule, (now, next(self.order), symbol, channel))
+        self.wake.set()
+        return feed
+
+    def trade(self, symbol: str, count: int) -> list:
+        """count trades now, in one push to the deal subscribers."""
+        feed = self.open(symbol)
+        with self.lock:
+            return self._happen(feed, "deal", count)
+
+    def trades(self, symbol: str, since_ms=None, until_ms=None) -> list:
+        with self.lock:
+            times = self.times.get(symbol, [])
+            first = 0 if since_ms is None else bisect.bisect_left(times, since_ms)
+            end = len(times) if until_ms is None else bisect.bisect_right(times, until_ms)
+            return self.truth.get(symbol, [])[first:end]
+
+    def _run(self) -> None:
+        while not self.sim._stopping.is_set():
+            self.wake.clear()
+            with self.lock:
+                delay = self._make_due_events()
+            self.wake.wait(min(max(delay, 0.0), SENDER_POLL))
+
+    def _make_due_events(self) -> float:
+        """Make every event due within BATCH_WINDOW; seconds until the next one."""
+        now = time.monotonic()
+        schedule, intervals = self.schedule, self.sim._intervals
+        while schedule and schedule[0][0] <= now + BATCH_WINDOW:
+            if self.sim._data_stopped:
+                schedule.clear()
+                break
+            due, order, symbol, channel = heapq.heappop(schedule)
+            self._happen(self.feeds[symbol], channel)
+            next_due = max(due + intervals[channel] * (0.5 + self.rng.random()), now - MAX_BACKLOG)
+            heapq.heappush(schedule, (next_due, order, symbol, channel))
+        return schedule[0][0] - time.monotonic() if schedule else SENDER_POLL
+
+    def _happen(self, feed: _Feed, channel: str, count: int = 0) -> list:
+        """One event of the channel; pushed to its subscribers; the trades made, if any."""
+        trades = []
+        if channel == "deal":
+            trades = feed.new_trades(count)
+            self.truth[feed.symbol] += trades
+            self.times[feed.symbol] += [trade.t for trade in trades]
+            render = functools.partial(feed.deal_frame, trades)  # variant: merge
+        elif channel == "depth.full":
+            render = functools.partial(feed.render_depth, feed.next_depth())  # variant: limit
+        else:
+            frame = feed.ticker_frame()
+            render = lambda _variant: frame  # noqa: E731
+        self._push(feed.symbol, channel, render)
+        return trades
+
+    def _push(self, symbol: str, channel: str, render) -> None:
+        """To every connection subscribed, each variant rendered once.  While the simulator is
+        stalled they wait in the outboxes, as data does in a frozen network path."""
+        subscribers = self.sim._subscribers(symbol, channel)
+        variants = collections.Counter(subscription.variant for _, subscription in subscribers)
+        frames = {}
+        for variant, count in variants.items():
+            text, rows = render(variant)
+            frames[variant] = (text_frame(text), _SharedRows(rows) if count > 1 else rows)
+        for connection, subscription in subscribers:
+            connection.push(symbol, channel, subscription.token, *frames[subscription.variant])
+
+
+class _SharedRows(tuple):
+    """The rows of one push sent to several connections: the simulator records them once."""
+
+
+# --- REST: recent trades ---------------------------------------------------------------------
+
+DEALS_PATH = re.compile(r"/api/v1/contract/deals/([^/?#]+)")
+REST_LIMIT = 100  # trades per answer at most, and by default
+REST_RATE = (20, 2.0)  # requests per seconds per IP, as MEXC allows
+REST_FAULTS = ("error", "drop")
+_HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests",
+                 500: "Internal Server Error"}
+
+
+class RestAnswer(NamedTuple):
+    """A deals request the REST API answered with trades: how far back the answer reached, so a
+    test can tell whether a gap was within reach of a backfill."""
+    ip: str
+    symbol: str
+    limit: int
+    count: int  # trades listed (fewer than limit: every trade the market made)
+    oldest_t: Optional[int]  # None when count is 0
+    newest_t: Optional[int]
+    latest_ms: Optional[int]  # the symbol's latest event ms (any frame) when it was answered
+
+
+def _rest_error(code: int, message: str) -> str:
+    return json.dumps({"success": False, "code": code, "message": message})
+
+
+class _RestApi:
+    """GET /api/v1/contract/deals/{symbol}?limit=N as MEXC answers it: the latest trades, newest
+    first, at most 100; 20 requests per 2 s per client IP, then code 510 (MEXC's "too frequent"),
+    with HTTP 429. Served on the WebSocket's port: a GET without Upgrade is a REST request."""
+
+    def __init__(self, sim: "MexcSimulator"):
+        self.sim = sim
+        self.lock = threading.Lock()
+        self.served = collections.defaultdict(collections.deque)  # ip -> monotonic times
+        self.requests = collections.Counter()  # ip -> requests received
+        self.answers = []  # RestAnswer of every deals request answered with trades
+        self.fault, self.fault_until = None, 0.0
+
+    def fail(self, seconds: float, mode: str = "error") -> None:
+        if mode not in REST_FAULTS:
+            raise ValueError(f"mode must be one of {REST_FAULTS}")
+        with self.lock:
+            self.fault, self.fault_until = mode, time.monotonic() + seconds
+
+    def answer(self, request_line: str, ip: str):
+        """The HTTP response bytes, or None to drop the connection without one."""
+        with self.lock:
+            self.requests[ip] += 1
+            if time.monotonic() < self.fault_until:
+                if self.fault == "drop":
+                    return None
+                return _http(500, _rest_error(500, "Internal Server Error"))
+            method, _, target = request_line.partition(" ")
+            target = target.rpartition(" ")[0] or target
+            match = DEALS_PATH.fullmatch(target.partition("?")[0])
+            if method != "GET" or match is None:
+                return _http(404, _rest_error(404, "Not Found"))
+            if not self._admit(ip):
+                return _http(429, _rest_error(510, "Requests are too frequent!"))
+        return _http(200, self._deals(match.group(1), _query_limit(target), ip))
+
+    def _admit(self, ip: str) -> bool:
+        """Within the rate limit: counts served requests in a sliding window."""
+        allowed, window = REST_RATE
+        now, served = time.monotonic(), self.served[ip]
+        while served and served[0] <= now - window:
+            served.popleft()
+        if len(served) >= allowed:
+            return False
+        served.append(now)
+        return True
+
+    def _deals(self, symbol: str, limit: int, ip: str) -> str:
+        if not self.sim._contract_exists(symbol):
+            return _rest_error(1001, "Contract does not exist!")
+        stamped = self.sim._sequences.latest(symbol)  # before the trades: nothing missed
+        latest = self.sim._market.trades(symbol)[-limit:]
+        times = [trade.t for trade in latest] or [None]
+        with self.lock:
+            self.answers.append(RestAnswer(ip, symbol, limit, len(latest), times[0], times[-1],
+                                           stamped))
+        data = ",".join(trade.rest_json() for trade in reversed(latest))
+        return f'{{"success":true,"code":0,"data":[{data}]}}'
+
+
+def _query_limit(target: str) -> int:
+    """limit from the query string, clamped to 1..100; 100 when absent or not a number."""
+    query = urllib.parse.parse_qs(target.partition("?")[2])
+    try:
+        return min(REST_LIMIT, max(1, int(query["limit"][0])))
+    except (KeyError, ValueError):
+        return REST_LIMIT
+
+
+def _http(status: int, body: str) -> bytes:
+    data = body.encode()
+    return (f"HTTP/1.1 {status} {_HTTP_REASONS[status]}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
+
+
 # --- one client connection ----------------------------------------------------------------------
 
 class _ConnectionEnded(Exception):
     pass
 
 
-_Subscription = collections.namedtuple("_Subscription", "limit token")
+# variant: what tells this subscriber's frames apart from another's of the same event: the
+# depth limit for depth.full, whether deals are merged for deal, nothing for ticker.
+_Subscription = collections.namedtuple("_Subscription", "limit token variant")
 
 
 class _Connection:
-    """A reader thread (handshake, client requests) and a sender thread (paced data, idle
-    timeout, replies held back by a stall). Every write goes through send_lock."""
+    """A reader thread (handshake, client requests; or one REST request) and a sender thread
+    (the market's pushes, idle timeout, replies held back by a stall). Every write goes through
+    send_lock."""
 
-    def __init__(self, sim: "MexcSimulator", sock: socket.socket, index: int):
+    def __init__(self, sim: "MexcSimulator", sock: socket.socket, index: int, peer: tuple):
         self.sim = sim
         self.sock = sock
+        self.peer = peer  # (host, port) of the client
         self.index = index
         self.rng = random.Random(f"{sim.seed}:{index}")
         self.send_lock = threading.Lock()
@@ -450,8 +733,9 @@ class _Connection:
         self.feeds = {}  # symbol -> _Feed
         self.pools = {}  # (symbol, depth limit) -> _FramePool
         self.active = {}  # (symbol, channel) -> _Subscription
-        self.new_streams = collections.deque()  # (symbol, channel, token) for the sender
-        self.schedule = []  # heap of (due, token, symbol, channel); sender thread only
+        # Pushes from the market not sent yet: (frame, symbol, rows, (symbol, channel), token).
+        # A client that reads nothing loses the oldest beyond OUTBOX_FRAMES, never recorded.
+        self.outbox = collections.deque(maxlen=OUTBOX_FRAMES)
         self.last_ping = time.monotonic()
         self.buffer = bytearray()
         self.reader = threading.Thread(target=self._run, name=f"mexc-sim-read-{index}", daemon=True)
@@ -490,40 +774,76 @@ class _Connection:
         return True
 
     def send_generated(self, symbol: str, make) -> bool:
-        """make(feed) -> (bytes, rows). Generated under the send lock, so depth versions reach
-        the client in the order they were allocated."""
-        with self.send_lock:
+        """make(feed) -> (bytes, rows), this connection's own frames (not the market's).
+        Generated under the market's lock after the pushes already due went out, so depth
+        versions reach the client in the order they were allocated."""
+        with self.sim._market.lock, self.send_lock:
+            self._send_outbox_locked()
             data, rows = make(self._feed(symbol))
             return self._send_locked(data, [(symbol, rows)])
 
     def send_pooled(self, symbol: str, n: int) -> bool:
-        with self.send_lock:
+        def make(_feed):
             limit = self.depth_limit(symbol)
             pool = self.pools.get((symbol, limit))
             if pool is None:
                 pool = self.pools[(symbol, limit)] = _FramePool(
                     symbol, self.sim.seed, self.rng, limit, self.sim._sequences)
-            data, rows = pool.encode(n)
-            return self._send_locked(data, [(symbol, rows)])
+            return pool.encode(n)
+        return self.send_generated(symbol, make)
 
-    def reply(self, text: str, records=()) -> None:
-        self.reply_frame(text_frame(text), records)
+    def push(self, symbol: str, channel: str, token: int, frame: bytes, rows: list) -> None:
+        """Queue a market push for the sender thread (the market never waits on a client)."""
+        self.outbox.append((frame, symbol, rows, (symbol, channel), token))
+        self.wake.set()
 
-    def reply_frame(self, frame: bytes, records=()) -> None:
-        """Send a reply now, or hold it (in order) while the simulator is stalled."""
+    def _send_outbox_locked(self, max_bytes=BATCH_BYTES) -> None:
+        """Queued pushes in one sendall (up to max_bytes; None: all), skipping those of a
+        subscription ended since: no data after an unsub ack."""
+        parts, records, size = [], [], 0
+        while self.outbox and (max_bytes is None or size < max_bytes):
+            frame, symbol, rows, key, token = self.outbox.popleft()
+            subscription = self.active.get(key)
+            if subscription is None or subscription.token != token:
+                continue
+            parts.append(frame)
+            records.append((symbol, rows))
+            size += len(frame)
+        if parts:
+            self._send_locked(b"".join(parts), records)
+
+    def reply(self, text: str, records=(), start=None) -> None:
+        self.reply_frame(text_frame(text), records, start)
+
+    def reply_frame(self, frame: bytes, records=(), start=None) -> None:
+        """Send a reply now, or hold it (in order) while the simulator is stalled.
+        start: (key, _Subscription) the reply acks, started as the reply goes."""
         with self.reply_lock:
             if self.pending or self.sim._stall_remaining() > 0:
-                self.pending.append((frame, records))
+                self.pending.append((frame, records, start))
                 self.wake.set()
                 return
-            self.send(frame, records)
+            self._send_replies([(frame, records, start)])
 
     def _flush_pending(self) -> None:
         with self.reply_lock:
             if self.pending:
-                self.send(b"".join(frame for frame, _ in self.pending),
-                          [record for _, records in self.pending for record in records])
+                self._send_replies(self.pending)
                 self.pending = []
+
+    def _send_replies(self, replies: list) -> None:
+        """Replies go after every push queued before them (a pong follows the trades made
+        before its ping).  A subscription a reply acks starts under the same lock: it exists
+        before the client can read the ack (a trade made once the client has the ack reaches
+        it), and its pushes can only follow the ack."""
+        with self.send_lock:
+            self._send_outbox_locked(max_bytes=None)
+            for _frame, _records, start in replies:
+                if start is not None:
+                    key, subscription = start
+                    self.active[key] = subscription
+            self._send_locked(b"".join(frame for frame, _, _ in replies),
+                              [record for _, records, _ in replies for record in records])
 
     def _feed(self, symbol: str) -> _Feed:
         feed = self.feeds.get(symbol)
@@ -565,18 +885,25 @@ class _Connection:
         request = self._recv_until(b"\r\n\r\n")
         key = re.search(rb"(?im)^sec-websocket-key:[ \t]*(\S+)", request)
         if not key:
-            self.sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            self._answer_rest(request.partition(b"\r\n")[0].decode("latin-1"))
             raise _ConnectionEnded
         accept = base64.b64encode(hashlib.sha1(key.group(1) + WS_GUID).digest())
         response = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
         self.last_ping = time.monotonic()
+        self.sim._count_websocket(self.peer)
         # Open before the client can see the 101, so a send_* right after connecting finds this
         # connection; the lock makes that send wait until the 101 is out.
         with self.send_lock:
             self.open = True
             self.sock.sendall(response)
             self.sock.settimeout(None)
+
+    def _answer_rest(self, request_line: str) -> None:
+        """One HTTP request that is not a WebSocket upgrade: REST, answered, then closed."""
+        response = self.sim._rest.answer(request_line, self.peer[0])
+        if response is not None:
+            self.sock.sendall(response)
 
     def _recv_more(self) -> None:
         chunk = self.sock.recv(65536)
@@ -669,15 +996,15 @@ class _Connection:
             self.active.pop((symbol, channel), None)
             self.reply(ack)
             return
-        self.reply(ack)  # ack first: a stream starts only once its ack is sent (or queued)
         if self.first_symbol is None:
             self.first_symbol = symbol
         if not self.subscribed_to(symbol):
             self.sim._supersede(self, symbol)
-        token = next(self.sim._tokens)
-        self.active[(symbol, channel)] = _Subscription(limit, token)
-        self.new_streams.append((symbol, channel, token))
-        self.wake.set()
+        variant = limit if channel == "depth.full" else merges_deals(param) if channel == "deal" \
+            else None
+        subscription = _Subscription(limit, next(self.sim._tokens), variant)
+        self.reply(ack, start=((symbol, channel), subscription))
+        self.sim._market.open(symbol)
 
     # sender thread
 
@@ -692,9 +1019,9 @@ class _Connection:
             if time.monotonic() - self.last_ping > self.sim.idle_timeout:
                 self._close_idle()
                 return
-            self._schedule_new_streams()
-            delay = self._send_due_frames()
-            self.wake.wait(min(delay, SENDER_POLL))
+            with self.send_lock:
+                self._send_outbox_locked()
+            self.wake.wait(0 if self.outbox else SENDER_POLL)
 
     def _close_idle(self) -> None:
         error = rs_error(IDLE_MESSAGE)
@@ -703,48 +1030,17 @@ class _Connection:
                   [(self.first_symbol, [dead_letter(error)])])
         self.abort()
 
-    def _schedule_new_streams(self) -> None:
-        now = time.monotonic()
-        while self.new_streams:
-            symbol, channel, token = self.new_streams.popleft()
-            if self.sim._intervals:
-                heapq.heappush(self.schedule, (now, token, symbol, channel))
-
-    def _send_due_frames(self) -> float:
-        """Send every frame due within BATCH_WINDOW in one sendall; seconds until the next one."""
-        now = time.monotonic()
-        horizon = now + BATCH_WINDOW
-        schedule = self.schedule
-        with self.send_lock:
-            if self.sim._data_stopped:
-                schedule.clear()
-                return SENDER_POLL
-            parts, records, size = [], [], 0
-            while schedule and schedule[0][0] <= horizon and size < BATCH_BYTES:
-                due, token, symbol, channel = heapq.heappop(schedule)
-                subscription = self.active.get((symbol, channel))
-                if subscription is None or subscription.token != token:
-                    continue  # unsubscribed, or replaced by a newer subscription
-                text, rows = self._feed(symbol).frame(channel, subscription.limit)
-                frame = text_frame(text)
-                parts.append(frame)
-                records.append((symbol, rows))
-                size += len(frame)
-                jitter = 0.5 + self.rng.random()
-                next_due = max(due + self.sim._intervals[channel] * jitter, now - MAX_BACKLOG)
-                heapq.heappush(schedule, (next_due, token, symbol, channel))
-            if parts:
-                self._send_locked(b"".join(parts), records)
-        return schedule[0][0] - time.monotonic() if schedule else SENDER_POLL
-
 
 # --- the server ---------------------------------------------------------------------------------
 
 class MexcSimulator:
-    """A MEXC futures WebSocket server on loopback that records what it sent.
+    """A MEXC futures exchange on loopback (WebSocket and REST on one port) that records what
+    it sent and every trade its market made.
 
-    rate: data frames per second per subscribed (symbol, channel) stream on average, split as
-    the live mix (CHANNEL_WEIGHTS); 0 sends data only when told (send_frames, burst, ...).
+    rate: events per second per (symbol, channel) stream of an open market on average, split
+    as the live mix (CHANNEL_WEIGHTS), whether anyone is subscribed or not; 0 trades only when
+    told (trade(); send_frames, burst, ... send per connection, outside the market).
+    A symbol's market opens at its first subscription (or open_market()).
     Rows of a symbol get unique event ms; at high rates they run ahead of the event clock.
     """
 
@@ -770,6 +1066,8 @@ class MexcSimulator:
         self._stopping = threading.Event()
         self._listener = None
         self._acceptor = None
+        self._market = _Market(self)
+        self._rest = _RestApi(self)
         self._lock = threading.Lock()  # guards everything below
         self._rows = {}  # symbol (None: dead letters without one) -> rows in send order
         self._connections = set()
@@ -779,6 +1077,7 @@ class MexcSimulator:
         self._depth_limits = {}
         self._peers = []
         self._orphaned = {}  # symbol -> data rows sent on superseded connections
+        self._shared_sent = set()  # rows of _SharedRows recorded already
 
     # lifecycle
 
@@ -789,12 +1088,16 @@ class MexcSimulator:
         self._acceptor = threading.Thread(target=self._accept_loop, name="mexc-sim-accept",
                                           daemon=True)
         self._acceptor.start()
+        self._market.thread.start()
         return self
 
     def stop(self) -> None:
         self._stopping.set()
         if self._acceptor:
             self._acceptor.join(JOIN_TIMEOUT)
+        self._market.wake.set()
+        if self._market.thread.is_alive():
+            self._market.thread.join(JOIN_TIMEOUT)
         if self._listener:
             self._listener.close()
         connections = self._open_connections()
@@ -817,6 +1120,29 @@ class MexcSimulator:
     def url(self) -> str:
         scheme = "wss" if self.ssl_context else "ws"
         return f"{scheme}://{self.host}:{self.port}/edge"
+
+    @property
+    def rest_url(self) -> str:
+        """Base URL of the REST API (exchange.rest_url): same host and port as url."""
+        scheme = "https" if self.ssl_context else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    # the market
+
+    def open_market(self, symbol: str) -> None:
+        """Start the symbol's market now, before anyone subscribes."""
+        self._market.open(symbol)
+
+    def trade(self, symbol: str, count: int = 1) -> list:
+        """count trades now, pushed (as one push.deal) to the symbol's deal subscribers; the
+        Trades made.  The reply to any later request (a pong) follows that push."""
+        return self._market.trade(symbol, count)
+
+    def trades(self, symbol: str, since_ms=None, until_ms=None) -> list:
+        """The truth: every Trade the market made for symbol with since_ms <= t <= until_ms
+        (bounds optional), oldest first, whether or not anyone received it. Frames made by
+        send_frames, burst, send_gzip_deal, ... are outside the market and not in it."""
+        return self._market.trades(symbol, since_ms, until_ms)
 
     # observation
 
@@ -856,8 +1182,9 @@ class MexcSimulator:
 
     @property
     def connections(self) -> int:
+        """Open WebSocket connections (REST requests are not counted)."""
         with self._lock:
-            return len(self._connections)
+            return sum(1 for connection in self._connections if connection.open)
 
     @property
     def total_connections(self) -> int:
@@ -889,8 +1216,21 @@ class MexcSimulator:
 
     @property
     def peer_addresses(self) -> list:
+        """(host, port) of every WebSocket client so far."""
         with self._lock:
             return list(self._peers)
+
+    @property
+    def rest_requests(self) -> dict:
+        """Client IP -> REST requests received (answered, refused or failed)."""
+        with self._rest.lock:
+            return dict(self._rest.requests)
+
+    def rest_answers(self, symbol=None) -> list:
+        """RestAnswer of every deals request answered with trades (of symbol, when given), in
+        the order served."""
+        with self._rest.lock:
+            return [a for a in self._rest.answers if symbol is None or a.symbol == symbol]
 
     # fault injection
 
@@ -899,16 +1239,24 @@ class MexcSimulator:
             connection.abort()
 
     def stop_data(self) -> None:
-        """Send no more rate-driven data frames (send_* still work).  When this returns,
-        nothing more is being sent, so expected_rows() is final until the next send_*."""
-        self._data_stopped = True
-        for connection in self._open_connections():
-            with connection.send_lock:
-                pass
+        """The market stops (send_* still work), and pushes not sent yet are dropped.  When
+        this returns, nothing more is being sent, so expected_rows() is final until the next
+        send_*."""
+        with self._market.lock:
+            self._data_stopped = True
+            for connection in self._open_connections():
+                with connection.send_lock:
+                    connection.outbox.clear()
+
+    def fail_rest(self, seconds: float, mode: str = "error") -> None:
+        """For a while every REST request fails: "error" answers HTTP 500, "drop" closes the
+        connection without an answer."""
+        self._rest.fail(seconds, mode)
 
     def stall(self, seconds: float) -> None:
-        """Send nothing (data, acks, pongs) for a while; replies go out, in order, afterwards.
-        The send_* methods below still send."""
+        """Send nothing (data, acks, pongs) for a while; replies and the market's pushes go out
+        afterwards (those of a connection closed meanwhile never do).  The send_* methods below
+        still send."""
         with self._lock:
             self._stall_until = max(self._stall_until, time.monotonic() + seconds)
 
@@ -1008,28 +1356,48 @@ class MexcSimulator:
             except OSError:
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            connection = _Connection(self, sock, next(self._connection_ids))
+            connection = _Connection(self, sock, next(self._connection_ids), tuple(peer[:2]))
             with self._lock:
                 self._connections.add(connection)
-                self._total_connections += 1
-                self._peers.append(tuple(peer[:2]))
             connection.start()
 
     def _open_connections(self) -> list:
         with self._lock:
             return list(self._connections)
 
+    def _count_websocket(self, peer: tuple) -> None:
+        with self._lock:
+            self._total_connections += 1
+            self._peers.append(peer)
+
+    def _subscribers(self, symbol: str, channel: str) -> list:
+        """(connection, subscription) of every open connection subscribed to the stream."""
+        found = []
+        for connection in self._open_connections():
+            subscription = connection.active.get((symbol, channel))
+            if subscription is not None and connection.open and not connection.closed.is_set():
+                found.append((connection, subscription))
+        return found
+
     def _forget(self, connection: _Connection) -> None:
         with self._lock:
             self._connections.discard(connection)
 
     def _record(self, records, connection=None) -> None:
+        """Rows whose sendall completed; a push sent to several connections counts once (a
+        collector stores it once), and is orphaned only if no live connection sent it."""
         with self._lock:
             for symbol, rows in records:
+                orphaned = self._orphaned.setdefault(symbol, set())
+                if isinstance(rows, _SharedRows):
+                    if not (connection and symbol in connection.superseded):
+                        orphaned.difference_update(rows)
+                    if rows[0] in self._shared_sent:
+                        continue
+                    self._shared_sent.update(rows)
                 self._rows.setdefault(symbol, []).extend(rows)
                 if connection is not None and symbol in connection.superseded:
-                    self._orphaned.setdefault(symbol, set()).update(
-                        row for row in rows if row[0] is not None)
+                    orphaned.update(row for row in rows if row[0] is not None)
 
     def _supersede(self, newer, symbol: str) -> None:
         """newer is subscribing to symbol: what older connections still send of it is read by
@@ -1079,7 +1447,7 @@ def main(argv=None) -> int:
     simulator = MexcSimulator(args.host, args.port, context, args.rate,
                               idle_timeout=args.idle_timeout)
     with simulator:
-        print(f"LISTENING {simulator.url}", flush=True)
+        print(f"LISTENING {simulator.url} REST {simulator.rest_url}", flush=True)
         while not stop.wait(0.2):
             pass
     # rs.error dead letters sent before any subscription have no symbol: listed under "".

@@ -40,25 +40,37 @@ def collection(config, store):
 
 
 def exports(config, store):
-    """Every logged file readable, its rows and sha256 as logged, rows inside its hour, and no
-    hour missing between a symbol's first and last export."""
+    """Every logged file readable, its rows and sha256 as logged, rows inside its hour; per
+    hour the gaps of the ledger and its completeness; an hour without a file between a
+    symbol's first and last export is a failure unless the ledger shows no live data in it.
+
+    Completeness is recomputed from the ledger, not read from the file: a gap is recorded
+    when data is back, which can be after its hour was exported, and the ledger is the one
+    place every record lands.  A file whose metadata says otherwise is reported as stale
+    (its data is right; its metadata was written before the record)."""
     ok, lines = True, []
     for symbol in config.symbols:
         logged = store.logged_exports(symbol.symbol)
         if not logged:
             lines.append(f"{symbol.name}: no exports yet")
             continue
-        problems = []
+        problems, notes = [], []
         for hour, path, rows, digest in logged:
             try:
                 parquet_files.verify(path, rows, hour)
                 if parquet_files.sha256(path) != digest:
                     problems.append(f"{os.path.basename(path)}: sha256 differs from export_log")
+                notes += _hour_gaps(store, symbol.name, hour, path)
             except Exception as e:
                 problems.append(f"{os.path.basename(path)}: {e}")
         hours = [h for h, *_ in logged]
-        missing = sorted(set(range(hours[0], hours[-1] + 1, HOUR_MS)) - set(hours))
-        problems += [f"hour {parquet_files.file_name(symbol.name, h)} missing" for h in missing]
+        for hour in sorted(set(range(hours[0], hours[-1] + 1, HOUR_MS)) - set(hours)):
+            gaps = store.gaps(symbol.name, hour, hour + HOUR_MS)
+            what = f"hour {parquet_files.file_name(symbol.name, hour)} missing"
+            if gaps and float(parquet_files.completeness(gaps, hour)) == 0:
+                notes.append(f"{what}: no live data in it ({_describe(gaps)})")
+            else:
+                problems.append(what + (f" ({_describe(gaps)})" if gaps else ""))
         if problems:
             ok = False
             lines += [f"❌ {symbol.name}: {p}" for p in problems]
@@ -67,7 +79,29 @@ def exports(config, store):
                          f"{sum(r for _h, _p, r, _d in logged):,} rows, "
                          f"{parquet_files.file_name(symbol.name, hours[0])} .. "
                          f"{parquet_files.file_name(symbol.name, hours[-1])}")
+        lines += [f"   {symbol.name}: {note}" for note in notes]
     return ok, lines
+
+
+def _hour_gaps(store, name: str, hour: int, path: str) -> list:
+    """One line for an hour with gaps: its completeness and gaps, and whether the file's
+    metadata still says what the ledger says."""
+    gaps = store.gaps(name, hour, hour + HOUR_MS)
+    if not gaps:
+        return []
+    completeness = parquet_files.completeness(gaps, hour)
+    written = parquet_files.metadata(path).get(parquet_files.COMPLETENESS_KEY, b"").decode()
+    stale = "" if written == completeness else \
+        f"; the file says {written or 'nothing'} (written before a gap was recorded)"
+    return [f"{os.path.basename(path)}: completeness {completeness}, {_describe(gaps)}{stale}"]
+
+
+def _describe(gaps) -> str:
+    seconds = sum(g.end_ms - g.start_ms for g in gaps) / 1000
+    reasons = ", ".join(sorted({g.reason for g in gaps}))
+    return (f"{len(gaps)} gaps ({reasons}), {seconds:.3f} s, "
+            f"{sum(g.backfilled for g in gaps)} trades backfilled, "
+            f"{sum(1 for g in gaps if not g.covered)} not covered")
 
 
 def ip_separation(config):

@@ -27,7 +27,7 @@ from core.vocabulary import CLICKHOUSE, COLLECTOR, EXPORTER, TOR, ChildId
 from supervisor import commands, sdnotify
 from supervisor.alerts import Alerts
 from supervisor.children import (Child, ChildState, Forked, Subprocess, collector_main,
-                                 exporter_main, prepare_fork)
+                                 exporter_main, prepare_fork, start_reason)
 from supervisor.exits import ExitGuard
 from supervisor.monitor import Monitor
 from supervisor.tor import TorProcess
@@ -207,7 +207,8 @@ class Arbiter:
         # self.config at fork time: a collector (re)started after a reload gets its settings
         child_id = ChildId(COLLECTOR, symbol.name)
         child = Child(child_id, lambda: Forked(str(child_id), collector_main,
-                                               (self.config, symbol.symbol, parent, socks_port)),
+                                               (self.config, symbol.symbol, parent, socks_port,
+                                                start_reason(child))),
                       self.config.supervisor, symbol=symbol.symbol)
         self.children[child.name] = child
         if tor is None:
@@ -228,6 +229,9 @@ class Arbiter:
         self.tor_ports[symbol.name] = (process.socks_port, process.control_port)
         child = Child(ChildId(TOR, symbol.name), lambda: Subprocess(process, wait=False),
                       self.config.supervisor, symbol=symbol.symbol, heartbeats=False)
+        # the collector's gap (its socket through this tor broke) is a tor restart
+        child.on_exit = lambda why: self._publish("tor_restarted", name=symbol.name,
+                                                  detail=f"tor {why}")
         self.children[child.name] = child
         child.start(time.monotonic())
         return child

@@ -20,7 +20,8 @@ from collector.collector import Collector  # imported before the fork: pages sta
 from collector.spool import SpoolBusy
 from core import log as logging_setup
 from core.process import die_with_parent, set_name
-from core.vocabulary import EXPORTER
+from core.vocabulary import (EXPORTER, GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTART,
+                             GAP_DAEMON_RESTART)
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +56,17 @@ def _become_child(tag: str, level: str, parent_pid: int) -> None:
     logging_setup.setup(tag, level)
 
 
-def collector_main(config, symbol, parent_pid: int, socks_port: Optional[int]) -> None:
-    """Body of a forked collector process; with Tor, it connects through its tor's SocksPort."""
+def collector_main(config, symbol, parent_pid: int, socks_port: Optional[int],
+                   started_because: tuple) -> None:
+    """Body of a forked collector process; with Tor, it connects through its tor's SocksPort.
+    `started_because`: the (reason, detail) of the gap this start ends (start_reason())."""
     name = config.symbol(symbol).name
     _become_child(f"collector[{name}]", config.log["level"], parent_pid)
     bus = ChildBus(config.paths["runtime_dir"])
     socks_proxy = ("127.0.0.1", socks_port) if socks_port else None
     try:
-        code = Collector(config, symbol, socks_proxy=socks_proxy, bus=bus).run()
+        code = Collector(config, symbol, socks_proxy=socks_proxy, bus=bus,
+                         started_because=started_because).run()
     except SpoolBusy as e:
         log.error("cannot start: %s", e)
         code = 1
@@ -122,6 +126,18 @@ class Subprocess:
             self.server.process.send_signal(signum)
 
 
+def start_reason(child: "Child") -> tuple:
+    """Why a child is being started, as a gap reason and detail: its first start under this
+    daemon ends a daemon restart (the daemon was down, or the symbol was just added); a start
+    after a clean exit (exit code 0: a restart asked for) a collector restart; any other a
+    crash (a signal, SIGKILL included, or a failure exit)."""
+    if child.restarts == 0:
+        return GAP_DAEMON_RESTART, "daemon started"
+    if child.last_exit and child.last_exit.endswith("exit code 0"):
+        return GAP_COLLECTOR_RESTART, child.last_exit
+    return GAP_COLLECTOR_CRASH, child.last_exit or "unknown exit"
+
+
 def describe_exit(code: Optional[int]) -> str:
     if code is None:
         return "running"
@@ -154,6 +170,7 @@ class Child:
         self.wanted = True  # False once removed from the config or shutting down
         self.restart_at_once = False  # set by `restart NAME`: no backoff, not a crash
         self.kill_deadline = None
+        self.on_exit = None  # called with last_exit when the process exited and will restart
 
     def _become(self, state: ChildState, why: str, level: int = logging.INFO) -> None:
         """The one place a child changes state, and its log line."""
@@ -210,7 +227,10 @@ class Child:
         self.stats, self.rates = {}, {}
         if not self.wanted:
             self._become(ChildState.STOPPED, f"stopped ({self.last_exit})")
-        elif self.restart_at_once:
+            return
+        if self.on_exit is not None:
+            self.on_exit(self.last_exit)
+        if self.restart_at_once:
             self.restart_at_once, self.next_start = False, now
             self._become(ChildState.BACKOFF, f"{self.last_exit}; restarting now as asked")
         else:

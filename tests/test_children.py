@@ -1,8 +1,9 @@
 """Restart bookkeeping of a supervised child: backoff, flapping, hangs (pure logic)."""
 import signal
 
-from core.vocabulary import ChildId
-from supervisor.children import FLAP_EXITS, Child
+from core.vocabulary import (GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTART, GAP_DAEMON_RESTART,
+                             ChildId)
+from supervisor.children import FLAP_EXITS, Child, start_reason
 
 BTC = ChildId("collector", "btc")
 
@@ -91,3 +92,19 @@ def test_operator_restart_has_no_backoff():
     child.process.running = False
     child.tick(5.1)
     assert child.state == "running" and child.restarts == 1 and not child.exit_times
+
+
+def test_start_reason_names_the_gap_a_start_ends():
+    reasons = []
+    child = Child(BTC, lambda: (reasons.append(start_reason(child)), FakeProcess())[1], SUP)
+    child.start(0.0)  # the daemon's first start of it
+    crash_and_restart(child, 10.0)  # exit code 1
+    child.process.exit_description = lambda: "exit code 0"
+    crash_and_restart(child, 20.0)
+    exits = []
+    child.on_exit = exits.append
+    child.process.exit_description = lambda: "killed by SIGKILL"
+    crash_and_restart(child, 30.0)
+    assert [reason for reason, _detail in reasons] == [
+        GAP_DAEMON_RESTART, GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTART, GAP_COLLECTOR_CRASH]
+    assert reasons[-1][1].endswith("killed by SIGKILL") and exits == [reasons[-1][1]]

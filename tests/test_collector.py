@@ -1,6 +1,7 @@
 """The collector as a user runs it (`mexc collect`), against the MEXC simulator and a real
 ClickHouse: every row the simulator sent is stored exactly once, whatever goes wrong."""
 import collections
+import contextlib
 import os
 import shutil
 import signal
@@ -191,33 +192,49 @@ def read_spool(directory, name):
     return rows
 
 
-def test_wss_through_a_real_socks5_proxy(env, tmp_path):
-    if shutil.which("microsocks") is None or shutil.which("openssl") is None:
-        pytest.fail("microsocks/openssl missing: run ./setup", pytrace=False)
+def self_signed_tls(tmp_path):
+    """A server TLS context for `localhost` and the path of its certificate (the CA file)."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl missing: run ./setup", pytrace=False)
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                     "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(str(cert), str(key))
+    return context, str(cert)
+
+
+@contextlib.contextmanager
+def microsocks():
+    """A real SOCKS5 proxy on loopback: yields its port, then its output once stopped."""
+    if shutil.which("microsocks") is None:
+        pytest.fail("microsocks missing: run ./setup", pytrace=False)
     socks_port = free_port()
     proxy = subprocess.Popen(["microsocks", "-i", "127.0.0.1", "-p", str(socks_port)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
     try:
         wait_for(lambda: _port_open(socks_port), 10, "microsocks listening")
+        yield socks_port, output
+    finally:
+        proxy.terminate()
+        output.append(proxy.communicate(timeout=10)[0])
+
+
+def test_wss_through_a_real_socks5_proxy(env, tmp_path):
+    context, cert = self_signed_tls(tmp_path)
+    with microsocks() as (socks_port, output):
         with MexcSimulator(rate=150, ssl_context=context) as sim:
             url = f"wss://localhost:{sim.port}/edge"  # a host name: the proxy resolves it
-            config = env.write_config(url, exchange={"ca_file": str(cert)})
+            config = env.write_config(url, exchange={"ca_file": cert})
             proc = env.mexc("collect", "--config", config, "--symbol", "BTC_USDT",
                             "--socks", f"127.0.0.1:{socks_port}")
             wait_for(lambda: env.count() > 100, 30, "rows through the proxy")
             assert f"via socks5 127.0.0.1:{socks_port}" in proc.log()
             assert_stored_exactly_once(env, sim)
             assert proc.stop() == 0
-    finally:
-        proxy.terminate()
-        output = proxy.communicate(timeout=10)[0]
-    assert "localhost" in output or "connected" in output, output
+    assert "localhost" in output[0] or "connected" in output[0], output
 
 
 def _port_open(port):

@@ -14,6 +14,10 @@ def test_defaults_and_names():
     assert [(s.symbol, s.name) for s in cfg.symbols] == [
         ("BTC_USDT", "btc"), ("1000PEPE_USDT", "1000pepe"), ("SOL_USDT", "sol2")]
     assert cfg.exchange["url"] == "wss://contract.mexc.com/edge"
+    assert cfg.exchange["rest_url"] == "https://contract.mexc.com"  # the WebSocket's host
+    assert cfg.exchange["backfill"] is True
+    assert config.parse({"exchange": {"url": "ws://127.0.0.1:8/edge"}}).exchange["rest_url"] \
+        == "http://127.0.0.1:8"
     assert cfg.clickhouse["managed"] is True
     assert cfg.collector["flush_interval"] == 0.1
     assert cfg.symbol("btc").symbol == "BTC_USDT"
@@ -47,6 +51,7 @@ def test_int_accepted_for_float():
     ({"symbols": [{"symbol": "BTC_USDT", "nme": "b"}]}, "expected {symbol"),
     ({"exchange": {"url": "http://x"}}, "exchange.url: must start with ws:// or wss://"),
     ({"exchange": {"depth_limit": 50}}, "exchange.depth_limit: must be one of"),
+    ({"exchange": {"rest_url": "ftp://x"}}, "exchange.rest_url: must start with http:// or https://"),
     ({"clickhouse": {"database": "a-b"}}, "clickhouse.database: must be a plain identifier"),
     ({"collector": {"batch_rows": 0}}, "collector.batch_rows: must be at least 1"),
     ({"log": {"level": "loud"}}, "log.level: must be one of"),

@@ -189,7 +189,9 @@ def test_unknown_contract_gets_rs_error_and_no_data():
         ws.close()
 
 
-def test_tls(tmp_path):
+@pytest.fixture
+def tls_context(tmp_path):
+    """A server context with a fresh self-signed certificate for 127.0.0.1."""
     if shutil.which("openssl") is None:
         pytest.skip("openssl not installed")
     cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
@@ -198,7 +200,11 @@ def test_tls(tmp_path):
                    check=True, capture_output=True)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    with MexcSimulator(ssl_context=context, rate=100) as sim:
+    return context
+
+
+def test_tls(tls_context):
+    with MexcSimulator(ssl_context=tls_context, rate=100) as sim:
         assert sim.url.startswith("wss://127.0.0.1:")
         ws = connect(sim, sslopt={"cert_reqs": ssl.CERT_NONE})
         subscribe(ws, "deal", BTC)
@@ -374,6 +380,7 @@ def test_cli_reports_counts_on_sigterm():
     try:
         line = proc.stdout.readline()
         assert line.startswith("LISTENING ws://127.0.0.1:")
+        assert line.split()[2:] == ["REST", line.split()[1].replace("ws://", "http://")[:-5]]
         ws = websocket.create_connection(line.split()[1], skip_utf8_validation=True, timeout=5)
         subscribe(ws, "deal", BTC)
         deals = sum(len(rows_of(recv_json(ws))) for _ in range(20))  # the ack counts as no rows

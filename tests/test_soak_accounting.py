@@ -1,19 +1,23 @@
 """The soak's accounting (bench/soaklib): rows a real simulator sent, checked against what a
-collector would have stored.  Fast: two WebSocket clients, no daemon."""
+collector would have stored, and the gap ledger and the trades checked against the outage
+windows and the simulator's truth.  Fast: WebSocket and REST clients, no daemon."""
 import os
 import sys
 import time
 import types
+import urllib.request
 
 import pytest
 
-from mexc.simulator import MexcSimulator
+from core.vocabulary import GAP_DISCONNECT, GAP_STALL, Gap
+from mexc.simulator import MexcSimulator, RestAnswer, Trade
 from tests.test_simulator import (connect, exact_json, ping, recv_json, recv_until_pong, rows_of,
                                   subscribe)
+from tests.test_simulator_market import subscribed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "bench"))
-from soaklib import accounting, common, windows  # noqa: E402
+from soaklib import accounting, common, ledger, windows  # noqa: E402
 
 CHANNELS = ("deal", "depth.full", "ticker")
 
@@ -32,9 +36,10 @@ def read_rows(ws, seconds):
 def test_rows_sent_on_a_superseded_connection_are_not_lost_outside_windows():
     """Issue 16: after kill_tor the collector is connected again through the new tor (its
     outage window closes) while the killed tor's exit stream is still open at the exit relay
-    and the simulator's sendall() keeps completing on it.  Those rows reach nobody: they are
-    'lost on a superseded connection', not 'lost outside outage windows'.  A row the live
-    connection delivered and the collector did not store is still lost outside windows."""
+    and the simulator's sendall() keeps completing on it.  Rows only that connection carried
+    reach nobody: they are 'lost on a superseded connection', not 'lost outside outage
+    windows'.  A row the live connection delivered and the collector did not store is still
+    lost outside windows."""
     name = "sol"
     symbol = common.SYMBOLS[name]
     with MexcSimulator(rate=50) as sim:
@@ -60,8 +65,13 @@ def test_rows_sent_on_a_superseded_connection_are_not_lost_outside_windows():
         old.close()
         new.close()
     assert both_open, "the old connection must outlive the window, as an exit stream does"
-    assert len(after) > 50 and orphaned
+    # The market pushes to both connections: what the live one read is not orphaned, and the
+    # rows on the old one are recorded once.  Orphaned are only pushes the live connection
+    # missed (e.g. ticker frames before its sub.ticker).
+    assert len(after) > 50
     assert not orphaned & set(received + after), "a row that was read is orphaned"
+    sent = [row for row in sim.expected_rows(symbol) if row[0] is not None]
+    assert len(sent) == len(set(sent)), "a push sent on both connections was recorded twice"
     # A correct collector stores everything it received, except one row we drop on purpose:
     # a row that the live connection delivered must still count as lost outside windows.
     dropped = after[len(after) // 2]
@@ -70,10 +80,125 @@ def test_rows_sent_on_a_superseded_connection_are_not_lost_outside_windows():
         if ts != dropped[0]:
             stored.add(ts, mt, m)
     soak = types.SimpleNamespace(
-        sim=sim, speed=1.0, anchor=0, injections=[],  # the event clock is wall ms
+        sim=sim, speed=1.0, anchor=0, injections=[], ledger={},  # the event clock is wall ms
         windows=[windows.Window(name, start=window_start, end=window_end, causes=["kill_tor"])])
     report = accounting.account_symbol(soak, name, stored)
     assert report.lost_outside == 1, report
-    assert report.lost_orphaned > 0
     assert report.lost_orphaned + report.lost_in_windows + report.lost_outside \
         == report.sent - report.stored
+
+
+# --- the gap ledger against the windows, the trades against the truth ---------------------------
+
+def gap(start_ms, end_ms, covered=False, backfilled=0, reason=GAP_DISCONNECT, symbol="BTC_USDT"):
+    return Gap(symbol, "btc", start_ms, end_ms, reason, "", backfilled, covered, 0)
+
+
+def answer(oldest_t, newest_t, count=100, limit=100, symbol="BTC_USDT", latest_ms=None):
+    latest_ms = newest_t if latest_ms is None else latest_ms
+    return RestAnswer("127.0.0.1", symbol, limit, count, oldest_t, newest_t, latest_ms)
+
+
+def test_every_window_after_the_first_data_needs_an_overlapping_record():
+    windows_ = [(0, 40), (100, 200), (300, 400), (500, 600)]
+    gaps = [gap(150, 250), gap(590, 700)]
+    # (0, 40) comes before anything was stored: the symbol's startup, nothing to record
+    assert ledger.without_record(windows_, gaps, first_stored_ms=50) == [(300, 400)]
+    assert ledger.without_record(windows_, [], first_stored_ms=None) == []
+    assert ledger.without_record(windows_, gaps + [gap(400, 410)], 50) == []
+
+
+def test_a_gap_is_reachable_when_an_answer_after_it_reached_back_to_its_start():
+    g = gap(100, 200)
+    assert not ledger.reachable(g, [answer(50, 150)])  # served before the gap ended
+    assert not ledger.reachable(g, [answer(120, 260)])  # a full page not reaching back
+    assert ledger.reachable(g, [answer(120, 260), answer(90, 300)])
+    assert ledger.reachable(g, [answer(120, 260, count=40)])  # every trade there was
+    assert not ledger.reachable(g, [answer(90, 300, symbol="ETH_USDT")])
+    assert not ledger.reachable(g, [answer(None, None, count=0)])  # before any frame
+    assert ledger.reachable(g, [answer(None, None, count=0, latest_ms=200)])  # no trade at all
+    # the gap ended with a depth frame; no trade since: the answer still holds the whole gap
+    assert ledger.reachable(g, [answer(90, 190, latest_ms=205)])
+
+
+def test_trades_missing_before_and_after_backfill():
+    trades = [Trade("BTC_USDT", t, "1", "1", 1, 1, 1, t) for t in range(100)]
+    windows_ = [(20, 39), (60, 79)]
+    in_windows = {t for a, b in windows_ for t in range(a, b + 1)}
+    sent = set(range(100)) - in_windows  # the stream missed every trade in the windows
+    backfilled = set(range(20, 40)) | set(range(60, 70))  # the second page fell short
+    gaps = [gap(19, 40, covered=True, backfilled=20), gap(59, 80, backfilled=10)]
+    answers = [answer(10, 50), answer(70, 99, count=30, limit=30)]  # only the first reached
+
+    def figures(gaps, stored):
+        return ledger.trade_figures(windows_, gaps, trades, answers, sent.__contains__,
+                                    lambda trade: trade.t in stored, first_stored_ms=0)
+    f = figures(gaps, sent | backfilled)
+    assert (f.gaps, f.covered, f.reachable, f.backfilled) == (2, 1, 1, 30)
+    assert f.reasons == {GAP_DISCONNECT: 2}
+    assert (f.windows_needing_record, f.windows_without_record) == (2, 0)
+    assert (f.trades, f.in_windows, f.missed_by_stream) == (100, 40, 40)
+    assert (f.missing_after_backfill, f.missing_in_reachable_gaps) == (10, 0)
+    assert (f.missing_in_covered_gaps, f.missing_outside_windows) == (0, 0)
+    # a ledger that claims coverage it does not have, a backfill that skipped a reachable trade
+    f = figures([gap(19, 40, covered=True), gap(59, 80, covered=True, reason=GAP_STALL)],
+                (sent | backfilled) - {25, 5})
+    assert (f.missing_in_covered_gaps, f.missing_in_reachable_gaps) == (11, 1)
+    assert (f.missing_after_backfill, f.missing_outside_windows) == (11, 1)
+
+
+def deal_rows(ws):
+    """Rows of every push received up to the pong of a ping sent now."""
+    ping(ws)
+    return [row for _, payload in recv_until_pong(ws) for row in rows_of(exact_json(payload))]
+
+
+class Clock:
+    """The simulator's event clock, set by the test (ms)."""
+    now_ms = 1_000_000
+
+    def __call__(self):
+        return self.now_ms
+
+
+def test_a_window_backfilled_over_rest_is_recorded_and_complete():
+    """A client that, like a correct collector, stores what it received, misses a stretch
+    while disconnected, and fills it from the simulator's REST API: the accounting finds the
+    record, nothing missing after backfill, and the backfilled rows as such (not 'never
+    sent')."""
+    name, clock = "btc", Clock()
+    symbol = common.SYMBOLS[name]
+    with MexcSimulator(rate=0, event_clock=clock) as sim:
+        ws = subscribed(sim, symbol, compress=False)
+        sim.trade(symbol, 5)
+        before = deal_rows(ws)
+        ws.close()
+        clock.now_ms = 2_000_000  # the outage: the market trades, nobody listens
+        missed = [trade for _ in range(10) for trade in sim.trade(symbol, 3)]
+        clock.now_ms = 3_000_000  # connected again: one trade arrives, then the backfill
+        ws = subscribed(sim, symbol, compress=False)
+        sim.trade(symbol, 1)
+        after = deal_rows(ws)
+        ws.close()
+        url = f"{sim.rest_url}/api/v1/contract/deals/{symbol}?limit=100"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            fetched = [(int(d["t"]), "d", f'{d["p"]}|{d["v"]}|{d["T"]}')
+                       for d in exact_json(response.read())["data"]]
+        start, end = max(before)[0], min(after)[0]  # the last row before, the first after
+        backfill = [row for row in fetched if start < row[0] < end]
+        stored = accounting.Stored()
+        for row in before + after + backfill:
+            stored.add(*row)
+        window = windows.Window(name, start=1_500.0, end=2_500.0, causes=["disconnect"])
+        soak = types.SimpleNamespace(sim=sim, speed=1.0, anchor=0, injections=[],
+                                     windows=[window], ledger={name: []})
+        assert accounting.account_symbol(soak, name, stored).ledger.windows_without_record == 1
+        soak.ledger[name] = [gap(start, end, covered=True, backfilled=len(backfill))]
+        report = accounting.account_symbol(soak, name, stored)
+    f = report.ledger
+    assert len(backfill) == len(missed) == 30
+    assert report.backfilled == 30 and report.unrecorded_in_windows == 0
+    assert (f.windows_without_record, f.reachable, f.covered) == (0, 1, 1)
+    assert (f.trades, f.in_windows, f.missed_by_stream) == (36, 30, 30)
+    assert (f.missing_after_backfill, f.missing_in_reachable_gaps) == (0, 0)
+    assert report.duplicates == report.lost_outside == report.corrupt == 0

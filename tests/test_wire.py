@@ -115,3 +115,18 @@ def test_subscribe_requests_ask_for_every_trade_unmerged():
     merged = [json.loads(r) for r in wire.subscribe_requests("SOL_USDT", 5, merge_deals=True)]
     assert merged[1] == {"method": "sub.deal", "param": {"symbol": "SOL_USDT"}}
     assert merged[2]["param"]["limit"] == 5
+
+
+def test_stale_depth_snapshot_becomes_a_dead_letter():
+    def depth(version, ts):
+        return ('{"channel":"push.depth.full","symbol":"BTC_USDT","ts":%d,"data":{"asks":'
+                '[[2,1]],"bids":[[1,1]],"version":%d}}' % (ts, version))
+    versions = {}
+    assert wire.parse(depth(10, 1000), 5, "BTC_USDT", versions)[0] == "depth.full"
+    kind, rows = wire.parse(depth(10, 1001), 5, "BTC_USDT", versions)  # not newer: stale
+    assert kind == "dead:push.depth.full: stale version 10, not newer than 10"
+    assert rows == [(1001, "dl", depth(10, 1001), 5)]
+    assert wire.parse(depth(9, 1002), 5, "BTC_USDT", versions)[0].startswith("dead:")
+    assert wire.parse(depth(11, 1003), 5, "BTC_USDT", versions)[0] == "depth.full"
+    assert versions == {"BTC_USDT": 11}
+    assert wire.parse(depth(1, 1004), 5, "BTC_USDT")[0] == "depth.full"  # nobody keeps count

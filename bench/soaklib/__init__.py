@@ -8,6 +8,8 @@
               sampler that opens and closes outage windows; running the schedule; the end phase
   faults      the fault injectors (kill_collector ... huge), each (soak, fault) -> its undo
   accounting  every row read back and counted against what the simulator sent
+  ledger      the gap ledger against the outage windows, the trades against the simulator's
+              truth: missing before and after backfill
   report      the figures (Report, SymbolReport), the verdict, the text and JSON output
 
 Importing this package puts the repository root first on sys.path (for mexc, core, tests ...).

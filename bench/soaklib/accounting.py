@@ -18,6 +18,7 @@ from core.clock import HOUR_MS
 from core.store import Store
 
 from .common import FILE_RE, SYMBOLS, say
+from .ledger import trade_figures
 from .windows import Window
 from .report import LONG_WINDOW, SymbolReport
 
@@ -88,12 +89,25 @@ def read_tables(soak, stored: Dict[str, Stored]) -> None:
                     n += 1
                 if table.endswith("_fresh"):
                     soak.report.fresh_rows += n
+            soak.ledger[name] = store.gaps(name)
     finally:
         store.close()
 
 
 def event_ms(soak, wall_s: float) -> int:
     return int(soak.anchor + (wall_s * 1000 - soak.anchor) * soak.speed)
+
+
+def window_spans(soak, name: str) -> List[Tuple[int, int]]:
+    """Each of the symbol's outage windows in event ms, with slack, in order."""
+    return sorted((event_ms(soak, w.start - EVENT_SLACK), event_ms(soak, w.end + EVENT_SLACK))
+                  for w in soak.windows if w.symbol == name)
+
+
+def describe_span(soak, span: Tuple[int, int]) -> str:
+    start = soak.anchor + (span[0] - soak.anchor) / soak.speed
+    return (f"{time.strftime('%H:%M:%S', time.localtime(start / 1000))} for "
+            f"{(span[1] - span[0]) / soak.speed / 1000:.1f}s (event ms {span[0]}..{span[1]})")
 
 
 def merged_windows(soak, name: str) -> List[Tuple[int, int, List[Window]]]:
@@ -156,11 +170,15 @@ def account_symbol(soak, name: str, stored: Stored) -> SymbolReport:
     for ts, mt, m in rows:
         sent_content[ts] = hash((mt, m))
         missing.append(stored.count[ts] == 0)
+    trades = soak.sim.trades(SYMBOLS[name])
+    traded = {trade.t: hash(trade.row[1:]) for trade in trades}
     for ts, times in stored.count.items():
         report.stored += 1
         report.duplicates += times - 1
         expected = sent_content.get(ts)
-        if expected is None:
+        if expected is None and traded.get(ts) == stored.content[ts]:
+            report.backfilled += 1  # a trade the market made, never sent: from REST
+        elif expected is None:
             if window_of(ts) is None:
                 report.unrecorded_outside += 1
             else:
@@ -216,6 +234,13 @@ def account_symbol(soak, name: str, stored: Stored) -> SymbolReport:
                 f"sent about {time.strftime('%H:%M:%S', time.localtime(wall))}"
                 f".{int(wall * 1000) % 1000:03d})")
         run_start = j
+    report.ledger = trade_figures(
+        window_spans(soak, name), soak.ledger.get(name, []), trades,
+        soak.sim.rest_answers(SYMBOLS[name]), sent=sent_content.__contains__,
+        stored=lambda trade: stored.count[trade.t] > 0
+        and stored.content[trade.t] == traded[trade.t],
+        first_stored_ms=min(stored.count, default=None),
+        describe=lambda span: describe_span(soak, span))
     report.dead_letters_injected = sum(1 for _w, n, _k in soak.injections if n == name)
     report.dead_letters_stored = sum(stored.dead.values())
     return report

@@ -2,10 +2,13 @@
 (Report.judge), and the report as text and as JSON."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
+
+from .ledger import TradeFigures
 
 # s; no single fault keeps a collector away this long, so such a window is reported (not failed:
 # a slow tor bootstrap on the small test network is one cause) and the work dir is kept
@@ -33,6 +36,8 @@ class SymbolReport:
     long_windows: int = 0  # windows over LONG_WINDOW s: a recovery this slow is worth a look
     dead_letters_injected: int = 0
     dead_letters_stored: int = 0
+    backfilled: int = 0  # stored trades the market made and no WebSocket sent: from REST
+    ledger: TradeFigures = field(default_factory=TradeFigures)  # gaps and trades, see ledger.py
     examples: List[str] = field(default_factory=list)  # first runs lost outside windows
     outages: List[str] = field(default_factory=list)  # the windows that cost rows
 
@@ -104,6 +109,16 @@ class Report:
                 f.append(f"{s.name}: {s.lost_outside} rows lost outside outage windows")
             if s.unrecorded_outside:
                 f.append(f"{s.name}: {s.unrecorded_outside} rows stored that were never sent")
+            g = s.ledger
+            if g.windows_without_record:
+                f.append(f"{s.name}: {g.windows_without_record} outage windows without a gap "
+                         f"record ({'; '.join(g.without_record_examples[:2])})")
+            if g.missing_in_reachable_gaps:
+                f.append(f"{s.name}: {g.missing_in_reachable_gaps} trades missing inside gaps "
+                         "a REST answer reached")
+            if g.missing_in_covered_gaps:
+                f.append(f"{s.name}: {g.missing_in_covered_gaps} trades missing inside gaps "
+                         "the ledger calls covered")
         if self.dead_letters_extra:
             f.append(f"{self.dead_letters_extra} dead letters stored twice or never sent")
         if self.dead_letters_missing > self.dead_letters_missing_allowed:
@@ -177,6 +192,7 @@ class Report:
             f"stored rows that differ or were never sent: "
             f"{total('corrupt') + total('unrecorded_outside')} "
             f"(+{total('unrecorded_in_windows')} delivered by half-sent frames inside windows)",
+            *self.ledger_lines(),
             f"dead letters: {self.dead_letters_sent} sent, {self.dead_letters_stored} stored, "
             f"{self.dead_letters_missing} missing ({self.dead_letters_missing_allowed} allowed), "
             f"{self.dead_letters_extra} extra",
@@ -215,6 +231,30 @@ class Report:
         lines += [f"FAIL: {f}" for f in self.failures]
         lines.append(f"RESULT: {'PASS' if self.passed else 'FAIL'}")
         return "\n".join(lines)
+
+
+    def ledger_lines(self) -> List[str]:
+        """The gap ledger against the windows, and the trades missing before and after
+        backfill (the truth: every trade the simulator's market made)."""
+        total = lambda attr: sum(getattr(s.ledger, attr) for s in self.symbols)  # noqa: E731
+        reasons = collections.Counter()
+        for s in self.symbols:
+            reasons.update(s.ledger.reasons)
+        return [
+            f"gap ledger: {total('gaps')} records ("
+            + (", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "none")
+            + f"); outage windows without a record: {total('windows_without_record')} of "
+            f"{total('windows_needing_record')} that need one; covered {total('covered')}, "
+            f"reachable by a REST answer {total('reachable')}; backfilled "
+            f"{total('backfilled')} trades (ledger), "
+            f"{sum(s.backfilled for s in self.symbols)} stored rows never sent",
+            f"trades: {total('trades'):,} made, {total('in_windows'):,} inside outage "
+            f"windows; missing there before backfill (never sent): {total('missed_by_stream'):,}"
+            f", after backfill: {total('missing_after_backfill'):,} "
+            f"({total('missing_in_reachable_gaps')} in reachable gaps, "
+            f"{total('missing_in_covered_gaps')} in covered ones); missing outside windows: "
+            f"{total('missing_outside_windows')}",
+        ]
 
 
 def to_json(report: Report) -> str:

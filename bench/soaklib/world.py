@@ -76,6 +76,7 @@ class Soak:
         self.removed: Optional[str] = None  # symbol taken out of the config by a reload
         self.links: Dict[str, Link] = {}  # see start()
         self.windows: List[Window] = []
+        self.ledger: Dict[str, list] = {}  # short name -> its gap records (read at the end)
         self.child_pids: Dict[int, float] = {}  # every child pid seen -> create time
         self.tor_pids = set()
         self.restarts: Dict[Tuple[int, str], int] = {}  # (supervisor pid, child) -> restarts

@@ -1,0 +1,116 @@
+"""The gap ledger and the truth: every outage window the soak measured must have its record in
+the ledger (core.vocabulary.Gap, read back with Store.gaps), and every trade the simulator's
+market made inside a window is counted twice: missed by the stream (never sent on a
+WebSocket), and still missing once backfill has run (stored nowhere).
+
+A gap is "reachable" when a REST answer the simulator served after the gap's end reached back
+to its start (or listed every trade there was): a correct backfill then leaves no trade of the
+gap missing, whatever the collector believes (`covered`).  Pure functions: the soak's
+accounting feeds them (accounting.account_symbol), tests/test_soak_ledger.py checks them."""
+from __future__ import annotations
+
+import bisect
+import collections
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+Span = Tuple[int, int]  # event ms, both ends inclusive
+
+
+def overlaps(a: Span, b: Span) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def needs_record(window: Span, first_stored_ms: Optional[int]) -> bool:
+    """A window needs a ledger record once the symbol had data stored before it: the ledger's
+    gap runs from the last data frame before a stretch, and a symbol's very first subscription
+    (the soak's startup) has none."""
+    return first_stored_ms is not None and first_stored_ms < window[0]
+
+
+def without_record(windows: Sequence[Span], gaps: Sequence,
+                   first_stored_ms: Optional[int]) -> List[Span]:
+    """The windows that need a record and overlap no gap of the ledger."""
+    return [w for w in windows if needs_record(w, first_stored_ms)
+            and not any(overlaps(w, (g.start_ms, g.end_ms)) for g in gaps)]
+
+
+def reachable(gap, answers: Iterable) -> bool:
+    """Some REST answer (simulator.RestAnswer) for the gap's symbol, served once the frame
+    ending the gap existed, listed every trade from the gap's start to its end."""
+    return any(a.symbol == gap.symbol and a.latest_ms is not None and a.latest_ms >= gap.end_ms
+               and (a.count < a.limit or a.oldest_t <= gap.start_ms) for a in answers)
+
+
+class Spans:
+    """A set of event-ms spans, merged, for fast membership tests of millions of trades."""
+
+    def __init__(self, spans: Iterable[Span]):
+        merged: List[list] = []
+        for a, b in sorted(spans):
+            if merged and a <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        self.starts = [a for a, _b in merged]
+        self.ends = [b for _a, b in merged]
+
+    def __contains__(self, t: int) -> bool:
+        i = bisect.bisect_right(self.starts, t) - 1
+        return i >= 0 and t <= self.ends[i]
+
+
+@dataclass
+class TradeFigures:
+    """One symbol's ledger against its windows and the truth."""
+    gaps: int = 0  # ledger records
+    reasons: Dict[str, int] = field(default_factory=dict)
+    covered: int = 0  # records saying backfill reached back to their start
+    reachable: int = 0  # records a REST answer reached (see module doc)
+    backfilled: int = 0  # trades the ledger says backfill stored
+    windows_needing_record: int = 0
+    windows_without_record: int = 0
+    without_record_examples: List[str] = field(default_factory=list)
+    trades: int = 0  # every trade the market made
+    in_windows: int = 0  # ... inside outage windows
+    missed_by_stream: int = 0  # in windows, never sent on a WebSocket: before backfill
+    missing_after_backfill: int = 0  # in windows, stored nowhere
+    missing_in_reachable_gaps: int = 0  # a backfill fault: must be 0 (in windows or not)
+    missing_in_covered_gaps: int = 0  # the ledger says covered, yet missing: must be 0
+    missing_outside_windows: int = 0  # outside every window and stored nowhere
+
+
+def trade_figures(windows: Sequence[Span], gaps: Sequence, trades: Sequence,
+                  answers: Sequence, sent: Callable[[int], bool], stored: Callable[[object], bool],
+                  first_stored_ms: Optional[int],
+                  describe: Callable[[Span], str] = str) -> TradeFigures:
+    """windows: the symbol's outage windows in event ms (with slack); gaps: its ledger records;
+    trades: every trade its market made (simulator.Trade); answers: the REST answers served;
+    sent(t): a WebSocket sent the trade's row; stored(trade): its row is stored."""
+    f = TradeFigures(gaps=len(gaps), trades=len(trades))
+    f.reasons = dict(collections.Counter(g.reason for g in gaps))
+    f.covered = sum(1 for g in gaps if g.covered)
+    f.backfilled = sum(g.backfilled for g in gaps)
+    f.windows_needing_record = sum(1 for w in windows if needs_record(w, first_stored_ms))
+    missed = without_record(windows, gaps, first_stored_ms)
+    f.windows_without_record = len(missed)
+    f.without_record_examples = [describe(w) for w in missed[:5]]
+    reached = [g for g in gaps if reachable(g, answers)]
+    f.reachable = len(reached)
+    in_windows = Spans(windows)
+    in_reached = Spans((g.start_ms, g.end_ms) for g in reached)
+    in_covered = Spans((g.start_ms, g.end_ms) for g in gaps if g.covered)
+    for trade in trades:
+        in_window = trade.t in in_windows
+        if in_window:
+            f.in_windows += 1
+            f.missed_by_stream += not sent(trade.t)
+        if stored(trade):
+            continue
+        if in_window:
+            f.missing_after_backfill += 1
+        else:
+            f.missing_outside_windows += 1
+        f.missing_in_reachable_gaps += trade.t in in_reached
+        f.missing_in_covered_gaps += trade.t in in_covered
+    return f

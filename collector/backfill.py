@@ -1,0 +1,92 @@
+"""Backfill of trades: after a gap, the trades MEXC still has that the WebSocket did not deliver.
+
+fetch() asks the REST API for the latest REST_LIMIT trades as soon as the gap has closed,
+along the WebSocket's own path (through its tor's SOCKS port when Tor is on, so the request
+leaves by the same exit and IP separation holds).  fill() keeps the trades inside the gap
+[start_ms, end_ms], takes away what ClickHouse already holds in that span (the rows at the
+gap's edges share their ms with it) as a multiset on (t, p, v, T), and hands the rest to the
+writer as ordinary deal rows.  Two identical prints in one ms are two trades: the multiset
+keeps both, or one when one is stored already, never merges nor doubles them.
+
+A gap is covered when the answer reached back past its start (its oldest trade is older) or
+held fewer trades than asked for (that is all MEXC has); a longer gap is recorded as not
+covered: its oldest trades are gone from the REST window.
+"""
+import collections
+import logging
+import threading
+import time
+from typing import List, Optional, Tuple
+
+from collector import wire
+from collector.connection import http_get
+from core.log import first_line
+
+log = logging.getLogger(__name__)
+
+REST_LIMIT = 100  # MEXC's largest page
+RATE_REQUESTS, RATE_WINDOW = 20, 2.0  # MEXC's limit per IP
+TRIES = 3
+
+
+class RateBudget:
+    """At most `requests` requests per `window` seconds; take() waits for a free slot."""
+
+    def __init__(self, requests: int = RATE_REQUESTS, window: float = RATE_WINDOW):
+        self.requests, self.window = requests, window
+        self.sent = collections.deque()
+        self.lock = threading.Lock()
+
+    def take(self) -> None:
+        with self.lock:
+            while len(self.sent) >= self.requests:
+                wait = self.sent[0] + self.window - time.monotonic()
+                if wait <= 0:
+                    self.sent.popleft()
+                else:
+                    time.sleep(wait)
+            self.sent.append(time.monotonic())
+
+
+class Backfill:
+    """One collector's backfill: its symbol, its network path, its writer and rate budget."""
+
+    def __init__(self, ex: dict, symbol, socks_proxy, writer, budget: Optional[RateBudget] = None):
+        self.ex = ex
+        self.symbol, self.name = symbol.symbol, symbol.name
+        self.socks_proxy = socks_proxy
+        self.writer = writer
+        self.budget = budget or RateBudget()
+        self.url = ex["rest_url"].rstrip("/") + wire.recent_deals_path(symbol.symbol, REST_LIMIT)
+
+    def fetch(self) -> Optional[List[tuple]]:
+        """The latest trades as deal rows (newest first), or None when MEXC did not answer
+        with them after TRIES tries (logged)."""
+        for attempt in range(1, TRIES + 1):
+            self.budget.take()
+            try:
+                status, body = http_get(self.url, self.ex["connect_timeout"], self.ex["ca_file"],
+                                        self.socks_proxy)
+                if status != 200:
+                    raise wire.BadFrame(f"HTTP {status}: {body[:200]!r}")
+                return wire.recent_deal_rows(body, int(time.time() * 1000))
+            except Exception as e:
+                log.warning("backfill request failed try=%d/%d url=%s: %s: %s", attempt, TRIES,
+                            self.url, type(e).__name__, first_line(e))
+        return None
+
+    def fill(self, fetched: List[tuple], start_ms: int, end_ms: int, store) -> Tuple[int, bool]:
+        """Store the fetched trades of [start_ms, end_ms] that are not stored yet;
+        returns (trades stored, covered)."""
+        stored = collections.Counter(store.deals_between(self.name, start_ms, end_ms))
+        missing = []
+        for row in sorted((r for r in fetched if start_ms <= r[0] <= end_ms), key=lambda r: r[0]):
+            key = (row[0], row[2])
+            if stored[key]:
+                stored[key] -= 1
+            else:
+                missing.append(row)
+        if missing:
+            self.writer.submit(missing)
+        covered = len(fetched) < REST_LIMIT or min(r[0] for r in fetched) < start_ms
+        return len(missing), covered

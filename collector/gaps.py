@@ -1,0 +1,198 @@
+"""The gap ledger: each stretch in which a symbol had no live subscription, recorded once.
+
+The receive loop tells the ledger what happens, each with one small call:
+  seen(rows, now)       a data frame arrived (ticker, deal or depth rows)
+  lost(reason, detail)  the connection ended (disconnect, dead socket)
+  hint(reason, detail)  something that explains a gap open now or opening within HINT_TTL
+                        seconds (an exchange error; the supervisor's word that our tor was
+                        restarted, from the bus thread)
+A gap opens when the connection is lost (its start: the newest exchange ts seen before it) or
+when the process starts (its start: what was stored last, read back from ClickHouse, since a
+SIGKILLed process left no word; its reason comes from whoever started us: the supervisor
+knows whether it restarted a crashed collector or the daemon started fresh).  A live
+connection on which every channel stays silent for `exchange.silent_alarm` seconds has a gap
+too (a stall).  Every gap closes at the first data frame after it (its end: that frame's
+oldest ts), so it is recorded when the data is back, never while it is still open.
+
+Closed gaps go to a worker thread, which asks the REST API for the latest trades at once
+(collector/backfill.py), waits until the writer has stored the rows around the gap, stores
+the trades the WebSocket did not deliver, and writes the record to the `gaps` table,
+retrying while ClickHouse is away.  Records still in the worker when the process dies are
+lost; the stretch is then inside the next start's gap, which reaches back to the last
+stored row.
+"""
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from core.log import first_line
+from core.store import Store
+from core.vocabulary import GAP_STALL, Gap
+
+log = logging.getLogger(__name__)
+
+SETTLE = 0.3  # seconds after a gap closes before its edge rows are surely handed to the writer
+RETRY = 2.0  # seconds between tries while ClickHouse is away
+STOP_GRACE = 1.0  # a stopping collector gives its gap records this long (its rows come first)
+HINT_TTL = 5.0  # seconds a hint explains a gap that has not opened yet
+
+
+@dataclass
+class OpenGap:
+    start_ms: Optional[int]  # None: the process started; read what was stored last
+    reason: str
+    detail: str
+    end_ms: int = 0
+    closed_at: float = 0.0  # monotonic time of the first data frame after it
+
+
+class GapLedger:
+    """One collector's ledger.  `writer` is its RowWriter (backfilled rows go through it, and
+    the ledger waits for it); `backfill` a collector.backfill.Backfill or None."""
+
+    def __init__(self, symbol, ch: dict, writer, stall_after: float, start_reason: str,
+                 start_detail: str, backfill=None):
+        self.symbol, self.name = symbol.symbol, symbol.name
+        self.store = Store(ch)
+        self.writer = writer
+        self.written_before = writer.spool.rows  # spooled by an earlier run, stored first
+        self.stall_after = stall_after
+        self.backfill = backfill
+        self.open: Optional[OpenGap] = OpenGap(None, start_reason, start_detail)
+        self.last_ms = 0  # newest exchange ts of the data seen
+        self.last_seen = 0.0  # monotonic time of the last data frame
+        self.hinted = None  # (reason, detail, until): explains a gap opening before `until`
+        self.closed = queue.Queue()
+        self.stopping = threading.Event()
+        self.recorded = 0
+        self.thread = threading.Thread(target=self._run, name=f"gaps-{self.name}", daemon=True)
+
+    # --- called from the receive loop ------------------------------------------------------
+
+    def seen(self, rows, now: float) -> None:
+        """A data frame's rows arrived (rows is not empty)."""
+        if self.open is not None or now - self.last_seen >= self.stall_after:
+            self._data_again(rows, now)
+        newest = rows[0][0] if len(rows) == 1 else max(row[0] for row in rows)  # hot path
+        if newest > self.last_ms:
+            self.last_ms = newest
+        self.last_seen = now
+
+    def lost(self, reason: str, detail: str) -> None:
+        """The connection ended; a gap opens unless one is open already."""
+        if self.open is None:
+            reason, detail = self._hinted() or (reason, detail)
+            self.open = OpenGap(self.last_ms or None, reason, detail)
+            log.info("gap opened reason=%s detail=%s start_ms=%s", reason, detail, self.last_ms)
+
+    def hint(self, reason: str, detail: str) -> None:
+        """This explains the gap open now (a start's gap keeps its own reason), or one that
+        opens within HINT_TTL seconds."""
+        gap = self.open
+        if gap is not None and gap.start_ms is not None:
+            gap.reason, gap.detail = reason, detail
+        else:
+            self.hinted = (reason, detail, time.monotonic() + HINT_TTL)
+
+    def _hinted(self):
+        hinted = self.hinted
+        if hinted is not None and time.monotonic() < hinted[2]:
+            return hinted[:2]
+        return None
+
+    def _data_again(self, rows, now: float) -> None:
+        gap = self.open
+        if gap is None:  # data stopped on a live connection
+            reason, detail = self._hinted() or (GAP_STALL,
+                                                f"no data for {now - self.last_seen:.1f}s")
+            gap = OpenGap(self.last_ms, reason, detail)
+        gap.end_ms, gap.closed_at = min(row[0] for row in rows), now
+        self.open = None
+        self.closed.put(gap)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """Finish the gaps closed so far within about `grace` seconds (the writer still runs;
+        a request or query still blocked then is left to the daemon thread's end)."""
+        self.closed.put(None)
+        self.thread.join(grace)
+        self.stopping.set()
+        self.thread.join(0.2)
+        if self.thread.is_alive() or not self.closed.empty():
+            log.warning("stopping with a gap record unwritten (ClickHouse or the REST API slow "
+                        "or away)")
+
+    # --- the worker thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            gap = self.closed.get()
+            if gap is None:
+                return
+            try:
+                self._settle(gap)
+            except Exception:
+                log.exception("gap record failed start_ms=%s end_ms=%s reason=%s",
+                              gap.start_ms, gap.end_ms, gap.reason)
+
+    def _settle(self, gap: OpenGap) -> None:
+        fetched = self.backfill.fetch() if self.backfill is not None else None
+        if not self._wait_stored(gap):
+            return
+        if gap.start_ms is None:
+            gap.start_ms = self._retry(lambda: self.store.newest_data_ms(
+                self.name, self.symbol, gap.end_ms))
+            if self.stopping.is_set() and gap.start_ms is None:
+                return
+            if gap.start_ms is None:
+                log.info("first data of %s: nothing stored before, no gap", self.symbol)
+                return
+        gap.end_ms = max(gap.end_ms, gap.start_ms)
+        backfilled, covered = 0, False
+        if fetched is not None:
+            backfilled, covered = self._retry(
+                lambda: self.backfill.fill(fetched, gap.start_ms, gap.end_ms, self.store)) \
+                or (0, False)
+        record = Gap(self.symbol, self.name, gap.start_ms, gap.end_ms, gap.reason, gap.detail,
+                     backfilled, covered, int(time.time() * 1000))
+        if self._retry(lambda: self._record(record)):
+            self.recorded += 1
+            log.info("gap recorded reason=%s detail=%s start_ms=%d end_ms=%d seconds=%.3f "
+                     "backfilled=%d covered=%s", record.reason, record.detail, record.start_ms,
+                     record.end_ms, (record.end_ms - record.start_ms) / 1000, backfilled,
+                     str(covered).lower())
+
+    def _wait_stored(self, gap: OpenGap) -> bool:
+        """Wait until the writer has stored every row handed to it up to the gap's end (so
+        the rows at both edges are in ClickHouse).  False: we are stopping first."""
+        self.stopping.wait(max(0.0, gap.closed_at + SETTLE - time.monotonic()))
+        mark = self.written_before + self.writer.rows_submitted
+        while self.writer.rows_written < mark:
+            if self.stopping.wait(0.05):
+                return False
+        return True
+
+    def _record(self, record: Gap) -> bool:
+        self.store.create_gaps_table()
+        self.store.record_gaps([record])
+        return True
+
+    def _retry(self, step):
+        """step() until it succeeds (ClickHouse may be away) or we stop: its value or None."""
+        while True:
+            try:
+                return step()
+            except Exception as e:
+                self.store.close()
+                if self.stopping.is_set():
+                    log.warning("gap ledger: %s; giving up, stopping", first_line(e))
+                    return None
+                log.warning("gap ledger: %s; retrying in %.0fs", first_line(e), RETRY)
+                self.stopping.wait(RETRY)

@@ -1,0 +1,81 @@
+"""Backfill's pure logic: the REST answer as rows, the multiset match, coverage, the budget."""
+import time
+
+import pytest
+
+from collector import wire
+from collector.backfill import REST_LIMIT, Backfill, RateBudget
+from core.config import Symbol
+
+ANSWER = (b'{"success":true,"code":0,"data":['
+          b'{"p":101.50,"v":3,"T":1,"O":1,"M":2,"t":1005},'
+          b'{"p":101.50,"v":3,"T":1,"O":1,"M":2,"t":1005},'
+          b'{"p":7.548E+4,"v":1,"T":2,"O":3,"M":1,"t":1003},'
+          b'{"p":101.4,"v":2,"T":2,"O":3,"M":1,"t":1001}]}')
+
+
+class Stored:
+    """What ClickHouse holds: deals_between as Store answers it."""
+
+    def __init__(self, deals):
+        self.deals = deals
+
+    def deals_between(self, _name, start_ms, end_ms):
+        return [(t, m) for t, m in self.deals if start_ms <= t <= end_ms]
+
+
+class Submitted:
+    def __init__(self):
+        self.rows = []
+
+    def submit(self, rows):
+        self.rows += rows
+
+
+def backfill(writer):
+    ex = {"rest_url": "http://127.0.0.1:1/", "connect_timeout": 1.0, "ca_file": ""}
+    return Backfill(ex, Symbol("BTC_USDT", "btc"), None, writer)
+
+
+def test_answer_becomes_deal_rows_with_the_exchange_text():
+    rows = wire.recent_deal_rows(ANSWER, 77)
+    assert rows[0] == (1005, "d", "101.50|3|1", 77)
+    assert rows[2] == (1003, "d", "7.548E+4|1|2", 77)
+    assert len(rows) == 4
+
+
+@pytest.mark.parametrize("body", [b"not json", b'{"success":false,"code":1001,"message":"x"}',
+                                  b'{"success":true,"data":[{"p":1,"v":1,"T":1}]}',
+                                  b'{"success":true,"data":[{"p":"x","v":1,"T":1,"t":5}]}'])
+def test_failure_answers_are_refused(body):
+    with pytest.raises(wire.BadFrame):
+        wire.recent_deal_rows(body, 1)
+
+
+def test_two_identical_prints_in_one_ms_are_neither_merged_nor_doubled():
+    writer = Submitted()
+    fetched = wire.recent_deal_rows(ANSWER, 77)
+    # one of the two identical prints at 1005 came over the WebSocket (the gap's end frame)
+    stored = Stored([(1001, "101.4|2|2"), (1005, "101.50|3|1")])
+    count, covered = backfill(writer).fill(fetched, 1001, 1005, stored)
+    assert [r[:3] for r in writer.rows] == [(1003, "d", "7.548E+4|1|2"), (1005, "d", "101.50|3|1")]
+    assert count == 2
+    assert covered  # fewer trades than asked for: all there is
+
+
+def test_trades_outside_the_gap_are_left_alone_and_a_full_page_must_reach_back():
+    writer = Submitted()
+    fetched = [(2000 - i, "d", "1|1|1", 5) for i in range(REST_LIMIT)]  # 1901..2000
+    count, covered = backfill(writer).fill(fetched, 1950, 1960, Stored([]))
+    assert count == 11 and all(1950 <= r[0] <= 1960 for r in writer.rows)
+    assert covered
+    count, covered = backfill(Submitted()).fill(fetched, 1800, 1960, Stored([]))
+    assert count == 60 and not covered  # the page ends at 1901: 1800..1900 are out of reach
+
+
+def test_rate_budget_waits_for_a_slot():
+    budget = RateBudget(requests=3, window=0.3)
+    started = time.monotonic()
+    for _ in range(4):
+        budget.take()
+    assert time.monotonic() - started >= 0.25

@@ -1,0 +1,206 @@
+"""The gap ledger on real parts: the simulator, ClickHouse and `mexc collect` / `mexc run`.
+Every stretch without a live subscription becomes one record with the right reason and
+bounds: the last data row stored before it and the first one after."""
+import collections
+import os
+import signal
+
+import pytest
+
+from core.vocabulary import (GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTART, GAP_DAEMON_RESTART,
+                             GAP_DISCONNECT, GAP_EXCHANGE_ERROR, GAP_STALL, GAP_TOR_RESTART)
+from mexc.simulator import MexcSimulator, text_frame
+from tests.conftest import wait_for
+from tests.test_collector import microsocks, self_signed_tls, start_collector
+from tests.test_supervisor import Daemon
+from tests.test_tor import TorDaemon, network  # noqa: F401 (the private Tor network fixture)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def sim():
+    with MexcSimulator(rate=6.0) as simulator:  # about 12 trades/s: a REST page is 8 s
+        yield simulator
+
+
+def recorded_gaps(env, name="btc"):
+    try:
+        with env.store() as store:
+            return store.gaps(name)
+    except Exception as e:
+        if "doesn't exist" in str(e) or "Code: 60" in str(e):
+            return []
+        raise
+
+
+def assert_bounds(env, gap):
+    """start and end are stored data rows, and the only rows stored between them are the
+    trades backfill brought."""
+    with env.store() as store:
+        rows = [(ts, mt) for ts, mt, _m, _rts in store.rows("btc_current") if mt != "dl"]
+    times = {ts for ts, _mt in rows}
+    assert gap.start_ms in times and gap.end_ms in times, gap
+    inside = [mt for ts, mt in rows if gap.start_ms < ts < gap.end_ms]
+    assert set(inside) <= {"d"} and len(inside) <= gap.backfilled, (gap, len(inside))
+    assert gap.start_ms < gap.end_ms
+
+
+def assert_trades_once(env, sim, gap):
+    """Every trade the simulator's market made inside the gap is stored exactly once: the
+    edges by the WebSocket, the rest by backfill."""
+    truth = collections.Counter(trade.row for trade in sim.trades("BTC_USDT", gap.start_ms,
+                                                                  gap.end_ms))
+
+    def stored():
+        with env.store() as store:
+            return collections.Counter((ts, mt, m) for ts, mt, m, _rts in store.rows("btc_current")
+                                       if mt == "d" and gap.start_ms <= ts <= gap.end_ms)
+    wait_for(lambda: sum(stored().values()) >= sum(truth.values()), 20, "backfilled rows stored")
+    assert stored() == truth
+    assert gap.covered
+
+
+def wait_gaps(env, n, what):
+    return wait_for(lambda: len(recorded_gaps(env)) >= n and recorded_gaps(env), 30, what)
+
+
+def rows_after(env, sim, n):
+    before = env.count()
+    wait_for(lambda: env.count() >= before + n, 30, f"{n} more rows stored")
+
+
+def test_forced_disconnect_is_one_record_with_its_close(env, sim):
+    proc = start_collector(env, sim)
+    rows_after(env, sim, 30)
+    sim.force_disconnect()
+    wait_for(lambda: sim.total_connections >= 2, 20, "a reconnect")
+    [gap] = wait_gaps(env, 1, "the disconnect's record")
+    assert gap.reason == GAP_DISCONNECT and gap.symbol == "BTC_USDT"
+    assert_bounds(env, gap)
+    assert_trades_once(env, sim, gap)
+    assert proc.stop() == 0
+    assert "gap recorded reason=disconnect" in proc.log()
+    assert len(recorded_gaps(env)) == 1  # the first start had nothing stored before: no gap
+
+
+@pytest.mark.slow
+def test_an_exchange_error_before_the_close_names_the_gap(env, sim):
+    proc = start_collector(env, sim)
+    rows_after(env, sim, 30)
+    assert sim.send_rs_error("more than 60 seconds no response, close the channel")
+    wait_for(lambda: "exchange error" in proc.log(), 10, "the rs.error logged")
+    sim.force_disconnect()
+    [gap] = wait_gaps(env, 1, "the record")
+    assert gap.reason == GAP_EXCHANGE_ERROR and "no response" in gap.detail
+    assert_bounds(env, gap)
+    assert_trades_once(env, sim, gap)
+    assert proc.stop() == 0
+
+
+@pytest.mark.slow
+def test_stall_is_a_gap_although_the_socket_stays(env, sim):
+    proc = start_collector(env, sim, exchange={"silent_alarm": 1.0})
+    rows_after(env, sim, 30)
+    sim.stall(2.0)
+    [gap] = wait_gaps(env, 1, "the stall's record")
+    assert gap.reason == GAP_STALL
+    assert sim.total_connections == 1
+    assert_bounds(env, gap)
+    # the path froze and then delivered late: the record's exchange-time bounds are those
+    # of the frames on either side, and its detail says how long nothing came
+    assert float(gap.detail.split()[-1].rstrip("s")) >= 1.0, gap.detail
+    assert_trades_once(env, sim, gap)
+    assert proc.stop() == 0
+
+
+@pytest.mark.slow
+def test_collector_sigkill_is_a_crash_from_the_last_stored_row(env, sim):
+    daemon = Daemon(env, sim, symbols=["BTC_USDT"])
+    daemon.wait_flowing(["collector-btc"])
+    rows_after(env, sim, 30)
+    os.kill(daemon.collectors()["collector-btc"]["pid"], signal.SIGKILL)
+    [gap] = wait_gaps(env, 1, "the crash's record")
+    assert gap.reason == GAP_COLLECTOR_CRASH and "SIGKILL" in gap.detail
+    assert_bounds(env, gap)
+    assert_trades_once(env, sim, gap)
+    assert daemon.proc.stop(15) == 0
+
+
+@pytest.mark.slow
+def test_supervisor_sigkill_is_a_daemon_restart(env, sim):
+    daemon = Daemon(env, sim, symbols=["BTC_USDT"])
+    daemon.wait_flowing(["collector-btc"])
+    rows_after(env, sim, 30)
+    os.kill(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(5)
+    daemon.proc = env.mexc("run", "--config", daemon.config, name="daemon")
+    [gap] = wait_gaps(env, 1, "the daemon restart's record")
+    assert gap.reason == GAP_DAEMON_RESTART
+    assert_bounds(env, gap)
+    assert_trades_once(env, sim, gap)
+    assert daemon.proc.stop(15) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_tor_sigkill_is_a_tor_restart(env, sim, network):  # noqa: F811
+    daemon = TorDaemon(env, sim, network, ["BTC_USDT"])
+    wait_for(lambda: daemon.exits(["collector-btc"]), 90, "btc's exit")
+    rows_after(env, sim, 20)
+    os.kill(daemon.child("tor-btc")["pid"], signal.SIGKILL)
+    [gap] = wait_gaps(env, 1, "the tor restart's record")
+    assert gap.reason == GAP_TOR_RESTART and "SIGKILL" in gap.detail
+    assert_bounds(env, gap)
+    assert_trades_once(env, sim, gap)
+    daemon.check_loopback()
+    assert daemon.proc.stop(20) == 0
+
+
+def test_a_gap_longer_than_the_rest_window_is_not_covered(env, sim):
+    proc = start_collector(env, sim)
+    rows_after(env, sim, 30)
+    assert proc.stop() == 0
+    made = sim.trade("BTC_USDT", 150)  # nobody listens: more than one REST page
+    proc = start_collector(env, sim)
+    [gap] = wait_gaps(env, 1, "the restart's record")
+    assert gap.reason == GAP_COLLECTOR_RESTART and not gap.covered
+    assert gap.start_ms < made[0].t and made[-1].t < gap.end_ms
+    truth = [trade.row for trade in sim.trades("BTC_USDT", gap.start_ms + 1, gap.end_ms - 1)]
+    with env.store() as store:
+        inside = collections.Counter((ts, mt, m) for ts, mt, m, _rts in store.rows("btc_current")
+                                     if mt == "d" and gap.start_ms < ts < gap.end_ms)
+    assert 0 < gap.backfilled <= 100 and sum(inside.values()) == gap.backfilled
+    assert inside == collections.Counter(truth[-gap.backfilled:])  # the newest, each once
+    assert proc.stop() == 0
+
+
+def test_a_stale_depth_snapshot_is_caught_and_kept_out_of_the_book(env, sim):
+    proc = start_collector(env, sim)
+    rows_after(env, sim, 30)
+    stale = ('{"channel":"push.depth.full","symbol":"BTC_USDT","ts":%d,"data":{"asks":[[2,1]],'
+             '"bids":[[1,1]],"version":7}}' % (sim.trades("BTC_USDT")[-1].t + 1))
+    assert sim.send_prepared("BTC_USDT", text_frame(stale))
+    wait_for(lambda: "stale version 7, not newer than" in proc.log(), 20,
+             "the stale snapshot logged")
+    assert proc.stop() == 0
+    rows = env.rows()
+    assert [mt for _ts, mt, m in rows if m == stale] == ["dl"]
+    assert not [m for _ts, mt, m in rows if mt == "dp" and m == "[1,1]|[2,1]"]
+
+
+def test_backfill_over_https_through_a_socks5_proxy(env, tmp_path):
+    """The REST request takes the WebSocket's path: the proxy (remote DNS), our TLS, SNI."""
+    context, cert = self_signed_tls(tmp_path)
+    with microsocks() as (socks_port, _output):
+        with MexcSimulator(rate=6.0, ssl_context=context) as sim:
+            config = env.write_config(f"wss://localhost:{sim.port}/edge",
+                                      exchange={"ca_file": cert})
+            proc = env.mexc("collect", "--config", config, "--symbol", "BTC_USDT",
+                            "--socks", f"127.0.0.1:{socks_port}")
+            rows_after(env, sim, 30)
+            sim.force_disconnect()
+            [gap] = wait_gaps(env, 1, "the disconnect's record")
+            assert_trades_once(env, sim, gap)
+            assert proc.stop() == 0
+    assert "backfill request failed" not in proc.log()
