@@ -11,8 +11,9 @@ import urllib.request
 import pytest
 
 from mexc.simulator import MexcSimulator, Trade, merged_prints
-from tests.test_simulator import (BTC, ETH, connect, exact_json, ping, poll, recv_json,  # noqa: F401
-                                  recv_until_pong, rows_of, sim, subscribe, tls_context)
+from tests.test_simulator import (  # noqa: F401 (sim and tls_context are fixtures)
+    BTC, ETH, connect, exact_json, ping, poll, recv_json, recv_until_pong, rows_of, sim,
+    subscribe, tls_context)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -75,7 +76,8 @@ def test_truth_holds_every_trade_and_unmerged_pushes_carry_them_all():
         ws.close()
     truth = sim.trades(BTC)
     # stop_data drops the pushes not sent yet: what arrived is every trade up to a point
-    assert len(rows) == len(sim.expected_rows(BTC)) > 100 and sorted(rows) == [trade.row for trade in truth][:len(rows)]
+    assert len(rows) == len(sim.expected_rows(BTC)) > 100
+    assert sorted(rows) == [trade.row for trade in truth][:len(rows)]
     assert len({trade.id for trade in truth}) == len(truth)
     times = [trade.t for trade in truth]
     assert times == sorted(set(times))
