@@ -4,6 +4,7 @@ import collections
 import decimal
 import http.client
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -65,6 +66,22 @@ def test_market_trades_while_nobody_is_connected():
         assert any(frame["channel"] == "push.deal" for frame in received)
         ws.close()
     assert sim.trades(ETH) == []  # a market opens with its first subscription
+
+
+def test_a_client_that_reads_nothing_holds_up_only_its_own_connection():
+    with MexcSimulator(rate=100) as sim:
+        stuck = subscribed(sim, BTC)  # reads nothing from here on
+        sender = threading.Thread(target=sim.send_frames, args=(BTC, 100_000), daemon=True)
+        sender.start()  # tens of MB: blocks once the socket buffers are full
+        other = subscribed(sim, ETH, **UNMERGED)
+        made = len(sim.trades(ETH))
+        poll(lambda: len(sim.trades(ETH)) > made + 50, what="the market to go on trading")
+        assert recv_json(other)["channel"] == "push.deal"
+        assert sender.is_alive(), "the stuck client took everything: no test of blocking"
+        stuck.close()  # the blocked sendall fails and send_frames returns
+        sender.join(10)
+        assert not sender.is_alive()
+        other.close()
 
 
 def test_truth_holds_every_trade_and_unmerged_pushes_carry_them_all():
