@@ -774,13 +774,15 @@ class _Connection:
         return True
 
     def send_generated(self, symbol: str, make) -> bool:
-        """make(feed) -> (bytes, rows), this connection's own frames (not the market's).
-        Generated under the market's lock after the pushes already due went out, so depth
-        versions reach the client in the order they were allocated."""
-        with self.sim._market.lock, self.send_lock:
-            self._send_outbox_locked()
-            data, rows = make(self._feed(symbol))
-            return self._send_locked(data, [(symbol, rows)])
+        """make(feed) -> (bytes, rows), this connection's own frames (not the market's), sent
+        after the pushes queued before them: made under the market's lock, so depth versions
+        reach the client in the order they were allocated, and sent outside it, so a client
+        that reads slowly holds up only its own connection."""
+        with self.send_lock:
+            with self.sim._market.lock:
+                parts, records = self._take_outbox(None)
+                data, rows = make(self._feed(symbol))
+            return self._send_locked(b"".join(parts) + data, records + [(symbol, rows)])
 
     def send_pooled(self, symbol: str, n: int) -> bool:
         def make(_feed):
@@ -798,7 +800,13 @@ class _Connection:
         self.wake.set()
 
     def _send_outbox_locked(self, max_bytes=BATCH_BYTES) -> None:
-        """Queued pushes in one sendall (up to max_bytes; None: all), skipping those of a
+        """Queued pushes in one sendall (up to max_bytes; None: all)."""
+        parts, records = self._take_outbox(max_bytes)
+        if parts:
+            self._send_locked(b"".join(parts), records)
+
+    def _take_outbox(self, max_bytes) -> tuple:
+        """(frames, records) of queued pushes up to max_bytes (None: all), skipping those of a
         subscription ended since: no data after an unsub ack."""
         parts, records, size = [], [], 0
         while self.outbox and (max_bytes is None or size < max_bytes):
@@ -809,8 +817,7 @@ class _Connection:
             parts.append(frame)
             records.append((symbol, rows))
             size += len(frame)
-        if parts:
-            self._send_locked(b"".join(parts), records)
+        return parts, records
 
     def reply(self, text: str, records=(), start=None) -> None:
         self.reply_frame(text_frame(text), records, start)
@@ -1242,11 +1249,11 @@ class MexcSimulator:
         """The market stops (send_* still work), and pushes not sent yet are dropped.  When
         this returns, nothing more is being sent, so expected_rows() is final until the next
         send_*."""
-        with self._market.lock:
+        with self._market.lock:  # the market makes no event after this one
             self._data_stopped = True
-            for connection in self._open_connections():
-                with connection.send_lock:
-                    connection.outbox.clear()
+        for connection in self._open_connections():
+            with connection.send_lock:
+                connection.outbox.clear()
 
     def fail_rest(self, seconds: float, mode: str = "error") -> None:
         """For a while every REST request fails: "error" answers HTTP 500, "drop" closes the

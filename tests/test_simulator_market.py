@@ -4,6 +4,7 @@ import collections
 import decimal
 import http.client
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -11,8 +12,9 @@ import urllib.request
 import pytest
 
 from mexc.simulator import MexcSimulator, Trade, merged_prints
-from tests.test_simulator import (BTC, ETH, connect, exact_json, ping, poll, recv_json,  # noqa: F401
-                                  recv_until_pong, rows_of, sim, subscribe, tls_context)
+from tests.test_simulator import (  # noqa: F401 (sim and tls_context are fixtures)
+    BTC, ETH, connect, exact_json, ping, poll, recv_json, recv_until_pong, rows_of, sim,
+    subscribe, tls_context)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -66,6 +68,22 @@ def test_market_trades_while_nobody_is_connected():
     assert sim.trades(ETH) == []  # a market opens with its first subscription
 
 
+def test_a_client_that_reads_nothing_holds_up_only_its_own_connection():
+    with MexcSimulator(rate=100) as sim:
+        stuck = subscribed(sim, BTC)  # reads nothing from here on
+        sender = threading.Thread(target=sim.send_frames, args=(BTC, 100_000), daemon=True)
+        sender.start()  # tens of MB: blocks once the socket buffers are full
+        other = subscribed(sim, ETH, **UNMERGED)
+        made = len(sim.trades(ETH))
+        poll(lambda: len(sim.trades(ETH)) > made + 50, what="the market to go on trading")
+        assert recv_json(other)["channel"] == "push.deal"
+        assert sender.is_alive(), "the stuck client took everything: no test of blocking"
+        stuck.close()  # the blocked sendall fails and send_frames returns
+        sender.join(10)
+        assert not sender.is_alive()
+        other.close()
+
+
 def test_truth_holds_every_trade_and_unmerged_pushes_carry_them_all():
     with MexcSimulator(rate=200) as sim:
         ws = subscribed(sim, **UNMERGED)
@@ -75,7 +93,8 @@ def test_truth_holds_every_trade_and_unmerged_pushes_carry_them_all():
         ws.close()
     truth = sim.trades(BTC)
     # stop_data drops the pushes not sent yet: what arrived is every trade up to a point
-    assert len(rows) == len(sim.expected_rows(BTC)) > 100 and sorted(rows) == [trade.row for trade in truth][:len(rows)]
+    assert len(rows) == len(sim.expected_rows(BTC)) > 100
+    assert sorted(rows) == [trade.row for trade in truth][:len(rows)]
     assert len({trade.id for trade in truth}) == len(truth)
     times = [trade.t for trade in truth]
     assert times == sorted(set(times))

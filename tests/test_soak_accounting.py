@@ -131,20 +131,28 @@ def test_trades_missing_before_and_after_backfill():
     answers = [answer(10, 50), answer(70, 99, count=30, limit=30)]  # only the first reached
 
     def figures(gaps, stored):
-        return ledger.trade_figures(windows_, gaps, trades, answers, sent.__contains__,
-                                    lambda trade: trade.t in stored, first_stored_ms=0)
+        f = ledger.ledger_figures(windows_, gaps, answers, first_stored_ms=0)
+        ledger.count_trades(f, windows_, gaps, answers, trades, sent.__contains__,
+                            lambda trade: trade.t in stored)
+        return f
     f = figures(gaps, sent | backfilled)
     assert (f.gaps, f.covered, f.reachable, f.backfilled) == (2, 1, 1, 30)
     assert f.reasons == {GAP_DISCONNECT: 2}
     assert (f.windows_needing_record, f.windows_without_record) == (2, 0)
-    assert (f.trades, f.in_windows, f.missed_by_stream) == (100, 40, 40)
-    assert (f.missing_after_backfill, f.missing_in_reachable_gaps) == (10, 0)
-    assert (f.missing_in_covered_gaps, f.missing_outside_windows) == (0, 0)
-    # a ledger that claims coverage it does not have, a backfill that skipped a reachable trade
+    # the gaps reach one ms beyond each window: holes are windows and gaps
+    assert (f.trades, f.in_holes, f.never_sent) == (100, 44, 40)
+    assert (f.missing_before_backfill, f.missing_after_backfill) == (40, 10)
+    assert (f.missing_in_reachable_gaps, f.missing_in_covered_gaps) == (0, 0)
+    assert f.missing_elsewhere == 0
+    # a ledger that claims coverage it does not have, a backfill that skipped a reachable
+    # trade, a trade lost where no window or gap says so
     f = figures([gap(19, 40, covered=True), gap(59, 80, covered=True, reason=GAP_STALL)],
                 (sent | backfilled) - {25, 5})
     assert (f.missing_in_covered_gaps, f.missing_in_reachable_gaps) == (11, 1)
-    assert (f.missing_after_backfill, f.missing_outside_windows) == (11, 1)
+    assert (f.missing_after_backfill, f.missing_elsewhere) == (11, 1)
+    # trades after the stream's last row sent (the run's end) are left out
+    sent -= {99}
+    assert figures(gaps, sent | backfilled).trades == 99
 
 
 def deal_rows(ws):
@@ -199,6 +207,8 @@ def test_a_window_backfilled_over_rest_is_recorded_and_complete():
     assert len(backfill) == len(missed) == 30
     assert report.backfilled == 30 and report.unrecorded_in_windows == 0
     assert (f.windows_without_record, f.reachable, f.covered) == (0, 1, 1)
-    assert (f.trades, f.in_windows, f.missed_by_stream) == (36, 30, 30)
-    assert (f.missing_after_backfill, f.missing_in_reachable_gaps) == (0, 0)
+    # the gap holds its two edge trades, which the stream delivered
+    assert (f.trades, f.in_holes, f.never_sent, f.missing_before_backfill) == (36, 32, 30, 30)
+    assert (f.missing_after_backfill, f.missing_in_reachable_gaps, f.missing_elsewhere) \
+        == (0, 0, 0)
     assert report.duplicates == report.lost_outside == report.corrupt == 0

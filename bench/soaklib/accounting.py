@@ -18,7 +18,7 @@ from core.clock import HOUR_MS
 from core.store import Store
 
 from .common import FILE_RE, SYMBOLS, say
-from .ledger import trade_figures
+from .ledger import count_trades, ledger_figures
 from .windows import Window
 from .report import LONG_WINDOW, SymbolReport
 
@@ -234,13 +234,13 @@ def account_symbol(soak, name: str, stored: Stored) -> SymbolReport:
                 f"sent about {time.strftime('%H:%M:%S', time.localtime(wall))}"
                 f".{int(wall * 1000) % 1000:03d})")
         run_start = j
-    report.ledger = trade_figures(
-        window_spans(soak, name), soak.ledger.get(name, []), trades,
-        soak.sim.rest_answers(SYMBOLS[name]), sent=sent_content.__contains__,
-        stored=lambda trade: stored.count[trade.t] > 0
-        and stored.content[trade.t] == traded[trade.t],
-        first_stored_ms=min(stored.count, default=None),
-        describe=lambda span: describe_span(soak, span))
+    spans, gaps = window_spans(soak, name), soak.ledger.get(name, [])
+    answers = soak.sim.rest_answers(SYMBOLS[name])
+    report.ledger = ledger_figures(spans, gaps, answers, min(stored.count, default=None),
+                                   lambda span: describe_span(soak, span))
+    count_trades(report.ledger, spans, gaps, answers, trades, sent=sent_content.__contains__,
+                 stored=lambda trade: stored.count[trade.t] > 0
+                 and stored.content[trade.t] == traded[trade.t])
     report.dead_letters_injected = sum(1 for _w, n, _k in soak.injections if n == name)
     report.dead_letters_stored = sum(stored.dead.values())
     return report

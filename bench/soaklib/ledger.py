@@ -62,55 +62,66 @@ class Spans:
 
 @dataclass
 class TradeFigures:
-    """One symbol's ledger against its windows and the truth."""
+    """One symbol's ledger against its windows, and its trades against the truth.  A "hole" is
+    an outage window or a ledger gap; trades made after the symbol's last row sent (the end of
+    the run) are left out."""
     gaps: int = 0  # ledger records
     reasons: Dict[str, int] = field(default_factory=dict)
     covered: int = 0  # records saying backfill reached back to their start
     reachable: int = 0  # records a REST answer reached (see module doc)
     backfilled: int = 0  # trades the ledger says backfill stored
     windows_needing_record: int = 0
-    windows_without_record: int = 0
+    windows_without_record: int = 0  # must be 0
     without_record_examples: List[str] = field(default_factory=list)
-    trades: int = 0  # every trade the market made
-    in_windows: int = 0  # ... inside outage windows
-    missed_by_stream: int = 0  # in windows, never sent on a WebSocket: before backfill
-    missing_after_backfill: int = 0  # in windows, stored nowhere
-    missing_in_reachable_gaps: int = 0  # a backfill fault: must be 0 (in windows or not)
+    trades: int = 0  # made by the market while the run's stream ran
+    in_holes: int = 0
+    never_sent: int = 0  # in holes, no WebSocket sent them
+    missing_before_backfill: int = 0  # in holes, stored nowhere or only by backfill
+    missing_after_backfill: int = 0  # in holes, stored nowhere
+    missing_in_reachable_gaps: int = 0  # a backfill fault: must be 0
     missing_in_covered_gaps: int = 0  # the ledger says covered, yet missing: must be 0
-    missing_outside_windows: int = 0  # outside every window and stored nowhere
+    missing_elsewhere: int = 0  # outside every hole, stored nowhere: lost silently, must be 0
 
 
-def trade_figures(windows: Sequence[Span], gaps: Sequence, trades: Sequence,
-                  answers: Sequence, sent: Callable[[int], bool], stored: Callable[[object], bool],
-                  first_stored_ms: Optional[int],
-                  describe: Callable[[Span], str] = str) -> TradeFigures:
+def ledger_figures(windows: Sequence[Span], gaps: Sequence, answers: Sequence,
+                   first_stored_ms: Optional[int], describe: Callable[[Span], str] = str
+                   ) -> TradeFigures:
     """windows: the symbol's outage windows in event ms (with slack); gaps: its ledger records;
-    trades: every trade its market made (simulator.Trade); answers: the REST answers served;
-    sent(t): a WebSocket sent the trade's row; stored(trade): its row is stored."""
-    f = TradeFigures(gaps=len(gaps), trades=len(trades))
+    answers: the REST answers served (simulator.RestAnswer)."""
+    f = TradeFigures(gaps=len(gaps))
     f.reasons = dict(collections.Counter(g.reason for g in gaps))
     f.covered = sum(1 for g in gaps if g.covered)
+    f.reachable = sum(1 for g in gaps if reachable(g, answers))
     f.backfilled = sum(g.backfilled for g in gaps)
     f.windows_needing_record = sum(1 for w in windows if needs_record(w, first_stored_ms))
     missed = without_record(windows, gaps, first_stored_ms)
     f.windows_without_record = len(missed)
     f.without_record_examples = [describe(w) for w in missed[:5]]
-    reached = [g for g in gaps if reachable(g, answers)]
-    f.reachable = len(reached)
-    in_windows = Spans(windows)
-    in_reached = Spans((g.start_ms, g.end_ms) for g in reached)
-    in_covered = Spans((g.start_ms, g.end_ms) for g in gaps if g.covered)
-    for trade in trades:
-        in_window = trade.t in in_windows
-        if in_window:
-            f.in_windows += 1
-            f.missed_by_stream += not sent(trade.t)
-        if stored(trade):
-            continue
-        if in_window:
-            f.missing_after_backfill += 1
-        else:
-            f.missing_outside_windows += 1
-        f.missing_in_reachable_gaps += trade.t in in_reached
-        f.missing_in_covered_gaps += trade.t in in_covered
     return f
+
+
+def count_trades(f: TradeFigures, windows: Sequence[Span], gaps: Sequence, answers: Sequence,
+                 trades: Sequence, sent: Callable[[int], bool],
+                 stored: Callable[[object], bool]) -> None:
+    """trades: every trade the market made (simulator.Trade); sent(t): a WebSocket sent the
+    trade's row; stored(trade): its row is stored.  Adds the trade counts to f."""
+    spans = [(g.start_ms, g.end_ms) for g in gaps]
+    holes = Spans(list(windows) + spans)
+    in_reached = Spans(span for span, g in zip(spans, gaps) if reachable(g, answers))
+    in_covered = Spans(span for span, g in zip(spans, gaps) if g.covered)
+    stream_end = max((t.t for t in trades if sent(t.t)), default=None)
+    for trade in trades:
+        if stream_end is None or trade.t > stream_end:
+            continue
+        f.trades += 1
+        was_sent, is_stored = sent(trade.t), stored(trade)
+        if trade.t not in holes:
+            f.missing_elsewhere += not is_stored
+            continue
+        f.in_holes += 1
+        f.never_sent += not was_sent
+        f.missing_before_backfill += not is_stored or not was_sent
+        if not is_stored:
+            f.missing_after_backfill += 1
+            f.missing_in_reachable_gaps += trade.t in in_reached
+            f.missing_in_covered_gaps += trade.t in in_covered

@@ -116,6 +116,9 @@ class Report:
             if g.missing_in_reachable_gaps:
                 f.append(f"{s.name}: {g.missing_in_reachable_gaps} trades missing inside gaps "
                          "a REST answer reached")
+            if g.missing_elsewhere:
+                f.append(f"{s.name}: {g.missing_elsewhere} trades stored nowhere outside every "
+                         "outage window and gap")
             if g.missing_in_covered_gaps:
                 f.append(f"{s.name}: {g.missing_in_covered_gaps} trades missing inside gaps "
                          "the ledger calls covered")
@@ -248,12 +251,12 @@ class Report:
             f"reachable by a REST answer {total('reachable')}; backfilled "
             f"{total('backfilled')} trades (ledger), "
             f"{sum(s.backfilled for s in self.symbols)} stored rows never sent",
-            f"trades: {total('trades'):,} made, {total('in_windows'):,} inside outage "
-            f"windows; missing there before backfill (never sent): {total('missed_by_stream'):,}"
-            f", after backfill: {total('missing_after_backfill'):,} "
+            f"trades: {total('trades'):,} made, {total('in_holes'):,} inside outage windows "
+            f"or gaps ({total('never_sent'):,} never sent); missing there before backfill: "
+            f"{total('missing_before_backfill'):,}, after: {total('missing_after_backfill'):,} "
             f"({total('missing_in_reachable_gaps')} in reachable gaps, "
-            f"{total('missing_in_covered_gaps')} in covered ones); missing outside windows: "
-            f"{total('missing_outside_windows')}",
+            f"{total('missing_in_covered_gaps')} in covered ones); lost elsewhere: "
+            f"{total('missing_elsewhere')}",
         ]
 
 
