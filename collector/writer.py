@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # Of latency_target, what the queue may not use: the time the receive loop took to hand the
 # rows over, the writer thread's wake-up, the server making the block visible, a loaded
 # machine's scheduling delays.  The insert's own duration is taken off as measured.
-LATENCY_MARGIN = 0.25  # s
+LATENCY_MARGIN = 0.3  # s
 
 
 class InsertFailed(Exception):
