@@ -50,12 +50,15 @@ import benchlib
 import psutil
 
 from benchlib import MIB, BenchError, Daemon
+from tests.tor_network import TorNetwork, TorNetworkError
 
 RATE = 5.0  # simulator frames/s per (symbol, channel) stream
 SETTLE = 5.0  # s between "all collectors store rows" and the window
 PROBES = 4  # tables whose rows the latency probe follows
 PROBE_EVERY = 0.1  # s between the probe's polls
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_collector.py")
+KEY_CACHE = os.path.join(benchlib.ROOT, ".pytest_cache", "tor-keys")  # shared with the tests
+TOR_FLOW_TIMEOUT = 300.0  # s for N tors to bootstrap and their collectors to store rows
 
 
 def symbols(n: int) -> list:
@@ -147,30 +150,42 @@ def measure(world: benchlib.World, database: str, names: list, processes: dict,
     return found, latency
 
 
-def mexc_run(world: benchlib.World, url: str, simulator, n: int, seconds: float) -> dict:
-    name = f"bench_scale_{n}"
-    data = world.config_data(name, symbols(n), exchange={"url": url})
+def mexc_run(world: benchlib.World, url: str, simulator, n: int, seconds: float,
+             network: TorNetwork = None, idle_tor=None) -> dict:
+    """One daemon with n symbols; with `network`, tor on (one tor per collector, joined to
+    the private network) and `idle_tor` (a bootstrapped client carrying nothing) sampled too."""
+    name = f"bench_scale_{n}" + ("_tor" if network else "")
+    tor = {"enabled": True, "torrc_extra": network.torrc_extra()} if network else {}
+    data = world.config_data(name, symbols(n), exchange={"url": url}, tor=tor)
     with contextlib.ExitStack() as stack:
         daemon = Daemon(world.write_config(data), data["paths"]["runtime_dir"], n, name)
         stack.callback(daemon.stop)
-        daemon.wait_flowing(timeout=benchlib.FLOW_TIMEOUT + n)
+        daemon.wait_flowing(timeout=(TOR_FLOW_TIMEOUT if network else benchlib.FLOW_TIMEOUT) + n)
         time.sleep(SETTLE)
         status = daemon.status()
         before = {c["name"]: c["restarts"] for c in status["children"]}
         processes = {"supervisor": [daemon.process],
                      "clickhouse": [psutil.Process(world.clickhouse.process.pid)],
                      "simulator": [psutil.Process(simulator.pid)]}
+        if idle_tor is not None:
+            processes["idle tor"] = [psutil.Process(idle_tor.pid)]
         for child in status["children"]:
             if child.get("pid"):
                 processes.setdefault(child["kind"], []).append(psutil.Process(child["pid"]))
         if len(processes.get("collector", [])) != n:
             raise BenchError(f"{name}: {n} collectors configured, "
                              f"{len(processes.get('collector', []))} running")
+        if network:
+            network.watch(*(p.pid for p in processes.get("tor", [])))
         found, latency = measure(world, name, symbols(n), processes, seconds)
         restarted = [c["name"] for c in daemon.status()["children"]
                      if c["restarts"] != before.get(c["name"], 0)]
+        exits = {c.get("exit_ip") for c in Daemon.collectors(daemon.status()).values()}
         daemon.check_alive()
-    return summary("mexc", n, found, latency, restarted)
+    result = summary("mexc+tor" if network else "mexc", n, found, latency, restarted)
+    if network:
+        result["distinct_exits"] = len(exits - {None})
+    return result
 
 
 def reference_run(world: benchlib.World, url: str, simulator, n: int, seconds: float) -> dict:
@@ -200,8 +215,9 @@ def reference_run(world: benchlib.World, url: str, simulator, n: int, seconds: f
 
 
 def summary(kind: str, n: int, found: dict, latency: dict, restarted: list) -> dict:
-    counted = [row for role, rows in found.items() if role not in ("simulator", "machine")
-               for row in rows]
+    counted = [row for role, rows in found.items()
+               if role not in ("simulator", "machine", "idle tor") for row in rows]
+    tors, idle = found.get("tor", []), found.get("idle tor", [])
     total_cpu = sum(row[0] for row in counted)
     total_uss = sum(row[1] for row in counted)
     return {
@@ -216,6 +232,10 @@ def summary(kind: str, n: int, found: dict, latency: dict, restarted: list) -> d
         "clickhouse_cpu_percent": found["clickhouse"][0][0],
         "clickhouse_uss_mib": found["clickhouse"][0][1],
         "simulator_cpu_percent": found["simulator"][0][0],
+        "tor_cpu_percent_median": statistics.median(row[0] for row in tors) if tors else 0.0,
+        "tor_uss_mib_median": statistics.median(row[1] for row in tors) if tors else 0.0,
+        "idle_tor_cpu_percent": idle[0][0] if idle else 0.0,
+        "idle_tor_uss_mib": idle[0][1] if idle else 0.0,
         **latency,
         "restarted": restarted,
     }
@@ -241,8 +261,12 @@ COLUMNS = [("kind", "kind", "{}"), ("symbols", "symbols", "{:d}"),
            ("exp USS", "exporter_uss_mib", "{:.1f}"),
            ("CH CPU %", "clickhouse_cpu_percent", "{:.1f}"),
            ("CH USS", "clickhouse_uss_mib", "{:.0f}"),
-           ("sim CPU %", "simulator_cpu_percent", "{:.1f}")]
-KINDS = ("mexc", "reference")
+           ("sim CPU %", "simulator_cpu_percent", "{:.1f}"),
+           ("tor CPU med", "tor_cpu_percent_median", "{:.2f}"),
+           ("tor USS med", "tor_uss_mib_median", "{:.1f}"),
+           ("idle tor CPU", "idle_tor_cpu_percent", "{:.2f}"),
+           ("idle tor USS", "idle_tor_uss_mib", "{:.1f}")]
+KINDS = ("mexc", "reference", "mexc+tor")
 
 
 def print_report(result: dict, machine: dict, args) -> None:
@@ -268,35 +292,63 @@ def print_report(result: dict, machine: dict, args) -> None:
     print("  ".join(f"{head:>{w}}" for (head, _, _), w in zip(COLUMNS, widths)))
     for r in rows:
         print("  ".join(f"{fmt.format(r[key]):>{w}}" for (_, key, fmt), w in zip(COLUMNS, widths)))
-    for kind in KINDS:
-        m = result["marginal"][kind]
+    for kind, m in result["marginal"].items():
         print(f"{kind}: marginal cost of one more symbol (slope): {m['cpu_percent']:.2f} % of a "
               f"core, {m['uss_mib']:.1f} MiB USS "
               f"(= {m['uss_mib'] / b['bare_python_uss_mib']:.2f} bare Python processes)")
+    exits = {r["symbols"]: r["distinct_exits"] for r in rows if "distinct_exits" in r}
+    if exits:
+        print(f"tor: distinct exit IPs among the collectors {exits}; every tor socket stayed on "
+              f"loopback ({result['loopback_sockets']} sockets checked at the end)")
     restarted = {r["symbols"]: r["restarted"] for r in rows if r["restarted"]}
     if restarted:
         print(f"note: children restarted during the window: {restarted}")
 
 
+def tor_runs(world: benchlib.World, url: str, simulator, ns: list, seconds: float,
+             stack: contextlib.ExitStack) -> tuple:
+    """mexc with tor on for each N, on one private network with max(ns) exits (so every
+    collector can have an exit of its own), beside an idle client tor; (runs, sockets checked
+    for loopback-only at the end)."""
+    network = TorNetwork(os.path.join(world.dir, "tornet"), n_exits=max(ns),
+                         key_cache_dir=KEY_CACHE)
+    stack.callback(network.stop)
+    try:
+        network.start(timeout=TOR_FLOW_TIMEOUT)
+        idle = network.start_client(os.path.join(world.dir, "idle-tor")).wait_bootstrapped(120)
+        runs = [mexc_run(world, url, simulator, n, seconds, network, idle) for n in ns]
+        return runs, network.assert_loopback_only(extra_pids=[idle.pid])
+    except TorNetworkError as e:
+        raise BenchError(f"private Tor network: {e}") from None
+
+
 def run(args) -> int:
-    ns = [int(n) for n in args.symbols.split(",")]
+    ns = [int(n) for n in args.symbols.split(",") if n]
+    tor_ns = [int(n) for n in args.tor_symbols.split(",") if n]
+    result = {"rate": RATE, "seconds": args.seconds}
     with contextlib.ExitStack() as stack:
         world = benchlib.World.start(stack, "mexc-scbench-")
-        base = baseline(world, args.seconds)
+        result["baseline"] = baseline(world, args.seconds)
         simulator, url = benchlib.start_simulator(RATE)
         stack.callback(benchlib.stop_simulator, simulator)
         runs = []
         for n in ns:  # back to back, so both meet about the same background load
             runs.append(mexc_run(world, url, simulator, n, args.seconds))
             runs.append(reference_run(world, url, simulator, n, args.seconds))
+        if tor_ns:
+            tor, result["loopback_sockets"] = tor_runs(world, url, simulator, tor_ns,
+                                                       args.seconds, stack)
+            runs += tor
         machine = benchlib.machine_info(world, psutil=psutil.__version__)
-    marginal = {}
+    result["runs"] = runs
+    result["marginal"] = {}
     for kind in KINDS:
         of_kind = [r for r in runs if r["kind"] == kind]
-        marginal[kind] = {"cpu_percent": slope(ns, [r["total_cpu_percent"] for r in of_kind]),
-                          "uss_mib": slope(ns, [r["total_uss_mib"] for r in of_kind])}
-    result = {"rate": RATE, "seconds": args.seconds, "baseline": base, "runs": runs,
-              "marginal": marginal}
+        if of_kind:
+            xs = [r["symbols"] for r in of_kind]
+            result["marginal"][kind] = {
+                "cpu_percent": slope(xs, [r["total_cpu_percent"] for r in of_kind]),
+                "uss_mib": slope(xs, [r["total_uss_mib"] for r in of_kind])}
     print_report(result, machine, args)
     if args.json:
         benchlib.print_json(machine, result)
@@ -307,6 +359,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--symbols", default="10,30,100,200",
                         help="comma-separated symbol counts (default 10,30,100,200)")
+    parser.add_argument("--tor-symbols", default="30,60",
+                        help="comma-separated symbol counts with tor on, on a private Tor "
+                             "network on loopback (default 30,60; empty: none)")
     parser.add_argument("--seconds", type=float, default=20.0,
                         help="sampling window per count (default 20)")
     return benchlib.main("scaling_bench", run, benchlib.parse_args(parser, argv))
