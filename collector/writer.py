@@ -182,16 +182,17 @@ class RowWriter:
         with self.wakeup:
             while True:
                 self._end_overlong_hold()
-                if self.held is None and self.stopping:
-                    return self._has_work()  # stopping: everything is due
-                wait = None if self.held is not None else self._until_due()
-                if wait is not None and wait <= 0:
-                    return True
-                if self.held is not None and self._stop_overdue():
+                if self.held is None:
+                    if self.stopping:
+                        return self._has_work()  # stopping: everything is due
+                    wait = self._until_due()
+                    if wait is not None and wait <= 0:
+                        return True
+                elif self._stop_overdue():
                     self._spill_all("a rotation holds rows")  # never write into a swapped table
                     return False
-                if self.held is not None or self.stopping:
-                    wait = 0.5
+                else:
+                    wait = 0.5  # for the hold's end or its timeout
                 self.wakeup.wait(wait)
 
     def _until_due(self) -> Optional[float]:
