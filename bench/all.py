@@ -26,7 +26,7 @@ BENCHES = {
     "supervisor_bench": ([], ["--idle-seconds", "3", "--repetitions", "2"]),
     "exporter_bench": ([], ["--rows", "200000", "--rotation-seconds", "20"]),
     "tor_bench": ([], ["--repetitions", "1", "--frames", "50000"]),
-    "scaling_bench": ([], ["--symbols", "1,3", "--seconds", "5"]),
+    "scaling_bench": ([], ["--symbols", "1,3", "--tor-symbols", "3", "--seconds", "5"]),
     "history_bench": ([], ["--trades", "200000", "--rounds", "1"]),
 }
 

@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    /tmp/venv/bin/python bench/collector_bench.py [--frames N] [--rounds R] [--json]
+    .venv/bin/python bench/collector_bench.py [--frames N] [--rounds R] [--json]
 
 Everything listens on 127.0.0.1: a private ClickHouse in a temporary directory, the frame
 sources in processes of their own (so they share no GIL with anything measured), and the
@@ -54,7 +54,9 @@ STEADY_FRAMES_PER_S = 1000
 COUNT_POLL = 0.05
 LATENCY_POLL = 0.005
 MEMORY_POLL = 0.1
-GOAL_RATIO, GOAL_P99_MS, GOAL_RSS_MIB = 0.5, 300.0, 60.0
+# p99: what users are promised (collector.latency_target, default 1 s); inserts are sized to
+# it since issue 14, so at 1,000 frames/s rows wait for batch_rows or the target
+GOAL_RATIO, GOAL_P99_MS, GOAL_RSS_MIB = 0.5, 1000.0, 60.0
 
 
 # --- the frame sender (runs in its own process) ---------------------------------------------

@@ -3,7 +3,7 @@ collectors hold their rows while the daemon rotates tables.
 
 Run from the repository root:
 
-    /tmp/venv/bin/python bench/exporter_bench.py [--rows N] [--rotation-seconds S] [--json]
+    .venv/bin/python bench/exporter_bench.py [--rows N] [--rotation-seconds S] [--json]
 
 Everything listens on 127.0.0.1: a private ClickHouse in a temporary directory, the simulator
 CLI (`python -m mexc.simulator`) in a process of its own, and the daemon as users run it.

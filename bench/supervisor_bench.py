@@ -3,7 +3,7 @@ how long a killed collector takes to store rows again.
 
 Run from the repository root:
 
-    /tmp/venv/bin/python bench/supervisor_bench.py [--idle-seconds S] [--repetitions N] [--json]
+    .venv/bin/python bench/supervisor_bench.py [--idle-seconds S] [--repetitions N] [--json]
 
 Everything listens on 127.0.0.1: a private ClickHouse in a temporary directory, the simulator
 CLI (`python -m mexc.simulator`) in a process of its own, and the daemon as users run it

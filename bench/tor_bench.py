@@ -3,7 +3,7 @@ from a killed tor, and a collector's throughput through Tor.
 
 Run from the repository root:
 
-    /tmp/venv/bin/python bench/tor_bench.py [--repetitions N] [--frames N] [--rounds R] [--json]
+    .venv/bin/python bench/tor_bench.py [--repetitions N] [--frames N] [--rounds R] [--json]
 
 Everything stays on loopback: a private ClickHouse in a temporary directory, the simulator CLI
 (`python -m mexc.simulator`) at RATE frames/s per stream, and a private Tor network

@@ -5,6 +5,7 @@ The supervisor binds; children and `mexc status` connect.  Every receive path de
 bus.messages.decode and drops (with a log line) what does not decode.
 """
 import logging
+import math
 import os
 import time
 from typing import Optional
@@ -115,7 +116,10 @@ class ChildBus:
             pass
 
     def receive(self, timeout: float) -> Optional[dict]:
-        if not self.events.poll(int(timeout * 1000)):
+        """The next event within `timeout` s, or None.  The wait is rounded up to whole ms:
+        rounded down, a caller waiting for a deadline would wake just before it and poll
+        again with a zero timeout, a few times per wait."""
+        if not self.events.poll(math.ceil(timeout * 1000)):
             return None
         data = self.events.recv()
         try:

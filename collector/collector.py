@@ -1,10 +1,16 @@
 """One symbol's collector: socket -> parse -> batch -> store.
 
-The receive loop (this thread) reads frames, turns them into rows (wire.parse), and hands a
-batch to the RowWriter every `batch_rows` rows or `flush_interval` seconds.  Between frames it
-keeps the connection honest: a ping every `ping_interval` seconds whatever arrives, a dead
-socket after `dead_after` seconds without a frame, an alarm for a subscribed channel that
-stays silent, a stats line every `stats_interval` seconds.
+The receive loop (this thread) reads frames, turns them into rows (wire.parse), and hands the
+rows of each read to the RowWriter, which decides when to insert (`batch_rows`,
+`latency_target`).  Between frames it keeps the connection honest: a ping every
+`ping_interval` seconds whatever arrives, a dead socket after `dead_after` seconds without a
+frame, an alarm for a subscribed channel that stays silent, a stats line every
+`stats_interval` seconds.
+
+At live rates a collector has almost nothing to do, and every wake-up of a thread costs about
+as much as parsing a frame: so the loop blocks on the socket until the next of those deadlines
+is due (or a frame arrives), never on a fixed tick, and the bus thread sleeps until its next
+heartbeat or event.
 """
 import logging
 import os
@@ -29,7 +35,7 @@ from core.vocabulary import (CHANNEL_TYPES, COLLECTOR, DEAD_LETTER, GAP_COLLECTO
 
 log = logging.getLogger(__name__)
 
-RECV_TICK = 0.05  # longest a quiet socket blocks the loop: bounds flush and ping lateness
+MAX_WAIT = 1.0  # longest the loop blocks: bounds how late it sees SIGTERM or a failed writer
 HEALTHY_AFTER = 60.0  # a connection that lived this long resets the reconnect backoff
 STOP_GRACE = 5.0  # seconds SIGTERM waits for ClickHouse before spooling the rest
 HEARTBEAT_INTERVAL = 1.0
@@ -78,14 +84,14 @@ class Collector:
         self.writer = RowWriter(config.clickhouse, self.sym.name,
                                 Spool(config.spool_dir(), self.sym.name),
                                 max_buffered_rows=self.co["max_buffered_rows"],
-                                max_hold=self.co["max_hold"])
+                                max_hold=self.co["max_hold"], batch_rows=self.co["batch_rows"],
+                                latency_target=self.co["latency_target"])
         backfill = (Backfill(self.ex, self.sym, socks_proxy, self.writer)
                     if self.ex["backfill"] else None)
         self.gaps = GapLedger(self.sym, config.clickhouse, self.writer, self.ex["silent_alarm"],
                               *started_because, backfill=backfill)
         self.depth_versions = {}  # symbol -> the last depth.full version stored (wire.parse)
-        self.batch = []
-        self.batch_started = 0.0
+        self.batch = []  # the rows of the current read
         self.child_id = ChildId(COLLECTOR, self.sym.name)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -108,10 +114,7 @@ class Collector:
             try:
                 self._session()
             except (OSError, websocket.WebSocketException, DeadSocket) as e:
-                if not self.stopping:
-                    log.warning("disconnected: %s: %s", type(e).__name__, str(e)[:200] or "-")
-                    self.gaps.lost(GAP_DEAD_SOCKET if type(e) is DeadSocket else GAP_DISCONNECT,
-                                   f"{type(e).__name__}: {str(e)[:200]}")
+                self._on_disconnected(e)
             self._flush()
             if self.stopping:
                 break
@@ -130,9 +133,10 @@ class Collector:
         self.stopping = True
 
     def _sleep(self, seconds: float) -> None:
+        """Wait between connections, still flushing and logging stats when they are due."""
         deadline = time.monotonic() + seconds
-        while not self.stopping and time.monotonic() < deadline:
-            time.sleep(min(RECV_TICK, max(0.0, deadline - time.monotonic())))
+        while not self.stopping and (now := time.monotonic()) < deadline:
+            time.sleep(max(0.0, min(deadline, self._housekeeping_due(now)) - now))
             self._housekeeping(time.monotonic())
 
     def _shutdown(self) -> int:
@@ -151,27 +155,43 @@ class Collector:
         ws = open_websocket(self.ex["url"], self.ex["connect_timeout"], self.ex["ca_file"],
                             self.socks_proxy)
         try:
-            self.connected = True
-            log.info("connected url=%s%s", self.ex["url"],
-                     f" via socks5 {self.socks_proxy[0]}:{self.socks_proxy[1]}"
-                     if self.socks_proxy else "")
+            self._on_connected()
             for request in wire.subscribe_requests(self.sym.symbol, self.ex["depth_limit"],
                                                    self.ex["merge_deals"]):
                 ws.send(request)
-            ws.settimeout(RECV_TICK)
             self._receive(ws)
         finally:
             self.connected = False
             ws.close(timeout=0.5)
 
+    def _on_connected(self) -> None:
+        self.connected = True
+        log.info("connected url=%s%s", self.ex["url"],
+                 f" via socks5 {self.socks_proxy[0]}:{self.socks_proxy[1]}"
+                 if self.socks_proxy else "")
+
+    def _on_disconnected(self, error: Exception) -> None:
+        """The connection ended with `error` (a DeadSocket for a close frame or silence)."""
+        if not self.stopping:
+            log.warning("disconnected: %s: %s", type(error).__name__, str(error)[:200] or "-")
+            self.gaps.lost(GAP_DEAD_SOCKET if type(error) is DeadSocket else GAP_DISCONNECT,
+                           f"{type(error).__name__}: {str(error)[:200]}")
+
     def _receive(self, ws) -> None:
+        """Frames until the connection dies or we stop; between them, sleep until the next
+        deadline (_due) instead of waking on a tick."""
         reader = FrameReader(ws)
-        symbol, batch_rows = self.sym.symbol, self.co["batch_rows"]
+        symbol = self.sym.symbol
         now = time.monotonic()
         self.last_frame = self.last_ping = now
         self.channels = {name: _ChannelWatch(name, now) for name in CHANNEL_TYPES}
-        next_housekeeping = now + RECV_TICK
+        due = now
         while not self.stopping:
+            if now >= due:
+                self._housekeeping(now)
+                self._keepalive(ws, now)
+                due = self._due(now)
+            reader.sock.settimeout(due - now)
             messages = reader.read()
             now = time.monotonic()
             if messages is not None:
@@ -179,12 +199,17 @@ class Collector:
                 rts = int(time.time() * 1000)  # one receive time for all that one read brought
                 for opcode, payload in messages:
                     self._handle(opcode, payload, symbol, rts, now)
-                if len(self.batch) >= batch_rows:
-                    self._flush()
-            if now >= next_housekeeping:
-                next_housekeeping = now + RECV_TICK
-                self._housekeeping(now)
-                self._keepalive(ws, now)
+                self._flush()
+
+    def _due(self, now: float) -> float:
+        """When the receive loop must next act without a frame: the earliest of the next
+        ping, the dead-socket limit, a channel's silent alarm, housekeeping, MAX_WAIT."""
+        ex = self.ex
+        alarms = [watch.alarm_due(ex["silent_alarm"]) for watch in self.channels.values()
+                  if not watch.alarmed]
+        return max(now + 0.001, min(self.last_ping + ex["ping_interval"],
+                                     self.last_frame + ex["dead_after"],
+                                     self._housekeeping_due(now), *alarms))
 
     def _handle(self, opcode: int, payload: bytes, symbol: str, rts: int, now: float) -> None:
         if opcode == OP_TEXT:
@@ -197,8 +222,6 @@ class Collector:
         self.stats.frames += 1
         kind, rows = wire.parse(payload, rts, symbol, self.depth_versions)
         if rows:
-            if not self.batch:
-                self.batch_started = now
             self.batch.extend(rows)
         watch = self.channels.get(kind)
         if watch is not None:
@@ -218,6 +241,7 @@ class Collector:
                 log.warning("dead letter stored: %s", kind[len(wire.DEAD) + 1:][:200])
 
     def _keepalive(self, ws, now: float) -> None:
+        """The ping when due, the dead-socket check, the silent-channel alarms."""
         if now - self.last_ping >= self.ex["ping_interval"]:
             ws.send(wire.PING)
             self.last_ping = now
@@ -256,14 +280,17 @@ class Collector:
             "last_message_age_s": None if self.last_frame is None else round(now - self.last_frame, 3),
         }
 
-    # --- batching and stats ----------------------------------------------------------------
+    # --- handing rows over, and stats --------------------------------------------------------
+
+    def _housekeeping_due(self, now: float) -> float:
+        """When _housekeeping next has something to do (at the latest now + MAX_WAIT)."""
+        return min(now + MAX_WAIT, self.stats.last_time + self.co["stats_interval"])
 
     def _housekeeping(self, now: float) -> None:
+        """The writer's health, the stats line when due."""
         if self.writer.failed and not self.stopping:
             log.error("exiting: the writer thread failed (see above); the supervisor restarts us")
             self.stopping, self.exit_code = True, 1
-        if self.batch and now - self.batch_started >= self.co["flush_interval"]:
-            self._flush()
         if now - self.stats.last_time >= self.co["stats_interval"]:
             self._log_stats(now)
 
@@ -302,12 +329,19 @@ class _ChannelWatch:
                      now - self.last_data)
         self.alarmed = False
 
+    def alarm_due(self, silent_alarm: float) -> float:
+        """When the channel counts as silent unless data comes first."""
+        return self._since() + silent_alarm
+
     def check(self, now: float, silent_alarm: float) -> None:
-        since = self.last_data if self.last_data is not None else self.subscribed_at
-        if not self.alarmed and now - since >= silent_alarm:
+        if not self.alarmed and now >= self.alarm_due(silent_alarm):
+            since = self._since()
             self.alarmed = True
             what = "no data since subscribing" if self.last_data is None else "silent"
             log.warning("channel=%s %s for %.0fs", self.name, what, now - since)
+
+    def _since(self) -> float:
+        return self.last_data if self.last_data is not None else self.subscribed_at
 
 
 def _close_reason(payload: bytes) -> str:

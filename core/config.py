@@ -47,7 +47,7 @@ SCHEMA = {
     },
     "collector": {
         "batch_rows": (int, 1000),
-        "flush_interval": (float, 0.1),
+        "latency_target": (float, 1.0),
         "max_buffered_rows": (int, 200_000),
         "stats_interval": (float, 15.0),
         "max_hold": (float, 30.0),
@@ -95,6 +95,13 @@ SCHEMA = {
         "disk_free_percent": (float, 10.0),
         "max_per_minute": (int, 20),
     },
+}
+# Keys of earlier versions, with what took their place: named in the error instead of
+# "unknown key", so an operator upgrading knows what to write.
+REPLACED = {
+    "collector.flush_interval": "replaced by collector.latency_target (seconds from receipt to "
+                                "queryable, default 1.0; inserts are sized to meet it): "
+                                "rename or remove it",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEPTH_LIMITS = (5, 10, 20)
@@ -184,6 +191,8 @@ def _section(values, section: str, keys: dict, path: str) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: [{section}]: must be a table")
     for key in values:
+        if f"{section}.{key}" in REPLACED:
+            raise ConfigError(f"{path}: {section}.{key}: {REPLACED[f'{section}.{key}']}")
         if key not in keys:
             raise ConfigError(f"{path}: {section}.{key}: unknown key")
     result = {}
@@ -264,8 +273,8 @@ def _check_values(s: dict, path: str) -> None:
         bad("clickhouse.database", "must be a plain identifier (letters, digits, _)")
     if s["collector"]["batch_rows"] < 1:
         bad("collector.batch_rows", "must be at least 1")
-    if s["collector"]["flush_interval"] <= 0:
-        bad("collector.flush_interval", "must be > 0")
+    if s["collector"]["latency_target"] <= 0:
+        bad("collector.latency_target", "must be > 0")
     if s["collector"]["max_buffered_rows"] < 0:
         bad("collector.max_buffered_rows", "must be >= 0")
     for line in s["tor"]["torrc_extra"]:

@@ -16,6 +16,8 @@ milliseconds, so nothing above this module sees the difference.
 connection (Features), and names each operation.  Writer, exporter, supervisor, verify and
 status all go through it; nobody else writes SQL.
 """
+import os
+import pwd
 import re
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -45,6 +47,17 @@ class Features:
     def ms(self, column: str = "ts") -> str:
         """SQL expression giving a time column as integer milliseconds."""
         return f"toUnixTimestamp64Milli({column})" if self.datetime64 else column
+
+
+def _name_the_os_user() -> None:
+    """clickhouse-driver sends the OS user's name with every query; without $USER (or LOGNAME,
+    LNAME, USERNAME: a systemd service has none of them) it reads /etc/passwd again for each
+    query.  Look it up once for the whole process."""
+    if not any(os.environ.get(k) for k in ("LOGNAME", "USER", "LNAME", "USERNAME")):
+        try:
+            os.environ["USER"] = pwd.getpwuid(os.getuid()).pw_name
+        except KeyError:  # a uid without a passwd entry: the driver sends '' then
+            pass
 
 
 def quote(identifier: str) -> str:
@@ -83,6 +96,7 @@ class Store:
     @property
     def client(self) -> Client:
         if self._client is None:
+            _name_the_os_user()
             ch = self.ch
             self._client = Client(host=ch["host"], port=ch["port"], user=ch["user"],
                                   password=ch["password"], database="default",

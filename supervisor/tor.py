@@ -140,6 +140,12 @@ class TorProcess:
             # needs country codes (ExcludeNodes {cc}) sets GeoIPFile again, later lines win
             f"GeoIPFile {os.devnull}",
             f"GeoIPv6File {os.devnull}",
+            # Padding hides traffic patterns from a local observer; what mexc needs from tor
+            # is distinct exit IPs, which padding does not touch.  The reduced modes send far
+            # fewer cells.  (Predicted circuits must stay on: tor's bootstrap ends by building
+            # one, and the supervisor starts a collector only after it.)
+            "ReducedConnectionPadding 1",
+            "ReducedCircuitPadding 1",
             *self.extra_lines,
         ]
         path = os.path.join(self.directory, "torrc")

@@ -19,7 +19,7 @@ def test_defaults_and_names():
     assert config.parse({"exchange": {"url": "ws://127.0.0.1:8/edge"}}).exchange["rest_url"] \
         == "http://127.0.0.1:8"
     assert cfg.clickhouse["managed"] is True
-    assert cfg.collector["flush_interval"] == 0.1
+    assert cfg.collector["latency_target"] == 1.0
     assert cfg.symbol("btc").symbol == "BTC_USDT"
     assert cfg.symbol("SOL_USDT").name == "sol2"
 
@@ -33,7 +33,7 @@ def test_shipped_config_is_valid_and_matches_defaults():
 
 
 def test_int_accepted_for_float():
-    assert config.parse({"collector": {"flush_interval": 1}}).collector["flush_interval"] == 1.0
+    assert config.parse({"collector": {"latency_target": 2}}).collector["latency_target"] == 2.0
 
 
 @pytest.mark.parametrize("data, message", [
@@ -54,6 +54,8 @@ def test_int_accepted_for_float():
     ({"exchange": {"rest_url": "ftp://x"}}, "exchange.rest_url: must start with http:// or https://"),
     ({"clickhouse": {"database": "a-b"}}, "clickhouse.database: must be a plain identifier"),
     ({"collector": {"batch_rows": 0}}, "collector.batch_rows: must be at least 1"),
+    ({"collector": {"latency_target": 0}}, "collector.latency_target: must be > 0"),
+    ({"collector": {"flush_interval": 0.1}}, "replaced by collector.latency_target"),
     ({"log": {"level": "loud"}}, "log.level: must be one of"),
     ({"paths": 3}, "[paths]: must be a table"),
     ({"http": {"listen": "8470"}}, "http.listen: '8470' is not HOST:PORT"),

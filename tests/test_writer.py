@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from collector.spool import Spool, SpoolBusy
-from collector.writer import RowWriter
+from collector.writer import LATENCY_MARGIN, RowWriter
 from core.store import Store
 from tests.conftest import wait_for
 
@@ -77,3 +77,23 @@ def test_a_spool_has_one_user_at_a_time(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_insert_is_due_at_batch_rows_or_before_the_latency_target(tmp_path):
+    """Few rows wait (one insert per latency target instead of one per read); batch_rows rows,
+    spooled rows and a batch being retried are due at once."""
+    w = RowWriter({"database": "mexc"}, "btc", Spool(str(tmp_path / "spool"), "btc"),
+                  max_buffered_rows=1000, batch_rows=10, latency_target=1.0)
+    assert w._until_due() is None
+    w.submit(rows("few", 3))
+    assert 0.5 < w._until_due() <= 1.0 - LATENCY_MARGIN
+    w.submit(rows("enough", 7))
+    assert w._until_due() == 0.0
+    w.queue.clear()
+    w.queued_rows = 0
+    w.pending = rows("retried", 1)
+    assert w._until_due() == 0.0
+    w.pending = None
+    w.spool.append(rows("spooled", 1))
+    assert w._until_due() == 0.0
+    w.spool.close()
