@@ -160,6 +160,8 @@ class GapLedger:
             backfilled, covered = self._retry(
                 lambda: self.backfill.fill(fetched, gap.start_ms, gap.end_ms, self.store)) \
                 or (0, False)
+        if backfilled:  # a reader of the record finds its rows (stopping: they are spooled)
+            self._wait_written()
         record = Gap(self.symbol, self.name, gap.start_ms, gap.end_ms, gap.reason, gap.detail,
                      backfilled, covered, int(time.time() * 1000))
         if self._retry(lambda: self._record(record)):
@@ -173,6 +175,11 @@ class GapLedger:
         """Wait until the writer has stored every row handed to it up to the gap's end (so
         the rows at both edges are in ClickHouse).  False: we are stopping first."""
         self.stopping.wait(max(0.0, gap.closed_at + SETTLE - time.monotonic()))
+        return self._wait_written()
+
+    def _wait_written(self) -> bool:
+        """Wait until the writer has stored every row handed to it so far (the writer sizes
+        inserts by latency: up to collector.latency_target).  False: we are stopping first."""
         mark = self.written_before + self.writer.rows_submitted
         while self.writer.rows_written < mark:
             if self.stopping.wait(0.05):

@@ -31,12 +31,18 @@ def assert_stored_exactly_once(env, sim, symbol="BTC_USDT", table="btc_current")
     expected = sim.expected_rows(symbol)
     wait_for(lambda: env.count(table) >= len(expected), 30,
              f"{len(expected)} rows in {table} (have {env.count(table)})")
+    expected_data = collections.Counter((ts, mt, m) for ts, mt, m in expected if mt != "dl")
+    wait_for(lambda: backfill_settled(env, expected_data, table), 30,
+             "the ledger's backfilled count to match the rows no frame carried")
     rows = stored(env, table)
     duplicates = {row: n for row, n in rows.items() if n > 1}
     assert not duplicates, f"duplicated rows: {list(duplicates.items())[:5]}"
     data_rows = collections.Counter(r for r in rows if r[1] != "dl")
-    expected_data = collections.Counter((ts, mt, m) for ts, mt, m in expected if mt != "dl")
-    assert data_rows == expected_data
+    backfilled = data_rows - expected_data  # trades made while no subscription was live
+    in_gaps = {trade.row for gap in ledger(env) for trade in
+               sim.trades(symbol, gap.start_ms, gap.end_ms)} - set(expected_data)
+    assert set(backfilled) <= in_gaps, "a stored trade that was neither sent nor in a gap"
+    assert data_rows - backfilled == expected_data
     dead = sorted(m for _ts, mt, m in rows if mt == "dl")
     expected_dead = [m for _ts, mt, m in expected if mt == "dl"]
     assert len(dead) == len(expected_dead)
@@ -44,6 +50,18 @@ def assert_stored_exactly_once(env, sim, symbol="BTC_USDT", table="btc_current")
         if m is not None:
             assert m in dead
     return expected
+
+
+def ledger(env):
+    with env.store() as session:
+        return session.gaps() if session.exists("gaps") else []
+
+
+def backfill_settled(env, expected_data, table):
+    """Every gap recorded, and the rows beyond those sent are exactly what the ledger says
+    backfill stored."""
+    extra = collections.Counter(r for r in stored(env, table) if r[1] != "dl") - expected_data
+    return sum(gap.backfilled for gap in ledger(env)) == sum(extra.values())
 
 
 def start_collector(env, sim, symbol="BTC_USDT", **sections):
