@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 
 from urllib.parse import urlsplit
@@ -41,7 +42,7 @@ TICK = 0.2
 STOP_TIMEOUTS = {COLLECTOR: 7.0, EXPORTER: 3.0, TOR: 2.0, CLICKHOUSE: 3.0}
 READY_TIMEOUT = 15.0  # READY=1 at the latest this long after start, even if a collector lags
 LEFTOVER_WAIT = 20.0  # for the children of a killed `mexc run` to die with it (collectors flush)
-CLICKHOUSE_CHECK_EVERY = 5.0  # seconds; a status request must not stall the loop on it
+CLICKHOUSE_CHECK_EVERY = 5.0  # seconds between reachability probes (each in its own thread)
 
 
 class RunError(Exception):
@@ -72,6 +73,7 @@ class Arbiter:
         self.usage = {}  # pid -> psutil.Process, kept so cpu_percent measures between calls
         self.notifier = sdnotify.Notifier.from_environment()  # children must not inherit it
         self.clickhouse_checked = (float("-inf"), False)  # (when, reachable)
+        self.clickhouse_probe = threading.Thread()  # the probe in flight, if alive
         url = urlsplit(config.exchange["url"])
         self.exit_guard = ExitGuard(config.tor, url.port or (443 if url.scheme == "wss" else 80))
         self.tor_ports = {}  # symbol name -> (socks, control), kept across tor restarts
@@ -193,6 +195,7 @@ class Arbiter:
         try:
             with Store(self.config.clickhouse) as session:
                 features = session.setup([s.name for s in self.config.symbols])
+            self.clickhouse_checked = (time.monotonic(), True)
             log.info("clickhouse %s at %s:%d, database %s ready", features.version,
                      self.config.clickhouse["host"], self.config.clickhouse["port"],
                      self.config.clickhouse["database"])
@@ -443,10 +446,18 @@ class Arbiter:
         }
 
     def _clickhouse_status(self) -> dict:
-        """Checked at most every few seconds: a status request must not stall the loop."""
+        """The last probe's answer.  A due probe runs in a thread of its own: a slow or absent
+        server (up to its 1 s timeout) must never stall the loop that status and the
+        dashboard's monitor ask every few seconds."""
         ch, now = self.config.clickhouse, time.monotonic()
-        if now - self.clickhouse_checked[0] >= CLICKHOUSE_CHECK_EVERY:
-            with Store(ch, timeout=1.0) as session:
-                self.clickhouse_checked = (now, session.reachable())
+        if (now - self.clickhouse_checked[0] >= CLICKHOUSE_CHECK_EVERY
+                and not self.clickhouse_probe.is_alive()):
+            self.clickhouse_probe = threading.Thread(target=self._probe_clickhouse, daemon=True,
+                                                     name="clickhouse-probe")
+            self.clickhouse_probe.start()
         return {"host": ch["host"], "port": ch["port"], "managed": ch["managed"],
                 "reachable": self.clickhouse_checked[1]}
+
+    def _probe_clickhouse(self) -> None:
+        with Store(self.config.clickhouse, timeout=1.0) as session:
+            self.clickhouse_checked = (time.monotonic(), session.reachable())
