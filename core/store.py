@@ -25,7 +25,8 @@ from clickhouse_driver.errors import ServerException
 from core.clock import HOUR_MS
 from core.vocabulary import GAP_COLUMNS, MESSAGE_TYPES, ROW_COLUMNS, Gap, Row
 
-UNKNOWN_TABLE = 60  # ClickHouse's error code for a table that does not exist
+UNKNOWN_TABLE = 60  # ClickHouse's error codes for a table, a database that does not exist
+UNKNOWN_DATABASE = 81
 Refused = ServerException  # the server answered with an error: the statement did not apply
 MT_ENUM = "Enum8(" + ", ".join(f"'{mt}' = {i}" for i, mt in enumerate(MESSAGE_TYPES, 1)) + ")"
 

@@ -143,7 +143,8 @@ class Arbiter:
 
         def spawn(wait=False):  # restarts do not block the loop; collectors retry meanwhile
             return Subprocess(ManagedClickHouse(directory, port=ch["port"], user=ch["user"],
-                                                password=ch["password"], binary=ch["binary"]),
+                                                password=ch["password"], binary=ch["binary"],
+                                                http_port=ch["http_port"]),
                               wait=wait)
 
         child = Child(ChildId(CLICKHOUSE), spawn, self.config.supervisor, heartbeats=False)

@@ -170,7 +170,7 @@ def test_sigkill_with_rows_in_spool_then_restart(env, sim, own_clickhouse):
              "the spool drained")
     sim.stop_data()
     sent = collections.Counter((ts, mt, m) for ts, mt, m in sim.expected_rows("BTC_USDT"))
-    wait_for(lambda: env.query(f"SELECT max(ts) FROM {env.database}.btc_current")[0][0]
+    wait_for(lambda: env.query(f"SELECT max({env.ms()}) FROM {env.database}.btc_current")[0][0]
              >= max(r[0] for r in sent if r[0] is not None), 30, "the last sent row stored")
     rows = stored(env)
     assert not [r for r, n in rows.items() if n > 1], "duplicated rows"

@@ -95,8 +95,8 @@ def test_rows_straddling_the_hour_and_late_rows(env):
                                                                  "btc_20251124_0000.parquet"]
     assert pq.read_metadata(env.tmp / "export" / "btc_20251123_2300.parquet").num_rows == 65
     assert_exactly_once(env, sent + late)
-    logged = env.query(f"SELECT hour_start, argMax(row_count, export_time) FROM "
-                       f"{env.database}.export_log GROUP BY hour_start ORDER BY hour_start")
+    with env.store() as store:
+        logged = [(hour, rows) for hour, _path, rows, _sha in store.logged_exports("BTC_USDT")]
     assert logged == [(H - 2 * HOUR_MS, 50), (H - HOUR_MS, 65), (H, 10)]
 
 

@@ -200,7 +200,7 @@ def test_symbol_re_added_while_its_old_collector_stops_loses_nothing(env, sim, o
         daemon.collectors().get("collector-eth", {})), 30, "the eth spool replayed")
     sim.stop_data()
     sent = collections.Counter(sim.expected_rows("ETH_USDT"))
-    wait_for(lambda: env.query(f"SELECT max(ts) FROM {env.database}.eth_current")[0][0]
+    wait_for(lambda: env.query(f"SELECT max({env.ms()}) FROM {env.database}.eth_current")[0][0]
              >= max(ts for ts, _mt, _m in sent if ts is not None), 30, "the last row stored")
     rows = collections.Counter(env.rows("eth_current"))
     assert max(rows.values()) == 1, "duplicated rows"
