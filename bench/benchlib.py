@@ -89,7 +89,8 @@ class World:
         return cls(directory, clickhouse)
 
     def ch_section(self, database: str) -> dict:
-        return {"host": "127.0.0.1", "port": self.clickhouse.port, "database": database,
+        return {"host": "127.0.0.1", "port": self.clickhouse.port,
+                "http_port": self.clickhouse.http_port, "database": database,
                 "user": "default", "password": "", "managed": False}
 
     def config_data(self, database: str, symbols: list, **sections) -> dict:

@@ -13,12 +13,22 @@ Both accept the same integer milliseconds on insert and every read here selects
 milliseconds, so nothing above this module sees the difference.
 
 `Store` is one session: it connects on first use, probes what the server supports once per
-connection (Features), and names each operation.  Writer, exporter, supervisor, verify and
+connection (Features), and names each operation.  Most statements go over the native protocol
+(clickhouse-driver); the export reads each hour over HTTP where the server answers there
+(`clickhouse.http_port`): as Arrow on servers that have the format, as CSV (parsed by Arrow)
+on older ones, so no row becomes a Python object on the way to its file.  Writer, exporter, supervisor, verify and
 status all go through it; nobody else writes SQL.
 """
+import base64
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.ipc
 from clickhouse_driver import Client
 from clickhouse_driver.errors import ServerException
 
@@ -29,6 +39,10 @@ UNKNOWN_TABLE = 60  # ClickHouse's error codes for a table, a database that does
 UNKNOWN_DATABASE = 81
 Refused = ServerException  # the server answered with an error: the statement did not apply
 MT_ENUM = "Enum8(" + ", ".join(f"'{mt}' = {i}" for i, mt in enumerate(MESSAGE_TYPES, 1)) + ")"
+# An hour's rows as the export reads them: times as integer milliseconds, mt as its name.
+ROWS_SCHEMA = pa.schema([("ts", pa.int64()), ("mt", pa.string()), ("m", pa.string()),
+                         ("rts", pa.int64())])
+BLOCK_ROWS = 65536
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,7 @@ class Features:
     version: str
     datetime64: bool
     exchange_tables: bool
+    http_format: Optional[str] = None  # ArrowStream, CSV, or None: no HTTP, native rows only
 
     @property
     def time_type(self) -> str:
@@ -45,6 +60,13 @@ class Features:
     def ms(self, column: str = "ts") -> str:
         """SQL expression giving a time column as integer milliseconds."""
         return f"toUnixTimestamp64Milli({column})" if self.datetime64 else column
+
+
+def _batch(rows: List[tuple]) -> pa.RecordBatch:
+    """(ts ms, mt, m, rts ms) rows -> a record batch of ROWS_SCHEMA."""
+    return pa.RecordBatch.from_arrays(
+        [pa.array(column, type) for column, type in zip(zip(*rows), ROWS_SCHEMA.types)],
+        schema=ROWS_SCHEMA)
 
 
 def quote(identifier: str) -> str:
@@ -120,7 +142,35 @@ class Store:
                                      {"db": self.database})
         # EXCHANGE TABLES exists only for Atomic databases (ClickHouse 20.x and later).
         exchange = bool(engine) and engine[0][0] == "Atomic"
-        return Features(version=version, datetime64=datetime64, exchange_tables=exchange)
+        return Features(version=version, datetime64=datetime64, exchange_tables=exchange,
+                        http_format=self._probe_http())
+
+    def _probe_http(self) -> Optional[str]:
+        """The best format the HTTP port answers in (the version string alone does not say
+        what a build has, and the port may be closed), None when it does not answer."""
+        if not self.ch.get("http_port"):  # a session for one quick question (health, demo)
+            return None
+        for fmt in ("ArrowStream", "CSV"):
+            try:
+                with self._http(f"SELECT 1 FORMAT {fmt}", timeout=2.0) as response:
+                    response.read()
+                return fmt
+            except urllib.error.HTTPError:  # the server answered: not this format
+                continue
+            except OSError:  # nothing listening, or not ClickHouse
+                return None
+        return None
+
+    def _http(self, sql: str, timeout: Optional[float] = None):
+        """A streaming HTTP response to one query (user and password as Basic auth, never in
+        the URL, so they do not end up in the server's logs)."""
+        ch = self.ch
+        credentials = base64.b64encode(f"{ch['user']}:{ch['password']}".encode()).decode()
+        settings = {"output_format_arrow_string_as_string": 1} if "ArrowStream" in sql else {}
+        url = (f"http://{ch['host']}:{ch['http_port']}/?"
+               + urllib.parse.urlencode({"query": sql, **settings}))
+        request = urllib.request.Request(url, headers={"Authorization": f"Basic {credentials}"})
+        return urllib.request.urlopen(request, timeout=timeout or self.timeout)
 
     def reachable(self) -> bool:
         """Does the server answer a trivial query?  Never raises."""
@@ -267,19 +317,60 @@ class Store:
             f"SELECT intDiv({ts}, {HOUR_MS}) * {HOUR_MS} AS h, count() FROM "
             f"{self._table(previous_table(name))} {where} GROUP BY h ORDER BY h")
 
+    def _hour_where(self, hour: int) -> str:
+        ts = self.features.ms()
+        return f"WHERE {ts} >= {int(hour)} AND {ts} < {int(hour) + HOUR_MS} ORDER BY {ts}"
+
     def hour_rows(self, name: str, hour: int) -> Iterator[tuple]:
         """The hour's rows from {name}_previous as (ts ms, mt, m, rts ms), in ts order,
         streamed block by block (memory stays bounded however big the hour is)."""
-        ts = self.features.ms()
-        return self.rows(previous_table(name), f"WHERE {ts} >= {int(hour)} AND "
-                                               f"{ts} < {int(hour) + HOUR_MS} ORDER BY {ts}")
+        return self.rows(previous_table(name), self._hour_where(hour))
+
+    def hour_batches(self, name: str, hour: int) -> Iterator[pa.RecordBatch]:
+        """The same rows as Arrow record batches of ROWS_SCHEMA, streamed: over HTTP where
+        the server answers there (Features.http_format), else built from native rows."""
+        fmt = self.features.http_format
+        if fmt is None:
+            return self._batches_of_rows(self.hour_rows(name, hour))
+        f = self.features
+        # aliases unlike the column names: WHERE and ORDER BY must see the columns
+        sql = (f"SELECT {f.ms()} AS ts_ms, toString(mt) AS mt_name, m, {f.ms('rts')} AS rts_ms "
+               f"FROM {self._table(previous_table(name))} {self._hour_where(hour)} "
+               f"FORMAT {fmt}")
+        return self._http_batches(sql, fmt)
+
+    def _http_batches(self, sql: str, fmt: str) -> Iterator[pa.RecordBatch]:
+        with self._http(sql) as response:
+            if fmt == "ArrowStream":
+                reader = pa.ipc.open_stream(response)
+            else:  # ClickHouse's CSV quotes strings RFC 4180 style: newlines, quotes survive
+                reader = pa.csv.open_csv(
+                    response, read_options=pa.csv.ReadOptions(column_names=ROWS_SCHEMA.names,
+                                                              block_size=1 << 22),
+                    parse_options=pa.csv.ParseOptions(newlines_in_values=True),
+                    convert_options=pa.csv.ConvertOptions(
+                        column_types=ROWS_SCHEMA, strings_can_be_null=False,
+                        quoted_strings_can_be_null=False))
+            for batch in reader:
+                yield pa.RecordBatch.from_arrays(batch.columns, schema=ROWS_SCHEMA)
+
+    @staticmethod
+    def _batches_of_rows(rows: Iterator[tuple]) -> Iterator[pa.RecordBatch]:
+        block = []
+        for row in rows:
+            block.append(row)
+            if len(block) == BLOCK_ROWS:
+                yield _batch(block)
+                block = []
+        if block:
+            yield _batch(block)
 
     def rows(self, table: str, where: str = "") -> Iterator[tuple]:
         """A table's rows as (ts ms, mt, m, rts ms), streamed block by block."""
         ts, rts = self.features.ms(), self.features.ms("rts")
         return self.client.execute_iter(
             f"SELECT {ts}, toString(mt), m, {rts} FROM {self._table(table)} {where}",
-            settings={"max_block_size": 65536})
+            settings={"max_block_size": BLOCK_ROWS})
 
     # --- export_log ------------------------------------------------------------------------
 

@@ -313,16 +313,17 @@ class Exporter:
         return path
 
     def _hour_row_groups(self, name: str, hour: int):
-        """The hour's rows from previous in ts order, as Arrow tables of ROW_GROUP_ROWS rows,
-        streamed block by block: memory stays bounded however big the hour is."""
-        rows = []
-        for row in self.store.hour_rows(name, hour):
-            rows.append(row)
-            if len(rows) == ROW_GROUP_ROWS:
-                yield parquet_files.to_table(*zip(*rows))
-                rows = []
-        if rows:
-            yield parquet_files.to_table(*zip(*rows))
+        """The hour's rows from previous in ts order, as Arrow tables of about ROW_GROUP_ROWS
+        rows, streamed batch by batch: memory stays bounded however big the hour is."""
+        batches, rows = [], 0
+        for batch in self.store.hour_batches(name, hour):
+            batches.append(batch)
+            rows += batch.num_rows
+            if rows >= ROW_GROUP_ROWS:
+                yield parquet_files.to_table(batches)
+                batches, rows = [], 0
+        if batches:
+            yield parquet_files.to_table(batches)
 
     def _group(self) -> Optional[int]:
         return grp.getgrnam(self.export["group"]).gr_gid if self.export["group"] else None

@@ -34,13 +34,15 @@ def file_name(name: str, hour_ms: int) -> str:
     return f"{name}_{time.strftime('%Y%m%d_%H00', time.gmtime(hour_ms // 1000))}.parquet"
 
 
-def to_table(ts_ms, mt, m, rts_ms) -> pa.Table:
-    """Columns as ClickHouse gives them (ms integers, strings) -> an Arrow table."""
+def to_table(batches) -> pa.Table:
+    """Record batches as the store reads them (ts, rts int64 ms; mt, m strings) -> a table of
+    the file's SCHEMA (no copy of `m`, most of the bytes)."""
+    rows = pa.Table.from_batches(batches)
     return pa.table([
-        pa.array(ts_ms, pa.int64()).cast(SCHEMA.field("ts").type),
-        pa.array(mt, pa.string()).dictionary_encode().cast(SCHEMA.field("mt").type),
-        pa.array(m, pa.string()),
-        pa.array(rts_ms, pa.int64()).cast(SCHEMA.field("rts").type),
+        rows.column("ts").cast(SCHEMA.field("ts").type),
+        rows.column("mt").dictionary_encode().cast(SCHEMA.field("mt").type),
+        rows.column("m"),
+        rows.column("rts").cast(SCHEMA.field("rts").type),
     ], schema=SCHEMA)
 
 

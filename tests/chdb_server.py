@@ -29,4 +29,10 @@ class ChdbClickHouse(ManagedClickHouse):
     """ClickHouse 26.x from chdb-core, with its config, data and logs in `directory`."""
 
     def command(self, config_path: str) -> list:
-        return [sys.executable, "-c", SERVE, self.directory + "/data/"]
+        return [sys.executable, "-c", SERVE, self.directory + "/data/"]  # reads ./config.xml
+
+
+# The servers the tests and the soak run against, by the name tests carry in their ids:
+# Debian's 18.16 (apt clickhouse-server; UInt64 time columns, Ordinary databases) and a current
+# release (DateTime64 time columns, Atomic databases, EXCHANGE TABLES, Arrow over HTTP).
+SERVERS = {"ch18": ManagedClickHouse, "ch26": ChdbClickHouse}

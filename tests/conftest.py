@@ -15,12 +15,7 @@ import pytest
 from core.clickhouse_server import ManagedClickHouse
 from core.store import UNKNOWN_DATABASE, UNKNOWN_TABLE, Refused, Store
 from tests import chdb_server
-
-# The ClickHouse servers every test touching ClickHouse runs against: Debian's 18.16 (the apt
-# clickhouse-server, UInt64 time columns, Ordinary databases) and a current release (chdb-core,
-# DateTime64 columns, Atomic databases, EXCHANGE TABLES).  Tests marked one_clickhouse need
-# *a* ClickHouse, not a particular one, and run on the first only.
-SERVERS = {"ch18": ManagedClickHouse, "ch26": chdb_server.ChdbClickHouse}
+from tests.chdb_server import SERVERS
 
 MEXC = os.path.join(os.path.dirname(sys.executable), "mexc")
 
@@ -59,6 +54,8 @@ def toml_dump(data: dict) -> str:
 
 
 def pytest_generate_tests(metafunc):
+    """Every test touching ClickHouse runs against each of SERVERS; those marked
+    one_clickhouse need *a* ClickHouse, not a particular release, and run on the first."""
     if "clickhouse" in metafunc.fixturenames:
         one = metafunc.definition.get_closest_marker("one_clickhouse") is not None
         metafunc.parametrize("clickhouse", list(SERVERS)[:1] if one else list(SERVERS),
@@ -91,7 +88,8 @@ class World:
         self.procs = []
 
     def ch_section(self) -> dict:
-        return {"host": "127.0.0.1", "port": self.clickhouse.port, "database": self.database,
+        return {"host": "127.0.0.1", "port": self.clickhouse.port,
+                "http_port": self.clickhouse.http_port, "database": self.database,
                 "user": "default", "password": "", "managed": False}
 
     def write_config(self, url: str, symbols=("BTC_USDT",), **sections) -> str:

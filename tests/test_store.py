@@ -56,6 +56,29 @@ def test_rotation_operations_keep_every_row_once(env):
         session.close()
 
 
+def test_hour_batches_over_http_are_the_native_rows_exactly(env):
+    """The export's fast path (Arrow or CSV over HTTP) gives what the native protocol gives,
+    byte for byte, for every awkward text; with the HTTP port closed it falls back."""
+    texts = ["", "a,b", 'say "hi"', "two\nlines", "cr\r\n", "tab\there", "back\\slash",
+             "ünï €", "\\N", "NULL", " lead", "x" * 5000]
+    hour = [(HOUR + i, "dp" if i % 2 else "t", text, HOUR + i + 7)
+            for i, text in enumerate(texts * 3)]
+    with env.store() as session:
+        session.setup(["btc"])
+        session.insert_rows("btc_current", hour + rows(HOUR + HOUR_MS, 5, "next"))
+        session.swap("btc")
+        assert session.features.http_format == ("ArrowStream" if session.features.datetime64
+                                                else "CSV")
+        native = list(session.hour_rows("btc", HOUR))
+        over_http = [tuple(row.values()) for batch in session.hour_batches("btc", HOUR)
+                     for row in batch.to_pylist()]
+    assert native == sorted(hour) and over_http == native
+    with store.Store({**env.ch_section(), "http_port": 1}) as closed:
+        assert closed.features.http_format is None
+        assert [tuple(row.values()) for batch in closed.hour_batches("btc", HOUR)
+                for row in batch.to_pylist()] == native
+
+
 def test_gap_ledger_round_trip(env):
     """record_gaps then gaps(): every field back as written; the filters select by overlap."""
     from core.vocabulary import GAP_COLLECTOR_CRASH, GAP_DISCONNECT, Gap
