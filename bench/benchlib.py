@@ -79,11 +79,14 @@ class World:
         self.clickhouse = clickhouse
 
     @classmethod
-    def start(cls, stack: contextlib.ExitStack, prefix: str) -> "World":
-        """A fresh temporary directory and ClickHouse, both removed when `stack` closes."""
+    def start(cls, stack: contextlib.ExitStack, prefix: str, server: str = "ch18") -> "World":
+        """A fresh temporary directory and ClickHouse (one of the tests' SERVERS), both removed
+        when `stack` closes."""
+        from tests.chdb_server import SERVERS
+
         directory = tempfile.mkdtemp(prefix=prefix)
         stack.callback(shutil.rmtree, directory, ignore_errors=True)
-        clickhouse = ManagedClickHouse(os.path.join(directory, "clickhouse"))
+        clickhouse = SERVERS[server](os.path.join(directory, "clickhouse"))
         stack.callback(clickhouse.stop)
         clickhouse.start()
         return cls(directory, clickhouse)

@@ -61,6 +61,12 @@ class Features:
         """SQL expression giving a time column as integer milliseconds."""
         return f"toUnixTimestamp64Milli({column})" if self.datetime64 else column
 
+    def describe(self) -> str:
+        """For operators: `ClickHouse 26.9.2.1, time columns DateTime64(3, 'UTC'), export
+        over ArrowStream`."""
+        return (f"ClickHouse {self.version}, time columns {self.time_type}, export over "
+                f"{self.http_format or 'native protocol rows (no HTTP port answering)'}")
+
 
 def _batch(rows: List[tuple]) -> pa.RecordBatch:
     """(ts ms, mt, m, rts ms) rows -> a record batch of ROWS_SCHEMA."""
@@ -131,6 +137,14 @@ class Store:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    def probe(self) -> Optional[Features]:
+        """What the server supports, None when it does not answer.  Never raises."""
+        try:
+            return self.features
+        except Exception:
+            self.close()
+            return None
+
     def _probe(self) -> Features:
         version = self._one("SELECT version()")
         try:
@@ -138,6 +152,12 @@ class Store:
             datetime64 = True
         except ServerException:
             datetime64 = False
+        # Tables made before the server was upgraded keep their UInt64 columns: they decide.
+        made = self.client.execute(
+            "SELECT type FROM system.columns WHERE database = %(db)s AND table = 'export_log' "
+            "AND name = 'hour_start'", {"db": self.database})
+        if made:
+            datetime64 = made[0][0].startswith("DateTime64")
         engine = self.client.execute("SELECT engine FROM system.databases WHERE name = %(db)s",
                                      {"db": self.database})
         # EXCHANGE TABLES exists only for Atomic databases (ClickHouse 20.x and later).
@@ -332,15 +352,19 @@ class Store:
         fmt = self.features.http_format
         if fmt is None:
             return self._batches_of_rows(self.hour_rows(name, hour))
+        return self._http_batches(name, hour, fmt)
+
+    def hour_stream(self, name: str, hour: int, fmt: str):
+        """An HTTP response streaming the hour's rows (ts ms, mt, m, rts ms), in ts order, in
+        ClickHouse's format `fmt` (a context manager; read() it)."""
         f = self.features
         # aliases unlike the column names: WHERE and ORDER BY must see the columns
-        sql = (f"SELECT {f.ms()} AS ts_ms, toString(mt) AS mt_name, m, {f.ms('rts')} AS rts_ms "
-               f"FROM {self._table(previous_table(name))} {self._hour_where(hour)} "
-               f"FORMAT {fmt}")
-        return self._http_batches(sql, fmt)
+        return self._http(
+            f"SELECT {f.ms()} AS ts_ms, toString(mt) AS mt_name, m, {f.ms('rts')} AS rts_ms "
+            f"FROM {self._table(previous_table(name))} {self._hour_where(hour)} FORMAT {fmt}")
 
-    def _http_batches(self, sql: str, fmt: str) -> Iterator[pa.RecordBatch]:
-        with self._http(sql) as response:
+    def _http_batches(self, name: str, hour: int, fmt: str) -> Iterator[pa.RecordBatch]:
+        with self.hour_stream(name, hour, fmt) as response:
             if fmt == "ArrowStream":
                 reader = pa.ipc.open_stream(response)
             else:  # ClickHouse's CSV quotes strings RFC 4180 style: newlines, quotes survive

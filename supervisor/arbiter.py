@@ -66,7 +66,7 @@ class Arbiter:
         self.lock_file = None
         self.usage = {}  # pid -> psutil.Process, kept so cpu_percent measures between calls
         self.notifier = sdnotify.Notifier.from_environment()  # children must not inherit it
-        self.clickhouse_checked = (float("-inf"), False)  # (when, reachable)
+        self.clickhouse_checked = (float("-inf"), None)  # (when, Features or None)
         url = urlsplit(config.exchange["url"])
         self.exit_guard = ExitGuard(config.tor, url.port or (443 if url.scheme == "wss" else 80))
         self.tor_ports = {}  # symbol name -> (socks, control), kept across tor restarts
@@ -406,6 +406,8 @@ class Arbiter:
         ch, now = self.config.clickhouse, time.monotonic()
         if now - self.clickhouse_checked[0] >= CLICKHOUSE_CHECK_EVERY:
             with Store(ch, timeout=1.0) as session:
-                self.clickhouse_checked = (now, session.reachable())
+                self.clickhouse_checked = (now, session.probe())
+        features = self.clickhouse_checked[1]
         return {"host": ch["host"], "port": ch["port"], "managed": ch["managed"],
-                "reachable": self.clickhouse_checked[1]}
+                "reachable": features is not None,
+                "server": features.describe() if features else None}

@@ -269,6 +269,8 @@ def test_daemon_with_an_accelerated_clock(env):
                                 text=True, timeout=60)
         assert verify.returncode == 0, verify.stdout + verify.stderr
         assert "files verified" in verify.stdout and "btc_current:" in verify.stdout
+        version = env.query("SELECT version()")[0][0]
+        assert f": ClickHouse {version}, time columns " in verify.stdout
         assert daemon.stop(15) == 0
         assert "Traceback" not in daemon.log()
 

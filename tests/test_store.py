@@ -31,6 +31,17 @@ def test_features_follow_the_server(env):
     assert features.ms() == ("toUnixTimestamp64Milli(ts)" if features.datetime64 else "ts")
 
 
+def test_tables_made_before_an_upgrade_keep_deciding_the_time_type(env):
+    """A server upgraded from 18.16 keeps its UInt64 tables: reads must not treat them as
+    DateTime64 just because the server could."""
+    with env.store() as session:
+        session.create_database()
+        session.client.execute(f"CREATE TABLE {env.database}.export_log (symbol String, "
+                               f"hour_start UInt64) ENGINE = Memory")
+        assert session.features.datetime64 is False
+        assert "time columns UInt64" in session.features.describe()
+
+
 def test_rotation_operations_keep_every_row_once(env):
     """swap, move_back, hours, hour_rows, drop: the exporter's steps, one by one."""
     session = env.store()

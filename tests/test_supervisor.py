@@ -62,6 +62,9 @@ def test_status_json_and_table(env, sim):
     assert status["supervisor"]["pid"] == daemon.proc.pid
     assert status["supervisor"]["uptime_s"] > 0
     assert status["supervisor"]["clickhouse"]["reachable"] is True
+    version = env.query("SELECT version()")[0][0]
+    assert status["supervisor"]["clickhouse"]["server"].startswith(
+        f"ClickHouse {version}, time columns ")
     by_name = {c["name"]: c for c in status["children"]}
     assert set(by_name) == {"collector-btc", "collector-eth", "exporter"}
     assert by_name["exporter"]["kind"] == "exporter" and by_name["exporter"]["state"] == "running"
