@@ -81,6 +81,7 @@ def test_every_row_and_dead_letter_stored_once(env, sim):
     assert ("BTC_USDT", "deal", {"symbol": "BTC_USDT", "compress": False}) in sim.subscription_params
 
 
+@pytest.mark.one_clickhouse
 def test_reconnects_after_forced_disconnect(env, sim):
     proc = start_collector(env, sim)
     wait_for(lambda: env.count() > 50, 20, "rows flowing")
@@ -93,6 +94,7 @@ def test_reconnects_after_forced_disconnect(env, sim):
     assert proc.stop() == 0
 
 
+@pytest.mark.one_clickhouse
 @pytest.mark.slow
 def test_pings_keep_an_idle_connection_open(env):
     with MexcSimulator(rate=0, idle_timeout=1.5) as sim:
@@ -103,6 +105,7 @@ def test_pings_keep_an_idle_connection_open(env):
         assert proc.stop() == 0
 
 
+@pytest.mark.one_clickhouse
 @pytest.mark.slow
 def test_stalled_socket_is_declared_dead_and_replaced(env, sim):
     proc = start_collector(env, sim, exchange={"ping_interval": 0.5, "dead_after": 2.0})
@@ -113,6 +116,7 @@ def test_stalled_socket_is_declared_dead_and_replaced(env, sim):
     assert proc.stop() == 0
 
 
+@pytest.mark.one_clickhouse
 def test_silent_channel_alarm_and_rs_error_for_unknown_contract(env):
     with MexcSimulator(rate=50, known_symbols={"BTC_USDT"}) as sim:
         config = env.write_config(sim.url, symbols=["NOPE_USDT"], exchange={"silent_alarm": 1.0})
@@ -191,6 +195,7 @@ def read_spool(directory, name):
     return rows
 
 
+@pytest.mark.one_clickhouse
 def test_wss_through_a_real_socks5_proxy(env, tmp_path):
     if shutil.which("microsocks") is None or shutil.which("openssl") is None:
         pytest.fail("microsocks/openssl missing: run ./setup", pytrace=False)

@@ -18,7 +18,7 @@ from tests.conftest import MEXC, wait_for
 from supervisor.tor import TorControl
 from tests.tor_network import TorNetwork
 
-pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow, pytest.mark.one_clickhouse]
 
 
 @pytest.fixture(scope="module")
