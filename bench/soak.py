@@ -2,7 +2,8 @@
 
 Run from the repository root:
 
-    /tmp/venv/bin/python bench/soak.py [--minutes M] [--seed S] [--tor] [--managed | --clickhouse ch26] [--json]
+    /tmp/venv/bin/python bench/soak.py [--minutes M] [--seed S] [--tor]
+                                       [--managed | --clickhouse ch26] [--json]
 
 Exit status 0 only when the daemon lost and doubled nothing it could have kept (see "What counts
 as loss" below), every Parquet file is sound and holds only its hour, and the daemon is healthy

@@ -16,8 +16,8 @@ milliseconds, so nothing above this module sees the difference.
 connection (Features), and names each operation.  Most statements go over the native protocol
 (clickhouse-driver); the export reads each hour over HTTP where the server answers there
 (`clickhouse.http_port`): as Arrow on servers that have the format, as CSV (parsed by Arrow)
-on older ones, so no row becomes a Python object on the way to its file.  Writer, exporter, supervisor, verify and
-status all go through it; nobody else writes SQL.
+on older ones, so no row becomes a Python object on the way to its file.  Writer, exporter,
+supervisor, verify and status all go through it; nobody else writes SQL.
 """
 import base64
 import urllib.error

@@ -138,8 +138,9 @@ def status(children, **supervisor):
     sup = {"pid": 42, "version": "0.1.0", "uptime_s": 90061, "rotation": None,
            "last_export": "2024-01-01T10", "export": None,
            "clickhouse": {"host": "127.0.0.1", "port": 9000, "managed": False,
-                          "reachable": True, "server": "ClickHouse 26.9.2.1, time columns "
-                                                       "DateTime64(3, 'UTC'), export over ArrowStream"}}
+                          "reachable": True,
+                          "server": "ClickHouse 26.9.2.1, time columns DateTime64(3, 'UTC'), "
+                                    "export over ArrowStream"}}
     sup.update(supervisor)
     return {"supervisor": sup, "children": children}
 
