@@ -20,6 +20,7 @@ on older ones, so no row becomes a Python object on the way to its file.  Writer
 supervisor, verify and status all go through it; nobody else writes SQL.
 """
 import base64
+import logging
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -34,6 +35,8 @@ from clickhouse_driver.errors import ServerException
 
 from core.clock import HOUR_MS
 from core.vocabulary import GAP_COLUMNS, MESSAGE_TYPES, ROW_COLUMNS, Gap, Row
+
+log = logging.getLogger(__name__)
 
 UNKNOWN_TABLE = 60  # ClickHouse's error codes for a table, a database that does not exist
 UNKNOWN_DATABASE = 81
@@ -170,6 +173,8 @@ class Store:
         what a build has, and the port may be closed), None when it does not answer."""
         if not self.ch.get("http_port"):  # a session for one quick question (health, demo)
             return None
+        if not self._same_server_over_http():
+            return None
         for fmt in ("ArrowStream", "CSV"):
             try:
                 with self._http(f"SELECT 1 FORMAT {fmt}", timeout=2.0) as response:
@@ -180,6 +185,23 @@ class Store:
             except OSError:  # nothing listening, or not ClickHouse
                 return None
         return None
+
+    def _same_server_over_http(self) -> bool:
+        """Is http_port the server of `port`?  A wrong http_port (another ClickHouse on this
+        host) must not feed the export another server's rows: same version, same uptime."""
+        sql = "SELECT version(), uptime()"
+        try:
+            with self._http(sql + " FORMAT TabSeparated", timeout=2.0) as response:
+                version, uptime = response.read().decode().split()
+        except (OSError, ValueError):  # nothing listening, or not ClickHouse
+            return False
+        native_version, native_uptime = self.client.execute(sql)[0]
+        if version == native_version and abs(int(uptime) - native_uptime) <= 2:
+            return True
+        log.warning("clickhouse.http_port %s is another server (ClickHouse %s, up %s s) than "
+                    "clickhouse.port %s; the export reads over the native protocol",
+                    self.ch["http_port"], version, uptime, self.ch["port"])
+        return False
 
     def _http(self, sql: str, timeout: Optional[float] = None):
         """A streaming HTTP response to one query (user and password as Basic auth, never in
