@@ -110,6 +110,7 @@ class Exporter:
         self.requests = []  # export_now request ids not served yet
         self.store = store.Store(config.clickhouse, timeout=30.0)
         self.rotation = None if bus is None else Requester(bus, EXPORTER, on_other=self._note)
+        self.server = None  # Features.describe() of the server, logged when it changes
         self.stats = {"last_export": None, "last_error": None, "errors": 0, "files": 0,
                       "next_rotation": None, "exported_until": {}, "rotation_pause_s": None}
 
@@ -174,7 +175,7 @@ class Exporter:
         self._remove_stale_temporaries()
         symbols = self.known.update(self.config.symbols)
         try:
-            self.store.setup([s.name for s in self.config.symbols])
+            self._note_server(self.store.setup([s.name for s in self.config.symbols]))
             for symbol in symbols:
                 self._recover(symbol.name)
             self._rotate([s.name for s in symbols
@@ -201,6 +202,11 @@ class Exporter:
             self.stats["last_export"] = iso(int(time.time() * 1000))
             self.stats["last_error"] = None
         return not errors, files, "; ".join(errors) or None
+
+    def _note_server(self, features) -> None:
+        if features.describe() != self.server:
+            self.server = features.describe()
+            log.info("clickhouse: %s", self.server)
 
     def _emptied(self, name: str) -> bool:
         """Nothing of this symbol left to export (its current table may stay, empty)."""
