@@ -64,7 +64,10 @@ class HourFile:
             b"symbol": symbol.encode(), b"hour": hour.encode(), b"rows": str(rows).encode(),
             b"mexc_version": __version__.encode()})
         try:
-            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+            # a dictionary only for mt: ts, m and rts hardly repeat, and trying one for them
+            # costs write time, file size and the verify's read-back time
+            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd",
+                                           use_dictionary=["mt"])
         except BaseException:  # e.g. the disk is full: the file may exist, empty
             _unlink(self.tmp)
             raise
