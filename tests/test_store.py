@@ -2,8 +2,11 @@
 operation does what it says on a real server; setup-db is idempotent."""
 import subprocess
 
+import pytest
+
 from core import store
 from core.clock import HOUR_MS
+from tests.chdb_server import SERVERS
 from tests.conftest import MEXC
 
 HOUR = 1_700_000_000_000 // HOUR_MS * HOUR_MS
@@ -29,6 +32,19 @@ def test_features_follow_the_server(env):
     assert columns == {"ts": time_type, "mt": "Enum8('t' = 1, 'd' = 2, 'dp' = 3, 'dl' = 4)",
                        "m": "String", "rts": time_type}
     assert features.ms() == ("toUnixTimestamp64Milli(ts)" if features.datetime64 else "ts")
+
+
+@pytest.mark.one_clickhouse
+def test_an_http_port_of_another_server_is_not_used(env, tmp_path, caplog):
+    """http_port pointing at another ClickHouse on the host (here the other release): the
+    export must not read that server's rows; it falls back to the native protocol."""
+    other = SERVERS["ch26"](str(tmp_path / "other")).start()
+    try:
+        with store.Store({**env.ch_section(), "http_port": other.http_port}) as session:
+            assert session.features.http_format is None
+        assert f"http_port {other.http_port} is another server (ClickHouse 26." in caplog.text
+    finally:
+        other.stop()
 
 
 def test_tables_made_before_an_upgrade_keep_deciding_the_time_type(env):
