@@ -135,6 +135,9 @@ def start_collector_without_confirmation(env, sim, **sections):
     return proc
 
 
+# One release is enough: the soak stops the ClickHouse of each release, and the spool test
+# below replays on each.
+@pytest.mark.one_clickhouse
 @pytest.mark.slow
 def test_clickhouse_outage_of_30s_loses_nothing(env, sim, own_clickhouse):
     env.clickhouse = own_clickhouse
