@@ -46,6 +46,9 @@ MT_ENUM = "Enum8(" + ", ".join(f"'{mt}' = {i}" for i, mt in enumerate(MESSAGE_TY
 ROWS_SCHEMA = pa.schema([("ts", pa.int64()), ("mt", pa.string()), ("m", pa.string()),
                          ("rts", pa.int64())])
 BLOCK_ROWS = 65536
+# per HTTP output format: settings it needs (String as Arrow's string, not binary; a server
+# without the setting refuses it, and the probe then falls back to CSV)
+FORMAT_SETTINGS = {"ArrowStream": {"output_format_arrow_string_as_string": 1}}
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ class Store:
             return None
         for fmt in ("ArrowStream", "CSV"):
             try:
-                with self._http(f"SELECT 1 FORMAT {fmt}", timeout=2.0) as response:
+                with self._http("SELECT 1", fmt, timeout=2.0) as response:
                     response.read()
                 return fmt
             except urllib.error.HTTPError:  # the server answered: not this format
@@ -191,7 +194,7 @@ class Store:
         host) must not feed the export another server's rows: same version, same uptime."""
         sql = "SELECT version(), uptime()"
         try:
-            with self._http(sql + " FORMAT TabSeparated", timeout=2.0) as response:
+            with self._http(sql, "TabSeparated", timeout=2.0) as response:
                 version, uptime = response.read().decode().split()
         except (OSError, ValueError):  # nothing listening, or not ClickHouse
             return False
@@ -203,14 +206,13 @@ class Store:
                     self.ch["http_port"], version, uptime, self.ch["port"])
         return False
 
-    def _http(self, sql: str, timeout: Optional[float] = None):
-        """A streaming HTTP response to one query (user and password as Basic auth, never in
-        the URL, so they do not end up in the server's logs)."""
+    def _http(self, sql: str, fmt: str, timeout: Optional[float] = None):
+        """A streaming HTTP response to one query in output format `fmt` (user and password
+        as Basic auth, never in the URL, so they do not end up in the server's logs)."""
         ch = self.ch
         credentials = base64.b64encode(f"{ch['user']}:{ch['password']}".encode()).decode()
-        settings = {"output_format_arrow_string_as_string": 1} if "ArrowStream" in sql else {}
-        url = (f"http://{ch['host']}:{ch['http_port']}/?"
-               + urllib.parse.urlencode({"query": sql, **settings}))
+        url = (f"http://{ch['host']}:{ch['http_port']}/?" + urllib.parse.urlencode(
+            {"query": f"{sql} FORMAT {fmt}", **FORMAT_SETTINGS.get(fmt, {})}))
         request = urllib.request.Request(url, headers={"Authorization": f"Basic {credentials}"})
         return urllib.request.urlopen(request, timeout=timeout or self.timeout)
 
@@ -383,7 +385,7 @@ class Store:
         # aliases unlike the column names: WHERE and ORDER BY must see the columns
         return self._http(
             f"SELECT {f.ms()} AS ts_ms, toString(mt) AS mt_name, m, {f.ms('rts')} AS rts_ms "
-            f"FROM {self._table(previous_table(name))} {self._hour_where(hour)} FORMAT {fmt}")
+            f"FROM {self._table(previous_table(name))} {self._hour_where(hour)}", fmt)
 
     def _http_batches(self, name: str, hour: int, fmt: str) -> Iterator[pa.RecordBatch]:
         with self.hour_stream(name, hour, fmt) as response:
