@@ -79,17 +79,21 @@ class World:
         self.clickhouse = clickhouse
 
     @classmethod
-    def start(cls, stack: contextlib.ExitStack, prefix: str) -> "World":
-        """A fresh temporary directory and ClickHouse, both removed when `stack` closes."""
+    def start(cls, stack: contextlib.ExitStack, prefix: str, server: str = "ch18") -> "World":
+        """A fresh temporary directory and ClickHouse (one of the tests' SERVERS), both removed
+        when `stack` closes."""
+        from tests.chdb_server import SERVERS
+
         directory = tempfile.mkdtemp(prefix=prefix)
         stack.callback(shutil.rmtree, directory, ignore_errors=True)
-        clickhouse = ManagedClickHouse(os.path.join(directory, "clickhouse"))
+        clickhouse = SERVERS[server](os.path.join(directory, "clickhouse"))
         stack.callback(clickhouse.stop)
         clickhouse.start()
         return cls(directory, clickhouse)
 
     def ch_section(self, database: str) -> dict:
-        return {"host": "127.0.0.1", "port": self.clickhouse.port, "database": database,
+        return {"host": "127.0.0.1", "port": self.clickhouse.port,
+                "http_port": self.clickhouse.http_port, "database": database,
                 "user": "default", "password": "", "managed": False}
 
     def config_data(self, database: str, symbols: list, **sections) -> dict:

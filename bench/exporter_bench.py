@@ -3,7 +3,12 @@ collectors hold their rows while the daemon rotates tables.
 
 Run from the repository root:
 
-    .venv/bin/python bench/exporter_bench.py [--rows N] [--rotation-seconds S] [--json]
+    .venv/bin/python bench/exporter_bench.py [--rows N] [--rotation-seconds S]
+                                             [--servers ch18,ch26] [--json]
+
+Each part runs once per server (default both of the tests' servers: Debian's 18.16 and a
+current release from chdb-core, tests/chdb_server.py), and the report ends with the export
+figures side by side.
 
 Everything listens on 127.0.0.1: a private ClickHouse in a temporary directory, the simulator
 CLI (`python -m mexc.simulator`) in a process of its own, and the daemon as users run it.
@@ -26,7 +31,11 @@ table, writes, verifies and logs the hour's file and drops the previous table.  
     one and the phases are that cycle's seconds, not shares of the unprofiled one;
   - the child's peak RSS: the larger of its ru_maxrss at the end and psutil samples taken by
     the parent every RSS_POLL s (the child's RSS after its imports is shown too);
-  - the Parquet file's bytes against the ClickHouse table's bytes.
+  - the Parquet file's bytes against the ClickHouse table's bytes;
+  - the reference: the same N rows in a third database, rotated into its previous table, and
+    ClickHouse's own `FORMAT Parquet` of the exporter's hour query (Store.hour_stream) written
+    to a file, timed from the request to the last byte on disk; only servers that have the
+    format (not 18.16).
 
 Rotation pause.  The daemon (`mexc run --config X`, this checkout's code) with three symbols,
 tor off, clickhouse.managed = false (the private server), the simulator at --rate
@@ -77,6 +86,7 @@ RSS_POLL = 0.02
 SIMULATOR_RATE = 200.0  # frames/s per (symbol, channel) stream
 CLOCK_SPEED, EXPORT_DELAY = 600.0, 5.0
 GOAL_EXPORT_S, GOAL_RSS_MIB, GOAL_HOLD_P99_MS = 2.0, 350.0, 200.0
+GOAL_BY_SERVER = {"ch18": 1.5, "ch26": 1.0}  # export cycle s (26.x: and within 2x of the ref)
 
 # The steps of a cycle read from its profile: key -> what the report calls it ("  " = a part
 # of the step above it).
@@ -84,7 +94,7 @@ PHASES = {
     "rotate": "rotate (swaps, then move back)",
     "move_back": "  of which move back (INSERT SELECT)",
     "commit": "stream, write and commit the file",
-    "to_table": "  of which rows -> Arrow",
+    "to_table": "  of which batches -> file schema",
     "verify": "  of which verify (read back)",
     "sha256": "  of which sha256",
 }
@@ -110,6 +120,15 @@ class World(benchlib.World):
     def table_bytes(self, database: str, table: str) -> int:
         """Bytes of a table's data directory (StripeLog: data.bin, index.mrk, sizes.json)."""
         path = os.path.join(self.clickhouse.directory, "data", "data", database, table)
+        if not os.path.isdir(path):  # an Atomic database keeps its tables under store/
+            client = self.client()
+            try:
+                found = client.execute("SELECT data_paths FROM system.tables WHERE "
+                                       "database = %(d)s AND name = %(t)s",
+                                       {"d": database, "t": table})
+            finally:
+                client.disconnect()
+            path = found[0][0][0] if found and found[0][0] else path
         if not os.path.isdir(path):
             raise BenchError(f"no data directory for {database}.{table} at {path}")
         return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
@@ -252,14 +271,42 @@ def export_cycle(world: World, database: str, n: int, hour: int, profile: bool =
     return inserted, result, path
 
 
+def reference_s(world: World, n: int, hour: int) -> float | None:
+    """Seconds for ClickHouse's own FORMAT Parquet of the hour's n rows into a file; None
+    where the server has no Parquet output."""
+    from urllib.error import HTTPError
+
+    database = "bench_export_reference"
+    insert_hour(world, database, n, hour)
+    path = os.path.join(world.dir, "reference.parquet")
+    with world.store(database) as store:
+        store.swap(NAME)
+        started = time.perf_counter()
+        try:
+            with store.hour_stream(NAME, hour, "Parquet") as response, open(path, "wb") as f:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    f.write(block)
+        except HTTPError:
+            return None
+        seconds = time.perf_counter() - started
+    import pyarrow.parquet as pq
+
+    if pq.read_metadata(path).num_rows != n:
+        raise BenchError(f"the reference file has {pq.read_metadata(path).num_rows} rows")
+    return seconds
+
+
 def export_run(world: World, n: int) -> dict:
     """The measured cycle (time, memory, sizes); then the same rows again in another database,
-    exported under cProfile for the phases."""
+    exported under cProfile for the phases; then the reference."""
     hour = int(time.time() * 1000) // HOUR_MS * HOUR_MS - HOUR_MS  # the last complete hour
     inserted, result, path = export_cycle(world, "bench_export", n, hour)
     _inserted, profiled, _path = export_cycle(world, "bench_export_profiled", n, hour,
                                               profile=True)
-    return {**inserted, "rows": n, "file": os.path.basename(path),
+    with world.store() as store:
+        http_format = store.features.http_format
+    return {**inserted, "rows": n, "file": os.path.basename(path), "http_format": http_format,
+            "reference_s": reference_s(world, n, hour),
             "file_bytes": os.path.getsize(path), "cycle_s": result["seconds"],
             "phases": profiled["phases"], "profiled_cycle_s": profiled["seconds"],
             "baseline_rss": result["baseline_rss"],
@@ -351,9 +398,9 @@ def machine_info(world: World) -> dict:
                                  clickhouse_driver=clickhouse_driver.__version__)
 
 
-def report_rows(e: dict, r: dict) -> list:
+def report_rows(e: dict, r: dict | None) -> list:
     peak = e["peak_rss"] / MIB
-    return [
+    export = [
         (f"export cycle, {e['rows']:,} rows, s", f"{e['cycle_s']:.2f}", f"< {GOAL_EXPORT_S:g}",
          verdict(e["cycle_s"] < GOAL_EXPORT_S)),
         ("export child peak RSS, MiB", f"{peak:.0f}", f"< {GOAL_RSS_MIB:.0f}",
@@ -362,6 +409,8 @@ def report_rows(e: dict, r: dict) -> list:
         ("ClickHouse table on disk, MB", f"{e['table_bytes'] / 1e6:.1f}", "", ""),
         ("Parquet file, MB", f"{e['file_bytes'] / 1e6:.1f}", "<= table",
          verdict(e["file_bytes"] <= e["table_bytes"])),
+    ]
+    return export if r is None else export + [
         ("collector hold per rotation p50, ms", f"{r['hold_p50_ms']:.0f}", "", ""),
         ("collector hold per rotation p99, ms", f"{r['hold_p99_ms']:.0f}",
          f"< {GOAL_HOLD_P99_MS:.0f}", verdict(r["hold_p99_ms"] < GOAL_HOLD_P99_MS)),
@@ -375,8 +424,9 @@ def report_rows(e: dict, r: dict) -> list:
     ]
 
 
-def print_report(e: dict, r: dict, machine: dict) -> None:
+def print_report(e: dict, r: dict | None, machine: dict) -> None:
     benchlib.print_machine(machine, "pyarrow", "clickhouse_driver")
+    print(f"export over: {e['http_format'] or 'native protocol rows'}")
     mix = ", ".join(f"{kind} {count / e['rows']:.0%}" for kind, count in e["mix"].items())
     print(f"export: {e['rows']:,} rows ({mix}; {e['avg_text_bytes']:.0f} B average m) inserted "
           f"in {e['insert_s']:.1f}s ({e['rows'] / e['insert_s']:,.0f} rows/s) -> {e['file']}")
@@ -390,6 +440,9 @@ def print_report(e: dict, r: dict, machine: dict) -> None:
     for label, seconds in steps + [("rest (connect, EXISTS, DROP, state, log)",
                                     e["profiled_cycle_s"] - accounted)]:
         print(f"  {label:<40} {seconds:6.3f}s")
+    if r is None:
+        benchlib.print_table(report_rows(e, r), value_width=8, goal_width=8)
+        return
     print(f"rotation: {r['seconds']:.0f} s of `mexc run` with {len(DAEMON_SYMBOLS)} collectors, "
           f"simulator {SIMULATOR_RATE:g} frames/s per stream, clock x{CLOCK_SPEED:g}: "
           f"{r['rotations']} rotations seen by collectors, {r['exporter_rotations']} by the "
@@ -404,17 +457,39 @@ def print_report(e: dict, r: dict, machine: dict) -> None:
 
 # --- main ------------------------------------------------------------------------------------
 
+def print_side_by_side(runs: dict) -> None:
+    """The export figures of every server, with ClickHouse's own Parquet output as the
+    reference."""
+    print(f"\nexport of one hour, {next(iter(runs.values()))[0]['rows']:,} rows, side by side:")
+    print(f"{'server':<28} {'over':<12} {'cycle s':>8} {'reference s':>12} {'cycle/ref':>10}  goal")
+    for server, (e, _r, machine) in runs.items():
+        ref, cycle, goal = e["reference_s"], e["cycle_s"], GOAL_BY_SERVER.get(server, GOAL_EXPORT_S)
+        met = cycle < goal and (ref is None or cycle <= 2 * ref)
+        ref_text, ratio = ("-", "-") if ref is None else (f"{ref:.2f}", f"{cycle / ref:.2f}")
+        print(f"{server + ' ' + machine['clickhouse']:<28} {e['http_format'] or 'native':<12} "
+              f"{cycle:>8.2f} {ref_text:>12} {ratio:>10}  "
+              f"< {goal:g} s{'' if ref is None else ', <= 2x ref'}: {verdict(met)}")
+
+
 def run(args) -> int:
-    with contextlib.ExitStack() as stack:
-        world = World.start(stack, "mexc-bench-")
-        export = export_run(world, args.rows)
-        rotation = rotation_run(world, args.rotation_seconds, stack)
-        machine = machine_info(world)
-    print_report(export, rotation, machine)
+    runs = {}
+    for server in args.servers:
+        with contextlib.ExitStack() as stack:
+            world = World.start(stack, f"mexc-bench-{server}-", server)
+            export = export_run(world, args.rows)
+            rotation = (rotation_run(world, args.rotation_seconds, stack)
+                        if args.rotation_seconds > 0 else None)
+            runs[server] = (export, rotation, machine_info(world))
+    for server, (export, rotation, machine) in runs.items():
+        print(f"=== {server}")
+        print_report(export, rotation, machine)
+    print_side_by_side(runs)
     if args.json:
-        export = {f"export_{k}": v for k, v in export.items()}
-        rotation = {f"rotation_{k}": v for k, v in rotation.items()}
-        benchlib.print_json(machine, {**export, **rotation})
+        benchlib.print_json(runs[args.servers[0]][2], {
+            server: {**{f"export_{k}": v for k, v in export.items()},
+                     **{f"rotation_{k}": v for k, v in (rotation or {}).items()},
+                     "clickhouse": machine["clickhouse"]}
+            for server, (export, rotation, machine) in runs.items()})
     return 0
 
 
@@ -423,7 +498,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000,
                         help="rows in the exported hour (default 1,000,000)")
     parser.add_argument("--rotation-seconds", type=float, default=60.0,
-                        help="length of the daemon run (default 60: ~10 rotations)")
+                        help="length of the daemon run (default 60: ~10 rotations; 0: none)")
+    parser.add_argument("--servers", type=lambda s: s.split(","), default=["ch18", "ch26"],
+                        help="comma-separated servers of tests/chdb_server.py SERVERS "
+                             "(default ch18,ch26)")
     args = benchlib.parse_args(parser, argv)
     if args.rows < 1:
         parser.error("--rows must be at least 1")

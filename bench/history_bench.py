@@ -41,6 +41,7 @@ import benchlib  # puts the repository root on sys.path
 import pyarrow
 
 from core.clock import HOUR_MS
+from core.store import rows_batch
 from exporter import parquet_files
 from exporter.exporter import ROW_GROUP_ROWS
 from mexc.simulator import decimal_text, live_mix_rows, style_cycle
@@ -75,8 +76,8 @@ def write_archive(directory: str, trades: int, books: bool) -> int:
             rows += list(itertools.islice(others, int(n * 1.2 / 2.8)))
             rng.shuffle(rows)
         ts = [start + i * HOUR_MS // len(rows) for i in range(len(rows))]
-        table = parquet_files.to_table(ts, [mt for mt, _ in rows], [m for _, m in rows],
-                                       [t + rng.randint(2, 12) for t in ts])
+        table = parquet_files.to_table([rows_batch(
+            [(t, mt, m, t + rng.randint(2, 12)) for t, (mt, m) in zip(ts, rows)])])
         path = os.path.join(directory, parquet_files.file_name("btc", start))
         hour_file = parquet_files.HourFile(path, "BTC_USDT", start, table.num_rows)
         for offset in range(0, table.num_rows, ROW_GROUP_ROWS):

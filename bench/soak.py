@@ -2,7 +2,8 @@
 
 Run from the repository root:
 
-    .venv/bin/python bench/soak.py [--minutes M] [--seed S] [--tor] [--managed] [--json]
+    .venv/bin/python bench/soak.py [--minutes M] [--seed S] [--tor]
+                                   [--managed | --clickhouse ch26] [--json]
 
 Exit status 0 only when the daemon lost and doubled nothing it could have kept (see "What counts
 as loss" below), every Parquet file is sound and holds only its hour, and the daemon is healthy
@@ -14,8 +15,9 @@ What runs (all on 127.0.0.1, nothing else is contacted)
   streams per symbol), its event clock the same accelerated EventClock the daemon's exporter
   uses (export.clock_speed / clock_anchor_ms): an event hour passes every `--hour-seconds`
   wall seconds, so hourly rotations and Parquet files happen every few seconds;
-* ClickHouse: our own ManagedClickHouse (clickhouse.managed = false), or with `--managed` the
-  daemon's own;
+* ClickHouse: our own server (clickhouse.managed = false): Debian's 18.16, or with
+  `--clickhouse ch26` a current release (chdb-core, tests/chdb_server.py); or with `--managed`
+  the daemon's own;
 * `mexc run` with three collectors (BTC_USDT, ETH_USDT, SOL_USDT) and the exporter; export.dir
   is a small tmpfs when `mount -t tmpfs` works (root), else a plain directory;
 * with `--tor` a private Tor network (tests/tor_network.py: authorities and exits on
@@ -123,6 +125,7 @@ import sys
 from soaklib.common import SoakError
 from soaklib.report import to_json
 from soaklib.world import Soak
+from tests.chdb_server import SERVERS
 
 # The parts, one concern each, are in bench/soaklib/ (its docstring lists them).
 
@@ -136,6 +139,9 @@ def main(argv=None) -> int:
                         help="collectors through their tors on a private Tor network")
     parser.add_argument("--managed", action="store_true",
                         help="the daemon runs ClickHouse itself (clickhouse.managed = true)")
+    parser.add_argument("--clickhouse", choices=sorted(SERVERS), default="ch18",
+                        help="the external server: ch18 Debian's clickhouse-server (default), "
+                             "ch26 a current release (chdb-core); not with --managed")
     parser.add_argument("--rate", type=float, default=100.0,
                         help="simulator frames/s per stream, three streams per symbol (100)")
     # Longer than any outage the schedule injects (about 14 s at most): an event hour with no
@@ -150,6 +156,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.minutes <= 0.5:
         parser.error("--minutes must be more than 0.5")
+    if args.managed and args.clickhouse != "ch18":
+        parser.error("--managed runs clickhouse-server (clickhouse.binary): no --clickhouse")
     soak = Soak(args)
     try:
         report = soak.run()

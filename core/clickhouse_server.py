@@ -19,7 +19,7 @@ from core.store import Store
 log = logging.getLogger(__name__)
 
 CONFIG_XML = """<?xml version="1.0"?>
-<yandex>
+<clickhouse>
   <logger>
     <level>warning</level>
     <log>{dir}/log/clickhouse-server.log</log>
@@ -29,6 +29,7 @@ CONFIG_XML = """<?xml version="1.0"?>
   </logger>
   <listen_host>127.0.0.1</listen_host>
   <tcp_port>{port}</tcp_port>
+  <http_port>{http_port}</http_port>
   <path>{dir}/data/</path>
   <tmp_path>{dir}/tmp/</tmp_path>
   <user_files_path>{dir}/user_files/</user_files_path>
@@ -36,11 +37,11 @@ CONFIG_XML = """<?xml version="1.0"?>
   <users_config>{dir}/users.xml</users_config>
   <mark_cache_size>268435456</mark_cache_size>
   <max_concurrent_queries>100</max_concurrent_queries>
-</yandex>
+</clickhouse>
 """
 
 USERS_XML = """<?xml version="1.0"?>
-<yandex>
+<clickhouse>
   <profiles><default><max_memory_usage>4000000000</max_memory_usage></default></profiles>
   <users>
     <{user}>
@@ -51,7 +52,7 @@ USERS_XML = """<?xml version="1.0"?>
     </{user}>
   </users>
   <quotas><default></default></quotas>
-</yandex>
+</clickhouse>
 """
 
 
@@ -68,9 +69,10 @@ class ManagedClickHouse:
     """clickhouse-server on loopback with its config, data and logs in `directory`."""
 
     def __init__(self, directory: str, port: int = 0, user: str = "default", password: str = "",
-                 binary: str = "clickhouse-server"):
+                 binary: str = "clickhouse-server", http_port: int = 0):
         self.directory = os.path.abspath(directory)
         self.port = port or free_port()
+        self.http_port = http_port or free_port()
         self.user = user
         self.password = password
         self.binary = binary
@@ -81,7 +83,8 @@ class ManagedClickHouse:
             os.makedirs(os.path.join(self.directory, sub), exist_ok=True)
         config_path = os.path.join(self.directory, "config.xml")
         with open(config_path, "w") as f:
-            f.write(CONFIG_XML.format(dir=escape(self.directory), port=self.port))
+            f.write(CONFIG_XML.format(dir=escape(self.directory), port=self.port,
+                                      http_port=self.http_port))
         users_path = os.path.join(self.directory, "users.xml")
         # The password sits in this file, so only the owner may read it.
         fd = os.open(users_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -91,14 +94,10 @@ class ManagedClickHouse:
 
     def start(self, timeout: float = 60.0, wait: bool = True) -> "ManagedClickHouse":
         """Launch the server; with wait, return once it answers queries."""
-        binary = shutil.which(self.binary)
-        if binary is None:
-            raise ClickHouseStartError(f"{self.binary} not found: run ./setup "
-                                       "(it installs clickhouse-server)")
         self._wait_port_free(timeout if wait else 0.0)  # a restart must not block its caller
-        config_path = self.write_config()
+        command = self.command(self.write_config())
         output = open(os.path.join(self.directory, "log", "stdout.log"), "ab")
-        self.process = subprocess.Popen([binary, f"--config-file={config_path}"],
+        self.process = subprocess.Popen(command,
                                         cwd=self.directory, stdout=output, stderr=output,
                                         stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         output.close()
@@ -107,6 +106,14 @@ class ManagedClickHouse:
         if wait:
             self.wait_ready(timeout)
         return self
+
+    def command(self, config_path: str) -> list:
+        """The server's command line (the working directory is self.directory)."""
+        binary = shutil.which(self.binary)
+        if binary is None:
+            raise ClickHouseStartError(f"{self.binary} not found: run ./setup "
+                                       "(it installs clickhouse-server)")
+        return [binary, f"--config-file={config_path}"]
 
     def _wait_port_free(self, timeout: float) -> None:
         """A server on our port (one of a killed `mexc run`, still stopping) would answer

@@ -39,6 +39,7 @@ SCHEMA = {
     "clickhouse": {
         "host": (str, "127.0.0.1"),
         "port": (int, 9100),
+        "http_port": (int, 9101),  # the exporter streams hours over HTTP where it can
         "database": (str, "mexc"),
         "user": (str, "default"),
         "password": (str, ""),
@@ -267,8 +268,9 @@ def _check_values(s: dict, path: str) -> None:
         bad("exchange.depth_limit", f"must be one of {DEPTH_LIMITS}")
     if s["exchange"]["ping_interval"] <= 0 or s["exchange"]["dead_after"] <= s["exchange"]["ping_interval"]:
         bad("exchange.dead_after", "must be greater than exchange.ping_interval (> 0)")
-    if not 0 < s["clickhouse"]["port"] < 65536:
-        bad("clickhouse.port", "must be 1-65535")
+    for key in ("port", "http_port"):
+        if not 0 < s["clickhouse"][key] < 65536:
+            bad(f"clickhouse.{key}", "must be 1-65535")
     if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", s["clickhouse"]["database"]):
         bad("clickhouse.database", "must be a plain identifier (letters, digits, _)")
     if s["collector"]["batch_rows"] < 1:

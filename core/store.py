@@ -13,24 +13,45 @@ Both accept the same integer milliseconds on insert and every read here selects
 milliseconds, so nothing above this module sees the difference.
 
 `Store` is one session: it connects on first use, probes what the server supports once per
-connection (Features), and names each operation.  Writer, exporter, supervisor, verify and
-status all go through it; nobody else writes SQL.
+connection (Features), and names each operation.  Most statements go over the native protocol
+(clickhouse-driver); the export reads each hour over HTTP where the server answers there
+(`clickhouse.http_port`): as Arrow on servers that have the format, as CSV (parsed by Arrow)
+on older ones, so no row becomes a Python object on the way to its file.  Writer, exporter,
+supervisor, verify and status all go through it; nobody else writes SQL.
 """
+import base64
+import logging
 import os
 import pwd
 import re
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.ipc
 from clickhouse_driver import Client
 from clickhouse_driver.errors import ServerException
 
 from core.clock import HOUR_MS
 from core.vocabulary import GAP_COLUMNS, MESSAGE_TYPES, ROW_COLUMNS, Gap, Row
 
-UNKNOWN_TABLE = 60  # ClickHouse's error code for a table that does not exist
+log = logging.getLogger(__name__)
+
+UNKNOWN_TABLE = 60  # ClickHouse's error codes for a table, a database that does not exist
+UNKNOWN_DATABASE = 81
 Refused = ServerException  # the server answered with an error: the statement did not apply
 MT_ENUM = "Enum8(" + ", ".join(f"'{mt}' = {i}" for i, mt in enumerate(MESSAGE_TYPES, 1)) + ")"
+# An hour's rows as the export reads them: times as integer milliseconds, mt as its name.
+ROWS_SCHEMA = pa.schema([("ts", pa.int64()), ("mt", pa.string()), ("m", pa.string()),
+                         ("rts", pa.int64())])
+BLOCK_ROWS = 65536
+# per HTTP output format: settings it needs (String as Arrow's string, not binary; a server
+# without the setting refuses it, and the probe then falls back to CSV)
+FORMAT_SETTINGS = {"ArrowStream": {"output_format_arrow_string_as_string": 1}}
 
 
 @dataclass(frozen=True)
@@ -39,6 +60,7 @@ class Features:
     version: str
     datetime64: bool
     exchange_tables: bool
+    http_format: Optional[str] = None  # ArrowStream, CSV, or None: no HTTP, native rows only
 
     @property
     def time_type(self) -> str:
@@ -47,6 +69,19 @@ class Features:
     def ms(self, column: str = "ts") -> str:
         """SQL expression giving a time column as integer milliseconds."""
         return f"toUnixTimestamp64Milli({column})" if self.datetime64 else column
+
+    def describe(self) -> str:
+        """For operators: `ClickHouse 26.9.2.1, time columns DateTime64(3, 'UTC'), export
+        over ArrowStream`."""
+        return (f"ClickHouse {self.version}, time columns {self.time_type}, export over "
+                f"{self.http_format or 'native protocol rows (no HTTP port answering)'}")
+
+
+def rows_batch(rows: List[tuple]) -> pa.RecordBatch:
+    """(ts ms, mt, m, rts ms) rows -> a record batch of ROWS_SCHEMA."""
+    return pa.RecordBatch.from_arrays(
+        [pa.array(column, type) for column, type in zip(zip(*rows), ROWS_SCHEMA.types)],
+        schema=ROWS_SCHEMA)
 
 
 def _name_the_os_user() -> None:
@@ -123,6 +158,14 @@ class Store:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    def probe(self) -> Optional[Features]:
+        """What the server supports, None when it does not answer.  Never raises."""
+        try:
+            return self.features
+        except Exception:
+            self.close()
+            return None
+
     def _probe(self) -> Features:
         version = self._one("SELECT version()")
         try:
@@ -130,11 +173,63 @@ class Store:
             datetime64 = True
         except ServerException:
             datetime64 = False
+        # Tables made before the server was upgraded keep their UInt64 columns: they decide.
+        made = self.client.execute(
+            "SELECT type FROM system.columns WHERE database = %(db)s AND table = 'export_log' "
+            "AND name = 'hour_start'", {"db": self.database})
+        if made:
+            datetime64 = made[0][0].startswith("DateTime64")
         engine = self.client.execute("SELECT engine FROM system.databases WHERE name = %(db)s",
                                      {"db": self.database})
         # EXCHANGE TABLES exists only for Atomic databases (ClickHouse 20.x and later).
         exchange = bool(engine) and engine[0][0] == "Atomic"
-        return Features(version=version, datetime64=datetime64, exchange_tables=exchange)
+        return Features(version=version, datetime64=datetime64, exchange_tables=exchange,
+                        http_format=self._probe_http())
+
+    def _probe_http(self) -> Optional[str]:
+        """The best format the HTTP port answers in (the version string alone does not say
+        what a build has, and the port may be closed), None when it does not answer."""
+        if not self.ch.get("http_port"):  # a session for one quick question (health, demo)
+            return None
+        if not self._same_server_over_http():
+            return None
+        for fmt in ("ArrowStream", "CSV"):
+            try:
+                with self._http("SELECT 1", fmt, timeout=2.0) as response:
+                    response.read()
+                return fmt
+            except urllib.error.HTTPError:  # the server answered: not this format
+                continue
+            except OSError:  # nothing listening, or not ClickHouse
+                return None
+        return None
+
+    def _same_server_over_http(self) -> bool:
+        """Is http_port the server of `port`?  A wrong http_port (another ClickHouse on this
+        host) must not feed the export another server's rows: same version, same uptime."""
+        sql = "SELECT version(), uptime()"
+        try:
+            with self._http(sql, "TabSeparated", timeout=2.0) as response:
+                version, uptime = response.read().decode().split()
+        except (OSError, ValueError):  # nothing listening, or not ClickHouse
+            return False
+        native_version, native_uptime = self.client.execute(sql)[0]
+        if version == native_version and abs(int(uptime) - native_uptime) <= 2:
+            return True
+        log.warning("clickhouse.http_port %s is another server (ClickHouse %s, up %s s) than "
+                    "clickhouse.port %s; the export reads over the native protocol",
+                    self.ch["http_port"], version, uptime, self.ch["port"])
+        return False
+
+    def _http(self, sql: str, fmt: str, timeout: Optional[float] = None):
+        """A streaming HTTP response to one query in output format `fmt` (user and password
+        as Basic auth, never in the URL, so they do not end up in the server's logs)."""
+        ch = self.ch
+        credentials = base64.b64encode(f"{ch['user']}:{ch['password']}".encode()).decode()
+        url = (f"http://{ch['host']}:{ch['http_port']}/?" + urllib.parse.urlencode(
+            {"query": f"{sql} FORMAT {fmt}", **FORMAT_SETTINGS.get(fmt, {})}))
+        request = urllib.request.Request(url, headers={"Authorization": f"Basic {credentials}"})
+        return urllib.request.urlopen(request, timeout=timeout or self.timeout)
 
     def reachable(self) -> bool:
         """Does the server answer a trivial query?  Never raises."""
@@ -281,19 +376,64 @@ class Store:
             f"SELECT intDiv({ts}, {HOUR_MS}) * {HOUR_MS} AS h, count() FROM "
             f"{self._table(previous_table(name))} {where} GROUP BY h ORDER BY h")
 
+    def _hour_where(self, hour: int) -> str:
+        ts = self.features.ms()
+        return f"WHERE {ts} >= {int(hour)} AND {ts} < {int(hour) + HOUR_MS} ORDER BY {ts}"
+
     def hour_rows(self, name: str, hour: int) -> Iterator[tuple]:
         """The hour's rows from {name}_previous as (ts ms, mt, m, rts ms), in ts order,
         streamed block by block (memory stays bounded however big the hour is)."""
-        ts = self.features.ms()
-        return self.rows(previous_table(name), f"WHERE {ts} >= {int(hour)} AND "
-                                               f"{ts} < {int(hour) + HOUR_MS} ORDER BY {ts}")
+        return self.rows(previous_table(name), self._hour_where(hour))
+
+    def hour_batches(self, name: str, hour: int) -> Iterator[pa.RecordBatch]:
+        """The same rows as Arrow record batches of ROWS_SCHEMA, streamed: over HTTP where
+        the server answers there (Features.http_format), else built from native rows."""
+        fmt = self.features.http_format
+        if fmt is None:
+            return self._batches_of_rows(self.hour_rows(name, hour))
+        return self._http_batches(name, hour, fmt)
+
+    def hour_stream(self, name: str, hour: int, fmt: str):
+        """An HTTP response streaming the hour's rows (ts ms, mt, m, rts ms), in ts order, in
+        ClickHouse's format `fmt` (a context manager; read() it)."""
+        f = self.features
+        # aliases unlike the column names: WHERE and ORDER BY must see the columns
+        return self._http(
+            f"SELECT {f.ms()} AS ts_ms, toString(mt) AS mt_name, m, {f.ms('rts')} AS rts_ms "
+            f"FROM {self._table(previous_table(name))} {self._hour_where(hour)}", fmt)
+
+    def _http_batches(self, name: str, hour: int, fmt: str) -> Iterator[pa.RecordBatch]:
+        with self.hour_stream(name, hour, fmt) as response:
+            if fmt == "ArrowStream":
+                reader = pa.ipc.open_stream(response)
+            else:  # ClickHouse's CSV quotes strings RFC 4180 style: newlines, quotes survive
+                reader = pa.csv.open_csv(
+                    response, read_options=pa.csv.ReadOptions(column_names=ROWS_SCHEMA.names,
+                                                              block_size=1 << 22),
+                    parse_options=pa.csv.ParseOptions(newlines_in_values=True),
+                    convert_options=pa.csv.ConvertOptions(
+                        column_types=ROWS_SCHEMA, strings_can_be_null=False,
+                        quoted_strings_can_be_null=False))
+            for batch in reader:
+                yield pa.RecordBatch.from_arrays(batch.columns, schema=ROWS_SCHEMA)
+
+    @staticmethod
+    def _batches_of_rows(rows: Iterator[tuple]) -> Iterator[pa.RecordBatch]:
+        block = []
+        for row in rows:
+            block.append(row)
+            if len(block) == BLOCK_ROWS:
+                yield rows_batch(block)
+                block = []
+        if block:
+            yield rows_batch(block)
 
     def rows(self, table: str, where: str = "") -> Iterator[tuple]:
         """A table's rows as (ts ms, mt, m, rts ms), streamed block by block."""
         ts, rts = self.features.ms(), self.features.ms("rts")
         return self.client.execute_iter(
             f"SELECT {ts}, toString(mt), m, {rts} FROM {self._table(table)} {where}",
-            settings={"max_block_size": 65536})
+            settings={"max_block_size": BLOCK_ROWS})
 
     def live_rows(self, name: str, mt: str, since_ms: int, until_ms: int) -> list:
         """Rows of type mt with ts in [since_ms, until_ms) not exported yet: those of

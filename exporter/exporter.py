@@ -110,6 +110,7 @@ class Exporter:
         self.requests = []  # export_now request ids not served yet
         self.store = store.Store(config.clickhouse, timeout=30.0)
         self.rotation = None if bus is None else Requester(bus, EXPORTER, on_other=self._note)
+        self.server = None  # Features.describe() of the server, logged when it changes
         self.stats = {"last_export": None, "last_error": None, "errors": 0, "files": 0,
                       "next_rotation": None, "exported_until": {}, "rotation_pause_s": None,
                       "files_by_symbol": {}, "cycle_s": None}
@@ -175,7 +176,7 @@ class Exporter:
         self._remove_stale_temporaries()
         symbols = self.known.update(self.config.symbols)
         try:
-            self.store.setup([s.name for s in self.config.symbols])
+            self._note_server(self.store.setup([s.name for s in self.config.symbols]))
             for symbol in symbols:
                 self._recover(symbol.name)
             self._rotate([s.name for s in symbols
@@ -206,6 +207,11 @@ class Exporter:
             self.stats["last_export"] = iso(int(time.time() * 1000))
             self.stats["last_error"] = None
         return not errors, files, "; ".join(errors) or None
+
+    def _note_server(self, features) -> None:
+        if features.describe() != self.server:
+            self.server = features.describe()
+            log.info("clickhouse: %s", self.server)
 
     def _emptied(self, name: str) -> bool:
         """Nothing of this symbol left to export (its current table may stay, empty)."""
@@ -321,16 +327,17 @@ class Exporter:
         return path
 
     def _hour_row_groups(self, name: str, hour: int):
-        """The hour's rows from previous in ts order, as Arrow tables of ROW_GROUP_ROWS rows,
-        streamed block by block: memory stays bounded however big the hour is."""
-        rows = []
-        for row in self.store.hour_rows(name, hour):
-            rows.append(row)
-            if len(rows) == ROW_GROUP_ROWS:
-                yield parquet_files.to_table(*zip(*rows))
-                rows = []
-        if rows:
-            yield parquet_files.to_table(*zip(*rows))
+        """The hour's rows from previous in ts order, as Arrow tables of about ROW_GROUP_ROWS
+        rows, streamed batch by batch: memory stays bounded however big the hour is."""
+        batches, rows = [], 0
+        for batch in self.store.hour_batches(name, hour):
+            batches.append(batch)
+            rows += batch.num_rows
+            if rows >= ROW_GROUP_ROWS:
+                yield parquet_files.to_table(batches)
+                batches, rows = [], 0
+        if batches:
+            yield parquet_files.to_table(batches)
 
     def _group(self) -> Optional[int]:
         return grp.getgrnam(self.export["group"]).gr_gid if self.export["group"] else None

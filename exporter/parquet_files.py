@@ -63,13 +63,15 @@ def file_name(name: str, hour_ms: int) -> str:
     return f"{name}_{time.strftime('%Y%m%d_%H00', time.gmtime(hour_ms // 1000))}.parquet"
 
 
-def to_table(ts_ms, mt, m, rts_ms) -> pa.Table:
-    """Columns as ClickHouse gives them (ms integers, strings) -> an Arrow table."""
+def to_table(batches) -> pa.Table:
+    """Record batches as the store reads them (ts, rts int64 ms; mt, m strings) -> a table of
+    the file's SCHEMA (no copy of `m`, most of the bytes)."""
+    rows = pa.Table.from_batches(batches)
     return pa.table([
-        pa.array(ts_ms, pa.int64()).cast(SCHEMA.field("ts").type),
-        pa.array(mt, pa.string()).dictionary_encode().cast(SCHEMA.field("mt").type),
-        pa.array(m, pa.string()),
-        pa.array(rts_ms, pa.int64()).cast(SCHEMA.field("rts").type),
+        rows.column("ts").cast(SCHEMA.field("ts").type),
+        rows.column("mt").dictionary_encode().cast(SCHEMA.field("mt").type),
+        rows.column("m"),
+        rows.column("rts").cast(SCHEMA.field("rts").type),
     ], schema=SCHEMA)
 
 
@@ -91,7 +93,10 @@ class HourFile:
             b"symbol": symbol.encode(), b"hour": hour.encode(), b"rows": str(rows).encode(),
             b"mexc_version": __version__.encode(), **gap_metadata(gaps, hour_ms)})
         try:
-            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+            # a dictionary only for mt: ts, m and rts hardly repeat, and trying one for them
+            # costs write time, file size and the verify's read-back time
+            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd",
+                                           use_dictionary=["mt"])
         except BaseException:  # e.g. the disk is full: the file may exist, empty
             _unlink(self.tmp)
             raise

@@ -281,13 +281,15 @@ def _iptest(args, config) -> int:
 def _verif(args, config) -> int:
     from mexc import verify
 
-    return _report(config, lambda store: [verify.collection(config, store)])
+    return _report(config, lambda store: [verify.server(config, store),
+                                          verify.collection(config, store)])
 
 
 def _verify(args, config) -> int:
     from mexc import verify
 
-    return _report(config, lambda store: [verify.ip_separation(config),
+    return _report(config, lambda store: [verify.server(config, store),
+                                          verify.ip_separation(config),
                                           verify.collection(config, store),
                                           verify.exports(config, store)])
 

@@ -16,6 +16,13 @@ from supervisor import commands
 RECENT_S = 300  # a symbol with no row received in this many seconds has "no recent data"
 
 
+def server(config, store):
+    """`clickhouse 127.0.0.1:9100: ClickHouse 26.9.2.1, time columns DateTime64(3, 'UTC'),
+    ...`: what the checks below ran against."""
+    ch = config.clickhouse
+    return True, [f"clickhouse {ch['host']}:{ch['port']}: {store.features.describe()}"]
+
+
 def collection(config, store):
     """`btc_current: 4,128 records (t: 128, d: 2,890, dp: 1,110)` per symbol."""
     ok, lines = True, []

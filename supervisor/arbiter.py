@@ -72,7 +72,7 @@ class Arbiter:
         self.lock_file = None
         self.usage = {}  # pid -> psutil.Process, kept so cpu_percent measures between calls
         self.notifier = sdnotify.Notifier.from_environment()  # children must not inherit it
-        self.clickhouse_checked = (float("-inf"), False)  # (when, reachable)
+        self.clickhouse_checked = (float("-inf"), None)  # (when, Features or None)
         self.clickhouse_probe = threading.Thread()  # the probe in flight, if alive
         url = urlsplit(config.exchange["url"])
         self.exit_guard = ExitGuard(config.tor, url.port or (443 if url.scheme == "wss" else 80))
@@ -180,7 +180,8 @@ class Arbiter:
 
         def spawn(wait=False):  # restarts do not block the loop; collectors retry meanwhile
             return Subprocess(ManagedClickHouse(directory, port=ch["port"], user=ch["user"],
-                                                password=ch["password"], binary=ch["binary"]),
+                                                password=ch["password"], binary=ch["binary"],
+                                                http_port=ch["http_port"]),
                               wait=wait)
 
         child = Child(ChildId(CLICKHOUSE), spawn, self.config.supervisor, heartbeats=False)
@@ -195,7 +196,7 @@ class Arbiter:
         try:
             with Store(self.config.clickhouse) as session:
                 features = session.setup([s.name for s in self.config.symbols])
-            self.clickhouse_checked = (time.monotonic(), True)
+            self.clickhouse_checked = (time.monotonic(), features)
             log.info("clickhouse %s at %s:%d, database %s ready", features.version,
                      self.config.clickhouse["host"], self.config.clickhouse["port"],
                      self.config.clickhouse["database"])
@@ -455,9 +456,11 @@ class Arbiter:
             self.clickhouse_probe = threading.Thread(target=self._probe_clickhouse, daemon=True,
                                                      name="clickhouse-probe")
             self.clickhouse_probe.start()
+        features = self.clickhouse_checked[1]
         return {"host": ch["host"], "port": ch["port"], "managed": ch["managed"],
-                "reachable": self.clickhouse_checked[1]}
+                "reachable": features is not None,
+                "server": features.describe() if features else None}
 
     def _probe_clickhouse(self) -> None:
         with Store(self.config.clickhouse, timeout=1.0) as session:
-            self.clickhouse_checked = (time.monotonic(), session.reachable())
+            self.clickhouse_checked = (time.monotonic(), session.probe())

@@ -134,7 +134,8 @@ def _header(sup: dict) -> str:
     ch = sup["clickhouse"]
     clickhouse = (f"clickhouse {ch['host']}:{ch['port']} "
                   f"{'reachable' if ch['reachable'] else 'NOT REACHABLE'}"
-                  f"{' (managed)' if ch['managed'] else ''}")
+                  f"{' (managed)' if ch['managed'] else ''}"
+                  f"{' (' + ch['server'] + ')' if ch.get('server') else ''}")
     rotation = f", rotation {sup['rotation']['id']} {sup['rotation']['phase']}" \
         if sup.get("rotation") else ""
     export = sup.get("export") or {}

@@ -13,7 +13,9 @@ import uuid
 import pytest
 
 from core.clickhouse_server import ManagedClickHouse
-from core.store import Store
+from core.store import UNKNOWN_DATABASE, UNKNOWN_TABLE, Refused, Store
+from tests import chdb_server
+from tests.chdb_server import SERVERS
 
 MEXC = os.path.join(os.path.dirname(sys.executable), "mexc")
 
@@ -51,11 +53,27 @@ def toml_dump(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.fixture(scope="session")
-def clickhouse(tmp_path_factory):
+def pytest_generate_tests(metafunc):
+    """Every test touching ClickHouse runs against each of SERVERS; those marked
+    one_clickhouse need *a* ClickHouse, not a particular release, and run on the first."""
+    if "clickhouse" in metafunc.fixturenames:
+        one = metafunc.definition.get_closest_marker("one_clickhouse") is not None
+        metafunc.parametrize("clickhouse", list(SERVERS)[:1] if one else list(SERVERS),
+                             indirect=True, scope="session")
+
+
+def start_server(kind: str, directory: str) -> ManagedClickHouse:
     if shutil.which("clickhouse-server") is None:
         pytest.fail("clickhouse-server is not installed: run ./setup", pytrace=False)
-    server = ManagedClickHouse(str(tmp_path_factory.mktemp("clickhouse"))).start()
+    if kind == "ch26" and not chdb_server.available():
+        pytest.fail("chdb-core is not installed: run ./setup", pytrace=False)
+    return SERVERS[kind](directory).start()
+
+
+@pytest.fixture(scope="session")
+def clickhouse(request, tmp_path_factory):
+    """A server shared by the session, one of SERVERS (the test's parameter)."""
+    server = start_server(request.param, str(tmp_path_factory.mktemp(request.param)))
     yield server
     server.stop()
 
@@ -70,7 +88,8 @@ class World:
         self.procs = []
 
     def ch_section(self) -> dict:
-        return {"host": "127.0.0.1", "port": self.clickhouse.port, "database": self.database,
+        return {"host": "127.0.0.1", "port": self.clickhouse.port,
+                "http_port": self.clickhouse.http_port, "database": self.database,
                 "user": "default", "password": "", "managed": False}
 
     def write_config(self, url: str, symbols=("BTC_USDT",), **sections) -> str:
@@ -99,12 +118,18 @@ class World:
         with self.store() as store:
             return store.client.execute(sql)
 
-    def rows(self, table: str = "btc_current"):
-        """Stored rows as (ts, mt, m) plus their count; missing table -> []."""
+    def ms(self, column: str = "ts") -> str:
+        """SQL for a time column as integer milliseconds, on either server."""
+        with self.store() as store:
+            return store.features.ms(column)
+
+    def rows(self, table: str = "btc_current", rts: bool = False):
+        """Stored rows as (ts ms, mt, m), with rts ms too when asked; missing table -> []."""
         try:
-            return self.query(f"SELECT ts, mt, m FROM {self.database}.{table}")
-        except Exception as e:
-            if "doesn't exist" in str(e) or "UNKNOWN_TABLE" in str(e) or "Code: 60" in str(e):
+            with self.store() as store:
+                return [row if rts else row[:3] for row in store.rows(table)]
+        except Refused as e:
+            if e.code in (UNKNOWN_TABLE, UNKNOWN_DATABASE):
                 return []
             raise
 
@@ -169,8 +194,9 @@ def env(tmp_path, clickhouse):
 
 
 @pytest.fixture
-def own_clickhouse(tmp_path):
-    """A ClickHouse server of this test's own, which it may stop and start."""
-    server = ManagedClickHouse(str(tmp_path / "own-clickhouse")).start()
+def own_clickhouse(tmp_path, clickhouse):
+    """A ClickHouse server of this test's own, which it may stop and start (of the same
+    release as the session's)."""
+    server = type(clickhouse)(str(tmp_path / "own-clickhouse")).start()
     yield server
     server.stop()

@@ -100,6 +100,7 @@ def test_every_row_and_dead_letter_stored_once(env, sim):
     assert ("BTC_USDT", "deal", {"symbol": "BTC_USDT", "compress": False}) in sim.subscription_params
 
 
+@pytest.mark.one_clickhouse
 def test_reconnects_after_forced_disconnect(env, sim):
     proc = start_collector(env, sim)
     wait_for(lambda: env.count() > 50, 20, "rows flowing")
@@ -112,6 +113,7 @@ def test_reconnects_after_forced_disconnect(env, sim):
     assert proc.stop() == 0
 
 
+@pytest.mark.one_clickhouse
 @pytest.mark.slow
 def test_pings_keep_an_idle_connection_open(env):
     with MexcSimulator(rate=0, idle_timeout=1.5) as sim:
@@ -122,6 +124,7 @@ def test_pings_keep_an_idle_connection_open(env):
         assert proc.stop() == 0
 
 
+@pytest.mark.one_clickhouse
 @pytest.mark.slow
 def test_stalled_socket_is_declared_dead_and_replaced(env, sim):
     proc = start_collector(env, sim, exchange={"ping_interval": 0.5, "dead_after": 2.0})
@@ -132,6 +135,7 @@ def test_stalled_socket_is_declared_dead_and_replaced(env, sim):
     assert proc.stop() == 0
 
 
+@pytest.mark.one_clickhouse
 def test_silent_channel_alarm_and_rs_error_for_unknown_contract(env):
     with MexcSimulator(rate=50, known_symbols={"BTC_USDT"}) as sim:
         config = env.write_config(sim.url, symbols=["NOPE_USDT"], exchange={"silent_alarm": 1.0})
@@ -150,6 +154,9 @@ def start_collector_without_confirmation(env, sim, **sections):
     return proc
 
 
+# One release is enough: the soak stops the ClickHouse of each release, and the spool test
+# below replays on each.
+@pytest.mark.one_clickhouse
 @pytest.mark.slow
 def test_clickhouse_outage_of_30s_loses_nothing(env, sim, own_clickhouse):
     env.clickhouse = own_clickhouse
@@ -189,7 +196,7 @@ def test_sigkill_with_rows_in_spool_then_restart(env, sim, own_clickhouse):
              "the spool drained")
     sim.stop_data()
     sent = collections.Counter((ts, mt, m) for ts, mt, m in sim.expected_rows("BTC_USDT"))
-    wait_for(lambda: env.query(f"SELECT max(ts) FROM {env.database}.btc_current")[0][0]
+    wait_for(lambda: env.query(f"SELECT max({env.ms()}) FROM {env.database}.btc_current")[0][0]
              >= max(r[0] for r in sent if r[0] is not None), 30, "the last sent row stored")
     rows = stored(env)
     assert not [r for r, n in rows.items() if n > 1], "duplicated rows"
@@ -240,6 +247,7 @@ def microsocks():
         output.append(proxy.communicate(timeout=10)[0])
 
 
+@pytest.mark.one_clickhouse
 def test_wss_through_a_real_socks5_proxy(env, tmp_path):
     context, cert = self_signed_tls(tmp_path)
     with microsocks() as (socks_port, output):

@@ -138,7 +138,9 @@ def status(children, **supervisor):
     sup = {"pid": 42, "version": "0.1.0", "uptime_s": 90061, "rotation": None,
            "last_export": "2024-01-01T10", "export": None,
            "clickhouse": {"host": "127.0.0.1", "port": 9000, "managed": False,
-                          "reachable": True}}
+                          "reachable": True,
+                          "server": "ClickHouse 26.9.2.1, time columns DateTime64(3, 'UTC'), "
+                                    "export over ArrowStream"}}
     sup.update(supervisor)
     return {"supervisor": sup, "children": children}
 
@@ -157,7 +159,8 @@ def test_status_table_of_a_busy_daemon():
         export={"next_rotation": "11:00", "last_error": "disk full"}))
     header, columns, *rows = text.splitlines()
     assert header.startswith("mexc 0.1.0  supervisor pid 42  up 1d01h")
-    assert "clickhouse 127.0.0.1:9000 reachable" in header and "(managed)" not in header
+    assert "clickhouse 127.0.0.1:9000 reachable (ClickHouse 26.9.2.1, time columns " \
+           "DateTime64(3, 'UTC'), export over ArrowStream)" in header and "(managed)" not in header
     assert "last export: 2024-01-01T10 (next 11:00), rotation r1 holding" in header
     assert header.endswith("EXPORT FAILING: disk full")
     assert columns.split()[:3] == ["NAME", "PID", "STATE"] and columns.endswith("CPU%")

@@ -122,8 +122,8 @@ def test_rows_straddling_the_hour_and_late_rows(env):
                                                                  "btc_20251124_0000.parquet"]
     assert pq.read_metadata(env.tmp / "export" / "btc_20251123_2300.parquet").num_rows == 65
     assert_exactly_once(env, sent + late)
-    logged = env.query(f"SELECT hour_start, argMax(row_count, export_time) FROM "
-                       f"{env.database}.export_log GROUP BY hour_start ORDER BY hour_start")
+    with env.store() as store:
+        logged = [(hour, rows) for hour, _path, rows, _sha in store.logged_exports("BTC_USDT")]
     assert logged == [(H - 2 * HOUR_MS, 50), (H - HOUR_MS, 65), (H, 10)]
 
 
@@ -296,6 +296,8 @@ def test_daemon_with_an_accelerated_clock(env):
                                 text=True, timeout=60)
         assert verify.returncode == 0, verify.stdout + verify.stderr
         assert "files verified" in verify.stdout and "btc_current:" in verify.stdout
+        version = env.query("SELECT version()")[0][0]
+        assert f": ClickHouse {version}, time columns " in verify.stdout
         assert daemon.stop(15) == 0
         assert "Traceback" not in daemon.log()
 

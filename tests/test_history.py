@@ -17,7 +17,7 @@ import pytest
 
 from core.clock import HOUR_MS
 from core.process import free_port
-from core.store import Store
+from core.store import Store, rows_batch
 from core.vocabulary import GAP_DISCONNECT, Gap
 from exporter import parquet_files
 from exporter.exporter import Exporter
@@ -284,7 +284,7 @@ def test_times_and_intervals():
 
 def test_book_sides_may_be_empty_and_levels_are_cut(tmp_path):
     rows = [(H + 1, "dp", "[1.5,2],[1.4,3E+1]|"), (H + 2, "dp", "|[2.0,7]"), (H + 3, "d", "1|1|1")]
-    table = parquet_files.to_table(*zip(*[(ts, mt, m, ts + 5) for ts, mt, m in rows]))
+    table = parquet_files.to_table([rows_batch([(ts, mt, m, ts + 5) for ts, mt, m in rows])])
     parquet_files.write_hour(str(tmp_path / parquet_files.file_name("btc", H)), table,
                              "BTC_USDT", H)
     archive = history.Archive(str(tmp_path))

@@ -90,6 +90,7 @@ def test_hostile_names_never_reach_sql_or_paths():
     assert store.quote("x`; DROP TABLE y") == "`x\\`; DROP TABLE y`"
 
 
+@pytest.mark.one_clickhouse
 def test_password_never_in_logs_errors_or_status(env):
     secret = "s3cr3t-Pa55-XYZ"
     path = env.write_config("ws://127.0.0.1:1/edge",

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests.chdb_server import SERVERS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOAK = os.path.join(ROOT, "bench", "soak.py")
 
@@ -18,10 +20,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.timeout(400)
-def test_short_soak_with_tor_loses_and_doubles_nothing():
+@pytest.mark.parametrize("server", SERVERS)
+def test_short_soak_with_tor_loses_and_doubles_nothing(server):
     started = time.monotonic()
     result = subprocess.run([sys.executable, SOAK, "--minutes", "2", "--seed", "1", "--tor",
-                             "--json"], cwd=ROOT, capture_output=True, text=True, timeout=380)
+                             "--clickhouse", server, "--json"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=380)
     elapsed = time.monotonic() - started
     out = result.stdout
     print(out, f"\n(soak took {elapsed:.0f}s)")  # shown with -s or on failure

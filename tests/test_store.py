@@ -2,8 +2,11 @@
 operation does what it says on a real server; setup-db is idempotent."""
 import subprocess
 
+import pytest
+
 from core import store
 from core.clock import HOUR_MS
+from tests.chdb_server import SERVERS
 from tests.conftest import MEXC
 
 HOUR = 1_700_000_000_000 // HOUR_MS * HOUR_MS
@@ -31,6 +34,30 @@ def test_features_follow_the_server(env):
     assert features.ms() == ("toUnixTimestamp64Milli(ts)" if features.datetime64 else "ts")
 
 
+@pytest.mark.one_clickhouse
+def test_an_http_port_of_another_server_is_not_used(env, tmp_path, caplog):
+    """http_port pointing at another ClickHouse on the host (here the other release): the
+    export must not read that server's rows; it falls back to the native protocol."""
+    other = SERVERS["ch26"](str(tmp_path / "other")).start()
+    try:
+        with store.Store({**env.ch_section(), "http_port": other.http_port}) as session:
+            assert session.features.http_format is None
+        assert f"http_port {other.http_port} is another server (ClickHouse 26." in caplog.text
+    finally:
+        other.stop()
+
+
+def test_tables_made_before_an_upgrade_keep_deciding_the_time_type(env):
+    """A server upgraded from 18.16 keeps its UInt64 tables: reads must not treat them as
+    DateTime64 just because the server could."""
+    with env.store() as session:
+        session.create_database()
+        session.client.execute(f"CREATE TABLE {env.database}.export_log (symbol String, "
+                               f"hour_start UInt64) ENGINE = Memory")
+        assert session.features.datetime64 is False
+        assert "time columns UInt64" in session.features.describe()
+
+
 def test_rotation_operations_keep_every_row_once(env):
     """swap, move_back, hours, hour_rows, drop: the exporter's steps, one by one."""
     session = env.store()
@@ -54,6 +81,29 @@ def test_rotation_operations_keep_every_row_once(env):
         assert session.recover_fresh("btc") is None
     finally:
         session.close()
+
+
+def test_hour_batches_over_http_are_the_native_rows_exactly(env):
+    """The export's fast path (Arrow or CSV over HTTP) gives what the native protocol gives,
+    byte for byte, for every awkward text; with the HTTP port closed it falls back."""
+    texts = ["", "a,b", 'say "hi"', "two\nlines", "cr\r\n", "tab\there", "back\\slash",
+             "ünï €", "\\N", "NULL", " lead", "x" * 5000]
+    hour = [(HOUR + i, "dp" if i % 2 else "t", text, HOUR + i + 7)
+            for i, text in enumerate(texts * 3)]
+    with env.store() as session:
+        session.setup(["btc"])
+        session.insert_rows("btc_current", hour + rows(HOUR + HOUR_MS, 5, "next"))
+        session.swap("btc")
+        assert session.features.http_format == ("ArrowStream" if session.features.datetime64
+                                                else "CSV")
+        native = list(session.hour_rows("btc", HOUR))
+        over_http = [tuple(row.values()) for batch in session.hour_batches("btc", HOUR)
+                     for row in batch.to_pylist()]
+    assert native == sorted(hour) and over_http == native
+    with store.Store({**env.ch_section(), "http_port": 1}) as closed:
+        assert closed.features.http_format is None
+        assert [tuple(row.values()) for batch in closed.hour_batches("btc", HOUR)
+                for row in batch.to_pylist()] == native
 
 
 def test_gap_ledger_round_trip(env):

@@ -62,6 +62,9 @@ def test_status_json_and_table(env, sim):
     assert status["supervisor"]["pid"] == daemon.proc.pid
     assert status["supervisor"]["uptime_s"] > 0
     assert status["supervisor"]["clickhouse"]["reachable"] is True
+    version = env.query("SELECT version()")[0][0]
+    assert status["supervisor"]["clickhouse"]["server"].startswith(
+        f"ClickHouse {version}, time columns ")
     by_name = {c["name"]: c for c in status["children"]}
     assert set(by_name) == {"collector-btc", "collector-eth", "exporter"}
     assert by_name["exporter"]["kind"] == "exporter" and by_name["exporter"]["state"] == "running"
@@ -80,6 +83,7 @@ def test_status_json_and_table(env, sim):
     assert "Traceback" not in daemon.proc.log()
 
 
+@pytest.mark.one_clickhouse
 def test_status_without_a_daemon(env):
     config = env.write_config("ws://127.0.0.1:1/edge")
     for argv in ([MEXC, "status", "--config", config],
@@ -89,6 +93,7 @@ def test_status_without_a_daemon(env):
         assert result.stderr.startswith("mexc is not running (no answer on ipc://")
 
 
+@pytest.mark.one_clickhouse
 def test_sigkill_collector_is_replaced_and_data_flows_again(env, sim):
     daemon = Daemon(env, sim)
     daemon.wait_flowing(["collector-btc"])
@@ -102,6 +107,7 @@ def test_sigkill_collector_is_replaced_and_data_flows_again(env, sim):
     assert "killed by SIGKILL" in daemon.proc.log()
 
 
+@pytest.mark.one_clickhouse
 @pytest.mark.slow
 def test_hung_collector_is_killed_and_replaced(env, sim):
     daemon = Daemon(env, sim, supervisor={"heartbeat_timeout": 2.0})
@@ -115,6 +121,7 @@ def test_hung_collector_is_killed_and_replaced(env, sim):
              psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE, 5, "the hung one gone")
 
 
+@pytest.mark.one_clickhouse
 @pytest.mark.slow
 def test_supervisor_sigkill_leaves_no_orphans(env, sim):
     daemon = Daemon(env, sim)
@@ -130,6 +137,7 @@ def test_supervisor_sigkill_leaves_no_orphans(env, sim):
     wait_for(all_gone, 5, f"every process of {tree} gone")
 
 
+@pytest.mark.one_clickhouse
 @pytest.mark.slow
 def test_sigterm_stops_in_order_with_exit_0(env, sim):
     daemon = Daemon(env, sim)
@@ -146,6 +154,7 @@ def test_sigterm_stops_in_order_with_exit_0(env, sim):
         assert set(rows) <= set(sim.expected_rows(symbol))
 
 
+@pytest.mark.one_clickhouse
 @pytest.mark.slow
 def test_second_instance_refuses(env, sim):
     daemon = Daemon(env, sim)
@@ -156,6 +165,7 @@ def test_second_instance_refuses(env, sim):
     assert f"another mexc run (pid {daemon.proc.pid}) is using" in result.stderr
 
 
+@pytest.mark.one_clickhouse
 @pytest.mark.slow
 def test_run_again_right_after_a_supervisor_sigkill(env, sim):
     """The new run waits for the children of the killed one (they flush on their way out)."""
@@ -200,7 +210,7 @@ def test_symbol_re_added_while_its_old_collector_stops_loses_nothing(env, sim, o
         daemon.collectors().get("collector-eth", {})), 30, "the eth spool replayed")
     sim.stop_data()
     sent = collections.Counter(sim.expected_rows("ETH_USDT"))
-    wait_for(lambda: env.query(f"SELECT max(ts) FROM {env.database}.eth_current")[0][0]
+    wait_for(lambda: env.query(f"SELECT max({env.ms()}) FROM {env.database}.eth_current")[0][0]
              >= max(ts for ts, _mt, _m in sent if ts is not None), 30, "the last row stored")
     rows = collections.Counter(env.rows("eth_current"))
     assert max(rows.values()) == 1, "duplicated rows"
@@ -213,6 +223,7 @@ def test_symbol_re_added_while_its_old_collector_stops_loses_nothing(env, sim, o
     assert daemon.proc.stop(15) == 0
 
 
+@pytest.mark.one_clickhouse
 @pytest.mark.slow
 def test_sighup_adds_and_removes_symbols_and_rejects_a_bad_config(env, sim):
     daemon = Daemon(env, sim, symbols=("BTC_USDT", "ETH_USDT"))
@@ -305,6 +316,7 @@ def _event(bus, kind):
     return event if event and event["type"] == kind else None
 
 
+@pytest.mark.one_clickhouse
 @pytest.mark.slow
 def test_sd_notify_ready_status_and_watchdog(env, sim, tmp_path):
     path = str(tmp_path / "notify.sock")
@@ -346,6 +358,7 @@ def test_status_table_renders_a_backoff_child():
     assert "collector-btc: pid 7 exit code 1; next start in 42.0s" in text
 
 
+@pytest.mark.one_clickhouse
 def test_bad_bus_messages_are_dropped_and_the_daemon_lives(env, sim):
     import zmq
 
@@ -374,6 +387,7 @@ def test_bad_bus_messages_are_dropped_and_the_daemon_lives(env, sim):
     assert sockets.request(daemon.runtime_dir, "restart", name="nope")["ok"] is False
 
 
+@pytest.mark.one_clickhouse
 @pytest.mark.slow
 def test_a_rotation_the_exporter_never_finishes_ends_by_itself(env, sim):
     daemon = Daemon(env, sim, symbols=("BTC_USDT",), collector={"max_hold": 2.0})
@@ -391,6 +405,7 @@ def test_a_rotation_the_exporter_never_finishes_ends_by_itself(env, sim):
     wait_for(lambda: env.count("btc_current") > held_at + 20, 15, "rows written again")
 
 
+@pytest.mark.one_clickhouse
 def test_tor_enabled_without_tor_installed_says_so(env, sim):
     config = env.write_config(sim.url, tor={"enabled": True, "binary": "no-such-tor"})
     result = subprocess.run([MEXC, "run", "--config", config], capture_output=True, text=True,

@@ -33,7 +33,7 @@ def insert_directly(env, batch):
 
 
 def stored(env):
-    return collections.Counter(env.query(f"SELECT ts, mt, m, rts FROM {env.database}.btc_current"))
+    return collections.Counter(env.rows(rts=True))
 
 
 @pytest.mark.parametrize("landed", [True, False])

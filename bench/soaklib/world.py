@@ -27,6 +27,7 @@ from core.clock import EventClock
 from core.process import free_port
 from core.store import Store
 from mexc.simulator import MexcSimulator
+from tests.chdb_server import SERVERS
 from tests.conftest import Proc, toml_dump
 
 from . import ROOT
@@ -58,10 +59,10 @@ class Soak:
         self.anchor = int(time.time() * 1000)
         self.clock = EventClock(self.speed, self.anchor)
         self.report = Report(args.seed, args.minutes, args.rate, args.hour_seconds, args.tor,
-                             "managed" if args.managed else "external")
+                             "managed" if args.managed else f"external {args.clickhouse}")
         self.sim: Optional[MexcSimulator] = None
         self.ch: Optional[ManagedClickHouse] = None
-        self.ch_port = free_port()
+        self.ch_port, self.ch_http_port = free_port(), free_port()
         self.network = None
         self.daemon: Optional[Proc] = None
         self.daemons: List[Proc] = []
@@ -87,8 +88,9 @@ class Soak:
     # --- setting up ------------------------------------------------------------------------
 
     def ch_section(self) -> dict:
-        return {"host": "127.0.0.1", "port": self.ch_port, "database": "soak", "user": "default",
-                "password": "", "managed": self.args.managed}
+        return {"host": "127.0.0.1", "port": self.ch_port, "http_port": self.ch_http_port,
+                "database": "soak", "user": "default", "password": "",
+                "managed": self.args.managed}
 
     def write_config(self, names=None, invalid: bool = False) -> None:
         """Atomically, so the supervisor never reads half a file on SIGHUP."""
@@ -140,7 +142,9 @@ class Soak:
     def start(self) -> None:
         self.mount_export_dir()
         if not self.args.managed:
-            self.ch = ManagedClickHouse(os.path.join(self.dir, "clickhouse"), port=self.ch_port)
+            self.ch = SERVERS[self.args.clickhouse](os.path.join(self.dir, "clickhouse"),
+                                                    port=self.ch_port,
+                                                    http_port=self.ch_http_port)
             self.ch.start()
             say(f"clickhouse {self.ch.port} ready")
         if self.args.tor:
@@ -528,7 +532,7 @@ class Soak:
         self.stop_daemon()
         if self.args.managed:  # its ClickHouse went with it: start one on the same data
             self.ch = ManagedClickHouse(os.path.join(self.state_dir, "clickhouse"),
-                                        port=self.ch_port).start()
+                                        port=self.ch_port, http_port=self.ch_http_port).start()
         account(self)
         self.read_logs()
         per_child = collections.Counter()
