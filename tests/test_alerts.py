@@ -12,7 +12,8 @@ from mexc.simulator import MexcSimulator
 from tests.conftest import wait_for
 from tests.test_supervisor import Daemon
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180),
+              pytest.mark.one_clickhouse]  # the supervisor's parts, not SQL
 
 
 @pytest.fixture

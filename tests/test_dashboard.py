@@ -18,7 +18,8 @@ from mexc.simulator import MexcSimulator
 from tests.conftest import MEXC, wait_for
 from tests.test_supervisor import Daemon
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180),
+              pytest.mark.one_clickhouse]  # the supervisor's parts, not SQL
 SYMBOLS = ("BTC_USDT", "ETH_USDT", "SOL_USDT")
 
 

@@ -85,6 +85,7 @@ def test_forced_disconnect_is_one_record_with_its_close(env, sim):
 
 
 @pytest.mark.slow
+@pytest.mark.one_clickhouse  # the collector's logic; the ledger's SQL runs on both above
 def test_an_exchange_error_before_the_close_names_the_gap(env, sim):
     proc = start_collector(env, sim)
     rows_after(env, sim, 30)
@@ -99,6 +100,7 @@ def test_an_exchange_error_before_the_close_names_the_gap(env, sim):
 
 
 @pytest.mark.slow
+@pytest.mark.one_clickhouse  # the collector's logic; the ledger's SQL runs on both above
 def test_stall_is_a_gap_although_the_socket_stays(env, sim):
     proc = start_collector(env, sim, exchange={"silent_alarm": 1.0})
     rows_after(env, sim, 30)
@@ -128,6 +130,7 @@ def test_collector_sigkill_is_a_crash_from_the_last_stored_row(env, sim):
 
 
 @pytest.mark.slow
+@pytest.mark.one_clickhouse  # the collector's logic; the ledger's SQL runs on both above
 def test_supervisor_sigkill_is_a_daemon_restart(env, sim):
     daemon = Daemon(env, sim, symbols=["BTC_USDT"])
     daemon.wait_flowing(["collector-btc"])
@@ -144,6 +147,7 @@ def test_supervisor_sigkill_is_a_daemon_restart(env, sim):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
+@pytest.mark.one_clickhouse  # the collector's logic; the ledger's SQL runs on both above
 def test_tor_sigkill_is_a_tor_restart(env, sim, network):  # noqa: F811
     daemon = TorDaemon(env, sim, network, ["BTC_USDT"])
     wait_for(lambda: daemon.exits(["collector-btc"]), 90, "btc's exit")
@@ -189,6 +193,7 @@ def test_a_stale_depth_snapshot_is_caught_and_kept_out_of_the_book(env, sim):
     assert not [m for _ts, mt, m in rows if mt == "dp" and m == "[1,1]|[2,1]"]
 
 
+@pytest.mark.one_clickhouse  # the collector's logic; the ledger's SQL runs on both above
 def test_backfill_over_https_through_a_socks5_proxy(env, tmp_path):
     """The REST request takes the WebSocket's path: the proxy (remote DNS), our TLS, SNI."""
     context, cert = self_signed_tls(tmp_path)

@@ -176,6 +176,7 @@ def test_offline_reads_the_files_and_their_gap_metadata(env, archive):
 
 
 @pytest.mark.slow
+@pytest.mark.one_clickhouse  # the command line over the API tested on both above
 def test_command_line(env, archive):
     _archive, sent = archive
     config = env.tmp / "mexc.toml"
