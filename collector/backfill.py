@@ -77,10 +77,15 @@ class Backfill:
 
     def fill(self, fetched: List[tuple], start_ms: int, end_ms: int, store) -> Tuple[int, bool]:
         """Store the fetched trades of [start_ms, end_ms] that are not stored yet;
-        returns (trades stored, covered)."""
+        returns (trades stored, covered).
+
+        Never into an exported hour: its rows are in a file, not in the tables read here, and
+        a row written there would be merged into the file (a trade stored twice).  Trades of
+        the gap in such an hour are left out, and the gap is then not covered."""
         stored = collections.Counter(store.deals_between(self.name, start_ms, end_ms))
+        open_from = max(start_ms, store.exported_until(self.symbol))  # read after the rows
         missing = []
-        for row in sorted((r for r in fetched if start_ms <= r[0] <= end_ms), key=lambda r: r[0]):
+        for row in sorted((r for r in fetched if open_from <= r[0] <= end_ms), key=lambda r: r[0]):
             key = (row[0], row[2])
             if stored[key]:
                 stored[key] -= 1
@@ -88,5 +93,7 @@ class Backfill:
                 missing.append(row)
         if missing:
             self.writer.submit(missing)
-        covered = len(fetched) < REST_LIMIT or min(r[0] for r in fetched) < start_ms
+        reached_back = len(fetched) < REST_LIMIT or min(r[0] for r in fetched) < start_ms
+        left_out = any(start_ms <= r[0] < open_from for r in fetched)
+        covered = reached_back and not left_out
         return len(missing), covered

@@ -524,11 +524,22 @@ class Store:
 
     def deals_between(self, name: str, start_ms: int, end_ms: int) -> List[Tuple[int, str]]:
         """(ts, m) of every deal row stored for a symbol with start_ms <= ts <= end_ms, in
-        current and previous (one entry per row: identical trades stay apart)."""
-        f, deals = self.features, []
-        for table in (current_table(name), previous_table(name)):
-            if self.exists(table):
-                deals += self.client.execute(
-                    f"SELECT {f.ms()}, m FROM {self._table(table)} WHERE mt = 'd' AND "
-                    f"{f.ms()} >= {int(start_ms)} AND {f.ms()} <= {int(end_ms)}")
-        return deals
+        current and previous, read in one statement (one entry per row: identical trades stay
+        apart).  Rows already exported are not here: see exported_until."""
+        f = self.features
+        where = f"WHERE mt = 'd' AND {f.ms()} >= {int(start_ms)} AND {f.ms()} <= {int(end_ms)}"
+        tables = [t for t in (current_table(name), previous_table(name)) if self.exists(t)]
+        if not tables:
+            return []
+        return self.client.execute(" UNION ALL ".join(
+            f"SELECT {f.ms()}, m FROM {self._table(t)} {where}" for t in tables))
+
+    def exported_until(self, symbol: str) -> int:
+        """The end of the symbol's latest exported hour (ms; 0 when none): rows before it are
+        in files, and a row written there now would be merged into its hour's file."""
+        f = self.features
+        if not self.exists("export_log"):
+            return 0
+        latest = self._one(f"SELECT max({f.ms('hour_start')}) FROM {self._table('export_log')} "
+                           f"WHERE symbol = %(symbol)s", {"symbol": symbol})
+        return latest + HOUR_MS if latest else 0

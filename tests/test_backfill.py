@@ -17,11 +17,14 @@ ANSWER = (b'{"success":true,"code":0,"data":['
 class Stored:
     """What ClickHouse holds: deals_between as Store answers it."""
 
-    def __init__(self, deals):
-        self.deals = deals
+    def __init__(self, deals, exported_until=0):
+        self.deals, self.until = deals, exported_until
 
     def deals_between(self, _name, start_ms, end_ms):
         return [(t, m) for t, m in self.deals if start_ms <= t <= end_ms]
+
+    def exported_until(self, _symbol):
+        return self.until
 
 
 class Submitted:
@@ -71,6 +74,16 @@ def test_trades_outside_the_gap_are_left_alone_and_a_full_page_must_reach_back()
     assert covered
     count, covered = backfill(Submitted()).fill(fetched, 1800, 1960, Stored([]))
     assert count == 60 and not covered  # the page ends at 1901: 1800..1900 are out of reach
+
+
+def test_no_trade_is_written_into_an_exported_hour():
+    """Its rows are in a file, not in the tables: one written now would be merged into the
+    file, a second copy of a trade the WebSocket delivered before the gap."""
+    writer = Submitted()
+    fetched = wire.recent_deal_rows(ANSWER, 77)  # 1001, 1003, 1005, 1005
+    count, covered = backfill(writer).fill(fetched, 1001, 1005, Stored([], exported_until=1004))
+    assert [r[0] for r in writer.rows] == [1005, 1005] and count == 2
+    assert not covered  # 1001 and 1003 were left out: whether they are in the file is unknown
 
 
 def test_rate_budget_waits_for_a_slot():

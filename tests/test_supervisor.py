@@ -185,6 +185,7 @@ def test_run_again_right_after_a_supervisor_sigkill(env, sim):
 
 
 @pytest.mark.slow
+@pytest.mark.one_clickhouse  # it runs its own
 def test_symbol_re_added_while_its_old_collector_stops_loses_nothing(env, sim, own_clickhouse):
     """The old collector spools its rows before it exits and the new one replays them: the new
     one starts only once the old one is gone (two on one spool deleted each other's batches)."""
