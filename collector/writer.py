@@ -6,8 +6,9 @@ flow oldest first through three places:
     pending (the batch being inserted) -> spool file (older) -> memory queue (newest)
 
 When an insert fails the batch stays pending and is retried with backoff.  While the server
-is away the memory queue grows up to `max_buffered_rows`; beyond that its oldest batches move
-to the spool file, which is replayed before anything newer (also after a restart).
+is away, rows go to the spool file once inserts have failed for SPOOL_AFTER seconds (and the
+memory queue never grows beyond `max_buffered_rows`); the spool is replayed before anything
+newer (also after a restart).
 
 Exactly once: a failed insert may still have landed (the connection broke after the server
 had the data).  This writer is the only one writing its table, so it tracks the table's row
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 # rows over, the writer thread's wake-up, the server making the block visible, a loaded
 # machine's scheduling delays.  The insert's own duration is taken off as measured.
 LATENCY_MARGIN = 0.3  # s
+# After inserts have failed this long, every queued row goes to the spool at each retry: a
+# SIGKILL during a ClickHouse outage then costs seconds of rows, not max_buffered_rows (hours at
+# live rates).
+SPOOL_AFTER = 2.0  # s
 
 
 class InsertFailed(Exception):
@@ -83,6 +88,7 @@ class RowWriter:
         self.rows_submitted = 0  # by the receive loop and backfill, in this run
         self.rows_written = 0
         self.insert_errors = 0
+        self.failing_since: Optional[float] = None  # monotonic time of the first failed insert
         self.thread = threading.Thread(target=self._run, name=f"writer-{name}", daemon=True)
 
         if spool.inflight and spool.inflight[0] == spool.offset:
@@ -167,17 +173,25 @@ class RowWriter:
                     if self.held is not None:
                         continue  # a hold began while we were waiting for the lock
                     self._store_next()
-                backoff = 0.0
+                backoff, self.failing_since = 0.0, None
             except InsertFailed as e:
                 backoff = min(self.retry_max, max(0.2, backoff * 2))
                 self.insert_errors += 1
+                self._spill_if_failing_long()
                 log.warning("insert failed table=%s buffered=%d spooled=%d retry_in=%.1fs: %s",
                             self.table, self.buffered_rows(), self.spool.rows, backoff, e)
                 if self._stop_overdue():
                     self._spill_all("ClickHouse is unreachable")
                     return
-                with self.wakeup:
-                    self.wakeup.wait(backoff)
+                self._back_off(backoff)
+
+    def _back_off(self, seconds: float) -> None:
+        """Wait before the next try, deaf to new rows (each would wake us: with the queue
+        spooled empty every submit is a first row) but not to stop."""
+        deadline = time.monotonic() + seconds
+        with self.wakeup:
+            while not self.stopping and (left := deadline - time.monotonic()) > 0:
+                self.wakeup.wait(left)
 
     def _wait_for_work(self) -> bool:
         """Block until something is due to be stored and no hold; False: stop now."""
@@ -312,6 +326,13 @@ class RowWriter:
         if self.queued_rows > self.max_buffered_rows:
             self._spill(keep_rows=self.max_buffered_rows // 2)
 
+    def _spill_if_failing_long(self) -> None:
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = now
+        elif now - self.failing_since >= SPOOL_AFTER:
+            self._spill(keep_rows=0)
+
     def _spill_all(self, why: str) -> None:
         self._spill(keep_rows=0)
         log.warning("stopping while %s: %d rows kept in %s for the next start", why,
@@ -337,13 +358,19 @@ class RowWriter:
             self.pending_next_offset = self.spool.size
             if self.unsure:
                 self.spool.mark_inflight(self.table_rows, len(self.pending))
-        moved = 0
         with self.wakeup:
-            while self.queue and self.queued_rows > keep_rows:
-                self.spool.append(self.queue[0])  # may raise: then the batch stays queued
-                batch = self.queue.popleft()
-                self.queued_rows -= len(batch)
-                moved += len(batch)
+            # the oldest batches, as one spool record: it is replayed as one insert
+            count, rows = 0, 0
+            while count < len(self.queue) and self.queued_rows - rows > keep_rows:
+                rows += len(self.queue[count])
+                count += 1
+            if count:
+                merged = [row for i in range(count) for row in self.queue[i]]
+                self.spool.append(merged)  # may raise: then the batches stay queued
+                for _ in range(count):
+                    self.queue.popleft()
+                self.queued_rows -= rows
+            moved = rows
         if moved:
             log.warning("memory bound reached table=%s: %d rows moved to spool %s (%d spooled)",
                         self.table, moved, self.spool.path, self.spool.rows)

@@ -194,8 +194,8 @@ def test_symbol_re_added_while_its_old_collector_stops_loses_nothing(env, sim, o
     daemon = Daemon(env, sim, symbols=("ETH_USDT",), **sections)
     daemon.wait_flowing(["collector-eth"])
     own_clickhouse.stop()
-    wait_for(lambda: (daemon.collectors()["collector-eth"]["buffered_rows"] or 0) > 500, 30,
-             "eth rows waiting for ClickHouse")  # spooled when the collector stops
+    wait_for(lambda: (lambda c: (c["buffered_rows"] or 0) + (c["spooled_rows"] or 0))(
+        daemon.collectors()["collector-eth"]) > 500, 30, "eth rows waiting for ClickHouse")
     env.write_config(sim.url, symbols=["BTC_USDT"], **sections)
     daemon.proc.signal(signal.SIGHUP)
     wait_for(lambda: "ETH_USDT removed from the config" in daemon.proc.log(), 10, "eth removed")
