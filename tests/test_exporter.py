@@ -149,9 +149,8 @@ def test_file_format_for_pandas_polars_duckdb_readers(env):
     assert int(low.timestamp() * 1000) == H - HOUR_MS and high.timestamp() * 1000 < H
 
 
-def test_crash_after_the_file_before_dropping_previous(env, monkeypatch):
-    sent = rows_for(H - HOUR_MS, 40, "a") + rows_for(H, 4, "b")
-    insert(env, sent)
+def export_dying_after_the_file(env, monkeypatch):
+    """One export cycle killed right after an hour's file is renamed into place."""
     real_commit = parquet_files.HourFile.commit
 
     def commit_then_die(self):
@@ -160,6 +159,12 @@ def test_crash_after_the_file_before_dropping_previous(env, monkeypatch):
     monkeypatch.setattr(parquet_files.HourFile, "commit", commit_then_die)
     with pytest.raises(SystemExit):
         Exporter(make_config(env), clock=SetClock(H + 61_000)).cycle()
+
+
+def test_crash_after_the_file_before_dropping_previous(env, monkeypatch):
+    sent = rows_for(H - HOUR_MS, 40, "a") + rows_for(H, 4, "b")
+    insert(env, sent)
+    export_dying_after_the_file(env, monkeypatch)
     assert env.count("btc_previous") == 44  # nothing dropped (its 4 new rows are copied back)
     monkeypatch.undo()
     ok, files, _ = Exporter(make_config(env), clock=SetClock(H + 62_000)).cycle()

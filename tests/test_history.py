@@ -24,7 +24,8 @@ from exporter.exporter import Exporter
 from mexc import history
 from mexc.simulator import MexcSimulator
 from tests.conftest import MEXC, wait_for
-from tests.test_exporter import H, SetClock, insert, make_config, rows_for
+from tests.test_exporter import (H, SetClock, export_dying_after_the_file, insert,
+                                 make_config, rows_for)
 
 pytestmark = pytest.mark.timeout(180)
 MINUTE = 60_000
@@ -212,14 +213,7 @@ def test_exactly_once_while_an_export_is_half_done(env, monkeypatch):
     in previous and current; each comes back once."""
     sent = rows_for(H - HOUR_MS, 40, "1") + rows_for(H, 6, "2")
     insert(env, sent)
-    real_commit = parquet_files.HourFile.commit
-
-    def commit_then_die(self):
-        real_commit(self)
-        raise SystemExit("killed after the rename")
-    monkeypatch.setattr(parquet_files.HourFile, "commit", commit_then_die)
-    with pytest.raises(SystemExit):
-        Exporter(make_config(env), clock=SetClock(H + 61_000)).cycle()
+    export_dying_after_the_file(env, monkeypatch)
     assert env.count("btc_previous") == 46 and env.count("btc_current") == 6
     archive = history.Archive.from_config(make_config(env))
     trades = archive.trades("BTC_USDT", H - HOUR_MS, H + HOUR_MS)
