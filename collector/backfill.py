@@ -5,7 +5,9 @@ along the WebSocket's own path (through its tor's SOCKS port when Tor is on, so 
 leaves by the same exit and IP separation holds).  fill() keeps the trades inside the gap
 [start_ms, end_ms], takes away what ClickHouse already holds in that span (the rows at the
 gap's edges share their ms with it) as a multiset on (t, p, v, T), and hands the rest to the
-writer as ordinary deal rows.  Two identical prints in one ms are two trades: the multiset
+writer as ordinary deal rows.  Where the gap reaches into an hour already exported, that hour's
+file counts as stored too, and a trade written there is merged into the file by the exporter
+like any late row (an hour near the top of the clock is often exported before its gap closes).  Two identical prints in one ms are two trades: the multiset
 keeps both, or one when one is stored already, never merges nor doubles them.
 
 A gap is covered when the answer reached back past its start (its oldest trade is older) or
@@ -20,6 +22,8 @@ from typing import List, Optional, Tuple
 
 from collector import wire
 from collector.connection import http_get
+from core import archive
+from core.clock import HOUR_MS
 from core.log import first_line
 
 log = logging.getLogger(__name__)
@@ -51,8 +55,10 @@ class RateBudget:
 class Backfill:
     """One collector's backfill: its symbol, its network path, its writer and rate budget."""
 
-    def __init__(self, ex: dict, symbol, socks_proxy, writer, budget: Optional[RateBudget] = None):
+    def __init__(self, ex: dict, symbol, socks_proxy, writer, export_dir: str,
+                 budget: Optional[RateBudget] = None):
         self.ex = ex
+        self.export_dir = export_dir
         self.symbol, self.name = symbol.symbol, symbol.name
         self.socks_proxy = socks_proxy
         self.writer = writer
@@ -79,13 +85,24 @@ class Backfill:
         """Store the fetched trades of [start_ms, end_ms] that are not stored yet;
         returns (trades stored, covered).
 
-        Never into an exported hour: its rows are in a file, not in the tables read here, and
-        a row written there would be merged into the file (a trade stored twice).  Trades of
-        the gap in such an hour are left out, and the gap is then not covered."""
+        What is stored is read from the tables first, then from the files of the hours already
+        exported: a row moves from the tables to a file, never back, so it is seen at least
+        once (twice at worst, which only stores less).  An exported hour whose file is not in
+        export.dir (moved away) is left out, as its trades may be stored there: the gap is
+        then not covered."""
         stored = collections.Counter(store.deals_between(self.name, start_ms, end_ms))
-        open_from = max(start_ms, store.exported_until(self.symbol))  # read after the rows
-        missing = []
-        for row in sorted((r for r in fetched if open_from <= r[0] <= end_ms), key=lambda r: r[0]):
+        exported_until = store.exported_until(self.symbol)  # read after the rows
+        left_out = []
+        if exported_until > start_ms:
+            filed, without_file = archive.filed_deals(self.export_dir, self.name, start_ms,
+                                                      min(end_ms, exported_until - 1))
+            stored.update(filed)
+            left_out = [(hour, hour + HOUR_MS) for hour in without_file]
+        missing, skipped = [], False
+        for row in sorted((r for r in fetched if start_ms <= r[0] <= end_ms), key=lambda r: r[0]):
+            if any(a <= row[0] < b for a, b in left_out):
+                skipped = True
+                continue
             key = (row[0], row[2])
             if stored[key]:
                 stored[key] -= 1
@@ -94,6 +111,4 @@ class Backfill:
         if missing:
             self.writer.submit(missing)
         reached_back = len(fetched) < REST_LIMIT or min(r[0] for r in fetched) < start_ms
-        left_out = any(start_ms <= r[0] < open_from for r in fetched)
-        covered = reached_back and not left_out
-        return len(missing), covered
+        return len(missing), reached_back and not skipped

@@ -86,10 +86,12 @@ class Collector:
                                 max_buffered_rows=self.co["max_buffered_rows"],
                                 max_hold=self.co["max_hold"], batch_rows=self.co["batch_rows"],
                                 latency_target=self.co["latency_target"])
-        backfill = (Backfill(self.ex, self.sym, socks_proxy, self.writer)
+        backfill = (Backfill(self.ex, self.sym, socks_proxy, self.writer, config.export["dir"])
                     if self.ex["backfill"] else None)
         self.gaps = GapLedger(self.sym, config.clickhouse, self.writer, self.ex["silent_alarm"],
-                              *started_because, backfill=backfill)
+                              *started_because, backfill=backfill,
+                              journal_path=os.path.join(config.spool_dir(),
+                                                        f"{self.sym.name}.gaps"))
         self.depth_versions = {}  # symbol -> the last depth.full version stored (wire.parse)
         self.batch = []  # the rows of the current read
         self.child_id = ChildId(COLLECTOR, self.sym.name)

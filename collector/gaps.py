@@ -17,18 +17,21 @@ oldest ts), so it is recorded when the data is back, never while it is still ope
 Closed gaps go to a worker thread, which asks the REST API for the latest trades at once
 (collector/backfill.py), waits until the writer has stored the rows around the gap, stores
 the trades the WebSocket did not deliver, and writes the record to the `gaps` table,
-retrying while ClickHouse is away.  Records still in the worker when the process dies are
-lost; the stretch is then inside the next start's gap, which reaches back to the last
-stored row.
+retrying while ClickHouse is away.  A closed gap is also written to a small journal beside
+the spool (GapJournal) until its record is in ClickHouse: a process killed or stopped before
+that (ClickHouse away, a SIGKILL) leaves it to the next start, which records it first.
 """
+import dataclasses
+import json
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from core.log import first_line
+from core.process import write_json_atomic
 from core.store import Store
 from core.vocabulary import GAP_STALL, Gap
 
@@ -49,12 +52,55 @@ class OpenGap:
     closed_at: float = 0.0  # monotonic time of the first data frame after it
 
 
+class GapJournal:
+    """The closed gaps whose records are not in ClickHouse yet, in one JSON file (rewritten
+    whole: it holds a few entries at most).  Used from the receive loop and the worker."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lock = threading.Lock()
+        self.gaps: List[OpenGap] = []
+
+    def load(self) -> List[OpenGap]:
+        """The gaps an earlier run closed and did not record."""
+        try:
+            with open(self.path) as f:
+                entries = json.load(f)
+        except FileNotFoundError:
+            return []
+        except ValueError as e:
+            log.error("gap journal %s unreadable, its gaps are inside the next start's gap: "
+                      "%s", self.path, e)
+            return []
+        with self.lock:
+            self.gaps = [OpenGap(**entry) for entry in entries]
+            return list(self.gaps)
+
+    def add(self, gap: OpenGap) -> None:
+        with self.lock:
+            self.gaps.append(gap)
+            self._save()
+
+    def done(self, gap: OpenGap) -> None:
+        with self.lock:
+            self.gaps = [g for g in self.gaps if g is not gap]
+            self._save()
+
+    def _save(self) -> None:
+        try:
+            write_json_atomic(self.path, [dataclasses.asdict(g) for g in self.gaps])
+        except OSError as e:  # a full disk: the record may still be written; say so
+            log.error("gap journal %s not written (a kill now loses %d gap(s) closed and not "
+                      "recorded): %s", self.path, len(self.gaps), e)
+
+
 class GapLedger:
     """One collector's ledger.  `writer` is its RowWriter (backfilled rows go through it, and
-    the ledger waits for it); `backfill` a collector.backfill.Backfill or None."""
+    the ledger waits for it); `backfill` a collector.backfill.Backfill or None; `journal_path`
+    the file of its GapJournal."""
 
     def __init__(self, symbol, ch: dict, writer, stall_after: float, start_reason: str,
-                 start_detail: str, backfill=None):
+                 start_detail: str, journal_path: str, backfill=None):
         self.symbol, self.name = symbol.symbol, symbol.name
         self.store = Store(ch)
         self.writer = writer
@@ -66,6 +112,13 @@ class GapLedger:
         self.last_seen = 0.0  # monotonic time of the last data frame
         self.hinted = None  # (reason, detail, until): explains a gap opening before `until`
         self.closed = queue.Queue()
+        self.journal = GapJournal(journal_path)
+        earlier = self.journal.load()
+        if earlier:
+            log.info("%d gap(s) closed by an earlier run and not recorded; recording them first",
+                     len(earlier))
+        for gap in earlier:
+            self.closed.put(gap)
         self.stopping = threading.Event()
         self.recorded = 0
         self.thread = threading.Thread(target=self._run, name=f"gaps-{self.name}", daemon=True)
@@ -111,6 +164,7 @@ class GapLedger:
             gap = OpenGap(self.last_ms, reason, detail)
         gap.end_ms, gap.closed_at = min(row[0] for row in rows), now
         self.open = None
+        self.journal.add(gap)
         self.closed.put(gap)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -127,7 +181,7 @@ class GapLedger:
         self.thread.join(0.2)
         if self.thread.is_alive() or not self.closed.empty():
             log.warning("stopping with a gap record unwritten (ClickHouse or the REST API slow "
-                        "or away)")
+                        "or away); the next start records it (%s)", self.journal.path)
 
     # --- the worker thread -----------------------------------------------------------------
 
@@ -137,23 +191,27 @@ class GapLedger:
             if gap is None:
                 return
             try:
-                self._settle(gap)
+                if self._settle(gap):
+                    self.journal.done(gap)
             except Exception:
                 log.exception("gap record failed start_ms=%s end_ms=%s reason=%s",
                               gap.start_ms, gap.end_ms, gap.reason)
 
-    def _settle(self, gap: OpenGap) -> None:
+    def _settle(self, gap: OpenGap) -> bool:
+        """Backfill and record one closed gap.  False: we are stopping first (it stays in the
+        journal)."""
         fetched = self.backfill.fetch() if self.backfill is not None else None
         if not self._wait_stored(gap):
-            return
+            return False
         if gap.start_ms is None:
-            gap.start_ms = self._retry(lambda: self.store.newest_data_ms(
+            start_ms = self._retry(lambda: self.store.newest_data_ms(
                 self.name, self.symbol, gap.end_ms))
-            if self.stopping.is_set() and gap.start_ms is None:
-                return
-            if gap.start_ms is None:
+            if self.stopping.is_set() and start_ms is None:
+                return False
+            if start_ms is None:
                 log.info("first data of %s: nothing stored before, no gap", self.symbol)
-                return
+                return True
+            gap.start_ms = start_ms
         gap.end_ms = max(gap.end_ms, gap.start_ms)
         backfilled, covered = 0, False
         if fetched is not None:
@@ -164,12 +222,14 @@ class GapLedger:
             self._wait_written()
         record = Gap(self.symbol, self.name, gap.start_ms, gap.end_ms, gap.reason, gap.detail,
                      backfilled, covered, int(time.time() * 1000))
-        if self._retry(lambda: self._record(record)):
-            self.recorded += 1
-            log.info("gap recorded reason=%s detail=%s start_ms=%d end_ms=%d seconds=%.3f "
-                     "backfilled=%d covered=%s", record.reason, record.detail, record.start_ms,
-                     record.end_ms, (record.end_ms - record.start_ms) / 1000, backfilled,
-                     str(covered).lower())
+        if not self._retry(lambda: self._record(record)):
+            return False
+        self.recorded += 1
+        log.info("gap recorded reason=%s detail=%s start_ms=%d end_ms=%d seconds=%.3f "
+                 "backfilled=%d covered=%s", record.reason, record.detail, record.start_ms,
+                 record.end_ms, (record.end_ms - record.start_ms) / 1000, backfilled,
+                 str(covered).lower())
+        return True
 
     def _wait_stored(self, gap: OpenGap) -> bool:
         """Wait until the writer has stored every row handed to it up to the gap's end (so

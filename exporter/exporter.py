@@ -21,7 +21,7 @@ from typing import Optional
 
 from bus.rotation import Requester, RotationCancelled
 from bus.sockets import ChildBus
-from core import store
+from core import archive, store
 from core.clock import HOUR_MS, EventClock, hour_start, iso
 from core.config import Symbol
 from core.log import first_line
@@ -290,7 +290,7 @@ class Exporter:
         return files
 
     def _export_hour(self, symbol, state: SymbolState, hour: int, rows: int) -> str:
-        path = os.path.join(self.export["dir"], parquet_files.file_name(symbol.name, hour))
+        path = os.path.join(self.export["dir"], archive.file_name(symbol.name, hour))
         entry = state.data["hours"].get(str(hour))
         if entry is None:  # first attempt: note what the file held before (late-row merge)
             before = parquet_files.read(path).num_rows if os.path.exists(path) else 0

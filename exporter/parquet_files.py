@@ -59,10 +59,6 @@ class VerifyError(Exception):
     """A written file is not what it must be; nothing is dropped."""
 
 
-def file_name(name: str, hour_ms: int) -> str:
-    return f"{name}_{time.strftime('%Y%m%d_%H00', time.gmtime(hour_ms // 1000))}.parquet"
-
-
 def to_table(batches) -> pa.Table:
     """Record batches as the store reads them (ts, rts int64 ms; mt, m strings) -> a table of
     the file's SCHEMA (no copy of `m`, most of the bytes)."""

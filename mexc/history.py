@@ -36,12 +36,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from core import config as configuration
+from core import archive, config as configuration
 from core.clock import HOUR_MS, hour_start, iso
 from core.log import first_line
 from core.store import Store
 from core.vocabulary import DEAL, DEPTH, GAP_COLUMNS, TICKER, Gap
-from exporter import parquet_files
 
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
 EXACT = pa.decimal128(38, 18)
@@ -237,7 +236,7 @@ class Archive:
         """{path: (hour, inode, size, mtime)} of the hourly files of the range that exist."""
         identities = {}
         for hour in range(hour_start(start_ms), end_ms, HOUR_MS):
-            path = os.path.join(self.export_dir, parquet_files.file_name(name, hour))
+            path = os.path.join(self.export_dir, archive.file_name(name, hour))
             try:
                 st = os.stat(path)
             except FileNotFoundError:

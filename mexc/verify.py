@@ -6,6 +6,7 @@ import os
 import time
 
 from bus.sockets import NotRunning
+from core import archive
 from core.clock import HOUR_MS
 from core.log import first_line
 from core.store import current_table
@@ -73,7 +74,7 @@ def exports(config, store):
         hours = [h for h, *_ in logged]
         for hour in sorted(set(range(hours[0], hours[-1] + 1, HOUR_MS)) - set(hours)):
             gaps = store.gaps(symbol.name, hour, hour + HOUR_MS)
-            what = f"hour {parquet_files.file_name(symbol.name, hour)} missing"
+            what = f"hour {archive.file_name(symbol.name, hour)} missing"
             if gaps and float(parquet_files.completeness(gaps, hour)) == 0:
                 notes.append(f"{what}: no live data in it ({_describe(gaps)})")
             else:
@@ -84,8 +85,8 @@ def exports(config, store):
         else:
             lines.append(f"{symbol.name}: {len(logged)} files verified, "
                          f"{sum(r for _h, _p, r, _d in logged):,} rows, "
-                         f"{parquet_files.file_name(symbol.name, hours[0])} .. "
-                         f"{parquet_files.file_name(symbol.name, hours[-1])}")
+                         f"{archive.file_name(symbol.name, hours[0])} .. "
+                         f"{archive.file_name(symbol.name, hours[-1])}")
         lines += [f"   {symbol.name}: {note}" for note in notes]
     return ok, lines
 

@@ -1,11 +1,16 @@
-"""Backfill's pure logic: the REST answer as rows, the multiset match, coverage, the budget."""
+"""Backfill's logic: the REST answer as rows, the multiset match (with the tables and the files of
+exported hours), coverage, the budget."""
 import time
 
 import pytest
 
 from collector import wire
 from collector.backfill import REST_LIMIT, Backfill, RateBudget
+from core.archive import file_name
+from core.clock import HOUR_MS
 from core.config import Symbol
+from core.store import rows_batch
+from exporter import parquet_files
 
 ANSWER = (b'{"success":true,"code":0,"data":['
           b'{"p":101.50,"v":3,"T":1,"O":1,"M":2,"t":1005},'
@@ -35,9 +40,9 @@ class Submitted:
         self.rows += rows
 
 
-def backfill(writer):
+def backfill(writer, export_dir="/nonexistent"):
     ex = {"rest_url": "http://127.0.0.1:1/", "connect_timeout": 1.0, "ca_file": ""}
-    return Backfill(ex, Symbol("BTC_USDT", "btc"), None, writer)
+    return Backfill(ex, Symbol("BTC_USDT", "btc"), None, writer, export_dir)
 
 
 def test_answer_becomes_deal_rows_with_the_exchange_text():
@@ -76,14 +81,38 @@ def test_trades_outside_the_gap_are_left_alone_and_a_full_page_must_reach_back()
     assert count == 60 and not covered  # the page ends at 1901: 1800..1900 are out of reach
 
 
-def test_no_trade_is_written_into_an_exported_hour():
-    """Its rows are in a file, not in the tables: one written now would be merged into the
-    file, a second copy of a trade the WebSocket delivered before the gap."""
+def exported_hour(directory, hour_ms, deals):
+    """An hour's file as the exporter writes it, holding these (ts, m) deal rows."""
+    rows = [(ts, "d", m, ts + 5) for ts, m in deals] + [(hour_ms + 7, "t", "ticker", hour_ms + 9)]
+    parquet_files.write_hour(str(directory / file_name("btc", hour_ms)),
+                             parquet_files.to_table([rows_batch(rows)]), "BTC_USDT", hour_ms)
+
+
+def test_an_exported_hours_file_counts_as_stored(tmp_path):
+    """The gap reaches into an hour exported before it closed: the trades in its file are not
+    written again (the exporter would merge them into the file twice), the others are, and
+    the exporter merges those like any late row."""
+    edge = HOUR_MS - 2  # the last trade of hour 0, delivered by the WebSocket, in the file
+    exported_hour(tmp_path, 0, [(edge, "5|1|1"), (edge - 10, "5|1|1")])
+    fetched = [(HOUR_MS + 3, "d", "6|1|1", 9), (HOUR_MS - 1, "d", "5|2|2", 9),
+               (edge, "d", "5|1|1", 9), (edge, "d", "5|1|1", 9)]
     writer = Submitted()
-    fetched = wire.recent_deal_rows(ANSWER, 77)  # 1001, 1003, 1005, 1005
-    count, covered = backfill(writer).fill(fetched, 1001, 1005, Stored([], exported_until=1004))
-    assert [r[0] for r in writer.rows] == [1005, 1005] and count == 2
-    assert not covered  # 1001 and 1003 were left out: whether they are in the file is unknown
+    count, covered = backfill(writer, tmp_path).fill(
+        fetched, edge, HOUR_MS + 3, Stored([(HOUR_MS + 3, "6|1|1")], exported_until=HOUR_MS))
+    # one of the two identical prints at `edge` is in the file, the other is not
+    assert [r[:3] for r in writer.rows] == [(edge, "d", "5|1|1"), (HOUR_MS - 1, "d", "5|2|2")]
+    assert count == 2 and covered
+
+
+def test_no_trade_is_written_into_an_exported_hour_without_its_file(tmp_path):
+    """The file was moved away: whether a trade is in it is unknown, so none is written there,
+    and the gap is not covered."""
+    fetched = [(HOUR_MS + 3, "d", "6|1|1", 9), (HOUR_MS - 1, "d", "5|2|2", 9)]
+    writer = Submitted()
+    count, covered = backfill(writer, tmp_path).fill(
+        fetched, HOUR_MS - 5, HOUR_MS + 3, Stored([], exported_until=HOUR_MS))
+    assert [r[0] for r in writer.rows] == [HOUR_MS + 3] and count == 1
+    assert not covered
 
 
 def test_rate_budget_waits_for_a_slot():

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from exporter import parquet_files
-from core import config as configuration
+from core import archive, config as configuration
 from core.clickhouse_server import ManagedClickHouse
 from core.clock import HOUR_MS, EventClock
 from core.store import Store
@@ -64,7 +64,7 @@ def files_rows(env):
         assert table.column("mt").null_count == 0
         for r in table.to_pylist():
             ts = int(r["ts"].timestamp() * 1000)
-            assert parquet_files.file_name("btc", ts // HOUR_MS * HOUR_MS) == name, name
+            assert archive.file_name("btc", ts // HOUR_MS * HOUR_MS) == name, name
             rows[(ts, r["mt"], r["m"])] += 1
     return rows
 
@@ -217,11 +217,11 @@ def test_a_symbol_removed_from_the_config_is_exported_until_its_tables_are_empty
     exporter = Exporter(make_config(env, ("BTC_USDT",)), clock=SetClock(H + 61_000))
     ok, files, _ = exporter.cycle()
     assert ok and sorted(os.path.basename(f) for f in files) == [
-        parquet_files.file_name("eth", H - 2 * HOUR_MS), parquet_files.file_name("eth", H - HOUR_MS)]
+        archive.file_name("eth", H - 2 * HOUR_MS), archive.file_name("eth", H - HOUR_MS)]
     assert collections.Counter(env.rows("eth_current")) == collections.Counter(current)
     exporter.clock = SetClock(H + HOUR_MS + 61_000)
     ok, files, _ = exporter.cycle()
-    assert ok and [os.path.basename(f) for f in files] == [parquet_files.file_name("eth", H)]
+    assert ok and [os.path.basename(f) for f in files] == [archive.file_name("eth", H)]
     assert env.count("eth_current") == 0
     exported = collections.Counter()
     for f in os.listdir(env.tmp / "export"):

@@ -2,11 +2,13 @@
 Every stretch without a live subscription becomes one record with the right reason and
 bounds: the last data row stored before it and the first one after."""
 import collections
+import json
 import os
 import signal
 
 import pytest
 
+from core.process import free_port
 from core.vocabulary import (GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTART, GAP_DAEMON_RESTART,
                              GAP_DISCONNECT, GAP_EXCHANGE_ERROR, GAP_STALL, GAP_TOR_RESTART)
 from mexc.simulator import MexcSimulator, text_frame
@@ -114,6 +116,36 @@ def test_stall_is_a_gap_although_the_socket_stays(env, sim):
     assert float(gap.detail.split()[-1].rstrip("s")) >= 1.0, gap.detail
     assert_trades_once(env, sim, gap)
     assert proc.stop() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.one_clickhouse  # the collector's logic; the ledger's SQL runs on both above
+def test_a_gap_closed_by_a_run_killed_before_it_could_record_it_is_recorded_next(env, sim):
+    """Run 2 starts while ClickHouse is away (the soak's case: a collector restarted just as
+    an outage begins), so its start gap closes but cannot be recorded, and it is SIGKILLed.
+    Its gap waits in the journal beside the spool; run 3 records it and then its own."""
+    first = start_collector(env, sim)
+    rows_after(env, sim, 30)
+    assert first.stop() == 0
+    with env.store() as store:
+        last_of_first = store.newest_data_ms("btc", "BTC_USDT", 2 ** 62)
+    away = env.write_config(sim.url, clickhouse={"port": free_port(), "http_port": free_port()})
+    second = env.mexc("collect", "--config", away, "--symbol", "BTC_USDT", name="second")
+    journal = env.tmp / "state" / "spool" / "btc.gaps"
+    wait_for(lambda: journal.exists() and json.loads(journal.read_text()), 20, "a journaled gap")
+    wait_for(lambda: "moved to spool" in second.log(), 20, "rows spooled")
+    second.kill()
+    [kept] = json.loads(journal.read_text())
+    assert kept["start_ms"] is None and kept["reason"] == GAP_COLLECTOR_RESTART
+    third = env.mexc("collect", "--config", env.write_config(sim.url), "--symbol", "BTC_USDT",
+                     name="third")
+    first_gap, second_gap = wait_for(lambda: len(recorded_gaps(env)) >= 2 and sorted(
+        recorded_gaps(env), key=lambda g: g.start_ms), 30, "both records")
+    assert "recording them first" in third.log()
+    assert first_gap.start_ms == last_of_first and first_gap.end_ms == kept["end_ms"]
+    assert first_gap.end_ms <= second_gap.start_ms < second_gap.end_ms
+    assert json.loads(journal.read_text()) == []
+    assert third.stop() == 0
 
 
 @pytest.mark.slow

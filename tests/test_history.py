@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from core.archive import file_name as archive_file_name
 from core.clock import HOUR_MS
 from core.process import free_port
 from core.store import Store, rows_batch
@@ -159,7 +160,7 @@ def test_gaps_and_bars(env, archive):
 @pytest.mark.slow
 def test_offline_reads_the_files_and_their_gap_metadata(env, archive):
     archive, sent = archive
-    path = f"{archive.export_dir}/{parquet_files.file_name('btc', H - HOUR_MS)}"
+    path = f"{archive.export_dir}/{archive_file_name('btc', H - HOUR_MS)}"
     table = pq.read_table(path)  # the exporter of the gap-ledger issue writes this key
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata,
                                                   history.GAPS_KEY: history.gaps_json([GAP])}),
@@ -280,7 +281,7 @@ def test_times_and_intervals():
 def test_book_sides_may_be_empty_and_levels_are_cut(tmp_path):
     rows = [(H + 1, "dp", "[1.5,2],[1.4,3E+1]|"), (H + 2, "dp", "|[2.0,7]"), (H + 3, "d", "1|1|1")]
     table = parquet_files.to_table([rows_batch([(ts, mt, m, ts + 5) for ts, mt, m in rows])])
-    parquet_files.write_hour(str(tmp_path / parquet_files.file_name("btc", H)), table,
+    parquet_files.write_hour(str(tmp_path / archive_file_name("btc", H)), table,
                              "BTC_USDT", H)
     archive = history.Archive(str(tmp_path))
     book = archive.book("BTC_USDT", H, H + HOUR_MS, levels=1, exact=True).to_pylist()
