@@ -24,7 +24,7 @@ def filed_deals(export_dir: str, name: str, start_ms: int, end_ms: int
         path = os.path.join(export_dir, file_name(name, hour))
         try:
             table = pq.read_table(path, columns=["ts", "mt", "m"])
-        except FileNotFoundError:
+        except OSError:  # no file (or export.dir not there): its trades are unknown
             without_file.append(hour)
             continue
         ms = table.column("ts").cast("int64")
