@@ -90,16 +90,17 @@ class Backfill:
         once (twice at worst, which only stores less).  An exported hour whose file is not in
         export.dir (moved away) is left out, as its trades may be stored there: the gap is
         then not covered."""
+        inside = sorted((r for r in fetched if start_ms <= r[0] <= end_ms), key=lambda r: r[0])
         stored = collections.Counter(store.deals_between(self.name, start_ms, end_ms))
         exported_until = store.exported_until(self.symbol)  # read after the rows
         left_out = []
-        if exported_until > start_ms:
-            filed, without_file = archive.filed_deals(self.export_dir, self.name, start_ms,
+        if inside and inside[0][0] < exported_until:  # only then is a file read (rare)
+            filed, without_file = archive.filed_deals(self.export_dir, self.name, inside[0][0],
                                                       min(end_ms, exported_until - 1))
             stored.update(filed)
             left_out = [(hour, hour + HOUR_MS) for hour in without_file]
         missing, skipped = [], False
-        for row in sorted((r for r in fetched if start_ms <= r[0] <= end_ms), key=lambda r: r[0]):
+        for row in inside:
             if any(a <= row[0] < b for a, b in left_out):
                 skipped = True
                 continue

@@ -5,10 +5,14 @@ import os
 import time
 from typing import Counter, List, Tuple
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.clock import HOUR_MS
+from core.vocabulary import DEAL
+
+BATCH_ROWS = 65_536
 
 
 def file_name(name: str, hour_ms: int) -> str:
@@ -23,14 +27,17 @@ def filed_deals(export_dir: str, name: str, start_ms: int, end_ms: int
     for hour in range(start_ms // HOUR_MS * HOUR_MS, end_ms + 1, HOUR_MS):
         path = os.path.join(export_dir, file_name(name, hour))
         try:
-            table = pq.read_table(path, columns=["ts", "mt", "m"])
+            hour_file = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
         except OSError:  # no file (or export.dir not there): its trades are unknown
             without_file.append(hour)
             continue
-        ms = table.column("ts").cast("int64")
-        keep = pc.and_(pc.equal(table.column("mt").cast("string"), "d"),
-                       pc.and_(pc.greater_equal(ms, start_ms), pc.less_equal(ms, end_ms)))
-        kept = table.filter(keep)
-        deals.update(zip(kept.column("ts").cast("int64").to_pylist(),
-                         kept.column("m").to_pylist()))
+        with hour_file:  # read in batches: a collector never holds an hour's rows at once
+            for batch in hour_file.iter_batches(BATCH_ROWS, columns=["ts", "mt", "m"]):
+                ms = batch.column(0).cast(pa.int64())
+                kept = batch.filter(pc.and_(
+                    pc.equal(batch.column(1).cast(pa.string()), DEAL),
+                    pc.and_(pc.greater_equal(ms, start_ms), pc.less_equal(ms, end_ms))))
+                if kept.num_rows:
+                    deals.update(zip(kept.column(0).cast(pa.int64()).to_pylist(),
+                                     kept.column(2).to_pylist()))
     return deals, without_file

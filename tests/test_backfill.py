@@ -115,6 +115,16 @@ def test_no_trade_is_written_into_an_exported_hour_without_its_file(tmp_path):
     assert not covered
 
 
+def test_no_file_is_read_when_no_trade_fetched_lies_in_an_exported_hour():
+    """A collector reads an hour's file only when the REST answer has trades of that hour
+    (rare: the gap closed within a page's reach of the hour's end, after its export)."""
+    fetched = [(HOUR_MS + 3, "d", "6|1|1", 9), (HOUR_MS + 1, "d", "5|2|2", 9)]
+    writer = Submitted()
+    count, covered = backfill(writer, "/nonexistent").fill(
+        fetched, HOUR_MS - 5, HOUR_MS + 3, Stored([], exported_until=HOUR_MS))
+    assert count == 2 and covered  # fewer than a page: all there is, none in hour 0
+
+
 def test_rate_budget_waits_for_a_slot():
     budget = RateBudget(requests=3, window=0.3)
     started = time.monotonic()
