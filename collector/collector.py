@@ -91,7 +91,8 @@ class Collector:
         self.gaps = GapLedger(self.sym, config.clickhouse, self.writer, self.ex["silent_alarm"],
                               *started_because, backfill=backfill,
                               journal_path=os.path.join(config.spool_dir(),
-                                                        f"{self.sym.name}.gaps"))
+                                                        f"{self.sym.name}.gaps"),
+                              export_dir=config.export["dir"])
         self.depth_versions = {}  # symbol -> the last depth.full version stored (wire.parse)
         self.batch = []  # the rows of the current read
         self.child_id = ChildId(COLLECTOR, self.sym.name)

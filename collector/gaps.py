@@ -7,8 +7,8 @@ The receive loop tells the ledger what happens, each with one small call:
                         seconds (an exchange error; the supervisor's word that our tor was
                         restarted, from the bus thread)
 A gap opens when the connection is lost (its start: the newest exchange ts seen before it) or
-when the process starts (its start: what was stored last, read back from ClickHouse, since a
-SIGKILLed process left no word; its reason comes from whoever started us: the supervisor
+when the process starts (its start: what was stored last, read back from ClickHouse or from
+an exported hour's file, since a SIGKILLed process left no word; its reason comes from whoever started us: the supervisor
 knows whether it restarted a crashed collector or the daemon started fresh).  A live
 connection on which every channel stays silent for `exchange.silent_alarm` seconds has a gap
 too (a stall).  Every gap closes at the first data frame after it (its end: that frame's
@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional
 
+from core import archive
+from core.clock import HOUR_MS
 from core.log import first_line
 from core.process import write_json_atomic
 from core.store import Store
@@ -97,12 +99,13 @@ class GapJournal:
 class GapLedger:
     """One collector's ledger.  `writer` is its RowWriter (backfilled rows go through it, and
     the ledger waits for it); `backfill` a collector.backfill.Backfill or None; `journal_path`
-    the file of its GapJournal."""
+    the file of its GapJournal; `export_dir` where the exported hours' files are."""
 
     def __init__(self, symbol, ch: dict, writer, stall_after: float, start_reason: str,
-                 start_detail: str, journal_path: str, backfill=None):
+                 start_detail: str, journal_path: str, export_dir: str, backfill=None):
         self.symbol, self.name = symbol.symbol, symbol.name
         self.store = Store(ch)
+        self.export_dir = export_dir
         self.writer = writer
         self.written_before = writer.spool.rows  # spooled by an earlier run, stored first
         self.stall_after = stall_after
@@ -204,8 +207,7 @@ class GapLedger:
         if not self._wait_stored(gap):
             return False
         if gap.start_ms is None:
-            start_ms = self._retry(lambda: self.store.newest_data_ms(
-                self.name, self.symbol, gap.end_ms))
+            start_ms = self._retry(lambda: self._stored_last(gap.end_ms))
             if self.stopping.is_set() and start_ms is None:
                 return False
             if start_ms is None:
@@ -230,6 +232,25 @@ class GapLedger:
                  record.end_ms, (record.end_ms - record.start_ms) / 1000, backfilled,
                  str(covered).lower())
         return True
+
+    def _stored_last(self, before_ms: int) -> Optional[int]:
+        """The newest data row stored before `before_ms`: in the tables, or in the file of an
+        exported hour newer than that (read back: its hour's start alone would make the gap
+        claim rows the file holds; an hour is often exported just as a collector restarts).
+        None: nothing stored yet."""
+        newest = self.store.newest_table_ms(self.name, before_ms)
+        hour = self.store.latest_exported_hour(self.symbol, before_ms)
+        while hour is not None and (newest is None or hour + HOUR_MS > newest):
+            try:
+                in_file = archive.newest_data_ms(self.export_dir, self.name, hour, before_ms)
+            except OSError as e:  # moved away: its start is a lower bound
+                log.warning("gap start: %s unreadable, counting from its hour's start: %s",
+                            archive.file_name(self.name, hour), first_line(e))
+                return max(newest or 0, hour)
+            if in_file is not None:
+                return max(newest or 0, in_file)
+            hour = self.store.latest_exported_hour(self.symbol, hour)
+        return newest
 
     def _wait_stored(self, gap: OpenGap) -> bool:
         """Wait until the writer has stored every row handed to it up to the gap's end (so

@@ -3,14 +3,14 @@ in export.dir (written by exporter/parquet_files.py), and what other parts may r
 import collections
 import os
 import time
-from typing import Counter, List, Tuple
+from typing import Counter, List, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.clock import HOUR_MS
-from core.vocabulary import DEAL
+from core.vocabulary import DEAD_LETTER, DEAL
 
 BATCH_ROWS = 65_536
 
@@ -41,3 +41,14 @@ def filed_deals(export_dir: str, name: str, start_ms: int, end_ms: int
                     deals.update(zip(kept.column(0).cast(pa.int64()).to_pylist(),
                                      kept.column(2).to_pylist()))
     return deals, without_file
+
+
+def newest_data_ms(export_dir: str, name: str, hour_ms: int, before_ms: int) -> Optional[int]:
+    """The newest exchange time of a data row (not a dead letter) before `before_ms` in an
+    hour's file (None: it has none); OSError when the file is not there."""
+    with pq.ParquetFile(os.path.join(export_dir, file_name(name, hour_ms))) as hour_file:
+        table = hour_file.read(columns=["ts", "mt"])  # 9 bytes a row: no `m`
+    ms = table.column("ts").cast(pa.int64())
+    kept = ms.filter(pc.and_(pc.not_equal(table.column("mt").cast(pa.string()), DEAD_LETTER),
+                             pc.less(ms, before_ms)))
+    return pc.max(kept).as_py() if len(kept) else None

@@ -505,22 +505,26 @@ class Store:
             f"{'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {start}, name", params)
         return [Gap(*row[:7], bool(row[7]), row[8]) for row in rows]
 
-    def newest_data_ms(self, name: str, symbol: str, before_ms: int) -> Optional[int]:
-        """The newest exchange time stored for a symbol before `before_ms`: its latest data
-        row in current or previous, or, when those hold nothing older, the start of its latest
-        exported hour (a lower bound: files are not read back).  None: nothing stored yet."""
+    def newest_table_ms(self, name: str, before_ms: int) -> Optional[int]:
+        """The newest exchange time of a data row (not a dead letter) before `before_ms` in a
+        symbol's current and previous tables.  None: they hold none."""
         f, newest = self.features, 0
         for table in (current_table(name), previous_table(name)):
             if self.exists(table):
                 newest = max(newest, self._one(
                     f"SELECT max({f.ms()}) FROM {self._table(table)} "
                     f"WHERE mt != 'dl' AND {f.ms()} < {int(before_ms)}") or 0)
-        if self.exists("export_log"):
-            newest = max(newest, self._one(
-                f"SELECT max({f.ms('hour_start')}) FROM {self._table('export_log')} "
-                f"WHERE symbol = %(symbol)s AND {f.ms('hour_start')} < {int(before_ms)}",
-                {"symbol": symbol}) or 0)
         return newest or None
+
+    def latest_exported_hour(self, symbol: str, before_ms: int) -> Optional[int]:
+        """The start of the symbol's latest exported hour that starts before `before_ms`."""
+        if not self.exists("export_log"):
+            return None
+        f = self.features
+        return self._one(
+            f"SELECT max({f.ms('hour_start')}) FROM {self._table('export_log')} "
+            f"WHERE symbol = %(symbol)s AND {f.ms('hour_start')} < {int(before_ms)}",
+            {"symbol": symbol}) or None
 
     def deals_between(self, name: str, start_ms: int, end_ms: int) -> List[Tuple[int, str]]:
         """(ts, m) of every deal row stored for a symbol with start_ms <= ts <= end_ms, in

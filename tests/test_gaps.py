@@ -12,8 +12,11 @@ from core.process import free_port
 from core.vocabulary import (GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTART, GAP_DAEMON_RESTART,
                              GAP_DISCONNECT, GAP_EXCHANGE_ERROR, GAP_STALL, GAP_TOR_RESTART)
 from mexc.simulator import MexcSimulator, text_frame
+from exporter.exporter import Exporter
 from tests.conftest import wait_for
 from tests.test_collector import microsocks, self_signed_tls, start_collector
+from tests.test_exporter import H, SetClock, make_config
+from tests.test_history import MINUTE, Clock
 from tests.test_supervisor import Daemon
 from tests.test_tor import TorDaemon, network  # noqa: F401 (the private Tor network fixture)
 
@@ -128,7 +131,7 @@ def test_a_gap_closed_by_a_run_killed_before_it_could_record_it_is_recorded_next
     rows_after(env, sim, 30)
     assert first.stop() == 0
     with env.store() as store:
-        last_of_first = store.newest_data_ms("btc", "BTC_USDT", 2 ** 62)
+        last_of_first = store.newest_table_ms("btc", 2 ** 62)
     away = env.write_config(sim.url, clickhouse={"port": free_port(), "http_port": free_port()})
     second = env.mexc("collect", "--config", away, "--symbol", "BTC_USDT", name="second")
     journal = env.tmp / "state" / "spool" / "btc.gaps"
@@ -146,6 +149,34 @@ def test_a_gap_closed_by_a_run_killed_before_it_could_record_it_is_recorded_next
     assert first_gap.end_ms <= second_gap.start_ms < second_gap.end_ms
     assert json.loads(journal.read_text()) == []
     assert third.stop() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.one_clickhouse  # the collector's logic; the ledger's SQL runs on both above
+def test_a_start_after_the_last_rows_were_exported_counts_from_the_file(env):
+    """The rows stored last are in an exported hour's file only (the exporter ran while the
+    collector was down, as it does at a daemon's start): the gap starts at the file's last
+    row, not at its hour's start, which would claim 40 minutes of rows the file holds."""
+    clock = Clock(H - 20 * MINUTE)
+    with MexcSimulator(rate=0, event_clock=clock) as sim:
+        config = env.write_config(sim.url, exchange={"backfill": False})
+        first = env.mexc("collect", "--config", config, "--symbol", "BTC_USDT", name="first")
+        wait_for(lambda: sim.streaming_to("BTC_USDT"), 20, "the first run subscribed")
+        sim.send_frames("BTC_USDT", 60)
+        sent = sim.expected_rows("BTC_USDT")
+        wait_for(lambda: env.count() >= len(sent), 20, "the first run's rows stored")
+        assert first.stop() == 0
+        last_row = max(ts for ts, mt, _m in sent if mt != "dl")
+        ok, files, _ = Exporter(make_config(env), clock=SetClock(H + 61_000)).cycle()
+        assert ok and len(files) == 1 and env.count() == 0  # the rows are in the file only
+        clock.now = H + 5 * MINUTE
+        second = env.mexc("collect", "--config", config, "--symbol", "BTC_USDT", name="second")
+        wait_for(lambda: sim.streaming_to("BTC_USDT"), 20, "the second run subscribed")
+        sim.send_frames("BTC_USDT", 10)
+        [gap] = wait_gaps(env, 1, "the second start's record")
+        assert second.stop() == 0
+    assert gap.reason == GAP_COLLECTOR_RESTART
+    assert gap.start_ms == last_row and gap.end_ms >= H + 5 * MINUTE
 
 
 @pytest.mark.slow
