@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 # rows over, the writer thread's wake-up, the server making the block visible, a loaded
 # machine's scheduling delays.  The insert's own duration is taken off as measured.
 LATENCY_MARGIN = 0.3  # s
-# After inserts have failed this long, every queued row goes to the spool at each retry: a
-# SIGKILL during a ClickHouse outage then costs seconds of rows, not max_buffered_rows (hours at
-# live rates).
+# After inserts have failed this long (from the start of the first failed one: it may have hung),
+# every queued row goes to the spool at each retry: a SIGKILL during a ClickHouse outage then
+# costs seconds of rows, not max_buffered_rows (hours at live rates).
 SPOOL_AFTER = 2.0  # s
 
 
@@ -168,6 +168,7 @@ class RowWriter:
             if not self._wait_for_work():
                 return
             self._spill_over_bound()
+            attempt_started = time.monotonic()
             try:
                 with self.storing:
                     if self.held is not None:
@@ -177,7 +178,7 @@ class RowWriter:
             except InsertFailed as e:
                 backoff = min(self.retry_max, max(0.2, backoff * 2))
                 self.insert_errors += 1
-                self._spill_if_failing_long()
+                self._spill_if_failing_long(attempt_started)
                 log.warning("insert failed table=%s buffered=%d spooled=%d retry_in=%.1fs: %s",
                             self.table, self.buffered_rows(), self.spool.rows, backoff, e)
                 if self._stop_overdue():
@@ -326,11 +327,13 @@ class RowWriter:
         if self.queued_rows > self.max_buffered_rows:
             self._spill(keep_rows=self.max_buffered_rows // 2)
 
-    def _spill_if_failing_long(self) -> None:
-        now = time.monotonic()
+    def _spill_if_failing_long(self, attempt_started: float) -> None:
+        """Failing time counts from the start of the first failed attempt: an insert that hung
+        for seconds (a server shutting down) before it failed has kept its rows and the
+        queue's in memory all that while."""
         if self.failing_since is None:
-            self.failing_since = now
-        elif now - self.failing_since >= SPOOL_AFTER:
+            self.failing_since = attempt_started
+        if time.monotonic() - self.failing_since >= SPOOL_AFTER:
             self._spill(keep_rows=0)
 
     def _spill_all(self, why: str) -> None:

@@ -3,13 +3,14 @@ against a real ClickHouse: the batch is stored once whether or not it had landed
 someone else (the exporter moving rows back) changed the table meanwhile."""
 import collections
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 
 from collector.spool import Spool, SpoolBusy
-from collector.writer import LATENCY_MARGIN, RowWriter
+from collector.writer import LATENCY_MARGIN, SPOOL_AFTER, RowWriter
 from core.store import Store
 from tests.conftest import wait_for
 
@@ -97,3 +98,29 @@ def test_an_insert_is_due_at_batch_rows_or_before_the_latency_target(tmp_path):
     w.spool.append(rows("spooled", 1))
     assert w._until_due() == 0.0
     w.spool.close()
+
+
+@pytest.mark.slow
+def test_an_insert_that_hung_before_it_failed_spools_the_queue_at_once(tmp_path):
+    """A server that accepts and does not answer (one shutting down) keeps the first insert
+    hanging; when it fails, the failing time counts from its start, so every waiting row goes
+    to the spool at once (a SIGKILL now costs nothing already received), not SPOOL_AFTER later."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    ch = {"host": "127.0.0.1", "port": listener.getsockname()[1], "user": "default",
+          "password": "", "database": "mexc"}
+    w = RowWriter(ch, "btc", Spool(str(tmp_path / "spool"), "btc"), max_buffered_rows=1000,
+                  latency_target=0.3)
+    w.store.timeout = SPOOL_AFTER + 1.0  # the hang's length: longer than SPOOL_AFTER
+    w.start()
+    try:
+        w.submit(rows("first", 5))
+        wait_for(lambda: w.pending, 5, "the first insert under way")
+        w.submit(rows("waiting", 7))  # queued behind the hanging insert
+        wait_for(lambda: w.insert_errors >= 1, 30, "the hanging insert failed")
+        wait_for(lambda: w.spool.rows == 12, 1.0, "all 12 rows spooled at the first failure")
+        assert w.insert_errors == 1
+    finally:
+        w.stop(grace=0.5)
+        listener.close()
