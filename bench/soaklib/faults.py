@@ -64,12 +64,13 @@ def clickhouse_outage(soak, fault):
 def fill_disk(soak, fault):
     if soak.tmpfs:
         soak.filler = os.path.join(soak.tmpfs, "filler")
-        with open(soak.filler, "wb") as f:
+        # unbuffered: a buffered file's close() would try the last partial block again and
+        # raise ENOSPC, the fault would count as skipped, and its filler would stay for good
+        with open(soak.filler, "wb", buffering=0) as f:
             block = b"\0" * (1 << 20)
             try:
                 while True:
                     f.write(block)
-                    f.flush()
             except OSError:
                 pass
         soak.note(fault, f"{os.path.getsize(soak.filler) >> 20} MiB filler, tmpfs full")
