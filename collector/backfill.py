@@ -7,8 +7,9 @@ leaves by the same exit and IP separation holds).  fill() keeps the trades insid
 gap's edges share their ms with it) as a multiset on (t, p, v, T), and hands the rest to the
 writer as ordinary deal rows.  Where the gap reaches into an hour already exported, that hour's
 file counts as stored too, and a trade written there is merged into the file by the exporter
-like any late row (an hour near the top of the clock is often exported before its gap closes).  Two identical prints in one ms are two trades: the multiset
-keeps both, or one when one is stored already, never merges nor doubles them.
+like any late row (an hour near the top of the clock is often exported before its gap closes).
+Two identical prints in one ms are two trades: the multiset keeps both, or one when one is
+stored already, never merges nor doubles them.
 
 A gap is covered when the answer reached back past its start (its oldest trade is older) or
 held fewer trades than asked for (that is all MEXC has); a longer gap is recorded as not

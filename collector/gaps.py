@@ -8,8 +8,9 @@ The receive loop tells the ledger what happens, each with one small call:
                         restarted, from the bus thread)
 A gap opens when the connection is lost (its start: the newest exchange ts seen before it) or
 when the process starts (its start: what was stored last, read back from ClickHouse or from
-an exported hour's file, since a SIGKILLed process left no word; its reason comes from whoever started us: the supervisor
-knows whether it restarted a crashed collector or the daemon started fresh).  A live
+an exported hour's file, since a SIGKILLed process left no word; its reason comes from whoever
+started us: the supervisor knows whether it restarted a crashed collector or the daemon
+started fresh).  A live
 connection on which every channel stays silent for `exchange.silent_alarm` seconds has a gap
 too (a stall).  Every gap closes at the first data frame after it (its end: that frame's
 oldest ts), so it is recorded when the data is back, never while it is still open.

@@ -27,11 +27,13 @@ def filed_deals(export_dir: str, name: str, start_ms: int, end_ms: int
     for hour in range(start_ms // HOUR_MS * HOUR_MS, end_ms + 1, HOUR_MS):
         path = os.path.join(export_dir, file_name(name, hour))
         try:
-            hour_file = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+            hour_file = pq.ParquetFile(path)
         except OSError:  # no file (or export.dir not there): its trades are unknown
             without_file.append(hour)
             continue
-        with hour_file:  # read in batches: a collector never holds an hour's rows at once
+        # in batches, keeping only the matching rows (a row group is still decoded whole: about
+        # 190 MiB at peak for a 1,000,000-row hour, 540 MiB for the hour read as one table)
+        with hour_file:
             for batch in hour_file.iter_batches(BATCH_ROWS, columns=["ts", "mt", "m"]):
                 ms = batch.column(0).cast(pa.int64())
                 kept = batch.filter(pc.and_(

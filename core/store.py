@@ -516,15 +516,16 @@ class Store:
                     f"WHERE mt != 'dl' AND {f.ms()} < {int(before_ms)}") or 0)
         return newest or None
 
-    def latest_exported_hour(self, symbol: str, before_ms: int) -> Optional[int]:
-        """The start of the symbol's latest exported hour that starts before `before_ms`."""
+    def latest_exported_hour(self, symbol: str, before_ms: Optional[int] = None
+                             ) -> Optional[int]:
+        """The start of the symbol's latest exported hour (that starts before `before_ms`)."""
         if not self.exists("export_log"):
             return None
         f = self.features
+        before = "" if before_ms is None else f" AND {f.ms('hour_start')} < {int(before_ms)}"
         return self._one(
             f"SELECT max({f.ms('hour_start')}) FROM {self._table('export_log')} "
-            f"WHERE symbol = %(symbol)s AND {f.ms('hour_start')} < {int(before_ms)}",
-            {"symbol": symbol}) or None
+            f"WHERE symbol = %(symbol)s{before}", {"symbol": symbol}) or None
 
     def deals_between(self, name: str, start_ms: int, end_ms: int) -> List[Tuple[int, str]]:
         """(ts, m) of every deal row stored for a symbol with start_ms <= ts <= end_ms, in
@@ -541,9 +542,5 @@ class Store:
     def exported_until(self, symbol: str) -> int:
         """The end of the symbol's latest exported hour (ms; 0 when none): rows before it are
         in files, and a row written there now would be merged into its hour's file."""
-        f = self.features
-        if not self.exists("export_log"):
-            return 0
-        latest = self._one(f"SELECT max({f.ms('hour_start')}) FROM {self._table('export_log')} "
-                           f"WHERE symbol = %(symbol)s", {"symbol": symbol})
-        return latest + HOUR_MS if latest else 0
+        latest = self.latest_exported_hour(symbol)
+        return latest + HOUR_MS if latest is not None else 0
