@@ -225,8 +225,14 @@ class GapLedger:
             self._wait_written()
         record = Gap(self.symbol, self.name, gap.start_ms, gap.end_ms, gap.reason, gap.detail,
                      backfilled, covered, int(time.time() * 1000))
-        if not self._retry(lambda: self._record(record)):
+        written = self._retry(lambda: self._record(record))
+        if written is None:
             return False
+        if not written:
+            log.info("gap already recorded (by a try whose answer was lost, or by an earlier run "
+                     "killed before it cleared its journal) reason=%s end_ms=%d",
+                     record.reason, record.end_ms)
+            return True
         self.recorded += 1
         log.info("gap recorded reason=%s detail=%s start_ms=%d end_ms=%d seconds=%.3f "
                  "backfilled=%d covered=%s", record.reason, record.detail, record.start_ms,
@@ -269,7 +275,12 @@ class GapLedger:
         return True
 
     def _record(self, record: Gap) -> bool:
+        """Write the record unless it is there already: an insert that failed may have landed,
+        and a run killed between writing a record and clearing its journal leaves it to us.
+        False: it was there."""
         self.store.create_gaps_table()
+        if self.store.gap_recorded(record):
+            return False
         self.store.record_gaps([record])
         return True
 

@@ -485,6 +485,14 @@ class Store:
                             [tuple(int(v) if isinstance(v, bool) else v for v in gap)
                              for gap in gaps])
 
+    def gap_recorded(self, gap: Gap) -> bool:
+        """Is this gap in the ledger already?  A gap ends at the first data frame after it, so
+        its symbol, end and reason name it (its start and backfill may differ when a later
+        run records it again)."""
+        return self._one(f"SELECT count() FROM {self._table('gaps')} WHERE name = %(name)s "
+                         f"AND {self.features.ms('end_ms')} = {int(gap.end_ms)} "
+                         f"AND reason = %(reason)s", {"name": gap.name, "reason": gap.reason}) > 0
+
     def gaps(self, name: Optional[str] = None, since_ms: Optional[int] = None,
              until_ms: Optional[int] = None) -> List[Gap]:
         """Ledger records, oldest first: of one symbol (short name) when given, and only

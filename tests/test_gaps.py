@@ -153,6 +153,30 @@ def test_a_gap_closed_by_a_run_killed_before_it_could_record_it_is_recorded_next
 
 @pytest.mark.slow
 @pytest.mark.one_clickhouse  # the collector's logic; the ledger's SQL runs on both above
+def test_a_gap_recorded_by_a_run_killed_before_clearing_its_journal_is_recorded_once(env, sim):
+    """Run 2 records its start gap and is killed before the journal loses it (put back here,
+    as that kill would leave it); run 3 finds the record in the ledger and writes no second."""
+    first = start_collector(env, sim)
+    rows_after(env, sim, 30)
+    assert first.stop() == 0
+    config = env.write_config(sim.url)
+    second = env.mexc("collect", "--config", config, "--symbol", "BTC_USDT", name="second")
+    [gap] = wait_gaps(env, 1, "the second start's record")
+    second.kill()
+    journal = env.tmp / "state" / "spool" / "btc.gaps"
+    journal.write_text(json.dumps([{"start_ms": None, "reason": gap.reason,
+                                    "detail": gap.detail, "end_ms": gap.end_ms}]))
+    third = env.mexc("collect", "--config", config, "--symbol", "BTC_USDT", name="third")
+    wait_for(lambda: len(recorded_gaps(env)) >= 2, 30, "the third start's own record")
+    assert "gap already recorded" in third.log()
+    assert [g.end_ms for g in recorded_gaps(env)].count(gap.end_ms) == 1
+    assert len(recorded_gaps(env)) == 2
+    assert json.loads(journal.read_text()) == []
+    assert third.stop() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.one_clickhouse  # the collector's logic; the ledger's SQL runs on both above
 def test_a_start_after_the_last_rows_were_exported_counts_from_the_file(env):
     """The rows stored last are in an exported hour's file only (the exporter ran while the
     collector was down, as it does at a daemon's start): the gap starts at the file's last
