@@ -7,7 +7,7 @@ Run from the repository root:
 
 Exit status 0 only when the daemon lost and doubled nothing it could have kept (see "What counts
 as loss" below), every Parquet file is sound and holds only its hour, and the daemon is healthy
-at the end.  `--minutes 60` is the long run; the default (3) and the test's 2 are short ones.
+at the end.  `--minutes 60` is the long run; the default (3) and the test's 1.2 are short ones.
 
 What runs (all on 127.0.0.1, nothing else is contacted)
 --------------------------------------------------------

@@ -1,5 +1,5 @@
 """The short fault-injection soak (bench/soak.py): the whole daemon through the private Tor
-network, 90 seconds of seeded faults (collectors, exporter and tors killed and stopped,
+network, 72 seconds of seeded faults (collectors, exporter and tors killed and stopped,
 ClickHouse stopped, the export disk full, SIGHUP reloads, the supervisor SIGKILLed and
 restarted, disconnects, stalls, bursts, bad and huge frames), then every row accounted for."""
 import json
@@ -23,7 +23,10 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("server", SERVERS)
 def test_short_soak_with_tor_loses_and_doubles_nothing(server):
     started = time.monotonic()
-    result = subprocess.run([sys.executable, SOAK, "--minutes", "1.5", "--seed", "1", "--tor",
+    # Seed 83 over 72 s injects every kind of fault, and the stall, a collector's stop, a tor's
+    # stop and the exporter's stop each last long enough to be a dead socket or a hang, with no
+    # burst or huge frame aimed at a symbol that is not connected then.
+    result = subprocess.run([sys.executable, SOAK, "--minutes", "1.2", "--seed", "83", "--tor",
                              "--clickhouse", server, "--json"],
                             cwd=ROOT, capture_output=True, text=True, timeout=380)
     elapsed = time.monotonic() - started
