@@ -79,7 +79,7 @@ def write_archive(directory: str, trades: int, books: bool) -> int:
         ts = [start + i * HOUR_MS // len(rows) for i in range(len(rows))]
         table = parquet_files.to_table([rows_batch(
             [(t, mt, m, t + rng.randint(2, 12)) for t, (mt, m) in zip(ts, rows)])])
-        path = os.path.join(directory, archive.file_name("btc", start))
+        path = archive.hour_path(directory, "btc", start)
         hour_file = parquet_files.HourFile(path, "BTC_USDT", start, table.num_rows)
         for offset in range(0, table.num_rows, ROW_GROUP_ROWS):
             hour_file.write(table.slice(offset, ROW_GROUP_ROWS))

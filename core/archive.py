@@ -19,15 +19,18 @@ def file_name(name: str, hour_ms: int) -> str:
     return f"{name}_{time.strftime('%Y%m%d_%H00', time.gmtime(hour_ms // 1000))}.parquet"
 
 
+def hour_path(export_dir: str, name: str, hour_ms: int) -> str:
+    return os.path.join(export_dir, file_name(name, hour_ms))
+
+
 def filed_deals(export_dir: str, name: str, start_ms: int, end_ms: int
                 ) -> Tuple[Counter, List[int]]:
     """The deal rows of [start_ms, end_ms] in the hour files, as a multiset of (ts, m), and
     the hours in that span that have no file."""
     deals, without_file = collections.Counter(), []
     for hour in range(start_ms // HOUR_MS * HOUR_MS, end_ms + 1, HOUR_MS):
-        path = os.path.join(export_dir, file_name(name, hour))
         try:
-            hour_file = pq.ParquetFile(path)
+            hour_file = pq.ParquetFile(hour_path(export_dir, name, hour))
         except OSError:  # no file (or export.dir not there): its trades are unknown
             without_file.append(hour)
             continue
@@ -48,7 +51,7 @@ def filed_deals(export_dir: str, name: str, start_ms: int, end_ms: int
 def newest_data_ms(export_dir: str, name: str, hour_ms: int, before_ms: int) -> Optional[int]:
     """The newest exchange time of a data row (not a dead letter) before `before_ms` in an
     hour's file (None: it has none); OSError when the file is not there."""
-    with pq.ParquetFile(os.path.join(export_dir, file_name(name, hour_ms))) as hour_file:
+    with pq.ParquetFile(hour_path(export_dir, name, hour_ms)) as hour_file:
         table = hour_file.read(columns=["ts", "mt"])  # 9 bytes a row: no `m`
     ms = table.column("ts").cast(pa.int64())
     kept = ms.filter(pc.and_(pc.not_equal(table.column("mt").cast(pa.string()), DEAD_LETTER),

@@ -290,7 +290,7 @@ class Exporter:
         return files
 
     def _export_hour(self, symbol, state: SymbolState, hour: int, rows: int) -> str:
-        path = os.path.join(self.export["dir"], archive.file_name(symbol.name, hour))
+        path = archive.hour_path(self.export["dir"], symbol.name, hour)
         entry = state.data["hours"].get(str(hour))
         if entry is None:  # first attempt: note what the file held before (late-row merge)
             before = parquet_files.read(path).num_rows if os.path.exists(path) else 0

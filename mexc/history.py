@@ -236,7 +236,7 @@ class Archive:
         """{path: (hour, inode, size, mtime)} of the hourly files of the range that exist."""
         identities = {}
         for hour in range(hour_start(start_ms), end_ms, HOUR_MS):
-            path = os.path.join(self.export_dir, archive.file_name(name, hour))
+            path = archive.hour_path(self.export_dir, name, hour)
             try:
                 st = os.stat(path)
             except FileNotFoundError:
