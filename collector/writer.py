@@ -17,6 +17,9 @@ there.  For spooled batches the count before the insert is kept on disk (see spo
 answer survives a crash.
 
 While a rotation swaps the table (bus/rotation.py), hold() stops inserts until release().
+A hold can last `max_hold` (a peer collector stuck), so rows that fall due during it go to the
+spool instead of waiting in memory: a SIGKILL during a hold costs what it costs at any other
+time.  They are replayed, oldest first, into the new table once the hold ends.
 
 When to insert: every INSERT has a fixed cost (about 1 ms in the collector and 1 ms in
 ClickHouse, for 4 rows or 1,000), so queued rows wait until `batch_rows` of them are queued or
@@ -74,6 +77,7 @@ class RowWriter:
         self.storing = threading.Lock()  # held for the whole of one insert attempt
         self.held = None  # the rotation id while the exporter swaps our table
         self.held_since = 0.0
+        self.held_spooled = 0  # rows of this hold moved to the spool
         self.max_hold = max_hold
 
         self.pending: Optional[List[tuple]] = None
@@ -121,7 +125,7 @@ class RowWriter:
         """Stop inserting until release(); returns at once (see holding())."""
         with self.wakeup:
             if self.held != rotation:
-                self.held, self.held_since = rotation, time.monotonic()
+                self.held, self.held_since, self.held_spooled = rotation, time.monotonic(), 0
                 log.info("holding rows for rotation=%s", rotation)
 
     def holding(self) -> bool:
@@ -140,7 +144,8 @@ class RowWriter:
         self.held = None
         self.recount = True
         self.wakeup.notify()
-        log.info("writing again: %s", why)
+        spooled = f" ({self.held_spooled} held rows spooled)" if self.held_spooled else ""
+        log.info("writing again: %s%s", why, spooled)
 
     def stop(self, grace: float) -> None:
         """Store everything; after `grace` seconds of failures, spool what is left."""
@@ -209,13 +214,36 @@ class RowWriter:
                     self._spill_all("a rotation holds rows")  # never write into a swapped table
                     return False
                 else:
-                    wait = 0.5  # for the hold's end or its timeout
+                    wait = self._spool_held_rows()
                 self.wakeup.wait(wait)
+
+    def _spool_held_rows(self) -> float:
+        """During a hold: rows in memory that are due go to the spool; returns how long to
+        wait (for them, the hold's end or its timeout)."""
+        due = self._memory_due_in()
+        if due is not None and due <= 0:
+            spooled = self.spool.rows
+            self._spill(keep_rows=0, why="held for a rotation", level=logging.DEBUG)
+            self.held_spooled += self.spool.rows - spooled
+            due = self._memory_due_in()
+            if due is not None and due <= 0:
+                due = None  # the disk refused: _spill tries again once it may accept
+        return 0.5 if due is None else min(0.5, due)
+
+    def _memory_due_in(self) -> Optional[float]:
+        """Seconds until the rows held only in memory are due (<= 0: now); None: none are."""
+        if self.pending and self.pending_next_offset is None:
+            return 0.0  # a batch being retried
+        return self._queue_due_in()
 
     def _until_due(self) -> Optional[float]:
         """Seconds until the next insert is due (<= 0: now); None: nothing to store."""
         if self.pending or self.spool:
             return 0.0
+        return self._queue_due_in()
+
+    def _queue_due_in(self) -> Optional[float]:
+        """Seconds until the memory queue is due (<= 0: now); None: it is empty."""
         if not self.queue:
             return None
         if self.queued_rows >= self.batch_rows:
@@ -325,7 +353,7 @@ class RowWriter:
 
     def _spill_over_bound(self) -> None:
         if self.queued_rows > self.max_buffered_rows:
-            self._spill(keep_rows=self.max_buffered_rows // 2)
+            self._spill(keep_rows=self.max_buffered_rows // 2, why="memory bound reached")
 
     def _spill_if_failing_long(self, attempt_started: float) -> None:
         """Failing time counts from the start of the first failed attempt: an insert that hung
@@ -334,26 +362,26 @@ class RowWriter:
         if self.failing_since is None:
             self.failing_since = attempt_started
         if time.monotonic() - self.failing_since >= SPOOL_AFTER:
-            self._spill(keep_rows=0)
+            self._spill(keep_rows=0, why=f"inserts failing for over {SPOOL_AFTER:.0f}s")
 
     def _spill_all(self, why: str) -> None:
-        self._spill(keep_rows=0)
+        self._spill(keep_rows=0, why=f"stopping while {why}")
         log.warning("stopping while %s: %d rows kept in %s for the next start", why,
                     self.spool.rows, self.spool.path)
 
-    def _spill(self, keep_rows: int) -> None:
+    def _spill(self, keep_rows: int, why: str, level: int = logging.WARNING) -> None:
         """Move the oldest queued batches to the spool until at most keep_rows stay queued.
         When the disk refuses (full, read-only), rows stay in memory and we try again later."""
         if time.monotonic() < self.spool_broken_until:
             return
         try:
-            self._spill_to_disk(keep_rows)
+            self._spill_to_disk(keep_rows, why, level)
         except OSError as e:
             self.spool_broken_until = time.monotonic() + 5.0
             log.error("cannot write spool %s: %s; keeping %d rows in memory, trying again in 5s",
                       self.spool.path, e, self.buffered_rows())
 
-    def _spill_to_disk(self, keep_rows: int) -> None:
+    def _spill_to_disk(self, keep_rows: int, why: str, level: int) -> None:
         if self.pending and self.pending_next_offset is None:
             # The pending batch is older than anything spooled, so it goes first; the spool is
             # empty here (a batch is taken from memory only when the spool is empty).
@@ -375,5 +403,5 @@ class RowWriter:
                 self.queued_rows -= rows
             moved = rows
         if moved:
-            log.warning("memory bound reached table=%s: %d rows moved to spool %s (%d spooled)",
-                        self.table, moved, self.spool.path, self.spool.rows)
+            log.log(level, "%s table=%s: %d rows moved to spool %s (%d spooled)", why,
+                    self.table, moved, self.spool.path, self.spool.rows)

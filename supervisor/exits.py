@@ -30,6 +30,7 @@ class TorSlot:
         self.exit_ip: Optional[str] = None
         self.separations = 0
         self.stream_missing = 0  # exit checks in a row that found no stream for a connected collector
+        self.exit_unreadable: Optional[str] = None  # why the last exit check failed, if it did
         self.warning: Optional[str] = None
 
     def describe(self) -> dict:
@@ -101,8 +102,9 @@ class ExitGuard:
                 with slot.tor.process.server.control() as control:
                     found = control.exit_of_stream(self.exchange_port)
             except (OSError, TorError) as e:
-                log.warning("%s: cannot read its exit: %s", slot.collector.name, e)
+                self._exit_unreadable(slot, str(e))
                 continue
+            self._exit_unreadable(slot, None)
             if found is None:
                 self._stream_gone(slot, now)
                 continue
@@ -110,6 +112,17 @@ class ExitGuard:
             if found[1] != slot.exit_ip:
                 log.info("%s exits from %s (%s)", slot.collector.name, found[1], found[0][:8])
             slot.exit_fingerprint, slot.exit_ip = found
+
+    @staticmethod
+    def _exit_unreadable(slot: TorSlot, error: Optional[str]) -> None:
+        """One line when reading the exit starts failing (a tor that is stopped fails every
+        check), one when it works again."""
+        if error is not None and slot.exit_unreadable is None:
+            log.warning("%s: cannot read its exit: %s (logged once until it can)",
+                        slot.collector.name, error)
+        elif error is None and slot.exit_unreadable is not None:
+            log.info("%s: its exit can be read again", slot.collector.name)
+        slot.exit_unreadable = error
 
     def _stream_gone(self, slot: TorSlot, now: float) -> None:
         """The collector says it is connected but its tor carries no stream for it: the circuit

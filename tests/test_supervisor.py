@@ -1,5 +1,6 @@
 """`mexc run` as a user starts it: children, healing, reload, status, rotation, systemd notify."""
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,8 @@ import pytest
 
 from bus import sockets
 from bus.sockets import ChildBus
+from core.store import UNKNOWN_DATABASE, UNKNOWN_TABLE, Refused
+from core.vocabulary import GAP_COLLECTOR_CRASH
 from supervisor.commands import COMMANDS
 from tests.conftest import MEXC, wait_for
 from mexc.simulator import MexcSimulator
@@ -257,7 +260,8 @@ def test_rotation_with_a_paused_collector_loses_nothing(env, sim):
     eth_pid = daemon.collectors()["collector-eth"]["pid"]
     pause_between_inserts(env, eth_pid, "eth_current")
     try:
-        rotation = fake_exporter_rotation(env, daemon, ["btc", "eth"])
+        with exporter_rotation(env, daemon, ["btc", "eth"]) as rotation:
+            pass
     finally:
         os.kill(eth_pid, signal.SIGCONT)
     assert set(rotation["held"]) == {"collector-btc"}
@@ -278,6 +282,65 @@ def test_rotation_with_a_paused_collector_loses_nothing(env, sim):
         assert env.count(f"{name}_previous") > 0 and env.count(f"{name}_current") > 0
 
 
+@pytest.mark.slow
+def test_a_collector_sigkilled_while_it_holds_for_a_rotation_loses_no_more_than_any_sigkill(
+        env, sim):
+    """A hold lasts while a peer is stuck (here: SIGSTOPped), and a supervisor may kill
+    things just then.  Rows received during the hold must be as durable as any others: a
+    SIGKILL costs the README's allowance (latency_target of rows), not the whole hold, and the
+    gap ledger has one record around what was lost."""
+    daemon = Daemon(env, sim, supervisor={"heartbeat_timeout": 30.0, "rotation_ack_timeout": 2.0})
+    daemon.wait_flowing(["collector-btc", "collector-eth"])
+    btc_pid = daemon.collectors()["collector-btc"]["pid"]
+    eth_pid = daemon.collectors()["collector-eth"]["pid"]
+    pause_between_inserts(env, eth_pid, "eth_current")
+    try:
+        with exporter_rotation(env, daemon, ["btc", "eth"]) as rotation:
+            # btc has held since rotate_begin (2 s of ack timeout); let the market go on
+            ready_ms = time.time() * 1000
+            wait_for(lambda: newest_ts(sim, "BTC_USDT") > ready_ms + 1500, 10,
+                     "1.5 s more of btc rows during the hold")
+            kill_ms = time.time() * 1000
+            os.kill(btc_pid, signal.SIGKILL)
+            wait_for(lambda: daemon.collectors()["collector-btc"]["pid"] not in (None, btc_pid),
+                     10, "collector-btc restarted")
+    finally:
+        os.kill(eth_pid, signal.SIGCONT)
+    assert rotation["held"] == ["collector-btc"] and rotation["missing"] == ["collector-eth"]
+    daemon.wait_flowing(["collector-btc"])
+    [gap] = wait_for(lambda: recorded_gaps(env, "btc"), 30, "the crash's gap record")
+    sim.stop_data()
+    assert daemon.proc.stop(15) == 0  # stores everything it has
+
+    expected = collections.Counter(sim.expected_rows("BTC_USDT"))
+    stored = (collections.Counter(env.rows("btc_previous"))
+              + collections.Counter(env.rows("btc_current")))
+    made = (collections.Counter(row for row in expected if row[1] != "d")  # trades: also
+            + collections.Counter(t.row for t in sim.trades("BTC_USDT")))  # those backfilled
+    assert not stored - made, "rows doubled"
+    missing = sorted(ts for ts, _mt, _m in expected - stored)
+    allowance_ms = 1000 * 1.0 + 500  # latency_target, and a loaded machine's scheduling
+    assert missing and missing[0] >= kill_ms - allowance_ms, \
+        f"rows lost from {kill_ms - missing[0]:.0f} ms before the SIGKILL"
+    assert gap.reason == GAP_COLLECTOR_CRASH
+    assert gap.start_ms < missing[0] and missing[-1] < gap.end_ms, (gap, missing[0], missing[-1])
+    assert gap.start_ms >= kill_ms - allowance_ms, "the record claims rows that were stored"
+
+
+def newest_ts(sim, symbol) -> int:
+    return max((ts for ts, _mt, _m in sim.expected_rows(symbol) if ts is not None), default=0)
+
+
+def recorded_gaps(env, name):
+    try:
+        with env.store() as store:
+            return store.gaps(name)
+    except Refused as e:
+        if e.code in (UNKNOWN_TABLE, UNKNOWN_DATABASE):
+            return []
+        raise
+
+
 def pause_between_inserts(env, pid: int, table: str) -> None:
     """SIGSTOP a collector at a moment it has no INSERT in flight.  One stopped mid-insert
     keeps its table locked in ClickHouse, so any RENAME waits (the daemon kills such a
@@ -292,13 +355,16 @@ def pause_between_inserts(env, pid: int, table: str) -> None:
     wait_for(paused_idle, 20, f"a moment without an insert into {table}", interval=0.01)
 
 
-def fake_exporter_rotation(env, daemon, names) -> dict:
-    """Play the exporter's part of the handshake over the real bus; swap with RENAME."""
+@contextlib.contextmanager
+def exporter_rotation(env, daemon, names):
+    """Play the exporter's part of the handshake over the real bus: yields rotate_ready (the
+    body runs while the collectors hold), then swaps with RENAME and ends the rotation."""
     bus = ChildBus(daemon.runtime_dir)
     try:
         wait_for(lambda: bus.send("rotate_request", name="exporter-test", request="r1")
                  or bus.receive(0.5), 10, "a first event")
         ready = wait_for(lambda: _event(bus, "rotate_ready"), 15, "rotate_ready")
+        yield ready
         db = env.database
         for name in names:
             env.query(f"CREATE TABLE {db}.{name}_next AS {db}.{name}_current")
@@ -307,7 +373,6 @@ def fake_exporter_rotation(env, daemon, names) -> dict:
             for n in names))
         bus.send("rotate_done", name="exporter-test", rotation=ready["rotation"])
         wait_for(lambda: _event(bus, "rotate_end"), 10, "rotate_end")
-        return ready
     finally:
         bus.close()
 

@@ -63,6 +63,7 @@ class Soak:
         self.sim: Optional[MexcSimulator] = None
         self.ch: Optional[ManagedClickHouse] = None
         self.ch_port, self.ch_http_port = free_port(), free_port()
+        self.dashboard_port = free_port()  # two soaks at once must not share http.listen
         self.network = None
         self.daemon: Optional[Proc] = None
         self.daemons: List[Proc] = []
@@ -109,6 +110,7 @@ class Soak:
                        "clock_speed": self.speed, "clock_anchor_ms": self.anchor},
             "paths": {"state_dir": self.state_dir, "runtime_dir": self.runtime_dir},
             "log": {"level": "info"},
+            "http": {"listen": f"127.0.0.1:{self.dashboard_port}"},
         }
         if self.args.tor:
             data["tor"].update(exit_check_interval=1.0, bootstrap_timeout=60.0,
