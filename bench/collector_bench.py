@@ -10,7 +10,7 @@ collector as users run it (`mexc collect --config ... --symbol BTC_USDT`), with 
 collector settings.
 
 Throughput.  A sender process pre-encodes N frames of the live mix with the simulator's frame
-generator (mexc/simulator.py: ~70% deals, 25% depth.full with 20 levels, 5% ticker) and,
+generator (mexc/simulator/feed.py: ~70% deals, 25% depth.full with 20 levels, 5% ticker) and,
 each time a client has sent its three subscriptions, writes all N as fast as the socket takes
 them.  Rounds alternate between
   a. ceiling: a bare websocket-client loop (skip_utf8_validation=True, recv_data()), timed

@@ -14,7 +14,7 @@ Everything listens on 127.0.0.1: a private ClickHouse in a temporary directory, 
 CLI (`python -m mexc.simulator`) in a process of its own, and the daemon as users run it.
 
 Export.  N rows (default 1,000,000) of the live mix, made by the simulator's own frame
-generator (mexc/simulator.py): ~70% deals `price|volume|direction`, 25% depth rows with 20+20
+generator (mexc/simulator/feed.py): ~70% deals `price|volume|direction`, 25% depth rows with 20+20
 levels `[p,a],...|[p,a],...` (~670 chars), 5% ticker; ts spread evenly over the last complete
 UTC hour (plus 0-3 ms of jitter, so the rows are not exactly sorted), rts = ts + 2..12 ms.
 They go into btc_current in BATCH_ROWS-row columnar inserts (clickhouse-driver).  The table's

@@ -11,7 +11,7 @@ at the end.  `--minutes 60` is the long run; the default (3) and the test's 1.2 
 
 What runs (all on 127.0.0.1, nothing else is contacted)
 --------------------------------------------------------
-* the MEXC simulator (mexc/simulator.py) in this process, `--rate` frames/s per stream (three
+* the MEXC simulator (mexc/simulator/) in this process, `--rate` frames/s per stream (three
   streams per symbol), its event clock the same accelerated EventClock the daemon's exporter
   uses (export.clock_speed / clock_anchor_ms): an event hour passes every `--hour-seconds`
   wall seconds, so hourly rotations and Parquet files happen every few seconds;

@@ -29,7 +29,8 @@ from collector.connection import OP_CLOSE, OP_TEXT, FrameReader, open_websocket
 from collector.gaps import GapLedger
 from collector.spool import Spool
 from collector.writer import RowWriter
-from core.vocabulary import (CHANNEL_TYPES, COLLECTOR, DEAD_LETTER, GAP_COLLECTOR_RESTART,
+from core.channels import CHANNELS, Channel
+from core.vocabulary import (COLLECTOR, DEAD_LETTER, GAP_COLLECTOR_RESTART,
                              GAP_DEAD_SOCKET, GAP_DISCONNECT, GAP_EXCHANGE_ERROR, GAP_TOR_RESTART,
                              MESSAGE_TYPES, ChildId)
 
@@ -187,7 +188,7 @@ class Collector:
         symbol = self.sym.symbol
         now = time.monotonic()
         self.last_frame = self.last_ping = now
-        self.channels = {name: _ChannelWatch(name, now) for name in CHANNEL_TYPES}
+        self.channels = {channel.name: _ChannelWatch(channel, now) for channel in CHANNELS}
         due = now
         while not self.stopping:
             if now >= due:
@@ -317,8 +318,8 @@ class _ChannelWatch:
     """Confirms a subscription by its first data frame; warns while a channel stays silent.
     The receive loop sets `last_data` itself and calls data_again() only when it matters."""
 
-    def __init__(self, name: str, subscribed_at: float):
-        self.name, self.mt = name, CHANNEL_TYPES[name]
+    def __init__(self, channel: Channel, subscribed_at: float):
+        self.name, self.mt = channel.name, channel.mt
         self.subscribed_at = subscribed_at
         self.last_data = None
         self.alarmed = False

@@ -23,6 +23,7 @@ the spool (GapJournal) until its record is in ClickHouse: a process killed or st
 that (ClickHouse away, a SIGKILL) leaves it to the next start, which records it first.
 """
 import dataclasses
+import enum
 import json
 import logging
 import queue
@@ -44,6 +45,18 @@ SETTLE = 0.3  # seconds after a gap closes before its edge rows are surely hande
 RETRY = 2.0  # seconds between tries while ClickHouse is away
 STOP_GRACE = 1.0  # a stopping collector gives its gap records this long (its rows come first)
 HINT_TTL = 5.0  # seconds a hint explains a gap that has not opened yet
+
+
+class Outcome(enum.Enum):
+    """What became of one closed gap."""
+    RECORDED = "recorded"
+    ALREADY_RECORDED = "already recorded"  # by a try whose answer was lost, or an earlier run
+    NO_GAP = "no gap"  # the symbol's first data: nothing was stored before it
+    LEFT = "left to the next start"  # we stopped first: it stays in the journal
+
+
+class _Stopped(Exception):
+    """The collector is stopping and a step did not succeed (ClickHouse away or slow)."""
 
 
 @dataclass
@@ -195,50 +208,55 @@ class GapLedger:
             if gap is None:
                 return
             try:
-                if self._settle(gap):
+                if self._settle(gap) is not Outcome.LEFT:
                     self.journal.done(gap)
             except Exception:
                 log.exception("gap record failed start_ms=%s end_ms=%s reason=%s",
                               gap.start_ms, gap.end_ms, gap.reason)
 
-    def _settle(self, gap: OpenGap) -> bool:
-        """Backfill and record one closed gap.  False: we are stopping first (it stays in the
-        journal)."""
+    def _settle(self, gap: OpenGap) -> Outcome:
+        """Backfill and record one closed gap."""
         fetched = self.backfill.fetch() if self.backfill is not None else None
         if not self._wait_stored(gap):
-            return False
-        if gap.start_ms is None:
-            start_ms = self._retry(lambda: self._stored_last(gap.end_ms))
-            if self.stopping.is_set() and start_ms is None:
-                return False
-            if start_ms is None:
-                log.info("first data of %s: nothing stored before, no gap", self.symbol)
-                return True
-            gap.start_ms = start_ms
-        gap.end_ms = max(gap.end_ms, gap.start_ms)
-        backfilled, covered = 0, False
-        if fetched is not None:
-            backfilled, covered = self._retry(
-                lambda: self.backfill.fill(fetched, gap.start_ms, gap.end_ms, self.store)) \
-                or (0, False)
-        if backfilled:  # a reader of the record finds its rows (stopping: they are spooled)
-            self._wait_written()
-        record = Gap(self.symbol, self.name, gap.start_ms, gap.end_ms, gap.reason, gap.detail,
-                     backfilled, covered, int(time.time() * 1000))
-        written = self._retry(lambda: self._record(record))
-        if written is None:
-            return False
-        if not written:
+            return Outcome.LEFT
+        try:
+            if gap.start_ms is None:
+                start_ms = self._retry(lambda: self._stored_last(gap.end_ms))
+                if start_ms is None:
+                    log.info("first data of %s: nothing stored before, no gap", self.symbol)
+                    return Outcome.NO_GAP
+                gap.start_ms = start_ms
+            gap.end_ms = max(gap.end_ms, gap.start_ms)
+            backfilled, covered = self._backfill(fetched, gap)
+            if backfilled:  # a reader of the record finds its rows (stopping: they are spooled)
+                self._wait_written()
+            record = Gap(self.symbol, self.name, gap.start_ms, gap.end_ms, gap.reason,
+                         gap.detail, backfilled, covered, int(time.time() * 1000))
+            outcome = self._retry(lambda: self._record(record))
+        except _Stopped:
+            return Outcome.LEFT
+        if outcome is Outcome.ALREADY_RECORDED:
             log.info("gap already recorded (by a try whose answer was lost, or by an earlier run "
                      "killed before it cleared its journal) reason=%s end_ms=%d",
                      record.reason, record.end_ms)
-            return True
+            return outcome
         self.recorded += 1
         log.info("gap recorded reason=%s detail=%s start_ms=%d end_ms=%d seconds=%.3f "
                  "backfilled=%d covered=%s", record.reason, record.detail, record.start_ms,
                  record.end_ms, (record.end_ms - record.start_ms) / 1000, backfilled,
                  str(covered).lower())
-        return True
+        return outcome
+
+    def _backfill(self, fetched, gap: OpenGap) -> tuple:
+        """(trades stored, covered) for the gap from what backfill fetched; (0, False) when
+        nothing was fetched or we stop first (the record still goes, if ClickHouse answers)."""
+        if fetched is None:
+            return 0, False
+        try:
+            return self._retry(
+                lambda: self.backfill.fill(fetched, gap.start_ms, gap.end_ms, self.store))
+        except _Stopped:
+            return 0, False
 
     def _stored_last(self, before_ms: int) -> Optional[int]:
         """The newest data row stored before `before_ms`: in the tables, or in the file of an
@@ -274,18 +292,18 @@ class GapLedger:
                 return False
         return True
 
-    def _record(self, record: Gap) -> bool:
+    def _record(self, record: Gap) -> Outcome:
         """Write the record unless it is there already: an insert that failed may have landed,
-        and a run killed between writing a record and clearing its journal leaves it to us.
-        False: it was there."""
+        and a run killed between writing a record and clearing its journal leaves it to us."""
         self.store.create_gaps_table()
         if self.store.gap_recorded(record):
-            return False
+            return Outcome.ALREADY_RECORDED
         self.store.record_gaps([record])
-        return True
+        return Outcome.RECORDED
 
     def _retry(self, step):
-        """step() until it succeeds (ClickHouse may be away) or we stop: its value or None."""
+        """step() until it succeeds (ClickHouse may be away): its value; _Stopped when we
+        stop first."""
         while True:
             try:
                 return step()
@@ -293,6 +311,6 @@ class GapLedger:
                 self.store.close()
                 if self.stopping.is_set():
                     log.warning("gap ledger: %s; giving up, stopping", first_line(e))
-                    return None
+                    raise _Stopped from None
                 log.warning("gap ledger: %s; retrying in %.0fs", first_line(e), RETRY)
                 self.stopping.wait(RETRY)

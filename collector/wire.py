@@ -7,11 +7,13 @@ Numbers keep the exchange's exact text: the JSON decoder hands float literals ov
 source text (`0.080100`, `7.548E+4`) instead of converting them through float.
 """
 import json
-import re
 import zlib
 from typing import Optional
 
-from core.vocabulary import CHANNELS, DEAD_LETTER, DEAL, DEPTH, TICKER
+from core.channels import (CHANNELS, DEAL_CHANNEL, DEAL_LAYOUT, DEPTH_CHANNEL,
+                           DEPTH_LAYOUT, TICKER_CHANNEL, TICKER_LAYOUT, deal_text, depth_text,
+                           ticker_text)
+from core.vocabulary import DEAD_LETTER
 
 DEAD_LETTER_CHARS = 500
 MAX_INFLATED_BYTES = 16 * 1024 * 1024  # a compressed frame may not inflate beyond this
@@ -22,13 +24,6 @@ PING = '{"method":"ping"}'
 PONG, ACK, IGNORED, ERROR, DEAD = "pong", "ack", "ignored", "error", "dead"
 
 _decode = json.JSONDecoder(parse_float=str).decode
-# A formatted row must be number text in our layout; anything else (a nested list, a dict,
-# null, true, a JSON string of letters) means the frame's fields did not fit.
-_NUM = r"[-+]?[0-9][0-9.eE+\-]*"
-_LEVELS = rf"(?:\[{_NUM},{_NUM}\](?:,\[{_NUM},{_NUM}\])*)?"
-_DEAL_TEXT = re.compile(rf"{_NUM}\|{_NUM}\|[12]").fullmatch
-_TICKER_TEXT = re.compile(rf"{_NUM}(?:\|{_NUM}){{4}}").fullmatch
-_DEPTH_TEXT = re.compile(rf"{_LEVELS}\|{_LEVELS}").fullmatch
 
 
 class BadFrame(Exception):
@@ -36,19 +31,19 @@ class BadFrame(Exception):
 
 
 def subscribe_requests(symbol: str, depth_limit: int = 20, merge_deals: bool = False):
-    """The three subscription frames, one channel each.  MEXC merges the prints of the deal
-    stream unless sub.deal says "compress": false; merge_deals keeps its default."""
+    """The subscription frames, one per channel of core/channels.py.  MEXC merges the prints
+    of the deal stream unless sub.deal says "compress": false; merge_deals keeps its default."""
     deal = {"symbol": symbol} if merge_deals else {"symbol": symbol, "compress": False}
-    params = {"ticker": {"symbol": symbol}, "deal": deal,
-              "depth.full": {"symbol": symbol, "limit": depth_limit}}
-    return [json.dumps({"method": f"sub.{channel}", "param": params[channel]})
+    params = {TICKER_CHANNEL: {"symbol": symbol}, DEAL_CHANNEL: deal,
+              DEPTH_CHANNEL: {"symbol": symbol, "limit": depth_limit}}
+    return [json.dumps({"method": f"sub.{channel.name}", "param": params[channel]})
             for channel in CHANNELS]
 
 
 def parse(payload, rts: int, symbol: str, depth_versions: Optional[dict] = None):
     """One frame (str, or bytes for binary frames) -> (kind, rows).
 
-    kind is a channel name from CHANNELS for data, or PONG, ACK, IGNORED, ERROR, DEAD
+    kind is a channel's name (core/channels.py) for data, or PONG, ACK, IGNORED, ERROR, DEAD
     (DEAD and ERROR come with one dead-letter row; for DEAD, `kind:reason` says why).
     depth_versions ({symbol: last version}, kept by the caller): a depth.full snapshot whose
     `version` is not newer than the last one is stale, and becomes a dead letter, so the dp
@@ -68,19 +63,16 @@ def parse(payload, rts: int, symbol: str, depth_versions: Optional[dict] = None)
         if type(frame) is dict and "ping" in frame:
             return IGNORED, ()  # the legacy endpoint's {"ping": ms}
         return _dead(payload, rts, rts, "not a MEXC frame (no channel)")
-    try:
-        if channel == "push.deal":
-            return "deal", _deal_rows(frame, rts, symbol)
-        if channel == "push.depth.full":
-            rows = _depth_rows(frame, rts, symbol)
-            stale = _stale_version(frame, depth_versions, symbol)
-            if stale:
-                return _dead(payload, rows[0][0], rts, f"{channel}: {stale}")
-            return "depth.full", rows
-        if channel == "push.ticker":
-            return "ticker", _ticker_rows(frame, rts, symbol)
-    except (BadFrame, KeyError, IndexError, TypeError, AttributeError) as e:
-        return _dead(payload, _frame_ts(frame, rts), rts, f"{channel}: {_reason(e)}")
+    data_channel = _PUSHES.get(channel) if type(channel) is str else None
+    if data_channel is not None:
+        try:
+            rows = _ROWS[data_channel](frame, rts, symbol)
+            stale = data_channel is DEPTH_CHANNEL and _stale_version(frame, depth_versions, symbol)
+        except (BadFrame, KeyError, IndexError, TypeError, AttributeError) as e:
+            return _dead(payload, _frame_ts(frame, rts), rts, f"{channel}: {_reason(e)}")
+        if stale:
+            return _dead(payload, rows[0][0], rts, f"{channel}: {stale}")
+        return data_channel.name, rows
     if channel == "pong":
         return PONG, ()
     if channel == "rs.error":
@@ -116,10 +108,12 @@ def _deal_rows(frame: dict, rts: int, symbol: str):
 
 
 def _trade_row(trade: dict, rts: int):
-    m = f'{trade["p"]}|{trade["v"]}|{trade["T"]}'
-    if not _DEAL_TEXT(m):
+    # A row must be number text in its layout; anything else (a nested list, a dict, null,
+    # true, a JSON string of letters) means the frame's fields did not fit.
+    m = deal_text(trade["p"], trade["v"], trade["T"])
+    if not DEAL_LAYOUT.fits(m):
         raise BadFrame(f"trade fields are not numbers: {m[:80]!r}")
-    return (_ms(trade["t"]), DEAL, m, rts)
+    return (_ms(trade["t"]), DEAL_CHANNEL.mt, m, rts)
 
 
 def recent_deals_path(symbol: str, limit: int) -> str:
@@ -146,10 +140,10 @@ def recent_deal_rows(body: bytes, rts: int):
 def _depth_rows(frame: dict, rts: int, symbol: str):
     _check_symbol(frame, symbol)
     data = frame["data"]
-    m = _levels(data["bids"]) + "|" + _levels(data["asks"])
-    if not _DEPTH_TEXT(m):
+    m = depth_text(_side(data, "bids"), _side(data, "asks"))
+    if not DEPTH_LAYOUT.fits(m):
         raise BadFrame(f"depth levels are not [price, size, ...] numbers: {m[:80]!r}")
-    return [(_ms(frame["ts"]), DEPTH, m, rts)]
+    return [(_ms(frame["ts"]), DEPTH_CHANNEL.mt, m, rts)]
 
 
 def _stale_version(frame: dict, depth_versions: Optional[dict], symbol: str) -> str:
@@ -164,19 +158,21 @@ def _stale_version(frame: dict, depth_versions: Optional[dict], symbol: str) -> 
     return ""
 
 
-def _levels(side) -> str:
+def _side(data: dict, key: str) -> list:
+    side = data[key]
     if type(side) is not list:
         raise BadFrame("depth side is not a list")
-    return ",".join([f"[{level[0]},{level[1]}]" for level in side[:20]])
+    return side
 
 
 def _ticker_rows(frame: dict, rts: int, symbol: str):
     _check_symbol(frame, symbol)
     d = frame["data"]
-    m = f'{d["lastPrice"]}|{d["fairPrice"]}|{d["indexPrice"]}|{d["holdVol"]}|{d["fundingRate"]}'
-    if not _TICKER_TEXT(m):
+    m = ticker_text(d["lastPrice"], d["fairPrice"], d["indexPrice"], d["holdVol"],
+                    d["fundingRate"])
+    if not TICKER_LAYOUT.fits(m):
         raise BadFrame(f"ticker fields are not numbers: {m[:80]!r}")
-    return [(_ms(d["timestamp"]), TICKER, m, rts)]
+    return [(_ms(d["timestamp"]), TICKER_CHANNEL.mt, m, rts)]
 
 
 def _check_symbol(frame: dict, symbol: str) -> None:
@@ -212,3 +208,8 @@ def _reason(e: Exception) -> str:
     if isinstance(e, KeyError):
         return f"missing field {e.args[0]!r}"
     return str(e) or type(e).__name__
+
+
+# each channel's parser: push frame -> its rows
+_ROWS = {TICKER_CHANNEL: _ticker_rows, DEAL_CHANNEL: _deal_rows, DEPTH_CHANNEL: _depth_rows}
+_PUSHES = {channel.push: channel for channel in CHANNELS}

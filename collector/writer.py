@@ -28,7 +28,10 @@ about one insert per `latency_target`, at high rates one per `batch_rows` rows, 
 Rows from the spool, or a batch being retried, are due at once.
 """
 import collections
+import dataclasses
+import enum
 import logging
+import math
 import threading
 import time
 from typing import List, Optional
@@ -52,6 +55,22 @@ class InsertFailed(Exception):
     pass
 
 
+class WriterState(enum.Enum):
+    """Where the writer thread is in its life (a rotation's hold is apart: RowWriter.hold)."""
+    RUNNING = "running"    # storing rows as they fall due
+    STOPPING = "stopping"  # stop(): everything is due; past its grace, the rest is spooled
+    STOPPED = "stopped"    # the thread is done: every row is stored or spooled
+    FAILED = "failed"      # the thread died: the collector must exit and be restarted
+
+
+@dataclasses.dataclass
+class Hold:
+    """A rotation swapping our table: nothing is inserted until it ends (or max_hold)."""
+    rotation: str  # its id
+    since: float  # monotonic
+    spooled: int = 0  # rows that fell due during it and went to the spool
+
+
 class RowWriter:
     """The writer thread of one collector: stores submitted batches in {name}_current in
     order, exactly once, through outages (memory queue, then spool) and rotations (hold)."""
@@ -72,12 +91,11 @@ class RowWriter:
         self.queue = collections.deque()  # batches from the receive loop, oldest first
         self.queued_rows = 0
         self.queued_since = 0.0  # when the oldest queued batch was submitted
-        self.wakeup = threading.Condition()
-        self.stopping = False
+        self.wakeup = threading.Condition()  # guards state, held and the queue
+        self.state = WriterState.RUNNING
+        self.stop_deadline = math.inf  # monotonic; set by stop()
         self.storing = threading.Lock()  # held for the whole of one insert attempt
-        self.held = None  # the rotation id while the exporter swaps our table
-        self.held_since = 0.0
-        self.held_spooled = 0  # rows of this hold moved to the spool
+        self.held: Optional[Hold] = None  # while the exporter swaps our table
         self.max_hold = max_hold
 
         self.pending: Optional[List[tuple]] = None
@@ -87,7 +105,6 @@ class RowWriter:
         self.recount = False  # set after a rotation: table_rows must be read again
 
         self.connected = False  # our table is known to exist on the current connection
-        self.failed = False  # the writer thread died: the collector must exit and be restarted
         self.spool_broken_until = 0.0  # after a failed spool write (disk full), retry later
         self.rows_submitted = 0  # by the receive loop and backfill, in this run
         self.rows_written = 0
@@ -121,11 +138,16 @@ class RowWriter:
     def start(self) -> None:
         self.thread.start()
 
+    @property
+    def failed(self) -> bool:
+        """The writer thread died: the collector must exit and be restarted."""
+        return self.state is WriterState.FAILED
+
     def hold(self, rotation: str) -> None:
         """Stop inserting until release(); returns at once (see holding())."""
         with self.wakeup:
-            if self.held != rotation:
-                self.held, self.held_since, self.held_spooled = rotation, time.monotonic(), 0
+            if self.held is None or self.held.rotation != rotation:
+                self.held = Hold(rotation, time.monotonic())
                 log.info("holding rows for rotation=%s", rotation)
 
     def holding(self) -> bool:
@@ -136,21 +158,22 @@ class RowWriter:
     def release(self, rotation: str) -> None:
         with self.wakeup:
             self.recount = True  # the table was swapped, whether we held or missed the hold
-            if self.held == rotation:
+            if self.held is not None and self.held.rotation == rotation:
                 self._release(f"rotation={rotation} ended after "
-                              f"{time.monotonic() - self.held_since:.2f}s")
+                              f"{time.monotonic() - self.held.since:.2f}s")
 
     def _release(self, why: str) -> None:
+        spooled = f" ({self.held.spooled} held rows spooled)" if self.held.spooled else ""
         self.held = None
         self.recount = True
         self.wakeup.notify()
-        spooled = f" ({self.held_spooled} held rows spooled)" if self.held_spooled else ""
         log.info("writing again: %s%s", why, spooled)
 
     def stop(self, grace: float) -> None:
         """Store everything; after `grace` seconds of failures, spool what is left."""
         with self.wakeup:
-            self.stopping = True
+            if self.state is WriterState.RUNNING:
+                self.state = WriterState.STOPPING
             self.stop_deadline = time.monotonic() + grace
             self.wakeup.notify()
         self.thread.join()
@@ -162,8 +185,11 @@ class RowWriter:
     def _run(self) -> None:
         try:
             self._store_forever()
+            with self.wakeup:
+                self.state = WriterState.STOPPED
         except Exception:
-            self.failed = True
+            with self.wakeup:
+                self.state = WriterState.FAILED
             log.exception("writer thread failed; %d rows in memory are lost, %d spooled rows "
                           "are kept", self.buffered_rows(), self.spool.rows)
 
@@ -196,7 +222,7 @@ class RowWriter:
         spooled empty every submit is a first row) but not to stop."""
         deadline = time.monotonic() + seconds
         with self.wakeup:
-            while not self.stopping and (left := deadline - time.monotonic()) > 0:
+            while not self._stopping() and (left := deadline - time.monotonic()) > 0:
                 self.wakeup.wait(left)
 
     def _wait_for_work(self) -> bool:
@@ -205,7 +231,7 @@ class RowWriter:
             while True:
                 self._end_overlong_hold()
                 if self.held is None:
-                    if self.stopping:
+                    if self._stopping():
                         return self._has_work()  # stopping: everything is due
                     wait = self._until_due()
                     if wait is not None and wait <= 0:
@@ -224,7 +250,7 @@ class RowWriter:
         if due is not None and due <= 0:
             spooled = self.spool.rows
             self._spill(keep_rows=0, why="held for a rotation", level=logging.DEBUG)
-            self.held_spooled += self.spool.rows - spooled
+            self.held.spooled += self.spool.rows - spooled
             due = self._memory_due_in()
             if due is not None and due <= 0:
                 due = None  # the disk refused: _spill tries again once it may accept
@@ -251,13 +277,16 @@ class RowWriter:
         wait = self.latency_target - LATENCY_MARGIN - self.insert_seconds
         return self.queued_since + wait - time.monotonic()
 
+    def _stopping(self) -> bool:
+        return self.state is WriterState.STOPPING
+
     def _stop_overdue(self) -> bool:
-        return self.stopping and time.monotonic() >= self.stop_deadline
+        return self._stopping() and time.monotonic() >= self.stop_deadline
 
     def _end_overlong_hold(self) -> None:
-        if self.held is not None and time.monotonic() - self.held_since > self.max_hold:
+        if self.held is not None and time.monotonic() - self.held.since > self.max_hold:
             log.warning("rotation=%s held rows for over %.0fs without its end: writing again",
-                        self.held, self.max_hold)
+                        self.held.rotation, self.max_hold)
             self._release("hold timed out")
 
     def _has_work(self) -> bool:

@@ -1,18 +1,22 @@
 """The archive on disk: one Parquet file per symbol and UTC hour, `{name}_YYYYMMDD_HH00.parquet`
 in export.dir (written by exporter/parquet_files.py), and what other parts may read of it."""
 import collections
+import json
 import os
 import time
-from typing import Counter, List, Optional, Tuple
+from typing import Counter, Iterable, List, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.clock import HOUR_MS
-from core.vocabulary import DEAD_LETTER, DEAL
+from core.vocabulary import DEAD_LETTER, DEAL, GAP_COLUMNS, Gap
 
 BATCH_ROWS = 65_536
+# metadata key of an hour file (and of mexc/history.py's answers): the gap ledger's records
+# touching its time, as gaps_json() spells them
+GAPS_KEY = b"mexc.gaps"
 
 
 def file_name(name: str, hour_ms: int) -> str:
@@ -21,6 +25,15 @@ def file_name(name: str, hour_ms: int) -> str:
 
 def hour_path(export_dir: str, name: str, hour_ms: int) -> str:
     return os.path.join(export_dir, file_name(name, hour_ms))
+
+
+def gaps_json(gaps: Iterable[Gap]) -> bytes:
+    """A JSON list of objects with the Gap fields."""
+    return json.dumps([g._asdict() for g in gaps], separators=(",", ":")).encode()
+
+
+def gaps_from_json(text: bytes) -> List[Gap]:
+    return [Gap(**{k: entry[k] for k in GAP_COLUMNS}) for entry in json.loads(text)]
 
 
 def filed_deals(export_dir: str, name: str, start_ms: int, end_ms: int

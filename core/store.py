@@ -37,7 +37,8 @@ from clickhouse_driver import Client
 from clickhouse_driver.errors import ServerException
 
 from core.clock import HOUR_MS
-from core.vocabulary import GAP_COLUMNS, MESSAGE_TYPES, ROW_COLUMNS, Gap, Row
+from core.vocabulary import (DEAD_LETTER, DEAL, GAP_COLUMNS, MESSAGE_TYPES, ROW_COLUMNS, Gap,
+                             Row)
 
 log = logging.getLogger(__name__)
 
@@ -521,7 +522,7 @@ class Store:
             if self.exists(table):
                 newest = max(newest, self._one(
                     f"SELECT max({f.ms()}) FROM {self._table(table)} "
-                    f"WHERE mt != 'dl' AND {f.ms()} < {int(before_ms)}") or 0)
+                    f"WHERE mt != '{DEAD_LETTER}' AND {f.ms()} < {int(before_ms)}") or 0)
         return newest or None
 
     def latest_exported_hour(self, symbol: str, before_ms: Optional[int] = None
@@ -540,7 +541,8 @@ class Store:
         current and previous, read in one statement (one entry per row: identical trades stay
         apart).  Rows already exported are not here: see exported_until."""
         f = self.features
-        where = f"WHERE mt = 'd' AND {f.ms()} >= {int(start_ms)} AND {f.ms()} <= {int(end_ms)}"
+        where = (f"WHERE mt = '{DEAL}' AND {f.ms()} >= {int(start_ms)} "
+                 f"AND {f.ms()} <= {int(end_ms)}")
         tables = [t for t in (current_table(name), previous_table(name)) if self.exists(t)]
         if not tables:
             return []

@@ -3,7 +3,7 @@
 A row is what one exchange message becomes and what ClickHouse and the Parquet files store:
   ts   event time at the exchange, ms since the epoch, UTC
   mt   message type: TICKER 't', DEAL 'd', DEPTH 'dp', DEAD_LETTER 'dl'
-  m    the message text, the exchange's own number text (README, "Row format")
+  m    the message text, the exchange's own number text (layouts: core/channels.py)
   rts  local receive time, ms since the epoch, UTC
 
 Children of the supervisor are named by ChildId: `collector-btc`, `tor-btc`, `exporter`,
@@ -12,11 +12,9 @@ Children of the supervisor are named by ChildId: `collector-btc`, `tor-btc`, `ex
 from typing import NamedTuple, Optional
 
 TICKER, DEAL, DEPTH, DEAD_LETTER = "t", "d", "dp", "dl"
+# The order is ClickHouse's Enum8 (t = 1, ...): a new type is appended.  Which channel's rows
+# have which type, and how their m is spelled: core/channels.py.
 MESSAGE_TYPES = (TICKER, DEAL, DEPTH, DEAD_LETTER)
-
-# the channels a collector subscribes to, and the message type of their rows
-CHANNEL_TYPES = {"ticker": TICKER, "deal": DEAL, "depth.full": DEPTH}
-CHANNELS = tuple(CHANNEL_TYPES)
 
 
 class Row(NamedTuple):

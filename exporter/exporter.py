@@ -10,6 +10,8 @@ One cycle, per symbol:
 A small state file per symbol (state_dir/exporter/{name}.json) records the step reached, so a
 crash at any point is finished by the next cycle with every row exactly once.
 """
+import dataclasses
+import enum
 import grp
 import json
 import logging
@@ -17,7 +19,7 @@ import os
 import signal
 import threading
 import time
-from typing import Optional
+from typing import Dict, Optional
 
 from bus.rotation import Requester, RotationCancelled
 from bus.sockets import ChildBus
@@ -35,26 +37,62 @@ ROW_GROUP_ROWS = 131_072  # rows per Parquet row group; the export streams one g
 RETRY_AFTER = 60.0  # seconds before a failed cycle (ClickHouse away, disk full) is tried again
 
 
+class Phase(str, enum.Enum):
+    """The step a symbol's cycle reached (its state file says it; a crash resumes there)."""
+    SWAPPING = "swapping"  # a swap began: previous may exist, its unfinished hour not moved back
+    EXPORTING = "exporting"  # previous holds finished hours only: write them, then drop it
+
+
+@dataclasses.dataclass
+class HourExport:
+    """One hour's export, across attempts: what its file held before this cycle (late rows
+    are merged into it), and whether the file is written, verified and logged."""
+    before_sha: Optional[str]  # None: no file before
+    before_rows: int
+    done: bool = False
+
+
+@dataclasses.dataclass
+class Progress:
+    phase: Phase
+    boundary: Optional[int]  # ms: rows from here on are of the hour not over; None: all hours
+    hours: Dict[int, HourExport] = dataclasses.field(default_factory=dict)
+
+
 class SymbolState:
-    """How far the current cycle got for one symbol, on disk (atomic writes)."""
+    """How far the current cycle got for one symbol (`progress`, None: no cycle under way),
+    on disk as JSON (atomic writes)."""
 
     def __init__(self, directory: str, name: str):
         self.path = os.path.join(directory, f"{name}.json")
-        self.data = self._load()
+        self.progress = self._load()
 
-    def _load(self) -> Optional[dict]:
+    def _load(self) -> Optional[Progress]:
         try:
             with open(self.path) as f:
-                return json.load(f)
+                data = json.load(f)
         except FileNotFoundError:
             return None
+        return Progress(Phase(data["phase"]), data["boundary"],
+                        {int(hour): HourExport(**entry) for hour, entry in data["hours"].items()})
 
-    def save(self, **changes) -> None:
-        self.data = {**(self.data or {}), **changes}
-        write_json_atomic(self.path, self.data)
+    def begin(self, phase: Phase, boundary: Optional[int]) -> None:
+        self.progress = Progress(phase, boundary)
+        self.save()
+
+    def enter(self, phase: Phase) -> None:
+        self.progress.phase = phase
+        self.save()
+
+    def save(self) -> None:
+        progress = self.progress
+        write_json_atomic(self.path, {
+            "phase": progress.phase.value, "boundary": progress.boundary,
+            "hours": {str(hour): dataclasses.asdict(entry)
+                      for hour, entry in progress.hours.items()}})
 
     def clear(self) -> None:
-        self.data = None
+        self.progress = None
         if os.path.exists(self.path):
             os.unlink(self.path)
 
@@ -237,8 +275,7 @@ class Exporter:
         swapped = []
         try:  # only the swaps happen while collectors hold their rows: keep this short
             for name in names:
-                SymbolState(self.state_dir, name).save(phase="swapping", boundary=boundary,
-                                                       hours={})
+                SymbolState(self.state_dir, name).begin(Phase.SWAPPING, boundary)
                 self.store.swap(name)
                 swapped.append(name)
         finally:
@@ -250,7 +287,7 @@ class Exporter:
                      iso(boundary))
         for name in swapped:  # the unfinished hour's rows go back; collectors write meanwhile
             self.store.move_back(name, boundary)
-            SymbolState(self.state_dir, name).save(phase="exporting")
+            SymbolState(self.state_dir, name).enter(Phase.EXPORTING)
 
     def _recover(self, name: str) -> None:
         """Finish what a crash interrupted: a swap half done, a move-back not done."""
@@ -258,13 +295,13 @@ class Exporter:
         if rows is not None:
             log.warning("recovered %d rows of an interrupted swap for %s", rows, name)
         state = SymbolState(self.state_dir, name)
-        if state.data and state.data["phase"] == "swapping":
+        if state.progress and state.progress.phase is Phase.SWAPPING:
             if not self.store.exists(store.previous_table(name)):
                 state.clear()  # the swap never happened
             else:
-                if not self.store.moved_back(name, state.data["boundary"]):
-                    self.store.move_back(name, state.data["boundary"])
-                state.save(phase="exporting")
+                if not self.store.moved_back(name, state.progress.boundary):
+                    self.store.move_back(name, state.progress.boundary)
+                state.enter(Phase.EXPORTING)
                 log.warning("finished an interrupted rotation of %s", name)
 
     # --- export ----------------------------------------------------------------------------
@@ -276,9 +313,9 @@ class Exporter:
         if not self.store.exists(previous):
             return []
         state = SymbolState(self.state_dir, name)
-        if state.data is None:  # previous without a state: export all of it
-            state.save(phase="exporting", boundary=None, hours={})
-        hours = self.store.hours(name, before=state.data["boundary"])
+        if state.progress is None:  # previous without a state: export all of it
+            state.begin(Phase.EXPORTING, None)
+        hours = self.store.hours(name, before=state.progress.boundary)
         os.makedirs(self.export["dir"], exist_ok=True)
         files = [self._export_hour(symbol, state, hour, rows) for hour, rows in hours]
         self.store.drop(previous)
@@ -291,23 +328,23 @@ class Exporter:
 
     def _export_hour(self, symbol, state: SymbolState, hour: int, rows: int) -> str:
         path = archive.hour_path(self.export["dir"], symbol.name, hour)
-        entry = state.data["hours"].get(str(hour))
+        entry = state.progress.hours.get(hour)
         if entry is None:  # first attempt: note what the file held before (late-row merge)
             before = parquet_files.read(path).num_rows if os.path.exists(path) else 0
-            entry = {"before_sha": parquet_files.sha256(path) if before else None,
-                     "before_rows": before, "done": False}
-            state.save(hours={**state.data["hours"], str(hour): entry})
-        elif entry["done"]:
+            entry = HourExport(parquet_files.sha256(path) if before else None, before)
+            state.progress.hours[hour] = entry
+            state.save()
+        elif entry.done:
             return path
         current_sha = parquet_files.sha256(path) if os.path.exists(path) else None
-        expected = entry["before_rows"] + rows
+        expected = entry.before_rows + rows
         gaps = self.store.gaps(symbol.name, hour, hour + HOUR_MS)  # as the ledger has them now
-        if current_sha == entry["before_sha"] and entry["before_rows"]:  # late rows: merge
+        if current_sha == entry.before_sha and entry.before_rows:  # late rows: merge
             table = parquet_files.pa.concat_tables(
                 [parquet_files.read(path), *self._hour_row_groups(symbol.name, hour)])
             current_sha = parquet_files.write_hour(path, table, symbol.symbol, hour,
                                                    self.export["file_mode"], self._group(), gaps)
-        elif current_sha == entry["before_sha"]:  # not written yet (or a crash before rename)
+        elif current_sha == entry.before_sha:  # not written yet (or a crash before rename)
             hour_file = parquet_files.HourFile(path, symbol.symbol, hour, expected,
                                                self.export["file_mode"], self._group(), gaps)
             try:
@@ -321,9 +358,10 @@ class Exporter:
             parquet_files.verify(path, expected, hour)
         self.store.log_export(symbol.symbol, hour, int(time.time() * 1000), path, expected,
                               os.path.getsize(path), current_sha)
-        state.save(hours={**state.data["hours"], str(hour): {**entry, "done": True}})
+        entry.done = True
+        state.save()
         log.info("exported %s rows=%d%s sha256=%s", path, expected,
-                 f" (merged {rows} late rows)" if entry["before_rows"] else "", current_sha[:12])
+                 f" (merged {rows} late rows)" if entry.before_rows else "", current_sha[:12])
         return path
 
     def _hour_row_groups(self, name: str, hour: int):

@@ -8,7 +8,6 @@ then renamed into place: a reader never sees half a file or a bad one, and a fil
 replaced (late rows merged in) stays intact until its successor is good.
 """
 import hashlib
-import json
 import os
 import time
 from typing import Optional, Sequence
@@ -18,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core import __version__, pidlock
+from core.archive import GAPS_KEY, gaps_json
 from core.clock import HOUR_MS
 
 SCHEMA = pa.schema([
@@ -28,7 +28,6 @@ SCHEMA = pa.schema([
 ])
 
 
-GAPS_KEY = b"mexc.gaps"  # JSON list of the ledger's records touching the hour (Gap fields)
 COMPLETENESS_KEY = b"mexc.completeness"  # seconds with a live subscription / 3600, decimal text
 
 
@@ -46,7 +45,7 @@ def completeness(gaps: Sequence, hour_ms: int) -> str:
 
 def gap_metadata(gaps: Sequence, hour_ms: int) -> dict:
     """The two metadata keys for an hour and the ledger's records that touch it."""
-    return {GAPS_KEY: json.dumps([g._asdict() for g in gaps], separators=(",", ":")).encode(),
+    return {GAPS_KEY: gaps_json(gaps),
             COMPLETENESS_KEY: completeness(gaps, hour_ms).encode()}
 
 

@@ -249,11 +249,12 @@ def _export(args, config) -> int:
 
 
 def _gaps(args, config) -> int:
+    from core.clock import parse_time
     from core.store import Store
     from mexc import gaps
 
     try:
-        since = gaps.parse_since(args.since) if args.since else None
+        since = parse_time(args.since) if args.since else None
     except ValueError:
         print(f"mexc: --since expects 2h, 30m, an ISO time or epoch ms, got {args.since!r}",
               file=sys.stderr)
@@ -402,10 +403,11 @@ def _history_request(args, output: str):
 
 
 def _relative_times(argv: list) -> list:
-    """`--from -2h` as `--from=-2h`: argparse takes a value starting with '-' for an option."""
+    """`--from -2h` as `--from=-2h` (also --to, --since): argparse takes a value starting with
+    '-' for an option."""
     argv = list(argv)
     for i, word in enumerate(argv[:-1]):
-        if word in ("--from", "--to") and argv[i + 1].startswith("-"):
+        if word in ("--from", "--to", "--since") and argv[i + 1].startswith("-"):
             argv[i:i + 2] = [f"{word}={argv[i + 1]}", None]
     return [word for word in argv if word is not None]
 

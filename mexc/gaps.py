@@ -1,29 +1,9 @@
 """`mexc gaps`: the gap ledger as an operator reads it, or as JSON for a program."""
 import json
-import re
 import time
-from datetime import datetime, timezone
-from typing import List, Optional
+from typing import List
 
 from core.vocabulary import Gap
-
-_AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_since(text: str, now_ms: Optional[int] = None) -> int:
-    """`2h`, `30m`, `90s`, `1d` ago; an ISO time (`2026-11-26T10:00`, UTC unless it says
-    otherwise); or epoch milliseconds -> epoch ms.  ValueError for anything else."""
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    ago = _AGO.match(text)
-    if ago:
-        return now_ms - int(float(ago.group(1)) * _UNIT_S[ago.group(2)] * 1000)
-    if text.isdigit():
-        return int(text)
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return int(moment.timestamp() * 1000)
 
 
 def utc(ms: int) -> str:

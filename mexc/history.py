@@ -27,7 +27,6 @@ import contextlib
 import datetime
 import json
 import os
-import re
 import time
 from typing import Iterable, List, Optional, Sequence
 
@@ -36,24 +35,23 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from core import archive, config as configuration
+from core import archive, clock, config as configuration
 from core.clock import HOUR_MS, hour_start, iso
 from core.log import first_line
 from core.store import Store
-from core.vocabulary import DEAL, DEPTH, GAP_COLUMNS, TICKER, Gap
+from core.channels import (DEAL_CHANNEL, DEAL_SIDES, DEPTH_CHANNEL, FIELD_SEPARATOR, LEVEL_CLOSE,
+                           LEVEL_FIELDS, LEVEL_OPEN, LEVEL_SEPARATOR, TICKER_CHANNEL, Layout)
+from core.vocabulary import Gap
 
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
 EXACT = pa.decimal128(38, 18)
-SIDES = pa.array(["buy", "sell"])  # a deal's direction: 1 buy, 2 sell (README "Row format")
+SIDES = pa.array(DEAL_SIDES)
 BOOK_SIDES = pa.array(["bid", "ask"])
-TICKER_FIELDS = ("last_price", "fair_price", "index_price", "hold_vol", "funding_rate")
-GAPS_KEY, RANGE_KEY = b"mexc.gaps", b"mexc.range"  # GAPS_KEY: the exporter's file key too
+RANGE_KEY = b"mexc.range"  # beside archive.GAPS_KEY in an answer's metadata
 READERS = 2  # hourly files read at the same time
 ATTEMPTS = 5  # reads of a range that a rotation changed midway before giving up
 KEYS = ["ts", "m", "rts"]  # a row's identity within one symbol and message type
 LIVE = "files and ClickHouse"  # Archive.live when ClickHouse answered
-RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhd])$")
-UNITS_MS = {"s": 1000, "m": 60_000, "h": HOUR_MS, "d": 24 * HOUR_MS}
 
 
 class HistoryError(Exception):
@@ -63,39 +61,27 @@ class HistoryError(Exception):
 # --- times ---------------------------------------------------------------------------------
 
 def parse_time(value, now_ms: Optional[int] = None) -> int:
-    """ms since the epoch from: an int (ms), a datetime (naive = UTC), "now", a relative
-    "-2h" / "-30m" / "-1.5d" / "-90s", or ISO-8601 ("2026-11-24", "2026-11-24T14:00",
-    "2026-11-24T14:00:00.5+01:00"; no zone = UTC)."""
+    """ms since the epoch from: an int (ms), a datetime (naive = UTC), or text as
+    core/clock.py parse_time reads it ("now", "-2h", "2026-11-24T14:00", ...)."""
     if isinstance(value, int):
         return value
     if isinstance(value, datetime.datetime):
-        return _datetime_ms(value)
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    text = str(value).strip()
-    if text == "now":
-        return now_ms
-    relative = RELATIVE.match(text)
-    if relative:
-        return now_ms - int(float(relative.group(1)) * UNITS_MS[relative.group(2)])
+        return clock.datetime_ms(value)
     try:
-        return _datetime_ms(datetime.datetime.fromisoformat(text.replace("Z", "+00:00")))
-    except ValueError:
-        raise HistoryError(f"not a time: {text!r} (ISO-8601 like 2026-11-24T14:00, or "
-                           f"relative like -2h, -30m, -1d)") from None
+        return clock.parse_time(str(value), now_ms)
+    except ValueError as e:
+        raise HistoryError(str(e)) from None
 
 
 def parse_interval(text: str) -> int:
     """"1m" -> 60000; s, m, h, d."""
-    match = re.match(r"^(\d+)([smhd])$", text.strip())
-    if not match or int(match.group(1)) == 0:
+    try:
+        interval = clock.duration_ms(text)
+    except ValueError:
+        interval = 0
+    if interval <= 0:
         raise HistoryError(f"not an interval: {text!r} (like 1s, 5m, 1h, 1d)")
-    return int(match.group(1)) * UNITS_MS[match.group(2)]
-
-
-def _datetime_ms(value: datetime.datetime) -> int:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=datetime.timezone.utc)
-    return int(value.timestamp() * 1000)
+    return interval
 
 
 # --- the archive ---------------------------------------------------------------------------
@@ -130,18 +116,19 @@ class Archive:
 
     def trades(self, symbol: str, start, end, exact: bool = False) -> pa.Table:
         """ts, price, volume, side (dictionary buy/sell), rts: one row per trade, ts order."""
-        return self._typed(symbol, DEAL, start, end, lambda raw: _trades(raw, exact))
+        return self._typed(symbol, DEAL_CHANNEL.mt, start, end, lambda raw: _trades(raw, exact))
 
     def ticker(self, symbol: str, start, end, exact: bool = False) -> pa.Table:
         """ts, last_price, fair_price, index_price, hold_vol, funding_rate, rts."""
-        return self._typed(symbol, TICKER, start, end, lambda raw: _ticker(raw, exact))
+        return self._typed(symbol, TICKER_CHANNEL.mt, start, end,
+                           lambda raw: _ticker(raw, exact))
 
     def book(self, symbol: str, start, end, levels: int = 20, per_level: bool = False,
              exact: bool = False) -> pa.Table:
         """Order-book snapshots: ts, bid_price, bid_size, ask_price, ask_size (lists, best
         first, at most `levels`), rts.  per_level=True: one row per level instead: ts, side
         (dictionary bid/ask), level (1 = best), price, size, rts."""
-        return self._typed(symbol, DEPTH, start, end,
+        return self._typed(symbol, DEPTH_CHANNEL.mt, start, end,
                            lambda raw: _book(raw, levels, per_level, exact))
 
     def bars(self, symbol: str, start, end, interval: str = "1m") -> pa.Table:
@@ -270,7 +257,7 @@ class Archive:
         found = set()
         for path in self._file_identities(name, start_ms, end_ms):
             metadata = pq.read_schema(path).metadata or {}
-            found.update(_gaps_from_json(metadata.get(GAPS_KEY, b"[]")))
+            found.update(archive.gaps_from_json(metadata.get(archive.GAPS_KEY, b"[]")))
         return sorted((g for g in found if g.end_ms > start_ms and g.start_ms < end_ms),
                       key=lambda g: (g.start_ms, g.end_ms))
 
@@ -308,11 +295,12 @@ def _anti_join(rows: pa.Table, others: pa.Table) -> pa.Table:
     return rows.join(others.select(KEYS), keys=KEYS, join_type="left anti").select(KEYS)
 
 
-# --- typing the message text --------------------------------------------------------------
+# --- typing the message text (its layouts: core/channels.py) --------------------------------
 
-def _fields(m, count: int) -> list:
-    """The `|`-separated fields of each message, as string arrays."""
-    parts = pc.split_pattern(m, "|", max_splits=count - 1)
+def _fields(m, layout: Layout) -> list:
+    """The fields of each message, as string arrays, in the layout's order."""
+    count = len(layout.fields)
+    parts = pc.split_pattern(m, FIELD_SEPARATOR, max_splits=count - 1)
     return [pc.list_element(parts, i) for i in range(count)]
 
 
@@ -321,17 +309,18 @@ def _number(text, exact: bool):
 
 
 def _trades(raw: pa.Table, exact: bool) -> pa.Table:
-    price, volume, direction = _fields(raw.column("m"), 3)
-    codes = pc.subtract(pc.cast(direction, pa.int8()), 1).cast(pa.int8())  # 0 buy, 1 sell
+    price, volume, direction = _fields(raw.column("m"), DEAL_CHANNEL.layout)
+    codes = pc.subtract(pc.cast(direction, pa.int8()), 1).cast(pa.int8())  # DEAL_SIDES index
     side = pa.DictionaryArray.from_arrays(_array(codes), SIDES, safe=True)  # raises if not 1/2
     return pa.table({"ts": raw.column("ts"), "price": _number(price, exact),
                      "volume": _number(volume, exact), "side": side, "rts": raw.column("rts")})
 
 
 def _ticker(raw: pa.Table, exact: bool) -> pa.Table:
-    fields = _fields(raw.column("m"), len(TICKER_FIELDS))
+    layout = TICKER_CHANNEL.layout
+    fields = _fields(raw.column("m"), layout)
     return pa.table({"ts": raw.column("ts"),
-                     **{name: _number(f, exact) for name, f in zip(TICKER_FIELDS, fields)},
+                     **{name: _number(f, exact) for name, f in zip(layout.fields, fields)},
                      "rts": raw.column("rts")})
 
 
@@ -343,10 +332,11 @@ def _array(values) -> pa.Array:
 def _levels(side_text, levels: int, exact: bool):
     """`[p,s],[p,s],...` texts -> (price lists, size lists), at most `levels` each."""
     side_text = _array(side_text)
-    counts = pc.count_substring(side_text, "[")  # levels per row; 0 for an empty side
-    pairs = pc.list_flatten(pc.split_pattern(pc.utf8_slice_codeunits(side_text, 1, -1), "],["))
+    counts = pc.count_substring(side_text, LEVEL_OPEN)  # levels per row; 0 for an empty side
+    inner = pc.utf8_slice_codeunits(side_text, len(LEVEL_OPEN), -len(LEVEL_CLOSE))
+    pairs = pc.list_flatten(pc.split_pattern(inner, LEVEL_CLOSE + LEVEL_SEPARATOR + LEVEL_OPEN))
     pairs = pairs.filter(pc.not_equal(pairs, ""))  # an empty side splits to one ""
-    price, size = (pc.list_element(pc.split_pattern(pairs, ","), i) for i in (0, 1))
+    price, size = (pc.list_element(pc.split_pattern(pairs, LEVEL_FIELDS), i) for i in (0, 1))
     offsets = pa.concat_arrays([pa.array([0], pa.int32()),
                                 pc.cumulative_sum(counts).cast(pa.int32())])
     return [pc.list_slice(pa.ListArray.from_arrays(offsets, _number(column, exact)), 0, levels)
@@ -354,7 +344,7 @@ def _levels(side_text, levels: int, exact: bool):
 
 
 def _book(raw: pa.Table, levels: int, per_level: bool, exact: bool) -> pa.Table:
-    bids, asks = _fields(raw.column("m"), 2)
+    bids, asks = _fields(raw.column("m"), DEPTH_CHANNEL.layout)
     bid_price, bid_size = _levels(bids, levels, exact)
     ask_price, ask_size = _levels(asks, levels, exact)
     if not per_level:
@@ -430,25 +420,16 @@ def _overlaps(bucket, interval_ms: int, gaps: Sequence[Gap]):
 def _with_metadata(table: pa.Table, symbol, start_ms: int, end_ms: int,
                    gaps: Iterable[Gap], source: str) -> pa.Table:
     return table.replace_schema_metadata({
-        GAPS_KEY: gaps_json(gaps),
+        archive.GAPS_KEY: archive.gaps_json(gaps),
         RANGE_KEY: json.dumps({"symbol": symbol.symbol, "name": symbol.name,
                                "start": iso(start_ms), "end": iso(end_ms),
                                "start_ms": start_ms, "end_ms": end_ms,
                                "source": source}).encode()})
 
 
-def gaps_json(gaps: Iterable[Gap]) -> bytes:
-    """The `mexc.gaps` metadata value: a JSON list of objects with the Gap fields."""
-    return json.dumps([g._asdict() for g in gaps]).encode()
-
-
-def _gaps_from_json(text: bytes) -> List[Gap]:
-    return [Gap(**{k: entry[k] for k in GAP_COLUMNS}) for entry in json.loads(text)]
-
-
 def gaps_of(table: pa.Table) -> List[Gap]:
     """The gaps inside the range of a table this module returned."""
-    return _gaps_from_json((table.schema.metadata or {}).get(GAPS_KEY, b"[]"))
+    return archive.gaps_from_json((table.schema.metadata or {}).get(archive.GAPS_KEY, b"[]"))
 
 
 # --- output (mexc trades|book|ticker|bars) ---------------------------------------------------

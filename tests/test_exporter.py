@@ -5,6 +5,7 @@ test sets, and inject crashes by making one step raise (what is on disk and in C
 that moment is what a SIGKILL would leave).  The last test runs the whole daemon with an
 accelerated event clock."""
 import collections
+import json
 import logging
 import os
 import subprocess
@@ -18,7 +19,7 @@ from core import archive, config as configuration
 from core.clickhouse_server import ManagedClickHouse
 from core.clock import HOUR_MS, EventClock
 from core.store import Store
-from exporter.exporter import Exporter
+from exporter.exporter import Exporter, HourExport, Phase, Progress, SymbolState
 from mexc.simulator import MexcSimulator
 from tests.conftest import MEXC, toml_dump, wait_for
 
@@ -91,6 +92,20 @@ class ShuttingDownSupervisor:
     def receive(self, timeout):
         self.exporter.stopping = True
         return None
+
+
+def test_a_state_file_of_an_interrupted_cycle_is_read_typed_and_written_back_the_same(tmp_path):
+    text = ('{"phase": "exporting", "boundary": 1764000000000, "hours": {"1763996400000": '
+            '{"before_sha": null, "before_rows": 0, "done": true}, "1763992800000": '
+            '{"before_sha": "ab12", "before_rows": 7, "done": false}}}')
+    (tmp_path / "btc.json").write_text(text)
+    state = SymbolState(str(tmp_path), "btc")
+    assert state.progress == Progress(Phase.EXPORTING, 1764000000000, {
+        1763996400000: HourExport(None, 0, True), 1763992800000: HourExport("ab12", 7)})
+    state.save()
+    assert json.loads((tmp_path / "btc.json").read_text()) == json.loads(text)
+    state.clear()
+    assert SymbolState(str(tmp_path), "btc").progress is None
 
 
 def test_sigterm_while_waiting_for_the_rotation_is_no_error(env, caplog):

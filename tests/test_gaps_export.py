@@ -5,11 +5,10 @@ import subprocess
 
 import pytest
 
-from core.clock import HOUR_MS
+from core.clock import HOUR_MS, parse_time
 from core.vocabulary import GAP_COLLECTOR_CRASH, GAP_DISCONNECT, Gap
 from exporter import parquet_files
 from exporter.exporter import Exporter
-from mexc.gaps import parse_since
 from tests.conftest import MEXC, toml_dump
 from tests.test_exporter import H, SetClock, insert, make_config, rows_for
 
@@ -44,12 +43,13 @@ def test_completeness_counts_overlapping_gaps_once():
     assert parquet_files.completeness(two, hour) == "0.800000"  # 12 of 60 minutes
 
 
-def test_parse_since():
-    assert parse_since("2h", now_ms=10_000_000) == 10_000_000 - 7_200_000
-    assert parse_since("2025-11-24T00:00") == H == parse_since("2025-11-24T00:00:00Z")
-    assert parse_since(str(H)) == H
+def test_since_takes_a_time_ago_with_or_without_a_minus_an_iso_time_or_epoch_ms():
+    assert parse_time("2h", now_ms=10_000_000) == 10_000_000 - 7_200_000
+    assert parse_time("-2h", now_ms=10_000_000) == 10_000_000 - 7_200_000
+    assert parse_time("2025-11-24T00:00") == H == parse_time("2025-11-24T00:00:00Z")
+    assert parse_time(str(H)) == H
     with pytest.raises(ValueError):
-        parse_since("yesterday")
+        parse_time("yesterday")
 
 
 def test_hour_files_carry_their_gaps_and_verify_recomputes_from_the_ledger(env):

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from core.archive import GAPS_KEY, gaps_json
 from core.archive import file_name as archive_file_name
 from core.clock import HOUR_MS
 from core.process import free_port
@@ -167,7 +168,7 @@ def test_offline_reads_the_files_and_their_gap_metadata(env, archive):
     path = f"{archive.export_dir}/{archive_file_name('btc', H - HOUR_MS)}"
     table = pq.read_table(path)  # the exporter of the gap-ledger issue writes this key
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata,
-                                                  history.GAPS_KEY: history.gaps_json([GAP])}),
+                                                  GAPS_KEY: gaps_json([GAP])}),
                    path)
     offline = history.Archive(archive.export_dir)
     trades = offline.trades("BTC_USDT", H - HOUR_MS, H + HOUR_MS)

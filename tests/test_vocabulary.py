@@ -1,6 +1,9 @@
-"""The shared words (core/vocabulary.py): ChildId names and the row vocabulary."""
+"""The shared words (core/vocabulary.py, core/channels.py): ChildId names, the row vocabulary,
+the channels and their `m` layouts."""
 import pytest
 
+from core.channels import (DEAL_LAYOUT, DEPTH_LAYOUT, FIELD_SEPARATOR, TICKER_LAYOUT, deal_text,
+                           depth_text, ticker_text)
 from core.vocabulary import (CHILD_KINDS, CLICKHOUSE, COLLECTOR, EXPORTER, MESSAGE_TYPES, ROW_COLUMNS,
                              TOR, ChildId, Row)
 
@@ -51,3 +54,21 @@ def test_row_vocabulary():
     assert ROW_COLUMNS == ("ts", "mt", "m", "rts")
     assert MESSAGE_TYPES == ("t", "d", "dp", "dl")
     assert Row(1, "t", "{}", 2) == (1, "t", "{}", 2)
+
+
+def test_layouts_spell_the_readme_examples_and_refuse_what_is_not_number_text():
+    deal = deal_text("122115.1", 12, 2)
+    assert deal == "122115.1|12|2" and DEAL_LAYOUT.fits(deal)
+    assert len(deal.split(FIELD_SEPARATOR)) == len(DEAL_LAYOUT.fields)
+    ticker = ticker_text("122122.3", "122122.3", "122133.7", 102648627, "0.00010000")
+    assert ticker == "122122.3|122122.3|122133.7|102648627|0.00010000"
+    assert TICKER_LAYOUT.fits(ticker)
+    assert len(ticker.split(FIELD_SEPARATOR)) == len(TICKER_LAYOUT.fields)
+    bids = [["122125.8", 103673, 3], ["122125.7", 100518, 1]]
+    depth = depth_text(bids, [["122125.9", 110108, 2]])
+    assert depth == "[122125.8,103673],[122125.7,100518]|[122125.9,110108]"
+    assert DEPTH_LAYOUT.fits(depth) and DEPTH_LAYOUT.fits(depth_text([], []))
+    assert depth_text([[str(p), 1] for p in range(30)], []).count("[") == 20  # the top 20
+    assert not DEAL_LAYOUT.fits(deal_text("[1]", 12, 2))
+    assert not DEAL_LAYOUT.fits(deal_text("1", 12, 3))  # side is 1 (buy) or 2 (sell)
+    assert not TICKER_LAYOUT.fits(ticker_text("1", "2", "3", "4", None))

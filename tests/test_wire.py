@@ -6,6 +6,8 @@ import zlib
 import pytest
 
 from collector import wire
+from core.channels import CHANNELS
+from core.vocabulary import MESSAGE_TYPES
 
 RTS = 1_755_487_600_000
 SYM = "BTC_USDT"
@@ -115,6 +117,17 @@ def test_subscribe_requests_ask_for_every_trade_unmerged():
     merged = [json.loads(r) for r in wire.subscribe_requests("SOL_USDT", 5, merge_deals=True)]
     assert merged[1] == {"method": "sub.deal", "param": {"symbol": "SOL_USDT"}}
     assert merged[2]["param"]["limit"] == 5
+
+
+def test_every_channel_of_the_table_is_subscribed_and_parsed():
+    assert [json.loads(r)["method"] for r in wire.subscribe_requests(SYM)] == \
+        [f"sub.{channel.name}" for channel in CHANNELS]
+    for channel in CHANNELS:
+        assert channel.mt in MESSAGE_TYPES  # a type ClickHouse's mt column knows
+        kind, rows = parse(json.dumps({"channel": channel.push, "symbol": SYM, "data": {},
+                                       "ts": 1}))
+        assert kind.startswith(f"dead:{channel.push}: missing field")  # its parser said why
+        assert rows == [(1, "dl", rows[0][2], RTS)]
 
 
 def test_stale_depth_snapshot_becomes_a_dead_letter():

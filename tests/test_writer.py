@@ -2,6 +2,7 @@
 against a real ClickHouse: the batch is stored once whether or not it had landed, also when
 someone else (the exporter moving rows back) changed the table meanwhile."""
 import collections
+import math
 import signal
 import socket
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 from collector.spool import Spool, SpoolBusy
-from collector.writer import LATENCY_MARGIN, SPOOL_AFTER, RowWriter
+from collector.writer import LATENCY_MARGIN, SPOOL_AFTER, RowWriter, WriterState
 from core.store import Store
 from tests.conftest import wait_for
 
@@ -98,6 +99,20 @@ def test_an_insert_is_due_at_batch_rows_or_before_the_latency_target(tmp_path):
     w.spool.append(rows("spooled", 1))
     assert w._until_due() == 0.0
     w.spool.close()
+
+
+def test_a_stop_during_a_hold_spools_the_held_rows_after_its_grace_and_ends_stopped(tmp_path):
+    """No ClickHouse needed: nothing is inserted while a rotation holds the table."""
+    w = RowWriter({"database": "mexc"}, "btc", Spool(str(tmp_path / "spool"), "btc"),
+                  max_buffered_rows=1000, latency_target=60.0)
+    assert (w.state, w.stop_deadline, w.held) == (WriterState.RUNNING, math.inf, None)
+    w.start()
+    w.hold("r1")
+    wait_for(w.holding, 5, "the hold on")
+    w.submit(rows("held", 5))  # not due for a minute: stays in memory during the hold
+    w.stop(grace=0.3)
+    assert w.state is WriterState.STOPPED and not w.failed
+    assert w.spool.rows == 5 and w.held.rotation == "r1"
 
 
 @pytest.mark.slow

@@ -1,0 +1,143 @@
+"""The exchange's side of every symbol: trades, book and ticker changing on the simulator's
+clock whether or not anyone is connected, every trade kept (the truth)."""
+import bisect
+import collections
+import functools
+import heapq
+import itertools
+import random
+import threading
+import time
+
+from mexc.simulator.feed import CHANNEL_WEIGHTS, Feed, Sequences
+from mexc.simulator.traffic import SharedRows
+from mexc.simulator.wire import text_frame
+
+POLL = 0.05  # s; longest the market thread sleeps (new symbols, stop)
+BATCH_WINDOW = 0.002  # s; events due this close together are made together
+MAX_BACKLOG = 1.0  # s; a stream that fell behind (stall, overload) catches up at most this much
+JOIN_TIMEOUT = 2.0
+
+
+def intervals(rate: float) -> dict:
+    """channel -> mean seconds between its events for `rate` events/s per stream on average,
+    split as the live mix (CHANNEL_WEIGHTS); {} for rate 0 (no events of its own)."""
+    if rate <= 0:
+        return {}
+    total_weight = sum(CHANNEL_WEIGHTS.values())
+    return {channel: total_weight / (rate * len(CHANNEL_WEIGHTS) * weight)
+            for channel, weight in CHANNEL_WEIGHTS.items()}
+
+
+class Market:
+    """Once a symbol's market is open (its first subscription, or open()), its trades, book and
+    ticker change on the simulator's clock; each change goes as a push to the connections that
+    `subscribers(symbol, channel)` names ((connection, subscription) pairs; a connection's
+    `push()` queues it).  Every trade is kept, so tests can ask which trades happened between
+    two times.  One thread makes the events; everything here is guarded by `lock`."""
+
+    def __init__(self, seed: int, sequences: Sequences, rate: float, subscribers):
+        self.seed = seed
+        self.sequences = sequences
+        self.intervals = intervals(rate)
+        self.subscribers = subscribers
+        self.lock = threading.Lock()
+        self.rng = random.Random(f"{seed}:market")
+        self.feeds = {}  # symbol -> Feed
+        self.truth = {}  # symbol -> [Trade], in the order made (t rising)
+        self.times = {}  # symbol -> [t of each Trade in truth], for bisect
+        self.schedule = []  # heap of (due, order, symbol, channel)
+        self.order = itertools.count()
+        self.data_stopped = False
+        self.closing = threading.Event()
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="mexc-sim-market", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.closing.set()
+        self.wake.set()
+        if self.thread.is_alive():
+            self.thread.join(JOIN_TIMEOUT)
+
+    def stop_data(self) -> None:
+        """No event after this one (trade() still trades)."""
+        with self.lock:
+            self.data_stopped = True
+
+    def open(self, symbol: str) -> Feed:
+        """The symbol's market, trading from now on (at the simulator's rate)."""
+        with self.lock:
+            feed = self.feeds.get(symbol)
+            if feed is None:
+                feed = self.feeds[symbol] = Feed(symbol, self.seed, self.rng, self.sequences)
+                self.truth[symbol], self.times[symbol] = [], []
+                now = time.monotonic()
+                for channel in self.intervals:
+                    heapq.heappush(self.schedule, (now, next(self.order), symbol, channel))
+        self.wake.set()
+        return feed
+
+    def trade(self, symbol: str, count: int) -> list:
+        """count trades now, in one push to the deal subscribers."""
+        feed = self.open(symbol)
+        with self.lock:
+            return self._happen(feed, "deal", count)
+
+    def trades(self, symbol: str, since_ms=None, until_ms=None) -> list:
+        with self.lock:
+            times = self.times.get(symbol, [])
+            first = 0 if since_ms is None else bisect.bisect_left(times, since_ms)
+            end = len(times) if until_ms is None else bisect.bisect_right(times, until_ms)
+            return self.truth.get(symbol, [])[first:end]
+
+    def _run(self) -> None:
+        while not self.closing.is_set():
+            self.wake.clear()
+            with self.lock:
+                delay = self._make_due_events()
+            self.wake.wait(min(max(delay, 0.0), POLL))
+
+    def _make_due_events(self) -> float:
+        """Make every event due within BATCH_WINDOW; seconds until the next one."""
+        now = time.monotonic()
+        schedule, intervals = self.schedule, self.intervals
+        while schedule and schedule[0][0] <= now + BATCH_WINDOW:
+            if self.data_stopped:
+                schedule.clear()
+                break
+            due, order, symbol, channel = heapq.heappop(schedule)
+            self._happen(self.feeds[symbol], channel)
+            next_due = max(due + intervals[channel] * (0.5 + self.rng.random()), now - MAX_BACKLOG)
+            heapq.heappush(schedule, (next_due, order, symbol, channel))
+        return schedule[0][0] - time.monotonic() if schedule else POLL
+
+    def _happen(self, feed: Feed, channel: str, count: int = 0) -> list:
+        """One event of the channel; pushed to its subscribers; the trades made, if any."""
+        trades = []
+        if channel == "deal":
+            trades = feed.new_trades(count)
+            self.truth[feed.symbol] += trades
+            self.times[feed.symbol] += [trade.t for trade in trades]
+            render = functools.partial(feed.deal_frame, trades)  # variant: merge
+        elif channel == "depth.full":
+            render = functools.partial(feed.render_depth, feed.next_depth())  # variant: limit
+        else:
+            frame = feed.ticker_frame()
+            render = lambda _variant: frame  # noqa: E731
+        self._push(feed.symbol, channel, render)
+        return trades
+
+    def _push(self, symbol: str, channel: str, render) -> None:
+        """To every connection subscribed, each variant rendered once.  While the simulator is
+        stalled they wait in the outboxes, as data does in a frozen network path."""
+        subscribers = self.subscribers(symbol, channel)
+        variants = collections.Counter(subscription.variant for _, subscription in subscribers)
+        frames = {}
+        for variant, count in variants.items():
+            text, rows = render(variant)
+            frames[variant] = (text_frame(text), SharedRows(rows) if count > 1 else rows)
+        for connection, subscription in subscribers:
+            connection.push(symbol, channel, subscription.token, *frames[subscription.variant])
