@@ -30,6 +30,7 @@ from collector.gaps import GapLedger
 from collector.spool import Spool
 from collector.writer import RowWriter
 from core.channels import CHANNELS, Channel
+from core.process import STOP_SIGNALS
 from core.vocabulary import (COLLECTOR, DEAD_LETTER, GAP_COLLECTOR_RESTART,
                              GAP_DEAD_SOCKET, GAP_DISCONNECT, GAP_EXCHANGE_ERROR, GAP_TOR_RESTART,
                              MESSAGE_TYPES, ChildId)
@@ -101,8 +102,8 @@ class Collector:
     # --- lifecycle -------------------------------------------------------------------------
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        for signum in STOP_SIGNALS:  # SIGHUP too: `mexc collect` whose terminal closed
+            signal.signal(signum, self._on_signal)
         if self.writer.spool:
             log.info("spool has %d rows from an earlier run; replaying them first",
                      self.writer.spool.rows)

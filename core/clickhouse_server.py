@@ -13,7 +13,7 @@ import time
 from xml.sax.saxutils import escape
 
 
-from core.process import die_with_parent, free_port
+from core.process import dies_with_this_process, free_port
 from core.store import Store
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,9 @@ class ManagedClickHouse:
         self._wait_port_free(timeout if wait else 0.0)  # a restart must not block its caller
         command = self.command(self.write_config())
         output = open(os.path.join(self.directory, "log", "stdout.log"), "ab")
-        self.process = subprocess.Popen(command,
-                                        cwd=self.directory, stdout=output, stderr=output,
-                                        stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        self.process = subprocess.Popen(
+            command, cwd=self.directory, stdout=output, stderr=output, stdin=subprocess.DEVNULL,
+            preexec_fn=dies_with_this_process())
         output.close()
         log.info("clickhouse starting pid=%d port=%d dir=%s", self.process.pid, self.port,
                  self.directory)

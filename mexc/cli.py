@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     collect = commands.add_parser(
         "collect", parents=[common], help="run one symbol's collector in the foreground",
         description="Stream one symbol's ticker, deals and top-20 depth into ClickHouse "
-                    "until SIGTERM or Ctrl-C (then flush and exit 0).")
+                    "until Ctrl-C, SIGTERM or SIGHUP (then flush and exit 0).")
     collect.add_argument("--symbol", required=True, help="contract (BTC_USDT) or its short name")
     collect.add_argument("--socks", metavar="HOST:PORT",
                          help="connect through this SOCKS5 proxy (remote DNS)")
@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                     "Exit 1 when it does not answer.")
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--watch", action="store_true",
-                        help="redraw the table in place, like top, until Ctrl-C")
+                        help="redraw the table in place, like top, until Ctrl-C "
+                             "(or SIGTERM, SIGHUP)")
     status.add_argument("--interval", type=float, default=2.0,
                         help="seconds between redraws with --watch (2)")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (3)")
@@ -111,8 +112,10 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="run the whole pipeline against a local MEXC simulator (no network)",
         description="Start a local MEXC simulator, a managed ClickHouse in a temporary "
                     "directory and the real daemon with three collectors; show the status "
-                    "table every few seconds; Ctrl-C stops everything and says where the "
-                    "data is.  Needs no config and no network.")
+                    "table every few seconds.  Ctrl-C, SIGTERM or SIGHUP (the terminal "
+                    "closed) stops everything and says what was stored where (also at the end "
+                    "of the demo's log); if the demo is killed, the daemon still stops.  Needs "
+                    "no config and no network.")
     demo.add_argument("--rate", type=float, default=20.0,
                       help="simulated frames/s per symbol and channel (20)")
     demo.add_argument("--duration", type=float, default=0.0,
@@ -182,8 +185,10 @@ def _status(args, config) -> int:
     import json
 
     if args.watch:
+        from core.process import stop_like_ctrl_c
         from mexc.watch import watch
 
+        stop_like_ctrl_c()  # SIGTERM, or the terminal closing, end it as Ctrl-C does
         try:
             watch(config.paths["runtime_dir"], args.interval)
         except KeyboardInterrupt:

@@ -49,10 +49,8 @@ def _become_child(tag: str, level: str, parent_pid: int) -> None:
     """First steps in a forked child: default signals, die with the supervisor, own log tag."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
-    die_with_parent()
+    die_with_parent(parent_pid)
     set_name(f"mexc-{tag}")
-    if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
-        os._exit(1)
     logging_setup.setup(tag, level)
 
 

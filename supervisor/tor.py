@@ -17,7 +17,7 @@ import subprocess
 import threading
 from typing import List, Optional, Tuple
 
-from core.process import die_with_parent, free_port
+from core.process import dies_with_this_process, free_port
 
 log = logging.getLogger(__name__)
 _LEVELS = {"[debug]": logging.DEBUG, "[info]": logging.INFO, "[notice]": logging.INFO,
@@ -161,7 +161,8 @@ class TorProcess:
         # --defaults-torrc /dev/null: the system's /etc/tor/torrc never applies to our instances
         self.process = subprocess.Popen(
             [binary, "--defaults-torrc", os.devnull, "-f", torrc], stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=dies_with_this_process())
         threading.Thread(target=self._pump_log, args=(self.process.stdout,),
                          name=f"tor-{self.name}-log", daemon=True).start()
         log.info("tor[%s] starting pid=%d socks=%d control=%d", self.name, self.process.pid,

@@ -2,14 +2,17 @@
 
 Everything listens on 127.0.0.1 only.  Waiting is done by polling with a deadline (`wait_for`).
 """
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import termios
 import time
 import uuid
 
+import psutil
 import pytest
 
 from core.clickhouse_server import ManagedClickHouse
@@ -30,6 +33,27 @@ def wait_for(predicate, timeout: float = 20.0, what: str = "condition", interval
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_gone(pids, timeout: float, what: str = "processes") -> None:
+    """Poll until no process of `pids` is left (a zombie counts as gone: it only waits for its
+    parent, init for an orphan, to reap it)."""
+    def left():
+        return [pid for pid in pids if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    try:
+        wait_for(lambda: not left(), timeout, f"every process of {what} gone")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; left: {left()}") from None
+
+
+def kill_left(pids) -> None:
+    """SIGKILL what a failed test left of `pids` (the machine is shared)."""
+    for pid in pids:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
 
 
 def toml_dump(data: dict) -> str:
@@ -184,6 +208,72 @@ class Proc:
             self.popen.kill()
             self.popen.wait()
         self.log_file.close()
+
+
+class Terminal:
+    """A command run as a user runs it in a terminal: it leads the session of a pseudo-terminal
+    of its own, so Ctrl-C typed there (`type`), and closing the terminal (`hang_up`: SIGHUP,
+    then EIO on every write) reach it as they would."""
+
+    CTRL_C = b"\x03"
+
+    def __init__(self, argv):
+        self.master, slave = os.openpty()
+        self.modes_at_start = self.modes()
+        self.popen = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
+                                      start_new_session=True, preexec_fn=self._take_terminal)
+        os.close(slave)
+        os.set_blocking(self.master, False)
+        self.pid = self.popen.pid
+        self.output = b""
+
+    @staticmethod
+    def _take_terminal() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    def read(self) -> str:
+        """Everything shown so far (a terminal ends lines in CR LF)."""
+        while self.master is not None:
+            try:
+                chunk = os.read(self.master, 65536)
+            except BlockingIOError:
+                break
+            except OSError:  # EIO: nothing holds the terminal open any more
+                chunk = b""
+            if not chunk:
+                break
+            self.output += chunk
+        return self.output.decode(errors="replace")
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def modes(self) -> list:
+        """The terminal's modes (termios), as a program that changed them would leave them."""
+        return termios.tcgetattr(self.master)
+
+    def hang_up(self) -> None:
+        os.close(self.master)
+        self.master = None
+
+    def wait(self, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while self.popen.poll() is None and time.monotonic() < deadline:
+            self.read()  # a full terminal would block its writes
+            time.sleep(0.05)
+        self.read()
+        try:
+            return self.popen.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.popen.args} still running after {timeout}s; output:\n"
+                                 f"{self.read()[-3000:]}") from None
+
+    def close(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+        if self.master is not None:
+            self.hang_up()
 
 
 @pytest.fixture

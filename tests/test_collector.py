@@ -3,6 +3,7 @@ ClickHouse: every row the simulator sent is stored exactly once, whatever goes w
 import collections
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -111,6 +112,19 @@ def test_reconnects_after_forced_disconnect(env, sim):
     assert_stored_exactly_once(env, sim)
     assert "reconnecting in" in proc.log()
     assert proc.stop() == 0
+
+
+@pytest.mark.one_clickhouse
+def test_sighup_stores_every_row_held_and_exits_0(env, sim):
+    """`mexc collect` whose terminal closes stops as on SIGTERM.  Nothing is due for a minute,
+    so every row is still in memory when SIGHUP comes: all must be stored before it exits."""
+    proc = start_collector(env, sim, collector={"latency_target": 60.0, "batch_rows": 100_000})
+    wait_for(lambda: len(sim.expected_rows("BTC_USDT")) >= 200, 20, "200 rows sent")
+    assert env.count() == 0
+    proc.signal(signal.SIGHUP)
+    assert proc.wait(30) == 0, proc.log()[-3000:]
+    written = int(re.search(r"stopped rows_written=(\d+) spooled=0", proc.log()).group(1))
+    assert written >= 200 and env.count() == written
 
 
 @pytest.mark.one_clickhouse

@@ -13,10 +13,11 @@ import pytest
 
 from bus import sockets
 from bus.sockets import ChildBus
-from core.store import UNKNOWN_DATABASE, UNKNOWN_TABLE, Refused
+from core.process import free_port
+from core.store import UNKNOWN_DATABASE, UNKNOWN_TABLE, Refused, Store
 from core.vocabulary import GAP_COLLECTOR_CRASH
 from supervisor.commands import COMMANDS
-from tests.conftest import MEXC, wait_for
+from tests.conftest import MEXC, wait_for, wait_gone
 from mexc.simulator import MexcSimulator
 
 pytestmark = pytest.mark.timeout(120)
@@ -120,24 +121,32 @@ def test_hung_collector_is_killed_and_replaced(env, sim):
     wait_for(lambda: daemon.collectors()["collector-eth"]["pid"] not in (None, old_pid), 15,
              "the hung collector replaced")
     assert "sent no heartbeat" in daemon.proc.log()
-    wait_for(lambda: not psutil.pid_exists(old_pid) or
-             psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE, 5, "the hung one gone")
+    wait_gone([old_pid], 5, "the hung collector")
 
 
 @pytest.mark.one_clickhouse
 @pytest.mark.slow
 def test_supervisor_sigkill_leaves_no_orphans(env, sim):
-    daemon = Daemon(env, sim)
+    """Its managed ClickHouse dies with it too, and a daemon started again at once finds
+    that ClickHouse's data and stores on."""
+    managed = {"managed": True, "port": free_port(), "http_port": free_port()}
+    daemon = Daemon(env, sim, clickhouse=managed)
     daemon.wait_flowing(["collector-btc", "collector-eth"])
     tree = daemon.tree()
-    assert len(tree) >= 3
+    assert sorted(psutil.Process(pid).name() for pid in tree[1:]) == [
+        "clickhouse-server", "mexc-collector[", "mexc-collector[", "mexc-exporter"]
+
+    def stored():
+        with Store({**env.ch_section(), **managed}, timeout=5.0) as store:
+            return store.count("btc_current")
+    before = stored()
     os.kill(daemon.proc.pid, signal.SIGKILL)
     daemon.proc.wait(5)
-
-    def all_gone():
-        return not [p for p in tree if psutil.pid_exists(p)
-                    and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    wait_for(all_gone, 5, f"every process of {tree} gone")
+    wait_gone(tree, 20, f"the killed daemon's tree {tree}")
+    daemon.proc = env.mexc("run", "--config", daemon.config, name="daemon")
+    daemon.wait_flowing(["collector-btc", "collector-eth"])
+    wait_for(lambda: stored() > before + 20, 20, "more rows than before")
+    assert daemon.proc.stop(15) == 0
 
 
 @pytest.mark.one_clickhouse
