@@ -126,14 +126,21 @@ def main(argv=None) -> int:
     args = _parser().parse_args(_relative_times(sys.argv[1:] if argv is None else argv))
     try:
         config = configuration.load(args.config) if getattr(args, "needs_config", True) else None
+        for warning in config.warnings if config else ():
+            _complain(4, f"mexc: config: {warning}")
         return args.handler(args, config)
     except configuration.ConfigError as e:
-        # <3>: an error for journald (`journalctl -p err`), as mexc.log does for log lines
-        prefix = "<3>" if os.environ.get("JOURNAL_STREAM") else ""
-        print(f"{prefix}mexc: bad config: {e}", file=sys.stderr)
+        _complain(3, f"mexc: bad config: {e}")
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
+
+
+def _complain(priority: int, line: str) -> None:
+    """One line on stderr, before logging is set up; under journald with its priority prefix
+    (`journalctl -p warning`), as core/log does for log lines."""
+    prefix = f"<{priority}>" if os.environ.get("JOURNAL_STREAM") else ""
+    print(f"{prefix}{line}", file=sys.stderr)
 
 
 def _collect(args, config) -> int:

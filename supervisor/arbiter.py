@@ -350,6 +350,8 @@ class Arbiter:
         except configuration.ConfigError as e:
             log.error("reload rejected, the running config stays in force: %s", e)
             return
+        for warning in new.warnings:
+            log.warning("reload: config: %s", warning)
         wanted = {str(ChildId(COLLECTOR, s.name)): s for s in new.symbols}
         self.config = new
         self.rotation.timeouts = Timeouts.from_config(new)

@@ -64,9 +64,9 @@ def pytest_generate_tests(metafunc):
 
 def start_server(kind: str, directory: str) -> ManagedClickHouse:
     if shutil.which("clickhouse-server") is None:
-        pytest.fail("clickhouse-server is not installed: run ./setup", pytrace=False)
+        pytest.fail("clickhouse-server is not installed: run ./setup --test", pytrace=False)
     if kind == "ch26" and not chdb_server.available():
-        pytest.fail("chdb-core is not installed: run ./setup", pytrace=False)
+        pytest.fail("chdb-core is not installed: run ./setup --test", pytrace=False)
     return SERVERS[kind](directory).start()
 
 
