@@ -15,6 +15,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--config", metavar="PATH",
                         help="config file (default: $MEXC_CONFIG, /etc/mexc/mexc.toml, "
                              "./etc/mexc.toml)")
+    common.add_argument("--version", action="version", version=f"mexc {__version__}")
     parser = argparse.ArgumentParser(
         prog="mexc", description="MEXC futures market data: WebSocket to ClickHouse to "
                                  "hourly Parquet.",
