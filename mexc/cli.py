@@ -159,19 +159,24 @@ def _collect(args, config) -> int:
 
 
 def _setup_db(args, config) -> int:
-    from core.store import Store, current_table
+    from core.store import SCHEMA_VERSION, Store, current_table
 
     log = logging_setup.setup("setup-db", config.log["level"])
     try:
         with Store(config.clickhouse) as store:
             features = store.setup([s.name for s in config.symbols])
+            schema = store.schema_version()
     except Exception as e:
         log.error("cannot set up ClickHouse at %s:%d: %s", config.clickhouse["host"],
                   config.clickhouse["port"], first_line(e))
         return 1
     log.info("database %s ready on ClickHouse %s (time columns %s): %s",
              config.clickhouse["database"], features.version, features.time_type,
-             ", ".join(current_table(s.name) for s in config.symbols) + ", export_log, gaps")
+             ", ".join(current_table(s.name) for s in config.symbols)
+             + ", export_log, gaps, schema_version")
+    if schema < SCHEMA_VERSION:  # a copy of a table must not race a running collector
+        log.warning("store schema %d: `mexc run` brings it to %d at its start", schema,
+                    SCHEMA_VERSION)
     return 0
 
 

@@ -23,7 +23,7 @@ from bus.rotation import Coordinator, Timeouts
 from core import __version__, config as configuration, log as logging_setup, pidlock
 from core.clickhouse_server import ClickHouseStartError, ManagedClickHouse
 from core.log import RecentProblems, first_line
-from core.store import Store
+from core.store import SchemaTooNew, Store
 from core.vocabulary import CLICKHOUSE, COLLECTOR, EXPORTER, TOR, ChildId
 from supervisor import commands, reload, sdnotify
 from supervisor.alerts import Alerts
@@ -212,11 +212,14 @@ class Arbiter:
     def _ensure_schema(self) -> None:
         try:
             with Store(self.config.clickhouse) as session:
-                features = session.setup([s.name for s in self.config.symbols])
+                # before any collector runs: the one place an older schema is migrated
+                features = session.setup([s.name for s in self.config.symbols], migrate=True)
             self.clickhouse_checked = (time.monotonic(), features)
             log.info("clickhouse %s at %s:%d, database %s ready", features.version,
                      self.config.clickhouse["host"], self.config.clickhouse["port"],
                      self.config.clickhouse["database"])
+        except SchemaTooNew as e:
+            raise RunError(f"refusing to start: {e}") from None
         except Exception as e:  # collectors buffer and create their tables once it is back
             log.warning("clickhouse not reachable yet (%s); collectors will buffer",
                         first_line(e))
