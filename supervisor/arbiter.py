@@ -405,17 +405,22 @@ class Arbiter:
 
     def _apply_settings(self, changed) -> None:
         """What a reload applies at once (supervisor/reload.py), and one line per section."""
+        level = self.config.log["level"]
+        new_level = reload.touches(changed, "log", reload.NOW)
+        # the lines show under the old log.level or the new one, whichever says more
+        if new_level and logging.getLevelName(level.upper()) < logging.getLogger().level:
+            logging_setup.set_level(level)
+        for line in reload.lines(changed):
+            log.info("%s", line)
         self.rotation.timeouts = Timeouts.from_config(self.config)
         for child in self.children.values():
             child.sup = self.config.supervisor
-        if reload.touches(changed, "log", reload.NOW):
-            logging_setup.set_level(self.config.log["level"])
-            self._publish("log_level", level=self.config.log["level"])  # to the children
         if reload.touches(changed, "http", reload.NOW) or reload.touches(changed, "alerts",
                                                                           reload.NOW):
             self._start_monitor()
-        for line in reload.lines(changed):
-            log.info("%s", line)
+        if new_level:
+            logging_setup.set_level(level)
+            self._publish("log_level", level=level)  # to the children
 
     def _leftovers(self, symbol) -> list:
         """The children of a removed symbol that are still stopping."""

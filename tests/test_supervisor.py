@@ -310,6 +310,12 @@ def test_sighup_applies_http_alerts_and_log_level_without_restarting_anything(en
     assert {c["name"]: c["pid"] for c in after["children"]} == pids, "a child was restarted"
     assert after["supervisor"]["clickhouse"]["port"] == port != 1  # kept until a restart
     assert after["supervisor"]["dashboard"] == f"http://127.0.0.1:{second}/"
+    env.write_config(sim.url, symbols=["BTC_USDT"], supervisor={"heartbeat_timeout": 4.0},
+                     log={"level": "error"}, http={"listen": ""})
+    daemon.proc.signal(signal.SIGHUP)  # the lines of a reload that quiets the log still show
+    wait_for(lambda: "reload [log]: level='error': applied" in daemon.proc.log(), 10,
+             "the reload's line before its level applies")
+    wait_for(lambda: _http_status(second, "s3cret") == 0, 10, "the dashboard turned off")
     assert daemon.proc.stop(15) == 0
 
 
