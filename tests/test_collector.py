@@ -100,6 +100,7 @@ def test_every_row_and_dead_letter_stored_once(env, sim):
     assert ("BTC_USDT", "deal", {"symbol": "BTC_USDT", "compress": False}) in sim.subscription_params
 
 
+@pytest.mark.slow  # the quick loop reconnects in test_gaps' forced disconnect
 @pytest.mark.one_clickhouse
 def test_reconnects_after_forced_disconnect(env, sim):
     proc = start_collector(env, sim)

@@ -249,7 +249,7 @@ def test_tor_sigkill_is_a_tor_restart(env, sim, network):  # noqa: F811
     assert daemon.proc.stop(20) == 0
 
 
-@pytest.mark.quick_on_one_clickhouse  # the collector's logic; the ledger's SQL: test_gaps_export
+@pytest.mark.slow  # the quick loop backfills a gap in test_forced_disconnect_is_one_record...
 def test_a_gap_longer_than_the_rest_window_is_not_covered(env, sim):
     proc = start_collector(env, sim)
     rows_after(env, sim, 30)
