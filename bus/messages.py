@@ -6,7 +6,8 @@ log it and drop it, so a bad message never kills a process.
 
 Sockets (all ipc:// in paths.runtime_dir, see bus/sockets.py):
   control  REQ -> REP   status, export, export_result, restart     replies: reply
-  events   PUB -> SUB   rotate_begin, rotate_ready, rotate_end, export_now, tor_restarted
+  events   PUB -> SUB   rotate_begin, rotate_ready, rotate_end, export_now, tor_restarted,
+                        log_level
   reports  PUSH -> PULL heartbeat, rotate_request, rotate_ack, rotate_done, export_done
 """
 import json
@@ -31,6 +32,7 @@ MESSAGES = {
     "export_now": ("request",),  # to the exporter: run a cycle now
     # a symbol's tor exited and is being restarted: its collector's gap has this reason
     "tor_restarted": ("name", "detail"),
+    "log_level": ("level",),  # a reload changed log.level: every child takes it at once
     # reports, pushed by children
     "heartbeat": ("name", "pid", "stats"),
     "rotate_request": ("name", "request"),  # the exporter asks for a rotation

@@ -30,6 +30,7 @@ from collector.gaps import GapLedger
 from collector.spool import Spool
 from collector.writer import RowWriter
 from core.channels import CHANNELS, Channel
+from core.log import set_level
 from core.process import STOP_SIGNALS
 from core.vocabulary import (COLLECTOR, DEAD_LETTER, GAP_COLLECTOR_RESTART,
                              GAP_DEAD_SOCKET, GAP_DISCONNECT, GAP_EXCHANGE_ERROR, GAP_TOR_RESTART,
@@ -272,6 +273,8 @@ class Collector:
             holder.on_event(event)
             if event["type"] == "tor_restarted" and event["name"] == self.sym.name:
                 self.gaps.hint(GAP_TOR_RESTART, event["detail"])
+            elif event["type"] == "log_level":
+                set_level(event["level"])
 
     def status(self, now: float) -> dict:
         """What the heartbeat tells the supervisor (and mexc status shows)."""

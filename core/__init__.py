@@ -5,7 +5,7 @@ Nothing here imports bus/, collector/, exporter/, supervisor/ or mexc/: layers p
 """
 import os
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # clickhouse-driver builds a ~22 MB date lookup table at import unless told to do it lazily
 # (the variable's name is spelled so); every collector process would pay for it.

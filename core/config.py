@@ -7,7 +7,7 @@ import grp
 import ipaddress
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 from urllib.parse import urlsplit
 
@@ -97,12 +97,14 @@ SCHEMA = {
         "max_per_minute": (int, 20),
     },
 }
-# Keys of earlier versions, with what took their place: named in the error instead of
-# "unknown key", so an operator upgrading knows what to write.
-REPLACED = {
-    "collector.flush_interval": "replaced by collector.latency_target (seconds from receipt to "
-                                "queryable, default 1.0; inserts are sized to meet it): "
-                                "rename or remove it",
+# Keys of earlier releases that were renamed or removed: old key -> the key that took its
+# place.  A file that still has one loads, with a warning naming the new key (Config.warnings),
+# for at least one release after the rename (CHANGELOG.md): an upgrade must not stop a working
+# install.  The old value is carried over unless the file sets the new key too.
+RENAMED = {
+    # Both bound how long a received row waits for its insert; the new default, 1.0, costs a
+    # tenth of the inserts of the old 0.1 (an INSERT costs about the same for 4 rows or 1,000).
+    "collector.flush_interval": "collector.latency_target",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEPTH_LIMITS = (5, 10, 20)
@@ -132,6 +134,8 @@ class Config:
     log: dict
     http: dict
     alerts: dict
+    # what an operator should change in the file (old keys still read); logged at every load
+    warnings: List[str] = field(default_factory=list)
 
     def symbol(self, symbol: str) -> Symbol:
         for s in self.symbols:
@@ -172,13 +176,15 @@ def parse(data: dict, path: str = "<config>") -> Config:
     unknown = set(data) - set(SCHEMA) - {"symbols"}
     if unknown:
         raise ConfigError(f"{path}: {sorted(unknown)[0]}: unknown key")
+    warnings = []
+    data = _renamed(data, path, warnings)
     sections = {name: _section(data.get(name, {}), name, keys, path)
                 for name, keys in SCHEMA.items()}
     symbols = _symbols(data.get("symbols", ["BTC_USDT", "ETH_USDT", "SOL_USDT"]), path)
     sections["exchange"]["rest_url"] = (sections["exchange"]["rest_url"]
                                         or rest_url_of(sections["exchange"]["url"]))
     _check_values(sections, path)
-    return Config(path=path, symbols=symbols, **sections)
+    return Config(path=path, symbols=symbols, warnings=warnings, **sections)
 
 
 def rest_url_of(websocket_url: str) -> str:
@@ -192,8 +198,6 @@ def _section(values, section: str, keys: dict, path: str) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: [{section}]: must be a table")
     for key in values:
-        if f"{section}.{key}" in REPLACED:
-            raise ConfigError(f"{path}: {section}.{key}: {REPLACED[f'{section}.{key}']}")
         if key not in keys:
             raise ConfigError(f"{path}: {section}.{key}: unknown key")
     result = {}
@@ -201,6 +205,30 @@ def _section(values, section: str, keys: dict, path: str) -> dict:
         value = values.get(key, default)
         result[key] = _typed(value, kind, f"{section}.{key}", path)
     return result
+
+
+def _renamed(data: dict, path: str, warnings: list) -> dict:
+    """The file's tables with each old key of RENAMED moved to its new name, and a warning
+    for each."""
+    data = {name: dict(value) if isinstance(value, dict) else value
+            for name, value in data.items()}
+    for old, new in RENAMED.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        values = data.get(old_section)
+        if not isinstance(values, dict) or old_key not in values:
+            continue
+        value = values.pop(old_key)
+        target = data.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            continue  # _section says what is wrong with it
+        if new_key in target:
+            warnings.append(f"{path}: {old}: renamed {new}; {new} is set too, so "
+                            f"{old} = {value!r} is ignored: remove it")
+        else:
+            target[new_key] = value
+            warnings.append(f"{path}: {old}: renamed {new}; read as {new} = "
+                            f"{value!r}: rename it (CHANGELOG.md says what changed)")
+    return data
 
 
 def _typed(value, kind, key: str, path: str):

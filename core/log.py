@@ -37,10 +37,15 @@ def setup(tag: str, level: str = "info") -> logging.Logger:
     handler.setFormatter(_Formatter(tag, journald=bool(os.environ.get("JOURNAL_STREAM"))))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    set_level(level)
     # clickhouse-driver logs each failed connect with a traceback; our own lines say it better.
     logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)
     return logging.getLogger("mexc")
+
+
+def set_level(level: str) -> None:
+    """`log.level` for this process, at start and after a reload."""
+    logging.getLogger().setLevel(level.upper())
 
 
 class RecentProblems(logging.Handler):

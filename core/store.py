@@ -6,6 +6,7 @@ Tables, per symbol short name (e.g. btc), all in the configured database:
   {name}_fresh     exists only during a swap; a crash may leave it behind (recover_fresh)
   export_log       one row per Parquet file written (MergeTree)
   gaps             the gap ledger: one row per stretch without a live subscription (MergeTree)
+  schema_version   one row per schema version this database was brought to (MergeTree)
 
 Rows are (ts, mt, m, rts), see core/vocabulary.py.  Time columns are DateTime64(3, 'UTC')
 where the server has it and UInt64 milliseconds on old servers (18.16, Debian's package).
@@ -24,6 +25,7 @@ import logging
 import os
 import pwd
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -46,6 +48,12 @@ UNKNOWN_TABLE = 60  # ClickHouse's error codes for a table, a database that does
 UNKNOWN_DATABASE = 81
 Refused = ServerException  # the server answered with an error: the statement did not apply
 MT_ENUM = "Enum8(" + ", ".join(f"'{mt}' = {i}" for i, mt in enumerate(MESSAGE_TYPES, 1)) + ")"
+# The layout of the tables this release reads and writes.  1: mexc 0.1.0, which recorded none;
+# 2: the version recorded in schema_version.  A daemon meeting an older database brings it up
+# to this at its start (Store.setup(migrate=True)); one meeting a newer refuses (SchemaTooNew).
+# A new message type changes MT_ENUM: raise this, and the start rebuilds every rows table
+# whose mt is not MT_ENUM (StripeLog cannot ALTER a column, on either release).
+SCHEMA_VERSION = 2
 # An hour's rows as the export reads them: times as integer milliseconds, mt as its name.
 ROWS_SCHEMA = pa.schema([("ts", pa.int64()), ("mt", pa.string()), ("m", pa.string()),
                          ("rts", pa.int64())])
@@ -53,6 +61,10 @@ BLOCK_ROWS = 65536
 # per HTTP output format: settings it needs (String as Arrow's string, not binary; a server
 # without the setting refuses it, and the probe then falls back to CSV)
 FORMAT_SETTINGS = {"ArrowStream": {"output_format_arrow_string_as_string": 1}}
+
+
+class SchemaTooNew(Exception):
+    """The database was brought to a schema version this release does not know."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,11 @@ class Features:
         over ArrowStream`."""
         return (f"ClickHouse {self.version}, time columns {self.time_type}, export over "
                 f"{self.http_format or 'native protocol rows (no HTTP port answering)'}")
+
+
+def _release() -> str:
+    from core import __version__  # core/__init__ imports nothing of core: no cycle
+    return f"mexc {__version__}"
 
 
 def rows_batch(rows: List[tuple]) -> pa.RecordBatch:
@@ -273,14 +290,78 @@ class Store:
             f"detail String, backfilled UInt32, covered UInt8, recorded_ms {t}"
             f") ENGINE = MergeTree ORDER BY (name, start_ms)")
 
-    def setup(self, names: Sequence[str]) -> Features:
-        """Database, export_log, gaps and every {name}_current that is missing.  Idempotent."""
+    def setup(self, names: Sequence[str], migrate: bool = False) -> Features:
+        """Database, export_log, gaps, schema_version and every {name}_current that is
+        missing.  Idempotent.  SchemaTooNew if a newer mexc made the database.  An older
+        schema is brought up to SCHEMA_VERSION only with `migrate`: where no collector inserts
+        (the daemon's start, before its collectors; `mexc setup-db`)."""
         self.create_database()
+        found = self.schema_version()
+        if found > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"database {self.database} has store schema {found}, written by a newer mexc; "
+                f"{_release()} knows schemas up to {SCHEMA_VERSION}: run the newer release "
+                "again, or give this one another clickhouse.database")
         self.create_export_log()
         self.create_gaps_table()
+        self.client.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._table('schema_version')} ("
+            f"version UInt32, applied_ms UInt64, release String"
+            f") ENGINE = MergeTree ORDER BY version")
         for name in names:
             self.create_rows_table(current_table(name))
+        if found < SCHEMA_VERSION and migrate:
+            for table in self._outdated_rows_tables():
+                self._rebuild_rows_table(table)
+            log.info("store: database %s brought from schema %d to %d", self.database, found,
+                     SCHEMA_VERSION)
+        if found == SCHEMA_VERSION or migrate:
+            self._record_schema()
         return self.features
+
+    def schema_version(self) -> int:
+        """The version recorded; 1 for tables 0.1.0 made (it recorded none); SCHEMA_VERSION
+        for a database without mexc's tables (setup makes them so)."""
+        if self.exists("schema_version"):
+            recorded = self._one(f"SELECT max(version) FROM {self._table('schema_version')}")
+            if recorded:
+                return recorded
+        return 1 if self.exists("export_log") else SCHEMA_VERSION
+
+    def _record_schema(self) -> None:
+        table = self._table("schema_version")
+        if self._one(f"SELECT max(version) FROM {table}") != SCHEMA_VERSION:
+            self.client.execute(f"INSERT INTO {table} (version, applied_ms, release) VALUES",
+                                [(SCHEMA_VERSION, int(time.time() * 1000), _release())])
+
+    def _outdated_rows_tables(self) -> List[str]:
+        """Rows tables ({name}_current, _previous, _fresh) whose mt is not today's MT_ENUM."""
+        return [table for table, in self.client.execute(
+            "SELECT table FROM system.columns WHERE database = %(db)s AND name = 'mt' "
+            "AND type != %(mt)s AND match(table, '_(current|previous|fresh)$')",
+            {"db": self.database, "mt": MT_ENUM})]
+
+    def _rebuild_rows_table(self, table: str) -> None:
+        """Copy a rows table into one of today's layout, then swap the two.  The table keeps
+        every row at every step, so a leftover copy (a crash) is dropped and made again.
+        Only where no collector inserts (setup's `migrate`)."""
+        copy = f"{table}_migration"
+        self.drop(copy)
+        self.create_rows_table(copy)
+        self.client.execute(f"INSERT INTO {self._table(copy)} SELECT ts, toString(mt), m, rts "
+                            f"FROM {self._table(table)}")
+        rows, copied = self.count(table), self.count(copy)
+        if rows != copied:
+            raise RuntimeError(f"store: copying {table} gave {copied} rows of {rows}")
+        if self.features.exchange_tables:
+            self.client.execute(f"EXCHANGE TABLES {self._table(table)} AND {self._table(copy)}")
+        else:  # one statement: ClickHouse renames under one lock
+            old = f"{table}_premigration"
+            self.client.execute(f"RENAME TABLE {self._table(table)} TO {self._table(old)}, "
+                                f"{self._table(copy)} TO {self._table(table)}, "
+                                f"{self._table(old)} TO {self._table(copy)}")
+        self.drop(copy)
+        log.info("store: %s rebuilt with mt %s, %d rows", table, MT_ENUM, rows)
 
     # --- rows tables -----------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from bus.sockets import ChildBus
 from core import archive, store
 from core.clock import HOUR_MS, EventClock, hour_start, iso
 from core.config import Symbol
-from core.log import first_line
+from core.log import first_line, set_level
 from core.process import write_json_atomic
 from core.vocabulary import EXPORTER
 from exporter import parquet_files
@@ -205,6 +205,8 @@ class Exporter:
     def _note(self, event) -> None:
         if event and event["type"] == "export_now":
             self.requests.append(event["request"])
+        elif event and event["type"] == "log_level":
+            set_level(event["level"])
 
     # --- one cycle -------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--config", metavar="PATH",
                         help="config file (default: $MEXC_CONFIG, /etc/mexc/mexc.toml, "
                              "./etc/mexc.toml)")
+    common.add_argument("--version", action="version", version=f"mexc {__version__}")
     parser = argparse.ArgumentParser(
         prog="mexc", description="MEXC futures market data: WebSocket to ClickHouse to "
                                  "hourly Parquet.",
@@ -129,14 +130,21 @@ def main(argv=None) -> int:
     args = _parser().parse_args(_relative_times(sys.argv[1:] if argv is None else argv))
     try:
         config = configuration.load(args.config) if getattr(args, "needs_config", True) else None
+        for warning in config.warnings if config else ():
+            _complain(4, f"mexc: config: {warning}")
         return args.handler(args, config)
     except configuration.ConfigError as e:
-        # <3>: an error for journald (`journalctl -p err`), as mexc.log does for log lines
-        prefix = "<3>" if os.environ.get("JOURNAL_STREAM") else ""
-        print(f"{prefix}mexc: bad config: {e}", file=sys.stderr)
+        _complain(3, f"mexc: bad config: {e}")
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
+
+
+def _complain(priority: int, line: str) -> None:
+    """One line on stderr, before logging is set up; under journald with its priority prefix
+    (`journalctl -p warning`), as core/log does for log lines."""
+    prefix = f"<{priority}>" if os.environ.get("JOURNAL_STREAM") else ""
+    print(f"{prefix}{line}", file=sys.stderr)
 
 
 def _collect(args, config) -> int:
@@ -154,19 +162,24 @@ def _collect(args, config) -> int:
 
 
 def _setup_db(args, config) -> int:
-    from core.store import Store, current_table
+    from core.store import SCHEMA_VERSION, Store, current_table
 
     log = logging_setup.setup("setup-db", config.log["level"])
     try:
         with Store(config.clickhouse) as store:
             features = store.setup([s.name for s in config.symbols])
+            schema = store.schema_version()
     except Exception as e:
         log.error("cannot set up ClickHouse at %s:%d: %s", config.clickhouse["host"],
                   config.clickhouse["port"], first_line(e))
         return 1
     log.info("database %s ready on ClickHouse %s (time columns %s): %s",
              config.clickhouse["database"], features.version, features.time_type,
-             ", ".join(current_table(s.name) for s in config.symbols) + ", export_log, gaps")
+             ", ".join(current_table(s.name) for s in config.symbols)
+             + ", export_log, gaps, schema_version")
+    if schema < SCHEMA_VERSION:  # a copy of a table must not race a running collector
+        log.warning("store schema %d: `mexc run` brings it to %d at its start", schema,
+                    SCHEMA_VERSION)
     return 0
 
 

@@ -20,12 +20,12 @@ import psutil
 
 from bus import sockets
 from bus.rotation import Coordinator, Timeouts
-from core import __version__, config as configuration, pidlock
+from core import __version__, config as configuration, log as logging_setup, pidlock
 from core.clickhouse_server import ClickHouseStartError, ManagedClickHouse
 from core.log import RecentProblems, first_line
-from core.store import Store
+from core.store import SchemaTooNew, Store
 from core.vocabulary import CLICKHOUSE, COLLECTOR, EXPORTER, TOR, ChildId
-from supervisor import commands, sdnotify
+from supervisor import commands, reload, sdnotify
 from supervisor.alerts import Alerts
 from supervisor.children import (Child, ChildState, Forked, Subprocess, collector_main,
                                  exporter_main, prepare_fork, start_reason)
@@ -118,17 +118,34 @@ class Arbiter:
         exporter.start(time.monotonic())
 
     def _start_monitor(self) -> None:
-        """The dashboard, /metrics and alerts; a port already taken costs the dashboard (an
-        error line), not the run."""
+        """The dashboard, /metrics and alerts as self.config says, at start and after each
+        reload: what did not change keeps running (the dashboard's history, the alerts that
+        fire).  A port already taken costs the dashboard (an error line), not the run."""
         http, alerts = self.config.http, self.config.alerts
-        if not (http["listen"] or alerts["command"] or alerts["webhook"]):
-            return
-        if alerts["command"] or alerts["webhook"]:
+        wants_alerts = bool(alerts["command"] or alerts["webhook"])
+        if self.alerts is not None and not wants_alerts:
+            self.alerts.stop()
+            self.alerts = None
+        elif self.alerts is not None:
+            self.alerts.config = self.config  # its rules and receivers read it at each use
+        elif wants_alerts:
             self.alerts = Alerts(self.config)
-        self.monitor = Monitor(self.config, lambda: commands.ask(self.runtime_dir, "status",
-                                                                 timeout=5.0),
-                               on_sample=self.alerts.on_sample if self.alerts else None)
-        self.monitor.start()
+        if self.monitor is None and (http["listen"] or wants_alerts):
+            self.monitor = Monitor(self.config, lambda: commands.ask(self.runtime_dir, "status",
+                                                                     timeout=5.0))
+            self.monitor.start()
+        if self.monitor is not None:
+            self.monitor.config = self.config
+            self.monitor.on_sample = self.alerts.on_sample if self.alerts else None
+        self._serve(http)
+
+    def _serve(self, http: dict) -> None:
+        if self.web is not None and self.web.listen == http["listen"]:
+            self.web.token = http["token"]  # read at each request
+            return
+        if self.web is not None:
+            self.web.stop()
+            self.web = None
         if not http["listen"]:
             return
         try:
@@ -195,11 +212,14 @@ class Arbiter:
     def _ensure_schema(self) -> None:
         try:
             with Store(self.config.clickhouse) as session:
-                features = session.setup([s.name for s in self.config.symbols])
+                # before any collector runs: the one place an older schema is migrated
+                features = session.setup([s.name for s in self.config.symbols], migrate=True)
             self.clickhouse_checked = (time.monotonic(), features)
             log.info("clickhouse %s at %s:%d, database %s ready", features.version,
                      self.config.clickhouse["host"], self.config.clickhouse["port"],
                      self.config.clickhouse["database"])
+        except SchemaTooNew as e:
+            raise RunError(f"refusing to start: {e}") from None
         except Exception as e:  # collectors buffer and create their tables once it is back
             log.warning("clickhouse not reachable yet (%s); collectors will buffer",
                         first_line(e))
@@ -350,9 +370,12 @@ class Arbiter:
         except configuration.ConfigError as e:
             log.error("reload rejected, the running config stays in force: %s", e)
             return
+        for warning in new.warnings:
+            log.warning("reload: config: %s", warning)
+        changed = reload.changes(self.config, new)
+        self.config = new = reload.adopted(self.config, new)
+        self._apply_settings(changed)
         wanted = {str(ChildId(COLLECTOR, s.name)): s for s in new.symbols}
-        self.config = new
-        self.rotation.timeouts = Timeouts.from_config(new)
         for child in self._collectors():
             if child.name not in wanted:
                 log.info("reload: %s removed from the config; stopping it", child.symbol)
@@ -375,9 +398,29 @@ class Arbiter:
             else:
                 log.info("reload: %s added; starting its collector", symbol.symbol)
                 self._add_collector(symbol)
-        if added and EXPORTER in self.children:
+        if ((added or reload.touches(changed, "export", reload.EXPORTER))
+                and EXPORTER in self.children):
             self.children[EXPORTER].restart_now(time.monotonic())  # to export them too
         log.info("reload done: symbols=%s", ",".join(s.symbol for s in new.symbols))
+
+    def _apply_settings(self, changed) -> None:
+        """What a reload applies at once (supervisor/reload.py), and one line per section."""
+        level = self.config.log["level"]
+        new_level = reload.touches(changed, "log", reload.NOW)
+        # the lines show under the old log.level or the new one, whichever says more
+        if new_level and logging.getLevelName(level.upper()) < logging.getLogger().level:
+            logging_setup.set_level(level)
+        for line in reload.lines(changed):
+            log.info("%s", line)
+        self.rotation.timeouts = Timeouts.from_config(self.config)
+        for child in self.children.values():
+            child.sup = self.config.supervisor
+        if reload.touches(changed, "http", reload.NOW) or reload.touches(changed, "alerts",
+                                                                          reload.NOW):
+            self._start_monitor()
+        if new_level:
+            logging_setup.set_level(level)
+            self._publish("log_level", level=level)  # to the children
 
     def _leftovers(self, symbol) -> list:
         """The children of a removed symbol that are still stopping."""

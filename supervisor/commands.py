@@ -8,6 +8,7 @@ looking its type up in COMMANDS; the command line asks with ask().
 import json
 
 from bus import sockets
+from core import __version__
 from core.vocabulary import COLLECTOR, MESSAGE_TYPES, TOR
 from supervisor.children import ChildState
 
@@ -143,7 +144,10 @@ def _header(sup: dict) -> str:
     next_rotation = f" (next {export['next_rotation']})" if export.get("next_rotation") else ""
     failing = f", EXPORT FAILING: {export['last_error']}" if export.get("last_error") else ""
     dashboard = f"  dashboard {sup['dashboard']}" if sup.get("dashboard") else ""
-    return (f"mexc {sup['version']}  supervisor pid {sup['pid']}  up {_duration(sup['uptime_s'])}"
+    # the daemon runs the code it started with: after an upgrade, until it is restarted
+    installed = (f" (installed {__version__}: restart to run it)"
+                 if sup["version"] != __version__ else "")
+    return (f"mexc {sup['version']}{installed}  supervisor pid {sup['pid']}  up {_duration(sup['uptime_s'])}"
             f"  {clickhouse}{dashboard}  last export: {last_export}{next_rotation}{rotation}"
             f"{failing}")
 

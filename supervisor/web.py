@@ -29,6 +29,7 @@ class WebServer:
     """start() binds and serves; stop() shuts it down.  Raises OSError when it cannot bind."""
 
     def __init__(self, listen: str, token: str, monitor):
+        self.listen = listen  # as the config says it (port 0 stays 0 here)
         self.host, self.port = listen_address(listen)
         self.token, self.monitor = token, monitor
         with open(PAGE, "rb") as f:

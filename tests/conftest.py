@@ -79,18 +79,26 @@ def toml_dump(data: dict) -> str:
 
 def pytest_generate_tests(metafunc):
     """Every test touching ClickHouse runs against each of SERVERS; those marked
-    one_clickhouse need *a* ClickHouse, not a particular release, and run on the first."""
+    one_clickhouse need *a* ClickHouse, not a particular release, and run on the first.  Those
+    marked quick_on_one_clickhouse run on each too, but only the first run is quick: the
+    quick loop (-m "not slow") runs them once."""
     if "clickhouse" in metafunc.fixturenames:
-        one = metafunc.definition.get_closest_marker("one_clickhouse") is not None
-        metafunc.parametrize("clickhouse", list(SERVERS)[:1] if one else list(SERVERS),
-                             indirect=True, scope="session")
+        marked = metafunc.definition.get_closest_marker
+        first, *others = SERVERS
+        if marked("one_clickhouse"):
+            servers = [first]
+        elif marked("quick_on_one_clickhouse"):
+            servers = [first] + [pytest.param(kind, marks=pytest.mark.slow) for kind in others]
+        else:
+            servers = list(SERVERS)
+        metafunc.parametrize("clickhouse", servers, indirect=True, scope="session")
 
 
 def start_server(kind: str, directory: str) -> ManagedClickHouse:
     if shutil.which("clickhouse-server") is None:
-        pytest.fail("clickhouse-server is not installed: run ./setup", pytrace=False)
+        pytest.fail("clickhouse-server is not installed: run ./setup --test", pytrace=False)
     if kind == "ch26" and not chdb_server.available():
-        pytest.fail("chdb-core is not installed: run ./setup", pytrace=False)
+        pytest.fail("chdb-core is not installed: run ./setup --test", pytrace=False)
     return SERVERS[kind](directory).start()
 
 

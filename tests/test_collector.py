@@ -101,6 +101,7 @@ def test_every_row_and_dead_letter_stored_once(env, sim):
     assert ("BTC_USDT", "deal", {"symbol": "BTC_USDT", "compress": False}) in sim.subscription_params
 
 
+@pytest.mark.slow  # the quick loop reconnects in test_gaps' forced disconnect
 @pytest.mark.one_clickhouse
 def test_reconnects_after_forced_disconnect(env, sim):
     proc = start_collector(env, sim)
@@ -238,7 +239,7 @@ def read_spool(directory, name):
 def self_signed_tls(tmp_path):
     """A server TLS context for `localhost` and the path of its certificate (the CA file)."""
     if shutil.which("openssl") is None:
-        pytest.fail("openssl missing: run ./setup", pytrace=False)
+        pytest.fail("openssl missing: run ./setup --test", pytrace=False)
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                     "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
@@ -252,7 +253,7 @@ def self_signed_tls(tmp_path):
 def microsocks():
     """A real SOCKS5 proxy on loopback: yields its port, then its output once stopped."""
     if shutil.which("microsocks") is None:
-        pytest.fail("microsocks missing: run ./setup", pytrace=False)
+        pytest.fail("microsocks missing: run ./setup --test", pytrace=False)
     socks_port = free_port()
     proxy = subprocess.Popen(["microsocks", "-i", "127.0.0.1", "-p", str(socks_port)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from bus import messages
+from core import __version__
 from supervisor import commands
 from supervisor.commands import COMMANDS, CommandError, answer
 
@@ -135,7 +136,7 @@ def child(name, kind, **fields):
 
 
 def status(children, **supervisor):
-    sup = {"pid": 42, "version": "0.1.0", "uptime_s": 90061, "rotation": None,
+    sup = {"pid": 42, "version": __version__, "uptime_s": 90061, "rotation": None,
            "last_export": "2024-01-01T10", "export": None,
            "clickhouse": {"host": "127.0.0.1", "port": 9000, "managed": False,
                           "reachable": True,
@@ -143,6 +144,12 @@ def status(children, **supervisor):
                                     "export over ArrowStream"}}
     sup.update(supervisor)
     return {"supervisor": sup, "children": children}
+
+
+def test_status_names_the_installed_version_while_the_daemon_runs_an_older_one():
+    header = COMMANDS["status"].show(status([], version="0.0.9")).splitlines()[0]
+    assert header.startswith(f"mexc 0.0.9 (installed {__version__}: restart to run it)  "
+                             "supervisor pid 42")
 
 
 def test_status_table_of_a_busy_daemon():
@@ -158,7 +165,7 @@ def test_status_table_of_a_busy_daemon():
         rotation={"id": "r1", "phase": "holding"},
         export={"next_rotation": "11:00", "last_error": "disk full"}))
     header, columns, *rows = text.splitlines()
-    assert header.startswith("mexc 0.1.0  supervisor pid 42  up 1d01h")
+    assert header.startswith(f"mexc {__version__}  supervisor pid 42  up 1d01h")
     assert "clickhouse 127.0.0.1:9000 reachable (ClickHouse 26.9.2.1, time columns " \
            "DateTime64(3, 'UTC'), export over ArrowStream)" in header and "(managed)" not in header
     assert "last export: 2024-01-01T10 (next 11:00), rotation r1 holding" in header

@@ -36,6 +36,42 @@ def test_int_accepted_for_float():
     assert config.parse({"collector": {"latency_target": 2}}).collector["latency_target"] == 2.0
 
 
+def test_renamed_key_is_read_under_its_new_name_with_a_warning():
+    cfg = config.parse({"collector": {"flush_interval": 0.25}}, "/x/mexc.toml")
+    assert cfg.collector["latency_target"] == 0.25
+    assert cfg.warnings == ["/x/mexc.toml: collector.flush_interval: renamed "
+                            "collector.latency_target; read as collector.latency_target = 0.25"
+                            ": rename it (CHANGELOG.md says what changed)"]
+    both = config.parse({"collector": {"flush_interval": 0.25, "latency_target": 2.0}})
+    assert both.collector["latency_target"] == 2.0
+    assert "is ignored: remove it" in both.warnings[0]
+    assert config.parse({}).warnings == []
+    with pytest.raises(config.ConfigError, match="collector.latency_target: expected float"):
+        config.parse({"collector": {"flush_interval": "fast"}})  # checked as the new key
+
+
+def test_config_of_the_previous_release_loads_with_a_warning_not_exit_78(tmp_path):
+    """A config written for 0.1.0 (flush_interval) still runs a command."""
+    path = tmp_path / "mexc.toml"
+    path.write_text(RELEASE_0_1_0_CONFIG)
+    result = subprocess.run([MEXC, "gaps", "--config", str(path)], capture_output=True,
+                            text=True, timeout=30, env={**os.environ, "JOURNAL_STREAM": "8:1"})
+    assert result.returncode == 1, result.stderr  # no ClickHouse on port 1: not a config error
+    warning, *_rest = result.stderr.splitlines()
+    assert warning.startswith(f"<4>mexc: config: {path}: collector.flush_interval: renamed "
+                              "collector.latency_target; read as")
+
+
+# Keys of etc/mexc.toml in 0.1.0 that later releases renamed or removed.
+RELEASE_0_1_0_CONFIG = """
+[clickhouse]
+port = 1
+[collector]
+batch_rows = 1000
+flush_interval = 0.1
+"""
+
+
 @pytest.mark.parametrize("data, message", [
     ({"bogus": 1}, "bogus: unknown key"),
     ({"exchange": {"uri": "ws://x"}}, "exchange.uri: unknown key"),
@@ -55,7 +91,6 @@ def test_int_accepted_for_float():
     ({"clickhouse": {"database": "a-b"}}, "clickhouse.database: must be a plain identifier"),
     ({"collector": {"batch_rows": 0}}, "collector.batch_rows: must be at least 1"),
     ({"collector": {"latency_target": 0}}, "collector.latency_target: must be > 0"),
-    ({"collector": {"flush_interval": 0.1}}, "replaced by collector.latency_target"),
     ({"log": {"level": "loud"}}, "log.level: must be one of"),
     ({"paths": 3}, "[paths]: must be a table"),
     ({"http": {"listen": "8470"}}, "http.listen: '8470' is not HOST:PORT"),

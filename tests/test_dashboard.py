@@ -129,9 +129,9 @@ def test_off_loopback_needs_a_token_and_never_shows_it(env, sim):
 
 
 def chromium():
-    """A headless chromium driven by selenium; skips when ./setup did not install them."""
+    """A headless chromium driven by selenium; skips when ./setup --test did not install them."""
     if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
-        pytest.skip("chromium and chromium-driver are not installed: run ./setup")
+        pytest.skip("chromium and chromium-driver are not installed: run ./setup --test")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

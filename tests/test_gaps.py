@@ -75,6 +75,7 @@ def rows_after(env, sim, n):
     wait_for(lambda: env.count() >= before + n, 30, f"{n} more rows stored")
 
 
+@pytest.mark.quick_on_one_clickhouse  # the collector's logic; the ledger's SQL: test_gaps_export
 def test_forced_disconnect_is_one_record_with_its_close(env, sim):
     proc = start_collector(env, sim)
     rows_after(env, sim, 30)
@@ -248,6 +249,7 @@ def test_tor_sigkill_is_a_tor_restart(env, sim, network):  # noqa: F811
     assert daemon.proc.stop(20) == 0
 
 
+@pytest.mark.slow  # the quick loop backfills a gap in test_forced_disconnect_is_one_record...
 def test_a_gap_longer_than_the_rest_window_is_not_covered(env, sim):
     proc = start_collector(env, sim)
     rows_after(env, sim, 30)
@@ -266,6 +268,7 @@ def test_a_gap_longer_than_the_rest_window_is_not_covered(env, sim):
     assert proc.stop() == 0
 
 
+@pytest.mark.quick_on_one_clickhouse  # the collector's logic; the ledger's SQL: test_gaps_export
 def test_a_stale_depth_snapshot_is_caught_and_kept_out_of_the_book(env, sim):
     proc = start_collector(env, sim)
     rows_after(env, sim, 30)
@@ -280,6 +283,7 @@ def test_a_stale_depth_snapshot_is_caught_and_kept_out_of_the_book(env, sim):
     assert not [m for _ts, mt, m in rows if mt == "dp" and m == "[1,1]|[2,1]"]
 
 
+@pytest.mark.slow  # the quick loop has test_wss_through_a_real_socks5_proxy and a backfill
 @pytest.mark.one_clickhouse  # the collector's logic; the ledger's SQL runs on both above
 def test_backfill_over_https_through_a_socks5_proxy(env, tmp_path):
     """The REST request takes the WebSocket's path: the proxy (remote DNS), our TLS, SNI."""

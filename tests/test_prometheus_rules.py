@@ -1,5 +1,5 @@
 """etc/prometheus/mexc-rules.yml: valid for Prometheus (promtool, Debian package prometheus,
-installed by ./setup), symbol_silent fires for a silent symbol in `promtool test rules`, and
+installed by ./setup --test), symbol_silent fires for a silent symbol in `promtool test rules`, and
 every metric it names is one mexc serves."""
 import json
 import os
@@ -16,7 +16,7 @@ RULES_TEST = os.path.join(ROOT, "tests", "prometheus", "mexc-rules-test.yml")
 
 def promtool(*args) -> subprocess.CompletedProcess:
     if shutil.which("promtool") is None:
-        pytest.skip("promtool is not installed: run ./setup (Debian package prometheus)")
+        pytest.skip("promtool is not installed: run ./setup --test (Debian package prometheus)")
     return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
 
 

@@ -153,7 +153,7 @@ def test_setup_db_is_idempotent(env):
         assert result.returncode == 0, result.stderr
         assert "btc_current, 1000pepe_current, export_log, gaps" in result.stderr
     tables = {name for (name,) in env.query(f"SHOW TABLES FROM {env.database}")}
-    assert tables == {"btc_current", "1000pepe_current", "export_log", "gaps"}
+    assert tables == {"btc_current", "1000pepe_current", "export_log", "gaps", "schema_version"}
     columns = env.query(f"DESCRIBE TABLE {env.database}.btc_current")
     assert [c[0] for c in columns] == ["ts", "mt", "m", "rts"]
 
@@ -165,3 +165,65 @@ def test_setup_db_without_clickhouse_fails_clearly(env):
     assert result.returncode == 1
     assert "cannot set up ClickHouse at 127.0.0.1:1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def make_release_0_1_0_store(session, old_mt: str) -> None:
+    """Tables as mexc 0.1.0 left them (no schema_version), and a rows table of each kind
+    whose mt Enum lacks today's last message type, as after a release that adds one."""
+    session.create_database()
+    session.create_export_log()
+    session.create_gaps_table()
+    session.log_export("BTC_USDT", HOUR, HOUR + 1, "/x/btc_1.parquet", 7, 100, "ab")
+    t = session.features.time_type
+    for table in ("btc_current", "btc_previous"):
+        session.client.execute(f"CREATE TABLE {session.db}.{table} (ts {t}, mt {old_mt}, "
+                               f"m String, rts {t}) ENGINE = StripeLog")
+        session.insert_rows(table, rows(HOUR, 50, table))
+
+
+def test_an_older_store_is_migrated_at_the_daemons_start_and_loses_nothing(env):
+    old_mt = store.MT_ENUM.rsplit(",", 1)[0] + ")"  # without the last message type
+    session = env.store()
+    try:
+        make_release_0_1_0_store(session, old_mt)
+        session.setup(["btc", "eth"])  # the exporter, setup-db: no migration
+        assert session.schema_version() == 1
+        session.client.execute(f"CREATE TABLE {session.db}.btc_current_migration "
+                               "(x UInt8) ENGINE = StripeLog")  # a copy a crash left
+        before = {table: sorted(session.client.execute(
+            f"SELECT {session.features.ms()}, toString(mt), m FROM {session.db}.{table}"))
+            for table in ("btc_current", "btc_previous")}
+        session.setup(["btc", "eth"], migrate=True)
+        assert session.schema_version() == store.SCHEMA_VERSION
+        for table, kept in before.items():
+            assert session.client.execute(f"SELECT type FROM system.columns WHERE database = "
+                                          f"'{env.database}' AND table = '{table}' AND "
+                                          "name = 'mt'")[0][0] == store.MT_ENUM
+            assert sorted(session.client.execute(
+                f"SELECT {session.features.ms()}, toString(mt), m FROM {session.db}.{table}")) \
+                == kept and len(kept) == 50
+        session.insert_rows("btc_current", [(HOUR, store.MESSAGE_TYPES[-1], "new", HOUR)])
+        assert session.logged_exports("BTC_USDT") == [(HOUR, "/x/btc_1.parquet", 7, "ab")]
+        assert not session.exists("btc_current_migration")
+        session.setup(["btc"], migrate=True)  # once is enough
+        assert session._one(f"SELECT count() FROM {session.db}.schema_version") == 1
+    finally:
+        session.close()
+
+
+def test_a_newer_store_is_refused_with_a_clear_message(env):
+    session = env.store()
+    try:
+        session.setup(["btc"])
+        assert session.schema_version() == store.SCHEMA_VERSION  # a new database: today's
+        session.client.execute(f"INSERT INTO {session.db}.schema_version VALUES", [(99, 0, "x")])
+        with pytest.raises(store.SchemaTooNew, match=f"database {env.database} has store "
+                                                     "schema 99, written by a newer mexc"):
+            session.setup(["btc"], migrate=True)
+    finally:
+        session.close()
+    config = env.write_config("ws://127.0.0.1:1/edge")
+    result = subprocess.run([MEXC, "run", "--config", config], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1
+    assert "refusing to start: database" in result.stderr and "schema 99" in result.stderr

@@ -7,6 +7,8 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 
 import psutil
 import pytest
@@ -56,6 +58,7 @@ class Daemon:
         return [self.proc.pid] + [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
 
 
+@pytest.mark.quick_on_one_clickhouse  # the server's line in status: both in the full suite
 def test_status_json_and_table(env, sim):
     daemon = Daemon(env, sim)
     daemon.wait_flowing(["collector-btc", "collector-eth"])
@@ -260,6 +263,68 @@ def test_sighup_adds_and_removes_symbols_and_rejects_a_bad_config(env, sim):
     assert "bogus: unknown key" in daemon.proc.log()
     assert set(daemon.collectors()) == {"collector-btc", "collector-sol"}
     assert daemon.collectors()["collector-btc"]["pid"] == btc_pid
+
+
+def _http_status(port: int, token: str = "") -> int:
+    """The dashboard's answer to GET /api/status (0: nothing listens)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{port}/api/status", headers=headers), timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+@pytest.mark.one_clickhouse
+@pytest.mark.slow
+def test_sighup_applies_http_alerts_and_log_level_without_restarting_anything(env, sim, tmp_path):
+    first, second = free_port(), free_port()
+    sections = {"supervisor": {"heartbeat_timeout": 4.0}, "log": {"level": "warning"},
+                "http": {"listen": f"127.0.0.1:{first}"}}
+    daemon = Daemon(env, sim, symbols=("BTC_USDT",), **sections)
+    daemon.wait_flowing(["collector-btc"])
+    wait_for(lambda: _http_status(first) == 200, 10, "the dashboard on the first port")
+    pids = {c["name"]: c["pid"] for c in daemon.status()["children"]}
+    port = daemon.status()["supervisor"]["clickhouse"]["port"]
+    received = tmp_path / "alerts.json"
+    command = tmp_path / "alert"
+    command.write_text(f"#!/bin/sh\ncat >> {received}\necho >> {received}\n")
+    command.chmod(0o755)
+    env.write_config(sim.url, symbols=["BTC_USDT"], supervisor={"heartbeat_timeout": 4.0},
+                     log={"level": "info"}, collector={"batch_rows": 500},
+                     http={"listen": f"127.0.0.1:{second}", "token": "s3cret"},
+                     alerts={"command": str(command), "disk_free_percent": 100.0},
+                     clickhouse={"port": 1})
+    daemon.proc.signal(signal.SIGHUP)
+
+    wait_for(lambda: _http_status(second, "s3cret") == 200, 10, "the dashboard rebound")
+    assert _http_status(second) == 401 and _http_status(first) == 0
+    wait_for(lambda: received.exists() and '"disk_full"' in received.read_text(), 15,
+             "an alert through the command the reload set")
+    wait_for(lambda: "collector[btc] stats rows" in daemon.proc.log(), 10,
+             "the collector logging at the reloaded level, info")
+    log = daemon.proc.log()
+    for line in ("reload [clickhouse]: port=1: needs `systemctl restart mexc`",
+                 "reload [collector]: batch_rows=500: applies to each collector at its next "
+                 "start", "reload [log]: level='info': applied",
+                 f"reload [http]: listen='127.0.0.1:{second}', token changed: applied",
+                 f"reload [alerts]: command='{command}', disk_free_percent=100.0: applied"):
+        assert line in log
+    assert "s3cret" not in log
+    after = daemon.status()
+    assert {c["name"]: c["pid"] for c in after["children"]} == pids, "a child was restarted"
+    assert after["supervisor"]["clickhouse"]["port"] == port != 1  # kept until a restart
+    assert after["supervisor"]["dashboard"] == f"http://127.0.0.1:{second}/"
+    env.write_config(sim.url, symbols=["BTC_USDT"], supervisor={"heartbeat_timeout": 4.0},
+                     log={"level": "error"}, http={"listen": ""})
+    daemon.proc.signal(signal.SIGHUP)  # the lines of a reload that quiets the log still show
+    wait_for(lambda: "reload [log]: level='error': applied" in daemon.proc.log(), 10,
+             "the reload's line before its level applies")
+    wait_for(lambda: _http_status(second, "s3cret") == 0, 10, "the dashboard turned off")
+    assert daemon.proc.stop(15) == 0
 
 
 @pytest.mark.slow

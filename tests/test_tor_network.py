@@ -126,7 +126,7 @@ def retry_peer_via(client, port, timeout, attempt_timeout=15.0):
 @pytest.fixture(scope="module")
 def tor_net(request, tmp_path_factory):
     if shutil.which("tor") is None or shutil.which("tor-gencert") is None:
-        pytest.fail("tor is not installed: run ./setup", pytrace=False)
+        pytest.fail("tor is not installed: run ./setup --test", pytrace=False)
     cache = getattr(request.config, "cache", None)
     key_cache = str(cache.mkdir("tor-network-keys")) if cache is not None else None
     net = TorNetwork(str(tmp_path_factory.mktemp("tornet")), n_authorities=3, n_exits=3,

@@ -24,7 +24,9 @@ def rows(tag, n=50):
 def writer(env, tmp_path):
     ch = env.ch_section()
     Store(ch).create_database()
-    w = RowWriter(ch, "btc", Spool(str(tmp_path / "spool"), "btc"), max_buffered_rows=1000)
+    # a short latency target: the first batch is inserted at once, not 0.8 s later
+    w = RowWriter(ch, "btc", Spool(str(tmp_path / "spool"), "btc"), max_buffered_rows=1000,
+                  latency_target=LATENCY_MARGIN + 0.05)
     yield w
     w.stop(grace=2.0)
 
