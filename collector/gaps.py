@@ -20,7 +20,10 @@ Closed gaps go to a worker thread, which asks the REST API for the latest trades
 the trades the WebSocket did not deliver, and writes the record to the `gaps` table,
 retrying while ClickHouse is away.  A closed gap is also written to a small journal beside
 the spool (GapJournal) until its record is in ClickHouse: a process killed or stopped before
-that (ClickHouse away, a SIGKILL) leaves it to the next start, which records it first.
+that (ClickHouse away, a SIGKILL) leaves it to the next start, which records it first.  The
+REST answer goes into the journal too, as soon as it comes (one answer serves every gap closed
+before it was asked for, also those closing while the worker waits on an earlier one): MEXC's
+100 latest trades move on, and an answer asked for again later may no longer reach back.
 """
 import dataclasses
 import enum
@@ -37,7 +40,7 @@ from core.clock import HOUR_MS
 from core.log import first_line
 from core.process import write_json_atomic
 from core.store import Store
-from core.vocabulary import GAP_STALL, Gap
+from core.vocabulary import GAP_STALL, Gap, Row
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,10 @@ class OpenGap:
     detail: str
     end_ms: int = 0
     closed_at: float = 0.0  # monotonic time of the first data frame after it
+    # backfill's REST answer (deal rows), taken as soon as the gap had closed and kept in the
+    # journal: one taken later (after a restart, or after waiting out a ClickHouse outage for
+    # an earlier gap) may no longer reach back over the gap
+    fetched: Optional[List[tuple]] = None
 
 
 class GapJournal:
@@ -90,11 +97,26 @@ class GapJournal:
             return []
         with self.lock:
             self.gaps = [OpenGap(**entry) for entry in entries]
+            for gap in self.gaps:
+                if gap.fetched is not None:
+                    gap.fetched = [Row(*row) for row in gap.fetched]
             return list(self.gaps)
 
     def add(self, gap: OpenGap) -> None:
         with self.lock:
             self.gaps.append(gap)
+            self._save()
+
+    def unanswered(self) -> List[OpenGap]:
+        """The closed gaps with no REST answer yet."""
+        with self.lock:
+            return [g for g in self.gaps if g.fetched is None]
+
+    def answered(self, gaps: List[OpenGap], fetched: List[tuple]) -> None:
+        """One answer, taken after every one of `gaps` had closed, serves them all."""
+        with self.lock:
+            for gap in gaps:
+                gap.fetched = fetched
             self._save()
 
     def done(self, gap: OpenGap) -> None:
@@ -137,6 +159,7 @@ class GapLedger:
         for gap in earlier:
             self.closed.put(gap)
         self.stopping = threading.Event()
+        self.next_fetch = 0.0  # monotonic; after a failed fetch, the next waits RETRY
         self.recorded = 0
         self.thread = threading.Thread(target=self._run, name=f"gaps-{self.name}", daemon=True)
 
@@ -216,7 +239,7 @@ class GapLedger:
 
     def _settle(self, gap: OpenGap) -> Outcome:
         """Backfill and record one closed gap."""
-        fetched = self.backfill.fetch() if self.backfill is not None else None
+        self._fetch_for_closed_gaps()
         if not self._wait_stored(gap):
             return Outcome.LEFT
         try:
@@ -227,7 +250,7 @@ class GapLedger:
                     return Outcome.NO_GAP
                 gap.start_ms = start_ms
             gap.end_ms = max(gap.end_ms, gap.start_ms)
-            backfilled, covered = self._backfill(fetched, gap)
+            backfilled, covered = self._backfill(gap.fetched, gap)
             if backfilled:  # a reader of the record finds its rows (stopping: they are spooled)
                 self._wait_written()
             record = Gap(self.symbol, self.name, gap.start_ms, gap.end_ms, gap.reason,
@@ -246,6 +269,20 @@ class GapLedger:
                  record.end_ms, (record.end_ms - record.start_ms) / 1000, backfilled,
                  str(covered).lower())
         return outcome
+
+    def _fetch_for_closed_gaps(self) -> None:
+        """Ask the REST API for the latest trades if a closed gap has no answer yet: at once,
+        also while the worker waits on an earlier gap (its rows, or ClickHouse)."""
+        if self.backfill is None or time.monotonic() < self.next_fetch:
+            return
+        waiting = self.journal.unanswered()
+        if not waiting:
+            return
+        fetched = self.backfill.fetch()
+        if fetched is None:
+            self.next_fetch = time.monotonic() + RETRY
+        else:
+            self.journal.answered(waiting, fetched)
 
     def _backfill(self, fetched, gap: OpenGap) -> tuple:
         """(trades stored, covered) for the gap from what backfill fetched; (0, False) when
@@ -288,6 +325,7 @@ class GapLedger:
         inserts by latency: up to collector.latency_target).  False: we are stopping first."""
         mark = self.written_before + self.writer.rows_submitted
         while self.writer.rows_written < mark:
+            self._fetch_for_closed_gaps()
             if self.stopping.wait(0.05):
                 return False
         return True
@@ -313,4 +351,5 @@ class GapLedger:
                     log.warning("gap ledger: %s; giving up, stopping", first_line(e))
                     raise _Stopped from None
                 log.warning("gap ledger: %s; retrying in %.0fs", first_line(e), RETRY)
+                self._fetch_for_closed_gaps()
                 self.stopping.wait(RETRY)

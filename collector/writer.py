@@ -219,10 +219,12 @@ class RowWriter:
 
     def _back_off(self, seconds: float) -> None:
         """Wait before the next try, deaf to new rows (each would wake us: with the queue
-        spooled empty every submit is a first row) but not to stop."""
+        spooled empty every submit is a first row) but not to stop: stopping, it waits no
+        longer than the stop's deadline (returning at once made thousands of failed tries in
+        the grace while ClickHouse was away)."""
         deadline = time.monotonic() + seconds
         with self.wakeup:
-            while not self._stopping() and (left := deadline - time.monotonic()) > 0:
+            while (left := min(deadline, self.stop_deadline) - time.monotonic()) > 0:
                 self.wakeup.wait(left)
 
     def _wait_for_work(self) -> bool:

@@ -154,6 +154,49 @@ def test_a_gap_closed_by_a_run_killed_before_it_could_record_it_is_recorded_next
 
 @pytest.mark.slow
 @pytest.mark.one_clickhouse  # the collector's logic; the ledger's SQL runs on both above
+def test_gaps_closed_while_clickhouse_is_away_keep_their_rest_answer_across_a_restart(
+        env, own_clickhouse):
+    """Two gaps close while ClickHouse is away; the collector is stopped before it could
+    record them and starts again once the market has made more than a REST page of trades.
+    The answers taken when the gaps closed (the second while the worker waited on the
+    first) were kept in the journal: both gaps are covered and their trades stored once.
+    (An answer asked for at the restart no longer reached back: the soak's seed 23.)"""
+    env.clickhouse = own_clickhouse
+    journal = env.tmp / "state" / "spool" / "btc.gaps"
+
+    def journaled():
+        return json.loads(journal.read_text()) if journal.exists() else []
+
+    def requests():
+        return sum(sim.rest_requests.values())
+
+    with MexcSimulator(rate=20.0) as sim:  # about 40 trades/s: a REST page is 2.5 s
+        first = start_collector(env, sim)
+        rows_after(env, sim, 30)
+        wait_for(lambda: journal.exists() and journaled() == [], 20, "the start settled")
+        own_clickhouse.stop()
+        for n in (1, 2):
+            asked = requests()
+            sim.force_disconnect()
+            wait_for(lambda: len(journaled()) == n and requests() > asked, 20,
+                     f"gap {n} closed and the REST API asked")
+        assert first.stop() == 0
+        closed_ms = max(e["end_ms"] for e in journaled())
+        wait_for(lambda: len(sim.trades("BTC_USDT", since_ms=closed_ms)) > 200, 20,
+                 "two REST pages of trades made since")
+        own_clickhouse.start()
+        second = start_collector(env, sim)
+        gaps = wait_for(lambda: len(recorded_gaps(env)) >= 3 and recorded_gaps(env), 30,
+                        "both records and the restart's")
+        disconnects = [g for g in gaps if g.reason == GAP_DISCONNECT]
+        assert len(disconnects) == 2, gaps
+        for gap in disconnects:
+            assert_trades_once(env, sim, gap)
+        assert second.stop() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.one_clickhouse  # the collector's logic; the ledger's SQL runs on both above
 def test_a_gap_recorded_by_a_run_killed_before_clearing_its_journal_is_recorded_once(env, sim):
     """Run 2 records its start gap and is killed before the journal loses it (put back here,
     as that kill would leave it); run 3 finds the record in the ledger and writes no second."""
