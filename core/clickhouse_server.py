@@ -27,7 +27,7 @@ CONFIG_XML = """<?xml version="1.0"?>
     <size>50M</size>
     <count>3</count>
   </logger>
-  <listen_host>127.0.0.1</listen_host>
+  <listen_host>{listen_host}</listen_host>
   <tcp_port>{port}</tcp_port>
   <http_port>{http_port}</http_port>
   <path>{dir}/data/</path>
@@ -37,7 +37,7 @@ CONFIG_XML = """<?xml version="1.0"?>
   <users_config>{dir}/users.xml</users_config>
   <mark_cache_size>268435456</mark_cache_size>
   <max_concurrent_queries>100</max_concurrent_queries>
-</clickhouse>
+{extra_config}</clickhouse>
 """
 
 USERS_XML = """<?xml version="1.0"?>
@@ -46,7 +46,7 @@ USERS_XML = """<?xml version="1.0"?>
   <users>
     <{user}>
       <password>{password}</password>
-      <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+      <networks><ip>127.0.0.1</ip><ip>::1</ip>{networks}</networks>
       <profile>default</profile>
       <quota>default</quota>
     </{user}>
@@ -60,17 +60,27 @@ class ClickHouseStartError(RuntimeError):
     pass
 
 
-def _listening(port: int) -> bool:
+def _listening(host: str, port: int) -> bool:
     with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        s.settimeout(1.0)
+        return s.connect_ex((host, port)) == 0
 
 
 class ManagedClickHouse:
-    """clickhouse-server on loopback with its config, data and logs in `directory`."""
+    """clickhouse-server on loopback with its config, data and logs in `directory`.
+
+    A test bed of several servers (tests/cluster_bed.py) gives each its own `listen_host`,
+    `extra_config` (XML elements put inside <clickhouse>: zookeeper, macros, remote_servers)
+    and `client_networks` (the addresses of the other servers, which may then query it)."""
 
     def __init__(self, directory: str, port: int = 0, user: str = "default", password: str = "",
-                 binary: str = "clickhouse-server", http_port: int = 0):
+                 binary: str = "clickhouse-server", http_port: int = 0,
+                 listen_host: str = "127.0.0.1", extra_config: str = "",
+                 client_networks: tuple = ()):
         self.directory = os.path.abspath(directory)
+        self.listen_host = listen_host
+        self.extra_config = extra_config
+        self.client_networks = tuple(client_networks)
         self.port = port or free_port()
         self.http_port = http_port or free_port()
         self.user = user
@@ -84,12 +94,16 @@ class ManagedClickHouse:
         config_path = os.path.join(self.directory, "config.xml")
         with open(config_path, "w") as f:
             f.write(CONFIG_XML.format(dir=escape(self.directory), port=self.port,
-                                      http_port=self.http_port))
+                                      http_port=self.http_port,
+                                      listen_host=escape(self.listen_host),
+                                      extra_config=self.extra_config))
         users_path = os.path.join(self.directory, "users.xml")
         # The password sits in this file, so only the owner may read it.
         fd = os.open(users_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(USERS_XML.format(user=escape(self.user), password=escape(self.password)))
+            networks = "".join(f"<ip>{escape(ip)}</ip>" for ip in self.client_networks)
+            f.write(USERS_XML.format(user=escape(self.user), password=escape(self.password),
+                                     networks=networks))
         return config_path
 
     def start(self, timeout: float = 60.0, wait: bool = True) -> "ManagedClickHouse":
@@ -119,7 +133,7 @@ class ManagedClickHouse:
         """A server on our port (one of a killed `mexc run`, still stopping) would answer
         wait_ready() in place of ours."""
         deadline = time.monotonic() + timeout
-        while _listening(self.port):
+        while _listening(self.listen_host, self.port):
             if time.monotonic() >= deadline:
                 raise ClickHouseStartError(f"port {self.port} is in use by another program; "
                                            "set clickhouse.port to a free one")
@@ -140,7 +154,7 @@ class ManagedClickHouse:
                                    f"{self._error_tail()}")
 
     def healthy(self) -> bool:
-        with Store({"host": "127.0.0.1", "port": self.port, "user": self.user,
+        with Store({"host": self.listen_host, "port": self.port, "user": self.user,
                     "password": self.password, "database": "default"}, timeout=1.0) as session:
             return session.reachable()
 

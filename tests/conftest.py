@@ -19,6 +19,7 @@ from core.clickhouse_server import ManagedClickHouse
 from core.store import UNKNOWN_DATABASE, UNKNOWN_TABLE, Refused, Store
 from tests import chdb_server
 from tests.chdb_server import SERVERS
+from tests.cluster_bed import ClusterBed, ClusterBedError
 
 MEXC = os.path.join(os.path.dirname(sys.executable), "mexc")
 
@@ -289,6 +290,19 @@ def env(tmp_path, clickhouse):
     world = World(tmp_path, clickhouse)
     yield world
     world.cleanup()
+
+
+@pytest.fixture(scope="module")
+def cluster_bed(tmp_path_factory):
+    """Three hosts in network namespaces, each with its ClickHouse 18.16, and a ZooKeeper
+    (tests/cluster_bed.py); one per test module, torn down even when its tests fail."""
+    bed = ClusterBed(str(tmp_path_factory.mktemp("cluster-bed")))
+    try:
+        bed.start()
+    except ClusterBedError as e:
+        pytest.fail(f"cluster bed: {e}", pytrace=False)
+    yield bed
+    bed.stop()
 
 
 @pytest.fixture
