@@ -284,7 +284,8 @@ class Collector:
             "rows": dict(s.rows), "frames": s.frames, "errors": s.errors,
             "reconnects": s.reconnects, "rows_written": w.rows_written,
             "buffered_rows": w.buffered_rows() + len(self.batch), "spooled_rows": w.spool.rows,
-            "insert_errors": w.insert_errors, "held": w.held, "gaps_recorded": self.gaps.recorded,
+            "insert_errors": w.insert_errors, "held": w.held and w.held.rotation,
+            "gaps_recorded": self.gaps.recorded,
             "last_message_age_s": None if self.last_frame is None else round(now - self.last_frame, 3),
         }
 
