@@ -279,12 +279,13 @@ class Collector:
     def status(self, now: float) -> dict:
         """What the heartbeat tells the supervisor (and mexc status shows)."""
         s, w = self.stats, self.writer
+        held = w.held  # read once: the writer thread may release it meanwhile
         return {
             "symbol": self.sym.symbol, "connected": self.connected,
             "rows": dict(s.rows), "frames": s.frames, "errors": s.errors,
             "reconnects": s.reconnects, "rows_written": w.rows_written,
             "buffered_rows": w.buffered_rows() + len(self.batch), "spooled_rows": w.spool.rows,
-            "insert_errors": w.insert_errors, "held": w.held and w.held.rotation,
+            "insert_errors": w.insert_errors, "held": held and held.rotation,
             "gaps_recorded": self.gaps.recorded,
             "last_message_age_s": None if self.last_frame is None else round(now - self.last_frame, 3),
         }
