@@ -166,6 +166,16 @@ class World:
                 return []
             raise
 
+    def gaps(self, name: str = "btc"):
+        """The gap ledger's records of one symbol; missing table -> []."""
+        try:
+            with self.store() as store:
+                return store.gaps(name)
+        except Refused as e:
+            if e.code in (UNKNOWN_TABLE, UNKNOWN_DATABASE):
+                return []
+            raise
+
     def count(self, table: str = "btc_current") -> int:
         return len(self.rows(table))
 

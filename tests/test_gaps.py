@@ -29,16 +29,6 @@ def sim():
         yield simulator
 
 
-def recorded_gaps(env, name="btc"):
-    try:
-        with env.store() as store:
-            return store.gaps(name)
-    except Exception as e:
-        if "doesn't exist" in str(e) or "Code: 60" in str(e):
-            return []
-        raise
-
-
 def assert_bounds(env, gap):
     """start and end are stored data rows, and the only rows stored between them are the
     trades backfill brought."""
@@ -67,7 +57,7 @@ def assert_trades_once(env, sim, gap):
 
 
 def wait_gaps(env, n, what):
-    return wait_for(lambda: len(recorded_gaps(env)) >= n and recorded_gaps(env), 30, what)
+    return wait_for(lambda: len(env.gaps()) >= n and env.gaps(), 30, what)
 
 
 def rows_after(env, sim, n):
@@ -87,7 +77,7 @@ def test_forced_disconnect_is_one_record_with_its_close(env, sim):
     assert_trades_once(env, sim, gap)
     assert proc.stop() == 0
     assert "gap recorded reason=disconnect" in proc.log()
-    assert len(recorded_gaps(env)) == 1  # the first start had nothing stored before: no gap
+    assert len(env.gaps()) == 1  # the first start had nothing stored before: no gap
 
 
 @pytest.mark.slow
@@ -143,8 +133,8 @@ def test_a_gap_closed_by_a_run_killed_before_it_could_record_it_is_recorded_next
     assert kept["start_ms"] is None and kept["reason"] == GAP_COLLECTOR_RESTART
     third = env.mexc("collect", "--config", env.write_config(sim.url), "--symbol", "BTC_USDT",
                      name="third")
-    first_gap, second_gap = wait_for(lambda: len(recorded_gaps(env)) >= 2 and sorted(
-        recorded_gaps(env), key=lambda g: g.start_ms), 30, "both records")
+    first_gap, second_gap = wait_for(lambda: len(env.gaps()) >= 2 and sorted(
+        env.gaps(), key=lambda g: g.start_ms), 30, "both records")
     assert "recording them first" in third.log()
     assert first_gap.start_ms == last_of_first and first_gap.end_ms == kept["end_ms"]
     assert first_gap.end_ms <= second_gap.start_ms < second_gap.end_ms
@@ -186,7 +176,7 @@ def test_gaps_closed_while_clickhouse_is_away_keep_their_rest_answer_across_a_re
                  "two REST pages of trades made since")
         own_clickhouse.start()
         second = start_collector(env, sim)
-        gaps = wait_for(lambda: len(recorded_gaps(env)) >= 3 and recorded_gaps(env), 30,
+        gaps = wait_for(lambda: len(env.gaps()) >= 3 and env.gaps(), 30,
                         "both records and the restart's")
         disconnects = [g for g in gaps if g.reason == GAP_DISCONNECT]
         assert len(disconnects) == 2, gaps
@@ -211,10 +201,10 @@ def test_a_gap_recorded_by_a_run_killed_before_clearing_its_journal_is_recorded_
     journal.write_text(json.dumps([{"start_ms": None, "reason": gap.reason,
                                     "detail": gap.detail, "end_ms": gap.end_ms}]))
     third = env.mexc("collect", "--config", config, "--symbol", "BTC_USDT", name="third")
-    wait_for(lambda: len(recorded_gaps(env)) >= 2, 30, "the third start's own record")
+    wait_for(lambda: len(env.gaps()) >= 2, 30, "the third start's own record")
     assert "gap already recorded" in third.log()
-    assert [g.end_ms for g in recorded_gaps(env)].count(gap.end_ms) == 1
-    assert len(recorded_gaps(env)) == 2
+    assert [g.end_ms for g in env.gaps()].count(gap.end_ms) == 1
+    assert len(env.gaps()) == 2
     assert json.loads(journal.read_text()) == []
     assert third.stop() == 0
 

@@ -16,7 +16,7 @@ import pytest
 from bus import sockets
 from bus.sockets import ChildBus
 from core.process import free_port
-from core.store import UNKNOWN_DATABASE, UNKNOWN_TABLE, Refused, Store
+from core.store import Store
 from core.vocabulary import GAP_COLLECTOR_CRASH
 from supervisor.commands import COMMANDS
 from tests.conftest import MEXC, wait_for, wait_gone
@@ -382,7 +382,7 @@ def test_a_collector_sigkilled_while_it_holds_for_a_rotation_loses_no_more_than_
         os.kill(eth_pid, signal.SIGCONT)
     assert rotation["held"] == ["collector-btc"] and rotation["missing"] == ["collector-eth"]
     daemon.wait_flowing(["collector-btc"])
-    [gap] = wait_for(lambda: recorded_gaps(env, "btc"), 30, "the crash's gap record")
+    [gap] = wait_for(lambda: env.gaps(), 30, "the crash's gap record")
     sim.stop_data()
     assert daemon.proc.stop(15) == 0  # stores everything it has
 
@@ -403,16 +403,6 @@ def test_a_collector_sigkilled_while_it_holds_for_a_rotation_loses_no_more_than_
 
 def newest_ts(sim, symbol) -> int:
     return max((ts for ts, _mt, _m in sim.expected_rows(symbol) if ts is not None), default=0)
-
-
-def recorded_gaps(env, name):
-    try:
-        with env.store() as store:
-            return store.gaps(name)
-    except Refused as e:
-        if e.code in (UNKNOWN_TABLE, UNKNOWN_DATABASE):
-            return []
-        raise
 
 
 def pause_between_inserts(env, pid: int, table: str) -> None:
