@@ -96,6 +96,16 @@ SCHEMA = {
         "disk_free_percent": (float, 10.0),
         "max_per_minute": (int, 20),
     },
+    # Several hosts, one archive (docs/cluster.md).  host = "": one host, as without [cluster].
+    "cluster": {
+        "host": (str, ""),  # this host's unique name, e.g. "tokyo"
+        "zookeeper": (str, ""),  # the ensemble, "zk1:2181,zk2:2181,zk3:2181"
+        "clickhouse": (str, ""),  # this host's ClickHouse (native port) as the others reach it
+        "replicas": (int, 2),  # hosts that collect each symbol (capped at the live hosts)
+        "root": (str, "/mexc"),  # mexc's ZooKeeper path: one per cluster
+        "session_timeout": (float, 10.0),  # a host silent this long is gone: failover starts
+        "export_wait": (float, 600.0),  # longest wait for a live host's copy of an hour
+    },
 }
 # Keys of earlier releases that were renamed or removed: old key -> the key that took its
 # place.  A file that still has one loads, with a warning naming the new key (Config.warnings),
@@ -134,6 +144,7 @@ class Config:
     log: dict
     http: dict
     alerts: dict
+    cluster: dict
     # what an operator should change in the file (old keys still read); logged at every load
     warnings: List[str] = field(default_factory=list)
 
@@ -142,6 +153,11 @@ class Config:
             if s.symbol == symbol or s.name == symbol:
                 return s
         raise ConfigError(f"{self.path}: symbols: {symbol!r} is not configured")
+
+    @property
+    def clustered(self) -> bool:
+        """Several hosts share the symbols and the archive ([cluster] host is set)."""
+        return bool(self.cluster["host"])
 
     def spool_dir(self) -> str:
         return os.path.join(self.paths["state_dir"], "spool")
@@ -334,6 +350,7 @@ def _check_values(s: dict, path: str) -> None:
         bad("alerts.webhook", "must be an http:// or https:// URL")
     if s["alerts"]["max_per_minute"] < 1:
         bad("alerts.max_per_minute", "must be at least 1")
+    _check_cluster(s["cluster"], bad)
 
 
 def listen_address(listen: str) -> Tuple[str, int]:
@@ -351,6 +368,33 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _check_cluster(cluster: dict, bad) -> None:
+    if not cluster["host"]:
+        return
+    if not NAME_RE.match(cluster["host"]):
+        bad("cluster.host", "must be 1-40 of a-z 0-9 _ (it names the host's rows and ZooKeeper nodes)")
+    if not cluster["zookeeper"]:
+        bad("cluster.zookeeper", 'must list the ensemble, e.g. "zk1:2181,zk2:2181,zk3:2181"')
+    for node in cluster["zookeeper"].split(","):
+        try:
+            listen_address(node.strip())
+        except ValueError as e:
+            bad("cluster.zookeeper", f"{e} (expected HOST:PORT[,HOST:PORT...])")
+    try:
+        listen_address(cluster["clickhouse"])
+    except ValueError:
+        bad("cluster.clickhouse", "must be this host's ClickHouse native address as the other "
+                                  'hosts reach it, e.g. "10.0.0.1:9100"')
+    if cluster["replicas"] < 1:
+        bad("cluster.replicas", "must be at least 1")
+    if not re.match(r"^(/[A-Za-z0-9_.-]+)+$", cluster["root"]):
+        bad("cluster.root", 'must be a ZooKeeper path like "/mexc"')
+    if not 2 <= cluster["session_timeout"] <= 20:
+        bad("cluster.session_timeout", "must be 2-20 seconds (failover takes about this long)")
+    if cluster["export_wait"] < 0:
+        bad("cluster.export_wait", "must be >= 0")
 
 
 def _check_http(http: dict, bad) -> None:

@@ -32,6 +32,16 @@ def test_shipped_config_is_valid_and_matches_defaults():
     assert shipped.symbols == defaults.symbols
 
 
+CLUSTER = {"host": "tokyo", "zookeeper": "zk1:2181, zk2:2181", "clickhouse": "10.0.0.1:9100"}
+
+
+def test_a_cluster_section_makes_a_cluster_and_its_absence_one_host():
+    assert not config.parse({}).clustered
+    cfg = config.parse({"cluster": CLUSTER})
+    assert cfg.clustered
+    assert (cfg.cluster["replicas"], cfg.cluster["root"]) == (2, "/mexc")
+
+
 def test_int_accepted_for_float():
     assert config.parse({"collector": {"latency_target": 2}}).collector["latency_target"] == 2.0
 
@@ -97,6 +107,13 @@ flush_interval = 0.1
     ({"http": {"listen": "0.0.0.0:8470"}}, "http.listen: 0.0.0.0 is not loopback: set http.token"),
     ({"http": {"listen": "[2001:db8::1]:8470"}}, "is not loopback"),
     ({"alerts": {"webhook": "ftp://x"}}, "alerts.webhook: must be an http:// or https:// URL"),
+    ({"cluster": {"host": "Tokyo"}}, "cluster.host: must be 1-40 of a-z 0-9 _"),
+    ({"cluster": {"host": "tokyo"}}, "cluster.zookeeper: must list the ensemble"),
+    ({"cluster": {"host": "tokyo", "zookeeper": "zk1"}}, "cluster.zookeeper: 'zk1' is not HOST:PORT"),
+    ({"cluster": {"host": "tokyo", "zookeeper": "zk1:2181"}}, "cluster.clickhouse: must be this host's"),
+    ({"cluster": dict(CLUSTER, replicas=0)}, "cluster.replicas: must be at least 1"),
+    ({"cluster": dict(CLUSTER, root="mexc")}, "cluster.root: must be a ZooKeeper path"),
+    ({"cluster": dict(CLUSTER, session_timeout=60)}, "cluster.session_timeout: must be 2-20"),
 ])
 def test_bad_values(data, message):
     with pytest.raises(config.ConfigError) as err:

@@ -1,4 +1,4 @@
-"""Layers point down (docs/architecture.md): ground core/ <- parts bus/ <- collector/,
+"""Layers point down (docs/architecture.md): ground core/ <- parts bus/, cluster/ <- collector/,
 exporter/ <- supervisor/ <- front mexc/.  Every import of every product module is read,
 those inside functions too, so an upward one fails here, not in a reviewer's head."""
 import ast
@@ -10,10 +10,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAY_IMPORT = {  # package -> the project's packages it may import (besides itself)
     "core": set(),
     "bus": {"core"},
+    "cluster": {"core"},
     "collector": {"core", "bus"},
-    "exporter": {"core", "bus"},
-    "supervisor": {"core", "bus", "collector", "exporter"},
-    "mexc": {"core", "bus", "collector", "exporter", "supervisor"},
+    "exporter": {"core", "bus", "cluster"},
+    "supervisor": {"core", "bus", "cluster", "collector", "exporter"},
+    "mexc": {"core", "bus", "cluster", "collector", "exporter", "supervisor"},
 }
 
 
