@@ -255,6 +255,16 @@ def process_sockets(pid: int) -> List[ProcSocket]:
     return found
 
 
+def process_start(pid: int) -> Optional[int]:
+    """When a process started (clock ticks since boot), None once it is gone: with its pid,
+    it names one process, where a pid alone may be reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def loopback_violations(pids: Iterable[int], sockets_of=process_sockets) -> List[str]:
     problems = []
     for pid in pids:
@@ -431,7 +441,7 @@ class TorNetwork:
         self.progress = []
         self.violations: List[str] = []      # found by the watcher thread
         self.sockets_of = process_sockets    # pid -> [ProcSocket]; replaceable in tests
-        self.watched_pids: set = set()       # other processes' tors the watcher checks too
+        self.watched_pids: dict = {}         # other processes' tors the watcher checks too: pid -> start
         self._watch_stop = threading.Event()
         self._watcher: Optional[threading.Thread] = None
         for i in range(n_authorities):
@@ -773,13 +783,16 @@ class TorNetwork:
     def watch(self, *pids: int) -> None:
         """Have the watcher check these processes too (e.g. the tors a daemon under test
         started). A violation there is recorded and kills this network's own tors; the
-        watched processes themselves are left to their owner."""
-        self.watched_pids.update(pids)
+        watched processes themselves are left to their owner.  Each is known by its start
+        time too: once it exits its pid may be given to an unrelated process (a soak kills
+        tors, and a cluster test's ZooKeeper once got such a pid and "violated" here)."""
+        self.watched_pids.update((pid, process_start(pid)) for pid in pids)
 
     def _watch(self) -> None:
         """Check every tor's sockets until stop(); on a violation kill ours all at once."""
         while not self._watch_stop.wait(WATCH_INTERVAL):
-            alive = [p for p in self.watched_pids if os.path.exists(f"/proc/{p}")]
+            alive = [p for p, start in list(self.watched_pids.items())
+                     if start is not None and process_start(p) == start]
             problems = loopback_violations(self.pids() + alive, self.sockets_of)
             if problems:
                 self.violations += problems
