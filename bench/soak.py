@@ -70,6 +70,12 @@ Stored = the union of every Parquet file and the live {name}_current / _previous
   the contiguous run (in send order) of lost rows that reaches the window, never across a stored
   row: a collector stores rows strictly in the order received and its spool keeps the oldest
   rows, so what a kill costs is exactly such a run (how far a window was extended is reported).
+  Two exceptions, both bounded and both from the gap ledger's records: a deal stored inside a
+  ledger gap reaching into the window came from REST backfill, not live, and is stepped over
+  for up to 2.5 s before the window (a SIGKILL's allowance: latency_target plus the insert in
+  flight); and a dead_socket gap's silence before the window is explained back to the gap's
+  start, at most dead_after + a ping + 1 s (a silent socket is found only dead_after after its
+  last frame, and the status sampler sees it only then).
   Lost rows inside windows are reported: rows, and "gap seconds" (for each run of consecutive
   lost rows, the wall time from its first to its last, summed).
   Rows sent on a connection after a newer connection for the same symbol had subscribed are

@@ -212,3 +212,49 @@ def test_a_window_backfilled_over_rest_is_recorded_and_complete():
     assert (f.missing_after_backfill, f.missing_in_reachable_gaps, f.missing_elsewhere) \
         == (0, 0, 0)
     assert report.duplicates == report.lost_outside == report.corrupt == 0
+
+
+class SentRecord:
+    """What the accounting asks of the simulator, for rows made up by a test."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def expected_rows(self, _symbol=None):
+        return self.rows
+
+    def trades(self, _symbol):
+        return []
+
+    def orphaned_rows(self, _symbol):
+        return set()
+
+    def rest_answers(self, _symbol):
+        return []
+
+
+@pytest.mark.parametrize("reason, lost_outside", [
+    ("dead_socket", 0),  # the whole recorded silence before the window is explained
+    ("collector_crash", 8),  # deals are stepped over for a SIGKILL's allowance (2.5 s) only
+    (None, 18),  # no record: the first backfilled deal ends the run of lost rows
+])
+def test_a_recorded_silence_before_a_window_explains_its_lost_rows_and_no_more(reason, lost_outside):
+    """Seed 23's eth: a socket went silent at 6.0 s (no fault aimed at it; a stalled circuit),
+    was found dead 4 s later, and the soak's window opened at 10.0 s.  The rows lost from 6.0 s
+    are in the ledger's dead_socket gap, and deals inside it were stored by backfill, which cut
+    the walk back from the window (soak: 104 rows lost outside windows).  A ledger gap explains
+    a dead socket's silence, bounded by dead_after; backfilled deals are stepped over only for
+    a SIGKILL's allowance, so seconds of rows lost before a kill (issue 28) still count."""
+    name = "eth"
+    rows = [(ts, "d" if ts % 300 == 0 else "dp", f"{ts}") for ts in range(0, 20_000, 100)]
+    stored = accounting.Stored()
+    for ts, mt, m in rows:  # silent from 6.0 s to 12.0 s; only backfilled deals there
+        if not 6_000 <= ts < 12_000 or (mt == "d" and ts < 9_000):
+            stored.add(ts, mt, m)
+    ledger = [gap(5_900, 12_000, reason=reason, symbol="ETH_USDT")] if reason else []
+    soak = types.SimpleNamespace(
+        sim=SentRecord(rows), speed=1.0, anchor=0, injections=[], ledger={name: ledger},
+        windows=[windows.Window(name, start=10.5, end=12.5, causes=[])])  # wall s = event s
+    report = accounting.account_symbol(soak, name, stored)
+    assert report.lost_outside == lost_outside
+    assert report.lost_in_windows + report.lost_outside == report.sent - report.stored == 50

@@ -9,20 +9,24 @@ import collections
 import os
 import re
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.clock import HOUR_MS
 from core.store import Store
+from core.vocabulary import DEAL
 
-from .common import FILE_RE, SYMBOLS, say
+from .common import DEAD_AFTER, FILE_RE, PING_INTERVAL, SYMBOLS, say
 from .ledger import count_trades, ledger_figures
 from .windows import Window
 from .report import LONG_WINDOW, SymbolReport
 
 EVENT_SLACK = 0.5  # wall s on each side of a window when mapped to event time
+# wall s of rows a SIGKILL may cost (README: collector.latency_target, 1 s, plus the insert in
+# flight and the scheduling of a loaded machine)
+KILL_ALLOWANCE = 2.5
 
 
 class Stored:
@@ -145,6 +149,32 @@ def describe_outage(windows: List[Window], lost: int, gap: float, extension_s: f
             + (f", reaching {extension_s:.1f}s before the window" if extension_s else ""))
 
 
+class RecordedBefore(NamedTuple):
+    """What the gap ledger says of the time just before an outage window (event ms)."""
+    gaps: List  # the symbol's ledger gaps that reach into the window from before it
+    silent_from: float  # a dead socket's silence began here (inf: none recorded)
+    stepping_limit: int  # backfilled deals are stepped over back to here, no further
+
+    def backfilled(self, ts: int) -> bool:
+        """A deal stored inside a recorded gap came from REST, not live: the collector that
+        lost the rows around it never stored it, so it does not end their run."""
+        return ts >= self.stepping_limit and any(g.start_ms < ts <= g.end_ms for g in self.gaps)
+
+
+def recorded_before(gaps, span: Tuple[int, int], speed: float) -> RecordedBefore:
+    """The ledger's gaps that start before the window and end inside it.  A dead socket is
+    found DEAD_AFTER (plus a ping) after its last frame, so its recorded silence before the
+    window is explained, back to the gap's start, but never more than that; backfilled deals
+    are stepped over for at most a SIGKILL's allowance (KILL_ALLOWANCE), so a real loss of
+    seconds before a kill (issue 28) still counts."""
+    start, end = span
+    reaching = [g for g in gaps if g.start_ms < start <= g.end_ms <= end]
+    silences = [g.start_ms for g in reaching if g.reason == "dead_socket"]
+    silent_from = max([min(silences), start - (DEAD_AFTER + PING_INTERVAL + 1.0) * 1000 * speed],
+                      default=float("inf")) if silences else float("inf")
+    return RecordedBefore(reaching, silent_from, int(start - KILL_ALLOWANCE * 1000 * speed))
+
+
 def account_symbol(soak, name: str, stored: Stored) -> SymbolReport:
     report = SymbolReport(name)
     rows = [row for row in soak.sim.expected_rows(SYMBOLS[name]) if row[0] is not None]
@@ -198,13 +228,24 @@ def account_symbol(soak, name: str, stored: Stored) -> SymbolReport:
         if missing[i]:
             explained[i] = True
             lost_by_window[w].append(i)
+    gaps = soak.ledger.get(name, [])
     for w, i in first_index.items():
-        k = i - 1
-        while k >= 0 and missing[k] and not explained[k]:
-            explained[k] = True
-            lost_by_window[w].append(k)
-            extension[w] = max(extension[w], (spans[w][0] - rows[k][0]) / soak.speed / 1000)
+        k, start = i - 1, spans[w][0]
+        recorded = recorded_before(gaps, spans[w][:2], soak.speed)
+        while k >= 0 and not explained[k] and (missing[k] or rows[k][1] == DEAL
+                                               and recorded.backfilled(rows[k][0])):
+            if missing[k]:
+                explained[k] = True
+                lost_by_window[w].append(k)
+                extension[w] = max(extension[w], (start - rows[k][0]) / soak.speed / 1000)
             k -= 1
+        for k in range(i - 1, -1, -1):  # a silence the ledger recorded, found only after it
+            if rows[k][0] < recorded.silent_from:
+                break
+            if missing[k] and not explained[k]:
+                explained[k] = True
+                lost_by_window[w].append(k)
+                extension[w] = max(extension[w], (start - rows[k][0]) / soak.speed / 1000)
     # Rows the simulator sent on a connection its collector had already left (a newer one for
     # the symbol had subscribed): the killed tor's exit stream, say, still open at the exit
     # relay and accepting sendall() into kernel buffers.  They can outlive the outage window,
