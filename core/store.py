@@ -21,6 +21,7 @@ on older ones, so no row becomes a Python object on the way to its file.  Writer
 supervisor, verify and status all go through it; nobody else writes SQL.
 """
 import base64
+import functools
 import logging
 import os
 import pwd
@@ -30,17 +31,17 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
 
-import pyarrow as pa
-import pyarrow.csv
-import pyarrow.ipc
 from clickhouse_driver import Client
 from clickhouse_driver.errors import ServerException
 
 from core.clock import HOUR_MS
 from core.vocabulary import (DEAD_LETTER, DEAL, GAP_COLUMNS, MESSAGE_TYPES, ROW_COLUMNS, Gap,
                              Row)
+
+if TYPE_CHECKING:  # imported where Arrow is used: the supervisor and collectors never load it
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,6 @@ MT_ENUM = "Enum8(" + ", ".join(f"'{mt}' = {i}" for i, mt in enumerate(MESSAGE_TY
 # A new message type changes MT_ENUM: raise this, and the start rebuilds every rows table
 # whose mt is not MT_ENUM (StripeLog cannot ALTER a column, on either release).
 SCHEMA_VERSION = 2
-# An hour's rows as the export reads them: times as integer milliseconds, mt as its name.
-ROWS_SCHEMA = pa.schema([("ts", pa.int64()), ("mt", pa.string()), ("m", pa.string()),
-                         ("rts", pa.int64())])
 BLOCK_ROWS = 65536
 # per HTTP output format: settings it needs (String as Arrow's string, not binary; a server
 # without the setting refuses it, and the probe then falls back to CSV)
@@ -95,11 +93,23 @@ def _release() -> str:
     return f"mexc {__version__}"
 
 
-def rows_batch(rows: List[tuple]) -> pa.RecordBatch:
-    """(ts ms, mt, m, rts ms) rows -> a record batch of ROWS_SCHEMA."""
+@functools.lru_cache(maxsize=None)
+def rows_schema() -> "pa.Schema":
+    """An hour's rows as the export reads them: times as integer milliseconds, mt as its name."""
+    import pyarrow as pa
+
+    return pa.schema([("ts", pa.int64()), ("mt", pa.string()), ("m", pa.string()),
+                      ("rts", pa.int64())])
+
+
+def rows_batch(rows: List[tuple]) -> "pa.RecordBatch":
+    """(ts ms, mt, m, rts ms) rows -> a record batch of rows_schema()."""
+    import pyarrow as pa
+
+    schema = rows_schema()
     return pa.RecordBatch.from_arrays(
-        [pa.array(column, type) for column, type in zip(zip(*rows), ROWS_SCHEMA.types)],
-        schema=ROWS_SCHEMA)
+        [pa.array(column, type) for column, type in zip(zip(*rows), schema.types)],
+        schema=schema)
 
 
 def _name_the_os_user() -> None:
@@ -467,8 +477,8 @@ class Store:
         streamed block by block (memory stays bounded however big the hour is)."""
         return self.rows(previous_table(name), self._hour_where(hour))
 
-    def hour_batches(self, name: str, hour: int) -> Iterator[pa.RecordBatch]:
-        """The same rows as Arrow record batches of ROWS_SCHEMA, streamed: over HTTP where
+    def hour_batches(self, name: str, hour: int) -> Iterator["pa.RecordBatch"]:
+        """The same rows as Arrow record batches of rows_schema(), streamed: over HTTP where
         the server answers there (Features.http_format), else built from native rows."""
         fmt = self.features.http_format
         if fmt is None:
@@ -484,23 +494,28 @@ class Store:
             f"SELECT {f.ms()} AS ts_ms, toString(mt) AS mt_name, m, {f.ms('rts')} AS rts_ms "
             f"FROM {self._table(previous_table(name))} {self._hour_where(hour)}", fmt)
 
-    def _http_batches(self, name: str, hour: int, fmt: str) -> Iterator[pa.RecordBatch]:
+    def _http_batches(self, name: str, hour: int, fmt: str) -> Iterator["pa.RecordBatch"]:
+        import pyarrow as pa
+        import pyarrow.csv
+        import pyarrow.ipc
+
+        schema = rows_schema()
         with self.hour_stream(name, hour, fmt) as response:
             if fmt == "ArrowStream":
                 reader = pa.ipc.open_stream(response)
             else:  # ClickHouse's CSV quotes strings RFC 4180 style: newlines, quotes survive
                 reader = pa.csv.open_csv(
-                    response, read_options=pa.csv.ReadOptions(column_names=ROWS_SCHEMA.names,
+                    response, read_options=pa.csv.ReadOptions(column_names=schema.names,
                                                               block_size=1 << 22),
                     parse_options=pa.csv.ParseOptions(newlines_in_values=True),
                     convert_options=pa.csv.ConvertOptions(
-                        column_types=ROWS_SCHEMA, strings_can_be_null=False,
+                        column_types=schema, strings_can_be_null=False,
                         quoted_strings_can_be_null=False))
             for batch in reader:
-                yield pa.RecordBatch.from_arrays(batch.columns, schema=ROWS_SCHEMA)
+                yield pa.RecordBatch.from_arrays(batch.columns, schema=schema)
 
     @staticmethod
-    def _batches_of_rows(rows: Iterator[tuple]) -> Iterator[pa.RecordBatch]:
+    def _batches_of_rows(rows: Iterator[tuple]) -> Iterator["pa.RecordBatch"]:
         block = []
         for row in rows:
             block.append(row)
