@@ -33,6 +33,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
 
+import clickhouse_driver.defines
 from clickhouse_driver import Client
 from clickhouse_driver.errors import ServerException
 
@@ -56,6 +57,11 @@ MT_ENUM = "Enum8(" + ", ".join(f"'{mt}' = {i}" for i, mt in enumerate(MESSAGE_TY
 # whose mt is not MT_ENUM (StripeLog cannot ALTER a column, on either release).
 SCHEMA_VERSION = 2
 BLOCK_ROWS = 65536
+# clickhouse-driver gives each connection a read and a write buffer of this size, zero-filled
+# when it connects: its default, 1 MiB each, made 2 MiB of every session private memory, and a
+# collector holds two sessions for its whole life to insert a few KB a second.  A read or write
+# larger than the buffer goes through it in pieces (one more system call per 16 KiB).
+clickhouse_driver.defines.BUFFER_SIZE = 16 * 1024
 # per HTTP output format: settings it needs (String as Arrow's string, not binary; a server
 # without the setting refuses it, and the probe then falls back to CSV)
 FORMAT_SETTINGS = {"ArrowStream": {"output_format_arrow_string_as_string": 1}}
