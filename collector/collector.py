@@ -84,14 +84,17 @@ class Collector:
         self.connected = False
         self.last_frame = None
         self.stats = Stats()
-        self.writer = RowWriter(config.clickhouse, self.sym.name,
+        # Rows go in over the native protocol; only the export reads over HTTP, so our sessions
+        # skip probing the HTTP port (urllib requests: 0.3 MiB of private memory).
+        ch = dict(config.clickhouse, http_port=0)
+        self.writer = RowWriter(ch, self.sym.name,
                                 Spool(config.spool_dir(), self.sym.name),
                                 max_buffered_rows=self.co["max_buffered_rows"],
                                 max_hold=self.co["max_hold"], batch_rows=self.co["batch_rows"],
                                 latency_target=self.co["latency_target"])
         backfill = (Backfill(self.ex, self.sym, socks_proxy, self.writer, config.export["dir"])
                     if self.ex["backfill"] else None)
-        self.gaps = GapLedger(self.sym, config.clickhouse, self.writer, self.ex["silent_alarm"],
+        self.gaps = GapLedger(self.sym, ch, self.writer, self.ex["silent_alarm"],
                               *started_because, backfill=backfill,
                               journal_path=os.path.join(config.spool_dir(),
                                                         f"{self.sym.name}.gaps"),
