@@ -28,7 +28,7 @@ from core.vocabulary import CLICKHOUSE, COLLECTOR, EXPORTER, TOR, ChildId
 from supervisor import commands, reload, sdnotify
 from supervisor.alerts import Alerts
 from supervisor.children import (Child, ChildState, Forked, Subprocess, collector_main,
-                                 exporter_main, prepare_fork, start_reason)
+                                 exporter_main, start_reason)
 from supervisor.exits import ExitGuard
 from supervisor.monitor import Monitor
 from supervisor.tor import TorProcess
@@ -106,13 +106,12 @@ class Arbiter:
         return 0
 
     def _start_collectors(self) -> None:
-        prepare_fork()
         for symbol in self.config.symbols:
             self._add_collector(symbol)
         parent = os.getpid()
         # self.config at fork time: a restarted exporter works with the reloaded config
         exporter = Child(ChildId(EXPORTER),
-                         lambda: Forked(EXPORTER, exporter_main, (self.config, parent)),
+                         lambda: Forked(exporter_main, (self.config, parent)),
                          self.config.supervisor)
         self.children[exporter.name] = exporter
         exporter.start(time.monotonic())
@@ -230,9 +229,8 @@ class Arbiter:
         socks_port = self.tor_ports[symbol.name][0] if tor else None
         # self.config at fork time: a collector (re)started after a reload gets its settings
         child_id = ChildId(COLLECTOR, symbol.name)
-        child = Child(child_id, lambda: Forked(str(child_id), collector_main,
-                                               (self.config, symbol.symbol, parent, socks_port,
-                                                start_reason(child))),
+        child = Child(child_id, lambda: Forked(collector_main, (self.config, symbol.symbol, parent,
+                                                                socks_port, start_reason(child))),
                       self.config.supervisor, symbol=symbol.symbol)
         self.children[child.name] = child
         if tor is None:

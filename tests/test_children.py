@@ -1,9 +1,14 @@
-"""Restart bookkeeping of a supervised child: backoff, flapping, hangs (pure logic)."""
+"""Restart bookkeeping of a supervised child: backoff, flapping, hangs (pure logic); and Forked,
+the supervisor's fork of a collector or the exporter (real forks)."""
+import gc
+import os
 import signal
+import time
 
 from core.vocabulary import (GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTART, GAP_DAEMON_RESTART,
                              ChildId)
-from supervisor.children import FLAP_EXITS, Child, start_reason
+from supervisor.children import FLAP_EXITS, Child, Forked, start_reason
+from tests.conftest import wait_for
 
 BTC = ChildId("collector", "btc")
 
@@ -108,3 +113,20 @@ def test_start_reason_names_the_gap_a_start_ends():
     assert [reason for reason, _detail in reasons] == [
         GAP_DAEMON_RESTART, GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTART, GAP_COLLECTOR_CRASH]
     assert reasons[-1][1].endswith("killed by SIGKILL") and exits == [reasons[-1][1]]
+
+
+def exit_of(forked: Forked) -> str:
+    wait_for(lambda: not forked.alive(), 10, "the forked child's exit")
+    return forked.exit_description()
+
+
+def test_a_forked_child_ends_in_its_own_code_and_never_returns_into_the_supervisor():
+    assert exit_of(Forked(os._exit, (3,))) == "exit code 3"
+    assert exit_of(Forked(int, ("not a number",))) == "exit code 1"  # raised
+    assert exit_of(Forked(len, ((),))) == "exit code 1"  # returned: a failure too
+    sleeper = Forked(time.sleep, (60,))
+    assert sleeper.alive()
+    sleeper.signal(signal.SIGKILL)
+    assert exit_of(sleeper) == "killed by SIGKILL"
+    assert gc.get_freeze_count() > 0  # the supervisor's objects stay frozen
+    gc.unfreeze()  # (this test's process is no supervisor)
