@@ -8,8 +8,11 @@ read, and the proxy needs nothing more from it once the tunnel is up.
 websocket-client does the handshake and sends our requests; incoming frames are read by
 FrameReader, which takes many frames per recv() instead of three recv() calls per frame (the
 collector's hot loop spent half its time in websocket-client's reader).
+
+The REST request of the backfill (http_get) is one GET per connection, its answer read by
+read_response: http.client parses headers with the email package, and running that once made
+about 0.3 MiB of every forked collector's memory private (pages it shares with the supervisor).
 """
-import http.client
 import socket
 import ssl
 import struct
@@ -43,7 +46,7 @@ def http_get(url: str, timeout: float, ca_file: str = "",
              socks_proxy: Optional[Tuple[str, int]] = None) -> Tuple[int, bytes]:
     """GET `url` (http:// or https://) along the same path as the WebSocket: directly or
     through the SOCKS5 proxy with remote DNS, our TLS with SNI.  Returns (status, body);
-    raises OSError or http.client.HTTPException."""
+    raises OSError (ProtocolError for an answer that is not HTTP/1.x)."""
     parts = urlsplit(url)
     secure = parts.scheme == "https"
     if socks_proxy is None:
@@ -51,17 +54,95 @@ def http_get(url: str, timeout: float, ca_file: str = "",
                                         timeout)
     else:
         sock = _socks_tunnel(url, timeout, socks_proxy)
-    if secure:
-        sock = tls_context(ca_file).wrap_socket(sock, server_hostname=parts.hostname)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    connection.sock = sock  # already connected: HTTPConnection sends over it as it is
     try:
-        path = parts.path + (f"?{parts.query}" if parts.query else "")
-        connection.request("GET", path, headers={"Accept": "application/json"})
-        response = connection.getresponse()
-        return response.status, response.read()
+        if secure:
+            sock = tls_context(ca_file).wrap_socket(sock, server_hostname=parts.hostname)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {parts.netloc.rpartition('@')[2]}\r\n"
+                     "Accept: application/json\r\nAccept-Encoding: identity\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        return read_response(sock.recv)
     finally:
-        connection.close()
+        sock.close()
+
+
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # a REST answer is a few KB
+
+
+def read_response(recv) -> Tuple[int, bytes]:
+    """The HTTP/1.x response that `recv` (a socket's recv) brings: (status, body), the body
+    framed as its headers say (chunked, Content-Length) or else by the end of the connection.
+    Interim (1xx) responses are skipped."""
+    received = _Received(recv)
+    status = 100
+    while 100 <= status < 200:
+        version, _, rest = received.line().partition(b" ")
+        if not version.startswith(b"HTTP/1.") or not rest[:3].isdigit():
+            raise ProtocolError(f"not an HTTP/1.x status line: {version + b' ' + rest!r:.80}")
+        status, headers = int(rest[:3]), {}
+        while line := received.line():
+            name, colon, value = line.partition(b":")
+            if not colon:
+                raise ProtocolError(f"not an HTTP header: {line!r:.80}")
+            headers[name.strip().lower()] = value.strip()
+    try:
+        if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            return status, received.chunked()
+        if b"content-length" in headers:
+            return status, received.exactly(int(headers[b"content-length"]))
+    except ValueError as e:  # a length that is not a number
+        raise ProtocolError(f"bad length in an HTTP answer: {e}") from None
+    return status, received.to_end()
+
+
+class _Received:
+    """What recv() brought so far, taken line by line or by length."""
+
+    def __init__(self, recv):
+        self.recv = recv
+        self.data = bytearray()
+        self.total = 0
+
+    def _more(self, end_ok: bool = False) -> bool:
+        chunk = self.recv(65536)
+        if not chunk:
+            if end_ok:
+                return False
+            raise ConnectionResetError("the server closed the connection inside its answer")
+        self.total += len(chunk)
+        if self.total > MAX_RESPONSE_BYTES:
+            raise ProtocolError(f"an answer over {MAX_RESPONSE_BYTES} bytes")
+        self.data += chunk
+        return True
+
+    def line(self) -> bytes:
+        while (end := self.data.find(b"\n")) < 0:
+            self._more()
+        line = bytes(self.data[:end]).rstrip(b"\r")
+        del self.data[:end + 1]
+        return line
+
+    def exactly(self, n: int) -> bytes:
+        while len(self.data) < n:
+            self._more()
+        taken = bytes(self.data[:n])
+        del self.data[:n]
+        return taken
+
+    def to_end(self) -> bytes:
+        while self._more(end_ok=True):
+            pass
+        return bytes(self.data)
+
+    def chunked(self) -> bytes:
+        chunks = []
+        while size := int(self.line().partition(b";")[0], 16):  # ";...": chunk extensions
+            chunks.append(self.exactly(size))
+            if self.line():
+                raise ProtocolError("a chunk longer than its size line says")
+        while self.line():  # trailer fields, up to the empty line
+            pass
+        return b"".join(chunks)
 
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -70,7 +151,8 @@ OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x
 
 
 class ProtocolError(OSError):
-    """The server broke the WebSocket framing rules; the connection cannot be trusted."""
+    """The server broke the rules of WebSocket framing or of an HTTP answer; the connection
+    cannot be trusted."""
 
 
 class FrameReader:

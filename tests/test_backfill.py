@@ -1,11 +1,13 @@
 """Backfill's logic: the REST answer as rows, the multiset match (with the tables and the files of
-exported hours), coverage, the budget."""
+exported hours), coverage, the budget; the HTTP answer read off a real socket."""
+import socket
 import time
 
 import pytest
 
 from collector import wire
 from collector.backfill import REST_LIMIT, Backfill, RateBudget
+from collector.connection import ProtocolError, read_response
 from core.archive import file_name
 from core.clock import HOUR_MS
 from core.config import Symbol
@@ -58,6 +60,39 @@ def test_answer_becomes_deal_rows_with_the_exchange_text():
 def test_failure_answers_are_refused(body):
     with pytest.raises(wire.BadFrame):
         wire.recent_deal_rows(body, 1)
+
+
+def answer(raw: bytes, pieces: int = 3):
+    """read_response of `raw` sent in `pieces` parts, then the server's end of the connection."""
+    ours, server = socket.socketpair()
+    with ours:
+        with server:
+            step = len(raw) // pieces + 1
+            for i in range(0, len(raw), step):
+                server.sendall(raw[i:i + step])
+        return read_response(ours.recv)
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nhel\r\n2\r\nlo\r\n"
+    b"0\r\nX-Trailer: 1\r\n\r\n",
+    b"HTTP/1.0 200 OK\nServer: old\n\nhello",  # bare LF, the body up to the connection's end
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"])
+def test_the_rest_answer_is_framed_as_its_headers_say(raw):
+    assert answer(raw) == (200, b"hello")
+
+
+@pytest.mark.parametrize("raw, error", [
+    (b"SSH-2.0-OpenSSH\r\n\r\n", ProtocolError),
+    (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", ProtocolError),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: many\r\n\r\n", ProtocolError),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello!\r\n0\r\n\r\n",
+     ProtocolError),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nhello", ConnectionResetError)])
+def test_a_broken_rest_answer_raises(raw, error):
+    with pytest.raises(error):
+        answer(raw)
 
 
 def test_two_identical_prints_in_one_ms_are_neither_merged_nor_doubled():
