@@ -20,6 +20,7 @@ import psutil
 
 from bus import sockets
 from bus.rotation import Coordinator, Timeouts
+from collector import connection
 from core import __version__, config as configuration, log as logging_setup, pidlock
 from core.clickhouse_server import ClickHouseStartError, ManagedClickHouse
 from core.log import RecentProblems, first_line
@@ -106,6 +107,7 @@ class Arbiter:
         return 0
 
     def _start_collectors(self) -> None:
+        connection.share_tls(self.config.exchange)
         for symbol in self.config.symbols:
             self._add_collector(symbol)
         parent = os.getpid()

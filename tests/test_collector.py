@@ -282,6 +282,22 @@ def test_wss_through_a_real_socks5_proxy(env, tmp_path):
     assert "localhost" in output[0] or "connected" in output[0], output
 
 
+@pytest.mark.one_clickhouse
+def test_wss_directly_trusts_exchange_ca_file(env, tmp_path):
+    """Without a proxy too, the WebSocket and the REST request check the server against
+    exchange.ca_file (websocket-client used to be handed the context under a key it does not
+    read, and checked against the system's CAs alone)."""
+    context, cert = self_signed_tls(tmp_path)
+    with MexcSimulator(rate=150, ssl_context=context) as sim:
+        config = env.write_config(f"wss://localhost:{sim.port}/edge",
+                                  exchange={"ca_file": cert})
+        proc = env.mexc("collect", "--config", config, "--symbol", "BTC_USDT")
+        wait_for(lambda: env.count() > 100, 30, "rows over wss")
+        assert_stored_exactly_once(env, sim)
+        assert proc.stop() == 0
+    assert "backfill request failed" not in proc.log()
+
+
 def _port_open(port):
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
