@@ -150,6 +150,7 @@ def test_stalled_socket_is_declared_dead_and_replaced(env, sim):
     assert proc.stop() == 0
 
 
+@pytest.mark.slow  # waits out the silent-channel alarm: the quick loop stays under a minute (issue 27)
 @pytest.mark.one_clickhouse
 def test_silent_channel_alarm_and_rs_error_for_unknown_contract(env):
     with MexcSimulator(rate=50, known_symbols={"BTC_USDT"}) as sim:

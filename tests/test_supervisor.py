@@ -100,6 +100,7 @@ def test_status_without_a_daemon(env):
         assert result.stderr.startswith("mexc is not running (no answer on ipc://")
 
 
+@pytest.mark.slow  # a whole daemon and a SIGKILL: the quick loop stays under a minute (issue 27)
 @pytest.mark.one_clickhouse
 def test_sigkill_collector_is_replaced_and_data_flows_again(env, sim):
     daemon = Daemon(env, sim)
