@@ -142,8 +142,12 @@ class Subprocess:
     def alive(self) -> bool:
         return self.server.process.poll() is None
 
+    @property
+    def exitcode(self) -> Optional[int]:
+        return self.server.process.returncode
+
     def exit_description(self) -> str:
-        return describe_exit(self.server.process.returncode)
+        return describe_exit(self.exitcode)
 
     def signal(self, signum) -> None:
         if self.alive():
@@ -157,7 +161,7 @@ def start_reason(child: "Child") -> tuple:
     crash (a signal, SIGKILL included, or a failure exit)."""
     if child.restarts == 0:
         return GAP_DAEMON_RESTART, "daemon started"
-    if child.last_exit and child.last_exit.endswith("exit code 0"):
+    if child.exit_code == 0:
         return GAP_COLLECTOR_RESTART, child.last_exit
     return GAP_COLLECTOR_CRASH, child.last_exit or "unknown exit"
 
@@ -187,7 +191,8 @@ class Child:
         self.delay = sup["restart_min"]
         self.next_start = 0.0
         self.exit_times = collections.deque(maxlen=FLAP_EXITS)
-        self.last_exit = None
+        self.last_exit = None  # how the last process ended, for people: "pid 12 exit code 0"
+        self.exit_code: Optional[int] = None  # ... and for code: its exit code (< 0: a signal)
         self.last_heartbeat = None
         self.stats = {}
         self.rates = {}
@@ -207,7 +212,7 @@ class Child:
         try:
             self.process = self.spawn()
         except Exception as e:
-            self.last_exit, self.started_at = f"start failed: {e}", now
+            self.last_exit, self.exit_code, self.started_at = f"start failed: {e}", None, now
             self._schedule_restart(now, f"failed to start: {e}")
             return
         self.running(now, f"started pid={self.process.pid}")
@@ -247,6 +252,7 @@ class Child:
         return now - self.last_heartbeat > self.sup["heartbeat_timeout"]
 
     def _exited(self, now: float) -> None:
+        self.exit_code = self.process.exitcode
         self.last_exit = f"pid {self.process.pid} {self.process.exit_description()}"
         self.stats, self.rates = {}, {}
         if not self.wanted:
@@ -298,7 +304,7 @@ class Child:
             "pid": self.process.pid if running else None, "state": self.state.value,
             "restarts": self.restarts,
             "uptime_s": round(now - self.started_at, 1) if running else None,
-            "last_exit": self.last_exit,
+            "last_exit": self.last_exit, "last_exit_code": self.exit_code,
             "next_start_in_s": round(max(0.0, self.next_start - now), 1)
             if self.state is ChildState.BACKOFF else None,
             "heartbeat_age_s": round(now - self.last_heartbeat, 1)

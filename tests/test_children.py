@@ -7,7 +7,7 @@ import time
 
 from core.vocabulary import (GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTART, GAP_DAEMON_RESTART,
                              ChildId)
-from supervisor.children import FLAP_EXITS, Child, Forked, start_reason
+from supervisor.children import FLAP_EXITS, Child, Forked, describe_exit, start_reason
 from tests.conftest import wait_for
 
 BTC = ChildId("collector", "btc")
@@ -22,12 +22,13 @@ class FakeProcess:
         self.pid = next(self.pids)
         self.running = True
         self.signals = []
+        self.exitcode = 1  # when it exits
 
     def alive(self):
         return self.running
 
     def exit_description(self):
-        return "exit code 1"
+        return describe_exit(self.exitcode)
 
     def signal(self, signum):
         self.signals.append(signum)
@@ -104,11 +105,11 @@ def test_start_reason_names_the_gap_a_start_ends():
     child = Child(BTC, lambda: (reasons.append(start_reason(child)), FakeProcess())[1], SUP)
     child.start(0.0)  # the daemon's first start of it
     crash_and_restart(child, 10.0)  # exit code 1
-    child.process.exit_description = lambda: "exit code 0"
+    child.process.exitcode = 0
     crash_and_restart(child, 20.0)
     exits = []
     child.on_exit = exits.append
-    child.process.exit_description = lambda: "killed by SIGKILL"
+    child.process.exitcode = -signal.SIGKILL
     crash_and_restart(child, 30.0)
     assert [reason for reason, _detail in reasons] == [
         GAP_DAEMON_RESTART, GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTART, GAP_COLLECTOR_CRASH]

@@ -25,6 +25,7 @@ class Window:
     detected: float = 0.0
     restarted: bool = False  # a new collector pid afterwards
     last_exit: Optional[str] = None
+    last_exit_code: Optional[int] = None  # 0: a restart asked for (e.g. the exit guard's)
     causes: List[str] = field(default_factory=list)
 
 

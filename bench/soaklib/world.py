@@ -247,6 +247,7 @@ class Soak:
             window.end = now + END_SLACK
             window.restarted = link.epoch is not None and epoch[0] != link.epoch[0]
             window.last_exit = c.get("last_exit")
+            window.last_exit_code = c.get("last_exit_code")
             self._explain(window)
             self.windows.append(window)
             link.window, link.epoch, link.last_up = None, epoch, now
@@ -272,7 +273,7 @@ class Soak:
             what = (f"{window.symbol}: collector restarted by the daemon ({window.last_exit})"
                     if window.restarted else f"{window.symbol}: reconnected")
             say(f"unplanned: {what} at {time.strftime('%H:%M:%S', time.localtime(window.start))}")
-            if window.restarted and "exit code 0" not in (window.last_exit or ""):
+            if window.restarted and window.last_exit_code != 0:
                 self.report.crashes.append(what)
             else:
                 self.report.unplanned.append(what)
