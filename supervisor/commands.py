@@ -121,7 +121,7 @@ COLUMNS = [  # header, width, how to show a child entry
     ("STATE", 10, lambda c: _state(c)),
     ("UPTIME", 8, lambda c: _duration(c["uptime_s"])),
     ("RESTARTS", 8, lambda c: c["restarts"]),
-    ("MSGS/S t/d/dp/dl", 20, lambda c: _rates(c["msgs_per_s"])),
+    ("MSGS/S " + "/".join(MESSAGE_TYPES), 20, lambda c: _rates(c["msgs_per_s"])),  # as _rates
     ("WRITTEN", 10, lambda c: _number(c["rows_written"])),
     ("HELD/SPOOL", 12, lambda c: f"{_number(c['buffered_rows'])}/{_number(c['spooled_rows'])}"),
     ("LAST MSG", 8, lambda c: _age(c["last_message_age_s"])),
