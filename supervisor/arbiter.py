@@ -213,7 +213,8 @@ class Arbiter:
         try:
             with Store(self.config.clickhouse) as session:
                 # before any collector runs: the one place an older schema is migrated
-                features = session.setup([s.name for s in self.config.symbols], migrate=True)
+                features = session.setup([s.name for s in self.config.symbols], migrate=True,
+                                         clustered=self.config.clustered)
             self.clickhouse_checked = (time.monotonic(), features)
             log.info("clickhouse %s at %s:%d, database %s ready", features.version,
                      self.config.clickhouse["host"], self.config.clickhouse["port"],
