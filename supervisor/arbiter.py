@@ -256,16 +256,12 @@ class Arbiter:
         self.reload_requested = True
 
     def _start_clickhouse(self) -> None:
-        ch = self.config.clickhouse
-        if not ch["managed"]:
+        if not self.config.clickhouse["managed"]:
             return
         directory = os.path.join(self.config.paths["state_dir"], "clickhouse")
 
         def spawn(wait=False):  # restarts do not block the loop; collectors retry meanwhile
-            return Subprocess(ManagedClickHouse(directory, port=ch["port"], user=ch["user"],
-                                                password=ch["password"], binary=ch["binary"],
-                                                http_port=ch["http_port"]),
-                              wait=wait)
+            return Subprocess(ManagedClickHouse.from_config(self.config, directory), wait=wait)
 
         child = Child(ChildId(CLICKHOUSE), spawn, self.config.supervisor, heartbeats=False)
         self.children[child.name] = child

@@ -266,3 +266,27 @@ def _status_text(host) -> str:
     done = subprocess.run([MEXC, "status", "--config", str(host.config)], capture_output=True,
                           text=True, timeout=20)
     return done.stdout
+
+
+def test_a_managed_clickhouse_in_a_cluster_serves_the_peers_and_loopback(tmp_path):
+    """clickhouse.managed in a cluster: the server listens on cluster.clickhouse's address
+    (127.0.0.2 here) for the other hosts, and on loopback for this host's own processes."""
+    from clickhouse_driver import Client
+
+    from core import config as configuration
+    from core.clickhouse_server import ManagedClickHouse
+    from core.process import free_port
+
+    port = free_port()
+    cfg = configuration.parse({"clickhouse": {"port": port, "http_port": free_port(),
+                                              "password": "secret"},
+                               "cluster": {"host": "h1", "zookeeper": "127.0.0.1:2181",
+                                           "clickhouse": f"127.0.0.2:{port}"}})
+    server = ManagedClickHouse.from_config(cfg, str(tmp_path / "ch")).start()
+    try:
+        for address in ("127.0.0.2", "127.0.0.1"):
+            client = Client(host=address, port=port, password="secret", connect_timeout=3)
+            assert client.execute("SELECT 1") == [(1,)]
+            client.disconnect()
+    finally:
+        server.stop()
