@@ -116,7 +116,6 @@ class Membership:
         with self._lock:
             self.names = sorted(set(names))
             self._live = {n: self._live.get(n, set()) for n in self.names}
-            self._session = None
         self._wake.set()
 
     def plan(self, running: Set[str]) -> Optional[Plan]:
@@ -129,7 +128,7 @@ class Membership:
         assignment = assign(self.names, hosts, self.replicas)
         should = wanted(self.me, assignment, set(running), live)
         take = {n: self._why_taken(hosts) for n in sorted(should - set(running))}
-        release = {n: "live on " + ", ".join(h for h in assignment[n] if h in live[n])
+        release = {n: "live on " + ", ".join(h for h in assignment[n] if h in live.get(n, ()))
                    for n in sorted(set(running) - should)}
         if take or release:
             self._last_hosts = hosts
@@ -188,6 +187,7 @@ class Membership:
         session = self._client_session()
         if session != self._session:
             self._register(session)
+        self._watch_names()  # new ones after a reload
         want = set(self._want_live)
         for name in sorted(want - self._published):
             self._own(f"{self.root}/live/{name}/{self.me}", b"")
@@ -212,8 +212,7 @@ class Membership:
         self._own(f"{self.root}/hosts/{self.me}", self.info)
         self._published = set()
         self._watch(f"{self.root}/hosts", self._on_hosts)
-        for name in self.names:
-            self._watch(f"{self.root}/live/{name}", lambda children, n=name: self._on_live(n, children))
+        self._watch_names()
         with self._lock:
             self._session = session
         log.info("cluster: registered as %s in ZooKeeper session 0x%x", self.me, session)
@@ -234,6 +233,13 @@ class Membership:
             except NoNodeError:
                 pass
             self.zk.create(path, data, ephemeral=True)
+
+    def _watch_names(self) -> None:
+        for name in self.names:
+            path = f"{self.root}/live/{name}"
+            if path not in self._watched:
+                self.zk.ensure_path(path)
+                self._watch(path, lambda children, n=name: self._on_live(n, children))
 
     def _watch(self, path: str, func) -> None:
         if path not in self._watched:  # a ChildrenWatch re-arms itself in each new session
