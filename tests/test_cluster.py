@@ -262,6 +262,24 @@ def test_zookeeper_down_freezes_assignment_and_collection_goes_on(cluster):
         assert " taken (" not in since and " released (" not in since, since
 
 
+def test_a_host_started_without_zookeeper_collects_everything_then_hands_back_the_extras(
+        cluster):
+    cluster.wait_settled()
+    host = cluster.hosts["h1"]
+    host.daemon.terminate()
+    assert host.daemon.wait(20) == 0
+    cluster.bed.zookeeper.stop()
+    try:
+        host.start()
+        wait_for(lambda: host.collectors() == set(NAMES), 30, "h1 collecting every symbol")
+        assert "collecting every symbol until it is" in host.log()
+        assert host.status()["cluster"]["frozen"]
+    finally:
+        cluster.bed.zookeeper.start()
+    cluster.wait_settled(what="h1's extra copies released once ZooKeeper answered")
+    assert " released (live on " in host.log()
+
+
 def _status_text(host) -> str:
     done = subprocess.run([MEXC, "status", "--config", str(host.config)], capture_output=True,
                           text=True, timeout=20)
