@@ -86,7 +86,7 @@ class Arbiter:
         self.monitor = self.web = self.alerts = None
         # in a cluster (cluster/): this host's membership, its holdings log, what was logged
         self.membership = self.holdings = None
-        self.cluster_frozen = None  # (zookeeper state, frozen) last logged
+        self.cluster_frozen = None  # whether the last line logged said frozen
         self.next_cluster_look = 0.0
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -135,11 +135,11 @@ class Arbiter:
         self.holdings = HoldingsLog(self.config.clickhouse, cluster["host"])
         self.membership = Membership(cluster, [s.name for s in self.config.symbols]).start()
         if self.membership.wait_ready(min(JOIN_WAIT, 2 * cluster["session_timeout"])):
-            self.cluster_frozen = (self.membership.state, False)
+            self.cluster_frozen = False
             log.info("cluster: joined as %s; hosts %s", cluster["host"],
                      ", ".join(self.membership.describe()["hosts"]))
         else:
-            self.cluster_frozen = (self.membership.state, True)
+            self.cluster_frozen = True
             log.warning("cluster: ZooKeeper %s not reachable; collecting every symbol until it "
                         "is", cluster["zookeeper"])
 
@@ -159,12 +159,12 @@ class Arbiter:
         membership = self.membership
         membership.set_live({c.child_id.name for c in self._collectors() if _live(c)})
         held = self._held_names()
-        frozen = (membership.state, not membership.ready())
-        if frozen != self.cluster_frozen:
+        frozen = not membership.ready()
+        if frozen != self.cluster_frozen:  # once per outage, however its states follow
             self.cluster_frozen = frozen
-            if frozen[1]:
+            if frozen:
                 log.warning("cluster: ZooKeeper session %s; assignment frozen (running %s)",
-                            frozen[0], ", ".join(sorted(held)) or "nothing")
+                            membership.state, ", ".join(sorted(held)) or "nothing")
             else:
                 log.info("cluster: ZooKeeper session connected; assignment follows the "
                          "cluster again")

@@ -164,7 +164,11 @@ class Sampler(threading.Thread):
 
     def run(self):
         while not self.stopped.wait(0.05):
-            for name, hosts in self.cluster.live().items():
+            try:
+                live = self.cluster.live()
+            except KazooException:  # counted as a sample missed: `samples` says how many ran
+                continue
+            for name, hosts in live.items():
                 self.fewest[name] = min(self.fewest[name], len(hosts))
             self.samples += 1
 
@@ -214,7 +218,7 @@ def test_a_killed_host_fails_over_and_its_return_never_lowers_the_copies(cluster
     cluster.wait_settled(what="h3 back with its symbols")
     fewest = sampler.stop()
     print(f"h3's return: fewest live copies per symbol {fewest} in {sampler.samples} samples")
-    assert fewest == {n: 2 for n in NAMES}
+    assert fewest == {n: 2 for n in NAMES} and sampler.samples >= 20
     assert any("released (live on" in cluster.hosts[h].log() for h in ("h1", "h2"))
 
 
