@@ -12,7 +12,7 @@ HOSTS = st.lists(st.from_regex(r"h[a-z0-9]{0,4}", fullmatch=True), min_size=1, m
 REPLICAS = st.integers(1, 5)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(NAMES, HOSTS, REPLICAS)
 def test_each_symbol_on_min_replicas_hosts_distinct_and_spread_evenly(names, hosts, replicas):
     result = assign(names, hosts, replicas)
@@ -25,7 +25,7 @@ def test_each_symbol_on_min_replicas_hosts_distinct_and_spread_evenly(names, hos
     assert max(per_host) - min(per_host) <= 1
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(NAMES, HOSTS, REPLICAS, st.randoms())
 def test_the_answer_depends_on_the_inputs_alone_not_their_order(names, hosts, replicas, rnd):
     shuffled_names, shuffled_hosts = list(names), list(hosts)
@@ -60,7 +60,7 @@ def test_a_symbol_is_released_only_once_its_assigned_hosts_report_it_live():
     assert releases("h1", ("h2",), {"h2"})  # one host left: one copy wanted
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(NAMES, HOSTS, st.integers(1, 3), st.data())
 def test_a_rebalance_never_leaves_a_symbol_with_fewer_live_copies(names, hosts, replicas, data):
     """A host returns (or any change of membership): each host runs what wanted() says, given
