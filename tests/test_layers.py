@@ -3,6 +3,8 @@ exporter/ <- supervisor/ <- front mexc/.  Every import of every product module i
 those inside functions too, so an upward one fails here, not in a reviewer's head."""
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -41,3 +43,13 @@ def test_imports_only_point_down(package):
                         and imported not in MAY_IMPORT[package]:
                     wrong.append(f"{os.path.relpath(path, ROOT)}:{line} imports {imported}")
     assert not wrong, "imports running up the layers:\n" + "\n".join(wrong)
+
+
+def test_one_host_never_loads_kazoo():
+    """kazoo and cluster/ are imported by the supervisor only when [cluster] host is set."""
+    code = ("import sys, supervisor.arbiter, mexc.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('kazoo', 'cluster')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
