@@ -13,6 +13,7 @@ import time
 from xml.sax.saxutils import escape
 
 
+from core.config import listen_address
 from core.process import dies_with_this_process, free_port
 from core.store import Store
 
@@ -87,6 +88,22 @@ class ManagedClickHouse:
         self.password = password
         self.binary = binary
         self.process = None
+
+    @classmethod
+    def from_config(cls, config, directory: str) -> "ManagedClickHouse":
+        """The server `clickhouse.managed` asks for.  In a cluster it listens on
+        cluster.clickhouse's address as well as on loopback, and takes the configured user
+        from any address (with its password, which a cluster requires: core/config.py): the
+        other hosts read its rows and holdings there (docs/cluster.md, the ports to open)."""
+        ch, peers = config.clickhouse, {}
+        if config.clustered:
+            host, _port = listen_address(config.cluster["clickhouse"])
+            also_loopback = host not in ("127.0.0.1", "localhost", "0.0.0.0", "::")
+            peers = dict(listen_host=host, client_networks=("0.0.0.0/0", "::/0"),
+                         extra_config="  <listen_host>127.0.0.1</listen_host>\n"
+                         if also_loopback else "")
+        return cls(directory, port=ch["port"], user=ch["user"], password=ch["password"],
+                   binary=ch["binary"], http_port=ch["http_port"], **peers)
 
     def write_config(self) -> str:
         for sub in ("log", "data", "tmp", "user_files", "format_schemas"):

@@ -200,6 +200,11 @@ def parse(data: dict, path: str = "<config>") -> Config:
     sections["exchange"]["rest_url"] = (sections["exchange"]["rest_url"]
                                         or rest_url_of(sections["exchange"]["url"]))
     _check_values(sections, path)
+    if sections["cluster"]["host"] and sections["clickhouse"]["managed"] \
+            and not sections["clickhouse"]["password"]:
+        warnings.append(f"{path}: clickhouse.password is empty: in a cluster the managed "
+                        "ClickHouse takes connections from other hosts; set one, and open its "
+                        "port to the cluster's hosts only (docs/cluster.md)")
     return Config(path=path, symbols=symbols, warnings=warnings, **sections)
 
 
@@ -350,7 +355,7 @@ def _check_values(s: dict, path: str) -> None:
         bad("alerts.webhook", "must be an http:// or https:// URL")
     if s["alerts"]["max_per_minute"] < 1:
         bad("alerts.max_per_minute", "must be at least 1")
-    _check_cluster(s["cluster"], bad)
+    _check_cluster(s["cluster"], s["clickhouse"], bad)
 
 
 def listen_address(listen: str) -> Tuple[str, int]:
@@ -370,7 +375,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _check_cluster(cluster: dict, bad) -> None:
+def _check_cluster(cluster: dict, clickhouse: dict, bad) -> None:
     if not cluster["host"]:
         return
     if not NAME_RE.match(cluster["host"]):
@@ -382,8 +387,9 @@ def _check_cluster(cluster: dict, bad) -> None:
             listen_address(node.strip())
         except ValueError as e:
             bad("cluster.zookeeper", f"{e} (expected HOST:PORT[,HOST:PORT...])")
+    port = None
     try:
-        listen_address(cluster["clickhouse"])
+        _host, port = listen_address(cluster["clickhouse"])
     except ValueError:
         bad("cluster.clickhouse", "must be this host's ClickHouse native address as the other "
                                   'hosts reach it, e.g. "10.0.0.1:9100"')
@@ -395,6 +401,9 @@ def _check_cluster(cluster: dict, bad) -> None:
         bad("cluster.session_timeout", "must be 2-20 seconds (failover takes about this long)")
     if cluster["export_wait"] < 0:
         bad("cluster.export_wait", "must be >= 0")
+    if clickhouse["managed"] and port is not None and port != clickhouse["port"]:
+        bad("cluster.clickhouse", f"must end in :{clickhouse['port']} (clickhouse.port): the "
+                                  "managed server listens there for the other hosts too")
 
 
 def _check_http(http: dict, bad) -> None:

@@ -7,6 +7,7 @@ Tables, per symbol short name (e.g. btc), all in the configured database:
   export_log       one row per Parquet file written (MergeTree)
   gaps             the gap ledger: one row per stretch without a live subscription (MergeTree)
   schema_version   one row per schema version this database was brought to (MergeTree)
+  cluster_holdings in a cluster only: when this host took and released each symbol (MergeTree)
 
 Rows are (ts, mt, m, rts), see core/vocabulary.py.  Time columns are DateTime64(3, 'UTC')
 where the server has it and UInt64 milliseconds on old servers (18.16, Debian's package).
@@ -306,7 +307,16 @@ class Store:
             f"detail String, backfilled UInt32, covered UInt8, recorded_ms {t}"
             f") ENGINE = MergeTree ORDER BY (name, start_ms)")
 
-    def setup(self, names: Sequence[str], migrate: bool = False) -> Features:
+    def create_holdings_table(self) -> None:
+        """In a cluster: one row per take (held 1) and release (held 0) of a symbol by a
+        host, ts in ms, whatever the server's time type (the merge reads it from each host)."""
+        self.client.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._table('cluster_holdings')} ("
+            f"name String, host String, ts UInt64, held UInt8"
+            f") ENGINE = MergeTree ORDER BY (name, ts)")
+
+    def setup(self, names: Sequence[str], migrate: bool = False,
+              clustered: bool = False) -> Features:
         """Database, export_log, gaps, schema_version and every {name}_current that is
         missing.  Idempotent.  SchemaTooNew if a newer mexc made the database.  An older
         schema is brought up to SCHEMA_VERSION only with `migrate`: where no collector inserts
@@ -326,6 +336,8 @@ class Store:
             f") ENGINE = MergeTree ORDER BY version")
         for name in names:
             self.create_rows_table(current_table(name))
+        if clustered:
+            self.create_holdings_table()
         if found < SCHEMA_VERSION and migrate:
             for table in self._outdated_rows_tables():
                 self._rebuild_rows_table(table)
@@ -615,6 +627,27 @@ class Store:
             f"{recorded} FROM {self._table('gaps')} "
             f"{'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {start}, name", params)
         return [Gap(*row[:7], bool(row[7]), row[8]) for row in rows]
+
+    # --- cluster holdings --------------------------------------------------------------------
+
+    def record_holding(self, name: str, host: str, ts_ms: int, held: bool) -> None:
+        self.client.execute(f"INSERT INTO {self._table('cluster_holdings')} "
+                            f"(name, host, ts, held) VALUES",
+                            [(name, host, int(ts_ms), int(held))])
+
+    def holdings(self, name: str, start_ms: int, end_ms: int) -> List[Tuple[str, int, bool]]:
+        """A symbol's takes and releases as (host, ts ms, held), oldest first: those in
+        [start_ms, end_ms), preceded by each host's last one before start_ms (whether it held
+        the symbol when the span began)."""
+        table, params = self._table("cluster_holdings"), {"name": name}
+        before = self.client.execute(
+            f"SELECT host, max(ts), argMax(held, ts) FROM {table} WHERE name = %(name)s "
+            f"AND ts < {int(start_ms)} GROUP BY host", params)
+        during = self.client.execute(
+            f"SELECT host, ts, held FROM {table} WHERE name = %(name)s "
+            f"AND ts >= {int(start_ms)} AND ts < {int(end_ms)}", params)
+        return sorted(((host, ts, bool(held)) for host, ts, held in before + during),
+                      key=lambda record: (record[1], record[0]))
 
     def newest_table_ms(self, name: str, before_ms: int) -> Optional[int]:
         """The newest exchange time of a data row (not a dead letter) before `before_ms` in a

@@ -167,7 +167,7 @@ def _setup_db(args, config) -> int:
     log = logging_setup.setup("setup-db", config.log["level"])
     try:
         with Store(config.clickhouse) as store:
-            features = store.setup([s.name for s in config.symbols])
+            features = store.setup([s.name for s in config.symbols], clustered=config.clustered)
             schema = store.schema_version()
     except Exception as e:
         log.error("cannot set up ClickHouse at %s:%d: %s", config.clickhouse["host"],

@@ -44,6 +44,8 @@ STOP_TIMEOUTS = {COLLECTOR: 7.0, EXPORTER: 3.0, TOR: 2.0, CLICKHOUSE: 3.0}
 READY_TIMEOUT = 15.0  # READY=1 at the latest this long after start, even if a collector lags
 LEFTOVER_WAIT = 20.0  # for the children of a killed `mexc run` to die with it (collectors flush)
 CLICKHOUSE_CHECK_EVERY = 5.0  # seconds between reachability probes (each in its own thread)
+CLUSTER_EVERY = 0.5  # seconds between looks at the cluster's assignment
+JOIN_WAIT = 10.0  # longest a clustered start waits for ZooKeeper before collecting everything
 
 
 class RunError(Exception):
@@ -83,6 +85,10 @@ class Arbiter:
         self.deferred_adds = []
         self.problems = RecentProblems()  # the last warnings and errors, for the dashboard
         self.monitor = self.web = self.alerts = None
+        # in a cluster (cluster/): this host's membership, its holdings log, what was logged
+        self.membership = self.holdings = None
+        self.cluster_frozen = None  # whether the last line logged said frozen
+        self.next_cluster_look = 0.0
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -97,8 +103,8 @@ class Arbiter:
         log.info("mexc %s starting pid=%d config=%s symbols=%s", __version__, os.getpid(),
                  self.config.path, ",".join(s.symbol for s in self.config.symbols))
         try:
-            for step in (self._start_clickhouse, self._ensure_schema, self._start_collectors,
-                         self._start_monitor, self._loop):
+            for step in (self._start_clickhouse, self._ensure_schema, self._join_cluster,
+                         self._start_collectors, self._start_monitor, self._loop):
                 if self.stopping:  # SIGTERM during start-up: stop what is running
                     break
                 step()
@@ -108,7 +114,7 @@ class Arbiter:
 
     def _start_collectors(self) -> None:
         connection.share_tls(self.config.exchange)
-        for symbol in self.config.symbols:
+        for symbol in self._symbols_to_start():
             self._add_collector(symbol)
         parent = os.getpid()
         # self.config at fork time: a restarted exporter works with the reloaded config
@@ -117,6 +123,66 @@ class Arbiter:
                          self.config.supervisor)
         self.children[exporter.name] = exporter
         exporter.start(time.monotonic())
+
+    # --- several hosts (cluster/, docs/cluster.md) -------------------------------------------
+
+    def _join_cluster(self) -> None:
+        """In a cluster: register in ZooKeeper and wait (briefly) for the first view."""
+        if not self.config.clustered:
+            return
+        from cluster.holdings import HoldingsLog  # kazoo only where it is used
+        from cluster.membership import Membership
+        cluster = self.config.cluster
+        self.holdings = HoldingsLog(self.config.clickhouse, cluster["host"])
+        self.membership = Membership(cluster, [s.name for s in self.config.symbols]).start()
+        if self.membership.wait_ready(min(JOIN_WAIT, 2 * cluster["session_timeout"])):
+            self.cluster_frozen = False
+            log.info("cluster: joined as %s; hosts %s", cluster["host"],
+                     ", ".join(self.membership.describe()["hosts"]))
+        else:
+            self.cluster_frozen = True
+            log.warning("cluster: ZooKeeper %s not reachable; collecting every symbol until it "
+                        "is", cluster["zookeeper"])
+
+    def _symbols_to_start(self) -> list:
+        """At start: every symbol, or in a cluster those assigned to this host (every one
+        while ZooKeeper does not answer: extra copies are harmless, missing ones are not)."""
+        plan = self.membership.plan(set()) if self.membership is not None else None
+        if plan is None:
+            return list(self.config.symbols)
+        for name, why in plan.take.items():
+            log.info("cluster: %s taken (%s)", name, why)
+        return [s for s in self.config.symbols if s.name in plan.take]
+
+    def _follow_cluster(self) -> None:
+        """Tell the membership which copies are live here; start and stop what it says,
+        through the same steps as a reload's symbol change.  Frozen: nothing changes."""
+        membership = self.membership
+        membership.set_live({c.child_id.name for c in self._collectors() if _live(c)})
+        held = self._held_names()
+        frozen = not membership.ready()
+        if frozen != self.cluster_frozen:  # once per outage, however its states follow
+            self.cluster_frozen = frozen
+            if frozen:
+                log.warning("cluster: ZooKeeper session %s; assignment frozen (running %s)",
+                            membership.state, ", ".join(sorted(held)) or "nothing")
+            else:
+                log.info("cluster: ZooKeeper session connected; assignment follows the "
+                         "cluster again")
+        plan = membership.plan(held)
+        if plan is None:
+            return
+        by_name = {s.name: s for s in self.config.symbols}
+        for name, why in plan.release.items():
+            if self._drop_symbol(name, f"cluster: {name} released ({why})"):
+                self.holdings.record(name, held=False)
+        for name, why in plan.take.items():
+            self._start_symbol(by_name[name], f"cluster: {name} taken ({why})")
+
+    def _held_names(self) -> set:
+        """Symbols with a collector running or waiting to start here."""
+        return ({c.child_id.name for c in self._collectors()}
+                | {s.name for s in self.deferred_adds})
 
     def _start_monitor(self) -> None:
         """The dashboard, /metrics and alerts as self.config says, at start and after each
@@ -191,16 +257,12 @@ class Arbiter:
         self.reload_requested = True
 
     def _start_clickhouse(self) -> None:
-        ch = self.config.clickhouse
-        if not ch["managed"]:
+        if not self.config.clickhouse["managed"]:
             return
         directory = os.path.join(self.config.paths["state_dir"], "clickhouse")
 
         def spawn(wait=False):  # restarts do not block the loop; collectors retry meanwhile
-            return Subprocess(ManagedClickHouse(directory, port=ch["port"], user=ch["user"],
-                                                password=ch["password"], binary=ch["binary"],
-                                                http_port=ch["http_port"]),
-                              wait=wait)
+            return Subprocess(ManagedClickHouse.from_config(self.config, directory), wait=wait)
 
         child = Child(ChildId(CLICKHOUSE), spawn, self.config.supervisor, heartbeats=False)
         self.children[child.name] = child
@@ -214,7 +276,8 @@ class Arbiter:
         try:
             with Store(self.config.clickhouse) as session:
                 # before any collector runs: the one place an older schema is migrated
-                features = session.setup([s.name for s in self.config.symbols], migrate=True)
+                features = session.setup([s.name for s in self.config.symbols], migrate=True,
+                                         clustered=self.config.clustered)
             self.clickhouse_checked = (time.monotonic(), features)
             log.info("clickhouse %s at %s:%d, database %s ready", features.version,
                      self.config.clickhouse["host"], self.config.clickhouse["port"],
@@ -235,6 +298,8 @@ class Arbiter:
                                                                 socks_port, start_reason(child))),
                       self.config.supervisor, symbol=symbol.symbol)
         self.children[child.name] = child
+        if self.holdings is not None:
+            self.holdings.record(symbol.name, held=True)
         if tor is None:
             child.start(time.monotonic())
         else:  # started by the ExitGuard once its tor has bootstrapped
@@ -274,6 +339,9 @@ class Arbiter:
                 if not child.wanted and child.state is ChildState.STOPPED:
                     del self.children[child.name]  # removed by a reload, now gone
             self._start_deferred()
+            if self.membership is not None and now >= self.next_cluster_look:
+                self._follow_cluster()
+                self.next_cluster_look = now + CLUSTER_EVERY
             self.rotation.tick(now, {c.name for c in self._collectors()
                                      if c.state is ChildState.RUNNING})
             self.exit_guard.tick(now)
@@ -295,9 +363,19 @@ class Arbiter:
         log.info("stopping: collectors first, then exporter, tor, clickhouse")
         for kind, timeout in STOP_TIMEOUTS.items():
             self._stop_group([c for c in self.children.values() if c.kind == kind], timeout)
+            if kind == COLLECTOR:
+                self._leave_cluster()
         if self.bus is not None:
             self.bus.close()
         log.info("stopped")
+
+    def _leave_cluster(self) -> None:
+        """After the collectors stopped: the session closes, the others take over now."""
+        if self.membership is not None:
+            self.membership.stop()
+            log.info("cluster: left")
+        if self.holdings is not None:
+            self.holdings.stop()
 
     def _stop_group(self, group, timeout: float) -> None:
         now = time.monotonic()
@@ -375,29 +453,18 @@ class Arbiter:
         changed = reload.changes(self.config, new)
         self.config = new = reload.adopted(self.config, new)
         self._apply_settings(changed)
-        wanted = {str(ChildId(COLLECTOR, s.name)): s for s in new.symbols}
+        wanted = {s.name: s for s in new.symbols}
         for child in self._collectors():
-            if child.name not in wanted:
-                log.info("reload: %s removed from the config; stopping it", child.symbol)
-                child.stop(time.monotonic(), STOP_TIMEOUTS[COLLECTOR])
-                tor = self.children.get(str(child.child_id.sibling(TOR)))
-                if tor is not None:
-                    tor.stop(time.monotonic(), STOP_TIMEOUTS[TOR])
-                self.exit_guard.remove(child.name)
-        running = {c.name for c in self._collectors()}
-        added = [symbol for name, symbol in wanted.items() if name not in running]
-        self.deferred_adds = [wanted[name] for name in
-                              (str(ChildId(COLLECTOR, s.name)) for s in self.deferred_adds)
-                              if name in wanted]
+            if child.child_id.name not in wanted:
+                self._drop_symbol(child.child_id.name,
+                                  f"reload: {child.symbol} removed from the config; stopping it")
+        self.deferred_adds = [wanted[s.name] for s in self.deferred_adds if s.name in wanted]
+        added = [s for name, s in wanted.items() if name not in self._held_names()]
+        if self.membership is not None:  # the cluster decides which of them run here
+            self.membership.set_names(wanted)
+            added = []
         for symbol in added:
-            if self._leftovers(symbol):
-                log.info("reload: %s added; its collector starts once the old one has stopped",
-                         symbol.symbol)
-                if symbol.name not in {s.name for s in self.deferred_adds}:
-                    self.deferred_adds.append(symbol)
-            else:
-                log.info("reload: %s added; starting its collector", symbol.symbol)
-                self._add_collector(symbol)
+            self._start_symbol(symbol, f"reload: {symbol.symbol} added")
         if ((added or reload.touches(changed, "export", reload.EXPORTER))
                 and EXPORTER in self.children):
             self.children[EXPORTER].restart_now(time.monotonic())  # to export them too
@@ -422,6 +489,34 @@ class Arbiter:
             logging_setup.set_level(level)
             self._publish("log_level", level=level)  # to the children
 
+    def _drop_symbol(self, name: str, line: str) -> bool:
+        """Stop a symbol's collector and tor (a reload removed it, or the cluster moved it);
+        False if it had none running, only a start waiting."""
+        if any(s.name == name for s in self.deferred_adds):
+            self.deferred_adds = [s for s in self.deferred_adds if s.name != name]
+            log.info("%s (its start was still waiting)", line)
+            return False
+        child = self.children.get(str(ChildId(COLLECTOR, name)))
+        if child is None or not child.wanted:
+            return False
+        log.info("%s", line)
+        child.stop(time.monotonic(), STOP_TIMEOUTS[COLLECTOR])
+        tor = self.children.get(str(child.child_id.sibling(TOR)))
+        if tor is not None:
+            tor.stop(time.monotonic(), STOP_TIMEOUTS[TOR])
+        self.exit_guard.remove(child.name)
+        return True
+
+    def _start_symbol(self, symbol, line: str) -> None:
+        """Start a symbol's collector (and tor) now, or once its old ones have stopped."""
+        if self._leftovers(symbol):
+            log.info("%s; its collector starts once the old one has stopped", line)
+            if symbol.name not in {s.name for s in self.deferred_adds}:
+                self.deferred_adds.append(symbol)
+        else:
+            log.info("%s; starting its collector", line)
+            self._add_collector(symbol)
+
     def _leftovers(self, symbol) -> list:
         """The children of a removed symbol that are still stopping."""
         return [c for c in (self.children.get(str(ChildId(COLLECTOR, symbol.name))),
@@ -431,7 +526,7 @@ class Arbiter:
         for symbol in list(self.deferred_adds):
             if not self._leftovers(symbol):
                 self.deferred_adds.remove(symbol)
-                log.info("reload: the old %s collector has stopped; starting the new one",
+                log.info("the old %s collector has stopped; starting the new one",
                          symbol.symbol)
                 self._add_collector(symbol)
 
@@ -473,7 +568,9 @@ class Arbiter:
                 except psutil.Error:
                     pass
             children.append(entry)
+        cluster = {"cluster": self.membership.describe()} if self.membership is not None else {}
         return {
+            **cluster,
             "supervisor": {
                 "pid": os.getpid(), "version": __version__, "uptime_s": round(now - self.started, 1),
                 "config": self.config.path, "ready": self.ready,
@@ -507,3 +604,9 @@ class Arbiter:
     def _probe_clickhouse(self) -> None:
         with Store(self.config.clickhouse, timeout=1.0) as session:
             self.clickhouse_checked = (time.monotonic(), session.probe())
+
+
+def _live(collector) -> bool:
+    """A copy the cluster may count: running, subscribed, and delivering."""
+    return (collector.state is ChildState.RUNNING and bool(collector.stats.get("connected"))
+            and collector.stats.get("last_message_age_s") is not None)

@@ -40,7 +40,9 @@ class Status(Command):
 
     def show(self, result) -> str:
         """The status table (`mexc status`; --json prints the result itself)."""
-        return "\n".join([_header(result["supervisor"]), _row([h for h, _w, _f in COLUMNS])]
+        cluster = [_cluster(result["cluster"])] if result.get("cluster") else []
+        return "\n".join([_header(result["supervisor"])] + cluster
+                         + [_row([h for h, _w, _f in COLUMNS])]
                          + [_row([show(child) for _h, _w, show in COLUMNS])
                             for child in result["children"]]
                          + _notes(result["children"]))
@@ -150,6 +152,14 @@ def _header(sup: dict) -> str:
     return (f"mexc {sup['version']}{installed}  supervisor pid {sup['pid']}  up {_duration(sup['uptime_s'])}"
             f"  {clickhouse}{dashboard}  last export: {last_export}{next_rotation}{rotation}"
             f"{failing}")
+
+
+def _cluster(cluster: dict) -> str:
+    """`cluster: host h1, zookeeper connected; h1: btc, sol  h2: btc, eth  h3: -`"""
+    state = cluster["zookeeper"] + (", ASSIGNMENT FROZEN" if cluster["frozen"] else "")
+    hosts = "  ".join(f"{h}: {', '.join(names) or '-'}" for h, names in cluster["hosts"].items())
+    return (f"cluster: host {cluster['host']}, zookeeper {state}, {len(cluster['hosts'])} hosts "
+            f"alive, {cluster['replicas']} copies wanted; live {hosts or '-'}")
 
 
 def _notes(children) -> list:

@@ -26,7 +26,7 @@ SECTIONS = {
     "clickhouse": RESTART,  # the managed server and every connection
     "tor": RESTART,  # every tor's torrc and ports
     "paths": RESTART,  # sockets, lock, spool
-    "cluster": RESTART,  # the host's name and ZooKeeper session
+    "cluster": RESTART,  # this host's name, ZooKeeper session, replicas: a restart rejoins
 }
 KEYS = {
     # the hour clock is shared by the supervisor's rotation timing and the monitor

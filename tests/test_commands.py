@@ -152,6 +152,18 @@ def test_status_names_the_installed_version_while_the_daemon_runs_an_older_one()
                              "supervisor pid 42")
 
 
+def test_status_shows_the_cluster_under_its_header_and_says_when_it_is_frozen():
+    cluster = {"host": "h1", "zookeeper": "connected", "frozen": False, "replicas": 2,
+               "hosts": {"h1": ["btc", "sol"], "h2": ["btc"], "h3": []}}
+    lines = COMMANDS["status"].show({**status([]), "cluster": cluster}).splitlines()
+    assert lines[1] == ("cluster: host h1, zookeeper connected, 3 hosts alive, 2 copies "
+                        "wanted; live h1: btc, sol  h2: btc  h3: -")
+    frozen = dict(cluster, zookeeper="suspended", frozen=True)
+    assert "zookeeper suspended, ASSIGNMENT FROZEN" in COMMANDS["status"].show(
+        {**status([]), "cluster": frozen})
+    assert "cluster" not in COMMANDS["status"].show(status([]))
+
+
 def test_status_table_of_a_busy_daemon():
     text = COMMANDS["status"].show(status(
         [child("collector-btc", "collector", msgs_per_s={"t": 10.2, "d": 55, "dp": 99.6},

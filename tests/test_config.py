@@ -40,6 +40,8 @@ def test_a_cluster_section_makes_a_cluster_and_its_absence_one_host():
     cfg = config.parse({"cluster": CLUSTER})
     assert cfg.clustered
     assert (cfg.cluster["replicas"], cfg.cluster["root"]) == (2, "/mexc")
+    assert any("clickhouse.password is empty" in w for w in cfg.warnings)
+    assert not config.parse({"cluster": CLUSTER, "clickhouse": {"password": "x"}}).warnings
 
 
 def test_int_accepted_for_float():
@@ -114,6 +116,8 @@ flush_interval = 0.1
     ({"cluster": dict(CLUSTER, replicas=0)}, "cluster.replicas: must be at least 1"),
     ({"cluster": dict(CLUSTER, root="mexc")}, "cluster.root: must be a ZooKeeper path"),
     ({"cluster": dict(CLUSTER, session_timeout=60)}, "cluster.session_timeout: must be 2-20"),
+    ({"cluster": dict(CLUSTER, clickhouse="10.0.0.1:9000")},
+     "cluster.clickhouse: must end in :9100 (clickhouse.port)"),
 ])
 def test_bad_values(data, message):
     with pytest.raises(config.ConfigError) as err:

@@ -53,3 +53,13 @@ def test_the_supervisor_and_its_collectors_load_no_pyarrow():
     found = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout
     assert found.strip() == "[]"
+
+
+def test_one_host_never_loads_kazoo():
+    """kazoo and cluster/ are imported by the supervisor only when [cluster] host is set."""
+    code = ("import sys, supervisor.arbiter, mexc.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('kazoo', 'cluster')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

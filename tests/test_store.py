@@ -122,6 +122,25 @@ def test_gap_ledger_round_trip(env):
         assert session.gaps(until_ms=HOUR + 4_000) == [first]
 
 
+def test_cluster_holdings_round_trip(env):
+    """Only a clustered setup makes cluster_holdings; holdings() answers a span with each
+    host's state at its start, then its takes and releases in it, oldest first."""
+    with env.store() as session:
+        session.setup(["btc"])
+        assert not session.exists("cluster_holdings")
+        session.setup(["btc"], clustered=True)
+        assert [c[:2] for c in session.client.execute(
+            f"DESCRIBE TABLE {env.database}.cluster_holdings")] == [
+            ("name", "String"), ("host", "String"), ("ts", "UInt64"), ("held", "UInt8")]
+        for host, ts, held in [("h1", 100, True), ("h2", 150, True), ("h1", 200, False),
+                               ("h2", 5_000, False), ("h3", 9_000, True)]:
+            session.record_holding("btc", host, ts, held)
+        session.record_holding("eth", "h1", 300, True)
+        assert session.holdings("btc", 1_000, 9_000) == [
+            ("h2", 150, True), ("h1", 200, False), ("h2", 5_000, False)]
+        assert session.holdings("eth", 0, 1_000) == [("h1", 300, True)]
+
+
 def test_live_rows_of_current_and_previous_in_one_read(env):
     with env.store() as session:
         assert session.live_rows("btc", "d", 0, 2 * HOUR) == [[], [], [], []]  # no table

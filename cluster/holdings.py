@@ -1,0 +1,69 @@
+"""When this host held each symbol: every take and release goes to its own ClickHouse
+(`cluster_holdings`, core/store.py), which the merge of the hosts' copies reads.
+
+A worker thread writes them in order, retrying while ClickHouse is away, so the supervisor's
+loop never waits on it; what is still queued at shutdown gets a last try.
+"""
+import collections
+import logging
+import threading
+import time
+
+from core.log import first_line
+from core.store import Store
+
+log = logging.getLogger(__name__)
+
+RETRY_EVERY = 1.0
+
+
+class HoldingsLog:
+    def __init__(self, clickhouse: dict, host: str):
+        self.clickhouse = clickhouse
+        self.host = host
+        self._queue = collections.deque()  # (name, ts_ms, held), oldest first
+        self._wake = threading.Event()
+        self._stopped = False
+        self._failing = False
+        self._thread = threading.Thread(target=self._work, name="cluster-holdings", daemon=True)
+        self._thread.start()
+
+    def record(self, name: str, held: bool) -> None:
+        self._queue.append((name, int(time.time() * 1000), held))
+        self._wake.set()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout)
+        if self._queue:
+            log.error("cluster: %d holding records not written to ClickHouse: %s",
+                      len(self._queue), ", ".join(f"{n} {'take' if h else 'release'} at {ts}"
+                                                  for n, ts, h in self._queue))
+
+    def _work(self) -> None:
+        while True:
+            self._wake.wait(RETRY_EVERY)
+            self._wake.clear()
+            if self._queue:
+                self._write()
+            if self._stopped:
+                return
+
+    def _write(self) -> None:
+        try:
+            with Store(self.clickhouse, timeout=5.0) as store:
+                store.create_database()
+                store.create_holdings_table()
+                while self._queue:
+                    name, ts, held = self._queue[0]
+                    store.record_holding(name, self.host, ts, held)
+                    self._queue.popleft()
+            if self._failing:
+                log.info("cluster: holding records written again")
+            self._failing = False
+        except Exception as e:
+            if not self._failing:
+                log.warning("cluster: cannot record holdings in ClickHouse yet (%s); retrying",
+                            first_line(e))
+            self._failing = True
