@@ -34,7 +34,7 @@ if ROOT not in sys.path:
 import psutil  # noqa: E402
 
 from bus import sockets  # noqa: E402
-from core.clickhouse_server import ManagedClickHouse  # noqa: E402
+from supervisor.clickhouse import ManagedClickHouse  # noqa: E402
 from core.store import Store  # noqa: E402
 
 MEXC = os.path.join(os.path.dirname(sys.executable), "mexc")

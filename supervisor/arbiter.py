@@ -4,7 +4,7 @@ bus (status requests, heartbeats, the rotation handshake) and talks to systemd.
 One loop: wait up to TICK for bus messages, then look after every child.  Control requests
 are answered by supervisor/commands.py, the rotation is run by bus/rotation.Coordinator, Tor
 exits are kept apart by supervisor/exits.ExitGuard.  The dashboard, /metrics and alerts run
-in threads of their own (supervisor/monitor.py, web.py) and learn the status by asking the
+in threads of their own (supervisor/monitoring/: monitor.py, web.py) and learn the status by asking the
 loop over the control socket like `mexc status`, so the loop's state stays its own.
 """
 import logging
@@ -22,18 +22,18 @@ from bus import sockets
 from bus.rotation import Coordinator, Timeouts
 from collector import connection
 from core import __version__, config as configuration, log as logging_setup, pidlock
-from core.clickhouse_server import ClickHouseStartError, ManagedClickHouse
 from core.log import RecentProblems, first_line
 from core.store import SchemaTooNew, Store
 from core.vocabulary import CLICKHOUSE, COLLECTOR, EXPORTER, TOR, ChildId
 from supervisor import commands, reload, sdnotify
-from supervisor.alerts import Alerts
 from supervisor.children import (Child, ChildState, Forked, Subprocess, collector_main,
                                  exporter_main, start_reason)
+from supervisor.clickhouse import ClickHouseStartError, ManagedClickHouse
 from supervisor.exits import ExitGuard
-from supervisor.monitor import Monitor
+from supervisor.monitoring.alerts import Alerts
+from supervisor.monitoring.monitor import Monitor
+from supervisor.monitoring.web import WebServer
 from supervisor.tor import TorProcess
-from supervisor.web import WebServer
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ serves until SIGTERM.  A test server, not a production one: `system` lives in me
 """
 import sys
 
-from core.clickhouse_server import ManagedClickHouse
+from supervisor.clickhouse import ManagedClickHouse
 
 # clickhouse-local's query runs as long as the server should: one row per second, ~3 years.
 SERVE = ("import sys, chdb._chdb as chdb; chdb.query('SYSTEM START LISTEN TCP; "

@@ -59,7 +59,7 @@ from typing import List, Optional, Sequence
 
 from clickhouse_driver import Client
 
-from core.clickhouse_server import ManagedClickHouse
+from supervisor.clickhouse import ManagedClickHouse
 from core.process import dies_with_this_process
 from tests.tor_network import process_sockets
 

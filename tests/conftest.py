@@ -15,7 +15,7 @@ import uuid
 import psutil
 import pytest
 
-from core.clickhouse_server import ManagedClickHouse
+from supervisor.clickhouse import ManagedClickHouse
 from core.store import UNKNOWN_DATABASE, UNKNOWN_TABLE, Refused, Store
 from tests import chdb_server
 from tests.chdb_server import SERVERS

@@ -5,8 +5,8 @@ import pytest
 from core import config as configuration
 from core.clock import HOUR_MS
 from core.vocabulary import Gap
-from supervisor.alerts import firing
-from supervisor.monitor import Ledger, Monitor
+from supervisor.monitoring.alerts import firing
+from supervisor.monitoring.monitor import Ledger, Monitor
 
 NOW = 1_764_000_000_000 // HOUR_MS * HOUR_MS + 30 * 60_000  # half past an hour
 

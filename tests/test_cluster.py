@@ -296,7 +296,7 @@ def test_a_managed_clickhouse_in_a_cluster_serves_the_peers_and_loopback(tmp_pat
     from clickhouse_driver import Client
 
     from core import config as configuration
-    from core.clickhouse_server import ManagedClickHouse
+    from supervisor.clickhouse import ManagedClickHouse
     from core.process import free_port
 
     port = free_port()

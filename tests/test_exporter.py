@@ -16,7 +16,7 @@ import pytest
 
 from exporter import parquet_files
 from core import archive, config as configuration
-from core.clickhouse_server import ManagedClickHouse
+from supervisor.clickhouse import ManagedClickHouse
 from core.clock import HOUR_MS, EventClock
 from core.store import Store
 from exporter.exporter import Exporter, HourExport, Phase, Progress, SymbolState

@@ -34,13 +34,13 @@ def test_symbol_silent_fires_in_promtool_test_rules():
 def test_rules_name_only_metrics_mexc_serves():
     with open(RULES) as f:
         used = set(re.findall(r"\bmexc_[a-z_]+", f.read()))
-    with open(os.path.join(ROOT, "supervisor", "metrics.py")) as f:
+    with open(os.path.join(ROOT, "supervisor", "monitoring", "metrics.py")) as f:
         served = set(re.findall(r'"(mexc_[a-z_]+)"', f.read()))
     assert used and used <= served, used - served
 
 
 def test_the_alert_names_are_mexcs_own():
-    from supervisor import alerts
+    from supervisor.monitoring import alerts
 
     with open(RULES) as f:
         names = set(re.findall(r"- alert: (\w+)", f.read()))
@@ -54,6 +54,6 @@ def test_grafana_dashboard_names_only_metrics_mexc_serves():
         dashboard = json.load(f)
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {re.sub(r"_total$", "", name) for e in exprs for name in re.findall(r"\bmexc_[a-z_]+", e)}
-    with open(os.path.join(ROOT, "supervisor", "metrics.py")) as f:
+    with open(os.path.join(ROOT, "supervisor", "monitoring", "metrics.py")) as f:
         served = set(re.findall(r'"(mexc_[a-z_]+)"', f.read()))
     assert used and used <= served, used - served

@@ -22,7 +22,7 @@ import psutil
 import pyarrow.parquet as pq
 
 from bus import sockets
-from core.clickhouse_server import ManagedClickHouse
+from supervisor.clickhouse import ManagedClickHouse
 from core.clock import EventClock
 from core.process import free_port
 from core.store import Store

@@ -13,7 +13,7 @@ from prometheus_client.registry import CollectorRegistry
 from core import __version__
 from core.clock import HOUR_MS, from_iso
 from core.vocabulary import DEAD_LETTER, MESSAGE_TYPES, TOR
-from supervisor.monitor import collectors
+from supervisor.monitoring.monitor import collectors
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

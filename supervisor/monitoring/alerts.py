@@ -24,7 +24,7 @@ import urllib.request
 from core.clock import EventClock, from_iso
 from core.log import first_line
 from core.vocabulary import COLLECTOR, TOR
-from supervisor.monitor import collectors
+from supervisor.monitoring.monitor import collectors
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from core.config import listen_address
-from supervisor import metrics
+from supervisor.monitoring import metrics
 
 log = logging.getLogger(__name__)
 
