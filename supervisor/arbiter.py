@@ -38,6 +38,7 @@ from supervisor.tor import TorProcess
 log = logging.getLogger(__name__)
 
 TICK = 0.2
+EXPORTER_ID = ChildId(EXPORTER)
 # Shutdown waits this long per group before SIGKILL; together under the 15 s promised.
 # Collectors need up to collector.STOP_GRACE (5 s) to store or spool their rows.
 STOP_TIMEOUTS = {COLLECTOR: 7.0, EXPORTER: 3.0, TOR: 2.0, CLICKHOUSE: 3.0}
@@ -63,7 +64,7 @@ class Arbiter:
     def __init__(self, config):
         self.config = config
         self.runtime_dir = config.paths["runtime_dir"]
-        self.children = {}  # name -> Child, in start order
+        self.children = {}  # ChildId -> Child, in start order
         self.started = time.monotonic()
         self.stopping = False
         self.reload_requested = False
@@ -118,10 +119,10 @@ class Arbiter:
             self._add_collector(symbol)
         parent = os.getpid()
         # self.config at fork time: a restarted exporter works with the reloaded config
-        exporter = Child(ChildId(EXPORTER),
+        exporter = Child(EXPORTER_ID,
                          lambda: Forked(exporter_main, (self.config, parent)),
                          self.config.supervisor)
-        self.children[exporter.name] = exporter
+        self.children[exporter.child_id] = exporter
         exporter.start(time.monotonic())
 
     # --- several hosts (cluster/, docs/cluster.md) -------------------------------------------
@@ -265,7 +266,7 @@ class Arbiter:
             return Subprocess(ManagedClickHouse.from_config(self.config, directory), wait=wait)
 
         child = Child(ChildId(CLICKHOUSE), spawn, self.config.supervisor, heartbeats=False)
-        self.children[child.name] = child
+        self.children[child.child_id] = child
         try:
             child.process = spawn(wait=True)  # the first start waits: the schema comes next
         except ClickHouseStartError as e:
@@ -297,7 +298,7 @@ class Arbiter:
         child = Child(child_id, lambda: Forked(collector_main, (self.config, symbol.symbol, parent,
                                                                 socks_port, start_reason(child))),
                       self.config.supervisor, symbol=symbol.symbol)
-        self.children[child.name] = child
+        self.children[child.child_id] = child
         if self.holdings is not None:
             self.holdings.record(symbol.name, held=True)
         if tor is None:
@@ -321,7 +322,7 @@ class Arbiter:
         # the collector's gap (its socket through this tor broke) is a tor restart
         child.on_exit = lambda why: self._publish("tor_restarted", name=symbol.name,
                                                   detail=f"tor {why}")
-        self.children[child.name] = child
+        self.children[child.child_id] = child
         child.start(time.monotonic())
         return child
 
@@ -337,7 +338,7 @@ class Arbiter:
             for child in list(self.children.values()):
                 child.tick(now)
                 if not child.wanted and child.state is ChildState.STOPPED:
-                    del self.children[child.name]  # removed by a reload, now gone
+                    del self.children[child.child_id]  # removed by a reload, now gone
             self._start_deferred()
             if self.membership is not None and now >= self.next_cluster_look:
                 self._follow_cluster()
@@ -397,7 +398,7 @@ class Arbiter:
         if source == "control":
             self.bus.reply(message, **commands.answer(self, message))
         elif kind == "heartbeat":
-            child = self.children.get(message["name"])
+            child = self._child(message["name"])
             if (child is not None and child.state is ChildState.RUNNING
                     and child.process.pid == message["pid"]):
                 child.heartbeat(message["stats"], now)
@@ -419,17 +420,24 @@ class Arbiter:
 
     def restart(self, name: str) -> str:
         """Restart one child at once; returns its name."""
-        child = self.children.get(name)
+        child = self._child(name)
         if child is None:
             raise commands.CommandError(f"no child named {name!r}; children: "
-                                        f"{', '.join(self.children)}")
+                                        f"{', '.join(map(str, self.children))}")
         log.info("restart of %s requested", child.name)
         child.restart_now(time.monotonic())
         return child.name
 
+    def _child(self, name: str):
+        """The child a message or an operator names (`collector-btc`), or None."""
+        try:
+            return self.children.get(ChildId.parse(name))
+        except ValueError:
+            return None
+
     def request_export(self) -> str:
         """Ask the exporter for a cycle now; returns the request id export_result takes."""
-        exporter = self.children.get(EXPORTER)
+        exporter = self.children.get(EXPORTER_ID)
         if exporter is None or exporter.state is not ChildState.RUNNING:
             raise commands.CommandError("the exporter is not running")
         self.export_count += 1
@@ -466,8 +474,8 @@ class Arbiter:
         for symbol in added:
             self._start_symbol(symbol, f"reload: {symbol.symbol} added")
         if ((added or reload.touches(changed, "export", reload.EXPORTER))
-                and EXPORTER in self.children):
-            self.children[EXPORTER].restart_now(time.monotonic())  # to export them too
+                and EXPORTER_ID in self.children):
+            self.children[EXPORTER_ID].restart_now(time.monotonic())  # to export them too
         log.info("reload done: symbols=%s", ",".join(s.symbol for s in new.symbols))
 
     def _apply_settings(self, changed) -> None:
@@ -496,12 +504,12 @@ class Arbiter:
             self.deferred_adds = [s for s in self.deferred_adds if s.name != name]
             log.info("%s (its start was still waiting)", line)
             return False
-        child = self.children.get(str(ChildId(COLLECTOR, name)))
+        child = self.children.get(ChildId(COLLECTOR, name))
         if child is None or not child.wanted:
             return False
         log.info("%s", line)
         child.stop(time.monotonic(), STOP_TIMEOUTS[COLLECTOR])
-        tor = self.children.get(str(child.child_id.sibling(TOR)))
+        tor = self.children.get(child.child_id.sibling(TOR))
         if tor is not None:
             tor.stop(time.monotonic(), STOP_TIMEOUTS[TOR])
         self.exit_guard.remove(child.name)
@@ -519,8 +527,8 @@ class Arbiter:
 
     def _leftovers(self, symbol) -> list:
         """The children of a removed symbol that are still stopping."""
-        return [c for c in (self.children.get(str(ChildId(COLLECTOR, symbol.name))),
-                            self.children.get(str(ChildId(TOR, symbol.name)))) if c is not None]
+        return [c for c in (self.children.get(ChildId(COLLECTOR, symbol.name)),
+                            self.children.get(ChildId(TOR, symbol.name))) if c is not None]
 
     def _start_deferred(self) -> None:
         for symbol in list(self.deferred_adds):
@@ -576,9 +584,10 @@ class Arbiter:
                 "config": self.config.path, "ready": self.ready,
                 "clickhouse": self._clickhouse_status(),
                 "rotation": self.rotation.describe(),
-                "last_export": (self.children[EXPORTER].stats.get("last_export")
-                                if EXPORTER in self.children else None),
-                "export": self.children[EXPORTER].stats if EXPORTER in self.children else None,
+                "last_export": (self.children[EXPORTER_ID].stats.get("last_export")
+                                if EXPORTER_ID in self.children else None),
+                "export": (self.children[EXPORTER_ID].stats if EXPORTER_ID in self.children
+                           else None),
                 "rss_bytes": psutil.Process().memory_info().rss,
                 "dashboard": self.web.url if self.web else None,
                 "problems": self.problems.lines(),
