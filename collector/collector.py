@@ -4,8 +4,9 @@ The receive loop (this thread) reads frames, turns them into rows (wire.parse), 
 rows of each read to the RowWriter, which decides when to insert (`batch_rows`,
 `latency_target`).  Between frames it keeps the connection honest: a ping every
 `ping_interval` seconds whatever arrives, a dead socket after `dead_after` seconds without a
-frame, an alarm for a subscribed channel that stays silent, a stats line every
-`stats_interval` seconds.
+frame, a stale one once no data came for far longer than its busy channels' rhythm (see
+_ChannelWatch), an alarm for a subscribed channel that stays silent, a stats line every
+`stats_interval` seconds.  A socket we drop because it stopped delivering is replaced at once.
 
 At live rates a collector has almost nothing to do, and every wake-up of a thread costs about
 as much as parsing a frame: so the loop blocks on the socket until the next of those deadlines
@@ -14,7 +15,9 @@ heartbeat or event.
 """
 import logging
 import os
+import collections
 import random
+import select
 import signal
 import threading
 import time
@@ -33,8 +36,8 @@ from core.channels import CHANNELS, Channel
 from core.log import set_level
 from core.process import STOP_SIGNALS
 from core.vocabulary import (COLLECTOR, DEAD_LETTER, GAP_COLLECTOR_RESTART,
-                             GAP_DEAD_SOCKET, GAP_DISCONNECT, GAP_EXCHANGE_ERROR, GAP_TOR_RESTART,
-                             MESSAGE_TYPES, ChildId)
+                             GAP_DEAD_SOCKET, GAP_DISCONNECT, GAP_EXCHANGE_ERROR, GAP_STALL,
+                             GAP_TOR_RESTART, MESSAGE_TYPES, ChildId)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,12 @@ MAX_WAIT = 1.0  # longest the loop blocks: bounds how late it sees SIGTERM or a 
 HEALTHY_AFTER = 60.0  # a connection that lived this long resets the reconnect backoff
 STOP_GRACE = 5.0  # seconds SIGTERM waits for ClickHouse before spooling the rest
 HEARTBEAT_INTERVAL = 1.0
+# A channel's rhythm is learnt from exchange.rhythm_window seconds of its traffic, in
+# RHYTHM_BUCKETS buckets; it counts as busy when every one of them brought BUSY_RATE frames a
+# second (depth.full and deals of a liquid symbol do; a quiet symbol, a ticker do not, and
+# are never judged).
+RHYTHM_BUCKETS = 6
+BUSY_RATE = 2.0
 
 
 class DeadSocket(Exception):
@@ -50,6 +59,10 @@ class DeadSocket(Exception):
 
 class ServerClosed(DeadSocket):
     """The server sent a close frame."""
+
+
+class StaleSocket(DeadSocket):
+    """Pongs still come, data does not: far beyond the busy channels' rhythm."""
 
 
 class Stats:
@@ -83,6 +96,13 @@ class Collector:
         self.exit_code = 0
         self.connected = False
         self.last_frame = None
+        self.last_pong = 0.0
+        now = time.monotonic()
+        # kept across connections: a channel's rhythm is the symbol's, not the socket's
+        self.channels = {channel.name: _ChannelWatch(channel, now) for channel in CHANNELS}
+        self.stale_after = None  # s of silence on every channel that make a socket stale
+        self.rhythm_bucket = self.ex["rhythm_window"] / RHYTHM_BUCKETS
+        self.next_roll = now + self.rhythm_bucket
         self.stats = Stats()
         # Rows go in over the native protocol; only the export reads over HTTP, so our sessions
         # skip probing the HTTP port (urllib requests: 0.3 MiB of private memory).
@@ -120,15 +140,20 @@ class Collector:
         delay = self.ex["reconnect_min"]
         while not self.stopping:
             started = time.monotonic()
+            replace_now = False
             try:
                 self._session()
             except (OSError, websocket.WebSocketException, DeadSocket) as e:
-                self._on_disconnected(e)
+                replace_now = self._on_disconnected(e)
             self._flush()
             if self.stopping:
                 break
             if time.monotonic() - started >= HEALTHY_AFTER:
                 delay = self.ex["reconnect_min"]
+            if replace_now:  # it delivered, then went silent: the next path may well work
+                self.stats.reconnects += 1
+                log.info("replacing the silent socket now")
+                continue
             wait = delay * random.uniform(0.8, 1.2)
             self.stats.reconnects += 1
             log.info("reconnecting in %.1fs", wait)
@@ -179,12 +204,16 @@ class Collector:
                  f" via socks5 {self.socks_proxy[0]}:{self.socks_proxy[1]}"
                  if self.socks_proxy else "")
 
-    def _on_disconnected(self, error: Exception) -> None:
-        """The connection ended with `error` (a DeadSocket for a close frame or silence)."""
-        if not self.stopping:
-            log.warning("disconnected: %s: %s", type(error).__name__, str(error)[:200] or "-")
-            self.gaps.lost(GAP_DEAD_SOCKET if type(error) is DeadSocket else GAP_DISCONNECT,
-                           f"{type(error).__name__}: {str(error)[:200]}")
+    def _on_disconnected(self, error: Exception) -> bool:
+        """The connection ended with `error` (a DeadSocket for a close frame or silence).
+        True: we dropped it for silence after it had delivered data; replace it at once."""
+        if self.stopping:
+            return False
+        log.warning("disconnected: %s: %s", type(error).__name__, str(error)[:200] or "-")
+        reason = {DeadSocket: GAP_DEAD_SOCKET, StaleSocket: GAP_STALL}.get(type(error),
+                                                                          GAP_DISCONNECT)
+        self.gaps.lost(reason, f"{type(error).__name__}: {str(error)[:200]}")
+        return reason != GAP_DISCONNECT and self._last_data() is not None
 
     def _receive(self, ws) -> None:
         """Frames until the connection dies or we stop; between them, sleep until the next
@@ -193,12 +222,13 @@ class Collector:
         symbol = self.sym.symbol
         now = time.monotonic()
         self.last_frame = self.last_ping = now
-        self.channels = {channel.name: _ChannelWatch(channel, now) for channel in CHANNELS}
+        for watch in self.channels.values():
+            watch.subscribed(now)
         due = now
         while not self.stopping:
             if now >= due:
                 self._housekeeping(now)
-                self._keepalive(ws, now)
+                self._keepalive(ws, reader, now)
                 due = self._due(now)
             reader.sock.settimeout(due - now)
             messages = reader.read()
@@ -212,13 +242,22 @@ class Collector:
 
     def _due(self, now: float) -> float:
         """When the receive loop must next act without a frame: the earliest of the next
-        ping, the dead-socket limit, a channel's silent alarm, housekeeping, MAX_WAIT."""
+        ping, the dead-socket limit, the stale-socket limit, a channel's silent alarm,
+        housekeeping, MAX_WAIT."""
         ex = self.ex
         alarms = [watch.alarm_due(ex["silent_alarm"]) for watch in self.channels.values()
                   if not watch.alarmed]
+        last_data = self._last_data()
+        if last_data is not None and self.stale_after is not None:
+            alarms.append(last_data + self.stale_after)
         return max(now + 0.001, min(self.last_ping + ex["ping_interval"],
                                      self.last_frame + ex["dead_after"],
                                      self._housekeeping_due(now), *alarms))
+
+    def _last_data(self) -> Optional[float]:
+        """When this connection last brought a data frame (None: not yet)."""
+        times = [w.last_data for w in self.channels.values() if w.last_data is not None]
+        return max(times) if times else None
 
     def _handle(self, opcode: int, payload: bytes, symbol: str, rts: int, now: float) -> None:
         if opcode == OP_TEXT:
@@ -237,9 +276,15 @@ class Collector:
             if rows:
                 self.gaps.seen(rows, now)
             self.stats.rows[watch.mt] += len(rows)
-            if watch.last_data is None or watch.alarmed:
+            last = watch.last_data
+            if last is None or watch.alarmed:
                 watch.data_again(now)
+            elif now - last > watch.peak:  # the rhythm: the longest silence of this bucket
+                watch.peak = now - last
+            watch.frames += 1
             watch.last_data = now
+        elif kind == wire.PONG:
+            self.last_pong = now
         elif rows:
             self.stats.rows[DEAD_LETTER] += 1
             self.stats.errors += 1
@@ -249,15 +294,33 @@ class Collector:
             else:
                 log.warning("dead letter stored: %s", kind[len(wire.DEAD) + 1:][:200])
 
-    def _keepalive(self, ws, now: float) -> None:
-        """The ping when due, the dead-socket check, the silent-channel alarms."""
+    def _keepalive(self, ws, reader: FrameReader, now: float) -> None:
+        """The ping when due, the dead- and stale-socket checks, the silent-channel alarms."""
         if now - self.last_ping >= self.ex["ping_interval"]:
             ws.send(wire.PING)
             self.last_ping = now
-        if now - self.last_frame >= self.ex["dead_after"]:
-            raise DeadSocket(f"no frame or pong for {now - self.last_frame:.0f}s")
+        verdict = self._verdict(now)
+        # Frames waiting unread (this process was stopped, or busy) say the socket lives.
+        if verdict is not None and not _readable(reader.sock):
+            raise verdict
         for watch in self.channels.values():
             watch.check(now, self.ex["silent_alarm"])
+
+    def _verdict(self, now: float) -> Optional[DeadSocket]:
+        """Why the socket counts as dead now, or None: no frame (data or pong) for
+        `dead_after`; or no data on any channel for `stale_after` (learnt from the busy
+        channels' rhythm), with pongs (stale) or without (dead)."""
+        if now - self.last_frame >= self.ex["dead_after"]:
+            return DeadSocket(f"no frame or pong for {now - self.last_frame:.1f}s")
+        last_data = self._last_data()
+        if last_data is None or self.stale_after is None or \
+                now - last_data < self.stale_after:
+            return None
+        silent = (f"no data for {now - last_data:.1f}s, beyond the channels' rhythm "
+                  f"({self.stale_after:.1f}s)")
+        if self.last_pong > last_data:
+            return StaleSocket(f"{silent}; pongs still come")
+        return DeadSocket(f"{silent}; no pong either")
 
     # --- the bus: heartbeats out, rotation events in (its own thread) ------------------------
 
@@ -297,15 +360,39 @@ class Collector:
 
     def _housekeeping_due(self, now: float) -> float:
         """When _housekeeping next has something to do (at the latest now + MAX_WAIT)."""
-        return min(now + MAX_WAIT, self.stats.last_time + self.co["stats_interval"])
+        return min(now + MAX_WAIT, self.stats.last_time + self.co["stats_interval"],
+                   self.next_roll)
 
     def _housekeeping(self, now: float) -> None:
-        """The writer's health, the stats line when due."""
+        """The writer's health, the stats line, the channels' rhythm when due."""
         if self.writer.failed and not self.stopping:
             log.error("exiting: the writer thread failed (see above); the supervisor restarts us")
             self.stopping, self.exit_code = True, 1
         if now - self.stats.last_time >= self.co["stats_interval"]:
             self._log_stats(now)
+        if now >= self.next_roll:
+            self._learn_rhythm(now)
+
+    def _learn_rhythm(self, now: float) -> None:
+        """Close the rhythm bucket; the socket is stale after the shortest limit of a busy
+        channel (a quiet one has none).  The gap ledger counts a silence that long on a live
+        socket as a gap (a stall), else one of `silent_alarm`."""
+        self.next_roll = now + self.rhythm_bucket
+        last_data = self._last_data()
+        if self.stale_after is not None and (last_data is None
+                                             or now - last_data > self.stale_after / 2):
+            return  # a silence in progress is no rhythm: judge it by what was learnt before
+        factor, floor = self.ex["stale_factor"], self.ex["stale_min"]
+        busy = BUSY_RATE * self.rhythm_bucket
+        limits = [limit for watch in self.channels.values()
+                  if (limit := watch.roll(busy, factor, floor)) is not None]
+        stale_after = min(limits) if limits else None
+        if (stale_after is None) != (self.stale_after is None):
+            log.info("stale-socket limit %s", f"{stale_after:.1f}s (busy channels: "
+                     f"{', '.join(w.name for w in self.channels.values() if w.limit)})"
+                     if stale_after else "off (no busy channel)")
+        self.stale_after = stale_after
+        self.gaps.stall_after = stale_after or self.ex["silent_alarm"]
 
     def _flush(self) -> None:
         if self.batch:
@@ -324,14 +411,39 @@ class Collector:
 
 
 class _ChannelWatch:
-    """Confirms a subscription by its first data frame; warns while a channel stays silent.
-    The receive loop sets `last_data` itself and calls data_again() only when it matters."""
+    """Confirms a subscription by its first data frame; warns while a channel stays silent;
+    learns the channel's rhythm.  The receive loop sets `last_data`, `frames` and `peak`
+    itself and calls data_again() only when it matters.
+
+    The rhythm: frames and the longest silence between two frames of one connection, per
+    bucket (exchange.rhythm_window / RHYTHM_BUCKETS).  A channel that brought BUSY_RATE
+    frames a second in every bucket of the last RHYTHM_BUCKETS is busy; silent `stale_factor` times its longest silence of that
+    stretch (and at least `stale_min`) it is far beyond its rhythm.  Busy in every bucket, not
+    on average: a burst after a quiet spell teaches nothing, so a quiet symbol is never
+    judged."""
 
     def __init__(self, channel: Channel, subscribed_at: float):
         self.name, self.mt = channel.name, channel.mt
-        self.subscribed_at = subscribed_at
+        self.frames, self.peak = 0, 0.0  # this bucket
+        self.history = collections.deque(maxlen=RHYTHM_BUCKETS)  # (frames, peak) per bucket
+        self.limit = None  # s of silence beyond the rhythm; None: not busy
+        self.subscribed(subscribed_at)
+
+    def subscribed(self, now: float) -> None:
+        """A new connection: the silence before its first frame is no part of the rhythm."""
+        self.subscribed_at = now
         self.last_data = None
         self.alarmed = False
+
+    def roll(self, busy_frames: float, factor: float, floor: float) -> Optional[float]:
+        """Close the bucket; the silence (s) that is far beyond the rhythm, None if not busy
+        (fewer than busy_frames in one of the buckets)."""
+        self.history.append((self.frames, self.peak))
+        self.frames, self.peak = 0, 0.0
+        busy = (factor > 0 and len(self.history) == RHYTHM_BUCKETS
+                and all(frames >= busy_frames for frames, _ in self.history))
+        self.limit = max(floor, factor * max(p for _, p in self.history)) if busy else None
+        return self.limit
 
     def data_again(self, now: float) -> None:
         if self.last_data is None:
@@ -355,6 +467,13 @@ class _ChannelWatch:
 
     def _since(self) -> float:
         return self.last_data if self.last_data is not None else self.subscribed_at
+
+
+def _readable(sock) -> bool:
+    """Bytes wait on the socket (or decrypted in its TLS layer)."""
+    if getattr(sock, "pending", None) and sock.pending():
+        return True
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _close_reason(payload: bytes) -> str:

@@ -10,9 +10,10 @@ A gap opens when the connection is lost (its start: the newest exchange ts seen 
 when the process starts (its start: what was stored last, read back from ClickHouse or from
 an exported hour's file, since a SIGKILLed process left no word; its reason comes from whoever
 started us: the supervisor knows whether it restarted a crashed collector or the daemon
-started fresh).  A live
-connection on which every channel stays silent for `exchange.silent_alarm` seconds has a gap
-too (a stall).  Every gap closes at the first data frame after it (its end: that frame's
+started fresh).  A live connection on which every channel stays silent for `stall_after`
+seconds has a gap too (a stall), even when its data comes back by itself: the collector sets
+it to the socket's stale limit, learnt from its busy channels' rhythm (a few seconds on a
+liquid symbol), or `exchange.silent_alarm` while no channel is busy.  Every gap closes at the first data frame after it (its end: that frame's
 oldest ts), so it is recorded when the data is back, never while it is still open.
 
 Closed gaps go to a worker thread, which asks the REST API for the latest trades at once
@@ -144,7 +145,7 @@ class GapLedger:
         self.export_dir = export_dir
         self.writer = writer
         self.written_before = writer.spool.rows  # spooled by an earlier run, stored first
-        self.stall_after = stall_after
+        self.stall_after = stall_after  # the collector updates it as it learns the rhythm
         self.backfill = backfill
         self.open: Optional[OpenGap] = OpenGap(None, start_reason, start_detail)
         self.last_ms = 0  # newest exchange ts of the data seen

@@ -25,9 +25,12 @@ SCHEMA = {
     "exchange": {
         "url": (str, "wss://contract.mexc.com/edge"),
         "ca_file": (str, ""),
-        "ping_interval": (float, 15.0),
-        "dead_after": (float, 45.0),
+        "ping_interval": (float, 2.0),
+        "dead_after": (float, 5.0),
         "silent_alarm": (float, 30.0),
+        "stale_factor": (float, 4.0),  # 0: no stale-socket detection from the rhythm
+        "stale_min": (float, 3.0),
+        "rhythm_window": (float, 60.0),  # s of recent traffic a channel's rhythm is learnt from
         "depth_limit": (int, 20),
         "merge_deals": (bool, False),
         "rest_url": (str, ""),  # "": the WebSocket's host (rest_url_of), contract.mexc.com
@@ -317,6 +320,12 @@ def _check_values(s: dict, path: str) -> None:
         bad("exchange.depth_limit", f"must be one of {DEPTH_LIMITS}")
     if s["exchange"]["ping_interval"] <= 0 or s["exchange"]["dead_after"] <= s["exchange"]["ping_interval"]:
         bad("exchange.dead_after", "must be greater than exchange.ping_interval (> 0)")
+    if s["exchange"]["stale_factor"] != 0 and s["exchange"]["stale_factor"] < 1:
+        bad("exchange.stale_factor", "must be 0 (off) or at least 1")
+    if s["exchange"]["stale_min"] <= 0:
+        bad("exchange.stale_min", "must be > 0")
+    if s["exchange"]["rhythm_window"] <= 0:
+        bad("exchange.rhythm_window", "must be > 0")
     for key in ("port", "http_port"):
         if not 0 < s["clickhouse"][key] < 65536:
             bad(f"clickhouse.{key}", "must be 1-65535")

@@ -101,6 +101,8 @@ flush_interval = 0.1
     ({"exchange": {"depth_limit": 50}}, "exchange.depth_limit: must be one of"),
     ({"exchange": {"rest_url": "ftp://x"}}, "exchange.rest_url: must start with http:// or https://"),
     ({"clickhouse": {"database": "a-b"}}, "clickhouse.database: must be a plain identifier"),
+    ({"exchange": {"stale_factor": 0.5}}, "exchange.stale_factor: must be 0 (off) or at least 1"),
+    ({"exchange": {"rhythm_window": 0}}, "exchange.rhythm_window: must be > 0"),
     ({"collector": {"batch_rows": 0}}, "collector.batch_rows: must be at least 1"),
     ({"collector": {"latency_target": 0}}, "collector.latency_target: must be > 0"),
     ({"log": {"level": "loud"}}, "log.level: must be one of"),

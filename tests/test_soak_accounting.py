@@ -18,6 +18,7 @@ from tests.test_simulator_market import subscribed
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "bench"))
 from soaklib import accounting, common, ledger, windows  # noqa: E402
+from soaklib.report import Report, SymbolReport  # noqa: E402
 
 CHANNELS = ("deal", "depth.full", "ticker")
 
@@ -144,12 +145,21 @@ def test_trades_missing_before_and_after_backfill():
     assert (f.missing_before_backfill, f.missing_after_backfill) == (40, 10)
     assert (f.missing_in_reachable_gaps, f.missing_in_covered_gaps) == (0, 0)
     assert f.missing_elsewhere == 0
+    [by_reason] = f.by_reason.values()  # the soak's report: per reason, lengths and trades
+    assert (by_reason.gaps, by_reason.seconds) == (2, [0.021, 0.021])
+    assert (by_reason.missing_before_backfill, by_reason.missing_after_backfill) == (40, 10)
     # a ledger that claims coverage it does not have, a backfill that skipped a reachable
     # trade, a trade lost where no window or gap says so
     f = figures([gap(19, 40, covered=True), gap(59, 80, covered=True, reason=GAP_STALL)],
                 (sent | backfilled) - {25, 5})
     assert (f.missing_in_covered_gaps, f.missing_in_reachable_gaps) == (11, 1)
     assert (f.missing_after_backfill, f.missing_elsewhere) == (11, 1)
+    missing = {reason: (r.missing_before_backfill, r.missing_after_backfill)
+               for reason, r in f.by_reason.items()}
+    assert missing == {GAP_DISCONNECT: (20, 1), GAP_STALL: (20, 10)}
+    report = Report(1, 1.0, 5.0, 20.0, False, "ch18", symbols=[SymbolReport("btc", ledger=f)])
+    assert "  stall: 1 gaps, median 0.0 s, p95 0.0 s; trades missing 20 -> 10" in \
+        report.reason_lines()
     # trades after the stream's last row sent (the run's end) are left out
     sent -= {99}
     assert figures(gaps, sent | backfilled).trades == 99

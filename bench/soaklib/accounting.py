@@ -278,7 +278,7 @@ def account_symbol(soak, name: str, stored: Stored) -> SymbolReport:
     spans, gaps = window_spans(soak, name), soak.ledger.get(name, [])
     answers = soak.sim.rest_answers(SYMBOLS[name])
     report.ledger = ledger_figures(spans, gaps, answers, min(stored.count, default=None),
-                                   lambda span: describe_span(soak, span))
+                                   lambda span: describe_span(soak, span), soak.speed)
     count_trades(report.ledger, spans, gaps, answers, trades, sent=sent_content.__contains__,
                  stored=lambda trade: stored.count[trade.t] > 0
                  and stored.content[trade.t] == traded[trade.t])

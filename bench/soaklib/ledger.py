@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 Span = Tuple[int, int]  # event ms, both ends inclusive
+NO_RECORD = "(window, no record)"  # trades missing in an outage window no gap record covers
 
 
 def overlaps(a: Span, b: Span) -> bool:
@@ -61,6 +62,16 @@ class Spans:
 
 
 @dataclass
+class ReasonFigures:
+    """The gaps of one reason (core.vocabulary GAP_*): how long each was, in wall seconds
+    (event ms / the soak's clock speed), and the trades missing inside them."""
+    gaps: int = 0
+    seconds: List[float] = field(default_factory=list)
+    missing_before_backfill: int = 0
+    missing_after_backfill: int = 0
+
+
+@dataclass
 class TradeFigures:
     """One symbol's ledger against its windows, and its trades against the truth.  A "hole" is
     an outage window or a ledger gap; trades made after the symbol's last row sent (the end of
@@ -81,14 +92,19 @@ class TradeFigures:
     missing_in_reachable_gaps: int = 0  # a backfill fault: must be 0
     missing_in_covered_gaps: int = 0  # the ledger says covered, yet missing: must be 0
     missing_elsewhere: int = 0  # outside every hole, stored nowhere: lost silently, must be 0
+    by_reason: Dict[str, ReasonFigures] = field(default_factory=dict)  # and NO_RECORD
 
 
 def ledger_figures(windows: Sequence[Span], gaps: Sequence, answers: Sequence,
-                   first_stored_ms: Optional[int], describe: Callable[[Span], str] = str
-                   ) -> TradeFigures:
+                   first_stored_ms: Optional[int], describe: Callable[[Span], str] = str,
+                   speed: float = 1.0) -> TradeFigures:
     """windows: the symbol's outage windows in event ms (with slack); gaps: its ledger records;
-    answers: the REST answers served (simulator.RestAnswer)."""
+    answers: the REST answers served (simulator.RestAnswer); speed: event ms per wall ms."""
     f = TradeFigures(gaps=len(gaps))
+    for g in gaps:
+        r = f.by_reason.setdefault(g.reason, ReasonFigures())
+        r.gaps += 1
+        r.seconds.append((g.end_ms - g.start_ms) / 1000.0 / speed)
     f.reasons = dict(collections.Counter(g.reason for g in gaps))
     f.covered = sum(1 for g in gaps if g.covered)
     f.reachable = sum(1 for g in gaps if reachable(g, answers))
@@ -107,6 +123,15 @@ def count_trades(f: TradeFigures, windows: Sequence[Span], gaps: Sequence, answe
     trade's row; stored(trade): its row is stored.  Adds the trade counts to f."""
     spans = [(g.start_ms, g.end_ms) for g in gaps]
     holes = Spans(list(windows) + spans)
+    by_start = sorted(zip(spans, gaps), key=lambda sg: sg[0])
+    starts = [a for (a, _b), _g in by_start]
+
+    def reason_of(t: int) -> ReasonFigures:
+        """The figures of the gap holding t (one symbol's gaps do not overlap), else of
+        NO_RECORD: t is in an outage window only."""
+        i = bisect.bisect_right(starts, t) - 1
+        reason = by_start[i][1].reason if i >= 0 and by_start[i][0][1] >= t else NO_RECORD
+        return f.by_reason.setdefault(reason, ReasonFigures())
     in_reached = Spans(span for span, g in zip(spans, gaps) if reachable(g, answers))
     in_covered = Spans(span for span, g in zip(spans, gaps) if g.covered)
     stream_end = max((t.t for t in trades if sent(t.t)), default=None)
@@ -121,7 +146,10 @@ def count_trades(f: TradeFigures, windows: Sequence[Span], gaps: Sequence, answe
         f.in_holes += 1
         f.never_sent += not was_sent
         f.missing_before_backfill += not is_stored or not was_sent
+        if not is_stored or not was_sent:
+            reason_of(trade.t).missing_before_backfill += 1
         if not is_stored:
             f.missing_after_backfill += 1
+            reason_of(trade.t).missing_after_backfill += 1
             f.missing_in_reachable_gaps += trade.t in in_reached
             f.missing_in_covered_gaps += trade.t in in_covered

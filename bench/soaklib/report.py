@@ -5,10 +5,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .ledger import TradeFigures
+from .ledger import ReasonFigures, TradeFigures
 
 # s; no single fault keeps a collector away this long, so such a window is reported (not failed:
 # a slow tor bootstrap on the small test network is one cause) and the work dir is kept
@@ -257,7 +258,38 @@ class Report:
             f"({total('missing_in_reachable_gaps')} in reachable gaps, "
             f"{total('missing_in_covered_gaps')} in covered ones); lost elsewhere: "
             f"{total('missing_elsewhere')}",
+            *self.reason_lines(),
         ]
+
+    def by_reason(self) -> Dict[str, ReasonFigures]:
+        """Every symbol's gaps and missing trades, by reason (ledger.NO_RECORD included)."""
+        merged: Dict[str, ReasonFigures] = {}
+        for s in self.symbols:
+            for reason, r in s.ledger.by_reason.items():
+                m = merged.setdefault(reason, ReasonFigures())
+                m.gaps += r.gaps
+                m.seconds += r.seconds
+                m.missing_before_backfill += r.missing_before_backfill
+                m.missing_after_backfill += r.missing_after_backfill
+        return merged
+
+    def reason_lines(self) -> List[str]:
+        """Per reason: gaps, their length in wall seconds (median, p95), the trades missing
+        inside them before and after backfill."""
+        lines = ["gaps by reason (wall seconds; trades missing inside, before -> after "
+                 "backfill):"]
+        for reason, r in sorted(self.by_reason().items()):
+            seconds = sorted(r.seconds)
+            length = (f"median {_quantile(seconds, 0.5):.1f} s, p95 {_quantile(seconds, 0.95):.1f}"
+                      f" s" if seconds else "no record")
+            lines.append(f"  {reason}: {r.gaps} gaps, {length}; trades missing "
+                         f"{r.missing_before_backfill:,} -> {r.missing_after_backfill:,}")
+        return lines
+
+
+def _quantile(ordered: List[float], q: float) -> float:
+    """The q-quantile of sorted values (nearest rank)."""
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def to_json(report: Report) -> str:

@@ -83,6 +83,8 @@ class Connection:
         # A client that reads nothing loses the oldest beyond OUTBOX_FRAMES, never recorded.
         self.outbox = collections.deque(maxlen=OUTBOX_FRAMES)
         self.last_ping = time.monotonic()
+        self.stalled_until = 0.0  # this connection alone sends nothing before (stall_path)
+        self.muted_until = 0.0  # the market pushes nothing to it before (mute_data)
         self.buffer = bytearray()
         self.reader = threading.Thread(target=self._run, name=f"mexc-sim-read-{index}", daemon=True)
         self.sender = None
@@ -142,6 +144,8 @@ class Connection:
 
     def push(self, symbol: str, channel: str, token: int, frame: bytes, rows: list) -> None:
         """Queue a market push for the sender thread (the market never waits on a client)."""
+        if self.muted_until and time.monotonic() < self.muted_until:
+            return
         self.outbox.append((frame, symbol, rows, (symbol, channel), token))
         self.wake.set()
 
@@ -172,7 +176,7 @@ class Connection:
         """Send a reply now, or hold it (in order) while the simulator is stalled.
         start: (key, Subscription) the reply acks, started as the reply goes."""
         with self.reply_lock:
-            if self.pending or self.venue.stall_remaining() > 0:
+            if self.pending or self._stall_remaining() > 0:
                 self.pending.append((frame, records, start))
                 self.wake.set()
                 return
@@ -365,7 +369,7 @@ class Connection:
     def _send_loop(self) -> None:
         while not self.closed.is_set():
             self.wake.clear()
-            stalled = self.venue.stall_remaining()
+            stalled = self._stall_remaining()
             if stalled > 0:
                 self.closed.wait(min(stalled, SENDER_POLL))
                 continue
@@ -376,6 +380,10 @@ class Connection:
             with self.send_lock:
                 self._send_outbox_locked()
             self.wake.wait(0 if self.outbox else SENDER_POLL)
+
+    def _stall_remaining(self) -> float:
+        """Seconds this connection stays silent: the whole exchange's stall, or its own."""
+        return max(self.venue.stall_remaining(), self.stalled_until - time.monotonic())
 
     def _close_idle(self) -> None:
         error = rs_error(IDLE_MESSAGE)

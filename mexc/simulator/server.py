@@ -226,6 +226,22 @@ class MexcSimulator:
         with self._stall_lock:
             self._stall_until = max(self._stall_until, time.monotonic() + seconds)
 
+    def stall_path(self, seconds: float) -> None:
+        """The connections open now send nothing (data, acks, pongs) for a while, TCP open,
+        as through a frozen exit relay; what they hold goes out afterwards.  Connections
+        opened meanwhile are not affected: another path works."""
+        until = time.monotonic() + seconds
+        for connection in self._traffic.open_connections():
+            connection.stalled_until = max(connection.stalled_until, until)
+
+    def mute_data(self, seconds: float) -> None:
+        """The market pushes nothing to the connections open now for a while (gone, not held:
+        the exchange lost their subscriptions); pongs and acks still go.  Connections opened
+        meanwhile are not affected."""
+        until = time.monotonic() + seconds
+        for connection in self._traffic.open_connections():
+            connection.muted_until = max(connection.muted_until, until)
+
     def send_junk(self, symbol: str) -> bool:
         return self._send_dead_letter(symbol, f"not json {{ {symbol}")
 

@@ -1,0 +1,95 @@
+"""A socket that stops delivering is replaced within seconds, and the silence is a gap in the
+ledger with backfill; a quiet symbol is never taken for a dead one (collector/collector.py,
+_ChannelWatch).  The collector as users run it, against the simulator and a real ClickHouse.
+
+The rhythm is learnt from `exchange.rhythm_window` seconds of traffic (60 by default); these
+tests use 12 s, so that it is learnt in seconds.  The rule scales with the window: busy is
+2 frames/s in every sixth of it, whatever its length."""
+import collections
+import time
+
+import pytest
+
+from collector.collector import _ChannelWatch
+from core.vocabulary import GAP_DEAD_SOCKET, GAP_STALL
+from mexc.simulator import MexcSimulator
+from tests.conftest import wait_for
+from tests.test_collector import start_collector
+from tests.test_gaps import assert_trades_once, recorded_gaps, rows_after, wait_gaps
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.one_clickhouse]
+FAST_RHYTHM = {"rhythm_window": 12.0}
+REPLACED_WITHIN_MS = 6000  # the goal: a socket that stops delivering is replaced within 6 s
+
+
+@pytest.fixture
+def sim():
+    # about 6 deal frames a second (busy) and 13 trades: a REST page reaches back about 7 s,
+    # so a gap of a few seconds is backfilled whole
+    with MexcSimulator(rate=3.0) as simulator:
+        yield simulator
+
+
+def start_with_rhythm(env, sim):
+    proc = start_collector(env, sim, exchange=FAST_RHYTHM)
+    wait_for(lambda: "stale-socket limit 3.0s" in proc.log(), 20, "the rhythm learnt")
+    rows_after(env, sim, 30)
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, reason", [("stall_path", GAP_DEAD_SOCKET),
+                                           ("mute_data", GAP_STALL)])
+def test_a_socket_that_stops_delivering_is_replaced_within_seconds(env, sim, fault, reason):
+    """stall_path: the connection sends nothing at all, TCP open (a frozen exit relay);
+    mute_data: pongs still come, data does not.  Either way the socket is replaced, long
+    before the old one would come back (20 s), and the ledger has the stretch between the
+    last frame on the old connection and the first on the new one, backfilled."""
+    proc = start_with_rhythm(env, sim)
+    getattr(sim, fault)(20.0)
+    wait_for(lambda: sim.total_connections >= 2 and sim.connections == 1, 15, "a new socket")
+    [gap] = wait_gaps(env, 1, "the record")
+    assert gap.reason == reason, gap
+    assert gap.end_ms - gap.start_ms <= REPLACED_WITHIN_MS, gap
+    assert_trades_once(env, sim, gap)
+    assert "replacing the silent socket now" in proc.log()
+    assert proc.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_quiet_symbol_is_never_replaced(env):
+    """A deal every 2 s (one a minute, scaled to the 12-s window), with a burst now and then:
+    pongs keep the socket alive, and the channel is never busy, so never judged."""
+    with MexcSimulator(rate=0) as sim:
+        config = env.write_config(sim.url, exchange=FAST_RHYTHM)
+        proc = env.mexc("collect", "--config", config, "--symbol", "BTC_USDT", name="collector")
+        wait_for(lambda: len(sim.subscriptions) == 3, 20, "the subscriptions")
+        deadline = time.monotonic() + 26.0  # two rhythm windows and more
+        made, beat = 0, 0
+        while time.monotonic() < deadline:
+            beat += 1
+            for _ in range(10 if beat % 5 == 0 else 1):  # a burst of 10 frames every 10 s
+                made += len(sim.trade("BTC_USDT"))
+            time.sleep(2.0)  # the market's pace, not a wait for state
+        wait_for(lambda: env.count() >= made, 20, f"{made} trades stored")
+        assert sim.total_connections == 1
+        assert "disconnected" not in proc.log() and "stale-socket limit" not in proc.log()
+        assert recorded_gaps(env) == []
+        assert proc.stop() == 0
+
+
+def test_a_channel_is_busy_only_when_every_bucket_of_its_window_was():
+    watch = _ChannelWatch("deal", 0.0)
+    for frames, peak in [(30, 0.2)] * 5:
+        watch.frames, watch.peak = frames, peak
+        assert watch.roll(20, 4.0, 3.0) is None  # not a whole window yet
+    watch.frames, watch.peak = 30, 1.5
+    assert watch.roll(20, 4.0, 3.0) == 6.0  # 4 x the longest silence of the window
+    watch.frames, watch.peak = 19, 0.1  # one quiet bucket: not busy for a whole window
+    assert watch.roll(20, 4.0, 3.0) is None
+    for _ in range(5):
+        watch.frames, watch.peak = 40, 0.1
+        assert watch.roll(20, 4.0, 3.0) is None
+    watch.frames, watch.peak = 40, 0.1
+    assert watch.roll(20, 4.0, 3.0) == 3.0  # never below stale_min
+    assert watch.roll(20, 0.0, 3.0) is None  # stale_factor 0: off
