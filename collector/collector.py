@@ -112,10 +112,11 @@ class Collector:
                                 max_buffered_rows=self.co["max_buffered_rows"],
                                 max_hold=self.co["max_hold"], batch_rows=self.co["batch_rows"],
                                 latency_target=self.co["latency_target"])
-        backfill = (Backfill(self.ex, self.sym, socks_proxy, self.writer, config.export["dir"])
-                    if self.ex["backfill"] else None)
+        self.backfill = (Backfill(self.ex, self.sym, socks_proxy, self.writer,
+                                  config.export["dir"]) if self.ex["backfill"] else None)
+        self.paths = 0  # sockets replaced for silence: each goes through a fresh circuit
         self.gaps = GapLedger(self.sym, ch, self.writer, self.ex["silent_alarm"],
-                              *started_because, backfill=backfill,
+                              *started_because, backfill=self.backfill,
                               journal_path=os.path.join(config.spool_dir(),
                                                         f"{self.sym.name}.gaps"),
                               export_dir=config.export["dir"])
@@ -152,7 +153,7 @@ class Collector:
                 delay = self.ex["reconnect_min"]
             if replace_now:  # it delivered, then went silent: the next path may well work
                 self.stats.reconnects += 1
-                log.info("replacing the silent socket now")
+                self._fresh_path()
                 continue
             wait = delay * random.uniform(0.8, 1.2)
             self.stats.reconnects += 1
@@ -197,6 +198,18 @@ class Collector:
         finally:
             self.connected = False
             ws.close(timeout=0.5)
+
+    def _fresh_path(self) -> None:
+        """The next connection, and the backfill of the gap it closes, through a new circuit
+        (a new SOCKS name): tor would otherwise send them along the silent one."""
+        if self.socks_proxy is None:
+            log.info("replacing the silent socket now")
+            return
+        self.paths += 1
+        self.socks_proxy = (*self.socks_proxy[:2], f"{self.sym.name}-{os.getpid()}-{self.paths}")
+        if self.backfill is not None:
+            self.backfill.socks_proxy = self.socks_proxy
+        log.info("replacing the silent socket now, through a fresh circuit")
 
     def _on_connected(self) -> None:
         self.connected = True

@@ -1,5 +1,9 @@
 """Opening the WebSocket: directly, or through a SOCKS5 proxy (Tor) with remote DNS.
 
+A proxy is (host, port), or (host, port, name): the name goes as the SOCKS5 user name, and
+tor (IsolateSOCKSAuth, its default) never puts streams with different names on one circuit,
+so a new name means a fresh circuit.
+
 websocket-client does not TLS-wrap a socket handed to it, so on the proxy path we wrap it
 ourselves, with SNI and certificate checks.  After the SOCKS handshake the PySocks wrapper is
 swapped for a plain socket on the same file descriptor: PySocks adds Python calls to every
@@ -251,11 +255,13 @@ class FrameReader:
             raise ProtocolError(f"unexpected opcode {opcode:#x}")
 
 
-def _socks_tunnel(url: str, timeout: float, proxy: Tuple[str, int]) -> socket.socket:
+def _socks_tunnel(url: str, timeout: float, proxy: tuple) -> socket.socket:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme in ("wss", "https") else 80)
     tunnel = socks.socksocket()
-    tunnel.set_proxy(socks.SOCKS5, proxy[0], proxy[1], rdns=True)
+    name = proxy[2] if len(proxy) > 2 else None
+    tunnel.set_proxy(socks.SOCKS5, proxy[0], proxy[1], rdns=True, username=name,
+                     password="mexc" if name else None)
     tunnel.settimeout(timeout)
     try:
         tunnel.connect((parts.hostname, port))

@@ -5,7 +5,8 @@ _ChannelWatch).  The collector as users run it, against the simulator and a real
 The rhythm is learnt from `exchange.rhythm_window` seconds of traffic (60 by default); these
 tests use 12 s, so that it is learnt in seconds.  The rule scales with the window: busy is
 2 frames/s in every sixth of it, whatever its length."""
-import collections
+import os
+import signal
 import time
 
 import pytest
@@ -16,6 +17,7 @@ from mexc.simulator import MexcSimulator
 from tests.conftest import wait_for
 from tests.test_collector import start_collector
 from tests.test_gaps import assert_trades_once, recorded_gaps, rows_after, wait_gaps
+from tests.test_tor import network  # noqa: F401 (the private Tor network fixture)
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.one_clickhouse]
 FAST_RHYTHM = {"rhythm_window": 12.0}
@@ -93,3 +95,41 @@ def test_a_channel_is_busy_only_when_every_bucket_of_its_window_was():
     watch.frames, watch.peak = 40, 0.1
     assert watch.roll(20, 4.0, 3.0) == 3.0  # never below stale_min
     assert watch.roll(20, 0.0, 3.0) is None  # stale_factor 0: off
+
+
+@pytest.mark.slow
+def test_a_stalled_tor_exit_is_left_for_a_fresh_circuit_within_seconds(env, network, tmp_path):
+    """The exit relay carrying the collector's stream is SIGSTOPped (its TCP connections stay
+    open, nothing moves).  The collector replaces the socket through a fresh circuit (a new
+    SOCKS name), so tor does not send the new stream along the frozen one.  The client's
+    guard and middle hops are the authorities, so the frozen relay can only be an exit, and
+    the client is told to draw another exit (see below)."""
+    authorities = ",".join(f"${r.fingerprint}" for r in network.authorities)
+    client = network.start_client(str(tmp_path / "tor-client"), extra=[
+        f"EntryNodes {authorities}", f"MiddleNodes {authorities}"]).wait_bootstrapped()
+    with MexcSimulator(rate=3.0) as sim:
+        config = env.write_config(sim.url, exchange={**FAST_RHYTHM, "connect_timeout": 30.0})
+        proc = env.mexc("collect", "--config", config, "--symbol", "BTC_USDT", "--socks",
+                        f"127.0.0.1:{client.socks_port}", name="collector")
+        wait_for(lambda: "stale-socket limit 3.0s" in proc.log(), 60, "the rhythm learnt")
+        rows_after(env, sim, 30)
+        [(address, _port)] = sim.peer_addresses
+        frozen = next(r for r in network.exits if r.address == address)
+        os.kill(frozen.pid, signal.SIGSTOP)
+        # On the public network a fresh circuit draws the same exit one time in a thousand;
+        # here one in three, and a build through the frozen relay waits out tor's timeout.
+        with client.controller() as control:
+            control.command(f"SETCONF ExcludeExitNodes=${frozen.fingerprint}")
+        try:
+            wait_for(lambda: len(sim.peer_addresses) >= 2, 30, "a connection through another exit")
+            [gap] = wait_gaps(env, 1, "the record")
+        finally:
+            os.kill(frozen.pid, signal.SIGCONT)
+        assert sim.peer_addresses[-1][0] != address
+        assert gap.reason == GAP_DEAD_SOCKET, gap
+        print(f"gap {gap.end_ms - gap.start_ms} ms while exit {address} was frozen")
+        assert gap.end_ms - gap.start_ms <= REPLACED_WITHIN_MS, gap
+        assert "through a fresh circuit" in proc.log()
+        network.assert_loopback_only(extra_pids=[client.pid])
+        assert proc.stop() == 0
+    client.stop()
