@@ -2,8 +2,8 @@
 
     python bench/all.py [--quick] [--out DIR]
 
-Runs collector_bench, supervisor_bench, exporter_bench, tor_bench, scaling_bench and
-history_bench (each
+Runs collector_bench, supervisor_bench, exporter_bench, tor_bench, scaling_bench,
+history_bench and stale_bench (each
 with its default arguments, or shorter ones with --quick) and writes each one's report and
 JSON figures to DIR (default bench/results-<UTC time>/), then prints all the reports, one after
 the other, under a header naming the machine, the commit and the time. Every ratio in them
@@ -28,6 +28,7 @@ BENCHES = {
     "tor_bench": ([], ["--repetitions", "1", "--frames", "50000"]),
     "scaling_bench": ([], ["--symbols", "1,3", "--tor-symbols", "3", "--seconds", "5"]),
     "history_bench": ([], ["--trades", "200000", "--rounds", "1"]),
+    "stale_bench": ([], ["--faults", "2"]),
 }
 
 
