@@ -226,7 +226,11 @@ class Collector:
         reason = {DeadSocket: GAP_DEAD_SOCKET, StaleSocket: GAP_STALL}.get(type(error),
                                                                           GAP_DISCONNECT)
         self.gaps.lost(reason, f"{type(error).__name__}: {str(error)[:200]}")
-        return reason != GAP_DISCONNECT and self._last_data() is not None
+        if reason == GAP_DISCONNECT:
+            return False
+        for watch in self.channels.values():
+            watch.frames, watch.peak = 0, 0.0  # the silence judged is no part of the rhythm
+        return self._last_data() is not None
 
     def _receive(self, ws) -> None:
         """Frames until the connection dies or we stop; between them, sleep until the next
@@ -392,9 +396,9 @@ class Collector:
         socket as a gap (a stall), else one of `silent_alarm`."""
         self.next_roll = now + self.rhythm_bucket
         last_data = self._last_data()
-        if self.stale_after is not None and (last_data is None
-                                             or now - last_data > self.stale_after / 2):
-            return  # a silence in progress is no rhythm: judge it by what was learnt before
+        if (self.stale_after is not None and last_data is not None
+                and now - last_data > self.stale_after / 2):
+            return  # a silence is being judged: its bucket waits for the verdict
         factor, floor = self.ex["stale_factor"], self.ex["stale_min"]
         busy = BUSY_RATE * self.rhythm_bucket
         limits = [limit for watch in self.channels.values()
