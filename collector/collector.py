@@ -13,9 +13,9 @@ as much as parsing a frame: so the loop blocks on the socket until the next of t
 is due (or a frame arrives), never on a fixed tick, and the bus thread sleeps until its next
 heartbeat or event.
 """
+import collections
 import logging
 import os
-import collections
 import random
 import select
 import signal
@@ -434,10 +434,10 @@ class _ChannelWatch:
 
     The rhythm: frames and the longest silence between two frames of one connection, per
     bucket (exchange.rhythm_window / RHYTHM_BUCKETS).  A channel that brought BUSY_RATE
-    frames a second in every bucket of the last RHYTHM_BUCKETS is busy; silent `stale_factor` times its longest silence of that
-    stretch (and at least `stale_min`) it is far beyond its rhythm.  Busy in every bucket, not
-    on average: a burst after a quiet spell teaches nothing, so a quiet symbol is never
-    judged."""
+    frames a second in every bucket of the last RHYTHM_BUCKETS is busy; silent
+    `stale_factor` times its longest silence of that stretch (and at least `stale_min`), it
+    is far beyond its rhythm.  Busy in every bucket, not on average: a burst after a quiet
+    spell teaches nothing, so a quiet symbol is never judged."""
 
     def __init__(self, channel: Channel, subscribed_at: float):
         self.name, self.mt = channel.name, channel.mt
