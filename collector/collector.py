@@ -228,9 +228,17 @@ class Collector:
         self.gaps.lost(reason, f"{type(error).__name__}: {str(error)[:200]}")
         if reason == GAP_DISCONNECT:
             return False
-        for watch in self.channels.values():
-            watch.frames, watch.peak = 0, 0.0  # the silence judged is no part of the rhythm
+        self._forget_rhythm()
         return self._last_data() is not None
+
+    def _forget_rhythm(self) -> None:
+        """After a silence judged: learn the rhythm again from a whole window of the next
+        connection before judging it (a market that went quiet, a trading halt, costs one
+        replacement, not one per lone frame after it)."""
+        for watch in self.channels.values():
+            watch.forget()
+        self.stale_after = None
+        self.gaps.stall_after = self.ex["silent_alarm"]
 
     def _receive(self, ws) -> None:
         """Frames until the connection dies or we stop; between them, sleep until the next
@@ -451,6 +459,10 @@ class _ChannelWatch:
         self.subscribed_at = now
         self.last_data = None
         self.alarmed = False
+
+    def forget(self) -> None:
+        self.history.clear()
+        self.frames, self.peak, self.limit = 0, 0.0, None
 
     def roll(self, busy_frames: float, factor: float, floor: float) -> Optional[float]:
         """Close the bucket; the silence (s) that is far beyond the rhythm, None if not busy

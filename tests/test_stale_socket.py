@@ -142,7 +142,9 @@ def test_a_stalled_tor_exit_is_left_for_a_fresh_circuit_within_seconds(env, netw
 
 def test_a_busy_channel_that_goes_quiet_costs_one_replacement_at_most():
     """The rhythm learnt while busy judges the first long silence (one replacement, as for a
-    dead socket); the new connection's quiet buckets then end the judging."""
+    dead socket); then it is learnt again from a whole window of the new connection (the
+    60-minute soak's end, where the market stops: a burst of frames after the replacement,
+    then silence, was replaced again and its gap never closed)."""
     collector = Collector.__new__(Collector)
     collector.ex = {"stale_factor": 4.0, "stale_min": 3.0, "silent_alarm": 30.0}
     collector.gaps = types.SimpleNamespace(stall_after=30.0, lost=lambda *_: None)
@@ -158,6 +160,8 @@ def test_a_busy_channel_that_goes_quiet_costs_one_replacement_at_most():
     collector._learn_rhythm(now + 2.0)  # the market stops: a silence being judged
     assert collector.stale_after == 3.0
     assert collector._on_disconnected(StaleSocket("no data")) is True  # replaced
-    deal.subscribed(now + 3.0)  # the new connection brings nothing
-    collector._learn_rhythm(now + 10.0)
     assert collector.stale_after is None and collector.gaps.stall_after == 30.0
+    deal.subscribed(now + 3.0)  # the new connection brings a burst, then nothing
+    deal.frames, deal.peak, deal.last_data = 20, 0.0, now + 4.0
+    collector._learn_rhythm(now + 10.0)
+    assert collector.stale_after is None  # judged again only after a whole busy window
