@@ -42,6 +42,7 @@ from .schedule import CONNECTION_FAULTS, Fault, build_schedule
 STATUS_EVERY = 1.0  # s between status samples
 STALE = 1.5  # s a heartbeat (every 1 s) can be older than the status that shows it
 END_SLACK = 0.5  # s added to the end of a window
+STALE_SETTLE = 5.0  # s after the market stops: exchange.stale_min (3 s) and a ping (2 s)
 
 
 # --- the world -----------------------------------------------------------------------------------
@@ -464,6 +465,7 @@ class Soak:
         transient = ("no data in the last", "IP Separation Failure")
         for attempt in range(1, 6):
             for name in self.names:
+                wait_for(lambda: self.streaming(SYMBOLS[name]), 60, f"{name} subscribed")
                 self.sim.send_frames(SYMBOLS[name], 20)
             wait_for(lambda: (lambda c: c and all(c.values()))(self.current_counts()), 60,
                      "fresh rows in every current table")
@@ -508,6 +510,10 @@ class Soak:
         time.sleep(2.0)
         self.sim.stop_data()
         say("data stopped; draining")
+        # A collector with a busy channel takes the market's stop for a stale socket (after
+        # exchange.stale_min, 3 s) and replaces it, once: before verify()'s fresh frames, or
+        # they race the new connection's subscriptions (sent to another symbol's connection)
+        time.sleep(STALE_SETTLE)
         wait_for(self.drained, 180, "collectors drained (nothing buffered, spooled or held)", 1.0)
         self.export_once()
         self.verify()
