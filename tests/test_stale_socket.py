@@ -13,11 +13,12 @@ import types
 import pytest
 
 from collector.collector import RHYTHM_BUCKETS, Collector, StaleSocket, _ChannelWatch
+from core.channels import DEAL_CHANNEL
 from core.vocabulary import GAP_DEAD_SOCKET, GAP_STALL
 from mexc.simulator import MexcSimulator
 from tests.conftest import wait_for
 from tests.test_collector import start_collector
-from tests.test_gaps import assert_trades_once, recorded_gaps, rows_after, wait_gaps
+from tests.test_gaps import assert_trades_once, rows_after, wait_gaps
 from tests.test_tor import network  # noqa: F401 (the private Tor network fixture)
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.one_clickhouse]
@@ -77,12 +78,12 @@ def test_a_quiet_symbol_is_never_replaced(env):
         wait_for(lambda: env.count() >= made, 20, f"{made} trades stored")
         assert sim.total_connections == 1
         assert "disconnected" not in proc.log() and "stale-socket limit" not in proc.log()
-        assert recorded_gaps(env) == []
+        assert env.gaps() == []
         assert proc.stop() == 0
 
 
 def test_a_channel_is_busy_only_when_every_bucket_of_its_window_was():
-    watch = _ChannelWatch("deal", 0.0)
+    watch = _ChannelWatch(DEAL_CHANNEL, 0.0)
     for frames, peak in [(30, 0.2)] * 5:
         watch.frames, watch.peak = frames, peak
         assert watch.roll(20, 4.0, 3.0) is None  # not a whole window yet
@@ -148,7 +149,7 @@ def test_a_busy_channel_that_goes_quiet_costs_one_replacement_at_most():
     collector = Collector.__new__(Collector)
     collector.ex = {"stale_factor": 4.0, "stale_min": 3.0, "silent_alarm": 30.0}
     collector.gaps = types.SimpleNamespace(stall_after=30.0, lost=lambda *_: None)
-    collector.channels = {"deal": _ChannelWatch("deal", 0.0)}
+    collector.channels = {"deal": _ChannelWatch(DEAL_CHANNEL, 0.0)}
     collector.stale_after, collector.rhythm_bucket, collector.stopping = None, 10.0, False
     deal = collector.channels["deal"]
     now = 0.0
