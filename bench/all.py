@@ -3,7 +3,7 @@
     python bench/all.py [--quick] [--out DIR]
 
 Runs collector_bench, supervisor_bench, exporter_bench, tor_bench, scaling_bench,
-history_bench and stale_bench (each
+history_bench, stale_bench and handover_bench (each
 with its default arguments, or shorter ones with --quick) and writes each one's report and
 JSON figures to DIR (default bench/results-<UTC time>/), then prints all the reports, one after
 the other, under a header naming the machine, the commit and the time. Every ratio in them
@@ -29,6 +29,7 @@ BENCHES = {
     "scaling_bench": ([], ["--symbols", "1,3", "--tor-symbols", "3", "--seconds", "5"]),
     "history_bench": ([], ["--trades", "200000", "--rounds", "1"]),
     "stale_bench": ([], ["--faults", "2"]),
+    "handover_bench": ([], ["--replacements", "5"]),
 }
 
 

@@ -8,6 +8,11 @@ frame, a stale one once no data came for far longer than its busy channels' rhyt
 _ChannelWatch), an alarm for a subscribed channel that stays silent, a stats line every
 `stats_interval` seconds.  A socket we drop because it stopped delivering is replaced at once.
 
+Make before break: a suspect socket, or one we replace on purpose (SIGUSR1: the supervisor
+moving us to a new exit), is replaced by opening and subscribing the new connection first;
+both are read until the new one delivers everything the old one would (collector/overlap.py
+stores each event once), then the old one is closed (`exchange.make_before_break`).
+
 At live rates a collector has almost nothing to do, and every wake-up of a thread costs about
 as much as parsing a frame: so the loop blocks on the socket until the next of those deadlines
 is due (or a frame arrives), never on a fixed tick, and the bus thread sleeps until its next
@@ -30,6 +35,7 @@ from collector import wire
 from collector.backfill import Backfill
 from collector.connection import OP_CLOSE, OP_TEXT, FrameReader, open_websocket
 from collector.gaps import GapLedger
+from collector.overlap import NEW, OLD, Overlap
 from collector.spool import Spool
 from collector.writer import RowWriter
 from core.channels import CHANNELS, Channel
@@ -45,6 +51,7 @@ MAX_WAIT = 1.0  # longest the loop blocks: bounds how late it sees SIGTERM or a 
 HEALTHY_AFTER = 60.0  # a connection that lived this long resets the reconnect backoff
 STOP_GRACE = 5.0  # seconds SIGTERM waits for ClickHouse before spooling the rest
 HEARTBEAT_INTERVAL = 1.0
+READY_TIMEOUT = 0.05  # s a read of a socket select() found readable may wait (a TLS record)
 # A channel's rhythm is learnt from exchange.rhythm_window seconds of its traffic, in
 # RHYTHM_BUCKETS buckets; it counts as busy when every one of them brought BUSY_RATE frames a
 # second (depth.full and deals of a liquid symbol do; a quiet symbol, a ticker do not, and
@@ -63,6 +70,10 @@ class ServerClosed(DeadSocket):
 
 class StaleSocket(DeadSocket):
     """Pongs still come, data does not: far beyond the busy channels' rhythm."""
+
+
+class Replaced(DeadSocket):
+    """We dropped a live socket to dial its replacement (make_before_break off)."""
 
 
 class Stats:
@@ -95,8 +106,10 @@ class Collector:
         self.stopping = False
         self.exit_code = 0
         self.connected = False
-        self.last_frame = None
-        self.last_pong = 0.0
+        self.last_frame = None  # any connection's last frame (mexc status)
+        self.link: Optional[_Link] = None  # the connection we read
+        self.handover: Optional[_Handover] = None  # its replacement, while both are read
+        self.replace_asked: Optional[str] = None  # why a replacement was asked for (SIGUSR1)
         now = time.monotonic()
         # kept across connections: a channel's rhythm is the symbol's, not the socket's
         self.channels = {channel.name: _ChannelWatch(channel, now) for channel in CHANNELS}
@@ -121,6 +134,7 @@ class Collector:
                                                         f"{self.sym.name}.gaps"),
                               export_dir=config.export["dir"])
         self.depth_versions = {}  # symbol -> the last depth.full version stored (wire.parse)
+        self.handovers = 0  # connections replaced without a break
         self.batch = []  # the rows of the current read
         self.child_id = ChildId(COLLECTOR, self.sym.name)
 
@@ -129,6 +143,7 @@ class Collector:
     def run(self) -> int:
         for signum in STOP_SIGNALS:  # SIGHUP too: `mexc collect` whose terminal closed
             signal.signal(signum, self._on_signal)
+        signal.signal(signal.SIGUSR1, self._on_replace_signal)
         if self.writer.spool:
             log.info("spool has %d rows from an earlier run; replaying them first",
                      self.writer.spool.rows)
@@ -167,6 +182,11 @@ class Collector:
     def _on_signal(self, signum, _frame) -> None:
         self.stopping = True
 
+    def _on_replace_signal(self, signum, _frame) -> None:
+        """A new connection through a fresh circuit, asked for by the supervisor (its exit
+        guard) or an operator."""
+        self.replace_asked = signal.Signals(signum).name
+
     def _sleep(self, seconds: float) -> None:
         """Wait between connections, still flushing and logging stats when they are due."""
         deadline = time.monotonic() + seconds
@@ -187,6 +207,24 @@ class Collector:
     # --- one connection --------------------------------------------------------------------
 
     def _session(self) -> None:
+        self._use(self._dial())
+        self.replace_asked = None  # a new connection already
+        try:
+            self._receive()
+        finally:
+            self.connected = False
+            if self.handover is not None:
+                self.handover.link.close()
+                self.handover = None
+            self.link.close()
+
+    def _use(self, link: "_Link") -> None:
+        """Read `link` from now on; its depth versions are the ones a next connection
+        starts from."""
+        self.link, self.depth_versions = link, link.depth_versions
+
+    def _dial(self) -> "_Link":
+        """A new connection, subscribed."""
         ws = open_websocket(self.ex["url"], self.ex["connect_timeout"], self.ex["ca_file"],
                             self.socks_proxy)
         try:
@@ -194,22 +232,22 @@ class Collector:
             for request in wire.subscribe_requests(self.sym.symbol, self.ex["depth_limit"],
                                                    self.ex["merge_deals"]):
                 ws.send(request)
-            self._receive(ws)
-        finally:
-            self.connected = False
+        except BaseException:
             ws.close(timeout=0.5)
+            raise
+        return _Link(ws, time.monotonic(), self.depth_versions)
 
-    def _fresh_path(self) -> None:
+    def _fresh_path(self, what: str = "silent") -> None:
         """The next connection, and the backfill of the gap it closes, through a new circuit
-        (a new SOCKS name): tor would otherwise send them along the silent one."""
+        (a new SOCKS name): tor would otherwise send them along the old one."""
         if self.socks_proxy is None:
-            log.info("replacing the silent socket now")
+            log.info("replacing the %s socket now", what)
             return
         self.paths += 1
         self.socks_proxy = (*self.socks_proxy[:2], f"{self.sym.name}-{os.getpid()}-{self.paths}")
         if self.backfill is not None:
             self.backfill.socks_proxy = self.socks_proxy
-        log.info("replacing the silent socket now, through a fresh circuit")
+        log.info("replacing the %s socket now, through a fresh circuit", what)
 
     def _on_connected(self) -> None:
         self.connected = True
@@ -226,6 +264,8 @@ class Collector:
         reason = {DeadSocket: GAP_DEAD_SOCKET, StaleSocket: GAP_STALL}.get(type(error),
                                                                           GAP_DISCONNECT)
         self.gaps.lost(reason, f"{type(error).__name__}: {str(error)[:200]}")
+        if type(error) is Replaced:
+            return True
         if reason == GAP_DISCONNECT:
             return False
         self._forget_rhythm()
@@ -240,43 +280,69 @@ class Collector:
         self.stale_after = None
         self.gaps.stall_after = self.ex["silent_alarm"]
 
-    def _receive(self, ws) -> None:
+    def _receive(self) -> None:
         """Frames until the connection dies or we stop; between them, sleep until the next
-        deadline (_due) instead of waking on a tick."""
-        reader = FrameReader(ws)
-        symbol = self.sym.symbol
+        deadline (_due) instead of waking on a tick.  During a handover both connections are
+        read."""
         now = time.monotonic()
-        self.last_frame = self.last_ping = now
+        self.last_frame = now
         for watch in self.channels.values():
             watch.subscribed(now)
         due = now
         while not self.stopping:
             if now >= due:
                 self._housekeeping(now)
-                self._keepalive(ws, reader, now)
+                self._keepalive(now)
                 due = self._due(now)
-            reader.sock.settimeout(due - now)
-            messages = reader.read()
+            if self.replace_asked is not None and self.handover is None:
+                self._replace(f"asked by {self.replace_asked}")
+                self.replace_asked, now = None, time.monotonic()
+                due = now
+                continue
+            if self.handover is None:  # one connection: block on its socket alone
+                self.link.reader.sock.settimeout(due - now)
+                self._read(self.link)
+            else:
+                for link in _ready((self.link, self.handover.link), due - now):
+                    link.reader.sock.settimeout(READY_TIMEOUT)
+                    self._read(link)
+                self._maybe_hand_over(time.monotonic())
             now = time.monotonic()
-            if messages is not None:
-                self.last_frame = now
-                rts = int(time.time() * 1000)  # one receive time for all that one read brought
-                for opcode, payload in messages:
-                    self._handle(opcode, payload, symbol, rts, now)
-                self._flush()
+
+    def _read(self, link: "_Link") -> None:
+        """What one recv() brought on `link`.  During a handover a connection that fails is
+        left behind, and the other one read on; else the failure ends the session."""
+        try:
+            messages = link.reader.read()
+            if messages is None:
+                return
+            now = link.last_frame = self.last_frame = time.monotonic()
+            rts = int(time.time() * 1000)  # one receive time for all that one read brought
+            for opcode, payload in messages:
+                self._handle(link, opcode, payload, rts, now)
+        except (OSError, websocket.WebSocketException, DeadSocket) as e:
+            if self.handover is None:
+                raise
+            self._flush()
+            self._lose_one(link, e)
+        self._flush()
 
     def _due(self, now: float) -> float:
         """When the receive loop must next act without a frame: the earliest of the next
         ping, the dead-socket limit, the stale-socket limit, a channel's silent alarm,
-        housekeeping, MAX_WAIT."""
-        ex = self.ex
+        the handover's end, housekeeping, MAX_WAIT."""
+        ex, link = self.ex, self.link
         alarms = [watch.alarm_due(ex["silent_alarm"]) for watch in self.channels.values()
                   if not watch.alarmed]
         last_data = self._last_data()
         if last_data is not None and self.stale_after is not None:
             alarms.append(last_data + self.stale_after)
-        return max(now + 0.001, min(self.last_ping + ex["ping_interval"],
-                                     self.last_frame + ex["dead_after"],
+        if self.handover is not None:
+            new = self.handover.link
+            alarms += [self.handover.started + ex["overlap_max"],
+                       new.last_ping + ex["ping_interval"], new.last_frame + ex["dead_after"]]
+        return max(now + 0.001, min(link.last_ping + ex["ping_interval"],
+                                     link.last_frame + ex["dead_after"],
                                      self._housekeeping_due(now), *alarms))
 
     def _last_data(self) -> Optional[float]:
@@ -284,7 +350,8 @@ class Collector:
         times = [w.last_data for w in self.channels.values() if w.last_data is not None]
         return max(times) if times else None
 
-    def _handle(self, opcode: int, payload: bytes, symbol: str, rts: int, now: float) -> None:
+    def _handle(self, link: "_Link", opcode: int, payload: bytes, rts: int,
+                now: float) -> None:
         if opcode == OP_TEXT:
             try:
                 payload = payload.decode()
@@ -293,13 +360,16 @@ class Collector:
         elif opcode == OP_CLOSE:
             raise ServerClosed(f"server closed the connection {_close_reason(payload)}")
         self.stats.frames += 1
-        kind, rows = wire.parse(payload, rts, symbol, self.depth_versions)
-        if rows:
-            self.batch.extend(rows)
+        kind, rows = wire.parse(payload, rts, self.sym.symbol, link.depth_versions)
         watch = self.channels.get(kind)
         if watch is not None:
+            link.data_at = now
             if rows:
                 self.gaps.seen(rows, now)
+            if self.handover is not None:
+                rows = self.handover.overlap.admit(NEW if link is self.handover.link else OLD,
+                                                   kind, rows)
+            self.batch.extend(rows)
             self.stats.rows[watch.mt] += len(rows)
             last = watch.last_data
             if last is None or watch.alarmed:
@@ -309,8 +379,9 @@ class Collector:
             watch.frames += 1
             watch.last_data = now
         elif kind == wire.PONG:
-            self.last_pong = now
+            link.last_pong = now
         elif rows:
+            self.batch.extend(rows)
             self.stats.rows[DEAD_LETTER] += 1
             self.stats.errors += 1
             if kind == wire.ERROR:
@@ -319,15 +390,26 @@ class Collector:
             else:
                 log.warning("dead letter stored: %s", kind[len(wire.DEAD) + 1:][:200])
 
-    def _keepalive(self, ws, reader: FrameReader, now: float) -> None:
-        """The ping when due, the dead- and stale-socket checks, the silent-channel alarms."""
-        if now - self.last_ping >= self.ex["ping_interval"]:
-            ws.send(wire.PING)
-            self.last_ping = now
-        verdict = self._verdict(now)
-        # Frames waiting unread (this process was stopped, or busy) say the socket lives.
-        if verdict is not None and not _readable(reader.sock):
-            raise verdict
+    def _keepalive(self, now: float) -> None:
+        """The pings when due, the dead- and stale-socket checks, the silent-channel alarms."""
+        links = [self.link] + ([self.handover.link] if self.handover is not None else [])
+        for link in links:
+            if now - link.last_ping >= self.ex["ping_interval"]:
+                try:
+                    link.ws.send(wire.PING)
+                except (OSError, websocket.WebSocketException) as e:
+                    if self.handover is None:
+                        raise
+                    self._lose_one(link, e)
+                    break
+                link.last_ping = now
+        if self.handover is not None:
+            self._maybe_hand_over(now)
+        else:
+            verdict = self._verdict(now)
+            # Frames waiting unread (this process was stopped, or busy) say the socket lives.
+            if verdict is not None and not _readable(self.link.reader.sock):
+                self._replace(str(verdict), verdict)
         for watch in self.channels.values():
             watch.check(now, self.ex["silent_alarm"])
 
@@ -335,17 +417,88 @@ class Collector:
         """Why the socket counts as dead now, or None: no frame (data or pong) for
         `dead_after`; or no data on any channel for `stale_after` (learnt from the busy
         channels' rhythm), with pongs (stale) or without (dead)."""
-        if now - self.last_frame >= self.ex["dead_after"]:
-            return DeadSocket(f"no frame or pong for {now - self.last_frame:.1f}s")
+        link = self.link
+        if now - link.last_frame >= self.ex["dead_after"]:
+            return DeadSocket(f"no frame or pong for {now - link.last_frame:.1f}s")
         last_data = self._last_data()
         if last_data is None or self.stale_after is None or \
                 now - last_data < self.stale_after:
             return None
         silent = (f"no data for {now - last_data:.1f}s, beyond the channels' rhythm "
                   f"({self.stale_after:.1f}s)")
-        if self.last_pong > last_data:
+        if link.last_pong > last_data:
             return StaleSocket(f"{silent}; pongs still come")
         return DeadSocket(f"{silent}; no pong either")
+
+    # --- make before break -----------------------------------------------------------------
+
+    def _replace(self, why: str, verdict: Optional[DeadSocket] = None) -> None:
+        """Replace the connection: a suspect one (verdict), or a live one on purpose.  With
+        make_before_break the new one is dialled (through a fresh circuit) and subscribed
+        first, and both are read until it covers the old one (_maybe_hand_over); else the
+        old one goes first, as a drop (the caller reconnects at once)."""
+        if not self.ex["make_before_break"]:
+            raise verdict or Replaced(why)
+        if verdict is not None:  # the stretch it did not deliver is a gap until data comes
+            log.warning("suspect socket: %s", why)
+            self.gaps.lost(GAP_STALL if type(verdict) is StaleSocket else GAP_DEAD_SOCKET,
+                           f"{type(verdict).__name__}: {why[:200]}")
+            self._forget_rhythm()
+        self._fresh_path("silent" if verdict is not None else "live")
+        try:
+            link = self._dial()
+        except (OSError, websocket.WebSocketException) as e:
+            if verdict is not None:
+                raise verdict from e
+            log.warning("replacement not opened (%s: %s); keeping the connection",
+                        type(e).__name__, str(e)[:200])
+            return
+        log.info("replacing the connection (%s): both read until the new one covers the "
+                 "old one", why)
+        self.handover = _Handover(link, time.monotonic(), verdict is not None)
+
+    def _maybe_hand_over(self, now: float) -> None:
+        """Drop the old connection once the new one covers it; after `overlap_max` seconds,
+        keep whichever delivers (a suspect old one goes once the new one delivers at all)."""
+        h = self.handover
+        if h.overlap.covered():
+            self._hand_over(now, "it covers every channel")
+        elif h.suspect and h.link.data_at is not None and (self.link.data_at or 0) < h.started:
+            self._hand_over(now, "it delivers, the suspect one does not")
+        elif now - h.started >= self.ex["overlap_max"]:
+            if h.link.data_at is not None or h.suspect:
+                self._hand_over(now, f"overlap_max {self.ex['overlap_max']:g}s")
+            else:
+                self._lose_one(h.link, DeadSocket(
+                    f"no data within overlap_max {self.ex['overlap_max']:g}s"))
+        elif now - h.link.last_frame >= self.ex["dead_after"]:
+            self._lose_one(h.link, DeadSocket(f"no frame for {now - h.link.last_frame:.1f}s"))
+
+    def _hand_over(self, now: float, why: str) -> None:
+        h, old = self.handover, self.link
+        self._use(h.link)
+        self.handover = None
+        self.handovers += 1
+        log.info("handover done after %.2fs (%s): %d duplicate rows dropped; the old "
+                 "connection closed", now - h.started, why, h.overlap.duplicates)
+        old.close()
+
+    def _lose_one(self, link: "_Link", error: Exception) -> None:
+        """One of the two connections of a handover failed: read on with the other.  The
+        old one failing before the new one brought data is a gap (from the old one's last
+        data to the new one's first)."""
+        h = self.handover
+        self.handover = None
+        log.warning("%s connection lost during the handover: %s: %s",
+                    "new" if link is h.link else "old", type(error).__name__,
+                    str(error)[:200] or "-")
+        link.close()
+        if link is h.link:
+            return
+        self._use(h.link)
+        if h.link.data_at is None:
+            self.gaps.lost(GAP_DEAD_SOCKET if isinstance(error, DeadSocket) else
+                           GAP_DISCONNECT, f"{type(error).__name__}: {str(error)[:200]}")
 
     # --- the bus: heartbeats out, rotation events in (its own thread) ------------------------
 
@@ -435,6 +588,31 @@ class Collector:
         s.last_frames, s.last_time = s.frames, now
 
 
+class _Link:
+    """One WebSocket connection and what the receive loop knows of it."""
+
+    def __init__(self, ws, now: float, depth_versions: dict):
+        self.ws = ws
+        self.reader = FrameReader(ws)
+        self.last_frame = self.last_ping = now
+        self.last_pong = 0.0
+        self.data_at: Optional[float] = None  # its last data frame
+        # The stale-version check is per connection: during a handover both bring each
+        # version once (Overlap drops the second); a new one starts from the old one's.
+        self.depth_versions = dict(depth_versions)
+
+    def close(self) -> None:
+        self.ws.close(timeout=0.5)
+
+
+class _Handover:
+    """A replacement connection read beside the old one, since `started`."""
+
+    def __init__(self, link: _Link, started: float, suspect: bool):
+        self.link, self.started, self.suspect = link, started, suspect
+        self.overlap = Overlap()
+
+
 class _ChannelWatch:
     """Confirms a subscription by its first data frame; warns while a channel stays silent;
     learns the channel's rhythm.  The receive loop sets `last_data`, `frames` and `peak`
@@ -496,6 +674,15 @@ class _ChannelWatch:
 
     def _since(self) -> float:
         return self.last_data if self.last_data is not None else self.subscribed_at
+
+
+def _ready(links, timeout: float) -> list:
+    """The links with bytes to read, waiting up to `timeout` seconds for one."""
+    ready = [link for link in links if _readable(link.reader.sock)]
+    if ready:
+        return ready
+    socks = select.select([link.reader.sock for link in links], [], [], max(0.0, timeout))[0]
+    return [link for link in links if link.reader.sock in socks]
 
 
 def _readable(sock) -> bool:

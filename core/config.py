@@ -31,6 +31,8 @@ SCHEMA = {
         "stale_factor": (float, 4.0),  # 0: no stale-socket detection from the rhythm
         "stale_min": (float, 3.0),
         "rhythm_window": (float, 60.0),  # s of recent traffic a channel's rhythm is learnt from
+        "make_before_break": (bool, True),  # replacements dial the new connection first
+        "overlap_max": (float, 10.0),  # s both connections are read at most during a handover
         "depth_limit": (int, 20),
         "merge_deals": (bool, False),
         "rest_url": (str, ""),  # "": the WebSocket's host (rest_url_of), contract.mexc.com
@@ -326,6 +328,8 @@ def _check_values(s: dict, path: str) -> None:
         bad("exchange.stale_min", "must be > 0")
     if s["exchange"]["rhythm_window"] <= 0:
         bad("exchange.rhythm_window", "must be > 0")
+    if s["exchange"]["overlap_max"] <= 0:
+        bad("exchange.overlap_max", "must be > 0")
     for key in ("port", "http_port"):
         if not 0 < s["clickhouse"][key] < 65536:
             bad(f"clickhouse.{key}", "must be 1-65535")

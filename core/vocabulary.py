@@ -27,6 +27,15 @@ class Row(NamedTuple):
 
 ROW_COLUMNS = Row._fields
 
+
+def event_key(row) -> tuple:
+    """What makes two rows one exchange event: (ts, mt, m), the receive time left out.  Two
+    connections to one symbol deliver the same event as rows with one key: a trade by its
+    time, price, volume and side, a depth snapshot by its ts and levels (one per version), a
+    ticker by its timestamp and fields.  Two equal trades in one millisecond share a key too;
+    whoever deduplicates by it counts them (collector/overlap.py)."""
+    return row[0], row[1], row[2]
+
 # Why a symbol had no live subscription for a while (the gap ledger, table `gaps`)
 GAP_DISCONNECT = "disconnect"            # the exchange or the network closed the WebSocket
 GAP_DEAD_SOCKET = "dead_socket"          # nothing at all arrived (no pong) for too long

@@ -287,6 +287,15 @@ class Child:
             self._become(ChildState.STOPPING, "restart: SIGTERM sent")
         self.next_start = now
 
+    def reconnect(self, now: float) -> None:
+        """A collector's connection moved to a fresh circuit: SIGUSR1 makes it dial the new
+        one before it drops the old one (make before break); a child not running starts."""
+        if self.state is ChildState.RUNNING:
+            self.process.signal(signal.SIGUSR1)
+            log.info("%s: SIGUSR1 sent (a new connection through a fresh circuit)", self.name)
+        else:
+            self.restart_now(now)
+
     def stop(self, now: float, timeout: float) -> None:
         self.wanted = False
         if self.state is ChildState.RUNNING:

@@ -3,8 +3,8 @@ collector's exit IP distinct (the guarantee the old system only checked by hand)
 
 Every `tor.exit_check_interval` seconds each connected collector's exit is read through its
 tor's control port.  When two collectors share an exit IP, the later one (by name) gets
-ExcludeExitNodes set to the other collectors' exits, a NEWNYM, and a restart, so it reconnects
-through a new circuit; after `tor.separation_retries` tries without success the slot shows a
+ExcludeExitNodes set to the other collectors' exits, a NEWNYM, and a SIGUSR1, so it reconnects
+through a new circuit, dialling it before it drops the old one (make before break); after `tor.separation_retries` tries without success the slot shows a
 warning in `mexc status` and the log.
 """
 import logging
@@ -173,4 +173,4 @@ class ExitGuard:
         log.warning("%s shares exit %s with %s: new circuit avoiding %d exits, reconnecting "
                     "(try %d)", slot.collector.name, ip, keeper.collector.name, len(others),
                     slot.separations)
-        slot.collector.restart_now(now)
+        slot.collector.reconnect(now)

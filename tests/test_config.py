@@ -103,6 +103,7 @@ flush_interval = 0.1
     ({"clickhouse": {"database": "a-b"}}, "clickhouse.database: must be a plain identifier"),
     ({"exchange": {"stale_factor": 0.5}}, "exchange.stale_factor: must be 0 (off) or at least 1"),
     ({"exchange": {"rhythm_window": 0}}, "exchange.rhythm_window: must be > 0"),
+    ({"exchange": {"overlap_max": 0}}, "exchange.overlap_max: must be > 0"),
     ({"collector": {"batch_rows": 0}}, "collector.batch_rows: must be at least 1"),
     ({"collector": {"latency_target": 0}}, "collector.latency_target: must be > 0"),
     ({"log": {"level": "loud"}}, "log.level: must be one of"),

@@ -115,8 +115,12 @@ def test_collectors_forced_onto_one_exit_are_separated(env, sim, network):
         control.command("SIGNAL NEWNYM")
     assert sockets.request(daemon.runtime_dir, "restart", name="collector-eth")["ok"]
     wait_for(lambda: "shares exit" in daemon.proc.log(), 60, "the shared exit noticed")
+    eth_pid = daemon.child("collector-eth")["pid"]
     ips = wait_for(lambda: daemon.distinct_exits(names), 60, "distinct exits again")
     assert ips["collector-eth"] != btc_exit.address
+    # the move is make-before-break in the same process (SIGUSR1), not a restart
+    assert daemon.child("collector-eth")["pid"] == eth_pid
+    assert "collector[eth] handover done" in daemon.proc.log()
     daemon.check_loopback()
 
 

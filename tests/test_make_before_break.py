@@ -1,0 +1,121 @@
+"""Make before break (collector/overlap.py, Collector._replace): a replaced connection is
+closed only once its successor delivers, every event is stored once, and the overlap leaves no
+gap in the ledger.  The collector as users run it, against the simulator (and a private Tor
+network), a real ClickHouse; SIGUSR1 is what the supervisor's exit guard sends."""
+import collections
+import os
+import signal
+
+import pytest
+
+from collector.overlap import NEW, OLD, Overlap
+from mexc.simulator import MexcSimulator
+from tests.conftest import wait_for
+from tests.test_collector import start_collector
+from tests.test_tor import network  # noqa: F401 (the private Tor network fixture)
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.one_clickhouse]
+SYMBOL = "BTC_USDT"
+
+
+def deal(t, m="1|2|1"):
+    return (t, "d", m, 0)
+
+
+def test_each_event_is_stored_once_whichever_connection_brings_it_first():
+    overlap = Overlap()
+    assert overlap.admit(OLD, "deal", [deal(1), deal(2)]) == [deal(1), deal(2)]
+    assert overlap.admit(NEW, "deal", [deal(2), deal(3)]) == [deal(3)]  # 2: the old one's
+    assert overlap.admit(OLD, "deal", [deal(3), deal(4)]) == [deal(4)]
+    assert overlap.duplicates == 2 and overlap.joined == {"deal"}
+    # two equal trades in one millisecond: stored twice, whoever brings them
+    assert overlap.admit(NEW, "deal", [deal(5), deal(5)]) == [deal(5), deal(5)]
+    assert overlap.admit(OLD, "deal", [deal(5)]) == []
+    assert overlap.admit(OLD, "deal", [deal(5), deal(5)]) == [deal(5)]  # a third one
+
+
+def test_the_old_connection_goes_once_the_new_one_covers_every_channel():
+    overlap = Overlap()
+    overlap.admit(OLD, "ticker", [(1, "t", "x", 0)])
+    overlap.admit(NEW, "deal", [deal(7)])
+    assert not overlap.covered()  # the old one may still hold deals before 7; no ticker yet
+    overlap.admit(OLD, "deal", [deal(6), deal(7)])
+    assert not overlap.covered()  # deals joined; the ticker only on the old one
+    overlap.admit(NEW, "ticker", [(2, "t", "y", 0)])
+    assert not overlap.covered()
+    overlap.admit(OLD, "ticker", [(2, "t", "y", 0)])
+    assert overlap.covered()
+
+
+def stored_rows(env):
+    with env.store() as store:
+        return [(ts, mt, m) for ts, mt, m, _rts in store.rows("btc_current")]
+
+
+def assert_every_trade_once(env, sim, since_ms, until_ms):
+    """The simulator's trades in [since_ms, until_ms] are stored exactly once; no ticker or
+    depth row is stored twice."""
+    truth = collections.Counter(t.row for t in sim.trades(SYMBOL, since_ms, until_ms))
+
+    def deals():
+        return collections.Counter(r for r in stored_rows(env)
+                                   if r[1] == "d" and since_ms <= r[0] <= until_ms)
+    wait_for(lambda: sum(deals().values()) >= sum(truth.values()), 20, "the trades stored")
+    assert deals() == truth
+    doubled = [r for r, n in collections.Counter(stored_rows(env)).items() if n > 1]
+    assert doubled == []
+    return sum(truth.values())
+
+
+def replace_and_wait(proc, sim, n):
+    """SIGUSR1, then the n-th handover done."""
+    os.kill(proc.pid, signal.SIGUSR1)
+    wait_for(lambda: proc.log().count("handover done") >= n, 20, f"handover {n}")
+    assert sim.connections == 1  # the old one closed
+
+
+@pytest.mark.slow
+def test_planned_replacements_leave_no_gap_and_no_duplicate(env):
+    with MexcSimulator(rate=3.0) as sim:
+        proc = start_collector(env, sim)
+        wait_for(lambda: env.count() > 0, 20, "rows stored")
+        wait_for(lambda: any(r[1] == "d" for r in stored_rows(env)), 20, "a trade stored")
+        since_ms = min(r[0] for r in stored_rows(env) if r[1] == "d")
+        for n in range(1, 4):
+            replace_and_wait(proc, sim, n)
+        until_ms = sim.trades(SYMBOL)[-1].t
+        wait_for(lambda: max(r[0] for r in stored_rows(env) if r[1] == "d") > until_ms, 20,
+                 "trades after the last handover")
+        trades = assert_every_trade_once(env, sim, since_ms, until_ms)
+        assert trades > 10 and sim.total_connections == 4
+        assert env.gaps() == []
+        assert "disconnected" not in proc.log()
+        assert proc.stop() == 0
+
+
+@pytest.mark.slow
+def test_an_exit_guard_move_through_tor_leaves_no_gap(env, network, tmp_path):
+    """The exit guard's move (a NEWNYM and SIGUSR1): the new connection goes through a fresh
+    circuit of the collector's tor, the old one is closed once it delivers."""
+    client = network.start_client(str(tmp_path / "tor-client")).wait_bootstrapped()
+    with MexcSimulator(rate=3.0) as sim:
+        config = env.write_config(sim.url, exchange={"connect_timeout": 30.0})
+        proc = env.mexc("collect", "--config", config, "--symbol", SYMBOL, "--socks",
+                        f"127.0.0.1:{client.socks_port}", name="collector")
+        wait_for(lambda: env.count() > 0, 60, "rows stored")
+        wait_for(lambda: any(r[1] == "d" for r in stored_rows(env)), 60, "a trade stored")
+        since_ms = min(r[0] for r in stored_rows(env) if r[1] == "d")
+        with client.controller() as control:
+            control.command("SIGNAL NEWNYM")
+        os.kill(proc.pid, signal.SIGUSR1)
+        wait_for(lambda: "handover done" in proc.log(), 60, "the handover")
+        assert "through a fresh circuit" in proc.log()
+        until_ms = sim.trades(SYMBOL)[-1].t
+        wait_for(lambda: max(r[0] for r in stored_rows(env) if r[1] == "d") > until_ms, 20,
+                 "trades after the handover")
+        assert_every_trade_once(env, sim, since_ms, until_ms)
+        assert sim.total_connections == 2 and sim.connections == 1
+        assert env.gaps() == []
+        network.assert_loopback_only(extra_pids=[client.pid])
+        assert proc.stop() == 0
+    client.stop()
