@@ -109,6 +109,8 @@ class Collector:
         self.last_frame = None  # any connection's last frame (mexc status)
         self.link: Optional[_Link] = None  # the connection we read
         self.handover: Optional[_Handover] = None  # its replacement, while both are read
+        # after a handover, until the new connection is past what the old one brought
+        self.tail: Optional[_Handover] = None
         self.replace_asked: Optional[str] = None  # why a replacement was asked for (SIGUSR1)
         now = time.monotonic()
         # kept across connections: a channel's rhythm is the symbol's, not the socket's
@@ -208,7 +210,7 @@ class Collector:
 
     def _session(self) -> None:
         self._use(self._dial())
-        self.replace_asked = None  # a new connection already
+        self.replace_asked, self.tail = None, None  # a new connection already
         try:
             self._receive()
         finally:
@@ -294,7 +296,7 @@ class Collector:
                 self._housekeeping(now)
                 self._keepalive(now)
                 due = self._due(now)
-            if self.replace_asked is not None and self.handover is None:
+            if self.replace_asked is not None and self.handover is None and self.tail is None:
                 self._replace(f"asked by {self.replace_asked}")
                 self.replace_asked, now = None, time.monotonic()
                 due = now
@@ -369,6 +371,8 @@ class Collector:
             if self.handover is not None:
                 rows = self.handover.overlap.admit(NEW if link is self.handover.link else OLD,
                                                    kind, rows)
+            elif self.tail is not None:
+                rows = self._after_handover(kind, rows, now)
             self.batch.extend(rows)
             self.stats.rows[watch.mt] += len(rows)
             last = watch.last_data
@@ -403,6 +407,8 @@ class Collector:
                     self._lose_one(link, e)
                     break
                 link.last_ping = now
+        if self.tail is not None and now - self.tail.started >= self.ex["overlap_max"]:
+            self.tail = None
         if self.handover is not None:
             self._maybe_hand_over(now)
         else:
@@ -444,6 +450,7 @@ class Collector:
             self.gaps.lost(GAP_STALL if type(verdict) is StaleSocket else GAP_DEAD_SOCKET,
                            f"{type(verdict).__name__}: {why[:200]}")
             self._forget_rhythm()
+        self.tail = None
         self._fresh_path("silent" if verdict is not None else "live")
         try:
             link = self._dial()
@@ -482,13 +489,24 @@ class Collector:
         log.info("handover done after %.2fs (%s): %d duplicate rows dropped; the old "
                  "connection closed", now - h.started, why, h.overlap.duplicates)
         old.close()
+        h.overlap.old_gone, h.started = True, now
+        self.tail = h
+
+    def _after_handover(self, kind: str, rows: list, now: float) -> list:
+        """The new connection's rows while it may still bring what the old one brought
+        (it was behind); for `overlap_max` seconds at most."""
+        t = self.tail
+        rows = t.overlap.admit(NEW, kind, rows)
+        if t.overlap.finished() or now - t.started >= self.ex["overlap_max"]:
+            self.tail = None
+        return rows
 
     def _lose_one(self, link: "_Link", error: Exception) -> None:
         """One of the two connections of a handover failed: read on with the other.  The
         old one failing before the new one brought data is a gap (from the old one's last
         data to the new one's first)."""
         h = self.handover
-        self.handover = None
+        self.handover = self.tail = None
         log.warning("%s connection lost during the handover: %s: %s",
                     "new" if link is h.link else "old", type(error).__name__,
                     str(error)[:200] or "-")

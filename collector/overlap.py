@@ -13,6 +13,11 @@ then on the new connection alone delivers everything the old one would (it subsc
 that row was made, and the old one has delivered everything before it).  Once every channel
 the new connection has seen data on is joined, and the new one has data on every channel the
 old one had, the old connection can go without a hole.
+
+The old one may have been ahead then: the new one brings again what the old one brought
+last.  So after the old one is closed (old_gone) the new one's rows still pass through here,
+until on every channel the old one brought data on it brings one the old one did not
+(finished): past that, it brings nothing the old one did.
 """
 from typing import Dict, List, Set
 
@@ -31,6 +36,9 @@ class Overlap:
         self.new_channels: Set[str] = set()  # channels that brought data on the new one
         self.joined: Set[str] = set()
         self.duplicates = 0  # rows dropped because the other connection brought them first
+        self.old_gone = False
+        self.past_old: Set[str] = set()  # channels on which, the old one gone, the new one
+        # brought a row the old one had not
 
     def admit(self, side: int, channel: str, rows: list) -> List[tuple]:
         """The rows of one data frame from connection `side` (OLD, NEW) that are to be
@@ -48,9 +56,15 @@ class Overlap:
                 self.joined.add(channel)
         if side == NEW:
             self.new_channels.add(channel)
+            if self.old_gone and keep:
+                self.past_old.add(channel)
         else:
             self.old_channels.add(channel)
         return keep
+
+    def finished(self) -> bool:
+        """The old one is gone and the new one is past everything it brought."""
+        return self.old_gone and self.old_channels <= self.past_old
 
     def covered(self) -> bool:
         """The new connection delivers everything the old one would: the old can go."""
