@@ -432,7 +432,10 @@ class Collector:
             return None
         silent = (f"no data for {now - last_data:.1f}s, beyond the channels' rhythm "
                   f"({self.stale_after:.1f}s)")
-        if link.last_pong > last_data:
+        # Pongs still come when one came after the data was overdue (later than the longest
+        # silence of the busy window): a pong right behind the last data frame, before a
+        # path froze, says nothing (it made a frozen tor exit look like a live socket).
+        if link.last_pong > last_data + self.stale_after / max(1.0, self.ex["stale_factor"]):
             return StaleSocket(f"{silent}; pongs still come")
         return DeadSocket(f"{silent}; no pong either")
 

@@ -12,7 +12,7 @@ import types
 
 import pytest
 
-from collector.collector import RHYTHM_BUCKETS, Collector, StaleSocket, _ChannelWatch
+from collector.collector import RHYTHM_BUCKETS, Collector, DeadSocket, StaleSocket, _ChannelWatch
 from core.channels import DEAL_CHANNEL
 from core.vocabulary import GAP_DEAD_SOCKET, GAP_STALL
 from mexc.simulator import MexcSimulator
@@ -171,3 +171,20 @@ def test_a_busy_channel_that_goes_quiet_costs_one_replacement_at_most():
     deal.frames, deal.peak, deal.last_data = 20, 0.0, now + 4.0
     collector._learn_rhythm(now + 10.0)
     assert collector.stale_after is None  # judged again only after a whole busy window
+
+
+def test_a_pong_right_behind_the_last_data_frame_is_no_sign_of_life():
+    """A path that froze just after a pong arrived (the pong a few ms behind the last data
+    frame) is dead, not stale: only a pong that came while the data was overdue says the
+    socket lives.  (It made the tor stall test above see `stall` now and then.)"""
+    collector = Collector.__new__(Collector)
+    collector.ex = {"dead_after": 5.0, "stale_factor": 4.0}
+    collector.stale_after = 3.0  # so data is overdue 0.75 s after the last frame
+    deal = _ChannelWatch(DEAL_CHANNEL, 0.0)
+    deal.last_data = 10.0
+    collector.channels = {"deal": deal}
+    collector.link = types.SimpleNamespace(last_frame=10.05, last_pong=10.05)
+    assert type(collector._verdict(13.1)) is DeadSocket
+    collector.link.last_frame = collector.link.last_pong = 12.0  # muted: pongs still come
+    assert type(collector._verdict(13.1)) is StaleSocket
+    assert collector._verdict(12.9) is None  # not beyond the rhythm yet
