@@ -259,7 +259,8 @@ class Collector:
 
     def _on_disconnected(self, error: Exception) -> bool:
         """The connection ended with `error` (a DeadSocket for a close frame or silence).
-        True: we dropped it for silence after it had delivered data; replace it at once."""
+        True: we dropped it for silence after it had delivered data, or to replace it
+        (Replaced); dial the next one at once."""
         if self.stopping:
             return False
         log.warning("disconnected: %s: %s", type(error).__name__, str(error)[:200] or "-")

@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     collect = commands.add_parser(
         "collect", parents=[common], help="run one symbol's collector in the foreground",
         description="Stream one symbol's ticker, deals and top-20 depth into ClickHouse "
-                    "until Ctrl-C, SIGTERM or SIGHUP (then flush and exit 0).")
+                    "until Ctrl-C, SIGTERM or SIGHUP (then flush and exit 0).  SIGUSR1 "
+                    "moves it to a new connection (through a fresh circuit with --socks), "
+                    "the old one closed once the new one delivers.")
     collect.add_argument("--symbol", required=True, help="contract (BTC_USDT) or its short name")
     collect.add_argument("--socks", metavar="HOST:PORT",
                          help="connect through this SOCKS5 proxy (remote DNS)")

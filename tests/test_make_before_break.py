@@ -9,6 +9,7 @@ import signal
 import pytest
 
 from collector.overlap import NEW, OLD, Overlap
+from core.vocabulary import GAP_DISCONNECT
 from mexc.simulator import MexcSimulator
 from tests.conftest import wait_for
 from tests.test_collector import start_collector
@@ -102,6 +103,20 @@ def test_planned_replacements_leave_no_gap_and_no_duplicate(env):
         assert trades > 10 and sim.total_connections == 4
         assert env.gaps() == []
         assert "disconnected" not in proc.log()
+        assert proc.stop() == 0
+
+
+@pytest.mark.slow
+def test_without_make_before_break_a_replacement_is_a_drop_and_a_gap(env):
+    """exchange.make_before_break = false: SIGUSR1 drops the connection, then dials; the
+    stretch between is a ledger gap (what handover_bench measures as before)."""
+    with MexcSimulator(rate=3.0) as sim:
+        proc = start_collector(env, sim, exchange={"make_before_break": False})
+        wait_for(lambda: env.count() > 0, 20, "rows stored")
+        os.kill(proc.pid, signal.SIGUSR1)
+        [gap] = wait_for(lambda: env.gaps(), 30, "the drop's record")
+        assert gap.reason == GAP_DISCONNECT and gap.detail.startswith("Replaced: asked by SIGUSR1")
+        assert sim.total_connections == 2 and "handover" not in proc.log()
         assert proc.stop() == 0
 
 
