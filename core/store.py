@@ -7,6 +7,10 @@ Tables, per symbol short name (e.g. btc), all in the configured database:
   export_log       one row per Parquet file written (MergeTree)
   gaps             the gap ledger: one row per stretch without a live subscription (MergeTree)
   schema_version   one row per schema version this database was brought to (MergeTree)
+In a cluster ([cluster] host set, docs/cluster.md) also:
+  hour_copies      the bytes of hour files other hosts pull with remote(): each host's copy
+                   of a symbol-hour and the merged file, base64 in parts (MergeTree)
+  cluster_holdings when each host took (1) and released (0) each symbol (MergeTree)
 
 Rows are (ts, mt, m, rts), see core/vocabulary.py.  Time columns are DateTime64(3, 'UTC')
 where the server has it and UInt64 milliseconds on old servers (18.16, Debian's package).
@@ -61,6 +65,9 @@ BLOCK_ROWS = 65536
 # per HTTP output format: settings it needs (String as Arrow's string, not binary; a server
 # without the setting refuses it, and the probe then falls back to CSV)
 FORMAT_SETTINGS = {"ArrowStream": {"output_format_arrow_string_as_string": 1}}
+HOUR_COPIES = "hour_copies"
+FILE_PART_BYTES = 4 << 20  # an hour file's bytes go into hour_copies in parts of this size
+COPY, MERGED = "copy", "merged"  # hour_copies.kind: a host's copy of an hour, the merged file
 
 
 class SchemaTooNew(Exception):
@@ -576,9 +583,10 @@ class Store:
                          f"AND reason = %(reason)s", {"name": gap.name, "reason": gap.reason}) > 0
 
     def gaps(self, name: Optional[str] = None, since_ms: Optional[int] = None,
-             until_ms: Optional[int] = None) -> List[Gap]:
+             until_ms: Optional[int] = None, source: Optional[str] = None) -> List[Gap]:
         """Ledger records, oldest first: of one symbol (short name) when given, and only
-        those overlapping [since_ms, until_ms) when given."""
+        those overlapping [since_ms, until_ms) when given; of the server at `source` (another
+        host of a cluster, through remote(), its time columns of the same type) when given."""
         f = self.features
         start, end, recorded = f.ms("start_ms"), f.ms("end_ms"), f.ms("recorded_ms")
         where, params = [], {}
@@ -591,9 +599,86 @@ class Store:
             where.append(f"{start} < {int(until_ms)}")
         rows = self.client.execute(
             f"SELECT symbol, name, {start}, {end}, reason, detail, backfilled, covered, "
-            f"{recorded} FROM {self._table('gaps')} "
+            f"{recorded} FROM {self._source('gaps', source)} "
             f"{'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {start}, name", params)
         return [Gap(*row[:7], bool(row[7]), row[8]) for row in rows]
+
+    # --- a cluster: hour files shared over remote(), holdings (docs/cluster.md) ------------
+
+    def create_cluster_tables(self) -> None:
+        self.client.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._table(HOUR_COPIES)} ("
+            f"name String, hour UInt64, kind String, host String, sha256 String, rows UInt64, "
+            f"part UInt32, parts UInt32, data String"
+            f") ENGINE = MergeTree ORDER BY (name, hour, kind, host, sha256, part)")
+        self.client.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._table('cluster_holdings')} ("
+            f"name String, host String, ts UInt64, held UInt8"
+            f") ENGINE = MergeTree ORDER BY (name, host, ts)")
+
+    def _source(self, table: str, source: Optional[str]) -> str:
+        """This server's table, or the same table on the server at `source` (host:port, the
+        native port) read through remote() with this session's user and password."""
+        if source is None:
+            return self._table(table)
+        ch = self.ch
+        args = [source, self.database, table, ch["user"], ch["password"]]
+        return "remote(" + ", ".join("'" + a.replace("\\", "\\\\").replace("'", "\\'") + "'"
+                                     for a in args) + ")"
+
+    def put_hour_file(self, name: str, hour: int, kind: str, host: str, sha256: str,
+                      rows: int, data: bytes) -> None:
+        """An hour file's bytes, for other hosts to pull (an insert repeated after a failure
+        stores the parts twice: hour_file reads each part once)."""
+        text = base64.b64encode(data).decode()
+        parts = [text[i:i + FILE_PART_BYTES] for i in range(0, len(text), FILE_PART_BYTES)]
+        parts = parts or [""]
+        for index, part in enumerate(parts):  # one part per insert: memory stays bounded
+            self.client.execute(
+                f"INSERT INTO {self._table(HOUR_COPIES)} "
+                f"(name, hour, kind, host, sha256, rows, part, parts, data) VALUES",
+                [(name, hour, kind, host, sha256, rows, index, len(parts), part)])
+
+    def hour_file(self, name: str, hour: int, kind: str, host: str, sha256: str,
+                  source: Optional[str] = None) -> Optional[bytes]:
+        """The bytes put_hour_file stored (here, or on the server at `source`); None when
+        they are not there whole.  The caller checks the sha256."""
+        rows = self.client.execute(
+            f"SELECT part, parts, data FROM {self._source(HOUR_COPIES, source)} "
+            f"WHERE name = %(name)s AND hour = {int(hour)} AND kind = %(kind)s "
+            f"AND host = %(host)s AND sha256 = %(sha)s ORDER BY part",
+            {"name": name, "kind": kind, "host": host, "sha": sha256})
+        parts = {}
+        for part, count, data in rows:
+            parts.setdefault(part, (count, data))
+        if not parts or sorted(parts) != list(range(next(iter(parts.values()))[0])):
+            return None
+        return base64.b64decode("".join(parts[i][1] for i in sorted(parts)))
+
+    def has_hour_file(self, name: str, hour: int, kind: str, host: str, sha256: str) -> bool:
+        return self._one(
+            f"SELECT count() FROM {self._table(HOUR_COPIES)} WHERE name = %(name)s "
+            f"AND hour = {int(hour)} AND kind = %(kind)s AND host = %(host)s "
+            f"AND sha256 = %(sha)s", {"name": name, "kind": kind, "host": host,
+                                      "sha": sha256}) > 0
+
+    def record_holding(self, name: str, host: str, ts_ms: int, held: bool) -> None:
+        """This host took (held) or released a symbol at ts_ms."""
+        self.client.execute(
+            f"INSERT INTO {self._table('cluster_holdings')} (name, host, ts, held) VALUES",
+            [(name, host, int(ts_ms), int(held))])
+
+    def holdings(self, name: str, start_ms: int, end_ms: int, source: Optional[str] = None
+                 ) -> List[Tuple[str, int, int]]:
+        """[(host, ts ms, held)] of a symbol, oldest first: every take and release in
+        [start_ms, end_ms) and, per host, the last one before start_ms (what it held then)."""
+        table = self._source("cluster_holdings", source)
+        return self.client.execute(
+            f"SELECT host, ts, held FROM {table} WHERE name = %(name)s "
+            f"AND ts >= {int(start_ms)} AND ts < {int(end_ms)} "
+            f"UNION ALL SELECT host, max(ts), argMax(held, ts) FROM {table} "
+            f"WHERE name = %(name)s AND ts < {int(start_ms)} GROUP BY host",
+            {"name": name})
 
     def newest_table_ms(self, name: str, before_ms: int) -> Optional[int]:
         """The newest exchange time of a data row (not a dead letter) before `before_ms` in a

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.vocabulary import DEAD_LETTER, DEAL
+from core.vocabulary import DEAD_LETTER, DEAL, Gap
 from exporter.parquet_files import MERGED_SCHEMA
 
 # a deal's m with a trade id: price|volume|side|id
@@ -149,3 +149,63 @@ def _as_file_table(rows: pa.Table) -> pa.Table:
         rows.column("rts").cast(MERGED_SCHEMA.field("rts").type),
         rows.column("host").dictionary_encode().cast(MERGED_SCHEMA.field("host").type),
     ], schema=MERGED_SCHEMA)
+
+
+# --- the merged file's gaps ------------------------------------------------------------------
+
+def covered(holdings: Sequence[Tuple[int, int]], gaps, start_ms: int, end_ms: int) -> list:
+    """[(start, end)] of [start_ms, end_ms) a host covered: while it held the symbol
+    (holdings: its (ts, held) takes and releases, oldest first; none recorded: held all along,
+    as when every host collects every symbol) and not inside one of its ledger's gaps."""
+    held, state, since = [], not holdings, start_ms
+    for ts, take in sorted(holdings):
+        ts = min(max(ts, start_ms), end_ms)
+        if state and not take:
+            held.append((since, ts))
+        if take and not state:
+            since = ts
+        state = bool(take)
+    if state:
+        held.append((since, end_ms))
+    return _minus(held, [(g.start_ms, g.end_ms) for g in gaps])
+
+
+def cluster_gaps(hosts: dict, symbol: str, name: str, start_ms: int, end_ms: int):
+    """hosts: {host: (holdings, ledger gaps)} of the hosts whose copies the file merges ->
+    (the file's gaps: the stretches no host covered, as Gap records; the holes of single
+    hosts that others covered: [{host, start_ms, end_ms, reason, covered_by: [hosts]}])."""
+    coverage = {host: covered(h, g, start_ms, end_ms) for host, (h, g) in hosts.items()}
+    everyone = sorted(span for spans in coverage.values() for span in spans)
+    merged_gaps = []
+    for start, end in _minus([(start_ms, end_ms)], everyone):
+        why = sorted({(host, g.reason) for host, (_h, gaps) in hosts.items() for g in gaps
+                      if g.start_ms < end and g.end_ms > start})
+        merged_gaps.append(Gap(symbol, name, start, end,
+                               ",".join(sorted({r for _h, r in why})) or "not_collected",
+                               "no host covered it: " + ("; ".join(f"{h} {r}" for h, r in why)
+                                                         or "no host held the symbol"),
+                               0, False, max([g.recorded_ms for _h, (_x, gaps) in hosts.items()
+                                              for g in gaps] or [0])))
+    holes = []
+    for host, (_h, gaps) in sorted(hosts.items()):
+        for g in gaps:
+            start, end = max(g.start_ms, start_ms), min(g.end_ms, end_ms)
+            if start >= end:
+                continue
+            by = sorted(other for other, spans in coverage.items() if other != host
+                        and any(a < end and b > start for a, b in spans))
+            holes.append({"host": host, "start_ms": start, "end_ms": end, "reason": g.reason,
+                          "covered_by": by})
+    return merged_gaps, holes
+
+
+def _minus(spans, holes) -> list:
+    """Spans [(start, end)] without the parts inside any hole."""
+    result = []
+    for start, end in spans:
+        pieces = [(start, end)]
+        for h_start, h_end in holes:
+            pieces = [piece for a, b in pieces for piece in
+                      ((a, min(b, h_start)), (max(a, h_end), b)) if piece[0] < piece[1]]
+        result += pieces
+    return sorted(result)
