@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 COPIES_DIR = "copies"
 CLUSTER_KEY = b"mexc.cluster"  # metadata: the hosts merged, their holes others covered
 TICK = 2.0  # seconds between ticks while the exporter waits
+RECHECK = 10.0  # seconds before an hour settled here is looked at again (a newer version)
 
 
 def copies_dir(export_dir: str) -> str:
@@ -54,7 +55,8 @@ class ClusterArchive:
         self.group = group
         self.nodes = HourNodes(self.cluster)
         self.boundary: Optional[int] = None  # hours before it: this host's copies are out
-        self.settled: Dict[tuple, str] = {}  # (name, hour) -> sha256 merged and held here
+        # (name, hour) -> when it was last seen merged from every copy and held here
+        self.settled: Dict[tuple, float] = {}
         self.ready = False
 
     def stop(self) -> None:
@@ -94,7 +96,7 @@ class ClusterArchive:
             live = self.nodes.live_hosts()
             for symbol in symbols:
                 for hour in self.nodes.hours(symbol.name):
-                    if (symbol.name, hour) in self.settled:
+                    if time.monotonic() < self.settled.get((symbol.name, hour), 0) + RECHECK:
                         continue
                     written += self._hour(symbol, hour, live)
         except Exception as e:
@@ -118,7 +120,7 @@ class ClusterArchive:
         if merged is not None:
             self._hold(symbol, hour, merged)
             if self._complete(copies, merged, live) and self.host in merged["holders"]:
-                self.settled[(name, hour)] = merged["sha256"]
+                self.settled[(name, hour)] = time.monotonic()
         return written
 
     def _wants_merge(self, name: str, hour: int, copies: dict, merged, live: dict) -> bool:

@@ -1,0 +1,209 @@
+"""One merged archive, stored more than once (issue 22 item 3), on the cluster bed: real
+daemons (`mexc run`) in two hosts' namespaces, each with its own ClickHouse 18.16, collect the
+same symbol from the simulator; one host's daemon is stopped for a while and started again.
+Every trade the market made is in the merged archive exactly once, the archive is the same
+bytes on both hosts, logged with the same sha256 in each host's export_log, and the stopped
+host's hole is no gap of the archive (the other host covered it).
+
+Membership (`{root}/hosts/{host}`) is written here, as cluster/membership.py will: a node
+while a host's daemon runs."""
+import collections
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pyarrow as pa
+import pytest
+from kazoo.client import KazooClient
+
+from core import archive
+from core.archive import GAPS_KEY, gaps_from_json
+from core.clock import HOUR_MS, EventClock, hour_start
+from core.vocabulary import GAP_DAEMON_RESTART
+from exporter import parquet_files
+from exporter.cluster_archive import CLUSTER_KEY
+from tests.cluster_bed import CH_HTTP_PORT, CH_PORT
+from tests.conftest import MEXC, toml_dump, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+SPEED = 120.0  # an hour in 30 s
+ROOT = "/mexc-test"
+HOSTS = ("h1", "h2")
+
+
+class HostDaemon:
+    """`mexc run` in a bed host's namespace, with a config of its own."""
+
+    def __init__(self, bed, host, tmp_path, sim, clock, zk):
+        self.bed, self.host, self.zk = bed, bed.host(host), zk
+        self.dir = tmp_path / host
+        self.dir.mkdir()
+        self.config = str(self.dir / "mexc.toml")
+        self.export_dir = str(self.dir / "export")
+        with open(self.config, "w") as f:
+            f.write(toml_dump({
+                "symbols": ["BTC_USDT"],
+                "exchange": {"url": sim.url.replace("127.0.0.1", bed.gateway),
+                             "reconnect_min": 0.2, "reconnect_max": 1.0},
+                "clickhouse": {"host": self.host.address, "port": CH_PORT,
+                               "http_port": CH_HTTP_PORT, "managed": False,
+                               "database": "mexc"},
+                "tor": {"enabled": False},
+                "export": {"dir": self.export_dir, "clock_speed": SPEED,
+                           "clock_anchor_ms": clock.anchor_ms, "delay": 30.0},
+                "paths": {"state_dir": str(self.dir / "state"),
+                          "runtime_dir": str(self.dir / "run")},
+                "http": {"listen": ""},
+                "cluster": {"host": host, "zookeeper": bed.zookeeper.hosts,
+                            "clickhouse": f"{self.host.address}:{CH_PORT}", "root": ROOT,
+                            "export_wait": 20.0},
+            }))
+        self.proc = None
+        self.runs = 0
+
+    def start(self):
+        self.runs += 1
+        log = open(self.dir / f"run{self.runs}.log", "wb")
+        self.proc = self.bed.popen(self.host.name, [MEXC, "run", "--config", self.config],
+                                   stdout=log, stderr=subprocess.STDOUT)
+        self.zk.create(f"{ROOT}/hosts/{self.host.name}", json.dumps(
+            {"clickhouse": f"{self.host.address}:{CH_PORT}"}).encode(), makepath=True)
+
+    def stop(self):
+        self.zk.delete(f"{ROOT}/hosts/{self.host.name}")
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(30) == 0
+
+    def log(self):
+        return "".join((self.dir / f"run{n}.log").read_text(errors="replace")
+                       for n in range(1, self.runs + 1))
+
+    def rows(self):
+        try:
+            return self.host.query("SELECT count() FROM mexc.btc_current")[0][0]
+        except Exception:
+            return 0
+
+    def export_log(self):
+        """{hour: sha256} of the latest entry per hour."""
+        return {hour: sha for hour, sha in self.host.query(
+            "SELECT hour_start, argMax(sha256, export_time) FROM mexc.export_log "
+            "WHERE symbol = 'BTC_USDT' GROUP BY hour_start")}
+
+    def files(self):
+        """{file name: sha256} of the merged files in export.dir."""
+        if not os.path.isdir(self.export_dir):
+            return {}
+        return {name: parquet_files.sha256(os.path.join(self.export_dir, name))
+                for name in os.listdir(self.export_dir) if name.endswith(".parquet")}
+
+
+def hour_path(hour):
+    return f"{ROOT}/hours/btc/{time.strftime('%Y%m%d_%H00', time.gmtime(hour // 1000))}"
+
+
+def merged_node(zk, hour):
+    path = f"{hour_path(hour)}/merged"
+    return json.loads(zk.get(path)[0]) if zk.exists(path) else {}
+
+
+def copies(zk, hour):
+    """{host: sha256} of the hour's copies registered (a host's "none" left out)."""
+    path = f"{hour_path(hour)}/copies"
+    nodes = [json.loads(zk.get(f"{path}/{host}")[0]) for host in zk.get_children(path)]
+    return {node["host"]: node["sha256"] for node in nodes if not node.get("none")}
+
+
+def trade_rows(path):
+    table = parquet_files.read(path)
+    table = table.filter(pa.compute.equal(table.column("mt").cast(pa.string()), "d"))
+    return [(ts, m, host) for ts, m, host in zip(
+        table.column("ts").cast(pa.int64()).to_pylist(), table.column("m").to_pylist(),
+        table.column("host").cast(pa.string()).to_pylist())]
+
+
+def test_two_hosts_one_stopped_for_a_while_make_one_archive_each_trade_once(cluster_bed,
+                                                                          tmp_path):
+    bed = cluster_bed
+    zk = KazooClient(hosts=bed.zookeeper.hosts, timeout=5.0)
+    zk.start(timeout=15)
+    clock = EventClock(SPEED, int(time.time() * 1000))
+    sim = bed.start_simulator(rate=20, event_clock=clock.now_ms)
+    daemons = {h: HostDaemon(bed, h, tmp_path, sim, clock, zk) for h in HOSTS}
+    try:
+        for daemon in daemons.values():
+            daemon.start()
+        first_hour = hour_start(clock.now_ms())
+        wait_for(lambda: all(d.rows() > 50 for d in daemons.values()), 60, "both hosts collect")
+        h2 = daemons["h2"]
+        wait_for(lambda: h2.files(), 90, "a merged hour on h2")
+        h2.stop()  # its rows of the hour go into its copy when it is back: a late copy
+        stopped_at = clock.now_ms()
+        wait_for(lambda: clock.now_ms() > stopped_at + HOUR_MS // 2, 60, "half an hour")
+        h2.start()
+        back_at = clock.now_ms()
+        wait_for(lambda: h2.rows() > 50, 60, "h2 collects again")
+        wait_for(lambda: clock.now_ms() > hour_start(back_at) + HOUR_MS + 60_000, 60,
+                 "a whole hour of both after h2's return")
+        last_hour = hour_start(clock.now_ms()) - HOUR_MS  # the market goes on: verify wants it
+        hours = list(range(first_hour, last_hour + 1, HOUR_MS))
+        names = {archive.file_name("btc", hour) for hour in hours}
+
+        def settled():
+            """Every hour merged from every copy and held by both hosts, and the hour after
+            the last exported (its rotation exports the last hour's late rows: the rows the
+            collectors held during the rotation, a second of wall time, 2 event minutes)."""
+            h1_files = {n: sha for n, sha in daemons["h1"].files().items() if n in names}
+            return len(h1_files) == len(hours) and merged_node(zk, last_hour + HOUR_MS) and all(
+                set(merged_node(zk, hour).get("holders", ())) == set(HOSTS)
+                and merged_node(zk, hour)["copies"] == copies(zk, hour) for hour in hours
+            ) and all({n: sha for n, sha in d.files().items() if n in names} == h1_files
+                      for d in daemons.values())
+        wait_for(settled, 150, "every hour merged and held by both hosts")
+
+        # the same bytes on both hosts, as each export_log says
+        files = {n: sha for n, sha in daemons["h1"].files().items() if n in names}
+        for daemon in daemons.values():
+            assert {n: sha for n, sha in daemon.files().items() if n in names} == files
+            logged = daemon.export_log()
+            assert {logged[hour] for hour in hours} == set(files.values())
+
+        # every trade the market made, exactly once (h1 was live all along)
+        truth = sim.trades("BTC_USDT", until_ms=last_hour + HOUR_MS - 1)
+        archived = [row for name in sorted(files)
+                    for row in trade_rows(os.path.join(daemons["h1"].export_dir, name))]
+        without_id = collections.Counter((ts, "|".join(m.split("|")[:3]))
+                                         for ts, m, _host in archived)
+        assert without_id == collections.Counter((t.t, t.rest_row[2]) for t in truth)
+        with_id = [m for _ts, m, _host in archived if m.count("|") == 3]
+        assert len(with_id) == len(set(with_id)) >= len(truth) - 200  # REST rows: no id
+        assert {host for _ts, _m, host in archived} == set(HOSTS)
+
+        # h2's hole is no gap of the archive: h1 covered it
+        holes = []
+        for name in sorted(files):
+            meta = parquet_files.metadata(os.path.join(daemons["h1"].export_dir, name))
+            assert gaps_from_json(meta[GAPS_KEY]) == [], name
+            assert meta[parquet_files.COMPLETENESS_KEY] == b"1.000000"
+            holes += json.loads(meta[CLUSTER_KEY])["holes"]
+        restart = [hole for hole in holes if hole["reason"] == GAP_DAEMON_RESTART]
+        assert restart and all(h["host"] == "h2" and h["covered_by"] == ["h1"]
+                               for h in restart), holes
+
+        for daemon in daemons.values():
+            verify = bed.exec(daemon.host.name, [MEXC, "verify", "--config", daemon.config],
+                              timeout=60)
+            assert verify.returncode == 0, verify.stdout + verify.stderr
+            assert "Traceback" not in daemon.log()
+        assert "merged" in daemons["h1"].log() + daemons["h2"].log()
+    finally:
+        for daemon in daemons.values():
+            if daemon.proc and daemon.proc.poll() is None:
+                daemon.proc.send_signal(signal.SIGTERM)
+                daemon.proc.wait(30)
+        zk.stop()
+        zk.close()
