@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.channels import deal_without_id
+from core.vocabulary import Gap
 from exporter import merge, parquet_files
 
 H = 1_763_938_800_000  # an hour start
@@ -178,3 +179,24 @@ def test_the_same_copies_in_any_order_write_the_same_bytes(tmp_path):
     merged = parquet_files.read(str(tmp_path / "f0.parquet"))
     assert merged.schema.names == parquet_files.MERGED_SCHEMA.names
     parquet_files.verify(str(tmp_path / "f0.parquet"), merged.num_rows, H)
+
+
+# --- the merged file's gaps ------------------------------------------------------------------
+
+def gap(start, end, reason="disconnect"):
+    return Gap("BTC_USDT", "btc", H + start, H + end, reason, "", 0, False, H + end)
+
+
+def test_only_what_no_host_covered_is_a_gap_and_a_covered_hole_names_who_covered_it():
+    hosts = {"tokyo": ([], [gap(100, 500)]),  # no holdings recorded: held all along
+             "frankfurt": ([(H + 50, 1), (H + 900, 0)], [gap(300, 400, "collector_restart")])}
+    gaps, holes = merge.cluster_gaps(hosts, "BTC_USDT", "btc", H, H + 1000)
+    assert [(g.start_ms - H, g.end_ms - H, g.reason, g.covered) for g in gaps] == [
+        (300, 400, "collector_restart,disconnect", False)]
+    assert holes == [
+        {"host": "frankfurt", "start_ms": H + 300, "end_ms": H + 400,
+         "reason": "collector_restart", "covered_by": []},
+        {"host": "tokyo", "start_ms": H + 100, "end_ms": H + 500, "reason": "disconnect",
+         "covered_by": ["frankfurt"]}]
+    assert merge.covered([(H + 50, 1), (H + 900, 0)], [gap(300, 400)], H, H + 1000) == [
+        (H + 50, H + 300), (H + 400, H + 900)]
