@@ -33,7 +33,6 @@ from exporter.parquet_files import MERGED_SCHEMA
 
 # a deal's m with a trade id: price|volume|side|id
 _WITH_ID = r"^(?P<core>[^|]*\|[^|]*\|[^|]*)\|(?P<id>[0-9]+)$"
-_OUTPUT = ["ts", "mt", "m", "rts", "host"]
 _ORDER = ["ts", "mt", "m", "rts", "host"]  # the output's order: a total order of distinct rows
 
 
@@ -42,16 +41,32 @@ def merge(copies: Sequence[Tuple[str, pa.Table]]) -> pa.Table:
     columns (ts, mt, m, rts), and `host` when it is itself a merged file (then that column
     says whose each row is and the host given is not used)."""
     rows = _together(copies)
+    # The choosing works on a narrow table: texts replaced by codes that only say which are
+    # equal (their order follows the input's, so no choice depends on it), and `row`, the
+    # row's index in `rows`; only the rows kept are taken whole, once.
+    narrow = pa.table({"ts": rows.column("ts"), "mt": _codes(rows.column("mt")),
+                       "m": _codes(rows.column("m")), "rts": rows.column("rts"),
+                       "host": rows.column("host"), "src": rows.column("src"),
+                       "row": pa.array(np.arange(rows.num_rows, dtype=np.int64))})
     is_dead = pc.equal(rows.column("mt"), DEAD_LETTER)
     is_deal = pc.equal(rows.column("mt"), DEAL)
-    dead = rows.filter(is_dead)
-    deals = rows.filter(is_deal)
-    others = rows.filter(pc.invert(pc.or_(is_dead, is_deal)))
-    merged = pa.concat_tables([
-        _multiset_union(dead, ["host", "ts", "m", "rts"], []).select(_OUTPUT),
-        _multiset_union(others, ["mt", "ts", "m"], ["rts", "host"]).select(_OUTPUT),
-        _merge_deals(deals).select(_OUTPUT)])
-    return _as_file_table(_sorted(merged, _ORDER))
+    kept = pa.chunked_array([
+        _multiset_union(narrow.filter(is_dead), ["host", "ts", "m", "rts"], []).column("row"),
+        _multiset_union(narrow.filter(pc.invert(pc.or_(is_dead, is_deal))), ["mt", "ts", "m"],
+                        ["rts", "host"]).column("row"),
+        *_merge_deals(narrow.filter(is_deal), rows.column("m").filter(is_deal))],
+        pa.int64())
+    chosen = rows.select(_ORDER).take(kept)
+    return _as_file_table(_sorted(chosen, _ORDER))
+
+
+def _codes(values) -> pa.Array:
+    """Equal values, equal integers (nulls stay null)."""
+    encoded = pc.dictionary_encode(values)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.unify_dictionaries()
+        return pa.chunked_array([chunk.indices for chunk in encoded.chunks], pa.int32())
+    return encoded.indices
 
 
 def _together(copies) -> pa.Table:
@@ -61,7 +76,8 @@ def _together(copies) -> pa.Table:
     for src, (host, table) in enumerate(copies):
         n = table.num_rows
         hosts = (table.column("host").cast(pa.string()) if "host" in table.column_names
-                 else pa.array([host] * n, pa.string()))
+                 else pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)),
+                                                     pa.array([host])).cast(pa.string()))
         tables.append(pa.table({
             "ts": table.column("ts").cast(pa.int64()),
             "mt": table.column("mt").cast(pa.string()),
@@ -74,30 +90,30 @@ def _together(copies) -> pa.Table:
         return pa.table({name: pa.array([], t) for name, t in (
             ("ts", pa.int64()), ("mt", pa.string()), ("m", pa.string()), ("rts", pa.int64()),
             ("host", pa.string()), ("src", pa.int32()))})
-    return pa.concat_tables(tables).combine_chunks()
+    return pa.concat_tables(tables)
 
 
-def _merge_deals(deals: pa.Table) -> pa.Table:
-    """Trades with an id once per id; trades without one as a multiset on (ts, m without
-    the id), each copy's rows with ids counted first."""
-    parts = pc.extract_regex(deals.column("m"), _WITH_ID)  # null where m has no id
-    trade_id = pc.struct_field(parts, [1])
+def _merge_deals(deals: pa.Table, texts) -> list:
+    """The rows kept of the deals (narrow, with `texts` their m): trades with an id once per
+    id; trades without one as a multiset on (ts, m without the id), each copy's rows with ids
+    counted first.  Returns arrays of `row`."""
+    parts = pc.extract_regex(texts, _WITH_ID)  # null where m has no id
+    trade_id = _codes(pc.struct_field(parts, [1]))
     deals = deals.append_column("id", trade_id)
-    deals = deals.append_column("core", pc.coalesce(pc.struct_field(parts, [0]),
-                                                    deals.column("m")))
+    deals = deals.append_column("core", _codes(pc.coalesce(pc.struct_field(parts, [0]), texts)))
     deals = deals.append_column("no_id", pc.cast(pc.is_null(trade_id), pa.int8()))
     with_id = deals.filter(pc.is_valid(trade_id))
-    by_id = _sorted(with_id, ["id", "rts", "host", "m"])
+    by_id = _sorted(with_id, ["id", "rts", "host"])
     by_id = by_id.filter(pa.array(_groups(by_id, ["id"])[1]))  # the earliest of each id
     # id-less rows: ranked in their copy behind its rows with ids of the same key
-    ranked = _ranked(deals, ["ts", "core"], ["no_id", "rts", "host", "m"])
+    ranked = _ranked(deals, ["ts", "core"], ["no_id", "rts", "host"])
     without_id = _first_per_rank(ranked.filter(pc.equal(ranked.column("no_id"), 1)),
-                                 ["ts", "core"], ["rts", "host", "m"])
+                                 ["ts", "core"], ["rts", "host"])
     ids_per_key = by_id.group_by(["ts", "core"]).aggregate([("id", "count")])
     without_id = without_id.join(ids_per_key, ["ts", "core"], join_type="left outer")
     ids = pc.fill_null(without_id.column("id_count"), 0)
     kept = without_id.filter(pc.greater_equal(without_id.column("rank"), ids))
-    return pa.concat_tables([by_id.select(_OUTPUT), kept.select(_OUTPUT)])
+    return [*by_id.column("row").chunks, *kept.column("row").chunks]
 
 
 def _multiset_union(rows: pa.Table, key: List[str], order: List[str]) -> pa.Table:
