@@ -29,9 +29,11 @@ from collector.connection import OP_CLOSE, OP_TEXT, FrameReader, open_websocket
 from collector.gaps import GapLedger
 from collector.spool import Spool
 from collector.writer import RowWriter
+from core import archive
 from core.channels import CHANNELS, Channel
 from core.log import set_level
 from core.process import STOP_SIGNALS
+from core.store import COPY_LOG
 from core.vocabulary import (COLLECTOR, DEAD_LETTER, GAP_COLLECTOR_RESTART,
                              GAP_DEAD_SOCKET, GAP_DISCONNECT, GAP_EXCHANGE_ERROR, GAP_TOR_RESTART,
                              MESSAGE_TYPES, ChildId)
@@ -89,13 +91,17 @@ class Collector:
                                 max_buffered_rows=self.co["max_buffered_rows"],
                                 max_hold=self.co["max_hold"], batch_rows=self.co["batch_rows"],
                                 latency_target=self.co["latency_target"])
-        backfill = (Backfill(self.ex, self.sym, socks_proxy, self.writer, config.export["dir"])
+        # this host's own files: in a cluster its copies, not the merged files (other hosts'
+        # rows would hide its own gaps and trades)
+        files_dir = archive.own_files_dir(config.export["dir"], config.clustered)
+        backfill = (Backfill(self.ex, self.sym, socks_proxy, self.writer, files_dir)
                     if self.ex["backfill"] else None)
         self.gaps = GapLedger(self.sym, config.clickhouse, self.writer, self.ex["silent_alarm"],
                               *started_because, backfill=backfill,
                               journal_path=os.path.join(config.spool_dir(),
                                                         f"{self.sym.name}.gaps"),
-                              export_dir=config.export["dir"])
+                              export_dir=files_dir,
+                              files_log=COPY_LOG if config.clustered else "export_log")
         self.depth_versions = {}  # symbol -> the last depth.full version stored (wire.parse)
         self.batch = []  # the rows of the current read
         self.child_id = ChildId(COLLECTOR, self.sym.name)

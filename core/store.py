@@ -68,6 +68,8 @@ FORMAT_SETTINGS = {"ArrowStream": {"output_format_arrow_string_as_string": 1}}
 HOUR_COPIES = "hour_copies"
 FILE_PART_BYTES = 4 << 20  # an hour file's bytes go into hour_copies in parts of this size
 COPY, MERGED = "copy", "merged"  # hour_copies.kind: a host's copy of an hour, the merged file
+# export_log's twin for a cluster host's own copies (export_log holds the merged files)
+COPY_LOG = "copy_log"
 
 
 class SchemaTooNew(Exception):
@@ -143,8 +145,11 @@ class Store:
     Not bound to the database (so a missing one can be created): every statement names it.
     On any error the caller may call close(); the next operation connects again."""
 
-    def __init__(self, ch: dict, timeout: float = 10.0):
+    def __init__(self, ch: dict, timeout: float = 10.0, files_log: str = "export_log"):
+        """files_log: the log of this host's own files, which latest_exported_hour and
+        exported_until read (COPY_LOG in a cluster)."""
         self.ch = ch
+        self.files_log = files_log
         self.timeout = timeout
         self.database = ch["database"]
         self.db = quote(self.database)
@@ -281,10 +286,10 @@ class Store:
         self.client.execute(f"CREATE TABLE IF NOT EXISTS {self._table(table)} ("
                             f"ts {t}, mt {MT_ENUM}, m String, rts {t}) ENGINE = StripeLog")
 
-    def create_export_log(self) -> None:
+    def create_export_log(self, table: str = "export_log") -> None:
         t = self.features.time_type
         self.client.execute(
-            f"CREATE TABLE IF NOT EXISTS {self._table('export_log')} ("
+            f"CREATE TABLE IF NOT EXISTS {self._table(table)} ("
             f"symbol String, hour_start {t}, export_time {t}, filepath String, "
             f"row_count UInt64, file_bytes UInt64, sha256 String"
             f") ENGINE = MergeTree ORDER BY (symbol, hour_start)")
@@ -546,9 +551,9 @@ class Store:
     # --- export_log ------------------------------------------------------------------------
 
     def log_export(self, symbol: str, hour: int, export_ms: int, path: str, rows: int,
-                   file_bytes: int, sha256: str) -> None:
+                   file_bytes: int, sha256: str, table: str = "export_log") -> None:
         self.client.execute(
-            f"INSERT INTO {self._table('export_log')} "
+            f"INSERT INTO {self._table(table)} "
             f"(symbol, hour_start, export_time, filepath, row_count, file_bytes, sha256) VALUES",
             [(symbol, hour, export_ms, path, rows, file_bytes, sha256)])
 
@@ -606,6 +611,7 @@ class Store:
     # --- a cluster: hour files shared over remote(), holdings (docs/cluster.md) ------------
 
     def create_cluster_tables(self) -> None:
+        self.create_export_log(COPY_LOG)
         self.client.execute(
             f"CREATE TABLE IF NOT EXISTS {self._table(HOUR_COPIES)} ("
             f"name String, hour UInt64, kind String, host String, sha256 String, rows UInt64, "
@@ -694,12 +700,12 @@ class Store:
     def latest_exported_hour(self, symbol: str, before_ms: Optional[int] = None
                              ) -> Optional[int]:
         """The start of the symbol's latest exported hour (that starts before `before_ms`)."""
-        if not self.exists("export_log"):
+        if not self.exists(self.files_log):
             return None
         f = self.features
         before = "" if before_ms is None else f" AND {f.ms('hour_start')} < {int(before_ms)}"
         return self._one(
-            f"SELECT max({f.ms('hour_start')}) FROM {self._table('export_log')} "
+            f"SELECT max({f.ms('hour_start')}) FROM {self._table(self.files_log)} "
             f"WHERE symbol = %(symbol)s{before}", {"symbol": symbol}) or None
 
     def deals_between(self, name: str, start_ms: int, end_ms: int) -> List[Tuple[int, str]]:

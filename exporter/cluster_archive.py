@@ -34,14 +34,13 @@ from exporter import merge, parquet_files
 
 log = logging.getLogger(__name__)
 
-COPIES_DIR = "copies"
 CLUSTER_KEY = b"mexc.cluster"  # metadata: the hosts merged, their holes others covered
 TICK = 2.0  # seconds between ticks while the exporter waits
 RECHECK = 10.0  # seconds before an hour settled here is looked at again (a newer version)
 
 
 def copies_dir(export_dir: str) -> str:
-    return os.path.join(export_dir, COPIES_DIR)
+    return archive.own_files_dir(export_dir, clustered=True)
 
 
 class ClusterArchive:
@@ -70,9 +69,14 @@ class ClusterArchive:
 
     # --- this host's copy ------------------------------------------------------------------
 
-    def copy_exported(self, name: str, hour: int, path: str, rows: int, sha256: str) -> None:
-        """The per-host export wrote (or rewrote, with late rows) this host's copy."""
+    def copy_exported(self, symbol: str, name: str, hour: int, path: str, rows: int,
+                      sha256: str) -> None:
+        """The per-host export wrote (or rewrote, with late rows) this host's copy: logged in
+        copy_log (what its collectors' gap ledger and backfill read), its bytes in
+        hour_copies, its node in ZooKeeper."""
         self._start()
+        self.store.log_export(symbol, hour, int(time.time() * 1000), path, rows,
+                              os.path.getsize(path), sha256, table=store.COPY_LOG)
         if not self.store.has_hour_file(name, hour, store.COPY, self.host, sha256):
             with open(path, "rb") as f:
                 self.store.put_hour_file(name, hour, store.COPY, self.host, sha256, rows,

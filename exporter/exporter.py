@@ -382,7 +382,8 @@ class Exporter:
         else:  # renamed into place by an attempt that died before logging it
             parquet_files.verify(path, expected, hour)
         if self.cluster is not None:  # export_log holds the merged files
-            self.cluster.copy_exported(symbol.name, hour, path, expected, current_sha)
+            self.cluster.copy_exported(symbol.symbol, symbol.name, hour, path, expected,
+                                       current_sha)
         else:
             self.store.log_export(symbol.symbol, hour, int(time.time() * 1000), path, expected,
                                   os.path.getsize(path), current_sha)
