@@ -565,6 +565,17 @@ class Store:
             f"FROM {self._table('export_log')} WHERE symbol = %(symbol)s "
             f"GROUP BY hour_start ORDER BY hour_start", {"symbol": symbol})
 
+    def logged_sha256(self, symbol: str, hour: int, source: Optional[str] = None
+                      ) -> Optional[str]:
+        """The sha256 of the latest export_log entry of a symbol-hour (here, or on the server
+        at `source`), None when there is none."""
+        f = self.features
+        rows = self.client.execute(
+            f"SELECT argMax(sha256, export_time) FROM {self._source('export_log', source)} "
+            f"WHERE symbol = %(symbol)s AND {f.ms('hour_start')} = {int(hour)} "
+            f"GROUP BY symbol", {"symbol": symbol})
+        return rows[0][0] if rows else None
+
     def exported_hours(self, since_ms: int) -> List[Tuple[str, int]]:
         """[(symbol, hour start ms)] of every hour with a file in export_log from since_ms on."""
         hour = self.features.ms("hour_start")

@@ -310,7 +310,8 @@ def _verify(args, config) -> int:
     return _report(config, lambda store: [verify.server(config, store),
                                           verify.ip_separation(config),
                                           verify.collection(config, store),
-                                          verify.exports(config, store)])
+                                          verify.exports(config, store),
+                                          verify.cluster_copies(config, store)])
 
 
 def _report(config, checks) -> int:
