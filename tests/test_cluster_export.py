@@ -230,7 +230,10 @@ def test_two_hosts_one_archive_every_trade_once_and_only_uncovered_time_a_gap(cl
 
         # every trade the market made while a host collected: in the archive exactly once;
         # of those inside the stretch only what the REST backfill still had, each once
-        truth = sim.trades("BTC_USDT", until_ms=last_hour + HOUR_MS - 1)
+        # (from the first trade sent to a host: the market opens on the first subscription,
+        # and its first push may come before that subscription is live)
+        first_sent = min(ts for ts, mt, _m in sim.expected_rows("BTC_USDT") if mt == "d")
+        truth = sim.trades("BTC_USDT", first_sent, last_hour + HOUR_MS - 1)
         archived = collections.Counter(
             (ts, "|".join(m.split("|")[:3])) for name in sorted(files)
             for ts, m, _host in trade_rows(os.path.join(h1.export_dir, name)))
@@ -244,6 +247,13 @@ def test_two_hosts_one_archive_every_trade_once_and_only_uncovered_time_a_gap(cl
         trade_hosts = {host for name in files
                        for _ts, _m, host in trade_rows(os.path.join(h1.export_dir, name))}
         assert trade_hosts == set(HOSTS)
+
+        # `mexc gaps` on any host: every host's gaps, and who collected during each
+        listed = json.loads(bed.exec("h1", [MEXC, "gaps", "--json", "--config", h1.config],
+                                     timeout=60).stdout)
+        assert sorted((g["host"], g["start_ms"], g["covered_by"]) for g in listed) == sorted(
+            [("h1", h1_gap[0].start_ms, ["h2"]), ("h2", h2_gaps[0].start_ms, ["h1"]),
+             ("h2", h2_gaps[1].start_ms, ["h1"])])
 
         for daemon in daemons.values():
             verify = bed.exec(daemon.host.name, [MEXC, "verify", "--config", daemon.config],
