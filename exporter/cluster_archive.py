@@ -57,6 +57,7 @@ class ClusterArchive:
         # (name, hour) -> when it was last seen merged from every copy and held here
         self.settled: Dict[tuple, float] = {}
         self.ready = False
+        self.failing: Optional[str] = None  # the last tick's failure, logged once
 
     def stop(self) -> None:
         self.nodes.stop()
@@ -104,9 +105,16 @@ class ClusterArchive:
                         continue
                     written += self._hour(symbol, hour, live)
         except Exception as e:
-            log.warning("cluster: merge tick failed, retried in %.0fs: %s: %s", TICK,
-                        type(e).__name__, first_line(e))
+            problem = f"{type(e).__name__}: {first_line(e)}"
+            if problem != self.failing:  # once per kind of failure, not every TICK
+                log.warning("cluster: merges and pulls wait, retried every %.0fs: %s", TICK,
+                            problem)
+            self.failing = problem
             self.store.close()
+            return written
+        if self.failing:
+            log.info("cluster: merges and pulls go on (%s is over)", self.failing)
+            self.failing = None
         return written
 
     def _hour(self, symbol, hour: int, live: dict) -> list:
@@ -286,8 +294,4 @@ def _write_atomic(path: str, data: bytes, mode: int, group) -> None:
             os.fchown(f.fileno(), -1, group)
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    parquet_files.fsync_directory(os.path.dirname(path))

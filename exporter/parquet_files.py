@@ -125,7 +125,7 @@ class HourFile:
         except BaseException:
             self.discard()
             raise
-        _fsync_directory(os.path.dirname(self.path))
+        fsync_directory(os.path.dirname(self.path))
         return digest
 
     def discard(self) -> None:
@@ -194,7 +194,7 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _fsync_directory(directory: str) -> None:
+def fsync_directory(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
