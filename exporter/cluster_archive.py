@@ -58,6 +58,7 @@ class ClusterArchive:
         self.settled: Dict[tuple, float] = {}
         self.ready = False
         self.failing: Optional[str] = None  # the last tick's failure, logged once
+        self.hashed: Dict[str, tuple] = {}  # path -> ((inode, mtime, size), sha256)
 
     def stop(self) -> None:
         self.nodes.stop()
@@ -95,7 +96,7 @@ class ClusterArchive:
     def tick(self, symbols) -> list:
         """Speak, merge, pull for every hour not settled; returns the merged files written
         here.  Errors are logged and left for the next tick."""
-        written = []
+        written, problems = [], []
         try:
             self._start()
             live = self.nodes.live_hosts()
@@ -103,14 +104,21 @@ class ClusterArchive:
                 for hour in self.nodes.hours(symbol.name):
                     if time.monotonic() < self.settled.get((symbol.name, hour), 0) + RECHECK:
                         continue
-                    written += self._hour(symbol, hour, live)
-        except Exception as e:
-            problem = f"{type(e).__name__}: {first_line(e)}"
+                    try:  # one hour's trouble (a holder away) holds up no other hour
+                        written += self._hour(symbol, hour, live)
+                    except Exception as e:
+                        problems.append(f"{symbol.name} {hour_label(hour)}: "
+                                        f"{type(e).__name__}: {first_line(e)}")
+                        self.store.close()
+        except Exception as e:  # ZooKeeper or this host's ClickHouse away
+            problems.append(f"{type(e).__name__}: {first_line(e)}")
+            self.store.close()
+        if problems:
+            problem = "; ".join(problems)
             if problem != self.failing:  # once per kind of failure, not every TICK
                 log.warning("cluster: merges and pulls wait, retried every %.0fs: %s", TICK,
                             problem)
             self.failing = problem
-            self.store.close()
             return written
         if self.failing:
             log.info("cluster: merges and pulls go on (%s is over)", self.failing)
@@ -216,11 +224,11 @@ class ClusterArchive:
         """A host's copy of the hour: this host's from its file, another's through remote()."""
         if copy["host"] == self.host:
             path = archive.hour_path(copies_dir(self.export["dir"]), name, hour)
-            if os.path.exists(path) and parquet_files.sha256(path) == copy["sha256"]:
+            if self._file_sha256(path) == copy["sha256"]:
                 return parquet_files.read(path)
         data = self.store.hour_file(name, hour, store.COPY, copy["host"], copy["sha256"],
                                     None if copy["host"] == self.host else copy["clickhouse"])
-        if data is None or _sha256(data) != copy["sha256"]:
+        if data is None or _digest(data) != copy["sha256"]:
             raise RuntimeError(f"the copy of {copy['host']} is not whole at "
                                f"{copy['clickhouse']} (sha256 {copy['sha256'][:12]})")
         return pq.read_table(io.BytesIO(data))
@@ -239,16 +247,28 @@ class ClusterArchive:
                 self.store.gaps(symbol.name, hour, hour + HOUR_MS, source))
         return merge.cluster_gaps(hosts, symbol.symbol, symbol.name, hour, hour + HOUR_MS)
 
+    def _file_sha256(self, path: str) -> Optional[str]:
+        """A file's sha256 (None: no file), hashed again only when it changed: an hour waiting
+        for copies is looked at every TICK."""
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            return None
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        known = self.hashed.get(path)
+        if known is None or known[0] != key:
+            known = self.hashed[path] = (key, parquet_files.sha256(path))
+        return known[1]
+
     # --- holding the merged file -----------------------------------------------------------
 
     def _hold(self, symbol, hour: int, merged: dict) -> None:
         """Have the merged file `merged` names in export.dir, logged and in hour_copies."""
         name, sha = symbol.name, merged["sha256"]
         path = archive.hour_path(self.export["dir"], name, hour)
-        if self.host in merged["holders"] and os.path.exists(path) \
-                and parquet_files.sha256(path) == sha:
+        if self.host in merged["holders"] and self._file_sha256(path) == sha:
             return
-        if not (os.path.exists(path) and parquet_files.sha256(path) == sha):
+        if self._file_sha256(path) != sha:
             data = None
             for holder, source in sorted(merged["holders"].items()):
                 try:
@@ -258,7 +278,7 @@ class ClusterArchive:
                     log.warning("cluster: %s %s not readable from %s (%s): %s", name,
                                 hour_label(hour), holder, source, first_line(e))
                     self.store.close()
-                if data is not None and _sha256(data) == sha:
+                if data is not None and _digest(data) == sha:
                     break
                 data = None
             if data is None:
@@ -275,7 +295,7 @@ class ClusterArchive:
         self.nodes.add_holder(name, hour, sha, self.address)
 
 
-def _sha256(data: bytes) -> str:
+def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
