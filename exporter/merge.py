@@ -62,11 +62,9 @@ def merge(copies: Sequence[Tuple[str, pa.Table]]) -> pa.Table:
 
 def _codes(values) -> pa.Array:
     """Equal values, equal integers (nulls stay null)."""
-    encoded = pc.dictionary_encode(values)
-    if isinstance(encoded, pa.ChunkedArray):
-        encoded = encoded.unify_dictionaries()
-        return pa.chunked_array([chunk.indices for chunk in encoded.chunks], pa.int32())
-    return encoded.indices
+    if isinstance(values, pa.ChunkedArray):  # one dictionary: unifying many costs more
+        values = values.combine_chunks()
+    return pc.dictionary_encode(values).indices
 
 
 def _together(copies) -> pa.Table:
