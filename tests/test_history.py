@@ -306,3 +306,19 @@ def test_trades_with_and_without_a_trade_id_read_alike(tmp_path):
     trades = history.Archive(str(tmp_path)).trades("BTC_USDT", H, H + HOUR_MS, exact=True)
     assert [(r["price"], r["volume"], r["side"]) for r in trades.to_pylist()] == [
         (Decimal("1.5"), Decimal(2), "buy"), (Decimal("1.50"), Decimal(3), "sell")]
+
+
+def test_a_clusters_merged_file_reads_like_a_single_hosts(tmp_path):
+    """A merged file has a fifth column, host (docs/cluster.md): history reads its four."""
+    from exporter import merge
+    rows = [(H + 1, "d", "1.5|2|1|7", H + 6), (H + 2, "t", "1|2|3|4|5", H + 7)]
+    table = parquet_files.to_table([rows_batch(rows)])
+    merged = merge.merge([("tokyo", table), ("frankfurt", table)])
+    hour_file = parquet_files.HourFile(str(tmp_path / archive_file_name("btc", H)), "BTC_USDT",
+                                       H, merged.num_rows, schema=parquet_files.MERGED_SCHEMA)
+    hour_file.write(merged)
+    hour_file.commit()
+    archive = history.Archive(str(tmp_path))
+    assert [(r["price"], r["side"]) for r in archive.trades("BTC_USDT", H, H + HOUR_MS)
+            .to_pylist()] == [(1.5, "buy")]
+    assert archive.ticker("BTC_USDT", H, H + HOUR_MS).num_rows == 1
