@@ -44,6 +44,10 @@ def copies_dir(export_dir: str) -> str:
 
 
 class ClusterArchive:
+    """The exporter's cluster side (module docstring): copy_exported() after each copy,
+    exported_before() after each cycle, tick() between cycles.  `store_session` is the
+    exporter's own; `group` the files' group id (None: the process's)."""
+
     def __init__(self, config, store_session: store.Store, group=None):
         self.config = config
         self.cluster = config.cluster
