@@ -6,13 +6,15 @@ Nodes, all under `{root}` ([cluster] root):
     hosts/{host}                        {"clickhouse": "addr:port", ...}: a live host (written by
                                         the membership, cluster/membership.py; ephemeral)
     hours/{name}/{YYYYMMDD_HH00}/
-        copies/{host}                   {"host", "sha256", "rows", "clickhouse"}: the host's copy
-                                        of the hour, its bytes in its ClickHouse's hour_copies;
-                                        or {"host", "none": true}: it has no rows of the hour
+        copies/{host}                   {"host", "sha256", "rows", "clickhouse", "ledger"}: the
+                                        host's copy of the hour, its bytes in its ClickHouse's
+                                        hour_copies, "ledger" what its gap ledger held of the
+                                        hour (changes when a gap is recorded later); or
+                                        {"host", "none": true}: it has no rows of the hour
         merged                          {"sha256", "rows", "merged_by", "copies": {host: sha256},
-                                        "holders": {host: "addr:port"}}: the merged file, and
-                                        the hosts holding its bytes (in export.dir and in
-                                        hour_copies)
+                                        "ledgers": {host: ledger}, "holders": {host: addr:port}}:
+                                        the merged file, what it was merged from, and the hosts
+                                        holding its bytes (in export.dir and in hour_copies)
         lock                            a kazoo Lock: the host merging the hour holds it
 
 Values are JSON.  Every change of a node that several hosts write is a compare-and-set on the
@@ -102,9 +104,10 @@ class HourNodes:
     # --- copies ----------------------------------------------------------------------------
 
     def register_copy(self, name: str, hour_ms: int, sha256: str, rows: int,
-                      clickhouse: str) -> None:
+                      clickhouse: str, ledger: str) -> None:
         self._put(f"{self._hour(name, hour_ms)}/copies/{self.host}",
-                  {"host": self.host, "sha256": sha256, "rows": rows, "clickhouse": clickhouse})
+                  {"host": self.host, "sha256": sha256, "rows": rows, "clickhouse": clickhouse,
+                   "ledger": ledger})
 
     def register_none(self, name: str, hour_ms: int) -> None:
         """This host has no rows of the hour (it did not hold the symbol, or was down)."""

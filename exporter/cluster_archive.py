@@ -87,9 +87,17 @@ class ClusterArchive:
             with open(path, "rb") as f:
                 self.store.put_hour_file(name, hour, store.COPY, self.host, sha256, rows,
                                          f.read())
-        self.nodes.register_copy(name, hour, sha256, rows, self.address)
+        self.nodes.register_copy(name, hour, sha256, rows, self.address,
+                                 self._ledger(name, hour))
         log.info("cluster: copy of %s %s registered rows=%d sha256=%s", name,
                  hour_label(hour), rows, sha256[:12])
+
+    def _ledger(self, name: str, hour: int) -> str:
+        """What this host's gap ledger holds of the hour, as a stamp that changes with each
+        record: a gap recorded after the hour was merged (data back after an outage) makes a
+        new version of the file with the gaps right."""
+        gaps = self.store.gaps(name, hour, hour + HOUR_MS)
+        return f"{len(gaps)}:{max((g.recorded_ms for g in gaps), default=0)}"
 
     def exported_before(self, boundary: int) -> None:
         """Every row of this host before `boundary` is in its copies."""
@@ -132,10 +140,16 @@ class ClusterArchive:
     def _hour(self, symbol, hour: int, live: dict) -> list:
         name = symbol.name
         copies = self.nodes.copies(name, hour)
-        if self.host not in copies and self.boundary is not None \
-                and hour + HOUR_MS <= self.boundary:
+        own = copies.get(self.host)
+        if own is None and self.boundary is not None and hour + HOUR_MS <= self.boundary:
             self.nodes.register_none(name, hour)
             copies = self.nodes.copies(name, hour)
+        elif own is not None and not own.get("none"):
+            ledger = self._ledger(name, hour)
+            if own.get("ledger") != ledger:  # a gap of the hour recorded since
+                self.nodes.register_copy(name, hour, own["sha256"], own["rows"], self.address,
+                                         ledger)
+                copies = self.nodes.copies(name, hour)
         merged, _version = self.nodes.merged(name, hour)
         written = []
         if self._wants_merge(name, hour, copies, merged, live):
@@ -151,8 +165,8 @@ class ClusterArchive:
         real = {h: c for h, c in copies.items() if not c.get("none")}
         if not real:
             return False
-        if merged is not None:  # a copy new or changed since: merge it in now
-            return any(merged["copies"].get(h) != c["sha256"] for h, c in real.items())
+        if merged is not None:  # a copy or a ledger new or changed since: merge it in now
+            return bool(_stale(merged, real))
         if set(live) <= set(copies):
             return True
         first = self.nodes.first_copy_ms(name, hour)
@@ -165,9 +179,8 @@ class ClusterArchive:
 
     @staticmethod
     def _complete(copies: dict, merged: dict, live: dict) -> bool:
-        real = {h: c["sha256"] for h, c in copies.items() if not c.get("none")}
-        return set(live) <= set(copies) and all(merged["copies"].get(h) == sha
-                                                for h, sha in real.items())
+        real = {h: c for h, c in copies.items() if not c.get("none")}
+        return set(live) <= set(copies) and not _stale(merged, real)
 
     # --- merging ---------------------------------------------------------------------------
 
@@ -181,7 +194,7 @@ class ClusterArchive:
             merged, version = self.nodes.merged(name, hour)
             real = {h: c for h, c in copies.items() if not c.get("none")}
             if merged is not None:
-                if all(merged["copies"].get(h) == c["sha256"] for h, c in real.items()):
+                if not _stale(merged, real):
                     return []
                 self._hold(symbol, hour, merged)  # the base: this host must hold it
                 base = [("", parquet_files.read(archive.hour_path(self.export["dir"], name,
@@ -194,6 +207,8 @@ class ClusterArchive:
             table = merge.merge(inputs)
             included = {**(merged["copies"] if merged else {}),
                         **{h: c["sha256"] for h, c in new.items()}}
+            ledgers = {**(merged.get("ledgers", {}) if merged else {}),
+                       **{h: c.get("ledger") for h, c in real.items() if h in included}}
             gaps, holes = self._gaps(symbol, hour, included, real)
             path = archive.hour_path(self.export["dir"], name, hour)
             os.makedirs(self.export["dir"], exist_ok=True)
@@ -213,11 +228,13 @@ class ClusterArchive:
             self.store.log_export(symbol.symbol, hour, int(time.time() * 1000), path,
                                   table.num_rows, os.path.getsize(path), sha)
             value = {"sha256": sha, "rows": table.num_rows, "merged_by": self.host,
-                     "copies": included, "holders": {self.host: self.address}}
+                     "copies": included, "ledgers": ledgers,
+                     "holders": {self.host: self.address}}
             if not self.nodes.set_merged(name, hour, value, version):
                 raise RuntimeError("the merged node changed under the lock")
             log.info("cluster: merged %s from %s rows=%d gaps=%d in %.3fs sha256=%s", path,
-                     ",".join(f"{h}:{c['rows']}" for h, c in sorted(new.items()))
+                     (",".join(f"{h}:{c['rows']}" for h, c in sorted(new.items()))
+                      or "no new copy (a ledger changed)")
                      + (" into the previous version" if base else ""), table.num_rows,
                      len(gaps), time.monotonic() - started, sha[:12])
             return [path]
@@ -297,6 +314,13 @@ class ClusterArchive:
                 self.store.put_hour_file(name, hour, store.MERGED, merged["merged_by"], sha,
                                          merged["rows"], f.read())
         self.nodes.add_holder(name, hour, sha, self.address)
+
+
+def _stale(merged: dict, copies: dict) -> set:
+    """Hosts whose copy (sha256) or ledger stamp differs from what `merged` was made of."""
+    return {host for host, copy in copies.items()
+            if merged["copies"].get(host) != copy["sha256"]
+            or merged.get("ledgers", {}).get(host) != copy.get("ledger")}
 
 
 def _digest(data: bytes) -> str:

@@ -127,11 +127,12 @@ def merged_node(zk, hour):
     return json.loads(zk.get(path)[0]) if zk.exists(path) else {}
 
 
-def copies(zk, hour):
-    """{host: sha256} of the hour's copies registered (a host's "none" left out)."""
+def copies(zk, hour, field="sha256"):
+    """{host: sha256 (or another field)} of the hour's copies registered (a host's "none"
+    left out)."""
     path = f"{hour_path(hour)}/copies"
     nodes = [json.loads(zk.get(f"{path}/{host}")[0]) for host in zk.get_children(path)]
-    return {node["host"]: node["sha256"] for node in nodes if not node.get("none")}
+    return {node["host"]: node[field] for node in nodes if not node.get("none")}
 
 
 def trade_rows(path):
@@ -195,7 +196,9 @@ def test_two_hosts_one_archive_every_trade_once_and_only_uncovered_time_a_gap(cl
             h1_files = {n: sha for n, sha in h1.files().items() if n in names}
             return len(h1_files) == len(hours) and merged_node(zk, last_hour + HOUR_MS) and all(
                 set(merged_node(zk, hour).get("holders", ())) == set(HOSTS)
-                and merged_node(zk, hour)["copies"] == copies(zk, hour) for hour in hours
+                and merged_node(zk, hour)["copies"] == copies(zk, hour)
+                and merged_node(zk, hour)["ledgers"] == copies(zk, hour, "ledger")
+                for hour in hours
             ) and all({n: sha for n, sha in d.files().items() if n in names} == h1_files
                       for d in daemons.values())
         wait_for(settled, 150, "every hour merged and held by both hosts")
