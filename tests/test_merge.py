@@ -119,7 +119,7 @@ def cases(draw):
     return events, draw(copies(events))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(cases(), st.randoms())
 def test_the_merge_is_the_union_of_the_copies_each_event_once(case, rng):
     events, hosts = case
@@ -144,7 +144,7 @@ def test_the_merge_is_the_union_of_the_copies_each_event_once(case, rng):
                             for ts, mt, m, rts in rows if mt == "dl")
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(cases(), st.randoms())
 def test_the_order_of_the_copies_changes_nothing(case, rng):
     _events, hosts = case
@@ -154,7 +154,7 @@ def test_the_order_of_the_copies_changes_nothing(case, rng):
     assert merge.merge(shuffled).equals(merge.merge(given_order))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(cases())
 def test_a_late_copy_merged_into_the_merged_table_is_the_merge_of_all(case):
     """How a host's late copy, or a newer version of its copy, becomes a new file version."""
