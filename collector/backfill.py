@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple
 from collector import wire
 from collector.connection import http_get
 from core import archive
+from core.channels import deal_without_id
 from core.clock import HOUR_MS
 from core.log import first_line
 
@@ -92,20 +93,22 @@ class Backfill:
         export.dir (moved away) is left out, as its trades may be stored there: the gap is
         then not covered."""
         inside = sorted((r for r in fetched if start_ms <= r[0] <= end_ms), key=lambda r: r[0])
-        stored = collections.Counter(store.deals_between(self.name, start_ms, end_ms))
+        # a trade is known by (ts, m without the trade id): the WebSocket's rows carry MEXC's
+        # id, the REST answer's do not
+        stored = _without_ids(store.deals_between(self.name, start_ms, end_ms))
         exported_until = store.exported_until(self.symbol)  # read after the rows
         left_out = []
         if inside and inside[0][0] < exported_until:  # only then is a file read (rare)
             filed, without_file = archive.filed_deals(self.export_dir, self.name, inside[0][0],
                                                       min(end_ms, exported_until - 1))
-            stored.update(filed)
+            stored.update(_without_ids(filed.elements()))
             left_out = [(hour, hour + HOUR_MS) for hour in without_file]
         missing, skipped = [], False
         for row in inside:
             if any(a <= row[0] < b for a, b in left_out):
                 skipped = True
                 continue
-            key = (row[0], row[2])
+            key = (row[0], deal_without_id(row[2]))
             if stored[key]:
                 stored[key] -= 1
             else:
@@ -114,3 +117,8 @@ class Backfill:
             self.writer.submit(missing)
         reached_back = len(fetched) < REST_LIMIT or min(r[0] for r in fetched) < start_ms
         return len(missing), reached_back and not skipped
+
+
+def _without_ids(deals) -> collections.Counter:
+    """(ts, m) deal rows -> a multiset of (ts, m without the trade id)."""
+    return collections.Counter((ts, deal_without_id(m)) for ts, m in deals)

@@ -38,9 +38,11 @@ from collector.gaps import GapLedger
 from collector.overlap import NEW, OLD, Overlap
 from collector.spool import Spool
 from collector.writer import RowWriter
+from core import archive
 from core.channels import CHANNELS, Channel
 from core.log import set_level
 from core.process import STOP_SIGNALS
+from core.store import COPY_LOG
 from core.vocabulary import (COLLECTOR, DEAD_LETTER, GAP_COLLECTOR_RESTART,
                              GAP_DEAD_SOCKET, GAP_DISCONNECT, GAP_EXCHANGE_ERROR, GAP_STALL,
                              GAP_TOR_RESTART, MESSAGE_TYPES, ChildId)
@@ -127,14 +129,18 @@ class Collector:
                                 max_buffered_rows=self.co["max_buffered_rows"],
                                 max_hold=self.co["max_hold"], batch_rows=self.co["batch_rows"],
                                 latency_target=self.co["latency_target"])
-        self.backfill = (Backfill(self.ex, self.sym, socks_proxy, self.writer,
-                                  config.export["dir"]) if self.ex["backfill"] else None)
+        # this host's own files: in a cluster its copies, not the merged files (other hosts'
+        # rows would hide its own gaps and trades)
+        files_dir = archive.own_files_dir(config.export["dir"], config.clustered)
+        self.backfill = (Backfill(self.ex, self.sym, socks_proxy, self.writer, files_dir)
+                         if self.ex["backfill"] else None)
         self.paths = 0  # sockets replaced for silence: each goes through a fresh circuit
         self.gaps = GapLedger(self.sym, ch, self.writer, self.ex["silent_alarm"],
                               *started_because, backfill=self.backfill,
                               journal_path=os.path.join(config.spool_dir(),
                                                         f"{self.sym.name}.gaps"),
-                              export_dir=config.export["dir"])
+                              export_dir=files_dir,
+                              files_log=COPY_LOG if config.clustered else "export_log")
         self.depth_versions = {}  # symbol -> the last depth.full version stored (wire.parse)
         self.handovers = 0  # connections replaced without a break
         self.batch = []  # the rows of the current read

@@ -136,12 +136,14 @@ class GapJournal:
 class GapLedger:
     """One collector's ledger.  `writer` is its RowWriter (backfilled rows go through it, and
     the ledger waits for it); `backfill` a collector.backfill.Backfill or None; `journal_path`
-    the file of its GapJournal; `export_dir` where the exported hours' files are."""
+    the file of its GapJournal; `export_dir` where this host's exported hours' files are,
+    `files_log` the table that logs them (in a cluster: its copies, core/archive.py)."""
 
     def __init__(self, symbol, ch: dict, writer, stall_after: float, start_reason: str,
-                 start_detail: str, journal_path: str, export_dir: str, backfill=None):
+                 start_detail: str, journal_path: str, export_dir: str, backfill=None,
+                 files_log: str = "export_log"):
         self.symbol, self.name = symbol.symbol, symbol.name
-        self.store = Store(ch)
+        self.store = Store(ch, files_log=files_log)
         self.export_dir = export_dir
         self.writer = writer
         self.written_before = writer.spool.rows  # spooled by an earlier run, stored first

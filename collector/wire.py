@@ -110,10 +110,20 @@ def _deal_rows(frame: dict, rts: int, symbol: str):
 def _trade_row(trade: dict, rts: int):
     # A row must be number text in its layout; anything else (a nested list, a dict, null,
     # true, a JSON string of letters) means the frame's fields did not fit.
-    m = deal_text(trade["p"], trade["v"], trade["T"])
+    m = deal_text(trade["p"], trade["v"], trade["T"], _trade_id(trade.get("i")))
     if not DEAL_LAYOUT.fits(m):
         raise BadFrame(f"trade fields are not numbers: {m[:80]!r}")
     return (_ms(trade["t"]), DEAL_CHANNEL.mt, m, rts)
+
+
+def _trade_id(value) -> str:
+    """MEXC's trade id as digits ("" when there is none): an int in its docs, a string of
+    digits live.  Anything else is no id (the trade itself is still good)."""
+    if type(value) is int and value >= 0:
+        return str(value)
+    if type(value) is str and value.isascii() and value.isdigit():
+        return value
+    return ""
 
 
 def recent_deals_path(symbol: str, limit: int) -> str:

@@ -19,6 +19,16 @@ BATCH_ROWS = 65_536
 GAPS_KEY = b"mexc.gaps"
 
 
+# In a cluster (docs/cluster.md) each host's own files are its copies, in this subdirectory;
+# export.dir itself holds the merged files.
+COPIES_DIR = "copies"
+
+
+def own_files_dir(export_dir: str, clustered: bool) -> str:
+    """Where this host's own hour files are: export.dir, or its copies/ in a cluster."""
+    return os.path.join(export_dir, COPIES_DIR) if clustered else export_dir
+
+
 def file_name(name: str, hour_ms: int) -> str:
     return f"{name}_{time.strftime('%Y%m%d_%H00', time.gmtime(hour_ms // 1000))}.parquet"
 

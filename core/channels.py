@@ -34,7 +34,12 @@ class Layout(NamedTuple):
 
 TICKER_LAYOUT = Layout(("last_price", "fair_price", "index_price", "hold_vol", "funding_rate"),
                        re.compile(rf"{_NUM}(?:\|{_NUM}){{4}}").fullmatch)
-DEAL_LAYOUT = Layout(("price", "volume", "side"), re.compile(rf"{_NUM}\|{_NUM}\|[12]").fullmatch)
+# A deal's 4th field is MEXC's trade id `i` (digits), there when the frame had one: absent from
+# REST backfill rows (the REST answer has no id) and from rows of mexc before 0.3 (issue 22).
+# Readers take the first three fields; exporter/merge.py matches copies of a trade by its id.
+DEAL_LAYOUT = Layout(("price", "volume", "side"),
+                     re.compile(rf"{_NUM}\|{_NUM}\|[12](?:\|[0-9]+)?").fullmatch)
+DEAL_ID_FIELD = len(DEAL_LAYOUT.fields)  # the id's index among a deal's fields
 DEPTH_LAYOUT = Layout(("bids", "asks"), re.compile(rf"{_LEVELS}\|{_LEVELS}").fullmatch)
 
 
@@ -45,8 +50,17 @@ def ticker_text(last_price, fair_price, index_price, hold_vol, funding_rate) -> 
     return f"{last_price}|{fair_price}|{index_price}|{hold_vol}|{funding_rate}"
 
 
-def deal_text(price, volume, side) -> str:
+def deal_text(price, volume, side, trade_id: str = "") -> str:
+    """trade_id: MEXC's `i` as digits, "" when the frame had none (then no 4th field)."""
+    if trade_id:
+        return f"{price}|{volume}|{side}|{trade_id}"
     return f"{price}|{volume}|{side}"
+
+
+def deal_without_id(m: str) -> str:
+    """A deal's m without its trade id: what a REST row of the same trade spells."""
+    price_volume_side = m.split(FIELD_SEPARATOR, DEAL_ID_FIELD)[:DEAL_ID_FIELD]
+    return FIELD_SEPARATOR.join(price_volume_side)
 
 
 def depth_text(bids: list, asks: list) -> str:

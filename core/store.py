@@ -7,7 +7,11 @@ Tables, per symbol short name (e.g. btc), all in the configured database:
   export_log       one row per Parquet file written (MergeTree)
   gaps             the gap ledger: one row per stretch without a live subscription (MergeTree)
   schema_version   one row per schema version this database was brought to (MergeTree)
-  cluster_holdings in a cluster only: when this host took and released each symbol (MergeTree)
+In a cluster ([cluster] host set, docs/cluster.md) also:
+  hour_copies      the bytes of hour files other hosts pull with remote(): each host's copy
+                   of a symbol-hour and the merged file, base64 in parts (MergeTree)
+  copy_log         this host's own hour files (its copies), as export_log lists the merged ones
+  cluster_holdings when each host took (1) and released (0) each symbol (MergeTree)
 
 Rows are (ts, mt, m, rts), see core/vocabulary.py.  Time columns are DateTime64(3, 'UTC')
 where the server has it and UInt64 milliseconds on old servers (18.16, Debian's package).
@@ -66,6 +70,11 @@ clickhouse_driver.defines.BUFFER_SIZE = 16 * 1024
 # per HTTP output format: settings it needs (String as Arrow's string, not binary; a server
 # without the setting refuses it, and the probe then falls back to CSV)
 FORMAT_SETTINGS = {"ArrowStream": {"output_format_arrow_string_as_string": 1}}
+HOUR_COPIES = "hour_copies"
+FILE_PART_BYTES = 4 << 20  # an hour file's bytes go into hour_copies in parts of this size
+COPY, MERGED = "copy", "merged"  # hour_copies.kind: a host's copy of an hour, the merged file
+# export_log's twin for a cluster host's own copies (export_log holds the merged files)
+COPY_LOG = "copy_log"
 
 
 class SchemaTooNew(Exception):
@@ -153,8 +162,11 @@ class Store:
     Not bound to the database (so a missing one can be created): every statement names it.
     On any error the caller may call close(); the next operation connects again."""
 
-    def __init__(self, ch: dict, timeout: float = 10.0):
+    def __init__(self, ch: dict, timeout: float = 10.0, files_log: str = "export_log"):
+        """files_log: the log of this host's own files, which latest_exported_hour and
+        exported_until read (COPY_LOG in a cluster)."""
         self.ch = ch
+        self.files_log = files_log
         self.timeout = timeout
         self.database = ch["database"]
         self.db = quote(self.database)
@@ -291,10 +303,10 @@ class Store:
         self.client.execute(f"CREATE TABLE IF NOT EXISTS {self._table(table)} ("
                             f"ts {t}, mt {MT_ENUM}, m String, rts {t}) ENGINE = StripeLog")
 
-    def create_export_log(self) -> None:
+    def create_export_log(self, table: str = "export_log") -> None:
         t = self.features.time_type
         self.client.execute(
-            f"CREATE TABLE IF NOT EXISTS {self._table('export_log')} ("
+            f"CREATE TABLE IF NOT EXISTS {self._table(table)} ("
             f"symbol String, hour_start {t}, export_time {t}, filepath String, "
             f"row_count UInt64, file_bytes UInt64, sha256 String"
             f") ENGINE = MergeTree ORDER BY (symbol, hour_start)")
@@ -337,7 +349,7 @@ class Store:
         for name in names:
             self.create_rows_table(current_table(name))
         if clustered:
-            self.create_holdings_table()
+            self.create_cluster_tables()
         if found < SCHEMA_VERSION and migrate:
             for table in self._outdated_rows_tables():
                 self._rebuild_rows_table(table)
@@ -572,9 +584,9 @@ class Store:
     # --- export_log ------------------------------------------------------------------------
 
     def log_export(self, symbol: str, hour: int, export_ms: int, path: str, rows: int,
-                   file_bytes: int, sha256: str) -> None:
+                   file_bytes: int, sha256: str, table: str = "export_log") -> None:
         self.client.execute(
-            f"INSERT INTO {self._table('export_log')} "
+            f"INSERT INTO {self._table(table)} "
             f"(symbol, hour_start, export_time, filepath, row_count, file_bytes, sha256) VALUES",
             [(symbol, hour, export_ms, path, rows, file_bytes, sha256)])
 
@@ -585,6 +597,17 @@ class Store:
             f"argMax(row_count, export_time), argMax(sha256, export_time) "
             f"FROM {self._table('export_log')} WHERE symbol = %(symbol)s "
             f"GROUP BY hour_start ORDER BY hour_start", {"symbol": symbol})
+
+    def logged_sha256(self, symbol: str, hour: int, source: Optional[str] = None
+                      ) -> Optional[str]:
+        """The sha256 of the latest export_log entry of a symbol-hour (here, or on the server
+        at `source`), None when there is none."""
+        f = self.features
+        rows = self.client.execute(
+            f"SELECT argMax(sha256, export_time) FROM {self._source('export_log', source)} "
+            f"WHERE symbol = %(symbol)s AND {f.ms('hour_start')} = {int(hour)} "
+            f"GROUP BY symbol", {"symbol": symbol})
+        return rows[0][0] if rows else None
 
     def exported_hours(self, since_ms: int) -> List[Tuple[str, int]]:
         """[(symbol, hour start ms)] of every hour with a file in export_log from since_ms on."""
@@ -609,9 +632,10 @@ class Store:
                          f"AND reason = %(reason)s", {"name": gap.name, "reason": gap.reason}) > 0
 
     def gaps(self, name: Optional[str] = None, since_ms: Optional[int] = None,
-             until_ms: Optional[int] = None) -> List[Gap]:
+             until_ms: Optional[int] = None, source: Optional[str] = None) -> List[Gap]:
         """Ledger records, oldest first: of one symbol (short name) when given, and only
-        those overlapping [since_ms, until_ms) when given."""
+        those overlapping [since_ms, until_ms) when given; of the server at `source` (another
+        host of a cluster, through remote(), its time columns of the same type) when given."""
         f = self.features
         start, end, recorded = f.ms("start_ms"), f.ms("end_ms"), f.ms("recorded_ms")
         where, params = [], {}
@@ -624,22 +648,79 @@ class Store:
             where.append(f"{start} < {int(until_ms)}")
         rows = self.client.execute(
             f"SELECT symbol, name, {start}, {end}, reason, detail, backfilled, covered, "
-            f"{recorded} FROM {self._table('gaps')} "
+            f"{recorded} FROM {self._source('gaps', source)} "
             f"{'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {start}, name", params)
         return [Gap(*row[:7], bool(row[7]), row[8]) for row in rows]
 
-    # --- cluster holdings --------------------------------------------------------------------
+    # --- a cluster: hour files shared over remote(), holdings (docs/cluster.md) ------------
+
+    def create_cluster_tables(self) -> None:
+        self.create_export_log(COPY_LOG)
+        self.client.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._table(HOUR_COPIES)} ("
+            f"name String, hour UInt64, kind String, host String, sha256 String, rows UInt64, "
+            f"part UInt32, parts UInt32, data String"
+            f") ENGINE = MergeTree ORDER BY (name, hour, kind, host, sha256, part)")
+        self.create_holdings_table()
+
+    def _source(self, table: str, source: Optional[str]) -> str:
+        """This server's table, or the same table on the server at `source` (host:port, the
+        native port) read through remote() with this session's user and password."""
+        if source is None:
+            return self._table(table)
+        ch = self.ch
+        args = [source, self.database, table, ch["user"], ch["password"]]
+        return "remote(" + ", ".join("'" + a.replace("\\", "\\\\").replace("'", "\\'") + "'"
+                                     for a in args) + ")"
+
+    def put_hour_file(self, name: str, hour: int, kind: str, host: str, sha256: str,
+                      rows: int, data: bytes) -> None:
+        """An hour file's bytes, for other hosts to pull (an insert repeated after a failure
+        stores the parts twice: hour_file reads each part once)."""
+        text = base64.b64encode(data).decode()
+        parts = [text[i:i + FILE_PART_BYTES] for i in range(0, len(text), FILE_PART_BYTES)]
+        parts = parts or [""]
+        for index, part in enumerate(parts):  # one part per insert: memory stays bounded
+            self.client.execute(
+                f"INSERT INTO {self._table(HOUR_COPIES)} "
+                f"(name, hour, kind, host, sha256, rows, part, parts, data) VALUES",
+                [(name, hour, kind, host, sha256, rows, index, len(parts), part)])
+
+    def hour_file(self, name: str, hour: int, kind: str, host: str, sha256: str,
+                  source: Optional[str] = None) -> Optional[bytes]:
+        """The bytes put_hour_file stored (here, or on the server at `source`); None when
+        they are not there whole.  The caller checks the sha256."""
+        rows = self.client.execute(
+            f"SELECT part, parts, data FROM {self._source(HOUR_COPIES, source)} "
+            f"WHERE name = %(name)s AND hour = {int(hour)} AND kind = %(kind)s "
+            f"AND host = %(host)s AND sha256 = %(sha)s ORDER BY part",
+            {"name": name, "kind": kind, "host": host, "sha": sha256})
+        parts = {}
+        for part, count, data in rows:
+            parts.setdefault(part, (count, data))
+        if not parts or sorted(parts) != list(range(next(iter(parts.values()))[0])):
+            return None
+        return base64.b64decode("".join(parts[i][1] for i in sorted(parts)))
+
+    def has_hour_file(self, name: str, hour: int, kind: str, host: str, sha256: str) -> bool:
+        return self._one(
+            f"SELECT count() FROM {self._table(HOUR_COPIES)} WHERE name = %(name)s "
+            f"AND hour = {int(hour)} AND kind = %(kind)s AND host = %(host)s "
+            f"AND sha256 = %(sha)s", {"name": name, "kind": kind, "host": host,
+                                      "sha": sha256}) > 0
 
     def record_holding(self, name: str, host: str, ts_ms: int, held: bool) -> None:
+        """This host took (held) or released a symbol at ts_ms."""
         self.client.execute(f"INSERT INTO {self._table('cluster_holdings')} "
                             f"(name, host, ts, held) VALUES",
                             [(name, host, int(ts_ms), int(held))])
 
-    def holdings(self, name: str, start_ms: int, end_ms: int) -> List[Tuple[str, int, bool]]:
+    def holdings(self, name: str, start_ms: int, end_ms: int, source: Optional[str] = None
+                 ) -> List[Tuple[str, int, bool]]:
         """A symbol's takes and releases as (host, ts ms, held), oldest first: those in
         [start_ms, end_ms), preceded by each host's last one before start_ms (whether it held
-        the symbol when the span began)."""
-        table, params = self._table("cluster_holdings"), {"name": name}
+        the symbol when the span began); here, or on the server at `source`."""
+        table, params = self._source("cluster_holdings", source), {"name": name}
         before = self.client.execute(
             f"SELECT host, max(ts), argMax(held, ts) FROM {table} WHERE name = %(name)s "
             f"AND ts < {int(start_ms)} GROUP BY host", params)
@@ -663,12 +744,12 @@ class Store:
     def latest_exported_hour(self, symbol: str, before_ms: Optional[int] = None
                              ) -> Optional[int]:
         """The start of the symbol's latest exported hour (that starts before `before_ms`)."""
-        if not self.exists("export_log"):
+        if not self.exists(self.files_log):
             return None
         f = self.features
         before = "" if before_ms is None else f" AND {f.ms('hour_start')} < {int(before_ms)}"
         return self._one(
-            f"SELECT max({f.ms('hour_start')}) FROM {self._table('export_log')} "
+            f"SELECT max({f.ms('hour_start')}) FROM {self._table(self.files_log)} "
             f"WHERE symbol = %(symbol)s{before}", {"symbol": symbol}) or None
 
     def deals_between(self, name: str, start_ms: int, end_ms: int) -> List[Tuple[int, str]]:

@@ -30,6 +30,7 @@ from core.log import first_line, set_level
 from core.process import write_json_atomic
 from core.vocabulary import EXPORTER
 from exporter import parquet_files
+from exporter.cluster_archive import TICK, ClusterArchive, copies_dir
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,10 @@ class Exporter:
         self.store = store.Store(config.clickhouse, timeout=30.0)
         self.rotation = None if bus is None else Requester(bus, EXPORTER, on_other=self._note)
         self.server = None  # Features.describe() of the server, logged when it changes
+        # a cluster: this host's files are its copies, merged into export.dir by ClusterArchive
+        self.cluster = ClusterArchive(config, self.store, self._group()) \
+            if config.clustered else None
+        self.files_dir = copies_dir(self.export["dir"]) if self.cluster else self.export["dir"]
         self.stats = {"last_export": None, "last_error": None, "errors": 0, "files": 0,
                       "next_rotation": None, "exported_until": {}, "rotation_pause_s": None,
                       "files_by_symbol": {}, "cycle_s": None}
@@ -170,6 +175,8 @@ class Exporter:
                 self.bus.send("export_done", name=EXPORTER, request=request, ok=ok,
                               files=files, error=error)
             next_cycle = self._next_rotation() if ok else time.monotonic() + RETRY_AFTER
+        if self.cluster is not None:
+            self.cluster.stop()
         log.info("stopped")
         return 0
 
@@ -194,12 +201,21 @@ class Exporter:
             bus.close()
 
     def _wait(self, until: float):
-        """Sleep until `until`; return an export request id as soon as one is waiting."""
+        """Sleep until `until`; return an export request id as soon as one is waiting.
+        In a cluster, merge and pull hours meanwhile (ClusterArchive.tick)."""
+        next_tick = time.monotonic()
         while not self.stopping and time.monotonic() < until and not self.requests:
-            if self.bus is None:
-                time.sleep(min(0.5, until - time.monotonic()))
+            if self.cluster is not None and time.monotonic() >= next_tick:
+                self.stats["files"] += len(self.cluster.tick(self.config.symbols))
+                next_tick = time.monotonic() + TICK
+                until_tick = max(0.0, next_tick - time.monotonic())
             else:
-                self._note(self.bus.receive(timeout=min(0.5, max(0.0, until - time.monotonic()))))
+                until_tick = 0.5
+            wait = max(0.0, min(0.5, until_tick, until - time.monotonic()))
+            if self.bus is None:
+                time.sleep(wait)
+            else:
+                self._note(self.bus.receive(timeout=wait))
         return self.requests.pop(0) if self.requests else None
 
     def _note(self, event) -> None:
@@ -213,6 +229,7 @@ class Exporter:
     def cycle(self):
         """Rotate and export every symbol; returns (ok, files written, error or None)."""
         files, errors, started = [], [], time.monotonic()
+        boundary = hour_start(self.clock.now_ms())  # at most the rotation's (later) boundary
         self._remove_stale_temporaries()
         symbols = self.known.update(self.config.symbols)
         try:
@@ -236,6 +253,10 @@ class Exporter:
             except Exception as e:
                 errors.append(f"{symbol.name}: {first_line(e)}")
                 self.store.close()
+        if self.cluster is not None:
+            if not errors:
+                self.cluster.exported_before(boundary)
+            files += self.cluster.tick(self.config.symbols)
         self.stats["files"] += len(files)
         self.stats["cycle_s"] = round(time.monotonic() - started, 3)
         if errors:
@@ -260,10 +281,12 @@ class Exporter:
             not self.store.exists(current) or self.store.count(current) == 0)
 
     def _remove_stale_temporaries(self) -> None:
-        try:
-            stale = parquet_files.remove_stale_temporaries(self.export["dir"])
-        except OSError:  # no export dir yet, or unreadable: _export_previous reports that
-            return
+        stale = []
+        for directory in {self.export["dir"], self.files_dir}:
+            try:
+                stale += parquet_files.remove_stale_temporaries(directory)
+            except OSError:  # no export dir yet, or unreadable: _export_previous reports that
+                continue
         if stale:
             log.warning("removed %d temporary files left by an exporter that died mid-write: %s",
                         len(stale), ", ".join(stale[:5]))
@@ -318,7 +341,7 @@ class Exporter:
         if state.progress is None:  # previous without a state: export all of it
             state.begin(Phase.EXPORTING, None)
         hours = self.store.hours(name, before=state.progress.boundary)
-        os.makedirs(self.export["dir"], exist_ok=True)
+        os.makedirs(self.files_dir, exist_ok=True)
         files = [self._export_hour(symbol, state, hour, rows) for hour, rows in hours]
         self.store.drop(previous)
         state.clear()
@@ -329,7 +352,7 @@ class Exporter:
         return files
 
     def _export_hour(self, symbol, state: SymbolState, hour: int, rows: int) -> str:
-        path = archive.hour_path(self.export["dir"], symbol.name, hour)
+        path = archive.hour_path(self.files_dir, symbol.name, hour)
         entry = state.progress.hours.get(hour)
         if entry is None:  # first attempt: note what the file held before (late-row merge)
             before = parquet_files.read(path).num_rows if os.path.exists(path) else 0
@@ -358,8 +381,12 @@ class Exporter:
             current_sha = hour_file.commit()
         else:  # renamed into place by an attempt that died before logging it
             parquet_files.verify(path, expected, hour)
-        self.store.log_export(symbol.symbol, hour, int(time.time() * 1000), path, expected,
-                              os.path.getsize(path), current_sha)
+        if self.cluster is not None:  # export_log holds the merged files
+            self.cluster.copy_exported(symbol.symbol, symbol.name, hour, path, expected,
+                                       current_sha)
+        else:
+            self.store.log_export(symbol.symbol, hour, int(time.time() * 1000), path, expected,
+                                  os.path.getsize(path), current_sha)
         entry.done = True
         state.save()
         log.info("exported %s rows=%d%s sha256=%s", path, expected,

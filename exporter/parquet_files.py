@@ -26,6 +26,10 @@ SCHEMA = pa.schema([
     pa.field("m", pa.string(), nullable=False),
     pa.field("rts", pa.timestamp("ms", tz="UTC"), nullable=False),
 ])
+# A cluster's merged file (exporter/merge.py): the same columns plus whose copy each row is.
+# A reader that asks for the four columns above reads both kinds alike.
+MERGED_SCHEMA = SCHEMA.append(pa.field("host", pa.dictionary(pa.int8(), pa.string()),
+                                       nullable=False))
 
 
 COMPLETENESS_KEY = b"mexc.completeness"  # seconds with a live subscription / 3600, decimal text
@@ -71,7 +75,9 @@ def to_table(batches) -> pa.Table:
 
 
 def read(path: str) -> pa.Table:
-    return pq.read_table(path).cast(SCHEMA)
+    """A file's rows: SCHEMA, or MERGED_SCHEMA for a cluster's merged file."""
+    table = pq.read_table(path)
+    return table.cast(MERGED_SCHEMA if "host" in table.column_names else SCHEMA)
 
 
 class HourFile:
@@ -79,19 +85,22 @@ class HourFile:
     ts order, then commit() (fsync, verify, rename; returns the sha256) or discard()."""
 
     def __init__(self, path: str, symbol: str, hour_ms: int, rows: int,
-                 mode: int = 0o640, group: Optional[int] = None, gaps: Sequence = ()):
+                 mode: int = 0o640, group: Optional[int] = None, gaps: Sequence = (),
+                 schema: pa.Schema = SCHEMA, extra: Optional[dict] = None):
         self.path, self.hour_ms, self.rows = path, hour_ms, rows
         self.mode, self.group = mode, group
         self.tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
         hour = time.strftime("%Y-%m-%dT%H:00:00Z", time.gmtime(hour_ms // 1000))
-        self.schema = SCHEMA.with_metadata({
+        self.schema = schema.with_metadata({
             b"symbol": symbol.encode(), b"hour": hour.encode(), b"rows": str(rows).encode(),
-            b"mexc_version": __version__.encode(), **gap_metadata(gaps, hour_ms)})
+            b"mexc_version": __version__.encode(), **gap_metadata(gaps, hour_ms),
+            **(extra or {})})
         try:
-            # a dictionary only for mt: ts, m and rts hardly repeat, and trying one for them
-            # costs write time, file size and the verify's read-back time
+            # a dictionary only for mt (and host): ts, m and rts hardly repeat, and trying one
+            # for them costs write time, file size and the verify's read-back time
             self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd",
-                                           use_dictionary=["mt"])
+                                           use_dictionary=[c for c in ("mt", "host")
+                                                           if c in schema.names])
         except BaseException:  # e.g. the disk is full: the file may exist, empty
             _unlink(self.tmp)
             raise
@@ -116,7 +125,7 @@ class HourFile:
         except BaseException:
             self.discard()
             raise
-        _fsync_directory(os.path.dirname(self.path))
+        fsync_directory(os.path.dirname(self.path))
         return digest
 
     def discard(self) -> None:
@@ -185,7 +194,7 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _fsync_directory(directory: str) -> None:
+def fsync_directory(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -282,6 +282,10 @@ def _gaps(args, config) -> int:
     name = config.symbol(args.symbol).name if args.symbol else None
     try:
         with Store(config.clickhouse) as store:
+            if config.clustered:  # every live host's ledger
+                found = gaps.of_cluster(config, store, name, since)
+                print(gaps.cluster_json(found) if args.json else gaps.cluster_table(found))
+                return 0
             found = store.gaps(name, since_ms=since)
     except Exception as e:
         print(f"mexc: cannot read the gap ledger: ClickHouse at {config.clickhouse['host']}:"
@@ -312,7 +316,8 @@ def _verify(args, config) -> int:
     return _report(config, lambda store: [verify.server(config, store),
                                           verify.ip_separation(config),
                                           verify.collection(config, store),
-                                          verify.exports(config, store)])
+                                          verify.exports(config, store),
+                                          verify.cluster_copies(config, store)])
 
 
 def _report(config, checks) -> int:

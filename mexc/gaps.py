@@ -1,9 +1,43 @@
-"""`mexc gaps`: the gap ledger as an operator reads it, or as JSON for a program."""
+"""`mexc gaps`: the gap ledger as an operator reads it, or as JSON for a program.  In a
+cluster, every live host's ledger (read through remote()), each gap with its host and the
+hosts that collected the symbol during some of it (`covered_by`): a gap another host covered
+is no gap of the merged archive (docs/cluster.md)."""
 import json
 import time
-from typing import List
+from typing import List, NamedTuple, Optional, Sequence
 
 from core.vocabulary import Gap
+from exporter.merge import covered
+
+
+class HostGap(NamedTuple):
+    host: str
+    gap: Gap
+    covered_by: Sequence[str]
+
+
+def of_cluster(config, store, name: Optional[str], since_ms: Optional[int]) -> List[HostGap]:
+    """Every live host's ledger records (and this host's), oldest first, with covered_by."""
+    from cluster.exports import HourNodes
+
+    nodes = HourNodes(config.cluster)
+    nodes.start(timeout=10.0)
+    try:
+        sources = {host: data.get("clickhouse") for host, data in nodes.live_hosts().items()}
+    finally:
+        nodes.stop()
+    sources[config.cluster["host"]] = None  # this host: its own server, not remote()
+    ledgers = {host: store.gaps(name, since_ms=since_ms, source=source)
+               for host, source in sorted(sources.items())}
+    found = []
+    for host, gaps in ledgers.items():
+        for g in gaps:
+            by = [other for other, source in sorted(sources.items()) if other != host and covered(
+                [(ts, held) for h, ts, held in store.holdings(g.name, g.start_ms, g.end_ms,
+                                                             source) if h == other],
+                [o for o in ledgers[other] if o.name == g.name], g.start_ms, g.end_ms)]
+            found.append(HostGap(host, g, by))
+    return sorted(found, key=lambda f: (f.gap.start_ms, f.gap.name, f.host))
 
 
 def utc(ms: int) -> str:
@@ -14,6 +48,26 @@ def as_json(gaps: List[Gap]) -> str:
     """One object per gap: every ledger field, plus its length in seconds."""
     return json.dumps([{**g._asdict(), "seconds": (g.end_ms - g.start_ms) / 1000}
                        for g in gaps], indent=1)
+
+
+def cluster_json(found: List[HostGap]) -> str:
+    """as_json's objects plus `host` and `covered_by`."""
+    return json.dumps([{**f.gap._asdict(), "seconds": (f.gap.end_ms - f.gap.start_ms) / 1000,
+                        "host": f.host, "covered_by": list(f.covered_by)} for f in found],
+                      indent=1)
+
+
+def cluster_table(found: List[HostGap]) -> str:
+    """table() with each gap's host first and who covered it last."""
+    if not found:
+        return "no gaps recorded on any live host"
+    lines = table([f.gap for f in found]).split("\n")
+    width = max(len("host"), *(len(f.host) for f in found))
+    rows = [f"{'host':<{width}} {lines[0]}  covered by"]
+    rows += [f"{f.host:<{width}} {line}  {', '.join(f.covered_by) or '-'}"
+             for f, line in zip(found, lines[1:])]
+    uncovered = sum(1 for f in found if not f.covered_by)
+    return "\n".join(rows + [lines[-1] + f"; {uncovered} covered by no other host"])
 
 
 def table(gaps: List[Gap]) -> str:

@@ -298,9 +298,10 @@ def _anti_join(rows: pa.Table, others: pa.Table) -> pa.Table:
 # --- typing the message text (its layouts: core/channels.py) --------------------------------
 
 def _fields(m, layout: Layout) -> list:
-    """The fields of each message, as string arrays, in the layout's order."""
+    """The fields of each message, as string arrays, in the layout's order (a field after
+    them, a deal's trade id, is split off and left out)."""
     count = len(layout.fields)
-    parts = pc.split_pattern(m, FIELD_SEPARATOR, max_splits=count - 1)
+    parts = pc.split_pattern(m, FIELD_SEPARATOR, max_splits=count)
     return [pc.list_element(parts, i) for i in range(count)]
 
 

@@ -2,6 +2,7 @@
 (everything: IP separation, collection, export integrity), as the old ./verif, ./iptest and
 ./verify scripts did, from ClickHouse, the files and the running daemon.
 Each check returns (ok, lines)."""
+import json
 import os
 import time
 
@@ -12,6 +13,7 @@ from core.log import first_line
 from core.store import current_table
 from core.vocabulary import COLLECTOR, DEAD_LETTER, DEAL, DEPTH, TICKER
 from exporter import parquet_files
+from exporter.cluster_archive import CLUSTER_KEY
 from supervisor import commands
 
 RECENT_S = 300  # a symbol with no row received in this many seconds has "no recent data"
@@ -68,7 +70,8 @@ def exports(config, store):
                 parquet_files.verify(path, rows, hour)
                 if parquet_files.sha256(path) != digest:
                     problems.append(f"{os.path.basename(path)}: sha256 differs from export_log")
-                notes += _hour_gaps(store, symbol.name, hour, path)
+                notes += (_merged_hour_gaps(path) if config.clustered
+                          else _hour_gaps(store, symbol.name, hour, path))
             except Exception as e:
                 problems.append(f"{os.path.basename(path)}: {e}")
         hours = [h for h, *_ in logged]
@@ -89,6 +92,74 @@ def exports(config, store):
                          f"{archive.file_name(symbol.name, hours[-1])}")
         lines += [f"   {symbol.name}: {note}" for note in notes]
     return ok, lines
+
+
+def cluster_copies(config, store):
+    """In a cluster: each hour this host logged is the merged file ZooKeeper names, and every
+    host holding it logged the same sha256 (read from its export_log through remote())."""
+    if not config.clustered:
+        return True, []
+    from cluster.exports import HourNodes, hour_label
+
+    nodes = HourNodes(config.cluster)
+    try:
+        nodes.start(timeout=10.0)
+    except Exception as e:
+        return False, [f"❌ cluster: ZooKeeper {config.cluster['zookeeper']}: {first_line(e)}"]
+    ok, lines = True, []
+    try:
+        for symbol in config.symbols:
+            problems, holders = [], set()
+            logged = store.logged_exports(symbol.symbol)
+            for hour, _path, _rows, digest in logged:
+                label = f"{symbol.name} {hour_label(hour)}"
+                merged, _version = nodes.merged(symbol.name, hour)
+                if merged is None:
+                    problems.append(f"{label}: no merged file in ZooKeeper")
+                    continue
+                if merged["sha256"] != digest:
+                    problems.append(f"{label}: this host has {digest[:12]}, the merged file is "
+                                    f"{merged['sha256'][:12]} (not pulled yet?)")
+                for host, source in sorted(merged["holders"].items()):
+                    theirs = digest if host == config.cluster["host"] else \
+                        _their_sha256(store, symbol.symbol, hour, source)
+                    holders.add(host)
+                    if theirs != merged["sha256"]:
+                        problems.append(f"{label}: {host} ({source}) logged "
+                                        f"{(theirs or 'nothing')[:12]}, not "
+                                        f"{merged['sha256'][:12]}")
+            if problems:
+                ok = False
+                lines += [f"❌ {symbol.name}: {p}" for p in problems]
+            elif logged:
+                lines.append(f"{symbol.name}: {len(logged)} merged hours, the same sha256 on "
+                             f"{', '.join(sorted(holders))}")
+    finally:
+        nodes.stop()
+    return ok, lines
+
+
+def _their_sha256(store, symbol: str, hour: int, source: str):
+    try:
+        return store.logged_sha256(symbol, hour, source)
+    except Exception as e:
+        store.close()
+        return f"unreachable: {first_line(e)}"
+
+
+def _merged_hour_gaps(path: str) -> list:
+    """A cluster's merged file: the gaps no host covered (its metadata: the hosts' ledgers
+    when it was merged) and each host's hole that another covered."""
+    metadata = parquet_files.metadata(path)
+    gaps = archive.gaps_from_json(metadata.get(archive.GAPS_KEY, b"[]"))
+    holes = json.loads(metadata.get(CLUSTER_KEY, b"{}") or b"{}").get("holes", [])
+    lines = [f"{os.path.basename(path)}: completeness "
+             f"{metadata.get(parquet_files.COMPLETENESS_KEY, b'?').decode()}, {_describe(gaps)}"
+             f" no host covered"] if gaps else []
+    lines += [f"{os.path.basename(path)}: {hole['host']} {hole['reason']} "
+              f"{(hole['end_ms'] - hole['start_ms']) / 1000:.3f} s covered by "
+              f"{', '.join(hole['covered_by'])}" for hole in holes if hole["covered_by"]]
+    return lines
 
 
 def _hour_gaps(store, name: str, hour: int, path: str) -> list:

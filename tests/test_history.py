@@ -295,3 +295,30 @@ def test_book_sides_may_be_empty_and_levels_are_cut(tmp_path):
     per_level = archive.book("BTC_USDT", H, H + HOUR_MS, per_level=True).to_pylist()
     assert [(r["side"], r["level"], r["price"], r["size"]) for r in per_level] == [
         ("bid", 1, 1.5, 2.0), ("bid", 2, 1.4, 30.0), ("ask", 1, 2.0, 7.0)]
+
+
+def test_trades_with_and_without_a_trade_id_read_alike(tmp_path):
+    """Rows of mexc before 0.3 and REST backfill rows have no trade id (3 fields), the
+    WebSocket's rows have it (a 4th field): one file may hold both, and both read the same."""
+    rows = [(H + 1, "d", "1.5|2|1"), (H + 2, "d", "1.50|3|2|13064218826")]
+    table = parquet_files.to_table([rows_batch([(ts, mt, m, ts + 5) for ts, mt, m in rows])])
+    parquet_files.write_hour(str(tmp_path / archive_file_name("btc", H)), table, "BTC_USDT", H)
+    trades = history.Archive(str(tmp_path)).trades("BTC_USDT", H, H + HOUR_MS, exact=True)
+    assert [(r["price"], r["volume"], r["side"]) for r in trades.to_pylist()] == [
+        (Decimal("1.5"), Decimal(2), "buy"), (Decimal("1.50"), Decimal(3), "sell")]
+
+
+def test_a_clusters_merged_file_reads_like_a_single_hosts(tmp_path):
+    """A merged file has a fifth column, host (docs/cluster.md): history reads its four."""
+    from exporter import merge
+    rows = [(H + 1, "d", "1.5|2|1|7", H + 6), (H + 2, "t", "1|2|3|4|5", H + 7)]
+    table = parquet_files.to_table([rows_batch(rows)])
+    merged = merge.merge([("tokyo", table), ("frankfurt", table)])
+    hour_file = parquet_files.HourFile(str(tmp_path / archive_file_name("btc", H)), "BTC_USDT",
+                                       H, merged.num_rows, schema=parquet_files.MERGED_SCHEMA)
+    hour_file.write(merged)
+    hour_file.commit()
+    archive = history.Archive(str(tmp_path))
+    assert [(r["price"], r["side"]) for r in archive.trades("BTC_USDT", H, H + HOUR_MS)
+            .to_pylist()] == [(1.5, "buy")]
+    assert archive.ticker("BTC_USDT", H, H + HOUR_MS).num_rows == 1

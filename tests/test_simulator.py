@@ -90,7 +90,7 @@ def rows_of(frame):
     channel, data = frame.get("channel"), frame.get("data")
     if channel == "push.deal":
         trades = data if isinstance(data, list) else [data]
-        return [(int(t["t"]), "d", f'{t["p"]}|{t["v"]}|{t["T"]}') for t in trades]
+        return [(int(t["t"]), "d", f'{t["p"]}|{t["v"]}|{t["T"]}|{t["i"]}') for t in trades]
     if channel == "push.ticker":
         return [(int(data["timestamp"]), "t", "|".join(data[k] for k in TICKER_FIELDS))]
     if channel == "push.depth.full":

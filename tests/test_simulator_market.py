@@ -118,7 +118,7 @@ def test_deals_are_merged_unless_compress_is_false(sim):
     def volume_by_side(rows):
         volume = collections.Counter()
         for _ts, _mt, m in rows:
-            price, size, side = m.split("|")
+            price, size, side, _trade_id = m.split("|")
             volume[decimal.Decimal(price), side] += decimal.Decimal(size)
         return volume
     assert volume_by_side(merged) == volume_by_side(unmerged)

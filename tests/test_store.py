@@ -246,3 +246,37 @@ def test_a_newer_store_is_refused_with_a_clear_message(env):
                             timeout=60)
     assert result.returncode == 1
     assert "refusing to start: database" in result.stderr and "schema 99" in result.stderr
+
+
+def test_a_clusters_hour_files_holdings_and_logs_read_here_and_through_remote(env, monkeypatch):
+    """The SQL a cluster host runs (docs/cluster.md): an hour file's bytes in parts, holdings,
+    the export_log and the ledger of a peer, here the same server reached through remote()."""
+    monkeypatch.setattr(store, "FILE_PART_BYTES", 1000)  # several parts
+    data = bytes(range(256)) * 20
+    peer = f"127.0.0.1:{env.clickhouse.port}"
+    with env.store() as session:
+        session.setup(["btc"])
+        session.create_cluster_tables()
+        session.put_hour_file("btc", HOUR, store.COPY, "tokyo", "abc", 7, data)
+        session.put_hour_file("btc", HOUR, store.COPY, "tokyo", "abc", 7, data)  # a retry
+        for source in (None, peer):
+            assert session.hour_file("btc", HOUR, store.COPY, "tokyo", "abc", source) == data
+        assert session.hour_file("btc", HOUR, store.MERGED, "tokyo", "abc") is None
+        assert session.has_hour_file("btc", HOUR, store.COPY, "tokyo", "abc")
+        session.record_holding("btc", "tokyo", HOUR - 5, True)
+        session.record_holding("btc", "tokyo", HOUR + 10, False)
+        session.record_holding("btc", "tokyo", HOUR + 20, True)
+        session.record_holding("btc", "frankfurt", HOUR + HOUR_MS, True)  # after the hour
+        assert sorted(session.holdings("btc", HOUR, HOUR + HOUR_MS, peer)) == [
+            ("tokyo", HOUR - 5, 1), ("tokyo", HOUR + 10, 0), ("tokyo", HOUR + 20, 1)]
+        session.log_export("BTC_USDT", HOUR, HOUR + 1, "/x", 7, 100, "old")
+        session.log_export("BTC_USDT", HOUR, HOUR + 2, "/x", 7, 100, "new")
+        session.log_export("BTC_USDT", HOUR, HOUR + 3, "/copy", 7, 100, "mine",
+                           table=store.COPY_LOG)
+        assert session.logged_sha256("BTC_USDT", HOUR, peer) == "new"
+        assert session.logged_sha256("BTC_USDT", HOUR + HOUR_MS) is None
+        assert store.Store(env.ch_section(), files_log=store.COPY_LOG).latest_exported_hour(
+            "BTC_USDT") == HOUR
+        gap = store.Gap("BTC_USDT", "btc", HOUR + 1, HOUR + 9, "disconnect", "", 0, False, 1)
+        session.record_gaps([gap])
+        assert session.gaps("btc", HOUR, HOUR + HOUR_MS, source=peer) == [gap]

@@ -3,7 +3,7 @@ the channels and their `m` layouts."""
 import pytest
 
 from core.channels import (DEAL_LAYOUT, DEPTH_LAYOUT, FIELD_SEPARATOR, TICKER_LAYOUT, deal_text,
-                           depth_text, ticker_text)
+                           deal_without_id, depth_text, ticker_text)
 from core.vocabulary import (CHILD_KINDS, CLICKHOUSE, COLLECTOR, EXPORTER, MESSAGE_TYPES, ROW_COLUMNS,
                              TOR, ChildId, Row)
 
@@ -60,6 +60,10 @@ def test_layouts_spell_the_readme_examples_and_refuse_what_is_not_number_text():
     deal = deal_text("122115.1", 12, 2)
     assert deal == "122115.1|12|2" and DEAL_LAYOUT.fits(deal)
     assert len(deal.split(FIELD_SEPARATOR)) == len(DEAL_LAYOUT.fields)
+    with_id = deal_text("122115.1", 12, 2, "13064218826")  # MEXC's trade id, when sent
+    assert with_id == "122115.1|12|2|13064218826" and DEAL_LAYOUT.fits(with_id)
+    assert deal_without_id(with_id) == deal_without_id(deal) == deal
+    assert not DEAL_LAYOUT.fits("122115.1|12|2|") and not DEAL_LAYOUT.fits(deal + "|1x")
     ticker = ticker_text("122122.3", "122122.3", "122133.7", 102648627, "0.00010000")
     assert ticker == "122122.3|122122.3|122133.7|102648627|0.00010000"
     assert TICKER_LAYOUT.fits(ticker)

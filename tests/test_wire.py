@@ -23,8 +23,15 @@ def test_deal_list_keeps_exact_number_text():
              '"t":1755487578275,"i":"13064218827"}],"channel":"push.deal","ts":1755487578276}')
     kind, rows = parse(frame)
     assert kind == "deal"
-    assert rows == [(1755487578276, "d", "115309.80|55|2", RTS),
-                    (1755487578275, "d", "7.548E+4|0.0100|1", RTS)]
+    assert rows == [(1755487578276, "d", "115309.80|55|2|13064218826", RTS),
+                    (1755487578275, "d", "7.548E+4|0.0100|1|13064218827", RTS)]
+
+
+def test_a_trade_id_that_is_not_digits_is_no_id():
+    for i in ('"x1"', "-3", "1.5", "null", '"١٢"'):  # the last: Arabic-Indic digits
+        frame = ('{"symbol":"BTC_USDT","channel":"push.deal","data":[{"p":1.5,"v":2,"T":1,'
+                 f'"t":9,"i":{i}}}]}}')
+        assert parse(frame) == ("deal", [(9, "d", "1.5|2|1", RTS)]), i
 
 
 def test_deal_single_object_and_key_order():

@@ -111,7 +111,13 @@ class Trade(NamedTuple):
 
     @property
     def row(self) -> tuple:
-        """The (ts, mt, m) row a collector stores for this trade."""
+        """The (ts, mt, m) row a collector stores for this trade from the WebSocket (the id
+        last)."""
+        return (self.t, "d", f"{self.p}|{self.v}|{self.T}|{self.id}")
+
+    @property
+    def rest_row(self) -> tuple:
+        """The row a backfill stores for it from the REST answer, which lists no id."""
         return (self.t, "d", f"{self.p}|{self.v}|{self.T}")
 
     def rest_json(self) -> str:

@@ -56,7 +56,17 @@ class _PooledFrame:
         self.deltas = tuple(None if int(n) >= _VERSION_MARKER else int(n) - _TS_MARKER
                             for n in parts[1::2])
         self.has_version = None in self.deltas
-        self.rows = tuple((ts - _TS_MARKER, mt, m) for ts, mt, m in rows)
+        # a deal row's m holds the trade id, a time marker plus an offset: a slot like the text's
+        self.rows = tuple((ts - _TS_MARKER, mt, *_slots(m)) for ts, mt, m in rows)
+
+
+def _slots(m: str) -> tuple:
+    """m -> (m, ()) when it holds no marker, else (%-template, deltas from _TS_MARKER)."""
+    parts = _MARKER_NUMBER.split(m)
+    if len(parts) == 1:
+        return m, ()
+    return ("%d".join(part.replace("%", "%%") for part in parts[0::2]),
+            tuple(int(n) - _TS_MARKER for n in parts[1::2]))
 
 
 class FramePool:
@@ -83,7 +93,8 @@ class FramePool:
             number = version(symbol, 1) if frame.has_version else 0
             values = tuple(number if d is None else base + d for d in frame.deltas)
             parts.append(text_frame(frame.template % values))
-            rows += [(base + d, mt, m) for d, mt, m in frame.rows]
+            rows += [(base + d, mt, m % tuple(base + x for x in slots) if slots else m)
+                     for d, mt, m, slots in frame.rows]
         return b"".join(parts), rows
 
 
