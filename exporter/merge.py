@@ -190,6 +190,11 @@ def cluster_gaps(hosts: dict, symbol: str, name: str, start_ms: int, end_ms: int
     hosts that others covered: [{host, start_ms, end_ms, reason, covered_by: [hosts]}])."""
     coverage = {host: covered(h, g, start_ms, end_ms) for host, (h, g) in hosts.items()}
     everyone = sorted(span for spans in coverage.values() for span in spans)
+    # Before the symbol's first take by any host nothing was ever collected: no gap, as a
+    # single host records none before its first row.
+    first_take = min((ts for h, _g in hosts.values() for ts, _take in h), default=None)
+    if first_take is not None and first_take > start_ms:
+        everyone = sorted(everyone + [(start_ms, min(first_take, end_ms))])
     merged_gaps = []
     for start, end in _minus([(start_ms, end_ms)], everyone):
         why = sorted({(host, g.reason) for host, (_h, gaps) in hosts.items() for g in gaps

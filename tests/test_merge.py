@@ -200,3 +200,13 @@ def test_only_what_no_host_covered_is_a_gap_and_a_covered_hole_names_who_covered
          "covered_by": ["frankfurt"]}]
     assert merge.covered([(H + 50, 1), (H + 900, 0)], [gap(300, 400)], H, H + 1000) == [
         (H + 50, H + 300), (H + 400, H + 900)]
+
+
+def test_before_the_first_take_of_any_host_nothing_was_collected_and_nothing_is_a_gap():
+    """As a single host records no gap before its first row: the cluster's first hour of a
+    symbol starts where a host first took it.  A stretch after that which no host held is."""
+    hosts = {"tokyo": ([(H + 200, 1), (H + 600, 0)], []),
+             "frankfurt": ([(H + 300, 1), (H + 500, 0), (H + 800, 1)], [])}
+    gaps, _holes = merge.cluster_gaps(hosts, "BTC_USDT", "btc", H, H + 1000)
+    assert [(g.start_ms - H, g.end_ms - H, g.reason) for g in gaps] == [
+        (600, 800, "not_collected")]
