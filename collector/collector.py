@@ -24,15 +24,16 @@ import websocket
 
 from bus.rotation import Holder
 from collector import wire
-from collector.backfill import Backfill
+from collector.backfill import Backfill, RateBudget
+from collector.book import BookKeeper
 from collector.connection import OP_CLOSE, OP_TEXT, FrameReader, open_websocket
 from collector.gaps import GapLedger
 from collector.spool import Spool
 from collector.writer import RowWriter
-from core.channels import CHANNELS, Channel
+from core.channels import BOOK_CHANNEL, Channel, channels_for
 from core.log import set_level
 from core.process import STOP_SIGNALS
-from core.vocabulary import (COLLECTOR, DEAD_LETTER, GAP_COLLECTOR_RESTART,
+from core.vocabulary import (BOOK_SNAPSHOT, COLLECTOR, DEAD_LETTER, GAP_COLLECTOR_RESTART,
                              GAP_DEAD_SOCKET, GAP_DISCONNECT, GAP_EXCHANGE_ERROR, GAP_TOR_RESTART,
                              MESSAGE_TYPES, ChildId)
 
@@ -92,14 +93,20 @@ class Collector:
                                 max_buffered_rows=self.co["max_buffered_rows"],
                                 max_hold=self.co["max_hold"], batch_rows=self.co["batch_rows"],
                                 latency_target=self.co["latency_target"])
-        backfill = (Backfill(self.ex, self.sym, socks_proxy, self.writer, config.export["dir"])
-                    if self.ex["backfill"] else None)
+        budget = RateBudget()  # MEXC's REST limit, shared by backfill and book snapshots
+        backfill = (Backfill(self.ex, self.sym, socks_proxy, self.writer, config.export["dir"],
+                             budget) if self.ex["backfill"] else None)
         self.gaps = GapLedger(self.sym, ch, self.writer, self.ex["silent_alarm"],
                               *started_because, backfill=backfill,
                               journal_path=os.path.join(config.spool_dir(),
                                                         f"{self.sym.name}.gaps"),
                               export_dir=config.export["dir"])
         self.depth_versions = {}  # symbol -> the last depth.full version stored (wire.parse)
+        self.book_kind = config.book(self.sym)  # exchange.book: "top", "full" or "both"
+        self.subscribed = channels_for(self.book_kind)
+        self.book = (BookKeeper(self.ex, self.sym, socks_proxy, budget, self.gaps, ch,
+                                config.export["dir"]) if BOOK_CHANNEL in self.subscribed
+                     else None)
         self.batch = []  # the rows of the current read
         self.child_id = ChildId(COLLECTOR, self.sym.name)
 
@@ -113,6 +120,8 @@ class Collector:
                      self.writer.spool.rows)
         self.writer.start()
         self.gaps.start()
+        if self.book is not None:
+            self.book.start()
         bus_thread = None
         if self.bus is not None:
             bus_thread = threading.Thread(target=self._bus_loop, name="bus", daemon=True)
@@ -151,6 +160,8 @@ class Collector:
     def _shutdown(self) -> int:
         log.info("stopping: storing %d buffered rows", self.writer.buffered_rows() + len(self.batch))
         self._flush()
+        if self.book is not None:
+            self.book.stop()
         self.gaps.stop()
         self.writer.stop(STOP_GRACE)
         self._log_stats(time.monotonic())
@@ -165,8 +176,11 @@ class Collector:
                             self.socks_proxy)
         try:
             self._on_connected()
+            if self.book is not None:
+                self.book.reconnected()
             for request in wire.subscribe_requests(self.sym.symbol, self.ex["depth_limit"],
-                                                   self.ex["merge_deals"]):
+                                                   self.ex["merge_deals"], self.book_kind,
+                                                   self.ex["book_merge"]):
                 ws.send(request)
             self._receive(ws)
         finally:
@@ -193,7 +207,8 @@ class Collector:
         symbol = self.sym.symbol
         now = time.monotonic()
         self.last_frame = self.last_ping = now
-        self.channels = {channel.name: _ChannelWatch(channel, now) for channel in CHANNELS}
+        self.channels = {channel.name: _ChannelWatch(channel, now)
+                         for channel in self.subscribed}
         due = now
         while not self.stopping:
             if now >= due:
@@ -208,6 +223,9 @@ class Collector:
                 rts = int(time.time() * 1000)  # one receive time for all that one read brought
                 for opcode, payload in messages:
                     self._handle(opcode, payload, symbol, rts, now)
+            if self.book is not None:
+                self._book_snapshots(now)
+            if self.batch:
                 self._flush()
 
     def _due(self, now: float) -> float:
@@ -232,6 +250,8 @@ class Collector:
         kind, rows = wire.parse(payload, rts, symbol, self.depth_versions)
         if rows:
             self.batch.extend(rows)
+            if kind == "depth" and self.book is not None:  # BOOK_CHANNEL.name
+                self.book.on_increment(rows[0])
         watch = self.channels.get(kind)
         if watch is not None:
             if rows:
@@ -248,6 +268,13 @@ class Collector:
                 self.gaps.hint(GAP_EXCHANGE_ERROR, rows[0][2][:200])
             else:
                 log.warning("dead letter stored: %s", kind[len(wire.DEAD) + 1:][:200])
+
+    def _book_snapshots(self, now: float) -> None:
+        """The whole book's REST snapshots that came in, stored like the frames' rows."""
+        rows = self.book.poll(now)
+        if rows:
+            self.batch.extend(rows)
+            self.stats.rows[BOOK_SNAPSHOT] += len(rows)
 
     def _keepalive(self, ws, now: float) -> None:
         """The ping when due, the dead-socket check, the silent-channel alarms."""
