@@ -155,3 +155,58 @@ def test_check_hour_compares_every_later_snapshot_and_rebases_after_a_hole():
     ups = [up(150, 11, 11, "[5,2]"), up(160, 12, 12, "", "[6,1]"), up(250, 13, 13, "", "[6,0]"),
            up(350, 20, 20, "[5,4]")]
     assert fullbook.check_hour(snaps, ups) == fullbook.HourCheck(4, 2, 1, 1)
+
+
+# --- the collector's continuity check (its logic, without a network) ---------------------------
+
+class Ledger:
+    """Takes what BookKeeper records, as GapLedger.book_resync would."""
+
+    def __init__(self):
+        self.records = []
+
+    def book_resync(self, start_ms, end_ms, detail):
+        self.records.append((start_ms, end_ms, detail))
+
+
+def keeper():
+    from collector.book import BookKeeper
+    from core.config import Symbol
+    ex = {"rest_url": "http://127.0.0.1:1", "book_snapshot_interval": 0.0}
+    return BookKeeper(ex, Symbol(BTC, "btc"), None, None, Ledger(), {}, "/nonexistent")
+
+
+def bu(ts, begin, end):
+    return (ts, "bu", f"{begin}|{end}||[1,1]", ts)
+
+
+def test_a_break_holds_increments_until_a_snapshot_drops_those_it_holds_and_applies_the_rest():
+    book = keeper()
+    book.restarted = False  # a first start: nothing broke before it
+    for ts, version in ((10, 100), (11, 101)):
+        book.on_increment(bu(ts, version, version))
+    assert book.state != "synced" and book.asked  # no snapshot yet: held, asked for one
+    book.answers.append(((12, "bs", "100||", 12), 100))
+    assert book.poll(0.0) == [(12, "bs", "100||", 12)]
+    assert (book.state, book.last_end, book.ledger.records) == ("synced", 101, [])
+    book.on_increment(bu(13, 102, 104))  # merged, in sequence
+    book.on_increment(bu(14, 106, 106))  # 105 missed: a break
+    book.on_increment(bu(15, 105, 105))  # out of order: held too
+    book.on_increment(bu(16, 107, 107))
+    book.answers.append(((17, "bs", "103||", 17), 103))  # older than what is held: ask again
+    book.poll(0.0)
+    assert book.state != "synced" and book.retry_at > 0
+    book.answers.append(((18, "bs", "106||", 18), 106))
+    book.poll(0.0)
+    assert (book.state, book.last_end) == ("synced", 107)
+    assert book.ledger.records == [(13, 18, "version 106..106 after 104: versions 104 -> "
+                                            "snapshot 106, in sequence again from 107")]
+    book.on_increment(bu(19, 106, 106))  # in flight when the snapshot was taken: in it
+    book.on_increment(bu(20, 108, 108))
+    assert (book.state, book.last_end) == ("synced", 108)
+    book.reconnected()
+    book.on_increment(bu(30, 200, 200))
+    book.answers.append(((31, "bs", "199||", 31), 199))
+    book.poll(0.0)
+    assert (book.state, book.last_end) == ("synced", 200)
+    assert book.ledger.records[-1][2].startswith("reconnect: versions 108 -> snapshot 199")
