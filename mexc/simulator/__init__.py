@@ -23,11 +23,12 @@ Run standalone: python -m mexc.simulator --port 0 --rate 1000 [--tls-cert C --tl
 (prints "LISTENING ws://HOST:PORT/edge REST http://HOST:PORT"; SIGTERM prints the rows sent)
 """
 from mexc.simulator.feed import CHANNEL_WEIGHTS, Trade, merged_prints
-from mexc.simulator.pool import live_mix_frames, live_mix_rows
+from mexc.simulator.pool import book_update_rows, live_mix_frames, live_mix_rows
 from mexc.simulator.rest import RestAnswer
 from mexc.simulator.server import MexcSimulator
 from mexc.simulator.wire import decimal_text, encode_frame, style_cycle, text_frame
 
-__all__ = ["CHANNEL_WEIGHTS", "MexcSimulator", "RestAnswer", "Trade", "decimal_text",
+__all__ = ["CHANNEL_WEIGHTS", "MexcSimulator", "RestAnswer", "Trade", "book_update_rows",
+           "decimal_text",
            "encode_frame", "live_mix_frames", "live_mix_rows", "merged_prints", "style_cycle",
            "text_frame"]
