@@ -7,6 +7,10 @@ rows of each read to the RowWriter, which decides when to insert (`batch_rows`,
 frame, an alarm for a subscribed channel that stays silent, a stats line every
 `stats_interval` seconds.
 
+With the whole book (exchange.book "full" or "both"), each increment's versions are checked
+as it is parsed (collector/book.py), and the REST snapshots it fetches are stored with the
+frames' rows.
+
 At live rates a collector has almost nothing to do, and every wake-up of a thread costs about
 as much as parsing a frame: so the loop blocks on the socket until the next of those deadlines
 is due (or a frame arrives), never on a fixed tick, and the bus thread sleeps until its next
@@ -250,7 +254,7 @@ class Collector:
         kind, rows = wire.parse(payload, rts, symbol, self.depth_versions)
         if rows:
             self.batch.extend(rows)
-            if kind == "depth" and self.book is not None:  # BOOK_CHANNEL.name
+            if kind == BOOK_CHANNEL.name and self.book is not None:
                 self.book.on_increment(rows[0])
         watch = self.channels.get(kind)
         if watch is not None:

@@ -48,7 +48,9 @@ class BookEvent(NamedTuple):
 class FullBook:
     """The book of one symbol.  Used under the market's lock."""
 
-    def __init__(self, symbol: str, symbol_json: str, seed: int, mid: int, scale: int):
+    def __init__(self, symbol: str, symbol_json: str, seed: int, mid: int, scale: int,
+                 keep: bool = True):
+        """keep: keep every event (the truth); a benchmark's rows need none."""
         self.symbol_json = symbol_json
         self.rng = random.Random(f"{seed}:{symbol}:book")
         self.styles = style_cycle(self.rng)
@@ -59,6 +61,7 @@ class FullBook:
             self.sides[ASK][mid + i] = self._size()
         self.version = FIRST_VERSION
         self.initial = (dict(self.sides[BID]), dict(self.sides[ASK]), self.version)
+        self.keep = keep
         self.events: List[BookEvent] = []  # the truth, oldest first
         self.drops = self.jump = 0  # pending faults
         self.reorder = False
@@ -90,7 +93,8 @@ class FullBook:
             sets.append(tuple(changes.values()))
         event = BookEvent(ts, first, tuple(sets))
         self.version = event.last
-        self.events.append(event)
+        if self.keep:
+            self.events.append(event)
         return event
 
     def outgoing(self, event: BookEvent) -> List[BookEvent]:

@@ -37,7 +37,7 @@ def book_update_rows(n: int, symbol: str = "BTC_USDT", seed: int = 1):
     """Yields n (mt, m) rows of a whole book's unmerged increments ('bu', one per version),
     the texts a collector stores; for benchmarks that fill tables without sending frames."""
     feed = Feed(symbol, seed, random.Random(seed), Sequences(wall_ms))
-    book = FullBook(symbol, feed.symbol_json, seed, feed.price, feed.scale)
+    book = FullBook(symbol, feed.symbol_json, seed, feed.price, feed.scale, keep=False)
     made = 0
     while made < n:
         _frames, rows = book.render([book.step(0)], merged=False)
