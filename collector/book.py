@@ -66,7 +66,6 @@ class BookKeeper:
         self.asked = False  # a snapshot is asked for and not in yet
         self.retry_at = 0.0  # monotonic; the next request waits until then
         self.answers = collections.deque()  # (row, version) from the thread
-        self.resyncs = 0
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"book-{self.name}", daemon=True)
@@ -134,8 +133,8 @@ class BookKeeper:
 
     def _snapshot(self, row, version: int) -> None:
         self.covered = max(self.covered, version)
-        if self.state == SYNCED:
-            return
+        if self.state == SYNCED or not self.held:
+            return  # a resync starts from the increments held (asked for by the first one)
         after = sorted((h for h in self.held if h.end > version), key=lambda h: h.begin)
         if after and after[0].begin > version + 1:
             log.info("book snapshot version %d is older than the increments held (from %d); "
@@ -155,7 +154,6 @@ class BookKeeper:
     def _synced(self, row, version: int, reached: int, ts: int, applied: int) -> None:
         held, self.held = len(self.held), []
         self.state, self.last_end, self.last_ts = SYNCED, reached, ts
-        self.resyncs += 1
         broke = self.broke
         self.broke = None
         log.info("book resynced: snapshot version %d, %d increments held, %d applied after it, "

@@ -7,7 +7,9 @@ Unmerged subscribers (`"compress": false`) get one push.depth frame per version,
 with the event's ms; merged ones get one frame with `begin`/`end` and each level's last size.
 So the book at an instant T is the book after every event with ts <= T, whichever way it was
 sent.  Faults for the tests: drop an event's frames, jump the version, send two events' frames
-in swapped order, delay the REST snapshot (see MexcSimulator.book_fault)."""
+in swapped order, delay the REST snapshot (see MexcSimulator.book_fault).  Once a symbol's
+whole book is open, its push.depth.full top-N snapshots are rendered from it too (market.py),
+so a collector of both sees one book."""
 import random
 import time
 from typing import List, NamedTuple, Optional, Tuple
@@ -62,6 +64,7 @@ class FullBook:
         self.version = FIRST_VERSION
         self.initial = (dict(self.sides[BID]), dict(self.sides[ASK]), self.version)
         self.keep = keep
+        self.top_version = None  # of the last push.depth.full rendered from this book
         self.events: List[BookEvent] = []  # the truth, oldest first
         self.drops = self.jump = 0  # pending faults
         self.reorder = False
@@ -149,6 +152,22 @@ class FullBook:
                 frames.append(frame)
                 rows.append(row)
         return b"".join(frames), rows
+
+    def render_top(self, ts: int, limit: int) -> tuple:
+        """push.depth.full of this book's top `limit` levels now (once a symbol's whole book
+        is open, its top-N snapshots come from it, so both channels show one book)."""
+        self.top_version = self.version
+        sides = []
+        for levels, reverse in ((self.sides[BID], True), (self.sides[ASK], False)):
+            units = sorted(levels, reverse=reverse)[:limit]
+            sides.append([self._level(Change(0, u, levels[u])) for u in units])
+        (bid_frame, bid_row), (ask_frame, ask_row) = (
+            ([f for f, _ in side], [r for _, r in side]) for side in sides)
+        data = (f'{{"asks":[{",".join(ask_frame)}],"bids":[{",".join(bid_frame)}],'
+                f'"version":{self.version}}}')
+        row = (ts, "dp", ",".join(bid_row) + "|" + ",".join(ask_row))
+        return (f'{{"symbol":{self.symbol_json},"data":{data},"channel":"push.depth.full",'
+                f'"ts":{ts}}}'), [row]
 
     def snapshot_json(self, timestamp: int, limit: Optional[int]) -> str:
         """The REST depth answer: every level (or `limit` per side), best first."""

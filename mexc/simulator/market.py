@@ -179,6 +179,11 @@ class Market:
             if not events:
                 return trades
             render = functools.partial(book.render, events)  # variant: merged
+        elif channel == "depth.full" and feed.symbol in self.books:
+            book = self.books[feed.symbol]
+            if book.version == book.top_version:
+                return trades  # nothing changed: MEXC's versions only rise
+            render = functools.partial(book.render_top, self.sequences.timestamps(feed.symbol))
         elif channel == "depth.full":
             render = functools.partial(feed.render_depth, feed.next_depth())  # variant: limit
         else:
