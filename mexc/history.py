@@ -163,8 +163,11 @@ class Archive:
             snaps = fullbook.snapshots(_ms_list(snaps), snaps.column("m").to_pylist())
             if snaps and snaps[0].ts <= min(ats):
                 break
-        first = snaps[0].ts - fullbook.CLOCK_SLACK_MS if snaps else start_ms
-        ups = self._rows(name, BOOK_CHANNEL.mt, first, end_ms, _identity)
+        # increments from the snapshot the earliest instant starts from (at most
+        # book_snapshot_interval or an hour back), not from the start of the look-back
+        base = max((s.ts for s in snaps if s.ts <= min(ats)), default=start_ms)
+        ups = self._rows(name, BOOK_CHANNEL.mt, base - fullbook.CLOCK_SLACK_MS, end_ms,
+                         _identity)
         ups = fullbook.updates(_ms_list(ups), ups.column("m").to_pylist())
         return fullbook.books_at(ats, snaps, ups)
 

@@ -133,6 +133,7 @@ def stored_version(archive, at_ms: int):
     return None if isinstance(book, Exception) else book.version
 
 
+@pytest.mark.slow  # a collector process: the quick loop stays under a minute
 @pytest.mark.one_clickhouse
 def test_both_books_agree_the_rebuilt_top_20_is_every_depth_full_snapshot(env):
     """exchange.book = "both": at each top-20 snapshot's ms, the book rebuilt from the whole
