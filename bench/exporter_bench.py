@@ -4,7 +4,7 @@ collectors hold their rows while the daemon rotates tables.
 Run from the repository root:
 
     .venv/bin/python bench/exporter_bench.py [--rows N] [--rotation-seconds S]
-                                             [--servers ch18,ch26] [--json]
+                                             [--servers ch18,ch26] [--mix live|book] [--json]
 
 Each part runs once per server (default both of the tests' servers: Debian's 18.16 and a
 current release from chdb-core, tests/chdb_server.py), and the report ends with the export
@@ -17,6 +17,9 @@ Export.  N rows (default 1,000,000) of the live mix, made by the simulator's own
 generator (mexc/simulator/feed.py): ~70% deals `price|volume|direction`, 25% depth rows with 20+20
 levels `[p,a],...|[p,a],...` (~670 chars), 5% ticker; ts spread evenly over the last complete
 UTC hour (plus 0-3 ms of jitter, so the rows are not exactly sorted), rts = ts + 2..12 ms.
+With --mix book the rows are a whole book's unmerged increments instead (`bu`, one per
+version, 1-3 levels each: mexc/simulator/book.py), as exchange.book = "full" stores them; an
+hour of ETH_USDT at its live ~2,200 frames/s is about 8,000,000 such rows.
 They go into btc_current in BATCH_ROWS-row columnar inserts (clickhouse-driver).  The table's
 size on disk is then the size of its data directory, <clickhouse>/data/data/<db>/btc_current/
 (system.parts knows nothing of StripeLog on 18.16).  Then ONE `Exporter(config).cycle()` runs
@@ -75,12 +78,14 @@ import psutil
 
 from benchlib import MEXC, MIB, BenchError, PeakMemory, percentile, verdict
 from core.store import current_table
-from mexc.simulator import live_mix_rows
+from mexc.simulator import book_update_rows, live_mix_rows
 
 HOUR_MS = 3_600_000
 SYMBOL, NAME = "BTC_USDT", "btc"
 DAEMON_SYMBOLS = ["BTC_USDT", "ETH_USDT", "SOL_USDT"]
-ROW_KINDS = ("d", "dp", "t")  # of the live mix (~70% deals, 25% depth, 5% ticker)
+ROW_KINDS = ("d", "dp", "t", "bu")  # live mix: ~70% deals, 25% depth, 5% ticker; or book
+MIXES = {"live": live_mix_rows, "book": book_update_rows}
+MIX = ["live"]  # --mix
 BATCH_ROWS = 50_000
 RSS_POLL = 0.02
 SIMULATOR_RATE = 200.0  # frames/s per (symbol, channel) stream
@@ -140,7 +145,7 @@ def row_batches(n: int, hour_ms: int, seed: int = 1):
     """n rows of the live mix over the hour from hour_ms, as columnar batches
     (ts, mt, m, rts) of up to BATCH_ROWS rows.  Row texts come from the simulator's feed."""
     rng = random.Random(seed)
-    rows = live_mix_rows(n, SYMBOL, seed)
+    rows = MIXES[MIX[0]](n, SYMBOL, seed)
     for start in range(0, n, BATCH_ROWS):
         ts, mt, m, rts = [], [], [], []
         for i, (kind, text) in zip(range(start, min(n, start + BATCH_ROWS)), rows):
@@ -427,7 +432,8 @@ def report_rows(e: dict, r: dict | None) -> list:
 def print_report(e: dict, r: dict | None, machine: dict) -> None:
     benchlib.print_machine(machine, "pyarrow", "clickhouse_driver")
     print(f"export over: {e['http_format'] or 'native protocol rows'}")
-    mix = ", ".join(f"{kind} {count / e['rows']:.0%}" for kind, count in e["mix"].items())
+    mix = ", ".join(f"{kind} {count / e['rows']:.0%}" for kind, count in e["mix"].items()
+                    if count)
     print(f"export: {e['rows']:,} rows ({mix}; {e['avg_text_bytes']:.0f} B average m) inserted "
           f"in {e['insert_s']:.1f}s ({e['rows'] / e['insert_s']:,.0f} rows/s) -> {e['file']}")
     print(f"  peak RSS: ru_maxrss {e['maxrss'] / MIB:.0f} MiB, sampled every "
@@ -502,7 +508,10 @@ def main(argv=None) -> int:
     parser.add_argument("--servers", type=lambda s: s.split(","), default=["ch18", "ch26"],
                         help="comma-separated servers of tests/chdb_server.py SERVERS "
                              "(default ch18,ch26)")
+    parser.add_argument("--mix", choices=sorted(MIXES), default="live",
+                        help="rows of the live mix, or a whole book's increments (default live)")
     args = benchlib.parse_args(parser, argv)
+    MIX[0] = args.mix
     if args.rows < 1:
         parser.error("--rows must be at least 1")
     return benchlib.main("exporter_bench", run, args)

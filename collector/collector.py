@@ -13,6 +13,10 @@ moving us to a new exit), is replaced by opening and subscribing the new connect
 both are read until the new one delivers everything the old one would (collector/overlap.py
 stores each event once), then the old one is closed (`exchange.make_before_break`).
 
+With the whole book (exchange.book "full" or "both"), each increment's versions are checked
+as it is stored (collector/book.py, after a handover's overlap has dropped the doubles), and
+the REST snapshots it fetches are stored with the frames' rows.
+
 At live rates a collector has almost nothing to do, and every wake-up of a thread costs about
 as much as parsing a frame: so the loop blocks on the socket until the next of those deadlines
 is due (or a frame arrives), never on a fixed tick, and the bus thread sleeps until its next
@@ -32,18 +36,19 @@ import websocket
 
 from bus.rotation import Holder
 from collector import wire
-from collector.backfill import Backfill
+from collector.backfill import Backfill, RateBudget
+from collector.book import BookKeeper
 from collector.connection import OP_CLOSE, OP_TEXT, FrameReader, open_websocket
 from collector.gaps import GapLedger
 from collector.overlap import NEW, OLD, Overlap
 from collector.spool import Spool
 from collector.writer import RowWriter
 from core import archive
-from core.channels import CHANNELS, Channel
+from core.channels import BOOK_CHANNEL, Channel, channels_for
 from core.log import set_level
 from core.process import STOP_SIGNALS
 from core.store import COPY_LOG
-from core.vocabulary import (COLLECTOR, DEAD_LETTER, GAP_COLLECTOR_RESTART,
+from core.vocabulary import (BOOK_SNAPSHOT, COLLECTOR, DEAD_LETTER, GAP_COLLECTOR_RESTART,
                              GAP_DEAD_SOCKET, GAP_DISCONNECT, GAP_EXCHANGE_ERROR, GAP_STALL,
                              GAP_TOR_RESTART, MESSAGE_TYPES, ChildId)
 
@@ -116,7 +121,9 @@ class Collector:
         self.replace_asked: Optional[str] = None  # why a replacement was asked for (SIGUSR1)
         now = time.monotonic()
         # kept across connections: a channel's rhythm is the symbol's, not the socket's
-        self.channels = {channel.name: _ChannelWatch(channel, now) for channel in CHANNELS}
+        self.book_kind = config.book(self.sym)  # exchange.book: "top", "full" or "both"
+        self.channels = {channel.name: _ChannelWatch(channel, now)
+                         for channel in channels_for(self.book_kind)}
         self.stale_after = None  # s of silence on every channel that make a socket stale
         self.rhythm_bucket = self.ex["rhythm_window"] / RHYTHM_BUCKETS
         self.next_roll = now + self.rhythm_bucket
@@ -132,7 +139,8 @@ class Collector:
         # this host's own files: in a cluster its copies, not the merged files (other hosts'
         # rows would hide its own gaps and trades)
         files_dir = archive.own_files_dir(config.export["dir"], config.clustered)
-        self.backfill = (Backfill(self.ex, self.sym, socks_proxy, self.writer, files_dir)
+        budget = RateBudget()  # MEXC's REST limit, shared by backfill and book snapshots
+        self.backfill = (Backfill(self.ex, self.sym, socks_proxy, self.writer, files_dir, budget)
                          if self.ex["backfill"] else None)
         self.paths = 0  # sockets replaced for silence: each goes through a fresh circuit
         self.gaps = GapLedger(self.sym, ch, self.writer, self.ex["silent_alarm"],
@@ -143,6 +151,8 @@ class Collector:
                               files_log=COPY_LOG if config.clustered else "export_log")
         self.depth_versions = {}  # symbol -> the last depth.full version stored (wire.parse)
         self.handovers = 0  # connections replaced without a break
+        self.book = (BookKeeper(self.ex, self.sym, socks_proxy, budget, self.gaps, ch, files_dir)
+                     if BOOK_CHANNEL.name in self.channels else None)
         self.batch = []  # the rows of the current read
         self.child_id = ChildId(COLLECTOR, self.sym.name)
 
@@ -157,6 +167,8 @@ class Collector:
                      self.writer.spool.rows)
         self.writer.start()
         self.gaps.start()
+        if self.book is not None:
+            self.book.start()
         bus_thread = None
         if self.bus is not None:
             bus_thread = threading.Thread(target=self._bus_loop, name="bus", daemon=True)
@@ -205,6 +217,8 @@ class Collector:
     def _shutdown(self) -> int:
         log.info("stopping: storing %d buffered rows", self.writer.buffered_rows() + len(self.batch))
         self._flush()
+        if self.book is not None:
+            self.book.stop()
         self.gaps.stop()
         self.writer.stop(STOP_GRACE)
         self._log_stats(time.monotonic())
@@ -217,6 +231,8 @@ class Collector:
     def _session(self) -> None:
         self._use(self._dial())
         self.replace_asked, self.tail = None, None  # a new connection already
+        if self.book is not None:  # a break: the increments must be synced again
+            self.book.reconnected()
         try:
             self._receive()
         finally:
@@ -238,7 +254,8 @@ class Collector:
         try:
             self._on_connected()
             for request in wire.subscribe_requests(self.sym.symbol, self.ex["depth_limit"],
-                                                   self.ex["merge_deals"]):
+                                                   self.ex["merge_deals"], self.book_kind,
+                                                   self.ex["book_merge"]):
                 ws.send(request)
         except BaseException:
             ws.close(timeout=0.5)
@@ -253,8 +270,9 @@ class Collector:
             return
         self.paths += 1
         self.socks_proxy = (*self.socks_proxy[:2], f"{self.sym.name}-{os.getpid()}-{self.paths}")
-        if self.backfill is not None:
-            self.backfill.socks_proxy = self.socks_proxy
+        for fetcher in (self.backfill, self.book):
+            if fetcher is not None:
+                fetcher.socks_proxy = self.socks_proxy
         log.info("replacing the %s socket now, through a fresh circuit", what)
 
     def _on_connected(self) -> None:
@@ -317,6 +335,8 @@ class Collector:
                     self._read(link)
                 self._maybe_hand_over(time.monotonic())
             now = time.monotonic()
+            if self.book is not None and self._book_snapshots(now):
+                self._flush()
 
     def _read(self, link: "_Link") -> None:
         """What one recv() brought on `link`.  During a handover a connection that fails is
@@ -380,6 +400,8 @@ class Collector:
                                                    kind, rows)
             elif self.tail is not None:
                 rows = self._after_handover(kind, rows, now)
+            if rows and self.book is not None and kind == BOOK_CHANNEL.name:
+                self.book.on_increment(rows[0])
             self.batch.extend(rows)
             self.stats.rows[watch.mt] += len(rows)
             last = watch.last_data
@@ -400,6 +422,14 @@ class Collector:
                 self.gaps.hint(GAP_EXCHANGE_ERROR, rows[0][2][:200])
             else:
                 log.warning("dead letter stored: %s", kind[len(wire.DEAD) + 1:][:200])
+
+    def _book_snapshots(self, now: float) -> int:
+        """The whole book's REST snapshots that came in, stored like the frames' rows."""
+        rows = self.book.poll(now)
+        if rows:
+            self.batch.extend(rows)
+            self.stats.rows[BOOK_SNAPSHOT] += len(rows)
+        return len(rows)
 
     def _keepalive(self, now: float) -> None:
         """The pings when due, the dead- and stale-socket checks, the silent-channel alarms."""

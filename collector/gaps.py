@@ -6,6 +6,8 @@ The receive loop tells the ledger what happens, each with one small call:
   hint(reason, detail)  something that explains a gap open now or opening within HINT_TTL
                         seconds (an exchange error; the supervisor's word that our tor was
                         restarted, from the bus thread)
+  book_resync(...)      the whole book's versions broke and a snapshot resynced them
+                        (collector/book.py): a closed gap of its own, with no backfill
 A gap opens when the connection is lost (its start: the newest exchange ts seen before it) or
 when the process starts (its start: what was stored last, read back from ClickHouse or from
 an exported hour's file, since a SIGKILLed process left no word; its reason comes from whoever
@@ -41,7 +43,7 @@ from core.clock import HOUR_MS
 from core.log import first_line
 from core.process import write_json_atomic
 from core.store import Store
-from core.vocabulary import GAP_STALL, Gap, Row
+from core.vocabulary import GAP_BOOK_RESYNC, GAP_STALL, Gap, Row
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +195,13 @@ class GapLedger:
         else:
             self.hinted = (reason, detail, time.monotonic() + HINT_TTL)
 
+    def book_resync(self, start_ms: int, end_ms: int, detail: str) -> None:
+        """The whole book was unknown from start_ms (the last increment in sequence) to
+        end_ms (the snapshot that resynced it); recorded like any closed gap."""
+        gap = OpenGap(start_ms, GAP_BOOK_RESYNC, detail, end_ms, time.monotonic(), fetched=[])
+        self.journal.add(gap)
+        self.closed.put(gap)
+
     def _hinted(self):
         hinted = self.hinted
         if hinted is not None and time.monotonic() < hinted[2]:
@@ -253,7 +262,8 @@ class GapLedger:
                     return Outcome.NO_GAP
                 gap.start_ms = start_ms
             gap.end_ms = max(gap.end_ms, gap.start_ms)
-            backfilled, covered = self._backfill(gap.fetched, gap)
+            backfilled, covered = ((0, True) if gap.reason == GAP_BOOK_RESYNC  # no trade missed
+                                   else self._backfill(gap.fetched, gap))
             if backfilled:  # a reader of the record finds its rows (stopping: they are spooled)
                 self._wait_written()
             record = Gap(self.symbol, self.name, gap.start_ms, gap.end_ms, gap.reason,

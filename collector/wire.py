@@ -10,10 +10,11 @@ import json
 import zlib
 from typing import Optional
 
-from core.channels import (CHANNELS, DEAL_CHANNEL, DEAL_LAYOUT, DEPTH_CHANNEL,
-                           DEPTH_LAYOUT, TICKER_CHANNEL, TICKER_LAYOUT, deal_text, depth_text,
-                           ticker_text)
-from core.vocabulary import DEAD_LETTER
+from core.channels import (BOOK_CHANNEL, BOOK_SNAPSHOT_LAYOUT, BOOK_UPDATE_LAYOUT, CHANNELS,
+                           DEAL_CHANNEL, DEAL_LAYOUT, DEPTH_CHANNEL, DEPTH_LAYOUT,
+                           TICKER_CHANNEL, TICKER_LAYOUT, book_snapshot_text, book_update_text,
+                           channels_for, deal_text, depth_text, ticker_text)
+from core.vocabulary import BOOK_SNAPSHOT, DEAD_LETTER
 
 DEAD_LETTER_CHARS = 500
 MAX_INFLATED_BYTES = 16 * 1024 * 1024  # a compressed frame may not inflate beyond this
@@ -30,14 +31,18 @@ class BadFrame(Exception):
     """The frame cannot become a data row; its message says why."""
 
 
-def subscribe_requests(symbol: str, depth_limit: int = 20, merge_deals: bool = False):
-    """The subscription frames, one per channel of core/channels.py.  MEXC merges the prints
-    of the deal stream unless sub.deal says "compress": false; merge_deals keeps its default."""
+def subscribe_requests(symbol: str, depth_limit: int = 20, merge_deals: bool = False,
+                       book: str = "top", book_merge: bool = False):
+    """The subscription frames, one per channel of core/channels.py that `book` (exchange.book)
+    collects.  MEXC merges the prints of the deal stream, and the whole book's increments,
+    unless the request says "compress": false; merge_deals and book_merge keep its default."""
     deal = {"symbol": symbol} if merge_deals else {"symbol": symbol, "compress": False}
     params = {TICKER_CHANNEL: {"symbol": symbol}, DEAL_CHANNEL: deal,
-              DEPTH_CHANNEL: {"symbol": symbol, "limit": depth_limit}}
+              DEPTH_CHANNEL: {"symbol": symbol, "limit": depth_limit},
+              BOOK_CHANNEL: {"symbol": symbol} if book_merge else {"symbol": symbol,
+                                                                   "compress": False}}
     return [json.dumps({"method": f"sub.{channel.name}", "param": params[channel]})
-            for channel in CHANNELS]
+            for channel in channels_for(book)]
 
 
 def parse(payload, rts: int, symbol: str, depth_versions: Optional[dict] = None):
@@ -156,6 +161,56 @@ def _depth_rows(frame: dict, rts: int, symbol: str):
     return [(_ms(frame["ts"]), DEPTH_CHANNEL.mt, m, rts)]
 
 
+def _book_rows(frame: dict, rts: int, symbol: str):
+    """An increment of the whole book: one row, its versions first (begin = end = version
+    when unmerged)."""
+    _check_symbol(frame, symbol)
+    data = frame["data"]
+    version = data["version"]
+    begin, end = data.get("begin", version), data.get("end", version)
+    if type(begin) is not int or type(end) is not int or not 0 <= begin <= end:
+        raise BadFrame(f"versions begin={begin!r:.30} end={end!r:.30} are not rising integers")
+    m = book_update_text(begin, end, _side(data, "bids"), _side(data, "asks"))
+    if not BOOK_UPDATE_LAYOUT.fits(m):
+        raise BadFrame(f"depth levels are not [price, size, ...] numbers: {m[:80]!r}")
+    return [(_ms(frame["ts"]), BOOK_CHANNEL.mt, m, rts)]
+
+
+def book_versions(m: str):
+    """(begin, end) of an increment row's m."""
+    begin, end, _rest = m.split("|", 2)
+    return int(begin), int(end)
+
+
+def depth_snapshot_path(symbol: str) -> str:
+    """The REST request for the whole book with its version."""
+    return f"/api/v1/contract/depth/{symbol}"
+
+
+def depth_snapshot_row(body: bytes, rts: int):
+    """The answer to depth_snapshot_path() -> (a BOOK_SNAPSHOT row, its version).  The row's ts
+    is the answer's `timestamp` (the exchange's ms of the book), else rts.  Raises BadFrame
+    for a failure answer or bad fields."""
+    try:
+        answer = _decode(body.decode())
+    except (ValueError, UnicodeDecodeError):
+        raise BadFrame(f"not JSON: {body[:120]!r}") from None
+    if type(answer) is not dict or answer.get("success") is not True \
+            or type(answer.get("data")) is not dict:
+        raise BadFrame(f"not a successful answer: {body[:200]!r}")
+    data = answer["data"]
+    try:
+        version, stamp = data["version"], data.get("timestamp", rts)
+        if type(version) is not int or version < 0:
+            raise BadFrame(f"version {version!r:.30} is not an integer")
+        m = book_snapshot_text(version, _side(data, "bids"), _side(data, "asks"))
+    except (KeyError, TypeError, IndexError) as e:
+        raise BadFrame(f"the snapshot does not fit: {_reason(e)}") from None
+    if not BOOK_SNAPSHOT_LAYOUT.fits(m):
+        raise BadFrame(f"depth levels are not [price, size, ...] numbers: {m[:80]!r}")
+    return (_ms(stamp), BOOK_SNAPSHOT, m, rts), version
+
+
 def _stale_version(frame: dict, depth_versions: Optional[dict], symbol: str) -> str:
     """Why the snapshot is stale ("" when it is not); remembers a newer version."""
     version = frame["data"].get("version")
@@ -221,5 +276,6 @@ def _reason(e: Exception) -> str:
 
 
 # each channel's parser: push frame -> its rows
-_ROWS = {TICKER_CHANNEL: _ticker_rows, DEAL_CHANNEL: _deal_rows, DEPTH_CHANNEL: _depth_rows}
-_PUSHES = {channel.push: channel for channel in CHANNELS}
+_ROWS = {TICKER_CHANNEL: _ticker_rows, DEAL_CHANNEL: _deal_rows, DEPTH_CHANNEL: _depth_rows,
+         BOOK_CHANNEL: _book_rows}
+_PUSHES = {channel.push: channel for channel in (*CHANNELS, BOOK_CHANNEL)}

@@ -11,7 +11,7 @@ import time
 from typing import Counter, Iterable, List, Optional, Tuple
 
 from core.clock import HOUR_MS
-from core.vocabulary import DEAD_LETTER, DEAL, GAP_COLUMNS, Gap
+from core.vocabulary import BOOK_UPDATE, DEAD_LETTER, DEAL, GAP_COLUMNS, Gap
 
 BATCH_ROWS = 65_536
 # metadata key of an hour file (and of mexc/history.py's answers): the gap ledger's records
@@ -88,3 +88,19 @@ def newest_data_ms(export_dir: str, name: str, hour_ms: int, before_ms: int) -> 
     kept = ms.filter(pc.and_(pc.not_equal(table.column("mt").cast(pa.string()), DEAD_LETTER),
                              pc.less(ms, before_ms)))
     return pc.max(kept).as_py() if len(kept) else None
+
+
+def newest_book_update(export_dir: str, name: str, hour_ms: int) -> Optional[Tuple[int, str]]:
+    """(ts ms, m) of the newest whole-book increment in an hour's file (None: it has none);
+    OSError when the file is not there."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(hour_path(export_dir, name, hour_ms)) as hour_file:
+        table = hour_file.read(columns=["ts", "mt", "m"])
+    table = table.filter(pc.equal(table.column("mt").cast(pa.string()), BOOK_UPDATE))
+    if not table.num_rows:
+        return None
+    last = table.num_rows - 1  # the file is in ts order
+    return table.column("ts").cast(pa.int64())[last].as_py(), table.column("m")[last].as_py()

@@ -13,7 +13,7 @@ collector/wire.py, and its test.  `mexc status` counts rows per message type.
 import re
 from typing import Callable, NamedTuple, Optional, Tuple
 
-from core.vocabulary import DEAL, DEPTH, TICKER
+from core.vocabulary import BOOK_SNAPSHOT, BOOK_UPDATE, DEAL, DEPTH, TICKER
 
 FIELD_SEPARATOR = "|"  # between the fields of every layout
 # a depth side: up to DEPTH_LEVELS levels, best first, each "[price,size]", joined by ","
@@ -41,6 +41,13 @@ DEAL_LAYOUT = Layout(("price", "volume", "side"),
                      re.compile(rf"{_NUM}\|{_NUM}\|[12](?:\|[0-9]+)?").fullmatch)
 DEAL_ID_FIELD = len(DEAL_LAYOUT.fields)  # the id's index among a deal's fields
 DEPTH_LAYOUT = Layout(("bids", "asks"), re.compile(rf"{_LEVELS}\|{_LEVELS}").fullmatch)
+# The whole book.  An increment: the versions it takes the book from begin to end (equal when
+# unmerged), then the levels it sets, each side in the frame's order (not sorted), size 0
+# deleting the level.  A snapshot: its version, then every level, best first.
+BOOK_UPDATE_LAYOUT = Layout(("begin", "end", "bids", "asks"),
+                            re.compile(rf"[0-9]+\|[0-9]+\|{_LEVELS}\|{_LEVELS}").fullmatch)
+BOOK_SNAPSHOT_LAYOUT = Layout(("version", "bids", "asks"),
+                              re.compile(rf"[0-9]+\|{_LEVELS}\|{_LEVELS}").fullmatch)
 
 
 # The writers.  f-strings, not format templates: they run once per row on the collector's hot
@@ -72,6 +79,19 @@ def _side_text(levels: list) -> str:
     return ",".join([f"[{level[0]},{level[1]}]" for level in levels[:DEPTH_LEVELS]])
 
 
+def book_update_text(begin: int, end: int, bids: list, asks: list) -> str:
+    """An increment's versions and every level it sets ([price, size, ...] lists)."""
+    return f"{begin}|{end}|{_all_levels(bids)}|{_all_levels(asks)}"
+
+
+def book_snapshot_text(version: int, bids: list, asks: list) -> str:
+    return f"{version}|{_all_levels(bids)}|{_all_levels(asks)}"
+
+
+def _all_levels(levels: list) -> str:
+    return ",".join([f"[{level[0]},{level[1]}]" for level in levels])
+
+
 class Channel(NamedTuple):
     """A MEXC channel: `sub.{name}` subscribes to it, `push.{name}` frames carry its data."""
     name: str
@@ -87,4 +107,14 @@ TICKER_CHANNEL = Channel("ticker", TICKER, TICKER_LAYOUT)
 DEAL_CHANNEL = Channel("deal", DEAL, DEAL_LAYOUT)
 DEPTH_CHANNEL = Channel("depth.full", DEPTH, DEPTH_LAYOUT)
 CHANNELS = (TICKER_CHANNEL, DEAL_CHANNEL, DEPTH_CHANNEL)  # in the order subscribed
-BY_NAME = {channel.name: channel for channel in CHANNELS}
+BOOK_CHANNEL = Channel("depth", BOOK_UPDATE, BOOK_UPDATE_LAYOUT)  # the whole book's increments
+BY_NAME = {channel.name: channel for channel in (*CHANNELS, BOOK_CHANNEL)}
+
+
+def channels_for(book: str) -> tuple:
+    """The channels of a symbol collecting exchange.book = book: "top" the top-N snapshots
+    (CHANNELS, as before the whole book existed), "full" the increments instead, "both"."""
+    if book == "top":
+        return CHANNELS
+    full = (TICKER_CHANNEL, DEAL_CHANNEL, BOOK_CHANNEL)
+    return full if book == "full" else (*CHANNELS, BOOK_CHANNEL)

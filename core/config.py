@@ -35,6 +35,9 @@ SCHEMA = {
         "overlap_max": (float, 10.0),  # s both connections are read at most during a handover
         "depth_limit": (int, 20),
         "merge_deals": (bool, False),
+        "book": (str, "top"),  # "top": depth.full snapshots; "full": sub.depth + REST; "both"
+        "book_merge": (bool, False),  # sub.depth as MEXC merges it (compress), or every change
+        "book_snapshot_interval": (float, 300.0),  # s between REST snapshots of a full book
         "rest_url": (str, ""),  # "": the WebSocket's host (rest_url_of), contract.mexc.com
         "backfill": (bool, True),
         "connect_timeout": (float, 10.0),
@@ -123,6 +126,7 @@ RENAMED = {
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEPTH_LIMITS = (5, 10, 20)
+BOOKS = ("top", "full", "both")  # exchange.book: the top-20 snapshots, the whole book, or both
 
 
 class ConfigError(Exception):
@@ -133,6 +137,7 @@ class ConfigError(Exception):
 class Symbol:
     symbol: str  # exchange contract, e.g. BTC_USDT
     name: str  # short name for tables and files, e.g. btc
+    book: str = ""  # its own exchange.book ("top", "full", "both"); "": the exchange's
 
 
 @dataclass
@@ -152,6 +157,10 @@ class Config:
     cluster: dict
     # what an operator should change in the file (old keys still read); logged at every load
     warnings: List[str] = field(default_factory=list)
+
+    def book(self, symbol: Symbol) -> str:
+        """Which order book the symbol collects: its own `book`, else exchange.book."""
+        return symbol.book or self.exchange["book"]
 
     def symbol(self, symbol: str) -> Symbol:
         for s in self.symbols:
@@ -272,7 +281,7 @@ def _symbols(entries, path: str) -> List[Symbol]:
                           'like ["BTC_USDT"]')
     symbols, seen_names, seen_symbols = [], {}, set()
     for entry in entries:
-        symbol, name = _symbol_entry(entry, path)
+        symbol, name, book = _symbol_entry(entry, path)
         if not SYMBOL_RE.match(symbol):
             raise ConfigError(f"{path}: symbols: {symbol!r} is not a contract like BTC_USDT")
         if not NAME_RE.match(name):
@@ -284,7 +293,9 @@ def _symbols(entries, path: str) -> List[Symbol]:
                               f"name {name!r}; give one a name = \"...\"")
         seen_symbols.add(symbol)
         seen_names[name] = symbol
-        symbols.append(Symbol(symbol, name))
+        if book not in ("", *BOOKS):
+            raise ConfigError(f"{path}: symbols: {symbol}: book must be one of {BOOKS}")
+        symbols.append(Symbol(symbol, name, book))
     return symbols
 
 
@@ -293,19 +304,21 @@ def default_name(symbol: str) -> str:
     return symbol.split("_", 1)[0].lower()
 
 
-def _symbol_entry(entry, path: str) -> Tuple[str, str]:
+def _symbol_entry(entry, path: str) -> Tuple[str, str, str]:
     if isinstance(entry, str):
-        return entry, default_name(entry)
+        return entry, default_name(entry), ""
     if isinstance(entry, dict):
-        extra = set(entry) - {"symbol", "name"}
+        extra = set(entry) - {"symbol", "name", "book"}
         if extra or not isinstance(entry.get("symbol"), str):
             raise ConfigError(f"{path}: symbols: {entry!r}: expected {{symbol = \"BTC_USDT\", "
-                              "name = \"btc\"}")
+                              "name = \"btc\", book = \"full\"}")
         symbol = entry["symbol"]
         name = entry.get("name", default_name(symbol))
         if not isinstance(name, str):
             raise ConfigError(f"{path}: symbols: {symbol}: name must be a string")
-        return symbol, name
+        if not isinstance(entry.get("book", ""), str):
+            raise ConfigError(f"{path}: symbols: {symbol}: book must be a string")
+        return symbol, name, entry.get("book", "")
     raise ConfigError(f"{path}: symbols: {entry!r}: expected a contract name or "
                       "{symbol = ..., name = ...}")
 
@@ -318,6 +331,10 @@ def _check_values(s: dict, path: str) -> None:
         bad("exchange.url", "must start with ws:// or wss://")
     if not s["exchange"]["rest_url"].startswith(("http://", "https://")):
         bad("exchange.rest_url", "must start with http:// or https://")
+    if s["exchange"]["book"] not in BOOKS:
+        bad("exchange.book", f"must be one of {BOOKS}")
+    if s["exchange"]["book_snapshot_interval"] < 0:
+        bad("exchange.book_snapshot_interval", "must be >= 0 (0: only at starts, breaks, hours)")
     if s["exchange"]["depth_limit"] not in DEPTH_LIMITS:
         bad("exchange.depth_limit", f"must be one of {DEPTH_LIMITS}")
     if s["exchange"]["ping_interval"] <= 0 or s["exchange"]["dead_after"] <= s["exchange"]["ping_interval"]:

@@ -43,8 +43,8 @@ from clickhouse_driver import Client
 from clickhouse_driver.errors import ServerException
 
 from core.clock import HOUR_MS
-from core.vocabulary import (DEAD_LETTER, DEAL, GAP_COLUMNS, MESSAGE_TYPES, ROW_COLUMNS, Gap,
-                             Row)
+from core.vocabulary import (BOOK_UPDATE, DEAD_LETTER, DEAL, GAP_COLUMNS, MESSAGE_TYPES,
+                             ROW_COLUMNS, Gap, Row)
 
 if TYPE_CHECKING:  # imported where Arrow is used: the supervisor and collectors never load it
     import pyarrow as pa
@@ -60,7 +60,8 @@ MT_ENUM = "Enum8(" + ", ".join(f"'{mt}' = {i}" for i, mt in enumerate(MESSAGE_TY
 # to this at its start (Store.setup(migrate=True)); one meeting a newer refuses (SchemaTooNew).
 # A new message type changes MT_ENUM: raise this, and the start rebuilds every rows table
 # whose mt is not MT_ENUM (StripeLog cannot ALTER a column, on either release).
-SCHEMA_VERSION = 2
+# 3: mt has the whole book's types, 'bu' and 'bs'.
+SCHEMA_VERSION = 3
 BLOCK_ROWS = 65536
 # clickhouse-driver gives each connection a read and a write buffer of this size, zero-filled
 # when it connects: its default, 1 MiB each, made 2 MiB of every session private memory, and a
@@ -751,6 +752,20 @@ class Store:
         return self._one(
             f"SELECT max({f.ms('hour_start')}) FROM {self._table(self.files_log)} "
             f"WHERE symbol = %(symbol)s{before}", {"symbol": symbol}) or None
+
+    def newest_book_update(self, name: str) -> Optional[Tuple[int, str]]:
+        """(ts ms, m) of the newest whole-book increment in the tables ({name}_current and
+        {name}_previous), None when there is none: where a restarted collector's book broke."""
+        names = [current_table(name), previous_table(name)]
+        if not any(self.exists(table) for table in names):
+            return None
+        f = self.features
+        rows = self.client.execute(
+            f"SELECT {f.ms()}, m FROM merge(%(db)s, %(tables)s) WHERE mt = %(mt)s "
+            f"ORDER BY {f.ms()} DESC LIMIT 1",
+            {"db": self.database, "tables": "^(" + "|".join(map(re.escape, names)) + ")$",
+             "mt": BOOK_UPDATE})
+        return tuple(rows[0]) if rows else None
 
     def deals_between(self, name: str, start_ms: int, end_ms: int) -> List[Tuple[int, str]]:
         """(ts, m) of every deal row stored for a symbol with start_ms <= ts <= end_ms, in

@@ -2,7 +2,8 @@
 
 A row is what one exchange message becomes and what ClickHouse and the Parquet files store:
   ts   event time at the exchange, ms since the epoch, UTC
-  mt   message type: TICKER 't', DEAL 'd', DEPTH 'dp', DEAD_LETTER 'dl'
+  mt   message type: TICKER 't', DEAL 'd', DEPTH 'dp', DEAD_LETTER 'dl', BOOK_UPDATE 'bu',
+       BOOK_SNAPSHOT 'bs'
   m    the message text, the exchange's own number text (layouts: core/channels.py)
   rts  local receive time, ms since the epoch, UTC
 
@@ -12,9 +13,11 @@ Children of the supervisor are named by ChildId: `collector-btc`, `tor-btc`, `ex
 from typing import NamedTuple, Optional
 
 TICKER, DEAL, DEPTH, DEAD_LETTER = "t", "d", "dp", "dl"
+# the whole book: an increment of sub.depth, and a REST depth snapshot
+BOOK_UPDATE, BOOK_SNAPSHOT = "bu", "bs"
 # The order is ClickHouse's Enum8 (t = 1, ...): a new type is appended.  Which channel's rows
 # have which type, and how their m is spelled: core/channels.py.
-MESSAGE_TYPES = (TICKER, DEAL, DEPTH, DEAD_LETTER)
+MESSAGE_TYPES = (TICKER, DEAL, DEPTH, DEAD_LETTER, BOOK_UPDATE, BOOK_SNAPSHOT)
 
 
 class Row(NamedTuple):
@@ -45,8 +48,13 @@ GAP_COLLECTOR_RESTART = "collector_restart"  # the collector was stopped and sta
 GAP_COLLECTOR_CRASH = "collector_crash"  # the collector died (crash, SIGKILL) and came back
 GAP_TOR_RESTART = "tor_restart"          # the symbol's tor was restarted
 GAP_DAEMON_RESTART = "daemon_restart"    # the whole daemon was down
+# The whole book's versions broke (a missed or out-of-order increment, a reconnect, a restart)
+# and a REST snapshot resynced it: the book is unknown between the two sides; the
+# subscription itself may have stayed live (so it does not count against completeness).
+GAP_BOOK_RESYNC = "book_resync"
 GAP_REASONS = (GAP_DISCONNECT, GAP_DEAD_SOCKET, GAP_STALL, GAP_EXCHANGE_ERROR,
-               GAP_COLLECTOR_RESTART, GAP_COLLECTOR_CRASH, GAP_TOR_RESTART, GAP_DAEMON_RESTART)
+               GAP_COLLECTOR_RESTART, GAP_COLLECTOR_CRASH, GAP_TOR_RESTART, GAP_DAEMON_RESTART,
+               GAP_BOOK_RESYNC)
 
 
 class Gap(NamedTuple):

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from core import __version__, pidlock
 from core.archive import GAPS_KEY, gaps_json
 from core.clock import HOUR_MS
+from core.vocabulary import GAP_BOOK_RESYNC
 
 SCHEMA = pa.schema([
     pa.field("ts", pa.timestamp("ms", tz="UTC"), nullable=False),
@@ -36,8 +37,10 @@ COMPLETENESS_KEY = b"mexc.completeness"  # seconds with a live subscription / 36
 
 
 def completeness(gaps: Sequence, hour_ms: int) -> str:
-    """The share of the hour not inside any gap (gaps may overlap), as decimal text."""
-    spans = sorted((max(g.start_ms, hour_ms), min(g.end_ms, hour_ms + HOUR_MS)) for g in gaps)
+    """The share of the hour not inside any gap (gaps may overlap), as decimal text.  A book
+    resync is not a gap of the subscription: it does not count."""
+    spans = sorted((max(g.start_ms, hour_ms), min(g.end_ms, hour_ms + HOUR_MS)) for g in gaps
+                   if g.reason != GAP_BOOK_RESYNC)
     lost, reached = 0, hour_ms
     for start, end in spans:
         start = max(start, reached)

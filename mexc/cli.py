@@ -348,7 +348,9 @@ def _demo(args, _config) -> int:
 HISTORY_KINDS = {
     "trades": "every trade: ts, price, volume, side (buy/sell), rts",
     "book": "order-book snapshots: one row per level (ts, side, level, price, size, rts); "
-            "Parquet keeps each snapshot's levels as lists unless --per-level",
+            "Parquet keeps each snapshot's levels as lists unless --per-level.  With --at T: "
+            "the whole book at that instant, rebuilt from the nearest whole-book snapshot and "
+            "the increments after it (exchange.book \"full\" or \"both\")",
     "ticker": "tickers: ts, last_price, fair_price, index_price, hold_vol, funding_rate, rts",
     "bars": "OHLCV bars from the trades: ts, open, high, low, close, volume, vwap, trades, "
             "buy_volume, sell_volume, gap (the interval overlaps a gap in the data)",
@@ -365,7 +367,7 @@ def _add_history_commands(commands, common) -> None:
                         "unless a zone is given), relative (-2h, -30m, -1d) or now.",
             epilog="Exit codes: 0 ok, 1 failure, 2 usage, 78 bad configuration.")
         command.add_argument("symbol", help="contract (BTC_USDT) or its short name (btc)")
-        command.add_argument("--from", dest="start", required=True, metavar="T",
+        command.add_argument("--from", dest="start", required=kind != "book", metavar="T",
                              help="start of the range (inclusive)")
         command.add_argument("--to", dest="end", default="now", metavar="T",
                              help="end of the range (exclusive; default now)")
@@ -381,6 +383,8 @@ def _add_history_commands(commands, common) -> None:
             command.add_argument("--exact", action="store_true",
                                  help="numbers as exact decimals, not float64")
         if kind == "book":
+            command.add_argument("--at", metavar="T", help="the whole book at this instant "
+                                 "(instead of --from/--to)")
             command.add_argument("--levels", type=int, default=20, help="levels per side (20)")
             command.add_argument("--per-level", action="store_true",
                                  help="one row per level in Parquet too")
@@ -413,6 +417,16 @@ def _history_request(args, output: str):
 
     if output == "parquet" and not args.out:
         raise history.HistoryError("--format parquet needs --out PATH")
+    if args.kind == "book" and (args.at is None) == (args.start is None):
+        raise history.HistoryError("book needs --from T (snapshots of a range) or --at T (the "
+                                   "whole book at an instant), not both")
+    if args.kind == "book" and args.at is not None:
+        if args.exact:
+            raise history.HistoryError("--at rebuilds the book in float64; --exact does not apply")
+        if args.levels < 1:
+            raise history.HistoryError("--levels must be at least 1")
+        return history.parse_time(args.at), None, {
+            "levels": args.levels, "full": True, "per_level": args.per_level or output != "parquet"}
     start, end = history.parse_time(args.start), history.parse_time(args.end)
     if end <= start:
         raise history.HistoryError(f"--to must be after --from ({args.start} .. {args.end})")
@@ -432,7 +446,7 @@ def _relative_times(argv: list) -> list:
     '-' for an option."""
     argv = list(argv)
     for i, word in enumerate(argv[:-1]):
-        if word in ("--from", "--to", "--since") and argv[i + 1].startswith("-"):
+        if word in ("--from", "--to", "--since", "--at") and argv[i + 1].startswith("-"):
             argv[i:i + 2] = [f"{word}={argv[i + 1]}", None]
     return [word for word in argv if word is not None]
 

@@ -39,9 +39,11 @@ from core import archive, clock, config as configuration
 from core.clock import HOUR_MS, hour_start, iso
 from core.log import first_line
 from core.store import Store
-from core.channels import (DEAL_CHANNEL, DEAL_SIDES, DEPTH_CHANNEL, FIELD_SEPARATOR, LEVEL_CLOSE,
-                           LEVEL_FIELDS, LEVEL_OPEN, LEVEL_SEPARATOR, TICKER_CHANNEL, Layout)
-from core.vocabulary import Gap
+from core.channels import (BOOK_CHANNEL, DEAL_CHANNEL, DEAL_SIDES,
+                           DEPTH_CHANNEL, FIELD_SEPARATOR, LEVEL_CLOSE, LEVEL_FIELDS, LEVEL_OPEN,
+                           LEVEL_SEPARATOR, TICKER_CHANNEL, Layout)
+from core.vocabulary import BOOK_SNAPSHOT, Gap
+from mexc import fullbook
 
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
 EXACT = pa.decimal128(38, 18)
@@ -123,13 +125,58 @@ class Archive:
         return self._typed(symbol, TICKER_CHANNEL.mt, start, end,
                            lambda raw: _ticker(raw, exact))
 
-    def book(self, symbol: str, start, end, levels: int = 20, per_level: bool = False,
-             exact: bool = False) -> pa.Table:
+    def book(self, symbol: str, start, end=None, levels: int = 20, per_level: bool = False,
+             exact: bool = False, full: bool = False) -> pa.Table:
         """Order-book snapshots: ts, bid_price, bid_size, ask_price, ask_size (lists, best
         first, at most `levels`), rts.  per_level=True: one row per level instead: ts, side
-        (dictionary bid/ask), level (1 = best), price, size, rts."""
+        (dictionary bid/ask), level (1 = best), price, size, rts.
+
+        full=True: the whole book rebuilt at the instant `start` (end: None) from the nearest
+        whole-book snapshot and the increments after it (exchange.book "full" or "both"), in
+        the same columns (ts: the instant; rts: the exchange ms of the last change applied),
+        float64 only; HistoryError when the book is unknown then (no snapshot before it, or a
+        hole in the versions: the collector was resyncing)."""
+        if full:
+            if end is not None or exact:
+                raise HistoryError("full=True rebuilds the book at one instant (start), float64")
+            at = parse_time(start, int(time.time() * 1000))
+            book = self.books_at(symbol, [at])[0]
+            if isinstance(book, fullbook.BookUnknown):
+                raise HistoryError(f"{symbol}: no whole book at {iso(at)}: {book}")
+            s = self.symbol(symbol)
+            return _with_metadata(_book_at(at, book, levels, per_level), s, at, at + 1,
+                                  self._gaps(s.name, at, at + 1, ledger=self.live == LIVE),
+                                  self.live)
         return self._typed(symbol, DEPTH_CHANNEL.mt, start, end,
                            lambda raw: _book(raw, levels, per_level, exact))
+
+    def books_at(self, symbol: str, instants: Sequence) -> list:
+        """The whole book at each instant: a fullbook.BookAt (version, ts, bids, asks: best
+        first, [(price, size)] floats), or the fullbook.BookUnknown saying why there is none.
+        One read of the archive for all of them."""
+        now = int(time.time() * 1000)
+        ats = [parse_time(t, now) for t in instants]
+        name = self.symbol(symbol).name
+        for lookback in (2 * HOUR_MS, 26 * HOUR_MS):  # a snapshot starts every hour
+            start_ms, end_ms = min(ats) - lookback, max(ats) + 1
+            snaps = self._rows(name, BOOK_SNAPSHOT, start_ms, end_ms, _identity)
+            snaps = fullbook.snapshots(_ms_list(snaps), snaps.column("m").to_pylist())
+            if snaps and snaps[0].ts <= min(ats):
+                break
+        # increments from the snapshot the earliest instant starts from (at most
+        # book_snapshot_interval or an hour back), not from the start of the look-back
+        base = max((s.ts for s in snaps if s.ts <= min(ats)), default=start_ms)
+        ups = self._rows(name, BOOK_CHANNEL.mt, base - fullbook.CLOCK_SLACK_MS, end_ms,
+                         _identity)
+        ups = fullbook.updates(_ms_list(ups), ups.column("m").to_pylist())
+        return fullbook.books_at(ats, snaps, ups)
+
+    def book_updates(self, symbol: str, start, end, exact: bool = False) -> pa.Table:
+        """The whole book's increments, one row per level set: ts, begin, end (the versions
+        the increment takes the book through), side (dictionary bid/ask), price, size (0:
+        the level is gone), rts; in ts order, levels in the frame's order."""
+        return self._typed(symbol, BOOK_CHANNEL.mt, start, end,
+                           lambda raw: _book_updates(raw, exact))
 
     def bars(self, symbol: str, start, end, interval: str = "1m") -> pa.Table:
         """One row per interval of [start, end), empty intervals included: ts (interval
@@ -342,6 +389,56 @@ def _levels(side_text, levels: int, exact: bool):
                                 pc.cumulative_sum(counts).cast(pa.int32())])
     return [pc.list_slice(pa.ListArray.from_arrays(offsets, _number(column, exact)), 0, levels)
             for column in (price, size)]
+
+
+def _identity(raw: pa.Table) -> pa.Table:
+    """The raw rows, in one schema whether from a file (not null) or ClickHouse."""
+    return pa.table({name: raw.column(name) for name in raw.column_names})
+
+
+def _ms_list(raw: pa.Table) -> list:
+    return raw.column("ts").cast(pa.int64()).to_pylist()
+
+
+def _book_updates(raw: pa.Table, exact: bool) -> pa.Table:
+    begin, end, bids, asks = _fields(raw.column("m"), BOOK_CHANNEL.layout)
+    sides = []
+    for code, text in ((0, bids), (1, asks)):
+        price, size = _levels(text, 2**31 - 1, exact)
+        parents = pc.list_parent_indices(price)
+        sides.append(pa.table({
+            "ts": pc.take(raw.column("ts"), parents),
+            "begin": pc.take(pc.cast(begin, pa.int64()), parents),
+            "end": pc.take(pc.cast(end, pa.int64()), parents),
+            "side": pa.array([code] * len(parents), pa.int8()),
+            "price": pc.list_flatten(price), "size": pc.list_flatten(size),
+            "rts": pc.take(raw.column("rts"), parents)}))
+    table = pa.concat_tables(sides).sort_by([("ts", "ascending"), ("begin", "ascending"),
+                                              ("side", "ascending")])
+    side = pa.DictionaryArray.from_arrays(_array(table.column("side")), BOOK_SIDES)
+    return table.set_column(3, "side", side)
+
+
+def _book_at(at: int, book, levels: int, per_level: bool) -> pa.Table:
+    """A rebuilt whole book as one row of _book's columns (or its per-level rows)."""
+    (bid_price, bid_size), (ask_price, ask_size) = (
+        (list(column) for column in zip(*side)) if side else ([], [])
+        for side in (book.bids[:levels], book.asks[:levels]))
+    one = pa.table({"ts": pa.array([at], pa.int64()).cast(TIMESTAMP),
+                    "bid_price": pa.array([bid_price], pa.list_(pa.float64())),
+                    "bid_size": pa.array([bid_size], pa.list_(pa.float64())),
+                    "ask_price": pa.array([ask_price], pa.list_(pa.float64())),
+                    "ask_size": pa.array([ask_size], pa.list_(pa.float64())),
+                    "rts": pa.array([book.ts], pa.int64()).cast(TIMESTAMP)})
+    if not per_level:
+        return one
+    sides = [_one_row_per_level(one, 0, one.column("bid_price").combine_chunks(),
+                                one.column("bid_size").combine_chunks()),
+             _one_row_per_level(one, 1, one.column("ask_price").combine_chunks(),
+                                one.column("ask_size").combine_chunks())]
+    table = pa.concat_tables(sides)
+    side = pa.DictionaryArray.from_arrays(_array(table.column("side")), BOOK_SIDES)
+    return table.set_column(1, "side", side)
 
 
 def _book(raw: pa.Table, levels: int, per_level: bool, exact: bool) -> pa.Table:

@@ -11,9 +11,11 @@ from core import archive
 from core.clock import HOUR_MS
 from core.log import first_line
 from core.store import current_table
-from core.vocabulary import COLLECTOR, DEAD_LETTER, DEAL, DEPTH, TICKER
+from core.vocabulary import (BOOK_SNAPSHOT, BOOK_UPDATE, COLLECTOR, DEAD_LETTER, DEAL, DEPTH,
+                             GAP_BOOK_RESYNC, TICKER)
 from exporter import parquet_files
 from exporter.cluster_archive import CLUSTER_KEY
+from mexc import fullbook
 from supervisor import commands
 
 RECENT_S = 300  # a symbol with no row received in this many seconds has "no recent data"
@@ -40,7 +42,8 @@ def collection(config, store):
             lines.append(f"❌ {table}: {first_line(e)}")
             continue
         by_type = ", ".join(f"{mt}: {counts.get(mt, 0):,}" for mt in (TICKER, DEAL, DEPTH)) + \
-            (f", dl: {counts[DEAD_LETTER]:,}" if counts.get(DEAD_LETTER) else "")
+            "".join(f", {mt}: {counts[mt]:,}" for mt in (DEAD_LETTER, BOOK_UPDATE, BOOK_SNAPSHOT)
+                    if counts.get(mt))
         line = f"{table}: {sum(counts.values()):,} records ({by_type})"
         if not counts or now_ms - newest > RECENT_S * 1000:
             ok = False
@@ -72,6 +75,9 @@ def exports(config, store):
                     problems.append(f"{os.path.basename(path)}: sha256 differs from export_log")
                 notes += (_merged_hour_gaps(path) if config.clustered
                           else _hour_gaps(store, symbol.name, hour, path))
+                if config.book(symbol) != "top":
+                    book_ok, line = _hour_book(store, symbol.name, hour, path)
+                    (notes if book_ok else problems).append(line)
             except Exception as e:
                 problems.append(f"{os.path.basename(path)}: {e}")
         hours = [h for h, *_ in logged]
@@ -173,6 +179,28 @@ def _hour_gaps(store, name: str, hour: int, path: str) -> list:
     stale = "" if written == completeness else \
         f"; the file says {written or 'nothing'} (written before a gap was recorded)"
     return [f"{os.path.basename(path)}: completeness {completeness}, {_describe(gaps)}{stale}"]
+
+
+def _hour_book(store, name: str, hour: int, path: str):
+    """(ok, line): the hour's increments replayed from its first snapshot equal every later
+    snapshot where no resync intervenes; the resyncs the ledger has in the hour."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["ts", "mt", "m"])
+    mt = table.column("mt").cast("string")
+    rows = {}
+    for kind in (BOOK_SNAPSHOT, BOOK_UPDATE):
+        part = table.filter(pc.equal(mt, kind))
+        rows[kind] = (part.column("ts").cast("int64").to_pylist(), part.column("m").to_pylist())
+    check = fullbook.check_hour(fullbook.snapshots(*rows[BOOK_SNAPSHOT]),
+                                fullbook.updates(*rows[BOOK_UPDATE]))
+    resyncs = sum(1 for g in store.gaps(name, hour, hour + HOUR_MS)
+                  if g.reason == GAP_BOOK_RESYNC and hour <= g.end_ms < hour + HOUR_MS)
+    line = (f"{os.path.basename(path)}: book: {check.snapshots} snapshots, {check.checked} "
+            f"checked against the replay, {check.differ} differ, {check.unchecked} after a "
+            f"break, {resyncs} resyncs")
+    return check.differ == 0 and (check.snapshots > 0 or not rows[BOOK_UPDATE][0]), line
 
 
 def _describe(gaps) -> str:

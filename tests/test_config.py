@@ -99,6 +99,9 @@ flush_interval = 0.1
     ({"symbols": [{"symbol": "BTC_USDT", "nme": "b"}]}, "expected {symbol"),
     ({"exchange": {"url": "http://x"}}, "exchange.url: must start with ws:// or wss://"),
     ({"exchange": {"depth_limit": 50}}, "exchange.depth_limit: must be one of"),
+    ({"exchange": {"book": "all"}}, "exchange.book: must be one of ('top', 'full', 'both')"),
+    ({"exchange": {"book_snapshot_interval": -1}}, "exchange.book_snapshot_interval: must be"),
+    ({"symbols": [{"symbol": "BTC_USDT", "book": "deep"}]}, "BTC_USDT: book must be one of"),
     ({"exchange": {"rest_url": "ftp://x"}}, "exchange.rest_url: must start with http:// or https://"),
     ({"clickhouse": {"database": "a-b"}}, "clickhouse.database: must be a plain identifier"),
     ({"exchange": {"stale_factor": 0.5}}, "exchange.stale_factor: must be 0 (off) or at least 1"),
@@ -183,3 +186,13 @@ def test_log_lines_under_journald_and_on_a_terminal(monkeypatch, capsys):
                                   {"listen": "0.0.0.0:8470", "token": "t"}])
 def test_http_listen_loopback_or_with_a_token(http):
     assert config.parse({"http": http}).http["listen"] == http["listen"]
+
+
+def test_the_book_is_top_by_default_and_settable_per_symbol():
+    default = config.parse({}, "/x/mexc.toml")
+    assert {default.book(s) for s in default.symbols} == {"top"}  # today's behaviour
+    assert (default.exchange["book_merge"], default.exchange["book_snapshot_interval"]) == \
+        (False, 300.0)
+    mixed = config.parse({"symbols": [{"symbol": "BTC_USDT", "book": "full"}, "ETH_USDT"],
+                          "exchange": {"book": "both"}}, "/x/mexc.toml")
+    assert [mixed.book(s) for s in mixed.symbols] == ["full", "both"]

@@ -193,5 +193,5 @@ def test_rest_faults_answer_500_or_drop(sim):
 
 
 def test_rest_unknown_path_is_404(sim):
-    status, answer = get(f"{sim.rest_url}/api/v1/contract/depth/{BTC}")
+    status, answer = get(f"{sim.rest_url}/api/v1/contract/kline/{BTC}")
     assert status == 404 and answer["success"] is False and answer["code"] == "404"

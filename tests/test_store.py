@@ -29,8 +29,8 @@ def test_features_follow_the_server(env):
     finally:
         session.close()
     time_type = "DateTime64(3, 'UTC')" if features.datetime64 else "UInt64"
-    assert columns == {"ts": time_type, "mt": "Enum8('t' = 1, 'd' = 2, 'dp' = 3, 'dl' = 4)",
-                       "m": "String", "rts": time_type}
+    assert columns == {"ts": time_type, "m": "String", "rts": time_type,
+                       "mt": "Enum8('t' = 1, 'd' = 2, 'dp' = 3, 'dl' = 4, 'bu' = 5, 'bs' = 6)"}
     assert features.ms() == ("toUnixTimestamp64Milli(ts)" if features.datetime64 else "ts")
 
 
@@ -280,3 +280,32 @@ def test_a_clusters_hour_files_holdings_and_logs_read_here_and_through_remote(en
         gap = store.Gap("BTC_USDT", "btc", HOUR + 1, HOUR + 9, "disconnect", "", 0, False, 1)
         session.record_gaps([gap])
         assert session.gaps("btc", HOUR, HOUR + HOUR_MS, source=peer) == [gap]
+
+
+def test_a_store_of_the_previous_schema_gets_the_whole_books_types(env):
+    """Schema 2 (mexc 0.2.0): rows tables whose mt lacks 'bu' and 'bs'."""
+    old_mt = store.MT_ENUM.split(", 'bu'")[0] + ")"
+    session = env.store()
+    try:
+        session.setup(["btc"])
+        session.client.execute(f"DROP TABLE {session.db}.btc_current")
+        session.client.execute(f"DROP TABLE {session.db}.schema_version")
+        session.client.execute(f"CREATE TABLE {session.db}.schema_version (version UInt32, "
+                               "applied_ms UInt64, release String) ENGINE = MergeTree "
+                               "ORDER BY version")
+        session.client.execute(f"INSERT INTO {session.db}.schema_version VALUES",
+                               [(2, 0, "mexc 0.2.0")])
+        t = session.features.time_type
+        session.client.execute(f"CREATE TABLE {session.db}.btc_current (ts {t}, mt {old_mt}, "
+                               f"m String, rts {t}) ENGINE = StripeLog")
+        session.insert_rows("btc_current", rows(HOUR, 20, "old"))
+        with pytest.raises(Exception):  # the old table refuses the new types
+            session.insert_rows("btc_current", [(HOUR, "bu", "1|1||", HOUR)])
+        session.setup(["btc"], migrate=True)
+        assert session.schema_version() == store.SCHEMA_VERSION == 3
+        session.insert_rows("btc_current", [(HOUR, "bu", "1|1||[2,3]", HOUR),
+                                            (HOUR, "bs", "1|[1,1]|[2,3]", HOUR)])
+        assert session.rows_by_type("btc_current") == {"d": 20, "bu": 1, "bs": 1}
+        assert session.newest_book_update("btc") == (HOUR, "1|1||[2,3]")
+    finally:
+        session.close()

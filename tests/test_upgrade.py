@@ -82,7 +82,7 @@ def test_upgrade_from_the_previous_release_while_rows_flow_loses_nothing(env, tm
             assert session.schema_version() == 1  # 0.1.0 recorded none
 
         new = env.mexc("run", "--config", config, name="daemon")
-        wait_for(lambda: "brought from schema 1 to 2" in new.log(), 30, "the store migrated")
+        wait_for(lambda: f"brought from schema 1 to {store.SCHEMA_VERSION}" in new.log(), 30, "the store migrated")
         wait_for(lambda: len(exported_hours(env)) > len(hours), 90,
                  "an hour exported by this release")
         sim.stop_data()

@@ -52,7 +52,7 @@ def test_every_kind_parses():
 
 def test_row_vocabulary():
     assert ROW_COLUMNS == ("ts", "mt", "m", "rts")
-    assert MESSAGE_TYPES == ("t", "d", "dp", "dl")
+    assert MESSAGE_TYPES == ("t", "d", "dp", "dl", "bu", "bs")  # appended: ClickHouse's Enum8
     assert Row(1, "t", "{}", 2) == (1, "t", "{}", 2)
 
 

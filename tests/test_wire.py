@@ -150,3 +150,29 @@ def test_stale_depth_snapshot_becomes_a_dead_letter():
     assert wire.parse(depth(11, 1003), 5, "BTC_USDT", versions)[0] == "depth.full"
     assert versions == {"BTC_USDT": 11}
     assert wire.parse(depth(1, 1004), 5, "BTC_USDT")[0] == "depth.full"  # nobody keeps count
+
+
+def test_the_whole_book_subscription_increments_and_snapshot():
+    full = [json.loads(r) for r in wire.subscribe_requests(SYM, 20, book="full")]
+    assert [r["method"] for r in full] == ["sub.ticker", "sub.deal", "sub.depth"]
+    assert full[2]["param"] == {"symbol": SYM, "compress": False}  # every change
+    both = [json.loads(r) for r in wire.subscribe_requests(SYM, 20, book="both",
+                                                           book_merge=True)]
+    assert [r["method"] for r in both][2:] == ["sub.depth.full", "sub.depth"]
+    assert both[3]["param"] == {"symbol": SYM}  # MEXC's merged frames
+    merged = ('{"symbol":"%s","data":{"cts":1,"asks":[[0.080100,2868,1],[0.080140,7405,4]],'
+              '"bids":[[0.07969,0,0]],"end":8752808003,"begin":8752807948,'
+              '"version":8752808003},"channel":"push.depth","ts":17}' % SYM)
+    assert parse(merged) == ("depth", [(17, "bu", "8752807948|8752808003|[0.07969,0]|"
+                                              "[0.080100,2868],[0.080140,7405]", RTS)])
+    unmerged = ('{"symbol":"%s","data":{"asks":[[2384.59,42,1]],"bids":[],"version":37},'
+                '"channel":"push.depth","ts":18}' % SYM)
+    assert parse(unmerged) == ("depth", [(18, "bu", "37|37||[2384.59,42]", RTS)])
+    assert wire.book_versions("37|37||[2384.59,42]") == (37, 37)
+    backwards = unmerged.replace('"version":37', '"begin":38,"end":37,"version":37')
+    assert parse(backwards)[0].startswith("dead:push.depth: versions")
+    body = (b'{"success":true,"code":0,"data":{"asks":[[1.50,3,1]],"bids":[[1.4,7E+1,2]],'
+            b'"version":9,"timestamp":12}}')
+    assert wire.depth_snapshot_row(body, RTS) == ((12, "bs", "9|[1.4,7E+1]|[1.50,3]", RTS), 9)
+    with pytest.raises(wire.BadFrame):
+        wire.depth_snapshot_row(b'{"success":false,"code":510,"message":"too frequent"}', RTS)

@@ -31,6 +31,7 @@ HANDSHAKE_TIMEOUT = 5.0
 BATCH_BYTES = 256 * 1024  # pushes sent in one sendall at most
 MAX_CLIENT_FRAME = 1 << 20
 OUTBOX_FRAMES = 50_000  # market pushes queued for one connection at most
+SERVED = (*CHANNEL_WEIGHTS, "depth")  # channels a sub.* may ask for (depth: the whole book)
 
 
 @dataclasses.dataclass
@@ -331,7 +332,7 @@ class Connection:
             self.reply(control_message("pong", str(wall_ms())))
         elif isinstance(method, str):
             action, _, channel = method.partition(".")
-            if action in ("sub", "unsub") and channel in CHANNEL_WEIGHTS:
+            if action in ("sub", "unsub") and channel in SERVED:
                 param = request.get("param")
                 self._on_subscription(action, channel, param if isinstance(param, dict) else {})
         # Anything else gets no reply at all, as on MEXC.
@@ -358,11 +359,13 @@ class Connection:
             self.first_symbol = symbol
         if not self.subscribed_to(symbol):
             self.venue.traffic.supersede(self, symbol)
-        variant = limit if channel == "depth.full" else merges_deals(param) if channel == "deal" \
-            else None
+        variant = limit if channel == "depth.full" else merges_deals(param) \
+            if channel in ("deal", "depth") else None
         subscription = Subscription(limit, next(self.venue.tokens), variant)
         self.reply(ack, start=((symbol, channel), subscription))
         self.venue.market.open(symbol)
+        if channel == "depth":
+            self.venue.market.open_book(symbol)
 
     # sender thread
 

@@ -9,6 +9,7 @@ import random
 import threading
 import time
 
+from mexc.simulator.book import FullBook
 from mexc.simulator.feed import CHANNEL_WEIGHTS, Feed, Sequences
 from mexc.simulator.traffic import SharedRows
 from mexc.simulator.wire import text_frame
@@ -40,12 +41,14 @@ class Market:
         self.seed = seed
         self.sequences = sequences
         self.intervals = intervals(rate)
+        self.book_interval = 1.0 / rate if rate > 0 else None  # s between full-book events
         self.subscribers = subscribers
         self.lock = threading.Lock()
         self.rng = random.Random(f"{seed}:market")
         self.feeds = {}  # symbol -> Feed
         self.truth = {}  # symbol -> [Trade], in the order made (t rising)
         self.times = {}  # symbol -> [t of each Trade in truth], for bisect
+        self.books = {}  # symbol -> FullBook, from its first sub.depth or REST depth request
         self.schedule = []  # heap of (due, order, symbol, channel)
         self.order = itertools.count()
         self.data_stopped = False
@@ -80,6 +83,53 @@ class Market:
         self.wake.set()
         return feed
 
+    def open_book(self, symbol: str) -> FullBook:
+        """The symbol's whole book, changing from now on (at the simulator's rate)."""
+        feed = self.open(symbol)
+        with self.lock:
+            book = self.books.get(symbol)
+            if book is None:
+                book = self.books[symbol] = FullBook(symbol, feed.symbol_json, self.seed,
+                                                     feed.price, feed.scale)
+                if self.book_interval:
+                    heapq.heappush(self.schedule,
+                                   (time.monotonic(), next(self.order), symbol, "depth"))
+        self.wake.set()
+        return book
+
+    def book_events(self, symbol: str, count: int) -> None:
+        """count events of the symbol's whole book now, each pushed to its subscribers."""
+        self.open_book(symbol)
+        with self.lock:
+            for _ in range(count):
+                self._happen(self.feeds[symbol], "depth")
+
+    def book_fault(self, symbol: str, fault: str, n: int) -> None:
+        """drop: the next n events' frames are not sent; jump: the next version is n more
+        than the next; reorder: the next event's frames go after the one after it."""
+        book = self.open_book(symbol)
+        with self.lock:
+            if fault == "drop":
+                book.drops += n
+            elif fault == "jump":
+                book.jump += n
+            elif fault == "reorder":
+                book.reorder = True
+            else:
+                raise ValueError(f"no such book fault: {fault!r}")
+
+    def book_snapshot(self, symbol: str, limit) -> str:
+        """The REST depth answer of the book as it is now, stamped with an ms of its own
+        (after every change it holds, before every later one)."""
+        book = self.open_book(symbol)
+        with self.lock:
+            return book.snapshot_json(self.sequences.timestamps(symbol), limit)
+
+    def true_books(self, symbol: str, instants: list) -> list:
+        book = self.open_book(symbol)
+        with self.lock:
+            return book.true_books(instants)
+
     def trade(self, symbol: str, count: int) -> list:
         """count trades now, in one push to the deal subscribers."""
         feed = self.open(symbol)
@@ -110,7 +160,8 @@ class Market:
                 break
             due, order, symbol, channel = heapq.heappop(schedule)
             self._happen(self.feeds[symbol], channel)
-            next_due = max(due + intervals[channel] * (0.5 + self.rng.random()), now - MAX_BACKLOG)
+            interval = self.book_interval if channel == "depth" else intervals[channel]
+            next_due = max(due + interval * (0.5 + self.rng.random()), now - MAX_BACKLOG)
             heapq.heappush(schedule, (next_due, order, symbol, channel))
         return schedule[0][0] - time.monotonic() if schedule else POLL
 
@@ -122,6 +173,17 @@ class Market:
             self.truth[feed.symbol] += trades
             self.times[feed.symbol] += [trade.t for trade in trades]
             render = functools.partial(feed.deal_frame, trades)  # variant: merge
+        elif channel == "depth":
+            book = self.books[feed.symbol]
+            events = book.outgoing(book.step(self.sequences.timestamps(feed.symbol)))
+            if not events:
+                return trades
+            render = functools.partial(book.render, events)  # variant: merged
+        elif channel == "depth.full" and feed.symbol in self.books:
+            book = self.books[feed.symbol]
+            if book.version == book.top_version:
+                return trades  # nothing changed: MEXC's versions only rise
+            render = functools.partial(book.render_top, self.sequences.timestamps(feed.symbol))
         elif channel == "depth.full":
             render = functools.partial(feed.render_depth, feed.next_depth())  # variant: limit
         else:
@@ -138,6 +200,7 @@ class Market:
         frames = {}
         for variant, count in variants.items():
             text, rows = render(variant)
-            frames[variant] = (text_frame(text), SharedRows(rows) if count > 1 else rows)
+            frame = text if type(text) is bytes else text_frame(text)
+            frames[variant] = (frame, SharedRows(rows) if count > 1 else rows)
         for connection, subscription in subscribers:
             connection.push(symbol, channel, subscription.token, *frames[subscription.variant])

@@ -5,6 +5,7 @@ import itertools
 import random
 import re
 
+from mexc.simulator.book import FullBook
 from mexc.simulator.feed import Feed, Sequences
 from mexc.simulator.wire import text_frame, wall_ms
 
@@ -30,6 +31,19 @@ def live_mix_rows(n: int, symbol: str = "BTC_USDT", seed: int = 1):
         _text, rows = feed.frame(feed.random_channel())
         _ts, mt, m = rows[0]
         yield mt, m
+
+
+def book_update_rows(n: int, symbol: str = "BTC_USDT", seed: int = 1):
+    """Yields n (mt, m) rows of a whole book's unmerged increments ('bu', one per version),
+    the texts a collector stores; for benchmarks that fill tables without sending frames."""
+    feed = Feed(symbol, seed, random.Random(seed), Sequences(wall_ms))
+    book = FullBook(symbol, feed.symbol_json, seed, feed.price, feed.scale, keep=False)
+    made = 0
+    while made < n:
+        _frames, rows = book.render([book.step(0)], merged=False)
+        for _ts, mt, m in rows[:n - made]:
+            yield mt, m
+        made += len(rows)
 
 
 # Stand-ins for times and versions while a pooled frame is generated. Real numbers in frames

@@ -1,5 +1,5 @@
-"""MEXC's REST API for recent trades, as the backfill uses it, with its rate limit and
-injectable failures."""
+"""MEXC's REST API: recent trades (as the backfill uses them) and the whole book's depth
+snapshot with its version, under one rate limit, with injectable failures and delays."""
 import collections
 import json
 import re
@@ -9,6 +9,7 @@ import urllib.parse
 from typing import NamedTuple, Optional
 
 DEALS_PATH = re.compile(r"/api/v1/contract/deals/([^/?#]+)")
+DEPTH_PATH = re.compile(r"/api/v1/contract/depth/([^/?#]+)")
 REST_LIMIT = 100  # trades per answer at most, and by default
 REST_RATE = (20, 2.0)  # requests per seconds per IP, as MEXC allows
 REST_FAULTS = ("error", "drop")
@@ -46,6 +47,8 @@ class RestApi:
         self.requests = collections.Counter()  # ip -> requests received
         self.answers = []  # RestAnswer of every deals request answered with trades
         self.fault, self.fault_until = None, 0.0
+        self.snapshot_delay = 0.0  # s each depth snapshot answer is held back (taken first)
+        self.depth_answers = collections.Counter()  # symbol -> depth snapshots answered
 
     def fail(self, seconds: float, mode: str = "error") -> None:
         if mode not in REST_FAULTS:
@@ -63,11 +66,16 @@ class RestApi:
                 return _http(500, _rest_error(500, "Internal Server Error"))
             method, _, target = request_line.partition(" ")
             target = target.rpartition(" ")[0] or target
-            match = DEALS_PATH.fullmatch(target.partition("?")[0])
-            if method != "GET" or match is None:
+            path = target.partition("?")[0]
+            match = DEALS_PATH.fullmatch(path)
+            depth = DEPTH_PATH.fullmatch(path)
+            if method != "GET" or (match or depth) is None:
                 return _http(404, _rest_error(404, "Not Found"))
             if not self._admit(ip):
                 return _http(429, _rest_error(510, "Requests are too frequent!"))
+            delay = self.snapshot_delay
+        if depth is not None:
+            return _http(200, self._depth(depth.group(1), target, delay))
         return _http(200, self._deals(match.group(1), _query_limit(target), ip))
 
     def _admit(self, ip: str) -> bool:
@@ -80,6 +88,19 @@ class RestApi:
             return False
         served.append(now)
         return True
+
+    def _depth(self, symbol: str, target: str, delay: float) -> str:
+        """The book now, every level unless the query has a limit; sent `delay` s later."""
+        if not self.contract_exists(symbol):
+            return _rest_error(1001, "Contract does not exist!")
+        query = urllib.parse.parse_qs(target.partition("?")[2])
+        limit = int(query["limit"][0]) if query.get("limit", [""])[0].isdigit() else None
+        answer = self.market.book_snapshot(symbol, limit)
+        with self.lock:
+            self.depth_answers[symbol] += 1
+        if delay > 0:
+            time.sleep(delay)
+        return answer
 
     def _deals(self, symbol: str, limit: int, ip: str) -> str:
         if not self.contract_exists(symbol):

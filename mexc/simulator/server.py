@@ -118,6 +118,35 @@ class MexcSimulator:
         send_frames, burst, send_gzip_deal, ... are outside the market and not in it."""
         return self._market.trades(symbol, since_ms, until_ms)
 
+    def book_events(self, symbol: str, count: int = 1) -> None:
+        """count events of the symbol's whole book now (1-3 versions each), each pushed to its
+        sub.depth subscribers."""
+        self._market.book_events(symbol, count)
+
+    def true_books(self, symbol: str, instants: list) -> list:
+        """The truth: the whole book after every event with ts <= each instant (ms), as
+        (version, bids [(price, size)] best first, asks [(price, size)] best first), prices
+        as floats (the double nearest each price's text), sizes as ints."""
+        book = self._market.open_book(symbol)
+        return [(version, [(book.price(u), s) for u, s in bids],
+                 [(book.price(u), s) for u, s in asks])
+                for version, bids, asks in self._market.true_books(symbol, instants)]
+
+    def book_fault(self, symbol: str, fault: str, n: int = 1) -> None:
+        """A fault of the symbol's sub.depth stream: "drop" (the next n events' frames are not
+        sent; the book changes all the same), "jump" (the next version is n more than due),
+        "reorder" (the next event's frames go after the following one's), "delay_snapshot"
+        (every REST depth snapshot answer waits n seconds, taken before the wait; 0 ends it)."""
+        if fault == "delay_snapshot":
+            with self._rest.lock:
+                self._rest.snapshot_delay = float(n)
+        else:
+            self._market.book_fault(symbol, fault, n)
+
+    def depth_snapshots_served(self, symbol: str) -> int:
+        with self._rest.lock:
+            return self._rest.depth_answers[symbol]
+
     # observation
 
     def expected_rows(self, symbol=None) -> list:
