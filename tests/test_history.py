@@ -82,7 +82,11 @@ def wait_for_stored(env, sim, in_files=0):
 
 
 def sent_of(sent, mt, start=H - HOUR_MS, end=H + HOUR_MS):
-    return [(ts, m.split("|")) for ts, kind, m in sent if kind == mt and start <= ts < end]
+    """The fields of the rows of one type sent; a deal's without its trade id (the typed
+    trades have no such column)."""
+    fields = {"d": 3}.get(mt)
+    return [(ts, m.split("|")[:fields]) for ts, kind, m in sent
+            if kind == mt and start <= ts < end]
 
 
 @pytest.mark.slow
