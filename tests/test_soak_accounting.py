@@ -179,8 +179,9 @@ def test_trades_missing_before_and_after_backfill():
 
 
 def test_a_gap_is_put_down_to_the_faults_injected_while_it_was_open():
-    """Per fault kind: a fault aimed at the symbol or at every symbol, within FAULT_SLACK of
-    the gap; one aimed at another symbol, or long over, explains nothing."""
+    """Per fault kind: a connection fault aimed at the symbol or at every symbol, within
+    FAULT_SLACK of the gap; one aimed at another symbol, or long over, or one that opens no
+    gap (a ClickHouse outage) explains nothing."""
     anchor = 1_000_000_000  # ms: the wall second 1_000_000
     soak = types.SimpleNamespace(anchor=anchor, speed=10.0, events=[
         windows.Event(1_000_010.0, "kill_collector", "btc", 0.0),
@@ -192,7 +193,9 @@ def test_a_gap_is_put_down_to_the_faults_injected_while_it_was_open():
     gaps = [gap(ms(1_000_009.5), ms(1_000_012.0)), gap(ms(1_000_033.0), ms(1_000_034.0)),
             gap(ms(1_000_060.0), ms(1_000_061.0)), gap(ms(1_000_109.0), ms(1_000_110.0))]
     assert accounting.fault_kinds(soak, "btc", gaps) == [
-        "kill_collector", "clickhouse_outage+stall", ledger.NO_FAULT, "stop_collector"]
+        "kill_collector", "stall", ledger.NO_FAULT, "stop_collector"]
+    soak.events.append(windows.Event(1_000_032.0, "disconnect", "", 0.0))
+    assert accounting.fault_kinds(soak, "btc", gaps)[1] == "disconnect+stall"
 
 
 def deal_rows(ws):

@@ -105,12 +105,14 @@ def event_ms(soak, wall_s: float) -> int:
 
 
 def fault_kinds(soak, name: str, gaps) -> List[str]:
-    """Per ledger gap, the kinds of the faults injected while it was open (those aimed at the
-    symbol or at every one), joined by '+'; NO_FAULT when none was."""
+    """Per ledger gap, the kinds of the connection faults injected while it was open (those
+    aimed at the symbol or at every one, as for the windows: a ClickHouse outage or a stopped
+    exporter opens no gap), joined by '+'; NO_FAULT when none was."""
     spans = [(e.kind, event_ms(soak, e.wall - FAULT_SLACK),
               event_ms(soak, e.wall + e.duration + FAULT_SLACK
                        + (HEARTBEAT_TIMEOUT if e.kind == "stop_collector" else 0.0)))
-             for e in soak.events if CONNECTION_FAULTS.get(e.kind) or e.target in ("", name)]
+             for e in soak.events
+             if e.kind in CONNECTION_FAULTS and (CONNECTION_FAULTS[e.kind] or e.target == name)]
     return ["+".join(sorted({kind for kind, a, b in spans if a <= g.end_ms and g.start_ms <= b}))
             or NO_FAULT for g in gaps]
 
