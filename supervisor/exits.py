@@ -1,20 +1,16 @@
 """Tor per collector: start the collector once its tor has bootstrapped, and keep every
 collector's exit IP distinct (the guarantee the old system only checked by hand).
 
-Every `tor.exit_check_interval` seconds each connected collector's exits are read through its
-tor's control port: one per open stream to the exchange, two while the collector replaces its
-connection (make before break).  Each tor's ExcludeExitNodes is kept to the other collectors'
-exits, so a circuit it builds for a new connection (the collector's own replacement of a
-stale socket, or a move below) avoids them while both connections are open and after.  When
-two collectors still share an exit IP (two new circuits within one check), the later one (by
-name) gets a NEWNYM and a SIGUSR1, so it reconnects through a new circuit, dialling it before
-it drops the old one; after `tor.separation_retries` tries without success the slot shows a
+Every `tor.exit_check_interval` seconds each connected collector's exit is read through its
+tor's control port.  When two collectors share an exit IP, the later one (by name) gets
+ExcludeExitNodes set to the other collectors' exits, a NEWNYM, and a SIGUSR1, so it reconnects
+through a new circuit, dialling it before it drops the old one (make before break); after `tor.separation_retries` tries without success the slot shows a
 warning in `mexc status` and the log.
 """
 import logging
 import signal
 from collections import defaultdict
-from typing import List, Optional, Tuple
+from typing import Optional
 
 from supervisor.children import ChildState
 from supervisor.tor import TorError
@@ -30,10 +26,8 @@ class TorSlot:
         self.bootstrapped = False
         self.progress = 0
         self.next_check = 0.0
-        self.exits: List[Tuple[str, str]] = []  # (fingerprint, address) per open stream
-        self.exit_fingerprint: Optional[str] = None  # the newest stream's
+        self.exit_fingerprint: Optional[str] = None
         self.exit_ip: Optional[str] = None
-        self.excluded: Tuple[str, ...] = ()  # the fingerprints its tor's ExcludeExitNodes holds
         self.separations = 0
         self.stream_missing = 0  # exit checks in a row that found no stream for a connected collector
         self.exit_unreadable: Optional[str] = None  # why the last exit check failed, if it did
@@ -72,13 +66,11 @@ class ExitGuard:
             self.next_exit_check = now + self.config["exit_check_interval"]
             self._read_exits(now)
             self._separate(now)
-            self._keep_exits_apart()
 
     def _watch_bootstrap(self, slot: TorSlot, now: float) -> None:
         if slot.tor.state is not ChildState.RUNNING:
             slot.bootstrapped, slot.progress, slot.exit_ip = False, 0, None
             slot.separations = 0  # a new tor gets new tries
-            slot.excluded = ()  # and has no ExcludeExitNodes
             return
         if slot.bootstrapped or now < slot.next_check:
             return
@@ -105,25 +97,21 @@ class ExitGuard:
         for slot in self.slots.values():
             if not (slot.bootstrapped and slot.collector.stats.get("connected")):
                 slot.exit_ip = slot.exit_fingerprint = None
-                slot.exits = []
                 continue
             try:
                 with slot.tor.process.server.control() as control:
-                    found = control.exits_of_streams(self.exchange_port)
+                    found = control.exit_of_stream(self.exchange_port)
             except (OSError, TorError) as e:
                 self._exit_unreadable(slot, str(e))
                 continue
             self._exit_unreadable(slot, None)
-            if not found:
+            if found is None:
                 self._stream_gone(slot, now)
                 continue
             slot.stream_missing = 0
-            for fingerprint, address in found:
-                if address not in (ip for _fp, ip in slot.exits):
-                    log.info("%s exits from %s (%s)", slot.collector.name, address,
-                             fingerprint[:8])
-            slot.exits = found
-            slot.exit_fingerprint, slot.exit_ip = found[-1]
+            if found[1] != slot.exit_ip:
+                log.info("%s exits from %s (%s)", slot.collector.name, found[1], found[0][:8])
+            slot.exit_fingerprint, slot.exit_ip = found
 
     @staticmethod
     def _exit_unreadable(slot: TorSlot, error: Optional[str]) -> None:
@@ -142,7 +130,6 @@ class ExitGuard:
         dead-socket timeout."""
         slot.stream_missing += 1
         slot.exit_ip = slot.exit_fingerprint = None
-        slot.exits = []
         if slot.stream_missing >= 2:
             log.warning("%s: its tor has no open stream to the exchange (circuit gone); "
                         "reconnecting", slot.collector.name)
@@ -152,8 +139,8 @@ class ExitGuard:
     def _separate(self, now: float) -> None:
         by_ip = defaultdict(list)
         for name in sorted(self.slots):
-            for ip in sorted({ip for _fp, ip in self.slots[name].exits}):
-                by_ip[ip].append(self.slots[name])
+            if self.slots[name].exit_ip:
+                by_ip[self.slots[name].exit_ip].append(self.slots[name])
         for ip, sharing in by_ip.items():
             if len(sharing) == 1:
                 if sharing[0].warning and sharing[0].warning.startswith("shares"):
@@ -161,8 +148,7 @@ class ExitGuard:
                 sharing[0].separations = 0
                 continue
             for slot in sharing[1:]:
-                if slot.exits:  # not moved already for another shared exit
-                    self._new_exit(slot, ip, sharing[0], now)
+                self._new_exit(slot, ip, sharing[0], now)
 
     def _new_exit(self, slot: TorSlot, ip: str, keeper: TorSlot, now: float) -> None:
         if slot.separations >= self.config["separation_retries"]:
@@ -173,41 +159,18 @@ class ExitGuard:
                           slot.separations, slot.tor.name)
             slot.warning = f"shares exit {ip} with {keeper.collector.name}"
             return
-        others = self._others_exits(slot)
+        others = sorted({s.exit_fingerprint for s in self.slots.values()
+                         if s is not slot and s.exit_fingerprint})
         try:
             with slot.tor.process.server.control() as control:
-                self._exclude(slot, control, others)
+                control.command("SETCONF ExcludeExitNodes=" + ",".join(f"${fp}" for fp in others))
                 control.command("SIGNAL NEWNYM")
         except (OSError, TorError) as e:
             log.warning("%s: cannot ask its tor for a new exit: %s", slot.collector.name, e)
             return
         slot.separations += 1
         slot.exit_ip = slot.exit_fingerprint = None
-        slot.exits = []
         log.warning("%s shares exit %s with %s: new circuit avoiding %d exits, reconnecting "
                     "(try %d)", slot.collector.name, ip, keeper.collector.name, len(others),
                     slot.separations)
         slot.collector.reconnect(now)
-
-    def _others_exits(self, slot: TorSlot) -> Tuple[str, ...]:
-        """The fingerprints of every exit the other collectors use (each of their streams)."""
-        return tuple(sorted({fp for s in self.slots.values() if s is not slot
-                             for fp, _ip in s.exits}))
-
-    def _keep_exits_apart(self) -> None:
-        """Each bootstrapped tor excludes the exits the others use, so the next circuit it
-        builds (a new connection the collector opens at any time) takes none of them."""
-        for slot in self.slots.values():
-            others = self._others_exits(slot)
-            if not slot.bootstrapped or others == slot.excluded:
-                continue
-            try:
-                with slot.tor.process.server.control() as control:
-                    self._exclude(slot, control, others)
-            except (OSError, TorError) as e:
-                self._exit_unreadable(slot, str(e))
-
-    @staticmethod
-    def _exclude(slot: TorSlot, control, others: Tuple[str, ...]) -> None:
-        control.command("SETCONF ExcludeExitNodes=" + ",".join(f"${fp}" for fp in others))
-        slot.excluded = others

@@ -83,29 +83,21 @@ class TorControl:
         return 0
 
     def exit_of_stream(self, target_port: int) -> Optional[Tuple[str, str]]:
-        """(fingerprint, address) of the exit of our newest open stream to target_port."""
-        exits = self.exits_of_streams(target_port)
-        return exits[-1] if exits else None
-
-    def exits_of_streams(self, target_port: int) -> List[Tuple[str, str]]:
-        """(fingerprint, address) of the exit of each open stream to target_port, oldest
-        stream first (two while a collector replaces its connection: make before break)."""
+        """(fingerprint, address) of the exit carrying our open stream to target_port."""
         circuits = {}
         for line in self.getinfo("circuit-status"):
             parts = line.split()
             if len(parts) >= 3 and parts[1] == "BUILT":
                 circuits[parts[0]] = parts[2]
-        exits = []
-        for line in sorted(self.getinfo("stream-status"), key=_stream_id):
+        for line in self.getinfo("stream-status"):
             parts = line.split()
             if (len(parts) >= 4 and parts[1] == "SUCCEEDED" and parts[2] in circuits
                     and parts[3].rsplit(":", 1)[-1] == str(target_port)):
                 fingerprint = circuits[parts[2]].split(",")[-1].split("~")[0].lstrip("$")
                 for entry in self.getinfo(f"ns/id/{fingerprint}"):
                     if entry.startswith("r "):
-                        exits.append((fingerprint, entry.split()[6]))
-                        break
-        return exits
+                        return fingerprint, entry.split()[6]
+        return None
 
     def _readline(self) -> str:
         while b"\r\n" not in self.buffer:
@@ -115,12 +107,6 @@ class TorControl:
             self.buffer += chunk
         line, self.buffer = self.buffer.split(b"\r\n", 1)
         return line.decode(errors="replace")
-
-
-def _stream_id(line: str) -> int:
-    """A stream-status line's stream id (tor numbers streams in the order they open)."""
-    first = line.split(" ", 1)[0]
-    return int(first) if first.isdigit() else 0
 
 
 class TorProcess:

@@ -22,11 +22,8 @@ class FakeControl:
     def __exit__(self, *exc):
         return False
 
-    def exits_of_streams(self, port):
-        return [("ABCDEF0123456789", "127.0.2.1")]
-
-    def command(self, line):
-        return ["250 OK"]
+    def exit_of_stream(self, port):
+        return "ABCDEF0123456789", "127.0.2.1"
 
 
 def test_an_unreadable_exit_is_logged_once_per_episode(caplog):
