@@ -45,6 +45,7 @@ from collector.spool import Spool
 from collector.writer import RowWriter
 from core import archive
 from core.channels import BOOK_CHANNEL, Channel, channels_for
+from core.clock import EventClock
 from core.log import set_level
 from core.process import STOP_SIGNALS
 from core.store import COPY_LOG
@@ -125,6 +126,9 @@ class Collector:
         self.channels = {channel.name: _ChannelWatch(channel, now)
                          for channel in channels_for(self.book_kind)}
         self.stale_after = None  # s of silence on every channel that make a socket stale
+        # silences judged since a connection last delivered a whole bucket: each one more
+        # doubles the limit (a market gone quiet after a burst costs few replacements)
+        self.judged = 0
         self.rhythm_bucket = self.ex["rhythm_window"] / RHYTHM_BUCKETS
         self.next_roll = now + self.rhythm_bucket
         self.stats = Stats()
@@ -148,7 +152,9 @@ class Collector:
                               journal_path=os.path.join(config.spool_dir(),
                                                         f"{self.sym.name}.gaps"),
                               export_dir=files_dir,
-                              files_log=COPY_LOG if config.clustered else "export_log")
+                              files_log=COPY_LOG if config.clustered else "export_log",
+                              clock=EventClock(config.export["clock_speed"],
+                                               config.export["clock_anchor_ms"]))
         self.depth_versions = {}  # symbol -> the last depth.full version stored (wire.parse)
         self.handovers = 0  # connections replaced without a break
         self.book = (BookKeeper(self.ex, self.sym, socks_proxy, budget, self.gaps, ch, files_dir)
@@ -295,17 +301,30 @@ class Collector:
             return True
         if reason == GAP_DISCONNECT:
             return False
-        self._forget_rhythm()
+        self._silence_judged()
         return self._last_data() is not None
 
-    def _forget_rhythm(self) -> None:
-        """After a silence judged: learn the rhythm again from a whole window of the next
-        connection before judging it (a market that went quiet, a trading halt, costs one
-        replacement, not one per lone frame after it)."""
+    def _silence_judged(self) -> None:
+        """After a silence judged the rhythm stays the yardstick (a socket muted soon after
+        a replacement is judged as fast), but the silence is no part of it, the next
+        connection is judged only once it delivered on every busy channel (a market gone
+        quiet, a trading halt, replaces it no more: its buckets end the busy rhythm), and a
+        further silence judged before a connection delivered a whole bucket doubles the
+        limit."""
         for watch in self.channels.values():
-            watch.forget()
-        self.stale_after = None
-        self.gaps.stall_after = self.ex["silent_alarm"]
+            watch.rejoin = True
+        self.judged += 1
+
+    def _stale_limit(self) -> Optional[float]:
+        """The silence (s) on every channel after which the connection we read is stale;
+        None: no busy channel, or it has not yet delivered on each of them."""
+        if self.stale_after is None or not self._delivered_on_busy_channels(self.link):
+            return None
+        return self.stale_after * 2 ** max(0, self.judged - 1)
+
+    def _delivered_on_busy_channels(self, link: Optional["_Link"]) -> bool:
+        return link is not None and all(watch.name in link.delivered for watch in
+                                        self.channels.values() if watch.limit is not None)
 
     def _receive(self) -> None:
         """Frames until the connection dies or we stop; between them, sleep until the next
@@ -363,9 +382,9 @@ class Collector:
         ex, link = self.ex, self.link
         alarms = [watch.alarm_due(ex["silent_alarm"]) for watch in self.channels.values()
                   if not watch.alarmed]
-        last_data = self._last_data()
-        if last_data is not None and self.stale_after is not None:
-            alarms.append(last_data + self.stale_after)
+        last_data, limit = self._last_data(), self._stale_limit()
+        if last_data is not None and limit is not None:
+            alarms.append(last_data + limit)
         if self.handover is not None:
             new = self.handover.link
             alarms += [self.handover.started + ex["overlap_max"],
@@ -393,6 +412,9 @@ class Collector:
         watch = self.channels.get(kind)
         if watch is not None:
             link.data_at = now
+            link.delivered.add(kind)
+            if link.first_data is None:
+                link.first_data = now
             if rows:
                 self.gaps.seen(rows, now)
             if self.handover is not None:
@@ -407,8 +429,10 @@ class Collector:
             last = watch.last_data
             if last is None or watch.alarmed:
                 watch.data_again(now)
-            elif now - last > watch.peak:  # the rhythm: the longest silence of this bucket
+            # the rhythm: the longest silence of this bucket (not a silence judged)
+            elif now - last > watch.peak and not watch.rejoin:
                 watch.peak = now - last
+            watch.rejoin = False
             watch.frames += 1
             watch.last_data = now
         elif kind == wire.PONG:
@@ -463,16 +487,15 @@ class Collector:
         link = self.link
         if now - link.last_frame >= self.ex["dead_after"]:
             return DeadSocket(f"no frame or pong for {now - link.last_frame:.1f}s")
-        last_data = self._last_data()
-        if last_data is None or self.stale_after is None or \
-                now - last_data < self.stale_after:
+        last_data, limit = self._last_data(), self._stale_limit()
+        if last_data is None or limit is None or now - last_data < limit:
             return None
         silent = (f"no data for {now - last_data:.1f}s, beyond the channels' rhythm "
-                  f"({self.stale_after:.1f}s)")
+                  f"({limit:.1f}s)")
         # Pongs still come when one came after the data was overdue (later than the longest
         # silence of the busy window): a pong right behind the last data frame, before a
         # path froze, says nothing (it made a frozen tor exit look like a live socket).
-        if link.last_pong > last_data + self.stale_after / max(1.0, self.ex["stale_factor"]):
+        if link.last_pong > last_data + limit / max(1.0, self.ex["stale_factor"]):
             return StaleSocket(f"{silent}; pongs still come")
         return DeadSocket(f"{silent}; no pong either")
 
@@ -489,7 +512,7 @@ class Collector:
             log.warning("suspect socket: %s", why)
             self.gaps.lost(GAP_STALL if type(verdict) is StaleSocket else GAP_DEAD_SOCKET,
                            f"{type(verdict).__name__}: {why[:200]}")
-            self._forget_rhythm()
+            self._silence_judged()
         self.tail = None
         self._fresh_path("silent" if verdict is not None else "live")
         try:
@@ -612,11 +635,12 @@ class Collector:
     def _learn_rhythm(self, now: float) -> None:
         """Close the rhythm bucket; the socket is stale after the shortest limit of a busy
         channel (a quiet one has none).  The gap ledger counts a silence that long on a live
-        socket as a gap (a stall), else one of `silent_alarm`."""
+        socket as a gap (a stall), else one of `silent_alarm`.  A connection that delivered
+        through a whole bucket, still busy, ends the doubling of judged silences."""
         self.next_roll = now + self.rhythm_bucket
-        last_data = self._last_data()
-        if (self.stale_after is not None and last_data is not None
-                and now - last_data > self.stale_after / 2):
+        last_data, limit = self._last_data(), self._stale_limit()
+        if (self.handover is None and limit is not None and last_data is not None
+                and now - last_data > limit / 2):
             return  # a silence is being judged: its bucket waits for the verdict
         factor, floor = self.ex["stale_factor"], self.ex["stale_min"]
         busy = BUSY_RATE * self.rhythm_bucket
@@ -629,6 +653,10 @@ class Collector:
                      if stale_after else "off (no busy channel)")
         self.stale_after = stale_after
         self.gaps.stall_after = stale_after or self.ex["silent_alarm"]
+        link = self.link
+        if (stale_after is not None and self._delivered_on_busy_channels(link)
+                and now - link.first_data >= self.rhythm_bucket):
+            self.judged = 0
 
     def _flush(self) -> None:
         if self.batch:
@@ -655,6 +683,8 @@ class _Link:
         self.last_frame = self.last_ping = now
         self.last_pong = 0.0
         self.data_at: Optional[float] = None  # its last data frame
+        self.first_data: Optional[float] = None
+        self.delivered = set()  # the channels it brought data on
         # The stale-version check is per connection: during a handover both bring each
         # version once (Overlap drops the second); a new one starts from the old one's.
         self.depth_versions = dict(depth_versions)
@@ -695,10 +725,7 @@ class _ChannelWatch:
         self.subscribed_at = now
         self.last_data = None
         self.alarmed = False
-
-    def forget(self) -> None:
-        self.history.clear()
-        self.frames, self.peak, self.limit = 0, 0.0, None
+        self.rejoin = False  # a silence was judged: the next frame's wait is not the rhythm
 
     def roll(self, busy_frames: float, factor: float, floor: float) -> Optional[float]:
         """Close the bucket; the silence (s) that is far beyond the rhythm, None if not busy

@@ -15,8 +15,10 @@ started us: the supervisor knows whether it restarted a crashed collector or the
 started fresh).  A live connection on which every channel stays silent for `stall_after`
 seconds has a gap too (a stall), even when its data comes back by itself: the collector sets
 it to the socket's stale limit, learnt from its busy channels' rhythm (a few seconds on a
-liquid symbol), or `exchange.silent_alarm` while no channel is busy.  Every gap closes at the first data frame after it (its end: that frame's
-oldest ts), so it is recorded when the data is back, never while it is still open.
+liquid symbol), or `exchange.silent_alarm` while no channel is busy.  Every gap closes at
+the first data frame after it (its end: that frame's oldest ts), so it is recorded when the
+data is back, never while it is still open; one still open when the collector stops ends
+then (the exchange's now), and the next start's gap begins where it ends.
 
 Closed gaps go to a worker thread, which asks the REST API for the latest trades at once
 (collector/backfill.py), waits until the writer has stored the rows around the gap, stores
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from core import archive
-from core.clock import HOUR_MS
+from core.clock import HOUR_MS, EventClock
 from core.log import first_line
 from core.process import write_json_atomic
 from core.store import Store
@@ -139,12 +141,14 @@ class GapLedger:
     """One collector's ledger.  `writer` is its RowWriter (backfilled rows go through it, and
     the ledger waits for it); `backfill` a collector.backfill.Backfill or None; `journal_path`
     the file of its GapJournal; `export_dir` where this host's exported hours' files are,
-    `files_log` the table that logs them (in a cluster: its copies, core/archive.py)."""
+    `files_log` the table that logs them (in a cluster: its copies, core/archive.py); `clock`
+    the exchange's time (a gap open at the stop ends at its now)."""
 
     def __init__(self, symbol, ch: dict, writer, stall_after: float, start_reason: str,
                  start_detail: str, journal_path: str, export_dir: str, backfill=None,
-                 files_log: str = "export_log"):
+                 files_log: str = "export_log", clock: EventClock = EventClock()):
         self.symbol, self.name = symbol.symbol, symbol.name
+        self.clock = clock
         self.store = Store(ch, files_log=files_log)
         self.export_dir = export_dir
         self.writer = writer
@@ -226,7 +230,9 @@ class GapLedger:
 
     def stop(self, grace: float = STOP_GRACE) -> None:
         """Finish the gaps closed so far within about `grace` seconds (the writer still runs;
-        a request or query still blocked then is left to the daemon thread's end)."""
+        a request or query still blocked then is left to the daemon thread's end).  A gap
+        still open is closed now and recorded with them."""
+        self._close_at_stop()
         self.closed.put(None)
         self.thread.join(grace)
         self.stopping.set()
@@ -234,6 +240,22 @@ class GapLedger:
         if self.thread.is_alive() or not self.closed.empty():
             log.warning("stopping with a gap record unwritten (ClickHouse or the REST API slow "
                         "or away); the next start records it (%s)", self.journal.path)
+
+    def _close_at_stop(self) -> None:
+        """A gap open when we stop (a silence judged on a market that stayed quiet, a
+        connection lost and not back) ends now: recorded (or journaled for the next start,
+        whose gap begins where it ends), so a collector that never starts again leaves no
+        stretch without a record.  A start's own gap (no data yet) stays the next start's."""
+        gap = self.open
+        if gap is None or gap.start_ms is None:
+            return
+        gap.end_ms = max(self.clock.now_ms(), gap.start_ms)
+        gap.closed_at, gap.detail = time.monotonic(), f"{gap.detail}; open at the stop"
+        self.open = None
+        log.info("gap open at the stop, recorded up to now reason=%s start_ms=%d end_ms=%d",
+                 gap.reason, gap.start_ms, gap.end_ms)
+        self.journal.add(gap)
+        self.closed.put(gap)
 
     # --- the worker thread -----------------------------------------------------------------
 
@@ -260,7 +282,10 @@ class GapLedger:
                 if start_ms is None:
                     log.info("first data of %s: nothing stored before, no gap", self.symbol)
                     return Outcome.NO_GAP
-                gap.start_ms = start_ms
+                # an earlier run recorded the gap it stopped in: this one begins at its end
+                recorded = self._retry(lambda: self.store.newest_gap_end_ms(self.name,
+                                                                            gap.end_ms))
+                gap.start_ms = max(start_ms, recorded or 0)
             gap.end_ms = max(gap.end_ms, gap.start_ms)
             backfilled, covered = ((0, True) if gap.reason == GAP_BOOK_RESYNC  # no trade missed
                                    else self._backfill(gap.fetched, gap))

@@ -653,6 +653,15 @@ class Store:
             f"{'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {start}, name", params)
         return [Gap(*row[:7], bool(row[7]), row[8]) for row in rows]
 
+    def newest_gap_end_ms(self, name: str, before_ms: int) -> Optional[int]:
+        """The latest end of a symbol's ledger record at or before `before_ms` (None: no
+        record, or no ledger yet)."""
+        if not self.exists("gaps"):
+            return None
+        end = self.features.ms("end_ms")
+        return self._one(f"SELECT max({end}) FROM {self._table('gaps')} WHERE name = %(name)s "
+                         f"AND {end} <= {int(before_ms)}", {"name": name}) or None
+
     # --- a cluster: hour files shared over remote(), holdings (docs/cluster.md) ------------
 
     def create_cluster_tables(self) -> None:

@@ -5,6 +5,7 @@ import collections
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -210,6 +211,31 @@ def test_a_gap_recorded_by_a_run_killed_before_clearing_its_journal_is_recorded_
     assert len(env.gaps()) == 2
     assert json.loads(journal.read_text()) == []
     assert third.stop() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.one_clickhouse  # the collector's logic; the ledger's SQL runs on both above
+def test_a_gap_open_at_the_stop_is_recorded_and_the_next_start_begins_at_its_end(env):
+    """A collector stopped while a gap is open (the soak's end: the market gone; here the
+    exchange itself) records it up to the stop, not left to a next start that may never
+    come; the next start's gap begins where it ends (a symbol's gaps do not overlap)."""
+    with MexcSimulator(rate=6.0) as sim:
+        first = start_collector(env, sim)
+        rows_after(env, sim, 30)
+    wait_for(lambda: "gap opened reason=disconnect" in first.log(), 20, "the gap opened")
+    assert first.stop() == 0
+    [gap] = wait_gaps(env, 1, "the record made at the stop")
+    assert gap.reason == GAP_DISCONNECT and gap.detail.endswith("open at the stop"), gap
+    with env.store() as store:
+        assert gap.start_ms == store.newest_table_ms("btc", 2 ** 62)
+    assert gap.start_ms < gap.end_ms <= time.time() * 1000
+    with MexcSimulator(rate=6.0) as sim:
+        second = start_collector(env, sim)
+        first_gap, start_gap = wait_for(lambda: len(env.gaps()) >= 2 and sorted(
+            env.gaps(), key=lambda g: g.start_ms), 30, "the start's record")
+        assert first_gap == gap and start_gap.reason == GAP_COLLECTOR_RESTART
+        assert start_gap.start_ms == gap.end_ms < start_gap.end_ms
+        assert second.stop() == 0
 
 
 @pytest.mark.slow

@@ -81,7 +81,7 @@ def test_rows_sent_on_a_superseded_connection_are_not_lost_outside_windows():
         if ts != dropped[0]:
             stored.add(ts, mt, m)
     soak = types.SimpleNamespace(
-        sim=sim, speed=1.0, anchor=0, injections=[], ledger={},  # the event clock is wall ms
+        sim=sim, speed=1.0, anchor=0, injections=[], events=[], ledger={},  # event ms = wall ms
         windows=[windows.Window(name, start=window_start, end=window_end, causes=["kill_tor"])])
     report = accounting.account_symbol(soak, name, stored)
     assert report.lost_outside == 1, report
@@ -160,9 +160,42 @@ def test_trades_missing_before_and_after_backfill():
     report = Report(1, 1.0, 5.0, 20.0, False, "ch18", symbols=[SymbolReport("btc", ledger=f)])
     assert "  stall: 1 gaps, median 0.0 s, p95 0.0 s; trades missing 20 -> 10" in \
         report.reason_lines()
+    # the same per fault kind: the kinds that explain each gap (accounting.fault_kinds)
+    kinds = ["kill_collector", "stall"]
+    f = ledger.ledger_figures(windows_, gaps, answers, 0, kinds=kinds)
+    ledger.count_trades(f, windows_, gaps, answers, trades, sent.__contains__,
+                        lambda trade: trade.t in (sent | backfilled) - {25})
+    missing = {kind: (r.gaps, r.missing_before_backfill, r.missing_after_backfill)
+               for kind, r in f.by_kind.items()}
+    assert missing == {"kill_collector": (1, 20, 1), "stall": (1, 20, 10)}
+    lines = Report(1, 1.0, 5.0, 20.0, False, "ch18",
+                   symbols=[SymbolReport("btc", ledger=f)]).reason_lines()
+    assert lines[lines.index("gaps by fault kind (wall seconds; trades missing inside, before "
+                             "-> after backfill):") + 2] == \
+        "  stall: 1 gaps, median 0.0 s, p95 0.0 s; trades missing 20 -> 10"
     # trades after the stream's last row sent (the run's end) are left out
     sent -= {99}
     assert figures(gaps, sent | backfilled).trades == 99
+
+
+def test_a_gap_is_put_down_to_the_faults_injected_while_it_was_open():
+    """Per fault kind: a connection fault aimed at the symbol or at every symbol, within
+    FAULT_SLACK of the gap; one aimed at another symbol, or long over, or one that opens no
+    gap (a ClickHouse outage) explains nothing."""
+    anchor = 1_000_000_000  # ms: the wall second 1_000_000
+    soak = types.SimpleNamespace(anchor=anchor, speed=10.0, events=[
+        windows.Event(1_000_010.0, "kill_collector", "btc", 0.0),
+        windows.Event(1_000_011.0, "kill_collector", "eth", 0.0),  # another symbol's
+        windows.Event(1_000_030.0, "stall", "", 3.0),  # every symbol's
+        windows.Event(1_000_031.0, "clickhouse_outage", "", 5.0),
+        windows.Event(1_000_100.0, "stop_collector", "btc", 2.0)])  # a hang: +heartbeat
+    ms = lambda wall: accounting.event_ms(soak, wall)  # noqa: E731
+    gaps = [gap(ms(1_000_009.5), ms(1_000_012.0)), gap(ms(1_000_033.0), ms(1_000_034.0)),
+            gap(ms(1_000_060.0), ms(1_000_061.0)), gap(ms(1_000_109.0), ms(1_000_110.0))]
+    assert accounting.fault_kinds(soak, "btc", gaps) == [
+        "kill_collector", "stall", ledger.NO_FAULT, "stop_collector"]
+    soak.events.append(windows.Event(1_000_032.0, "disconnect", "", 0.0))
+    assert accounting.fault_kinds(soak, "btc", gaps)[1] == "disconnect+stall"
 
 
 def deal_rows(ws):
@@ -208,7 +241,7 @@ def test_a_window_backfilled_over_rest_is_recorded_and_complete():
         for row in before + after + backfill:
             stored.add(*row)
         window = windows.Window(name, start=1_500.0, end=2_500.0, causes=["disconnect"])
-        soak = types.SimpleNamespace(sim=sim, speed=1.0, anchor=0, injections=[],
+        soak = types.SimpleNamespace(sim=sim, speed=1.0, anchor=0, injections=[], events=[],
                                      windows=[window], ledger={name: []})
         assert accounting.account_symbol(soak, name, stored).ledger.windows_without_record == 1
         soak.ledger[name] = [gap(start, end, covered=True, backfilled=len(backfill))]
@@ -263,7 +296,7 @@ def test_a_recorded_silence_before_a_window_explains_its_lost_rows_and_no_more(r
             stored.add(ts, mt, m)
     ledger = [gap(5_900, 12_000, reason=reason, symbol="ETH_USDT")] if reason else []
     soak = types.SimpleNamespace(
-        sim=SentRecord(rows), speed=1.0, anchor=0, injections=[], ledger={name: ledger},
+        sim=SentRecord(rows), speed=1.0, anchor=0, injections=[], events=[], ledger={name: ledger},
         windows=[windows.Window(name, start=10.5, end=12.5, causes=[])])  # wall s = event s
     report = accounting.account_symbol(soak, name, stored)
     assert report.lost_outside == lost_outside

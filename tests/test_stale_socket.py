@@ -66,6 +66,45 @@ def test_a_socket_that_stops_delivering_is_replaced_within_seconds(env, sim, fau
 
 
 @pytest.mark.slow
+def test_a_socket_muted_soon_after_a_replacement_is_replaced_too(env, sim):
+    """A frozen path replaced, then the new connection muted well within a rhythm window
+    (12 s here): judged by the rhythm learnt before, not left muted until its data comes
+    back (stale_bench's muted sockets, 30 s after a replacement, were never replaced)."""
+    proc = start_with_rhythm(env, sim)
+    sim.stall_path(FAULT_SECONDS)
+    wait_for(lambda: sim.total_connections == 2 and sim.connections == 1, 15, "a new socket")
+    [first] = wait_gaps(env, 1, "the frozen path's record")
+    rows_after(env, sim, 10)
+    sim.mute_data(FAULT_SECONDS)
+    wait_for(lambda: sim.total_connections == 3 and sim.connections == 1, 15,
+             "the muted socket replaced")
+    second = wait_for(lambda: len(env.gaps()) >= 2 and max(env.gaps(), key=lambda g: g.start_ms),
+                      30, "the muted socket's record")
+    assert first.reason == GAP_DEAD_SOCKET and second.reason == GAP_STALL, (first, second)
+    assert second.end_ms - second.start_ms < FAULT_SECONDS * 1000 / 2, second
+    assert_trades_once(env, sim, second)
+    assert proc.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_market_that_stops_costs_one_replacement_and_its_gap_is_recorded_at_the_stop(env,
+                                                                                      sim):
+    """The 60-minute soak's end: the market stops.  The silence is judged once; the new
+    connection brings nothing, so it is never judged (its empty buckets end the busy rhythm),
+    and the gap, never closed by data, is recorded when the collector stops."""
+    proc = start_with_rhythm(env, sim)
+    offs = proc.log().count("stale-socket limit off")  # a loaded machine may have had one
+    sim.stop_data()
+    wait_for(lambda: proc.log().count("stale-socket limit off") > offs, 20,
+             "the busy rhythm ended")
+    assert sim.total_connections == 2 and env.gaps() == []
+    assert proc.stop() == 0
+    [gap] = env.gaps()
+    assert gap.reason in (GAP_STALL, GAP_DEAD_SOCKET) and gap.detail.endswith("open at the stop")
+    assert gap.start_ms == max(ts for ts, _mt, _m in sim.expected_rows("BTC_USDT"))
+
+
+@pytest.mark.slow
 def test_a_quiet_symbol_is_never_replaced(env):
     """A deal every 2 s (one a minute, scaled to the 12-s window), with a burst now and then:
     pongs keep the socket alive, and the channel is never busy, so never judged."""
@@ -146,31 +185,95 @@ def test_a_stalled_tor_exit_is_left_for_a_fresh_circuit_within_seconds(env, netw
     client.stop()
 
 
-def test_a_busy_channel_that_goes_quiet_costs_one_replacement_at_most():
-    """The rhythm learnt while busy judges the first long silence (one replacement, as for a
-    dead socket); then it is learnt again from a whole window of the new connection (the
-    60-minute soak's end, where the market stops: a burst of frames after the replacement,
-    then silence, was replaced again and its gap never closed)."""
+def judging_collector():
+    """A collector's judging parts alone, after a busy minute of deals (limit 3.0 s)."""
     collector = Collector.__new__(Collector)
-    collector.ex = {"stale_factor": 4.0, "stale_min": 3.0, "silent_alarm": 30.0}
+    collector.ex = {"stale_factor": 4.0, "stale_min": 3.0, "silent_alarm": 30.0,
+                    "dead_after": 5.0}
     collector.gaps = types.SimpleNamespace(stall_after=30.0, lost=lambda *_: None)
     collector.channels = {"deal": _ChannelWatch(DEAL_CHANNEL, 0.0)}
     collector.stale_after, collector.rhythm_bucket, collector.stopping = None, 10.0, False
-    deal = collector.channels["deal"]
+    collector.judged, collector.handover = 0, None
+    collector.link = connection(0.0)
     now = 0.0
     for _ in range(RHYTHM_BUCKETS):  # a busy minute
         now += 10.0
-        deal.frames, deal.peak, deal.last_data = 50, 0.5, now - 0.1
+        deliver(collector, now - 0.1, frames=50)
         collector._learn_rhythm(now)
     assert collector.stale_after == 3.0 and collector.gaps.stall_after == 3.0
-    collector._learn_rhythm(now + 2.0)  # the market stops: a silence being judged
-    assert collector.stale_after == 3.0
-    assert collector._on_disconnected(StaleSocket("no data")) is True  # replaced
+    return collector, collector.channels["deal"], now
+
+
+def connection(now):
+    return types.SimpleNamespace(delivered=set(), first_data=None, last_frame=now,
+                                 last_pong=now)
+
+
+def deliver(collector, at, frames=1):
+    """The connection read brought deal frames up to `at` (pongs with them)."""
+    deal, link = collector.channels["deal"], collector.link
+    deal.frames, deal.last_data = deal.frames + frames, at
+    link.delivered.add("deal")
+    link.first_data = at if link.first_data is None else link.first_data
+    link.last_frame = link.last_pong = at
+
+
+def pong(collector, at):
+    collector.link.last_frame = collector.link.last_pong = at
+
+
+def replaced(collector, at):
+    """A silence judged and the socket replaced: the next connection is read from `at`."""
+    assert collector._on_disconnected(StaleSocket("no data")) is True
+    collector.link = connection(at)
+
+
+def test_a_socket_muted_soon_after_a_replacement_is_judged_by_the_old_rhythm():
+    """The rhythm stays the yardstick after a replacement (stale_bench's muted sockets, 30 s
+    after a frozen path was replaced, were judged only a minute later: never while muted),
+    once the new connection has delivered on the busy channel."""
+    collector, _deal, now = judging_collector()
+    assert type(collector._verdict(now + 3.1)) is DeadSocket  # a frozen path: no pong
+    replaced(collector, now + 3.2)
+    assert collector.stale_after == 3.0  # not forgotten
+    pong(collector, now + 8.0)
+    assert collector._verdict(now + 9.0) is None  # nothing delivered on it yet: not judged
+    for t in range(4, 20):  # it delivers a whole bucket
+        deliver(collector, now + t + 0.5, frames=3)
+    collector._learn_rhythm(now + 20.0)
+    assert collector.stale_after == 3.0 and collector.judged == 0  # healthy again
+    pong(collector, now + 21.0)  # muted: pongs come, data does not
+    assert collector._verdict(now + 22.4) is None
+    assert type(collector._verdict(now + 22.6)) is StaleSocket  # 3 s, as before
+
+
+def test_a_market_gone_quiet_costs_few_replacements_and_none_on_a_silent_connection():
+    """The 60-minute soak's end, where the market stops: the first silence is judged; a
+    connection that then brings nothing is never judged (its empty buckets end the busy
+    rhythm); one that brings a burst and then nothing is judged once more, at twice the
+    limit (a further silence before a whole bucket of data doubles it again)."""
+    collector, _deal, now = judging_collector()
+    replaced(collector, now + 3.2)
+    pong(collector, now + 60.0)  # pongs come, nothing else
+    assert collector._verdict(now + 60.0) is None
+    collector, _deal, now = judging_collector()
+    replaced(collector, now + 3.2)
+    deliver(collector, now + 4.0, frames=20)  # a burst right after the replacement
+    pong(collector, now + 7.0)
+    assert type(collector._verdict(now + 7.1)) is StaleSocket  # at 3 s
+    replaced(collector, now + 7.2)
+    deliver(collector, now + 8.0, frames=20)  # another burst: now at 6 s
+    pong(collector, now + 13.5)
+    assert collector._verdict(now + 13.9) is None
+    assert type(collector._verdict(now + 14.1)) is StaleSocket
+    replaced(collector, now + 14.2)
+    pong(collector, now + 19.9)  # the next connection brings nothing
+    collector._learn_rhythm(now + 20.0)
+    collector._learn_rhythm(now + 30.0)  # a bucket without data: not busy any more
     assert collector.stale_after is None and collector.gaps.stall_after == 30.0
-    deal.subscribed(now + 3.0)  # the new connection brings a burst, then nothing
-    deal.frames, deal.peak, deal.last_data = 20, 0.0, now + 4.0
-    collector._learn_rhythm(now + 10.0)
-    assert collector.stale_after is None  # judged again only after a whole busy window
+    deliver(collector, now + 31.0, frames=20)
+    pong(collector, now + 50.0)
+    assert collector._verdict(now + 50.0) is None  # never judged again on a quiet market
 
 
 def test_a_pong_right_behind_the_last_data_frame_is_no_sign_of_life():
@@ -179,11 +282,11 @@ def test_a_pong_right_behind_the_last_data_frame_is_no_sign_of_life():
     socket lives.  (It made the tor stall test above see `stall` now and then.)"""
     collector = Collector.__new__(Collector)
     collector.ex = {"dead_after": 5.0, "stale_factor": 4.0}
-    collector.stale_after = 3.0  # so data is overdue 0.75 s after the last frame
+    collector.stale_after, collector.judged = 3.0, 0  # data overdue 0.75 s after the last frame
     deal = _ChannelWatch(DEAL_CHANNEL, 0.0)
     deal.last_data = 10.0
     collector.channels = {"deal": deal}
-    collector.link = types.SimpleNamespace(last_frame=10.05, last_pong=10.05)
+    collector.link = types.SimpleNamespace(last_frame=10.05, last_pong=10.05, delivered={"deal"})
     assert type(collector._verdict(13.1)) is DeadSocket
     collector.link.last_frame = collector.link.last_pong = 12.0  # muted: pongs still come
     assert type(collector._verdict(13.1)) is StaleSocket

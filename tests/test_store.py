@@ -115,11 +115,16 @@ def test_gap_ledger_round_trip(env):
                  "SIGKILL", 0, False, HOUR + HOUR_MS + 2)
     with env.store() as session:
         session.setup(["btc", "eth"])
+        assert session.newest_gap_end_ms("btc", 2 ** 62) is None
         session.record_gaps([second, first])
         assert session.gaps() == [first, second]
         assert session.gaps(name="eth") == [second]
         assert session.gaps(since_ms=HOUR + 5_000) == [second]  # first ends where this starts
         assert session.gaps(until_ms=HOUR + 4_000) == [first]
+        # where a next start's gap begins: the latest recorded end at or before its end
+        assert session.newest_gap_end_ms("btc", HOUR + 5_000) == HOUR + 5_000
+        assert session.newest_gap_end_ms("btc", HOUR + 4_999) is None
+        assert session.newest_gap_end_ms("eth", 2 ** 62) == HOUR + HOUR_MS + 1
 
 
 def test_cluster_holdings_round_trip(env):

@@ -18,8 +18,9 @@ from core.clock import HOUR_MS
 from core.store import Store
 from core.vocabulary import DEAL
 
-from .common import DEAD_AFTER, FILE_RE, PING_INTERVAL, SYMBOLS, say
-from .ledger import count_trades, ledger_figures
+from .common import DEAD_AFTER, FILE_RE, HEARTBEAT_TIMEOUT, PING_INTERVAL, SYMBOLS, say
+from .ledger import NO_FAULT, count_trades, ledger_figures
+from .schedule import CONNECTION_FAULTS
 from .windows import Window
 from .report import LONG_WINDOW, SymbolReport
 
@@ -27,6 +28,7 @@ EVENT_SLACK = 0.5  # wall s on each side of a window when mapped to event time
 # wall s of rows a SIGKILL may cost (README: collector.latency_target, 1 s, plus the insert in
 # flight and the scheduling of a loaded machine)
 KILL_ALLOWANCE = 2.5
+FAULT_SLACK = 2.0  # wall s on each side of a fault within which a gap counts as its doing
 
 
 class Stored:
@@ -100,6 +102,19 @@ def read_tables(soak, stored: Dict[str, Stored]) -> None:
 
 def event_ms(soak, wall_s: float) -> int:
     return int(soak.anchor + (wall_s * 1000 - soak.anchor) * soak.speed)
+
+
+def fault_kinds(soak, name: str, gaps) -> List[str]:
+    """Per ledger gap, the kinds of the connection faults injected while it was open (those
+    aimed at the symbol or at every one, as for the windows: a ClickHouse outage or a stopped
+    exporter opens no gap), joined by '+'; NO_FAULT when none was."""
+    spans = [(e.kind, event_ms(soak, e.wall - FAULT_SLACK),
+              event_ms(soak, e.wall + e.duration + FAULT_SLACK
+                       + (HEARTBEAT_TIMEOUT if e.kind == "stop_collector" else 0.0)))
+             for e in soak.events
+             if e.kind in CONNECTION_FAULTS and (CONNECTION_FAULTS[e.kind] or e.target == name)]
+    return ["+".join(sorted({kind for kind, a, b in spans if a <= g.end_ms and g.start_ms <= b}))
+            or NO_FAULT for g in gaps]
 
 
 def window_spans(soak, name: str) -> List[Tuple[int, int]]:
@@ -278,7 +293,8 @@ def account_symbol(soak, name: str, stored: Stored) -> SymbolReport:
     spans, gaps = window_spans(soak, name), soak.ledger.get(name, [])
     answers = soak.sim.rest_answers(SYMBOLS[name])
     report.ledger = ledger_figures(spans, gaps, answers, min(stored.count, default=None),
-                                   lambda span: describe_span(soak, span), soak.speed)
+                                   lambda span: describe_span(soak, span), soak.speed,
+                                   fault_kinds(soak, name, gaps))
     count_trades(report.ledger, spans, gaps, answers, trades, sent=sent_content.__contains__,
                  stored=lambda trade: stored.count[trade.t] > 0
                  and stored.content[trade.t] in (traded[trade.t], hash(trade.row[1:])))

@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 Span = Tuple[int, int]  # event ms, both ends inclusive
 NO_RECORD = "(window, no record)"  # trades missing in an outage window no gap record covers
+NO_FAULT = "(no fault)"  # a gap no injected fault explains (the market stopping at the end)
 
 
 def overlaps(a: Span, b: Span) -> bool:
@@ -93,18 +94,23 @@ class TradeFigures:
     missing_in_covered_gaps: int = 0  # the ledger says covered, yet missing: must be 0
     missing_elsewhere: int = 0  # outside every hole, stored nowhere: lost silently, must be 0
     by_reason: Dict[str, ReasonFigures] = field(default_factory=dict)  # and NO_RECORD
+    # the same by the fault kinds that explain each gap (ledger_figures' `kinds`)
+    by_kind: Dict[str, ReasonFigures] = field(default_factory=dict)
+    kinds: List[str] = field(default_factory=list)  # per gap, in the order of `gaps`
 
 
 def ledger_figures(windows: Sequence[Span], gaps: Sequence, answers: Sequence,
                    first_stored_ms: Optional[int], describe: Callable[[Span], str] = str,
-                   speed: float = 1.0) -> TradeFigures:
+                   speed: float = 1.0, kinds: Optional[Sequence[str]] = None) -> TradeFigures:
     """windows: the symbol's outage windows in event ms (with slack); gaps: its ledger records;
-    answers: the REST answers served (simulator.RestAnswer); speed: event ms per wall ms."""
-    f = TradeFigures(gaps=len(gaps))
-    for g in gaps:
-        r = f.by_reason.setdefault(g.reason, ReasonFigures())
-        r.gaps += 1
-        r.seconds.append((g.end_ms - g.start_ms) / 1000.0 / speed)
+    answers: the REST answers served (simulator.RestAnswer); speed: event ms per wall ms;
+    kinds: per gap, the fault kinds that explain it (accounting.fault_kinds)."""
+    f = TradeFigures(gaps=len(gaps), kinds=list(kinds or [NO_FAULT] * len(gaps)))
+    for g, kind in zip(gaps, f.kinds):
+        for r in (f.by_reason.setdefault(g.reason, ReasonFigures()),
+                  f.by_kind.setdefault(kind, ReasonFigures())):
+            r.gaps += 1
+            r.seconds.append((g.end_ms - g.start_ms) / 1000.0 / speed)
     f.reasons = dict(collections.Counter(g.reason for g in gaps))
     f.covered = sum(1 for g in gaps if g.covered)
     f.reachable = sum(1 for g in gaps if reachable(g, answers))
@@ -123,15 +129,17 @@ def count_trades(f: TradeFigures, windows: Sequence[Span], gaps: Sequence, answe
     trade's row; stored(trade): its row is stored.  Adds the trade counts to f."""
     spans = [(g.start_ms, g.end_ms) for g in gaps]
     holes = Spans(list(windows) + spans)
-    by_start = sorted(zip(spans, gaps), key=lambda sg: sg[0])
-    starts = [a for (a, _b), _g in by_start]
+    by_start = sorted(zip(spans, gaps, f.kinds), key=lambda sgk: sgk[0])
+    starts = [a for (a, _b), _g, _k in by_start]
 
-    def reason_of(t: int) -> ReasonFigures:
-        """The figures of the gap holding t (one symbol's gaps do not overlap), else of
-        NO_RECORD: t is in an outage window only."""
+    def figures_of(t: int) -> Tuple[ReasonFigures, ReasonFigures]:
+        """The figures (by reason, by fault kind) of the gap holding t (one symbol's gaps do
+        not overlap), else of NO_RECORD: t is in an outage window only."""
         i = bisect.bisect_right(starts, t) - 1
-        reason = by_start[i][1].reason if i >= 0 and by_start[i][0][1] >= t else NO_RECORD
-        return f.by_reason.setdefault(reason, ReasonFigures())
+        reason, kind = ((by_start[i][1].reason, by_start[i][2])
+                        if i >= 0 and by_start[i][0][1] >= t else (NO_RECORD, NO_RECORD))
+        return (f.by_reason.setdefault(reason, ReasonFigures()),
+                f.by_kind.setdefault(kind, ReasonFigures()))
     in_reached = Spans(span for span, g in zip(spans, gaps) if reachable(g, answers))
     in_covered = Spans(span for span, g in zip(spans, gaps) if g.covered)
     stream_end = max((t.t for t in trades if sent(t.t)), default=None)
@@ -147,9 +155,11 @@ def count_trades(f: TradeFigures, windows: Sequence[Span], gaps: Sequence, answe
         f.never_sent += not was_sent
         f.missing_before_backfill += not is_stored or not was_sent
         if not is_stored or not was_sent:
-            reason_of(trade.t).missing_before_backfill += 1
+            for r in figures_of(trade.t):
+                r.missing_before_backfill += 1
         if not is_stored:
             f.missing_after_backfill += 1
-            reason_of(trade.t).missing_after_backfill += 1
+            for r in figures_of(trade.t):
+                r.missing_after_backfill += 1
             f.missing_in_reachable_gaps += trade.t in in_reached
             f.missing_in_covered_gaps += trade.t in in_covered

@@ -261,12 +261,13 @@ class Report:
             *self.reason_lines(),
         ]
 
-    def by_reason(self) -> Dict[str, ReasonFigures]:
-        """Every symbol's gaps and missing trades, by reason (ledger.NO_RECORD included)."""
+    def merged(self, by: str) -> Dict[str, ReasonFigures]:
+        """Every symbol's gaps and missing trades, by `by` ("by_reason" or "by_kind": the
+        fault kinds that explain each gap), ledger.NO_RECORD included."""
         merged: Dict[str, ReasonFigures] = {}
         for s in self.symbols:
-            for reason, r in s.ledger.by_reason.items():
-                m = merged.setdefault(reason, ReasonFigures())
+            for key, r in getattr(s.ledger, by).items():
+                m = merged.setdefault(key, ReasonFigures())
                 m.gaps += r.gaps
                 m.seconds += r.seconds
                 m.missing_before_backfill += r.missing_before_backfill
@@ -274,16 +275,18 @@ class Report:
         return merged
 
     def reason_lines(self) -> List[str]:
-        """Per reason: gaps, their length in wall seconds (median, p95), the trades missing
-        inside them before and after backfill."""
-        lines = ["gaps by reason (wall seconds; trades missing inside, before -> after "
-                 "backfill):"]
-        for reason, r in sorted(self.by_reason().items()):
-            seconds = sorted(r.seconds)
-            length = (f"median {_quantile(seconds, 0.5):.1f} s, p95 {_quantile(seconds, 0.95):.1f}"
-                      f" s" if seconds else "no record")
-            lines.append(f"  {reason}: {r.gaps} gaps, {length}; trades missing "
-                         f"{r.missing_before_backfill:,} -> {r.missing_after_backfill:,}")
+        """Per reason, then per fault kind: gaps, their length in wall seconds (median, p95),
+        the trades missing inside them before and after backfill."""
+        lines = []
+        for by, what in (("by_reason", "reason"), ("by_kind", "fault kind")):
+            lines.append(f"gaps by {what} (wall seconds; trades missing inside, before -> "
+                         "after backfill):")
+            for key, r in sorted(self.merged(by).items()):
+                seconds = sorted(r.seconds)
+                length = (f"median {_quantile(seconds, 0.5):.1f} s, p95 "
+                          f"{_quantile(seconds, 0.95):.1f} s" if seconds else "no record")
+                lines.append(f"  {key}: {r.gaps} gaps, {length}; trades missing "
+                             f"{r.missing_before_backfill:,} -> {r.missing_after_backfill:,}")
         return lines
 
 
