@@ -79,6 +79,7 @@ class RowWriter:
                  max_insert_rows: int = 50_000, retry_max: float = 2.0, batch_rows: int = 1000,
                  latency_target: float = 1.0):
         self.store = store.Store(ch)
+        self.name = name
         self.table = store.current_table(name)
         self.spool = spool
         self.max_buffered_rows = max_buffered_rows
@@ -112,8 +113,11 @@ class RowWriter:
         self.failing_since: Optional[float] = None  # monotonic time of the first failed insert
         self.thread = threading.Thread(target=self._run, name=f"writer-{name}", daemon=True)
 
-        if spool.inflight and spool.inflight[0] == spool.offset:
-            # We died during the insert of the first spooled batch: find out whether it landed.
+        # An earlier run died during the insert of the first spooled batch: find out whether
+        # it landed, by its rows (a rotation may have swapped the table since: the count
+        # the marker kept is then another table's).
+        self.inherited_unsure = bool(spool.inflight and spool.inflight[0] == spool.offset)
+        if self.inherited_unsure:
             _offset, self.table_rows, _rows = spool.inflight
             self.unsure = True
 
@@ -353,7 +357,14 @@ class RowWriter:
         when someone else changed the table too (the exporter moving rows back after a
         rotation), look for the batch's first and last rows: a block lands whole or not."""
         count = self.store.count(self.table)
-        if count in (self.table_rows, self.table_rows + len(rows)):
+        if self.inherited_unsure:  # the current table then, or the previous one by now
+            self.inherited_unsure = False
+            found = [table for table in (self.table, store.previous_table(self.name))
+                     if self.store.exists(table) and self.store.contains(table, rows[0])
+                     and self.store.contains(table, rows[-1])]
+            landed = bool(found)
+            self.table_rows = count - (len(rows) if self.table in found else 0)
+        elif count in (self.table_rows, self.table_rows + len(rows)):
             landed = count == self.table_rows + len(rows)
         else:
             landed = (self.store.contains(self.table, rows[0])

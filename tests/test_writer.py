@@ -141,3 +141,39 @@ def test_an_insert_that_hung_before_it_failed_spools_the_queue_at_once(tmp_path)
     finally:
         w.stop(grace=0.5)
         listener.close()
+
+
+@pytest.mark.parametrize("landed", [True, False])
+def test_an_earlier_runs_unsure_insert_swapped_away_by_a_rotation_is_not_inserted_again(
+        env, tmp_path, landed):
+    """The 30-minute soak (seed 47): a collector died inserting its first spooled batch, a
+    rotation swapped its table before the next run started, and the new table happened to hold
+    as many rows as the marker had counted: 'had not landed', inserted again, 6 rows doubled.
+    An earlier run's batch is looked for by its rows, in current and in previous."""
+    ch = env.ch_section()
+    directory = str(tmp_path / "spool")
+    batch, moved_back = rows("unsure", 6), rows("moved-back", 7)
+    with env.store() as session:
+        session.setup(["btc"])
+        session.insert_rows("btc_current", rows("before", 7))
+        # the earlier run: its first spooled batch marked in flight at 7 rows, then it dies
+        subprocess.run([sys.executable, "-c", "from collector.spool import Spool; "
+                        f"s = Spool({directory!r}, 'btc'); s.append({batch!r}); "
+                        f"s.mark_inflight({session.count('btc_current')}, {len(batch)}); "
+                        "s.close()"], check=True, timeout=30)
+        if landed:
+            session.insert_rows("btc_current", batch)
+        session.swap("btc")  # the rotation: current -> previous, a new empty current
+        session.insert_rows("btc_current", moved_back)  # 7 again, as the marker counted
+    writer = RowWriter(ch, "btc", Spool(directory, "btc"), max_buffered_rows=1000,
+                       latency_target=LATENCY_MARGIN + 0.05)
+    writer.start()
+    try:
+        wait_for(lambda: not writer.spool, 20, "the spooled batch resolved")
+    finally:
+        writer.stop(grace=2.0)
+    with env.store() as session:
+        stored_rows = [row for table in ("btc_current", "btc_previous")
+                       if session.exists(table) for row in list(session.rows(table))]
+    counts = collections.Counter(stored_rows)
+    assert all(counts[row] == 1 for row in batch), "the unsure batch is not stored exactly once"
