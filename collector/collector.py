@@ -608,7 +608,8 @@ class Collector:
         return {
             "symbol": self.sym.symbol, "connected": self.connected,
             "rows": dict(s.rows), "frames": s.frames, "errors": s.errors,
-            "reconnects": s.reconnects, "rows_written": w.rows_written,
+            "reconnects": s.reconnects, "handovers": self.handovers,
+            "rows_written": w.rows_written,
             "buffered_rows": w.buffered_rows() + len(self.batch), "spooled_rows": w.spool.rows,
             "insert_errors": w.insert_errors, "held": held and held.rotation,
             "gaps_recorded": self.gaps.recorded,

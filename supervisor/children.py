@@ -322,7 +322,7 @@ class Child:
             "exit_ip": None,
         }
         for key in ("rows_written", "buffered_rows", "spooled_rows", "last_message_age_s",
-                    "connected", "reconnects", "errors", "insert_errors", "held", "rows",
+                    "connected", "reconnects", "handovers", "errors", "insert_errors", "held", "rows",
                     "frames"):
             entry[key] = self.stats.get(key)
         entry["flapping"] = self.flapping(now)

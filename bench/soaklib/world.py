@@ -237,7 +237,9 @@ class Soak:
         """Open a window when the symbol's connection epoch ends, close it when one is up."""
         link = self.links[name]
         up = bool(c and c["state"] == "running" and c["pid"] and c.get("connected"))
-        epoch = (c["pid"], c.get("reconnects") or 0) if up else None
+        # a handover (make before break) ends an epoch too: the rows the old connection did not
+        # deliver before it was judged are lost, and recorded in the ledger
+        epoch = (c["pid"], c.get("reconnects") or 0, c.get("handovers") or 0) if up else None
         if link.window is None:
             if epoch == link.epoch:  # still up
                 link.last_up = now

@@ -21,7 +21,9 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 COLLECTOR_COUNTERS = [
     ("mexc_frames_received", "WebSocket frames received", "frames"),
     ("mexc_rows_written", "rows stored in ClickHouse", "rows_written"),
-    ("mexc_reconnects", "connections to the exchange replaced", "reconnects"),
+    ("mexc_reconnects", "connections to the exchange lost and dialled again", "reconnects"),
+    ("mexc_handovers", "connections replaced without a break (make before break)",
+     "handovers"),
     ("mexc_insert_errors", "ClickHouse inserts that failed (rows kept, retried)",
      "insert_errors"),
     ("mexc_frame_errors", "frames that could not be parsed (stored as dead letters)", "errors"),
