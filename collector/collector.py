@@ -291,6 +291,8 @@ class Collector:
             "insert_errors": w.insert_errors, "held": held and held.rotation,
             "gaps_recorded": self.gaps.recorded,
             "last_message_age_s": None if self.last_frame is None else round(now - self.last_frame, 3),
+            # data frames only (pongs come from a delisted contract's socket too)
+            "last_data_age_s": round(now - self.gaps.last_seen, 3) if self.gaps.last_seen else None,
         }
 
     # --- handing rows over, and stats --------------------------------------------------------

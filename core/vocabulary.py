@@ -36,8 +36,10 @@ GAP_COLLECTOR_RESTART = "collector_restart"  # the collector was stopped and sta
 GAP_COLLECTOR_CRASH = "collector_crash"  # the collector died (crash, SIGKILL) and came back
 GAP_TOR_RESTART = "tor_restart"          # the symbol's tor was restarted
 GAP_DAEMON_RESTART = "daemon_restart"    # the whole daemon was down
+GAP_DELISTED = "delisted"                # MEXC stopped listing the contract (or paused, settled it)
 GAP_REASONS = (GAP_DISCONNECT, GAP_DEAD_SOCKET, GAP_STALL, GAP_EXCHANGE_ERROR,
-               GAP_COLLECTOR_RESTART, GAP_COLLECTOR_CRASH, GAP_TOR_RESTART, GAP_DAEMON_RESTART)
+               GAP_COLLECTOR_RESTART, GAP_COLLECTOR_CRASH, GAP_TOR_RESTART, GAP_DAEMON_RESTART,
+               GAP_DELISTED)
 
 
 class Gap(NamedTuple):

@@ -7,6 +7,7 @@ exits are kept apart by supervisor/exits.ExitGuard.  The dashboard, /metrics and
 in threads of their own (supervisor/monitoring/: monitor.py, web.py) and learn the status by asking the
 loop over the control socket like `mexc status`, so the loop's state stays its own.
 """
+import dataclasses
 import logging
 import os
 import shutil
@@ -20,15 +21,17 @@ import psutil
 
 from bus import sockets
 from bus.rotation import Coordinator, Timeouts
-from collector import connection
+from collector import connection, gaps
 from core import __version__, config as configuration, log as logging_setup, pidlock
 from core.log import RecentProblems, first_line
 from core.store import SchemaTooNew, Store
-from core.vocabulary import CLICKHOUSE, COLLECTOR, EXPORTER, TOR, ChildId
+from core.symbols import NameBook, NameClash, resolve
+from core.vocabulary import CLICKHOUSE, COLLECTOR, EXPORTER, GAP_DELISTED, TOR, ChildId
 from supervisor import commands, reload, sdnotify
 from supervisor.children import (Child, ChildState, Forked, Subprocess, collector_main,
                                  exporter_main, start_reason)
 from supervisor.clickhouse import ClickHouseStartError, ManagedClickHouse
+from supervisor.contracts import ContractList
 from supervisor.exits import ExitGuard
 from supervisor.monitoring.alerts import Alerts
 from supervisor.monitoring.monitor import Monitor
@@ -47,6 +50,8 @@ LEFTOVER_WAIT = 20.0  # for the children of a killed `mexc run` to die with it (
 CLICKHOUSE_CHECK_EVERY = 5.0  # seconds between reachability probes (each in its own thread)
 CLUSTER_EVERY = 0.5  # seconds between looks at the cluster's assignment
 JOIN_WAIT = 10.0  # longest a clustered start waits for ZooKeeper before collecting everything
+FIRST_LIST_WAIT = 15.0  # longest a start with patterns waits for MEXC's contract list
+DELISTING_EVERY = 1.0  # seconds between looks at the delisted contracts still collecting
 
 
 class RunError(Exception):
@@ -90,6 +95,15 @@ class Arbiter:
         self.membership = self.holdings = None
         self.cluster_frozen = None  # whether the last line logged said frozen
         self.next_cluster_look = 0.0
+        # patterns in `symbols` (core/symbols.py): the contract list, the names given, and
+        # the contracts gone from the list whose collectors stop once silent
+        self.book = NameBook(config.paths["state_dir"])
+        self.contract_list = None
+        self.contracts_version = 0  # the list's version the symbols follow
+        self.delisting = {}  # name -> (Symbol, why): absent from the list, collector not silent
+        self.delisted = set()  # names stopped as delisted in this run (a return says so)
+        self.next_delisting_look = 0.0
+        self.ledger_stop = threading.Event()  # ends the retries of delisting records
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -104,8 +118,9 @@ class Arbiter:
         log.info("mexc %s starting pid=%d config=%s symbols=%s", __version__, os.getpid(),
                  self.config.path, ",".join(s.symbol for s in self.config.symbols))
         try:
-            for step in (self._start_clickhouse, self._ensure_schema, self._join_cluster,
-                         self._start_collectors, self._start_monitor, self._loop):
+            for step in (self._read_contracts, self._start_clickhouse, self._resolve_symbols,
+                         self._ensure_schema, self._join_cluster, self._start_collectors,
+                         self._start_monitor, self._loop):
                 if self.stopping:  # SIGTERM during start-up: stop what is running
                     break
                 step()
@@ -124,6 +139,127 @@ class Arbiter:
                          self.config.supervisor)
         self.children[exporter.child_id] = exporter
         exporter.start(time.monotonic())
+
+    # --- patterns: MEXC's contract list (core/symbols.py, supervisor/contracts.py) ----------
+
+    def _read_contracts(self) -> None:
+        """With patterns in `symbols`: start reading the contract list (a thread)."""
+        if self.config.patterns is not None and self.contract_list is None:
+            self.contract_list = ContractList(self.config.exchange, self.book).start()
+
+    def _resolve_symbols(self) -> None:
+        """Resolve the patterns at start: against the list MEXC gives within FIRST_LIST_WAIT,
+        else the last good one (contracts.json), else only the contracts named outright."""
+        if self.contract_list is None:
+            return
+        if self.config.exchange["contracts_via"] == "direct":
+            self.contract_list.done_once.wait(FIRST_LIST_WAIT)
+        self.contracts_version, contracts = self.contract_list.latest()
+        if contracts is None:
+            log.error("contract list: none loaded yet and none saved from an earlier run; "
+                      "collecting only the contracts named outright until it loads")
+        try:
+            resolution = self._resolution(self.config, contracts)
+        except NameClash as e:
+            raise RunError(f"{self.config.path}: symbols: {e}", code=78) from None
+        self.config = dataclasses.replace(self.config, symbols=resolution.symbols)
+        log.info("symbols: %d (patterns %s, named outright %d, contract list of %s)",
+                 len(resolution.symbols), self.config.patterns, len(self.config.named),
+                 "none" if contracts is None else len(contracts))
+
+    def _resolution(self, config, contracts):
+        """The symbols `config` means with this contract list (NameClash: an operator's name
+        held by another contract); the names given, logged once, go to the name book."""
+        resolution = resolve(config.named, config.patterns, contracts,
+                             self.book.names)
+        for symbol in resolution.unlisted:
+            log.warning("contracts: %s is not trading on MEXC (%s); not collected while it "
+                        "is not", symbol, _listing(symbol, contracts))
+        for symbol in resolution.skipped:
+            log.warning("contracts: %s matches %s but gets no name (not a contract like "
+                        "BTC_USDT, or every candidate name is taken); name it outright",
+                        symbol, config.patterns)
+        for symbol, name in resolution.new_names.items():
+            log.info("contracts: %s gets the name %s (for good: names.json)", symbol, name)
+        self.book.remember(resolution.symbols)
+        return resolution
+
+    def _follow_contracts(self, now: float) -> None:
+        """A new contract list: start what it lists newly, mark what it no longer lists; and
+        stop the delisted once silent."""
+        contract_list = self.contract_list
+        if contract_list is None:
+            return
+        contract_list.proxy = (self.exit_guard.any_socks()
+                               if self.config.exchange["contracts_via"] == "tor" else None)
+        version, contracts = contract_list.latest()
+        if version != self.contracts_version and contracts is not None:
+            self.contracts_version = version
+            self._apply_contracts(contracts)
+        if self.delisting and now >= self.next_delisting_look:
+            self.next_delisting_look = now + DELISTING_EVERY
+            self._stop_silent_delisted(now)
+
+    def _apply_contracts(self, contracts) -> None:
+        try:
+            resolution = self._resolution(self.config, contracts)
+        except NameClash as e:  # the book changed under a running config: keep what runs
+            log.error("contracts: %s; the symbols stay as they are", e)
+            return
+        wanted = {s.name: s for s in resolution.symbols}
+        held = self._held_names()
+        for name in [n for n in self.delisting if n in wanted]:
+            log.info("contracts: %s listed again before it fell silent; collecting on",
+                     wanted[name].symbol)
+            del self.delisting[name]
+        for symbol in self.config.symbols:
+            if symbol.name in held and symbol.name not in wanted                     and symbol.name not in self.delisting:
+                why = _listing(symbol.symbol, contracts)
+                self.delisting[symbol.name] = (symbol, why)
+                log.info("contracts: %s %s; its collector stops once it has had no data for "
+                         "%.0fs (exchange.silent_alarm)", symbol.symbol, why,
+                         self.config.exchange["silent_alarm"])
+        staying = [symbol for symbol, _why in self.delisting.values()]
+        self.config = dataclasses.replace(
+            self.config, symbols=sorted(resolution.symbols + staying, key=lambda s: s.symbol))
+        added = [s for name, s in wanted.items() if name not in held]
+        if self.membership is not None:  # the cluster decides which of them run here
+            self.membership.set_names({s.name: s for s in self.config.symbols})
+            added = []
+        for symbol in added:
+            again = symbol.name in self.delisted
+            self.delisted.discard(symbol.name)
+            self._start_symbol(symbol, f"contracts: {symbol.symbol} "
+                               f"{'listed again' if again else 'listed'}",
+                               because=(GAP_DELISTED, "listed again") if again else None)
+        if added and EXPORTER_ID in self.children:
+            self.children[EXPORTER_ID].restart_now(time.monotonic())  # to export them too
+
+    def _stop_silent_delisted(self, now: float) -> None:
+        silent_after = self.config.exchange["silent_alarm"]
+        for name, (symbol, why) in list(self.delisting.items()):
+            child = self.children.get(ChildId(COLLECTOR, name))
+            age = None
+            if child is not None and child.wanted and child.state is ChildState.RUNNING:
+                age = child.stats.get("last_data_age_s")
+                if age is None:  # no data since it started (or no heartbeat yet)
+                    age = now - child.started_at
+                if age < silent_after:
+                    continue
+            del self.delisting[name]
+            self.delisted.add(name)
+            self.config = dataclasses.replace(
+                self.config, symbols=[s for s in self.config.symbols if s.name != name])
+            if self.membership is not None:
+                self.membership.set_names({s.name: s for s in self.config.symbols})
+            silent = f"no data for {age:.0f}s" if age is not None else "not running"
+            self._drop_symbol(name, f"contracts: {symbol.symbol} {why}, {silent}: its data "
+                                    f"ends here (gap ledger: {GAP_DELISTED}); stopping its "
+                                    "collector, its archive stays")
+            threading.Thread(target=gaps.record_end, name=f"delisted-{name}", daemon=True,
+                             args=(self.config.clickhouse, self.config.export["dir"], symbol,
+                                   GAP_DELISTED, f"{why}; collection stopped",
+                                   self.ledger_stop)).start()
 
     # --- several hosts (cluster/, docs/cluster.md) -------------------------------------------
 
@@ -289,14 +425,16 @@ class Arbiter:
             log.warning("clickhouse not reachable yet (%s); collectors will buffer",
                         first_line(e))
 
-    def _add_collector(self, symbol) -> None:
+    def _add_collector(self, symbol, because=None) -> None:
+        """Fork its collector (with Tor: once its tor has bootstrapped).  because: the
+        (reason, detail) its first start's gap gets instead of a daemon restart."""
         parent = os.getpid()
         tor = self._add_tor(symbol) if self.config.tor["enabled"] else None
         socks_port = self.tor_ports[symbol.name][0] if tor else None
         # self.config at fork time: a collector (re)started after a reload gets its settings
         child_id = ChildId(COLLECTOR, symbol.name)
         child = Child(child_id, lambda: Forked(collector_main, (self.config, symbol.symbol, parent,
-                                                                socks_port, start_reason(child))),
+                                                                socks_port, start_reason(child, because))),
                       self.config.supervisor, symbol=symbol.symbol)
         self.children[child.child_id] = child
         if self.holdings is not None:
@@ -340,6 +478,7 @@ class Arbiter:
                 if not child.wanted and child.state is ChildState.STOPPED:
                     del self.children[child.child_id]  # removed by a reload, now gone
             self._start_deferred()
+            self._follow_contracts(now)
             if self.membership is not None and now >= self.next_cluster_look:
                 self._follow_cluster()
                 self.next_cluster_look = now + CLUSTER_EVERY
@@ -361,6 +500,9 @@ class Arbiter:
         self.stopping = True
         self.notifier.notify("STOPPING=1")
         self._stop_monitor()
+        self.ledger_stop.set()
+        if self.contract_list is not None:
+            self.contract_list.stop()
         log.info("stopping: collectors first, then exporter, tor, clickhouse")
         for kind, timeout in STOP_TIMEOUTS.items():
             self._stop_group([c for c in self.children.values() if c.kind == kind], timeout)
@@ -458,6 +600,12 @@ class Arbiter:
             return
         for warning in new.warnings:
             log.warning("reload: config: %s", warning)
+        try:
+            new = self._resolved(new)
+        except NameClash as e:
+            log.error("reload rejected, the running config stays in force: %s: symbols: %s",
+                      new.path, e)
+            return
         changed = reload.changes(self.config, new)
         self.config = new = reload.adopted(self.config, new)
         self._apply_settings(changed)
@@ -477,6 +625,27 @@ class Arbiter:
                 and EXPORTER_ID in self.children):
             self.children[EXPORTER_ID].restart_now(time.monotonic())  # to export them too
         log.info("reload done: symbols=%s", ",".join(s.symbol for s in new.symbols))
+
+    def _resolved(self, new):
+        """A reloaded config with its patterns resolved (the contract list started or stopped
+        as they come and go); the delisted still collecting stay while it still covers them."""
+        if new.patterns is None:
+            if self.contract_list is not None:
+                self.contract_list.stop()
+                self.contract_list = None
+            self.delisting = {}
+            return new
+        if self.contract_list is None:
+            self.contract_list = ContractList(new.exchange, self.book).start()
+        self.contract_list.exchange = new.exchange
+        _version, contracts = self.contract_list.latest()
+        resolution = self._resolution(new, contracts)
+        explicit = {s.symbol for s in new.named}
+        self.delisting = {name: entry for name, entry in self.delisting.items()
+                          if entry[0].symbol in explicit or new.patterns.matches(entry[0].symbol)}
+        staying = [symbol for symbol, _why in self.delisting.values()]
+        return dataclasses.replace(new, symbols=sorted(resolution.symbols + staying,
+                                                       key=lambda s: s.symbol))
 
     def _apply_settings(self, changed) -> None:
         """What a reload applies at once (supervisor/reload.py), and one line per section."""
@@ -515,15 +684,16 @@ class Arbiter:
         self.exit_guard.remove(child.name)
         return True
 
-    def _start_symbol(self, symbol, line: str) -> None:
-        """Start a symbol's collector (and tor) now, or once its old ones have stopped."""
+    def _start_symbol(self, symbol, line: str, because=None) -> None:
+        """Start a symbol's collector (and tor) now, or once its old ones have stopped.
+        because: what its start's gap was (start_reason), if not a daemon restart."""
         if self._leftovers(symbol):
             log.info("%s; its collector starts once the old one has stopped", line)
             if symbol.name not in {s.name for s in self.deferred_adds}:
                 self.deferred_adds.append(symbol)
         else:
             log.info("%s; starting its collector", line)
-            self._add_collector(symbol)
+            self._add_collector(symbol, because)
 
     def _leftovers(self, symbol) -> list:
         """The children of a removed symbol that are still stopping."""
@@ -577,8 +747,14 @@ class Arbiter:
                     pass
             children.append(entry)
         cluster = {"cluster": self.membership.describe()} if self.membership is not None else {}
+        contracts = ({"contracts": {**self.contract_list.describe(),
+                                    "symbols": len(self.config.symbols),
+                                    "delisting": sorted(s.symbol for s, _ in
+                                                        self.delisting.values())}}
+                     if self.contract_list is not None else {})
         return {
             **cluster,
+            **contracts,
             "supervisor": {
                 "pid": os.getpid(), "version": __version__, "uptime_s": round(now - self.started, 1),
                 "config": self.config.path, "ready": self.ready,
@@ -613,6 +789,14 @@ class Arbiter:
     def _probe_clickhouse(self) -> None:
         with Store(self.config.clickhouse, timeout=1.0) as session:
             self.clickhouse_checked = (time.monotonic(), session.probe())
+
+
+def _listing(symbol: str, contracts) -> str:
+    """What the contract list says of a contract that is not trading."""
+    contract = next((c for c in contracts or () if c.symbol == symbol), None)
+    if contract is None:
+        return "is no longer in MEXC's contract list"
+    return f"is {contract.describe_state()} on MEXC (state {contract.state})"
 
 
 def _live(collector) -> bool:

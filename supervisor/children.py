@@ -154,13 +154,14 @@ class Subprocess:
             self.server.process.send_signal(signum)
 
 
-def start_reason(child: "Child") -> tuple:
+def start_reason(child: "Child", first: Optional[tuple] = None) -> tuple:
     """Why a child is being started, as a gap reason and detail: its first start under this
-    daemon ends a daemon restart (the daemon was down, or the symbol was just added); a start
-    after a clean exit (exit code 0: a restart asked for) a collector restart; any other a
-    crash (a signal, SIGKILL included, or a failure exit)."""
+    daemon ends a daemon restart (the daemon was down, or the symbol was just added), or
+    `first` when given (a delisted contract listed again); a start after a clean exit (exit
+    code 0: a restart asked for) a collector restart; any other a crash (a signal, SIGKILL
+    included, or a failure exit)."""
     if child.restarts == 0:
-        return GAP_DAEMON_RESTART, "daemon started"
+        return first or (GAP_DAEMON_RESTART, "daemon started")
     if child.exit_code == 0:
         return GAP_COLLECTOR_RESTART, child.last_exit
     return GAP_COLLECTOR_CRASH, child.last_exit or "unknown exit"
