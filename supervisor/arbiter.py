@@ -7,6 +7,7 @@ exits are kept apart by supervisor/exits.ExitGuard.  The dashboard, /metrics and
 in threads of their own (supervisor/monitoring/: monitor.py, web.py) and learn the status by asking the
 loop over the control socket like `mexc status`, so the loop's state stays its own.
 """
+import collections
 import dataclasses
 import logging
 import os
@@ -89,6 +90,11 @@ class Arbiter:
         # symbols re-added by a reload while their old collector or tor is still stopping:
         # started once those are gone (two collectors of one symbol would share its spool)
         self.deferred_adds = []
+        self.deferred_because = {}  # name -> the start reason of a deferred symbol, if given
+        # first starts of symbols (a collector, or its tor), at supervisor.start_rate a second:
+        # MEXC may limit connects per IP, and 300 tor bootstraps at once swamp the CPU
+        self.start_queue = collections.deque()
+        self.next_queued_start = 0.0
         self.problems = RecentProblems()  # the last warnings and errors, for the dashboard
         self.monitor = self.web = self.alerts = None
         # in a cluster (cluster/): this host's membership, its holdings log, what was logged
@@ -440,7 +446,7 @@ class Arbiter:
         if self.holdings is not None:
             self.holdings.record(symbol.name, held=True)
         if tor is None:
-            child.start(time.monotonic())
+            self.start_queue.append(child)
         else:  # started by the ExitGuard once its tor has bootstrapped
             self.exit_guard.add(tor, child)
 
@@ -461,14 +467,16 @@ class Arbiter:
         child.on_exit = lambda why: self._publish("tor_restarted", name=symbol.name,
                                                   detail=f"tor {why}")
         self.children[child.child_id] = child
-        child.start(time.monotonic())
+        self.start_queue.append(child)
         return child
 
     def _loop(self) -> None:
         watchdog = self.notifier.watchdog_interval
         next_watchdog = next_status = 0.0
         while not self.stopping:
-            for source, message in self.bus.poll(TICK):
+            wait = TICK if not self.start_queue else min(
+                TICK, max(0.0, self.next_queued_start - time.monotonic()))  # starts on time
+            for source, message in self.bus.poll(wait):
                 self._dispatch(source, message)
             if self.stopping:
                 break
@@ -478,6 +486,7 @@ class Arbiter:
                 if not child.wanted and child.state is ChildState.STOPPED:
                     del self.children[child.child_id]  # removed by a reload, now gone
             self._start_deferred()
+            self._start_queued(now)
             self._follow_contracts(now)
             if self.membership is not None and now >= self.next_cluster_look:
                 self._follow_cluster()
@@ -691,6 +700,8 @@ class Arbiter:
             log.info("%s; its collector starts once the old one has stopped", line)
             if symbol.name not in {s.name for s in self.deferred_adds}:
                 self.deferred_adds.append(symbol)
+                if because is not None:
+                    self.deferred_because[symbol.name] = because
         else:
             log.info("%s; starting its collector", line)
             self._add_collector(symbol, because)
@@ -706,7 +717,17 @@ class Arbiter:
                 self.deferred_adds.remove(symbol)
                 log.info("the old %s collector has stopped; starting the new one",
                          symbol.symbol)
-                self._add_collector(symbol)
+                self._add_collector(symbol, self.deferred_because.pop(symbol.name, None))
+
+    def _start_queued(self, now: float) -> None:
+        """First starts, one every 1/supervisor.start_rate seconds (so never more than the
+        rate in any second); a child stopped while it waited is skipped."""
+        while self.start_queue and now >= self.next_queued_start:
+            child = self.start_queue.popleft()
+            if child.wanted and child.state is ChildState.WAITING:
+                child.start(now)  # from its end: a slow fork does not bunch the next ones
+                self.next_queued_start = (time.monotonic()
+                                          + 1.0 / self.config.supervisor["start_rate"])
 
     def _collectors(self):
         return [c for c in self.children.values() if c.kind == COLLECTOR and c.wanted]

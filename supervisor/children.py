@@ -314,6 +314,7 @@ class Child:
             "exit_ip": None,
         }
         for key in ("rows_written", "buffered_rows", "spooled_rows", "last_message_age_s",
+                    "last_data_age_s",
                     "connected", "reconnects", "errors", "insert_errors", "held", "rows",
                     "frames"):
             entry[key] = self.stats.get(key)

@@ -133,3 +133,23 @@ def test_listings_delistings_and_a_failing_list_are_followed(env, tmp_path):
         left = {s: c["pid"] for s, c in collectors(run).items()}
         assert left == {s: p for s, p in pids.items() if s != "ETH_USDT"}
         assert again.stop(20) == 0
+
+
+def test_start_up_is_staggered_at_the_configured_rate(env, tmp_path):
+    """12 collectors at supervisor.start_rate = 4: never more than 4 starts in a second."""
+    run = str(tmp_path / "run")
+    symbols = [f"S{i:03d}_USDT" for i in range(1, 13)]
+    with MexcSimulator(rate=5.0, contracts=symbols) as sim:
+        config = env.write_config(sim.url, symbols=["S0*_USDT"],
+                                  supervisor={"start_rate": 4.0})
+        daemon = env.mexc("run", "--config", config, name="daemon")
+        wait_for(lambda: flowing(run, symbols), 40, "every collector storing rows")
+        starts = sorted(
+            time.mktime(time.strptime(line[:19], "%Y-%m-%dT%H:%M:%S")) + float(line[19:23])
+            for line in daemon.log().splitlines()
+            if " collector-s0" in line and " started pid=" in line)
+        assert len(starts) == 12
+        most = max(sum(1 for t in starts if s <= t < s + 1.0) for s in starts)
+        print(f"12 starts over {starts[-1] - starts[0]:.2f}s, at most {most} in a second")
+        assert most <= 4 and starts[-1] - starts[0] >= 2.0
+        assert daemon.stop(20) == 0
