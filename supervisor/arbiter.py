@@ -259,9 +259,10 @@ class Arbiter:
             if self.membership is not None:
                 self.membership.set_names({s.name: s for s in self.config.symbols})
             silent = f"no data for {age:.0f}s" if age is not None else "not running"
-            self._drop_symbol(name, f"contracts: {symbol.symbol} {why}, {silent}: its data "
-                                    f"ends here (gap ledger: {GAP_DELISTED}); stopping its "
-                                    "collector, its archive stays")
+            if not self._drop_symbol(name, f"contracts: {symbol.symbol} {why}, {silent}: its "
+                                           f"data ends here (gap ledger: {GAP_DELISTED}); "
+                                           "stopping its collector, its archive stays"):
+                continue  # not collected here (a start still waiting, another host's)
             threading.Thread(target=gaps.record_end, name=f"delisted-{name}", daemon=True,
                              args=(self.config.clickhouse, self.config.export["dir"], symbol,
                                    GAP_DELISTED, f"{why}; collection stopped",
