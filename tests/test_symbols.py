@@ -133,3 +133,39 @@ def test_the_simulator_lists_delists_and_refuses_on_command():
             sim.fail_rest(30, mode)
             assert http_get(sim.rest_url + url_path, 5)[0] == status
         assert sim.contract_list_requests() == 4
+
+
+def test_the_contract_list_through_a_socks5_proxy_keeps_the_last_good_list(tmp_path):
+    """contracts_via = "tor": nothing is read until a tor (here a real SOCKS5 proxy) is given;
+    then through it, with our TLS and SNI; a rate-limited read keeps the last good list."""
+    from supervisor.contracts import ContractList
+    from tests.conftest import wait_for
+    from tests.test_collector import microsocks, self_signed_tls
+
+    context, cert = self_signed_tls(tmp_path)
+    with microsocks() as (socks_port, output), \
+            MexcSimulator(rate=0, ssl_context=context, contracts=["BTC_USDT"]) as sim:
+        exchange = config.parse({"exchange": {
+            "url": f"wss://localhost:{sim.port}/edge", "ca_file": cert,
+            "contracts_via": "tor"}, "symbols": ["BTC_USDT", "*_USDT"]}).exchange
+        contract_list = ContractList(exchange, NameBook(str(tmp_path))).start()
+        try:
+            wait_for(contract_list.done_once.is_set, 10, "the first try")
+            assert contract_list.latest() == (0, None) and sim.contract_list_requests() == 0
+            assert "waiting for a collector's tor" in contract_list.describe()["error"]
+            contract_list.proxy = ("127.0.0.1", socks_port)
+            contract_list.refresh_now()
+            wait_for(lambda: contract_list.latest()[0] == 1, 10, "the list through the proxy")
+            assert [c.symbol for c in contract_list.latest()[1]] == ["BTC_USDT"]
+            sim.fail_rest(60, "limit")
+            sim.list_contract("XRP_USDT")
+            contract_list.refresh_now()
+            wait_for(lambda: contract_list.describe()["failures"] == 1, 10, "a refused read")
+            assert contract_list.latest()[0] == 1 and not contract_list.describe()["ok"]
+            assert "HTTP 429" in contract_list.describe()["error"]
+        finally:
+            contract_list.stop()
+        # the next start reads the saved list while MEXC refuses
+        assert NameBook(str(tmp_path)).last_contracts()[1] == [Contract("BTC_USDT", 0, "BTC",
+                                                                        "USDT", "USDT", 1)]
+    assert "localhost" in output[0] or "connected" in output[0], output
