@@ -219,7 +219,8 @@ class Arbiter:
                      wanted[name].symbol)
             del self.delisting[name]
         for symbol in self.config.symbols:
-            if symbol.name in held and symbol.name not in wanted                     and symbol.name not in self.delisting:
+            if (symbol.name in held and symbol.name not in wanted
+                    and symbol.name not in self.delisting):
                 why = _listing(symbol.symbol, contracts)
                 self.delisting[symbol.name] = (symbol, why)
                 log.info("contracts: %s %s; its collector stops once it has had no data for "
@@ -440,8 +441,8 @@ class Arbiter:
         socks_port = self.tor_ports[symbol.name][0] if tor else None
         # self.config at fork time: a collector (re)started after a reload gets its settings
         child_id = ChildId(COLLECTOR, symbol.name)
-        child = Child(child_id, lambda: Forked(collector_main, (self.config, symbol.symbol, parent,
-                                                                socks_port, start_reason(child, because))),
+        child = Child(child_id, lambda: Forked(collector_main, (
+            self.config, symbol.symbol, parent, socks_port, start_reason(child, because))),
                       self.config.supervisor, symbol=symbol.symbol)
         self.children[child.child_id] = child
         if self.holdings is not None:
