@@ -48,6 +48,7 @@ EXPORTER_ID = ChildId(EXPORTER)
 STOP_TIMEOUTS = {COLLECTOR: 7.0, EXPORTER: 3.0, TOR: 2.0, CLICKHOUSE: 3.0}
 READY_TIMEOUT = 15.0  # READY=1 at the latest this long after start, even if a collector lags
 LEFTOVER_WAIT = 20.0  # for the children of a killed `mexc run` to die with it (collectors flush)
+USAGE_EVERY = 10.0  # seconds a child's RSS and CPU % in the status are reused
 CLICKHOUSE_CHECK_EVERY = 5.0  # seconds between reachability probes (each in its own thread)
 CLUSTER_EVERY = 0.5  # seconds between looks at the cluster's assignment
 JOIN_WAIT = 10.0  # longest a clustered start waits for ZooKeeper before collecting everything
@@ -80,7 +81,10 @@ class Arbiter:
         self.export_requests = {}  # request id -> None while running, then its export_done
         self.bus = None
         self.lock_file = None
-        self.usage = {}  # pid -> psutil.Process, kept so cpu_percent measures between calls
+        # pid -> (psutil.Process, when read, RSS, CPU %): the Process kept so cpu_percent
+        # measures between calls, the figures reused for USAGE_EVERY s (300 children: a status
+        # request read /proc twice per child each time, about 20 ms)
+        self.usage = {}
         self.notifier = sdnotify.Notifier.from_environment()  # children must not inherit it
         self.clickhouse_checked = (float("-inf"), None)  # (when, Features or None)
         self.clickhouse_probe = threading.Thread()  # the probe in flight, if alive
@@ -770,12 +774,7 @@ class Arbiter:
                 entry["exit_ip"] = slot.exit_ip
                 entry["tor"] = slot.describe()
             if entry["pid"]:
-                try:
-                    proc = self.usage.setdefault(entry["pid"], psutil.Process(entry["pid"]))
-                    entry["rss_bytes"] = proc.memory_info().rss
-                    entry["cpu_percent"] = round(proc.cpu_percent(interval=None), 1)
-                except psutil.Error:
-                    pass
+                entry["rss_bytes"], entry["cpu_percent"] = self._usage(entry["pid"], now)
             children.append(entry)
         cluster = {"cluster": self.membership.describe()} if self.membership is not None else {}
         contracts = ({"contracts": {**self.contract_list.describe(),
@@ -801,6 +800,19 @@ class Arbiter:
             },
             "children": children,
         }
+
+    def _usage(self, pid: int, now: float) -> tuple:
+        """(RSS bytes, CPU % since the last reading) of a child, read at most every
+        USAGE_EVERY s; (None, None) when it cannot be read."""
+        proc, when, rss, cpu = self.usage.get(pid) or (None, float("-inf"), None, None)
+        if now - when >= USAGE_EVERY:
+            try:
+                proc = proc or psutil.Process(pid)
+                rss, cpu = proc.memory_info().rss, round(proc.cpu_percent(interval=None), 1)
+            except psutil.Error:
+                return None, None
+            self.usage[pid] = (proc, now, rss, cpu)
+        return rss, cpu
 
     def _clickhouse_status(self) -> dict:
         """The last probe's answer.  A due probe runs in a thread of its own: a slow or absent
