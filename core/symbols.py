@@ -156,6 +156,7 @@ class NameBook:
     answer."""
 
     def __init__(self, state_dir: str):
+        """ValueError (one line) when names.json does not read."""
         self.names_path = os.path.join(state_dir, NAMES_FILE)
         self.contracts_path = os.path.join(state_dir, CONTRACTS_FILE)
         self.names: Dict[str, str] = _read(self.names_path, {})
@@ -175,11 +176,15 @@ class NameBook:
                                                 "contracts": [list(c) for c in contracts]})
 
     def last_contracts(self) -> Tuple[int, Optional[List[Contract]]]:
-        """(fetched_ms, the list) as last saved, or (0, None)."""
-        saved = _read(self.contracts_path, None)
-        if not saved:
+        """(fetched_ms, the list) as last saved, or (0, None) (also for a file that does not
+        read: the list is only a stand-in until MEXC answers)."""
+        try:
+            saved = _read(self.contracts_path, None)
+            if not saved:
+                return 0, None
+            return saved["fetched_ms"], [Contract(*c) for c in saved["contracts"]]
+        except (ValueError, KeyError, TypeError):
             return 0, None
-        return saved["fetched_ms"], [Contract(*c) for c in saved["contracts"]]
 
 
 def resolved_symbols(config) -> List[Symbol]:

@@ -107,7 +107,7 @@ class Arbiter:
         self.next_cluster_look = 0.0
         # patterns in `symbols` (core/symbols.py): the contract list, the names given, and
         # the contracts gone from the list whose collectors stop once silent
-        self.book = NameBook(config.paths["state_dir"])
+        self.book = None  # NameBook, read when there are patterns
         self.contract_list = None
         self.contracts_version = 0  # the list's version the symbols follow
         self.delisting = {}  # name -> (Symbol, why): absent from the list, collector not silent
@@ -154,8 +154,20 @@ class Arbiter:
 
     def _read_contracts(self) -> None:
         """With patterns in `symbols`: start reading the contract list (a thread)."""
-        if self.config.patterns is not None and self.contract_list is None:
-            self.contract_list = ContractList(self.config.exchange, self.book).start()
+        if self.config.patterns is None:
+            return
+        try:
+            self._start_contract_list(self.config)
+        except ValueError as e:
+            raise RunError(f"{e}: the names the archive is under; repair it (a JSON object, "
+                           "contract -> name) before mexc can start") from None
+
+    def _start_contract_list(self, config) -> None:
+        """The name book and the contract list's thread, unless they run already."""
+        if self.book is None:
+            self.book = NameBook(config.paths["state_dir"])
+        if self.contract_list is None:
+            self.contract_list = ContractList(config.exchange, self.book).start()
 
     def _resolve_symbols(self) -> None:
         """Resolve the patterns at start: against the list MEXC gives within FIRST_LIST_WAIT,
@@ -625,7 +637,7 @@ class Arbiter:
             log.warning("reload: config: %s", warning)
         try:
             new = self._resolved(new)
-        except NameClash as e:
+        except ValueError as e:  # NameClash, or names.json unreadable
             log.error("reload rejected, the running config stays in force: %s: symbols: %s",
                       new.path, e)
             return
@@ -658,8 +670,7 @@ class Arbiter:
                 self.contract_list = None
             self.delisting = {}
             return new
-        if self.contract_list is None:
-            self.contract_list = ContractList(new.exchange, self.book).start()
+        self._start_contract_list(new)  # ValueError: names.json unreadable
         self.contract_list.exchange = new.exchange
         _version, contracts = self.contract_list.latest()
         resolution = self._resolution(new, contracts)

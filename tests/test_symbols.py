@@ -169,3 +169,20 @@ def test_the_contract_list_through_a_socks5_proxy_keeps_the_last_good_list(tmp_p
         assert NameBook(str(tmp_path)).last_contracts()[1] == [Contract("BTC_USDT", 0, "BTC",
                                                                         "USDT", "USDT", 1)]
     assert "localhost" in output[0] or "connected" in output[0], output
+
+
+@pytest.mark.one_clickhouse
+def test_a_daemon_refuses_a_name_the_book_gives_another_contract_and_an_unreadable_book(env):
+    state = env.tmp / "state"
+    state.mkdir()
+    with MexcSimulator(rate=0, contracts=["PEPE_USDT", "1000PEPE_USDT"]) as sim:
+        (state / "names.json").write_text('{"PEPE_USDT": "pepe"}')
+        config = env.write_config(sim.url, symbols=[
+            "*_USDT", {"symbol": "1000PEPE_USDT", "name": "pepe"}])
+        clash = env.mexc("run", "--config", config)
+        assert clash.wait(30) == 78
+        assert "name 'pepe' for 1000PEPE_USDT is held by PEPE_USDT" in clash.log()
+        (state / "names.json").write_text('{"PEPE_USDT": ')
+        broken = env.mexc("run", "--config", config)
+        assert broken.wait(30) == 1
+        assert "names.json: unreadable" in broken.log() and "repair it" in broken.log()
