@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 from urllib.parse import urlsplit
 
-from core.symbols import ALL, Patterns, Symbol, is_pattern, parse_patterns
+from core.symbols import ALL, SYMBOL_RE, Patterns, Symbol, is_pattern, parse_patterns
 
 try:
     import tomllib
@@ -19,7 +19,6 @@ except ImportError:  # Python < 3.11
     import tomli as tomllib
 
 SEARCH_PATHS = ("/etc/mexc/mexc.toml", "etc/mexc.toml")
-SYMBOL_RE = re.compile(r"^[A-Z0-9]{1,20}_[A-Z0-9]{1,20}$")
 NAME_RE = re.compile(r"^[a-z0-9_]{1,40}$")
 
 # section -> key -> (type, default).  bool is checked before int (bool is an int in Python).

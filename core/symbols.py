@@ -28,6 +28,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 from core.process import write_json_atomic
 
 ALL = "all"
+SYMBOL_RE = re.compile(r"^[A-Z0-9]{1,20}_[A-Z0-9]{1,20}$")  # a contract: BTC_USDT
 PATTERN_RE = re.compile(r"^[A-Z0-9_*?\[\]-]{1,41}$")
 GLOB_CHARS = "*?["
 TRADING = 0  # MEXC's contract state: 0 enabled, 1 delivering, 2 delivered, 3 offline, 4 paused
@@ -140,7 +141,7 @@ def resolve(explicit: list, patterns: Optional[Patterns], contracts: Optional[Li
             continue
         name = next((n for n in _candidates(symbol, book)
                      if len(n) <= NAME_LIMIT and (n not in taken or book.get(symbol) == n)), None)
-        if name is None or not re.fullmatch(r"[A-Z0-9]{1,20}_[A-Z0-9]{1,20}", symbol):
+        if name is None or not SYMBOL_RE.match(symbol):
             skipped.append(symbol)
             continue
         if book.get(symbol) != name:
