@@ -153,3 +153,20 @@ def test_start_up_is_staggered_at_the_configured_rate(env, tmp_path):
         print(f"12 starts over {starts[-1] - starts[0]:.2f}s, at most {most} in a second")
         assert most <= 4 and starts[-1] - starts[0] >= 2.0
         assert daemon.stop(20) == 0
+
+
+def test_patterns_added_by_a_reload_start_following_the_list(env, tmp_path):
+    run = str(tmp_path / "run")
+    with MexcSimulator(rate=10.0, contracts=["BTC_USDT", "ETH_USDC", "X_USDC"]) as sim:
+        config = env.write_config(sim.url, symbols=["BTC_USDT"])
+        daemon = env.mexc("run", "--config", config, name="daemon")
+        wait_for(lambda: flowing(run, ["BTC_USDT"]), 30, "btc collected")
+        assert sim.contract_list_requests() == 0  # no patterns: no list read
+        env.write_config(sim.url, symbols=["BTC_USDT", "*_USDC"],
+                         exchange={"contracts_refresh": REFRESH})
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: flowing(run, ["BTC_USDT", "ETH_USDC", "X_USDC"]), 30,
+                 "the pattern's contracts collected after the reload")
+        assert {c["name"] for c in collectors(run).values()} == {
+            "collector-btc", "collector-eth_usdc", "collector-x_usdc"}
+        assert daemon.stop(20) == 0
