@@ -28,6 +28,14 @@ row of PROBES tables spread over the symbols, the time a SELECT polling every PR
 first saw it minus its receive time (rts); up to PROBE_EVERY of it is the polling itself.  The
 probe's own queries cost ClickHouse the same for every N and both kinds (the slope drops it).
 
+Start-up (mexc only), from the daemon's log: seconds from its `starting` line to the last
+collector's `connected` line, and the most collectors that connected within any one second
+(supervisor.start_rate, shipped 10, paces them).  The daemon runs with its dashboard on, as
+shipped (http.listen on a free loopback port): the monitor asks the status every 2 s, and
+during the window /api/status and /api/dashboard are fetched every 2 s, as an open dashboard
+does, and /metrics every 15 s, as a Prometheus would (a scrape costs the supervisor about
+60 ms of CPU at 300 symbols: prometheus_client formats some 7,500 samples).
+
 Baseline, measured in the same run before any daemon starts, over the same window: the whole
 machine's CPU (psutil.cpu_percent, in % of a core) with only the idle ClickHouse of the bench
 running (anything else on the machine is counted too: the background the figures stand on), the
@@ -48,12 +56,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
+from datetime import datetime
 
 # bench/ (this script's directory) is on sys.path; benchlib puts the repository root there too.
 import benchlib
 import psutil
 
 from benchlib import MIB, BenchError, Daemon
+from core.process import free_port
 from tests.tor_network import TorNetwork, TorNetworkError
 
 RATE = 5.0  # simulator frames/s per (symbol, channel) stream
@@ -166,7 +177,9 @@ def mexc_run(world: benchlib.World, url: str, simulator, n: int, seconds: float,
     name = f"bench_scale_{n}" + ("_tor" if network else "")
     tor = {"enabled": True, "torrc_extra": network.torrc_extra(),
            "separation_retries": 0} if network else {}
-    data = world.config_data(name, symbols(n), exchange={"url": url}, tor=tor)
+    port = free_port()
+    data = world.config_data(name, symbols(n), exchange={"url": url}, tor=tor,
+                             http={"listen": f"127.0.0.1:{port}"})
     with contextlib.ExitStack() as stack:
         daemon = Daemon(world.write_config(data), data["paths"]["runtime_dir"], n, name)
         stack.callback(daemon.stop)
@@ -187,12 +200,14 @@ def mexc_run(world: benchlib.World, url: str, simulator, n: int, seconds: float,
                              f"{len(processes.get('collector', []))} running")
         if network:
             network.watch(*(p.pid for p in processes.get("tor", [])))
-        found, latency = measure(world, name, symbols(n), processes, seconds)
+        with Scraper(port):
+            found, latency = measure(world, name, symbols(n), processes, seconds)
         restarted = [c["name"] for c in daemon.status()["children"]
                      if c["restarts"] != before.get(c["name"], 0)]
         exits = {c.get("exit_ip") for c in Daemon.collectors(daemon.status()).values()}
         daemon.check_alive()
     result = summary("mexc+tor" if network else "mexc", n, found, latency, restarted)
+    result.update(start_up(daemon.log_path))
     if network:
         result["distinct_exits"] = len(exits - {None})
     return result
@@ -222,6 +237,54 @@ def reference_run(world: benchlib.World, url: str, simulator, n: int, seconds: f
     finally:
         benchlib.stop_process(parent, 10)
     return summary("reference", n, found, latency, [])
+
+
+class Scraper(threading.Thread):
+    """What an open dashboard (its two requests every 2 s) and a Prometheus (every 15 s) ask."""
+
+    def __init__(self, port: int):
+        super().__init__(name="scraper", daemon=True)
+        self.base, self.done = f"http://127.0.0.1:{port}", threading.Event()
+
+    def run(self) -> None:
+        next_scrape = time.monotonic()
+        while not self.done.wait(2.0):
+            paths = ["/api/status", "/api/dashboard"]
+            if time.monotonic() >= next_scrape:
+                paths.append("/metrics")
+                next_scrape = time.monotonic() + 15.0
+            for path in paths:
+                with urllib.request.urlopen(self.base + path, timeout=10) as answer:
+                    answer.read()
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.done.set()
+        self.join()
+
+
+def start_up(log_path: str) -> dict:
+    """From the daemon's log: start -> last collector connected (s), and the most collector
+    starts (the supervisor's pacing) and connects (each a start plus its own dial) in 1 s."""
+    def when(line):
+        return datetime.strptime(line[:23], "%Y-%m-%dT%H:%M:%S.%f").timestamp()
+
+    with open(log_path, errors="replace") as f:
+        lines = f.read().splitlines()
+    started = next(when(line) for line in lines if " starting pid=" in line)
+    connects = sorted(when(line) for line in lines if " connected url=" in line)
+    starts = sorted(when(line) for line in lines
+                    if " collector-" in line and " started pid=" in line)
+    return {"connected_after_s": connects[-1] - started,
+            "max_starts_per_s": _most_in_a_second(starts),
+            "max_connects_per_s": _most_in_a_second(connects)}
+
+
+def _most_in_a_second(times: list) -> int:
+    return max(sum(1 for t in times if c <= t < c + 1.0) for c in times)
 
 
 def summary(kind: str, n: int, found: dict, latency: dict, restarted: list) -> dict:
@@ -279,6 +342,7 @@ COLUMNS = [("kind", "kind", "{}"), ("symbols", "symbols", "{:d}"),
 KINDS = ("mexc", "reference", "mexc+tor")
 
 
+
 def print_report(result: dict, machine: dict, args) -> None:
     benchlib.print_machine(machine, "psutil")
     print(f"simulator {RATE:g} frames/s per stream (3 streams per symbol), {args.seconds:g} s "
@@ -302,6 +366,12 @@ def print_report(result: dict, machine: dict, args) -> None:
     print("  ".join(f"{head:>{w}}" for (head, _, _), w in zip(COLUMNS, widths)))
     for r in rows:
         print("  ".join(f"{fmt.format(r[key]):>{w}}" for (_, key, fmt), w in zip(COLUMNS, widths)))
+    for r in rows:
+        if "connected_after_s" in r:
+            print(f"{r['kind']} {r['symbols']}: start-up: every collector connected "
+                  f"{r['connected_after_s']:.1f} s after the daemon's start; in any second "
+                  f"at most {r['max_starts_per_s']} collector starts and "
+                  f"{r['max_connects_per_s']} connects")
     for kind, m in result["marginal"].items():
         print(f"{kind}: marginal cost of one more symbol (slope): {m['cpu_percent']:.2f} % of a "
               f"core, {m['uss_mib']:.1f} MiB USS "

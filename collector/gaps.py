@@ -80,6 +80,56 @@ class OpenGap:
     fetched: Optional[List[tuple]] = None
 
 
+def stored_last(store, export_dir: str, symbol: str, name: str,
+                before_ms: int) -> Optional[int]:
+    """The newest data row stored before `before_ms`: in the tables, or in the file of an
+    exported hour newer than that (read back: its hour's start alone would make the gap claim
+    rows the file holds; an hour is often exported just as a collector restarts).  None:
+    nothing stored yet."""
+    newest = store.newest_table_ms(name, before_ms)
+    hour = store.latest_exported_hour(symbol, before_ms)
+    while hour is not None and (newest is None or hour + HOUR_MS > newest):
+        try:
+            in_file = archive.newest_data_ms(export_dir, name, hour, before_ms)
+        except OSError as e:  # moved away: its start is a lower bound
+            log.warning("gap start: %s unreadable, counting from its hour's start: %s",
+                        archive.file_name(name, hour), first_line(e))
+            return max(newest or 0, hour)
+        if in_file is not None:
+            return max(newest or 0, in_file)
+        hour = store.latest_exported_hour(symbol, hour)
+    return newest
+
+
+def record_end(ch: dict, export_dir: str, symbol, reason: str, detail: str,
+               give_up: threading.Event, retry: float = RETRY) -> Optional[Gap]:
+    """Record that a symbol's data ends now (a delisted contract whose collector the
+    supervisor stopped): one gap from what is stored last to now, covered (the market
+    stopped: no trade is missing).  Retries while ClickHouse is away, until `give_up` is set;
+    the record, or None (nothing stored: no gap; or given up)."""
+    end_ms = int(time.time() * 1000)
+    with Store(ch) as store:
+        while True:
+            try:
+                start_ms = stored_last(store, export_dir, symbol.symbol, symbol.name, end_ms)
+                if start_ms is None:
+                    return None
+                record = Gap(symbol.symbol, symbol.name, start_ms, end_ms, reason, detail, 0,
+                             True, int(time.time() * 1000))
+                store.create_gaps_table()
+                if not store.gap_recorded(record):
+                    store.record_gaps([record])
+                return record
+            except Exception as e:
+                store.close()
+                log.warning("gap ledger: %s end not recorded yet: %s; retrying in %.0fs",
+                            symbol.symbol, first_line(e), retry)
+                if give_up.wait(retry):
+                    log.error("gap ledger: %s: the %s record was not written (stopping)",
+                              symbol.symbol, reason)
+                    return None
+
+
 class GapJournal:
     """The closed gaps whose records are not in ClickHouse yet, in one JSON file (rewritten
     whole: it holds a few entries at most).  Used from the receive loop and the worker."""
@@ -334,23 +384,7 @@ class GapLedger:
             return 0, False
 
     def _stored_last(self, before_ms: int) -> Optional[int]:
-        """The newest data row stored before `before_ms`: in the tables, or in the file of an
-        exported hour newer than that (read back: its hour's start alone would make the gap
-        claim rows the file holds; an hour is often exported just as a collector restarts).
-        None: nothing stored yet."""
-        newest = self.store.newest_table_ms(self.name, before_ms)
-        hour = self.store.latest_exported_hour(self.symbol, before_ms)
-        while hour is not None and (newest is None or hour + HOUR_MS > newest):
-            try:
-                in_file = archive.newest_data_ms(self.export_dir, self.name, hour, before_ms)
-            except OSError as e:  # moved away: its start is a lower bound
-                log.warning("gap start: %s unreadable, counting from its hour's start: %s",
-                            archive.file_name(self.name, hour), first_line(e))
-                return max(newest or 0, hour)
-            if in_file is not None:
-                return max(newest or 0, in_file)
-            hour = self.store.latest_exported_hour(self.symbol, hour)
-        return newest
+        return stored_last(self.store, self.export_dir, self.symbol, self.name, before_ms)
 
     def _wait_stored(self, gap: OpenGap) -> bool:
         """Wait until the writer has stored every row handed to it up to the gap's end (so

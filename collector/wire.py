@@ -14,6 +14,7 @@ from core.channels import (BOOK_CHANNEL, BOOK_SNAPSHOT_LAYOUT, BOOK_UPDATE_LAYOU
                            DEAL_CHANNEL, DEAL_LAYOUT, DEPTH_CHANNEL, DEPTH_LAYOUT,
                            TICKER_CHANNEL, TICKER_LAYOUT, book_snapshot_text, book_update_text,
                            channels_for, deal_text, depth_text, ticker_text)
+from core.symbols import Contract
 from core.vocabulary import BOOK_SNAPSHOT, DEAD_LETTER
 
 DEAD_LETTER_CHARS = 500
@@ -150,6 +151,34 @@ def recent_deal_rows(body: bytes, rts: int):
         return [_trade_row(trade, rts) for trade in answer["data"]]
     except (KeyError, TypeError) as e:
         raise BadFrame(f"a trade does not fit: {_reason(e)}") from None
+
+
+CONTRACTS_PATH = "/api/v1/contract/detail"  # every contract, with its state
+
+
+def contract_list(body: bytes):
+    """The answer to CONTRACTS_PATH -> [Contract] sorted by symbol.  Raises BadFrame for a
+    failure answer (`{"success":false,"code":510,...}`: rate-limited) or an empty list; an
+    entry without a symbol or state is left out (MEXC adds and drops fields)."""
+    try:
+        answer = json.loads(body.decode())
+    except (ValueError, UnicodeDecodeError):
+        raise BadFrame(f"not JSON: {body[:120]!r}") from None
+    if type(answer) is not dict or answer.get("success") is not True \
+            or type(answer.get("data")) is not list:
+        raise BadFrame(f"not a successful answer: {body[:200]!r}")
+    contracts = {}
+    for entry in answer["data"]:
+        if type(entry) is not dict or type(entry.get("symbol")) is not str \
+                or type(entry.get("state")) is not int:
+            continue
+        contracts[entry["symbol"]] = Contract(
+            entry["symbol"], entry["state"], str(entry.get("baseCoin", "")),
+            str(entry.get("quoteCoin", "")), str(entry.get("settleCoin", "")),
+            entry["futureType"] if type(entry.get("futureType")) is int else 1)
+    if not contracts:
+        raise BadFrame(f"no contract in the answer: {body[:200]!r}")
+    return [contracts[symbol] for symbol in sorted(contracts)]
 
 
 def _depth_rows(frame: dict, rts: int, symbol: str):

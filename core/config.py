@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 from urllib.parse import urlsplit
 
+from core.symbols import ALL, SYMBOL_RE, Patterns, Symbol, is_pattern, parse_patterns
+
 try:
     import tomllib
 except ImportError:  # Python < 3.11
     import tomli as tomllib
 
 SEARCH_PATHS = ("/etc/mexc/mexc.toml", "etc/mexc.toml")
-SYMBOL_RE = re.compile(r"^[A-Z0-9]{1,20}_[A-Z0-9]{1,20}$")
 NAME_RE = re.compile(r"^[a-z0-9_]{1,40}$")
 
 # section -> key -> (type, default).  bool is checked before int (bool is an int in Python).
@@ -43,6 +44,10 @@ SCHEMA = {
         "connect_timeout": (float, 10.0),
         "reconnect_min": (float, 1.0),
         "reconnect_max": (float, 60.0),
+        # MEXC's contract list, for patterns in `symbols` (core/symbols.py): how often it is
+        # read, and along which path: "direct", or "tor" (the first running collector's tor)
+        "contracts_refresh": (float, 900.0),
+        "contracts_via": (str, "direct"),
     },
     "clickhouse": {
         "host": (str, "127.0.0.1"),
@@ -66,6 +71,9 @@ SCHEMA = {
         "restart_min": (float, 1.0),
         "restart_max": (float, 60.0),
         "rotation_ack_timeout": (float, 5.0),
+        # first starts of collectors (or their tors) per second: 300 symbols start in 30 s
+        # instead of 300 connects (MEXC may limit them per IP) or tor bootstraps at once
+        "start_rate": (float, 10.0),
     },
     "tor": {
         "enabled": (bool, True),
@@ -125,19 +133,14 @@ RENAMED = {
     "collector.flush_interval": "collector.latency_target",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
+CONTRACT_PATHS = ("direct", "tor")
+DEFAULT_SYMBOLS = ["BTC_USDT", "ETH_USDT", "SOL_USDT"]
 DEPTH_LIMITS = (5, 10, 20)
 BOOKS = ("top", "full", "both")  # exchange.book: the top-20 snapshots, the whole book, or both
 
 
 class ConfigError(Exception):
     """A problem with the configuration file; str() is the one line shown to the operator."""
-
-
-@dataclass(frozen=True)
-class Symbol:
-    symbol: str  # exchange contract, e.g. BTC_USDT
-    name: str  # short name for tables and files, e.g. btc
-    book: str = ""  # its own exchange.book ("top", "full", "both"); "": the exchange's
 
 
 @dataclass
@@ -157,6 +160,10 @@ class Config:
     cluster: dict
     # what an operator should change in the file (old keys still read); logged at every load
     warnings: List[str] = field(default_factory=list)
+    # the patterns of `symbols` (core/symbols.py), None without any.  With patterns, the
+    # daemon replaces `symbols` by what they resolve to; `named` keeps the file's own entries
+    patterns: Optional[Patterns] = None
+    named: List[Symbol] = field(default_factory=list)
 
     def book(self, symbol: Symbol) -> str:
         """Which order book the symbol collects: its own `book`, else exchange.book."""
@@ -210,16 +217,18 @@ def parse(data: dict, path: str = "<config>") -> Config:
     data = _renamed(data, path, warnings)
     sections = {name: _section(data.get(name, {}), name, keys, path)
                 for name, keys in SCHEMA.items()}
-    symbols = _symbols(data.get("symbols", ["BTC_USDT", "ETH_USDT", "SOL_USDT"]), path)
+    symbols, patterns = _symbols(data.get("symbols", DEFAULT_SYMBOLS), path)
     sections["exchange"]["rest_url"] = (sections["exchange"]["rest_url"]
                                         or rest_url_of(sections["exchange"]["url"]))
     _check_values(sections, path)
+    _check_contracts(sections, symbols, patterns, path)
     if sections["cluster"]["host"] and sections["clickhouse"]["managed"] \
             and not sections["clickhouse"]["password"]:
         warnings.append(f"{path}: clickhouse.password is empty: in a cluster the managed "
                         "ClickHouse takes connections from other hosts; set one, and open its "
                         "port to the cluster's hosts only (docs/cluster.md)")
-    return Config(path=path, symbols=symbols, warnings=warnings, **sections)
+    return Config(path=path, symbols=symbols, warnings=warnings, patterns=patterns,
+                  named=list(symbols), **sections)
 
 
 def rest_url_of(websocket_url: str) -> str:
@@ -275,12 +284,22 @@ def _typed(value, kind, key: str, path: str):
     return value
 
 
-def _symbols(entries, path: str) -> List[Symbol]:
+def _symbols(entries, path: str) -> Tuple[List[Symbol], Optional[Patterns]]:
+    """The contracts named outright, and the patterns (None without any)."""
+    if entries == ALL:
+        entries = [ALL]
     if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"{path}: symbols: expected a non-empty list of contracts "
-                          'like ["BTC_USDT"]')
+        raise ConfigError(f"{path}: symbols: expected a non-empty list of contracts and "
+                          'patterns like ["BTC_USDT", "*_USDT", "!*STOCK*_USDT"], or "all"')
+    globs = [e for e in entries if isinstance(e, str) and is_pattern(e)]
+    try:
+        patterns = parse_patterns(globs) if globs else None
+    except ValueError as e:
+        raise ConfigError(f"{path}: symbols: {e}") from None
     symbols, seen_names, seen_symbols = [], {}, set()
     for entry in entries:
+        if isinstance(entry, str) and is_pattern(entry):
+            continue
         symbol, name, book = _symbol_entry(entry, path)
         if not SYMBOL_RE.match(symbol):
             raise ConfigError(f"{path}: symbols: {symbol!r} is not a contract like BTC_USDT")
@@ -296,7 +315,7 @@ def _symbols(entries, path: str) -> List[Symbol]:
         if book not in ("", *BOOKS):
             raise ConfigError(f"{path}: symbols: {symbol}: book must be one of {BOOKS}")
         symbols.append(Symbol(symbol, name, book))
-    return symbols
+    return symbols, patterns
 
 
 def default_name(symbol: str) -> str:
@@ -321,6 +340,21 @@ def _symbol_entry(entry, path: str) -> Tuple[str, str, str]:
         return symbol, name, entry.get("book", "")
     raise ConfigError(f"{path}: symbols: {entry!r}: expected a contract name or "
                       "{symbol = ..., name = ...}")
+
+
+def _check_contracts(s: dict, symbols: List[Symbol], patterns, path: str) -> None:
+    ex = s["exchange"]
+    if ex["contracts_refresh"] < 1:
+        raise ConfigError(f"{path}: exchange.contracts_refresh: must be at least 1 second")
+    if ex["contracts_via"] not in CONTRACT_PATHS:
+        raise ConfigError(f"{path}: exchange.contracts_via: must be one of "
+                          f"{', '.join(CONTRACT_PATHS)}")
+    if ex["contracts_via"] == "tor" and not s["tor"]["enabled"]:
+        raise ConfigError(f"{path}: exchange.contracts_via: \"tor\" needs tor.enabled = true")
+    if ex["contracts_via"] == "tor" and patterns is not None and not symbols:
+        raise ConfigError(f"{path}: exchange.contracts_via: \"tor\" reads the contract list "
+                          "through a running collector's tor: name at least one contract "
+                          'outright in symbols (e.g. "BTC_USDT") besides the patterns')
 
 
 def _check_values(s: dict, path: str) -> None:
@@ -352,6 +386,8 @@ def _check_values(s: dict, path: str) -> None:
             bad(f"clickhouse.{key}", "must be 1-65535")
     if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", s["clickhouse"]["database"]):
         bad("clickhouse.database", "must be a plain identifier (letters, digits, _)")
+    if s["supervisor"]["start_rate"] <= 0:
+        bad("supervisor.start_rate", "must be > 0 (collectors started per second)")
     if s["collector"]["batch_rows"] < 1:
         bad("collector.batch_rows", "must be at least 1")
     if s["collector"]["latency_target"] <= 0:

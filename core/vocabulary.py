@@ -52,9 +52,10 @@ GAP_DAEMON_RESTART = "daemon_restart"    # the whole daemon was down
 # and a REST snapshot resynced it: the book is unknown between the two sides; the
 # subscription itself may have stayed live (so it does not count against completeness).
 GAP_BOOK_RESYNC = "book_resync"
+GAP_DELISTED = "delisted"                # MEXC stopped listing the contract (or paused, settled it)
 GAP_REASONS = (GAP_DISCONNECT, GAP_DEAD_SOCKET, GAP_STALL, GAP_EXCHANGE_ERROR,
                GAP_COLLECTOR_RESTART, GAP_COLLECTOR_CRASH, GAP_TOR_RESTART, GAP_DAEMON_RESTART,
-               GAP_BOOK_RESYNC)
+               GAP_BOOK_RESYNC, GAP_DELISTED)
 
 
 class Gap(NamedTuple):

@@ -1,10 +1,12 @@
 """The `mexc` command.  Exit codes: 0 ok, 1 failure, 2 usage error, 78 bad configuration."""
 import argparse
+import dataclasses
 import os
 import sys
 
 from core import config as configuration, log as logging_setup
 from core.log import first_line
+from core.symbols import resolved_symbols
 from mexc import __version__
 
 EX_CONFIG = 78
@@ -59,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--interval", type=float, default=2.0,
                         help="seconds between redraws with --watch (2)")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (3)")
+    status.add_argument("--symbol", default="",
+                        help="only this symbol's children: a contract or short name, or a "
+                             "glob (`BTC_*`, `s0*`)")
+    status.add_argument("--state", default="",
+                        help="only children in this state (running, waiting, backoff, "
+                             "stopping, stopped), or `problem`: every child worth a look")
     status.set_defaults(handler=_status)
 
     restart = commands.add_parser(
@@ -134,6 +142,9 @@ def main(argv=None) -> int:
         config = configuration.load(args.config) if getattr(args, "needs_config", True) else None
         for warning in config.warnings if config else ():
             _complain(4, f"mexc: config: {warning}")
+        if config is not None and config.patterns is not None and args.handler is not _run:
+            # the contracts the patterns gave names to (the daemon resolves them itself)
+            config = dataclasses.replace(config, symbols=resolved_symbols(config))
         return args.handler(args, config)
     except configuration.ConfigError as e:
         _complain(3, f"mexc: bad config: {e}")
@@ -205,13 +216,17 @@ def _status(args, config) -> int:
 
         stop_like_ctrl_c()  # SIGTERM, or the terminal closing, end it as Ctrl-C does
         try:
-            watch(config.paths["runtime_dir"], args.interval)
+            watch(config.paths["runtime_dir"], args.interval, symbol=args.symbol,
+                  state=args.state)
         except KeyboardInterrupt:
             return 0
 
+    from supervisor.commands import COMMANDS
+
     return _ask(config, "status", timeout=args.timeout,
                 show=(lambda result: json.dumps(result, indent=2, sort_keys=True))
-                if args.json else None)
+                if args.json else (lambda result: COMMANDS["status"].show(
+                    result, symbol=args.symbol, state=args.state)))
 
 
 def _restart(args, config) -> int:

@@ -39,6 +39,7 @@ from core import archive, clock, config as configuration
 from core.clock import HOUR_MS, hour_start, iso
 from core.log import first_line
 from core.store import Store
+from core.symbols import resolved_symbols
 from core.channels import (BOOK_CHANNEL, DEAL_CHANNEL, DEAL_SIDES,
                            DEPTH_CHANNEL, FIELD_SEPARATOR, LEVEL_CLOSE, LEVEL_FIELDS, LEVEL_OPEN,
                            LEVEL_SEPARATOR, TICKER_CHANNEL, Layout)
@@ -104,7 +105,8 @@ class Archive:
         """From a Config or a config file path (None: the usual search, core/config.py)."""
         if not isinstance(config, configuration.Config):
             config = configuration.load(config)
-        return cls(config.export["dir"], None if offline else config.clickhouse, config.symbols)
+        return cls(config.export["dir"], None if offline else config.clickhouse,
+                   resolved_symbols(config))
 
     def symbol(self, symbol: str) -> configuration.Symbol:
         """A configured symbol by contract or short name; else the default short name (a

@@ -7,6 +7,8 @@ exits are kept apart by supervisor/exits.ExitGuard.  The dashboard, /metrics and
 in threads of their own (supervisor/monitoring/: monitor.py, web.py) and learn the status by asking the
 loop over the control socket like `mexc status`, so the loop's state stays its own.
 """
+import collections
+import dataclasses
 import logging
 import os
 import shutil
@@ -20,15 +22,17 @@ import psutil
 
 from bus import sockets
 from bus.rotation import Coordinator, Timeouts
-from collector import connection
+from collector import connection, gaps
 from core import __version__, config as configuration, log as logging_setup, pidlock
 from core.log import RecentProblems, first_line
 from core.store import SchemaTooNew, Store
-from core.vocabulary import CLICKHOUSE, COLLECTOR, EXPORTER, TOR, ChildId
+from core.symbols import NameBook, NameClash, resolve
+from core.vocabulary import CLICKHOUSE, COLLECTOR, EXPORTER, GAP_DELISTED, TOR, ChildId
 from supervisor import commands, reload, sdnotify
 from supervisor.children import (Child, ChildState, Forked, Subprocess, collector_main,
                                  exporter_main, start_reason)
 from supervisor.clickhouse import ClickHouseStartError, ManagedClickHouse
+from supervisor.contracts import ContractList
 from supervisor.exits import ExitGuard
 from supervisor.monitoring.alerts import Alerts
 from supervisor.monitoring.monitor import Monitor
@@ -44,9 +48,12 @@ EXPORTER_ID = ChildId(EXPORTER)
 STOP_TIMEOUTS = {COLLECTOR: 7.0, EXPORTER: 3.0, TOR: 2.0, CLICKHOUSE: 3.0}
 READY_TIMEOUT = 15.0  # READY=1 at the latest this long after start, even if a collector lags
 LEFTOVER_WAIT = 20.0  # for the children of a killed `mexc run` to die with it (collectors flush)
+USAGE_EVERY = 10.0  # seconds a child's RSS and CPU % in the status are reused
 CLICKHOUSE_CHECK_EVERY = 5.0  # seconds between reachability probes (each in its own thread)
 CLUSTER_EVERY = 0.5  # seconds between looks at the cluster's assignment
 JOIN_WAIT = 10.0  # longest a clustered start waits for ZooKeeper before collecting everything
+FIRST_LIST_WAIT = 15.0  # longest a start with patterns waits for MEXC's contract list
+DELISTING_EVERY = 1.0  # seconds between looks at the delisted contracts still collecting
 
 
 class RunError(Exception):
@@ -74,7 +81,10 @@ class Arbiter:
         self.export_requests = {}  # request id -> None while running, then its export_done
         self.bus = None
         self.lock_file = None
-        self.usage = {}  # pid -> psutil.Process, kept so cpu_percent measures between calls
+        # pid -> (psutil.Process, when read, RSS, CPU %): the Process kept so cpu_percent
+        # measures between calls, the figures reused for USAGE_EVERY s (300 children: a status
+        # request read /proc twice per child each time, about 20 ms)
+        self.usage = {}
         self.notifier = sdnotify.Notifier.from_environment()  # children must not inherit it
         self.clickhouse_checked = (float("-inf"), None)  # (when, Features or None)
         self.clickhouse_probe = threading.Thread()  # the probe in flight, if alive
@@ -84,12 +94,26 @@ class Arbiter:
         # symbols re-added by a reload while their old collector or tor is still stopping:
         # started once those are gone (two collectors of one symbol would share its spool)
         self.deferred_adds = []
+        self.deferred_because = {}  # name -> the start reason of a deferred symbol, if given
+        # first starts of symbols (a collector, or its tor), at supervisor.start_rate a second:
+        # MEXC may limit connects per IP, and 300 tor bootstraps at once swamp the CPU
+        self.start_queue = collections.deque()
+        self.next_queued_start = 0.0
         self.problems = RecentProblems()  # the last warnings and errors, for the dashboard
         self.monitor = self.web = self.alerts = None
         # in a cluster (cluster/): this host's membership, its holdings log, what was logged
         self.membership = self.holdings = None
         self.cluster_frozen = None  # whether the last line logged said frozen
         self.next_cluster_look = 0.0
+        # patterns in `symbols` (core/symbols.py): the contract list, the names given, and
+        # the contracts gone from the list whose collectors stop once silent
+        self.book = None  # NameBook, read when there are patterns
+        self.contract_list = None
+        self.contracts_version = 0  # the list's version the symbols follow
+        self.delisting = {}  # name -> (Symbol, why): absent from the list, collector not silent
+        self.delisted = set()  # names stopped as delisted in this run (a return says so)
+        self.next_delisting_look = 0.0
+        self.ledger_stop = threading.Event()  # ends the retries of delisting records
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -104,8 +128,9 @@ class Arbiter:
         log.info("mexc %s starting pid=%d config=%s symbols=%s", __version__, os.getpid(),
                  self.config.path, ",".join(s.symbol for s in self.config.symbols))
         try:
-            for step in (self._start_clickhouse, self._ensure_schema, self._join_cluster,
-                         self._start_collectors, self._start_monitor, self._loop):
+            for step in (self._read_contracts, self._start_clickhouse, self._resolve_symbols,
+                         self._ensure_schema, self._join_cluster, self._start_collectors,
+                         self._start_monitor, self._loop):
                 if self.stopping:  # SIGTERM during start-up: stop what is running
                     break
                 step()
@@ -124,6 +149,141 @@ class Arbiter:
                          self.config.supervisor)
         self.children[exporter.child_id] = exporter
         exporter.start(time.monotonic())
+
+    # --- patterns: MEXC's contract list (core/symbols.py, supervisor/contracts.py) ----------
+
+    def _read_contracts(self) -> None:
+        """With patterns in `symbols`: start reading the contract list (a thread)."""
+        if self.config.patterns is None:
+            return
+        try:
+            self._start_contract_list(self.config)
+        except ValueError as e:
+            raise RunError(f"{e}: the names the archive is under; repair it (a JSON object, "
+                           "contract -> name) before mexc can start") from None
+
+    def _start_contract_list(self, config) -> None:
+        """The name book and the contract list's thread, unless they run already."""
+        if self.book is None:
+            self.book = NameBook(config.paths["state_dir"])
+        if self.contract_list is None:
+            self.contract_list = ContractList(config.exchange, self.book).start()
+
+    def _resolve_symbols(self) -> None:
+        """Resolve the patterns at start: against the list MEXC gives within FIRST_LIST_WAIT,
+        else the last good one (contracts.json), else only the contracts named outright."""
+        if self.contract_list is None:
+            return
+        if self.config.exchange["contracts_via"] == "direct":
+            self.contract_list.done_once.wait(FIRST_LIST_WAIT)
+        self.contracts_version, contracts = self.contract_list.latest()
+        if contracts is None:
+            log.error("contract list: none loaded yet and none saved from an earlier run; "
+                      "collecting only the contracts named outright until it loads")
+        try:
+            resolution = self._resolution(self.config, contracts)
+        except NameClash as e:
+            raise RunError(f"{self.config.path}: symbols: {e}", code=78) from None
+        self.config = dataclasses.replace(self.config, symbols=resolution.symbols)
+        log.info("symbols: %d (patterns %s, named outright %d, contract list of %s)",
+                 len(resolution.symbols), self.config.patterns, len(self.config.named),
+                 "none" if contracts is None else len(contracts))
+
+    def _resolution(self, config, contracts):
+        """The symbols `config` means with this contract list (NameClash: an operator's name
+        held by another contract); the names given, logged once, go to the name book."""
+        resolution = resolve(config.named, config.patterns, contracts,
+                             self.book.names)
+        for symbol in resolution.unlisted:
+            log.warning("contracts: %s is not trading on MEXC (%s); not collected while it "
+                        "is not", symbol, _listing(symbol, contracts))
+        for symbol in resolution.skipped:
+            log.warning("contracts: %s matches %s but gets no name (not a contract like "
+                        "BTC_USDT, or every candidate name is taken); name it outright",
+                        symbol, config.patterns)
+        for symbol, name in resolution.new_names.items():
+            log.info("contracts: %s gets the name %s (for good: names.json)", symbol, name)
+        self.book.remember(resolution.symbols)
+        return resolution
+
+    def _follow_contracts(self, now: float) -> None:
+        """A new contract list: start what it lists newly, mark what it no longer lists; and
+        stop the delisted once silent."""
+        contract_list = self.contract_list
+        if contract_list is None:
+            return
+        contract_list.proxy = (self.exit_guard.any_socks()
+                               if self.config.exchange["contracts_via"] == "tor" else None)
+        version, contracts = contract_list.latest()
+        if version != self.contracts_version and contracts is not None:
+            self.contracts_version = version
+            self._apply_contracts(contracts)
+        if self.delisting and now >= self.next_delisting_look:
+            self.next_delisting_look = now + DELISTING_EVERY
+            self._stop_silent_delisted(now)
+
+    def _apply_contracts(self, contracts) -> None:
+        try:
+            resolution = self._resolution(self.config, contracts)
+        except NameClash as e:  # the book changed under a running config: keep what runs
+            log.error("contracts: %s; the symbols stay as they are", e)
+            return
+        wanted = {s.name: s for s in resolution.symbols}
+        held = self._held_names()
+        for name in [n for n in self.delisting if n in wanted]:
+            log.info("contracts: %s listed again before it fell silent; collecting on",
+                     wanted[name].symbol)
+            del self.delisting[name]
+        for symbol in self.config.symbols:
+            if (symbol.name in held and symbol.name not in wanted
+                    and symbol.name not in self.delisting):
+                why = _listing(symbol.symbol, contracts)
+                self.delisting[symbol.name] = (symbol, why)
+                log.info("contracts: %s %s; its collector stops once it has had no data for "
+                         "%.0fs (exchange.silent_alarm)", symbol.symbol, why,
+                         self.config.exchange["silent_alarm"])
+        staying = [symbol for symbol, _why in self.delisting.values()]
+        self.config = dataclasses.replace(
+            self.config, symbols=sorted(resolution.symbols + staying, key=lambda s: s.symbol))
+        added = [s for name, s in wanted.items() if name not in held]
+        if self.membership is not None:  # the cluster decides which of them run here
+            self.membership.set_names({s.name: s for s in self.config.symbols})
+            added = []
+        for symbol in added:
+            again = symbol.name in self.delisted
+            self.delisted.discard(symbol.name)
+            self._start_symbol(symbol, f"contracts: {symbol.symbol} "
+                               f"{'listed again' if again else 'listed'}",
+                               because=(GAP_DELISTED, "listed again") if again else None)
+        if added and EXPORTER_ID in self.children:
+            self.children[EXPORTER_ID].restart_now(time.monotonic())  # to export them too
+
+    def _stop_silent_delisted(self, now: float) -> None:
+        silent_after = self.config.exchange["silent_alarm"]
+        for name, (symbol, why) in list(self.delisting.items()):
+            child = self.children.get(ChildId(COLLECTOR, name))
+            age = None
+            if child is not None and child.wanted and child.state is ChildState.RUNNING:
+                age = child.stats.get("last_data_age_s")
+                if age is None:  # no data since it started (or no heartbeat yet)
+                    age = now - child.started_at
+                if age < silent_after:
+                    continue
+            del self.delisting[name]
+            self.delisted.add(name)
+            self.config = dataclasses.replace(
+                self.config, symbols=[s for s in self.config.symbols if s.name != name])
+            if self.membership is not None:
+                self.membership.set_names({s.name: s for s in self.config.symbols})
+            silent = f"no data for {age:.0f}s" if age is not None else "not running"
+            if not self._drop_symbol(name, f"contracts: {symbol.symbol} {why}, {silent}: its "
+                                           f"data ends here (gap ledger: {GAP_DELISTED}); "
+                                           "stopping its collector, its archive stays"):
+                continue  # not collected here (a start still waiting, another host's)
+            threading.Thread(target=gaps.record_end, name=f"delisted-{name}", daemon=True,
+                             args=(self.config.clickhouse, self.config.export["dir"], symbol,
+                                   GAP_DELISTED, f"{why}; collection stopped",
+                                   self.ledger_stop)).start()
 
     # --- several hosts (cluster/, docs/cluster.md) -------------------------------------------
 
@@ -289,20 +449,22 @@ class Arbiter:
             log.warning("clickhouse not reachable yet (%s); collectors will buffer",
                         first_line(e))
 
-    def _add_collector(self, symbol) -> None:
+    def _add_collector(self, symbol, because=None) -> None:
+        """Fork its collector (with Tor: once its tor has bootstrapped).  because: the
+        (reason, detail) its first start's gap gets instead of a daemon restart."""
         parent = os.getpid()
         tor = self._add_tor(symbol) if self.config.tor["enabled"] else None
         socks_port = self.tor_ports[symbol.name][0] if tor else None
         # self.config at fork time: a collector (re)started after a reload gets its settings
         child_id = ChildId(COLLECTOR, symbol.name)
-        child = Child(child_id, lambda: Forked(collector_main, (self.config, symbol.symbol, parent,
-                                                                socks_port, start_reason(child))),
+        child = Child(child_id, lambda: Forked(collector_main, (
+            self.config, symbol.symbol, parent, socks_port, start_reason(child, because))),
                       self.config.supervisor, symbol=symbol.symbol)
         self.children[child.child_id] = child
         if self.holdings is not None:
             self.holdings.record(symbol.name, held=True)
         if tor is None:
-            child.start(time.monotonic())
+            self.start_queue.append(child)
         else:  # started by the ExitGuard once its tor has bootstrapped
             self.exit_guard.add(tor, child)
 
@@ -323,33 +485,27 @@ class Arbiter:
         child.on_exit = lambda why: self._publish("tor_restarted", name=symbol.name,
                                                   detail=f"tor {why}")
         self.children[child.child_id] = child
-        child.start(time.monotonic())
+        self.start_queue.append(child)
         return child
 
     def _loop(self) -> None:
+        """Bus messages as they come; the look after every child once a TICK.  (With one
+        look per poll, 300 collectors' heartbeats, 300 a second, each woke a walk over all 300
+        children: the supervisor's cost grew with the square of the symbols.)"""
         watchdog = self.notifier.watchdog_interval
-        next_watchdog = next_status = 0.0
+        next_watchdog = next_status = next_look = 0.0
         while not self.stopping:
-            for source, message in self.bus.poll(TICK):
+            due = min(next_look, self.next_queued_start) if self.start_queue else next_look
+            for source, message in self.bus.poll(max(0.0, due - time.monotonic())):
                 self._dispatch(source, message)
             if self.stopping:
                 break
             now = time.monotonic()
-            for child in list(self.children.values()):
-                child.tick(now)
-                if not child.wanted and child.state is ChildState.STOPPED:
-                    del self.children[child.child_id]  # removed by a reload, now gone
-            self._start_deferred()
-            if self.membership is not None and now >= self.next_cluster_look:
-                self._follow_cluster()
-                self.next_cluster_look = now + CLUSTER_EVERY
-            self.rotation.tick(now, {c.name for c in self._collectors()
-                                     if c.state is ChildState.RUNNING})
-            self.exit_guard.tick(now)
-            if self.reload_requested:
-                self.reload_requested = False
-                self._reload()
-            self._notify_ready(now)
+            self._start_queued(now)
+            if now < next_look:
+                continue
+            next_look = now + TICK
+            self._look_after_children(now)
             if watchdog and now >= next_watchdog:
                 self.notifier.notify("WATCHDOG=1")  # only reached while this loop runs
                 next_watchdog = now + watchdog
@@ -357,10 +513,31 @@ class Arbiter:
                 self.notifier.notify("STATUS=" + self._summary())
                 next_status = now + 5
 
+    def _look_after_children(self, now: float) -> None:
+        for child in list(self.children.values()):
+            child.tick(now)
+            if not child.wanted and child.state is ChildState.STOPPED:
+                del self.children[child.child_id]  # removed by a reload, now gone
+        self._start_deferred()
+        self._follow_contracts(now)
+        if self.membership is not None and now >= self.next_cluster_look:
+            self._follow_cluster()
+            self.next_cluster_look = now + CLUSTER_EVERY
+        self.rotation.tick(now, {c.name for c in self._collectors()
+                                 if c.state is ChildState.RUNNING})
+        self.exit_guard.tick(now)
+        if self.reload_requested:
+            self.reload_requested = False
+            self._reload()
+        self._notify_ready(now)
+
     def _shutdown(self) -> None:
         self.stopping = True
         self.notifier.notify("STOPPING=1")
         self._stop_monitor()
+        self.ledger_stop.set()
+        if self.contract_list is not None:
+            self.contract_list.stop()
         log.info("stopping: collectors first, then exporter, tor, clickhouse")
         for kind, timeout in STOP_TIMEOUTS.items():
             self._stop_group([c for c in self.children.values() if c.kind == kind], timeout)
@@ -458,6 +635,12 @@ class Arbiter:
             return
         for warning in new.warnings:
             log.warning("reload: config: %s", warning)
+        try:
+            new = self._resolved(new)
+        except ValueError as e:  # NameClash, or names.json unreadable
+            log.error("reload rejected, the running config stays in force: %s: symbols: %s",
+                      new.path, e)
+            return
         changed = reload.changes(self.config, new)
         self.config = new = reload.adopted(self.config, new)
         self._apply_settings(changed)
@@ -477,6 +660,26 @@ class Arbiter:
                 and EXPORTER_ID in self.children):
             self.children[EXPORTER_ID].restart_now(time.monotonic())  # to export them too
         log.info("reload done: symbols=%s", ",".join(s.symbol for s in new.symbols))
+
+    def _resolved(self, new):
+        """A reloaded config with its patterns resolved (the contract list started or stopped
+        as they come and go); the delisted still collecting stay while it still covers them."""
+        if new.patterns is None:
+            if self.contract_list is not None:
+                self.contract_list.stop()
+                self.contract_list = None
+            self.delisting = {}
+            return new
+        self._start_contract_list(new)  # ValueError: names.json unreadable
+        self.contract_list.exchange = new.exchange
+        _version, contracts = self.contract_list.latest()
+        resolution = self._resolution(new, contracts)
+        explicit = {s.symbol for s in new.named}
+        self.delisting = {name: entry for name, entry in self.delisting.items()
+                          if entry[0].symbol in explicit or new.patterns.matches(entry[0].symbol)}
+        staying = [symbol for symbol, _why in self.delisting.values()]
+        return dataclasses.replace(new, symbols=sorted(resolution.symbols + staying,
+                                                       key=lambda s: s.symbol))
 
     def _apply_settings(self, changed) -> None:
         """What a reload applies at once (supervisor/reload.py), and one line per section."""
@@ -515,15 +718,18 @@ class Arbiter:
         self.exit_guard.remove(child.name)
         return True
 
-    def _start_symbol(self, symbol, line: str) -> None:
-        """Start a symbol's collector (and tor) now, or once its old ones have stopped."""
+    def _start_symbol(self, symbol, line: str, because=None) -> None:
+        """Start a symbol's collector (and tor) now, or once its old ones have stopped.
+        because: what its start's gap was (start_reason), if not a daemon restart."""
         if self._leftovers(symbol):
             log.info("%s; its collector starts once the old one has stopped", line)
             if symbol.name not in {s.name for s in self.deferred_adds}:
                 self.deferred_adds.append(symbol)
+                if because is not None:
+                    self.deferred_because[symbol.name] = because
         else:
             log.info("%s; starting its collector", line)
-            self._add_collector(symbol)
+            self._add_collector(symbol, because)
 
     def _leftovers(self, symbol) -> list:
         """The children of a removed symbol that are still stopping."""
@@ -536,7 +742,17 @@ class Arbiter:
                 self.deferred_adds.remove(symbol)
                 log.info("the old %s collector has stopped; starting the new one",
                          symbol.symbol)
-                self._add_collector(symbol)
+                self._add_collector(symbol, self.deferred_because.pop(symbol.name, None))
+
+    def _start_queued(self, now: float) -> None:
+        """First starts, one every 1/supervisor.start_rate seconds (so never more than the
+        rate in any second); a child stopped while it waited is skipped."""
+        while self.start_queue and now >= self.next_queued_start:
+            child = self.start_queue.popleft()
+            if child.wanted and child.state is ChildState.WAITING:
+                child.start(now)  # from its end: a slow fork does not bunch the next ones
+                self.next_queued_start = (time.monotonic()
+                                          + 1.0 / self.config.supervisor["start_rate"])
 
     def _collectors(self):
         return [c for c in self.children.values() if c.kind == COLLECTOR and c.wanted]
@@ -569,16 +785,17 @@ class Arbiter:
                 entry["exit_ip"] = slot.exit_ip
                 entry["tor"] = slot.describe()
             if entry["pid"]:
-                try:
-                    proc = self.usage.setdefault(entry["pid"], psutil.Process(entry["pid"]))
-                    entry["rss_bytes"] = proc.memory_info().rss
-                    entry["cpu_percent"] = round(proc.cpu_percent(interval=None), 1)
-                except psutil.Error:
-                    pass
+                entry["rss_bytes"], entry["cpu_percent"] = self._usage(entry["pid"], now)
             children.append(entry)
         cluster = {"cluster": self.membership.describe()} if self.membership is not None else {}
+        contracts = ({"contracts": {**self.contract_list.describe(),
+                                    "symbols": len(self.config.symbols),
+                                    "delisting": sorted(s.symbol for s, _ in
+                                                        self.delisting.values())}}
+                     if self.contract_list is not None else {})
         return {
             **cluster,
+            **contracts,
             "supervisor": {
                 "pid": os.getpid(), "version": __version__, "uptime_s": round(now - self.started, 1),
                 "config": self.config.path, "ready": self.ready,
@@ -594,6 +811,19 @@ class Arbiter:
             },
             "children": children,
         }
+
+    def _usage(self, pid: int, now: float) -> tuple:
+        """(RSS bytes, CPU % since the last reading) of a child, read at most every
+        USAGE_EVERY s; (None, None) when it cannot be read."""
+        proc, when, rss, cpu = self.usage.get(pid) or (None, float("-inf"), None, None)
+        if now - when >= USAGE_EVERY:
+            try:
+                proc = proc or psutil.Process(pid)
+                rss, cpu = proc.memory_info().rss, round(proc.cpu_percent(interval=None), 1)
+            except psutil.Error:
+                return None, None
+            self.usage[pid] = (proc, now, rss, cpu)
+        return rss, cpu
 
     def _clickhouse_status(self) -> dict:
         """The last probe's answer.  A due probe runs in a thread of its own: a slow or absent
@@ -613,6 +843,14 @@ class Arbiter:
     def _probe_clickhouse(self) -> None:
         with Store(self.config.clickhouse, timeout=1.0) as session:
             self.clickhouse_checked = (time.monotonic(), session.probe())
+
+
+def _listing(symbol: str, contracts) -> str:
+    """What the contract list says of a contract that is not trading."""
+    contract = next((c for c in contracts or () if c.symbol == symbol), None)
+    if contract is None:
+        return "is no longer in MEXC's contract list"
+    return f"is {contract.describe_state()} on MEXC (state {contract.state})"
 
 
 def _live(collector) -> bool:

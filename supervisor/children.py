@@ -154,13 +154,14 @@ class Subprocess:
             self.server.process.send_signal(signum)
 
 
-def start_reason(child: "Child") -> tuple:
+def start_reason(child: "Child", first: Optional[tuple] = None) -> tuple:
     """Why a child is being started, as a gap reason and detail: its first start under this
-    daemon ends a daemon restart (the daemon was down, or the symbol was just added); a start
-    after a clean exit (exit code 0: a restart asked for) a collector restart; any other a
-    crash (a signal, SIGKILL included, or a failure exit)."""
+    daemon ends a daemon restart (the daemon was down, or the symbol was just added), or
+    `first` when given (a delisted contract listed again); a start after a clean exit (exit
+    code 0: a restart asked for) a collector restart; any other a crash (a signal, SIGKILL
+    included, or a failure exit)."""
     if child.restarts == 0:
-        return GAP_DAEMON_RESTART, "daemon started"
+        return first or (GAP_DAEMON_RESTART, "daemon started")
     if child.exit_code == 0:
         return GAP_COLLECTOR_RESTART, child.last_exit
     return GAP_COLLECTOR_CRASH, child.last_exit or "unknown exit"
@@ -322,7 +323,9 @@ class Child:
             "exit_ip": None,
         }
         for key in ("rows_written", "buffered_rows", "spooled_rows", "last_message_age_s",
-                    "connected", "reconnects", "handovers", "errors", "insert_errors", "held", "rows",
+                    "last_data_age_s",
+                    "connected", "reconnects", "handovers", "errors", "insert_errors", "held",
+                    "rows",
                     "frames"):
             entry[key] = self.stats.get(key)
         entry["flapping"] = self.flapping(now)

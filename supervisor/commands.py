@@ -5,6 +5,7 @@ holds the two together), its manual (the docstring), the fields a request carrie
 daemon does (run) and what the client prints (show).  The supervisor dispatches a request by
 looking its type up in COMMANDS; the command line asks with ask().
 """
+import fnmatch
 import json
 
 from bus import sockets
@@ -38,14 +39,23 @@ class Status(Command):
     def run(self, arbiter, request):
         return arbiter.status()
 
-    def show(self, result) -> str:
-        """The status table (`mexc status`; --json prints the result itself)."""
+    def show(self, result, symbol: str = "", state: str = "") -> str:
+        """The status table (`mexc status`; --json prints the result itself): the header, a
+        summary of every child, then the children `symbol` (a contract or short name, or a
+        glob of either) and `state` (running, waiting, ..., or `problem`) select, those
+        with a problem first."""
         cluster = [_cluster(result["cluster"])] if result.get("cluster") else []
-        return "\n".join([_header(result["supervisor"])] + cluster
+        contracts = [_contracts(result["contracts"])] if result.get("contracts") else []
+        children = [c for c in result["children"] if _selected(c, symbol, state)]
+        children.sort(key=lambda c: not _problem(c))  # stable: start order within each
+        shown = ([] if len(children) == len(result["children"]) else
+                 [f"showing {len(children)} of {len(result['children'])} children"])
+        return "\n".join([_header(result["supervisor"])] + cluster + contracts
+                         + [_summary(result["children"])] + shown
                          + [_row([h for h, _w, _f in COLUMNS])]
                          + [_row([show(child) for _h, _w, show in COLUMNS])
-                            for child in result["children"]]
-                         + _notes(result["children"]))
+                            for child in children]
+                         + _notes(children))
 
 
 class Restart(Command):
@@ -160,6 +170,60 @@ def _cluster(cluster: dict) -> str:
     hosts = "  ".join(f"{h}: {', '.join(names) or '-'}" for h, names in cluster["hosts"].items())
     return (f"cluster: host {cluster['host']}, zookeeper {state}, {len(cluster['hosts'])} hosts "
             f"alive, {cluster['replicas']} copies wanted; live {hosts or '-'}")
+
+
+PROBLEM = "problem"  # the --state that selects every child with a problem
+
+
+def _problem(child: dict) -> bool:
+    """Worth an operator's look: not running, flapping, a collector not connected or
+    silent for long, a tor warning."""
+    return (child["state"] != ChildState.RUNNING or bool(child.get("flapping"))
+            or (child["kind"] == COLLECTOR and (child.get("connected") is False
+                                                or (child.get("last_message_age_s") or 0) >= 30))
+            or bool((child.get("tor") or {}).get("warning")))
+
+
+def _selected(child: dict, symbol: str, state: str) -> bool:
+    if state and not (_problem(child) if state == PROBLEM else child["state"] == state):
+        return False
+    if not symbol:
+        return True
+    names = [child["name"], child.get("symbol") or "",
+             child["name"].partition("-")[2]]  # collector-btc -> btc
+    pattern = symbol if any(c in symbol for c in "*?[") else None
+    return any(fnmatch.fnmatchcase(n.lower(), (pattern or symbol).lower()) for n in names if n)
+
+
+def _summary(children) -> str:
+    """`300 collectors: 296 connected, 2 waiting, 2 backoff; 4 with a problem; 812 rows/s`"""
+    collectors = [c for c in children if c["kind"] == COLLECTOR]
+    states = {}
+    for c in collectors:
+        states[c["state"]] = states.get(c["state"], 0) + 1
+    connected = sum(1 for c in collectors if c.get("connected"))
+    others = ", ".join(f"{n} {state}" for state, n in sorted(states.items())
+                       if state != ChildState.RUNNING)
+    problems = sum(1 for c in children if _problem(c))
+    rate = sum(sum((c["msgs_per_s"] or {}).values()) for c in collectors)
+    return (f"{len(collectors)} collectors: {connected} connected"
+            + (f", {others}" if others else "")
+            + f"; {len(children) - len(collectors)} other children; "
+            + (f"{problems} with a problem (--state problem)" if problems else "no problem")
+            + f"; {rate:,.0f} rows/s")
+
+
+def _contracts(contracts: dict) -> str:
+    """`contracts: 412 listed, 388 trading, 291 symbols followed (refresh ok); delisting X`"""
+    state = ("ok" if contracts["ok"] else
+             f"FAILING {contracts['failures']}x: {contracts['error']}" if contracts["failures"]
+             else contracts["error"] or "not loaded yet")
+    listed = ("no list" if contracts["contracts"] is None
+              else f"{contracts['contracts']} listed, {contracts['trading']} trading")
+    delisting = (f"; stopping once silent: {', '.join(contracts['delisting'])}"
+                 if contracts["delisting"] else "")
+    return (f"contracts: {listed}, {contracts['symbols']} symbols followed (list {state}, "
+            f"via {contracts['via']}){delisting}")
 
 
 def _notes(children) -> list:

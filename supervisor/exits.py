@@ -56,6 +56,17 @@ class ExitGuard:
         slot = self.slots[collector.name] = TorSlot(tor, collector)
         return slot
 
+    def any_socks(self):
+        """("127.0.0.1", port) of a bootstrapped tor whose collector runs (the first by name),
+        for a request that may leave by any collector's path; None without one."""
+        for name in sorted(self.slots):
+            slot = self.slots[name]
+            if slot.bootstrapped and slot.collector.state is ChildState.RUNNING:
+                server = slot.tor.process.server if slot.tor.process else None
+                if server is not None:
+                    return "127.0.0.1", server.socks_port
+        return None
+
     def remove(self, collector_name: str) -> None:
         self.slots.pop(collector_name, None)
 

@@ -32,6 +32,9 @@ KEYS = {
     # the hour clock is shared by the supervisor's rotation timing and the monitor
     "export.clock_speed": RESTART,
     "export.clock_anchor_ms": RESTART,
+    # the contract list's thread reads them at each try
+    "exchange.contracts_refresh": NOW,
+    "exchange.contracts_via": NOW,
 }
 SECRETS = {"http.token", "clickhouse.password"}  # changes named, values never logged
 ORDER = (NOW, EXPORTER, COLLECTORS, RESTART)

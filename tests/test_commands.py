@@ -176,14 +176,16 @@ def test_status_table_of_a_busy_daemon():
                uptime_s=None)],
         rotation={"id": "r1", "phase": "holding"},
         export={"next_rotation": "11:00", "last_error": "disk full"}))
-    header, columns, *rows = text.splitlines()
+    header, summary, columns, *rows = text.splitlines()
+    assert summary == ("2 collectors: 0 connected; 2 other children; 1 with a problem "
+                       "(--state problem); 165 rows/s")
     assert header.startswith(f"mexc {__version__}  supervisor pid 42  up 1d01h")
     assert "clickhouse 127.0.0.1:9000 reachable (ClickHouse 26.9.2.1, time columns " \
            "DateTime64(3, 'UTC'), export over ArrowStream)" in header and "(managed)" not in header
     assert "last export: 2024-01-01T10 (next 11:00), rotation r1 holding" in header
     assert header.endswith("EXPORT FAILING: disk full")
     assert columns.split()[:3] == ["NAME", "PID", "STATE"] and columns.endswith("CPU%")
-    btc, tor, eth, exporter = rows[:4]
+    eth, btc, tor, exporter = rows[:4]  # a problem first
     assert btc.split()[:5] == ["collector-btc", "100", "running*", "1m05s", "0"]
     assert "10/55/100/0" in btc and "1,234,567" in btc and "1,500/0" in btc
     assert "0.0s" in btc and "10.0.0.7" in btc and "50M" in btc and btc.endswith("1.5")
@@ -191,15 +193,40 @@ def test_status_table_of_a_busy_daemon():
     assert eth.split()[2:4] == ["running*", "3h02m"]
     assert exporter.split()[:4] == ["exporter", "-", "running", "-"]
     assert exporter.endswith("-")
-    assert rows[4:] == ["  collector-btc: * holding rows for rotation r1",
-                        "  collector-eth: not connected to the exchange",
-                        "  collector-eth: * exit IP shared with collector-btc"]
+    assert rows[4:] == ["  collector-eth: not connected to the exchange",
+                        "  collector-eth: * exit IP shared with collector-btc",
+                        "  collector-btc: * holding rows for rotation r1"]
+
+
+def test_status_of_many_symbols_filters_by_symbol_and_state_and_says_what_it_shows():
+    children = [child(f"collector-s{i:03d}", "collector", symbol=f"S{i:03d}_USDT", connected=True)
+                for i in range(1, 301)]
+    children[150] = child("collector-s151", "collector", symbol="S151_USDT", pid=None,
+                          state="waiting", connected=False)
+    result = {**status(children + [child("exporter", "exporter")]),
+              "contracts": {"ok": False, "failures": 2, "error": "HTTP 429", "contracts": 412,
+                            "trading": 388, "symbols": 300, "via": "direct",
+                            "delisting": ["S007_USDT"]}}
+    lines = COMMANDS["status"].show(result).splitlines()
+    assert lines[1] == ("contracts: 412 listed, 388 trading, 300 symbols followed (list "
+                        "FAILING 2x: HTTP 429, via direct); stopping once silent: S007_USDT")
+    assert lines[2].startswith("300 collectors: 299 connected, 1 waiting; 1 other children; "
+                               "1 with a problem")
+    assert lines[4].startswith("collector-s151 ")  # the problem first
+    problems = COMMANDS["status"].show(result, state="problem").splitlines()
+    assert problems[3] == "showing 1 of 301 children"
+    assert problems[5:] == [problems[5], "  collector-s151: not connected to the exchange"]
+    assert problems[5].split()[:3] == ["collector-s151", "-", "waiting"]
+    for symbol in ("S042_USDT", "s042", "collector-s042", "S04[2]_*"):
+        shown = COMMANDS["status"].show(result, symbol=symbol).splitlines()
+        assert [line.split()[0] for line in shown[5:]] == ["collector-s042"], symbol
+    assert len(COMMANDS["status"].show(result, symbol="s0*").splitlines()) == 5 + 99
 
 
 def test_status_table_columns_line_up():
     text = COMMANDS["status"].show(status([child("collector-a-very-long-name-indeed", "collector"),
                                            child("exporter", "exporter")]))
-    _header, columns, a, b = text.splitlines()
+    _header, _summary, columns, a, b = text.splitlines()
     assert a.startswith("collector-a-very") and a[16] == " "  # cut to the column's width
     for line in (a, b):
         assert line.index("100") == columns.index("PID")

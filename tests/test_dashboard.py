@@ -195,3 +195,59 @@ def test_status_watch_redraws_in_place_until_ctrl_c(env, sim):
     screens = "".join(lines).split("\033[H\033[J")[1:-1]
     assert len(screens) == 3 and all("collector-btc" in screen for screen in screens)
     assert daemon.proc.stop(20) == 0
+
+
+class ManySymbols:
+    """A monitor's answers for 120 collectors, one of them backing off: the page's paging and
+    ordering are what is tested here (a daemon of 120 collectors is bench/scaling_bench.py's)."""
+
+    def __init__(self, n=120):
+        from tests.test_commands import child, status
+
+        self.symbols = [f"S{i:03d}_USDT" for i in range(1, n + 1)]
+        children = [child(f"collector-s{i:03d}", "collector", symbol=s, connected=True)
+                    for i, s in enumerate(self.symbols, 1)]
+        children[99] = child("collector-s100", "collector", symbol="S100_USDT", pid=None,
+                             state="backoff", restarts=3)
+        self.status = status(children + [child("exporter", "exporter")],
+                             problems=[], dashboard=None)
+
+    def snapshot(self):
+        return self.status
+
+    def dashboard(self):
+        hours = [1_700_000_000_000 + h * 3_600_000 for h in range(24)]
+        return {"rates": {"ts_ms": [], "symbols": {}}, "events": [], "gaps": [],
+                "calendar": {"hours": hours, "symbols": {s: ["none"] * 24 for s in self.symbols}},
+                "clickhouse_version": None, "store_error": None}
+
+
+def test_dashboard_pages_many_symbols_problems_first_and_filters():
+    from supervisor.monitoring.web import WebServer
+
+    web = WebServer(f"127.0.0.1:{free_port()}", "", ManySymbols()).start()
+    browser = chromium()
+    try:
+        browser.get(web.url)
+
+        def names():  # read in one script: the page redraws the table every 2 s
+            return browser.execute_script("return [...document.querySelectorAll("
+                                          "'#children tbody tr')].map(r => r.dataset.name)")
+
+        wait_for(lambda: len(names()) == 50, 20, "the first page")
+        assert names()[0] == "collector-s100"  # backing off: first
+        assert browser.find_element("id", "page").text == "page 1 of 3"
+        assert browser.execute_script(
+            "return document.querySelectorAll('#calendar tr[data-symbol]').length") == 50
+        browser.find_element("id", "next").click()
+        browser.find_element("id", "next").click()
+        wait_for(lambda: browser.find_element("id", "page").text == "page 3 of 3", 5, "page 3")
+        assert names()[-1] == "exporter" and len(names()) == 21
+        browser.find_element("id", "filter").send_keys("s04")
+        wait_for(lambda: len(names()) == 10, 5, "the filter applied")
+        assert names() == [f"collector-s{i:03d}" for i in range(40, 50)]
+        assert browser.find_element("id", "summary").text == (
+            "120 collectors, 119 connected, 1 with a problem; 10 shown")
+    finally:
+        browser.quit()
+        web.stop()

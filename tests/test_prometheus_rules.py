@@ -23,7 +23,7 @@ def promtool(*args) -> subprocess.CompletedProcess:
 def test_rules_pass_promtool_check():
     result = promtool("check", "rules", RULES)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 def test_symbol_silent_fires_in_promtool_test_rules():

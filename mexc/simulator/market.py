@@ -52,6 +52,7 @@ class Market:
         self.schedule = []  # heap of (due, order, symbol, channel)
         self.order = itertools.count()
         self.data_stopped = False
+        self.halted = set()  # symbols delisted: no events until resumed
         self.closing = threading.Event()
         self.wake = threading.Event()
         self.thread = threading.Thread(target=self._run, name="mexc-sim-market", daemon=True)
@@ -70,6 +71,23 @@ class Market:
         with self.lock:
             self.data_stopped = True
 
+    def halt(self, symbol: str) -> None:
+        """The symbol makes no more events (delisted, paused); trade() still trades."""
+        with self.lock:
+            self.halted.add(symbol)
+
+    def resume(self, symbol: str) -> None:
+        """A halted symbol makes events again (listed again)."""
+        with self.lock:
+            if symbol not in self.halted:
+                return
+            self.halted.discard(symbol)
+            if symbol in self.feeds:
+                now = time.monotonic()
+                for channel in self.intervals:
+                    heapq.heappush(self.schedule, (now, next(self.order), symbol, channel))
+        self.wake.set()
+
     def open(self, symbol: str) -> Feed:
         """The symbol's market, trading from now on (at the simulator's rate)."""
         with self.lock:
@@ -78,7 +96,7 @@ class Market:
                 feed = self.feeds[symbol] = Feed(symbol, self.seed, self.rng, self.sequences)
                 self.truth[symbol], self.times[symbol] = [], []
                 now = time.monotonic()
-                for channel in self.intervals:
+                for channel in self.intervals if symbol not in self.halted else ():
                     heapq.heappush(self.schedule, (now, next(self.order), symbol, channel))
         self.wake.set()
         return feed
@@ -159,6 +177,8 @@ class Market:
                 schedule.clear()
                 break
             due, order, symbol, channel = heapq.heappop(schedule)
+            if symbol in self.halted:  # resume() schedules it anew
+                continue
             self._happen(self.feeds[symbol], channel)
             interval = self.book_interval if channel == "depth" else intervals[channel]
             next_due = max(due + interval * (0.5 + self.rng.random()), now - MAX_BACKLOG)

@@ -10,9 +10,10 @@ from typing import NamedTuple, Optional
 
 DEALS_PATH = re.compile(r"/api/v1/contract/deals/([^/?#]+)")
 DEPTH_PATH = re.compile(r"/api/v1/contract/depth/([^/?#]+)")
+CONTRACTS_PATH = "/api/v1/contract/detail"
 REST_LIMIT = 100  # trades per answer at most, and by default
 REST_RATE = (20, 2.0)  # requests per seconds per IP, as MEXC allows
-REST_FAULTS = ("error", "drop")
+REST_FAULTS = ("error", "drop", "limit")
 _HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests",
                  500: "Internal Server Error"}
 
@@ -35,13 +36,15 @@ def _rest_error(code: int, message: str) -> str:
 
 class RestApi:
     """GET /api/v1/contract/deals/{symbol}?limit=N as MEXC answers it: the latest trades, newest
-    first, at most 100; 20 requests per 2 s per client IP, then code 510 (MEXC's "too frequent"),
-    with HTTP 429. Served on the WebSocket's port: a GET without Upgrade is a REST request."""
+    first, at most 100; and GET /api/v1/contract/detail, the contract list.  20 requests per 2 s
+    per client IP, then code 510 (MEXC's "too frequent"), with HTTP 429. Served on the
+    WebSocket's port: a GET without Upgrade is a REST request."""
 
-    def __init__(self, market, sequences, contract_exists):
+    def __init__(self, market, sequences, contract_exists, contracts):
         """market: Market (its trades), sequences: Sequences (each symbol's latest event ms),
-        contract_exists(symbol) -> bool."""
+        contract_exists(symbol) -> bool, contracts: Contracts (the list)."""
         self.market, self.sequences, self.contract_exists = market, sequences, contract_exists
+        self.contracts = contracts
         self.lock = threading.Lock()
         self.served = collections.defaultdict(collections.deque)  # ip -> monotonic times
         self.requests = collections.Counter()  # ip -> requests received
@@ -49,8 +52,10 @@ class RestApi:
         self.fault, self.fault_until = None, 0.0
         self.snapshot_delay = 0.0  # s each depth snapshot answer is held back (taken first)
         self.depth_answers = collections.Counter()  # symbol -> depth snapshots answered
+        self.contract_requests = 0  # contract list requests received
 
     def fail(self, seconds: float, mode: str = "error") -> None:
+        """error: HTTP 500; drop: no answer; limit: HTTP 429, code 510, as if rate-limited."""
         if mode not in REST_FAULTS:
             raise ValueError(f"mode must be one of {REST_FAULTS}")
         with self.lock:
@@ -58,24 +63,29 @@ class RestApi:
 
     def answer(self, request_line: str, ip: str):
         """The HTTP response bytes, or None to drop the connection without one."""
+        method, _, target = request_line.partition(" ")
+        target = target.rpartition(" ")[0] or target
+        path = target.partition("?")[0]
         with self.lock:
             self.requests[ip] += 1
+            self.contract_requests += path == CONTRACTS_PATH
             if time.monotonic() < self.fault_until:
                 if self.fault == "drop":
                     return None
+                if self.fault == "limit":
+                    return _http(429, _rest_error(510, "Requests are too frequent!"))
                 return _http(500, _rest_error(500, "Internal Server Error"))
-            method, _, target = request_line.partition(" ")
-            target = target.rpartition(" ")[0] or target
-            path = target.partition("?")[0]
             match = DEALS_PATH.fullmatch(path)
             depth = DEPTH_PATH.fullmatch(path)
-            if method != "GET" or (match or depth) is None:
+            if method != "GET" or (match is None and depth is None and path != CONTRACTS_PATH):
                 return _http(404, _rest_error(404, "Not Found"))
             if not self._admit(ip):
                 return _http(429, _rest_error(510, "Requests are too frequent!"))
             delay = self.snapshot_delay
         if depth is not None:
             return _http(200, self._depth(depth.group(1), target, delay))
+        if match is None:
+            return _http(200, self.contracts.answer())
         return _http(200, self._deals(match.group(1), _query_limit(target), ip))
 
     def _admit(self, ip: str) -> bool:

@@ -10,6 +10,7 @@ import threading
 import time
 
 from mexc.simulator.connection import Connection, Venue
+from mexc.simulator.contracts import DEFAULT_CONTRACTS, Contracts
 from mexc.simulator.feed import Sequences
 from mexc.simulator.market import JOIN_TIMEOUT, Market
 from mexc.simulator.rest import RestApi
@@ -30,10 +31,13 @@ class MexcSimulator:
     told (trade(); send_frames, burst, ... send per connection, outside the market).
     A symbol's market opens at its first subscription (or open_market()).
     Rows of a symbol get unique event ms; at high rates they run ahead of the event clock.
+    contracts: the contract list REST serves (default: known_symbols, else DEFAULT_CONTRACTS);
+    list_contract / delist_contract change it at run time.
     """
 
     def __init__(self, host="127.0.0.1", port=0, ssl_context=None, rate=50.0,
-                 event_clock=None, idle_timeout=60.0, known_symbols=None, seed=1):
+                 event_clock=None, idle_timeout=60.0, known_symbols=None, seed=1,
+                 contracts=None):
         self.host = host
         self.ssl_context = ssl_context
         self.rate = rate
@@ -51,7 +55,9 @@ class MexcSimulator:
         sequences = Sequences(event_clock or wall_ms)
         self._traffic = Traffic()
         self._market = Market(seed, sequences, rate, self._traffic.subscribers)
-        self._rest = RestApi(self._market, sequences, self._contract_exists)
+        self._contracts = Contracts(contracts if contracts is not None
+                                    else sorted(known_symbols or DEFAULT_CONTRACTS))
+        self._rest = RestApi(self._market, sequences, self._contract_exists, self._contracts)
         self._venue = Venue(seed, ssl_context, idle_timeout, sequences, self._market, self._rest,
                             self._traffic, self._contract_exists, self._stall_remaining)
 
@@ -146,6 +152,27 @@ class MexcSimulator:
     def depth_snapshots_served(self, symbol: str) -> int:
         with self._rest.lock:
             return self._rest.depth_answers[symbol]
+
+    # the contract list
+
+    def list_contract(self, symbol: str, state: int = 0) -> None:
+        """Listed (again) with this state; trading (0): its market makes events again."""
+        self._contracts.list(symbol, state)
+        if state == 0:
+            self._market.resume(symbol)
+        else:
+            self._market.halt(symbol)
+
+    def delist_contract(self, symbol: str, state=None) -> None:
+        """Off the contract list (state None: gone, subscriptions refused) or listed with a
+        state other than trading (3 offline, 4 paused, 2 settled); its market makes no more
+        events either way (a subscribed socket hears only pongs)."""
+        self._contracts.delist(symbol, state)
+        self._market.halt(symbol)
+
+    def contract_list_requests(self) -> int:
+        """Contract list requests received (answered or not)."""
+        return self._rest.contract_requests
 
     # observation
 
@@ -370,6 +397,9 @@ class MexcSimulator:
             connection.start()
 
     def _contract_exists(self, symbol: str) -> bool:
+        trading = self._contracts.trading(symbol)
+        if trading is not None:
+            return trading
         if self.known_symbols is not None:
             return symbol in self.known_symbols
         return DEFAULT_SYMBOL.fullmatch(symbol) is not None

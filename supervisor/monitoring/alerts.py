@@ -65,6 +65,11 @@ def firing(status: dict, ledger, disks: dict, config, event_now_ms: int) -> dict
     for path, (free, size) in disks.items():
         if size and free * 100 / size < rules["disk_free_percent"]:
             alerts[("disk_full", None, None)] = f"{path}: only {free * 100 / size:.1f}% free"
+    contracts = status.get("contracts")
+    if contracts and contracts["failures"]:
+        alerts[("contract_list_failing", None, None)] = \
+            f"MEXC's contract list did not load {contracts['failures']} time(s) in a row " \
+            f"({contracts['error']}); the last good list stays in force"
     for gap in ledger.gaps:
         if not gap.covered:
             alerts[("gap_not_covered", "symbol", gap.symbol)] = \

@@ -69,6 +69,10 @@ class _Snapshot:
                      sup["rss_bytes"])
         yield _gauge("mexc_clickhouse_up", "1 when ClickHouse answers a query", {},
                      int(sup["clickhouse"]["reachable"]))
+        contracts = self.status.get("contracts")
+        if contracts:
+            yield _gauge("mexc_contract_list_up", "1 when MEXC's contract list loaded at the "
+                         "last try (patterns in symbols)", {}, int(not contracts["failures"]))
         if self.ledger.version:
             yield _gauge("mexc_clickhouse_info", "the ClickHouse server's version",
                          {"version": self.ledger.version}, 1)
