@@ -14,7 +14,10 @@ from tests.conftest import wait_for as poll
 logging.getLogger("clickhouse_driver").setLevel(logging.CRITICAL)
 
 MEXC = os.path.join(os.path.dirname(sys.executable), "mexc")
-SYMBOLS = {"btc": "BTC_USDT", "eth": "ETH_USDT", "sol": "SOL_USDT"}
+# short name -> contract: the cluster soak collects them all, the one-host soak the first three
+MARKETS = {"btc": "BTC_USDT", "eth": "ETH_USDT", "sol": "SOL_USDT", "xrp": "XRP_USDT",
+           "doge": "DOGE_USDT", "ltc": "LTC_USDT"}
+SYMBOLS = {name: MARKETS[name] for name in ("btc", "eth", "sol")}
 
 # Daemon settings that make faults show quickly (seconds).
 HEARTBEAT_TIMEOUT = 6.0  # supervisor.heartbeat_timeout: a SIGSTOP longer than this is a hang

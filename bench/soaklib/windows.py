@@ -35,3 +35,29 @@ class Link:
     epoch: Optional[Tuple[int, int]] = None  # (pid, reconnects) while connected
     last_up: float = 0.0
     window: Optional[Window] = None
+
+
+STALE = 1.5  # s a heartbeat (every 1 s) can be older than the status that shows it
+END_SLACK = 0.5  # s added to the end of a window
+
+
+def track(link: Link, name: str, c: Optional[dict], now: float) -> Optional[Window]:
+    """One status sample of a symbol's collector (c: its entry in the status, None when it
+    is not running): opens a window when the connection epoch ends, and returns the window
+    when a connection is up again (closed, not yet explained)."""
+    up = bool(c and c["state"] == "running" and c["pid"] and c.get("connected"))
+    epoch = (c["pid"], c.get("reconnects") or 0) if up else None
+    if link.window is None:
+        if epoch == link.epoch:  # still up
+            link.last_up = now
+            return None
+        link.window = Window(name, start=link.last_up - STALE, detected=now)
+    if not up:
+        return None
+    window = link.window
+    window.end = now + END_SLACK
+    window.restarted = link.epoch is not None and epoch[0] != link.epoch[0]
+    window.last_exit = c.get("last_exit")
+    window.last_exit_code = c.get("last_exit_code")
+    link.window, link.epoch, link.last_up = None, epoch, now
+    return window

@@ -6,7 +6,6 @@ cleaned up (Soak.finish, Soak.cleanup)."""
 from __future__ import annotations
 
 import collections
-import heapq
 import os
 import random
 import re
@@ -16,7 +15,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import psutil
 import pyarrow.parquet as pq
@@ -32,16 +31,15 @@ from tests.conftest import Proc, toml_dump
 
 from . import ROOT
 from .accounting import MISSING_HOUR, account
-from .windows import Event, Link, Window
+from .windows import Event, Link, Window, track
 from .common import (DEAD_AFTER, EXPORT_DELAY, FILE_RE, HEARTBEAT_TIMEOUT, MAX_BUFFERED_ROWS,
                      MEXC, PING_INTERVAL, SYMBOLS, say, wait_for)
 from .faults import FAULTS, free_disk
 from .report import Report
 from .schedule import CONNECTION_FAULTS, Fault, build_schedule
+from .schedule import run as run_faults
 
 STATUS_EVERY = 1.0  # s between status samples
-STALE = 1.5  # s a heartbeat (every 1 s) can be older than the status that shows it
-END_SLACK = 0.5  # s added to the end of a window
 
 
 # --- the world -----------------------------------------------------------------------------------
@@ -234,23 +232,10 @@ class Soak:
 
     def _track(self, name: str, c: Optional[dict], now: float) -> None:
         """Open a window when the symbol's connection epoch ends, close it when one is up."""
-        link = self.links[name]
-        up = bool(c and c["state"] == "running" and c["pid"] and c.get("connected"))
-        epoch = (c["pid"], c.get("reconnects") or 0) if up else None
-        if link.window is None:
-            if epoch == link.epoch:  # still up
-                link.last_up = now
-                return
-            link.window = Window(name, start=link.last_up - STALE, detected=now)
-        if up:
-            window = link.window
-            window.end = now + END_SLACK
-            window.restarted = link.epoch is not None and epoch[0] != link.epoch[0]
-            window.last_exit = c.get("last_exit")
-            window.last_exit_code = c.get("last_exit_code")
+        window = track(self.links[name], name, c, now)
+        if window is not None:
             self._explain(window)
             self.windows.append(window)
-            link.window, link.epoch, link.last_up = None, epoch, now
 
     def _explain(self, window: Window) -> None:
         """Name the planned faults behind a window; pull its start back to the first of them."""
@@ -295,23 +280,6 @@ class Soak:
                 return False
         return self.sim.streaming_to(symbol)
 
-    def inject(self, fault: Fault, what: str, send: Callable[[str], object]) -> bool:
-        """A simulator-side send for fault.target, in a thread of its own: a send to a
-        SIGSTOPped collector blocks until it runs again."""
-        symbol = SYMBOLS[fault.target]
-        if not self.streaming(symbol):
-            return False
-        wall = time.time()
-
-        def run():
-            if send(symbol) and what:
-                with self.lock:
-                    self.injections.append((wall, fault.target, what))
-        thread = threading.Thread(target=run, name=f"inject-{fault.kind}", daemon=True)
-        thread.start()
-        self.injectors.append(thread)
-        return True
-
     def signal_pid(self, pid: int, signum: int) -> None:
         try:
             os.kill(pid, signum)
@@ -325,27 +293,10 @@ class Soak:
     # --- running the schedule --------------------------------------------------------------
 
     def run_schedule(self, schedule: List[Fault], span: float) -> None:
-        """Inject each fault at its time; a fault returns its undo, run `duration` later.
-        Returns when every fault is undone and `span` seconds have passed."""
-        t0 = time.monotonic()
-        queue = [(f.at, n, f, FAULTS[f.kind]) for n, f in enumerate(schedule)]
-        heapq.heapify(queue)
-        counter = len(queue)
-        while queue:
-            at, _n, fault, action = heapq.heappop(queue)
-            time.sleep(max(0.0, t0 + at - time.monotonic()))
-            try:
-                undo = action(self, fault)
-            except Exception as e:  # a fault that could not be injected is reported, not fatal
-                undo = None
-                self.report.faults_skipped.append(f"{fault} ({type(e).__name__}: {e})")
-                say(f"{fault}: skipped: {type(e).__name__}: {e}")
-            if undo is not None:  # `duration` counts from when the fault is in force
-                counter += 1
-                heapq.heappush(queue, (time.monotonic() - t0 + fault.duration, counter,
-                                       Fault(at, "undo " + fault.kind, fault.target),
-                                       lambda soak, _f, undo=undo: undo()))
-        time.sleep(max(0.0, t0 + span - time.monotonic()))
+        """Each fault at its time, its undo `duration` later (schedule.run); then the
+        injector threads joined."""
+        run_faults(schedule, span, lambda fault: FAULTS[fault.kind](self, fault),
+                   self.report.faults_skipped)
         for thread in self.injectors:
             thread.join(30)
 
