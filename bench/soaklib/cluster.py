@@ -28,18 +28,17 @@ import logging
 import psutil
 from kazoo.client import KazooClient
 
-from bus import sockets
 from core.clock import EventClock
 from tests.cluster_bed import ClusterBed
 from tests.conftest import toml_dump
 
 from . import ROOT
 from . import faults as host_faults
-from .common import (DEAD_AFTER, EXPORT_DELAY, HEARTBEAT_TIMEOUT, MARKETS, MAX_BUFFERED_ROWS,
-                     MEXC, PING_INTERVAL, SoakError, say, wait_for)
+from .common import (HEARTBEAT_TIMEOUT, MARKETS, MEXC, SoakError, daemon_config,
+                     say, wait_for)
 from .schedule import Fault, light_duration
 from .schedule import run as run_faults
-from .windows import Event, Link, Window, track
+from .windows import Event, Link, Window, name_causes, track
 
 STATUS_EVERY = 1.0  # s between status samples of each host
 SESSION_TIMEOUT = 4.0  # cluster.session_timeout: a host gone is replaced this long after
@@ -120,7 +119,7 @@ class HostMarket:
         return set()
 
 
-class HostRun:
+class HostRun(host_faults.Daemon):
     """One host's daemon and what the soak saw of it."""
 
     def __init__(self, soak: "ClusterSoak", host):
@@ -160,25 +159,11 @@ class HostRun:
                 "user": "default", "password": "", "managed": False}
 
     def write_config(self) -> None:
-        data = {
-            "symbols": [MARKETS[n] for n in self.names],
-            "exchange": {"url": self.soak.sim.url, "ping_interval": PING_INTERVAL,
-                         "dead_after": DEAD_AFTER, "silent_alarm": 10.0, "reconnect_min": 0.2,
-                         "reconnect_max": 2.0, "connect_timeout": 5.0},
-            "clickhouse": self.ch_section(),
-            "collector": {"max_buffered_rows": MAX_BUFFERED_ROWS, "stats_interval": 10.0},
-            "supervisor": {"heartbeat_timeout": HEARTBEAT_TIMEOUT, "restart_min": 0.5,
-                           "restart_max": 10.0, "rotation_ack_timeout": 3.0},
-            "tor": {"enabled": False},
-            "export": {"dir": self.export_dir, "delay": EXPORT_DELAY,
-                       "clock_speed": self.speed, "clock_anchor_ms": self.anchor},
-            "paths": {"state_dir": self.state_dir, "runtime_dir": self.runtime_dir},
-            "log": {"level": "info"},
-            "http": {"listen": ""},
-            "cluster": {"host": self.name, "zookeeper": self.soak.bed.zookeeper.hosts,
-                        "clickhouse": f"{self.address}:9000", "replicas": self.args.replicas,
-                        "root": ZK_ROOT, "session_timeout": SESSION_TIMEOUT},
-        }
+        data = daemon_config(self, self.names, self.soak.sim.url)
+        data["http"] = {"listen": ""}
+        data["cluster"] = {"host": self.name, "zookeeper": self.soak.bed.zookeeper.hosts,
+                           "clickhouse": f"{self.address}:9000", "replicas": self.args.replicas,
+                           "root": ZK_ROOT, "session_timeout": SESSION_TIMEOUT}
         with open(self.config_path, "w") as f:
             f.write(toml_dump(data))
 
@@ -216,32 +201,10 @@ class HostRun:
             server.start(60)
         self.start_daemon()
 
-    def status(self, timeout: float = 3.0) -> Optional[dict]:
-        try:
-            return sockets.request(self.runtime_dir, "status", timeout=timeout)["result"]
-        except Exception:  # not running, restarting, a reply we cannot read
-            return None
-
     # --- what faults.py asks of a soak ------------------------------------------------------
 
-    def child(self, name: str) -> Optional[dict]:
-        for c in (self.status() or {}).get("children", []):
-            if c["name"] == name and c["state"] == "running" and c["pid"]:
-                return c
-        return None
-
-    def note(self, fault: Fault, note: str = "") -> None:
-        self.soak.note(fault, note, host=self)
-
-    def signal_pid(self, pid: int, signum: int) -> None:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-        if signum == signal.SIGSTOP:
-            self.stopped_pids.add(pid)
-        elif signum == signal.SIGCONT:
-            self.stopped_pids.discard(pid)
+    def note(self, fault: Fault, note: str = "") -> Event:
+        return self.soak.note(fault, note, host=self)
 
     # --- sampling ----------------------------------------------------------------------------
 
@@ -274,16 +237,8 @@ class HostRun:
         window of a collector that was not running is a symbol this host did not hold."""
         if window.causes:  # startup
             return
-        for e in self.events + self.soak.market_events:
-            spread = CONNECTION_FAULTS.get(e.kind)
-            if spread is None or not spread and e.target != window.symbol:
-                continue
-            victim = e.note.startswith("pid ") and (window.last_exit or "").startswith(
-                e.note.split(",")[0] + " ")
-            if victim or e.wall - 2.0 <= window.detected and window.start <= e.wall \
-                    + e.duration + 2.0 + (HEARTBEAT_TIMEOUT if e.kind == "stop_collector" else 0.0):
-                window.causes.append(e.kind)
-                window.start = min(window.start, e.wall - 0.5)
+        name_causes(window, self.events + self.soak.market_events, CONNECTION_FAULTS,
+                    HEARTBEAT_TIMEOUT)
         if not window.causes:
             window.causes.append("not held" if self.absent[window.symbol] else "unplanned")
             if not self.absent[window.symbol]:
@@ -405,7 +360,7 @@ class ClusterSoak:
 
     # --- recording and injecting -------------------------------------------------------------
 
-    def note(self, fault: Fault, note: str = "", host: Optional[HostRun] = None) -> None:
+    def note(self, fault: Fault, note: str = "", host: Optional[HostRun] = None) -> Event:
         event = Event(time.time(), fault.kind, fault.target, fault.duration, note)
         with self.lock:
             self.events.append(event)
@@ -414,6 +369,7 @@ class ClusterSoak:
             elif fault.kind == "stall":
                 self.market_events.append(event)
         say(f"{host.name + ' ' if host else ''}{fault}{': ' + note if note else ''}")
+        return event
 
     def streaming(self, symbol: str) -> bool:
         """Some host's connection is subscribed to symbol (faults.inject sends to it)."""
@@ -462,7 +418,9 @@ class ClusterSoak:
                 self.bed.cut(v.name)
             else:
                 v.kill()
-            v.note(fault, "network cut" if cut else "daemon and clickhouse SIGKILLed")
+        event = victims[0].note(fault, "network cut" if cut else "daemon and clickhouse SIGKILLed")
+        for v in victims[1:]:  # one fault, in each victim's record
+            v.events.append(event)
         self.measure_failover(fault.kind, [v.name for v in victims], held)
 
         def back():

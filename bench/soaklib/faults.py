@@ -6,7 +6,7 @@ import os
 import signal
 import threading
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 from bus import sockets
 
@@ -14,6 +14,33 @@ from .common import MARKETS, SYMBOLS, SoakError, say, wait_for
 from .schedule import Fault
 
 BURST_FACTOR = 100  # a burst is one second of frames at this many times the rate
+
+
+class Daemon:
+    """What the injectors need of a daemon (`runtime_dir`, `stopped_pids`): its status, its
+    running children, signals that remember what they stopped."""
+
+    def status(self, timeout: float = 3.0) -> Optional[dict]:
+        try:
+            return sockets.request(self.runtime_dir, "status", timeout=timeout)["result"]
+        except Exception:  # not running, restarting, a reply we cannot read
+            return None
+
+    def child(self, name: str) -> Optional[dict]:
+        for c in (self.status() or {}).get("children", []):
+            if c["name"] == name and c["state"] == "running" and c["pid"]:
+                return c
+        return None
+
+    def signal_pid(self, pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+        if signum == signal.SIGSTOP:
+            self.stopped_pids.add(pid)
+        elif signum == signal.SIGCONT:
+            self.stopped_pids.discard(pid)
 
 
 def _signal_child(soak, fault: Fault, name: str, signum: int):

@@ -3,7 +3,7 @@ collector connection as the status sampler found them (the accounting reads them
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 
 @dataclass
@@ -61,3 +61,21 @@ def track(link: Link, name: str, c: Optional[dict], now: float) -> Optional[Wind
     window.last_exit_code = c.get("last_exit_code")
     link.window, link.epoch, link.last_up = None, epoch, now
     return window
+
+
+def name_causes(window: Window, events: Iterable[Event], spread: Dict[str, bool],
+                hang_after: float) -> None:
+    """The planned faults behind a window, added to its causes; its start pulled back to the
+    first of them.  spread: kind -> does it take every symbol down (else only its target's);
+    hang_after: how long a stopped collector runs on before it is taken for hung."""
+    for e in events:
+        if e.kind not in spread or not spread[e.kind] and e.target != window.symbol:
+            continue
+        # the process a planned fault signalled, by pid: also when it came after the
+        # window opened (a collector killed while it was reconnecting)
+        victim = e.note.startswith("pid ") and (window.last_exit or "").startswith(
+            e.note.split(",")[0] + " ")
+        if victim or e.wall - 2.0 <= window.detected and window.start <= e.wall \
+                + e.duration + 2.0 + (hang_after if e.kind == "stop_collector" else 0.0):
+            window.causes.append(e.kind)
+            window.start = min(window.start, e.wall - 0.5)

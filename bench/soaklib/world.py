@@ -20,7 +20,6 @@ from typing import Dict, List, Optional, Tuple
 import psutil
 import pyarrow.parquet as pq
 
-from bus import sockets
 from supervisor.clickhouse import ManagedClickHouse
 from core.clock import EventClock
 from core.process import free_port
@@ -31,10 +30,9 @@ from tests.conftest import Proc, toml_dump
 
 from . import ROOT
 from .accounting import MISSING_HOUR, account
-from .windows import Event, Link, Window, track
-from .common import (DEAD_AFTER, EXPORT_DELAY, FILE_RE, HEARTBEAT_TIMEOUT, MAX_BUFFERED_ROWS,
-                     MEXC, PING_INTERVAL, SYMBOLS, say, wait_for)
-from .faults import FAULTS, free_disk
+from .windows import Event, Link, Window, name_causes, track
+from .common import FILE_RE, HEARTBEAT_TIMEOUT, MEXC, SYMBOLS, daemon_config, say, wait_for
+from .faults import FAULTS, Daemon, free_disk
 from .report import Report
 from .schedule import CONNECTION_FAULTS, Fault, build_schedule
 from .schedule import run as run_faults
@@ -44,7 +42,7 @@ STATUS_EVERY = 1.0  # s between status samples
 
 # --- the world -----------------------------------------------------------------------------------
 
-class Soak:
+class Soak(Daemon):
     def __init__(self, args):
         self.args = args
         self.names = list(SYMBOLS)
@@ -94,22 +92,9 @@ class Soak:
     def write_config(self, names=None, invalid: bool = False) -> None:
         """Atomically, so the supervisor never reads half a file on SIGHUP."""
         names = self.names if names is None else names
-        data = {
-            "symbols": [SYMBOLS[n] for n in names],
-            "exchange": {"url": self.sim.url, "ping_interval": PING_INTERVAL,
-                         "dead_after": DEAD_AFTER, "silent_alarm": 10.0, "reconnect_min": 0.2,
-                         "reconnect_max": 2.0, "connect_timeout": 5.0},
-            "clickhouse": self.ch_section(),
-            "collector": {"max_buffered_rows": MAX_BUFFERED_ROWS, "stats_interval": 10.0},
-            "supervisor": {"heartbeat_timeout": HEARTBEAT_TIMEOUT, "restart_min": 0.5,
-                           "restart_max": 10.0, "rotation_ack_timeout": 3.0},
-            "tor": {"enabled": self.args.tor},
-            "export": {"dir": self.export_dir, "delay": EXPORT_DELAY,
-                       "clock_speed": self.speed, "clock_anchor_ms": self.anchor},
-            "paths": {"state_dir": self.state_dir, "runtime_dir": self.runtime_dir},
-            "log": {"level": "info"},
-            "http": {"listen": f"127.0.0.1:{self.dashboard_port}"},
-        }
+        data = daemon_config(self, names, self.sim.url)
+        data["tor"]["enabled"] = self.args.tor
+        data["http"] = {"listen": f"127.0.0.1:{self.dashboard_port}"}
         if self.args.tor:
             data["tor"].update(exit_check_interval=1.0, bootstrap_timeout=60.0,
                                torrc_extra=self.network.torrc_extra())
@@ -179,19 +164,6 @@ class Soak:
 
     # --- the daemon's status ---------------------------------------------------------------
 
-    def status(self, timeout: float = 3.0) -> Optional[dict]:
-        try:
-            return sockets.request(self.runtime_dir, "status", timeout=timeout)["result"]
-        except Exception:  # not running, restarting, a reply we cannot read
-            return None
-
-    def child(self, name: str) -> Optional[dict]:
-        status = self.status()
-        for c in (status or {}).get("children", []):
-            if c["name"] == name and c["state"] == "running" and c["pid"]:
-                return c
-        return None
-
     def all_connected(self) -> bool:
         with self.lock:
             return all(self.links[n].epoch is not None and self.links[n].window is None
@@ -241,19 +213,7 @@ class Soak:
         """Name the planned faults behind a window; pull its start back to the first of them."""
         if window.causes:  # startup
             return
-        for e in self.events:
-            if e.kind not in CONNECTION_FAULTS:
-                continue
-            if not CONNECTION_FAULTS[e.kind] and e.target != window.symbol:
-                continue
-            # the process a planned fault signalled, by pid: also when it came after the
-            # window opened (a collector killed while it was reconnecting)
-            victim = e.note.startswith("pid ") and (window.last_exit or "").startswith(
-                e.note.split(",")[0] + " ")
-            if victim or e.wall - 2.0 <= window.detected and window.start <= e.wall \
-                    + e.duration + 2.0 + (HEARTBEAT_TIMEOUT if e.kind == "stop_collector" else 0.0):
-                window.causes.append(e.kind)
-                window.start = min(window.start, e.wall - 0.5)
+        name_causes(window, self.events, CONNECTION_FAULTS, HEARTBEAT_TIMEOUT)
         if not window.causes:
             what = (f"{window.symbol}: collector restarted by the daemon ({window.last_exit})"
                     if window.restarted else f"{window.symbol}: reconnected")
@@ -279,16 +239,6 @@ class Soak:
             if link.window is not None or link.epoch is None:
                 return False
         return self.sim.streaming_to(symbol)
-
-    def signal_pid(self, pid: int, signum: int) -> None:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-        if signum == signal.SIGSTOP:
-            self.stopped_pids.add(pid)
-        elif signum == signal.SIGCONT:
-            self.stopped_pids.discard(pid)
 
     # --- running the schedule --------------------------------------------------------------
 
