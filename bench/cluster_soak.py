@@ -24,7 +24,7 @@ What runs
 Faults (seeded; soaklib/cluster.py build_cluster_schedule)
 ----------------------------------------------------------
 Cluster faults, each in a slot of the run to itself (at least one of each per run; durations
-scaled down for runs under 20 minutes, never below 8 s):
+scaled down for runs under 10 minutes and to fit their slot, never below 8 s):
   kill_host          a host SIGKILLed, daemon and collectors (its process group) and then its
                      ClickHouse, for 20-120 s, then started again
   cut_host           a host's network cut (its veth down) for 10-90 s: it loses the exchange,

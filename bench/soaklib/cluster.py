@@ -75,7 +75,7 @@ def build_cluster_schedule(seed: int, minutes: float, hosts: List[str]) -> List[
     "" for ZooKeeper and the market's stall).  The same seed and arguments give the same list."""
     rng = random.Random(seed)
     span = minutes * 60.0
-    scale = min(1.0, max(0.25, minutes / 20.0))
+    scale = min(1.0, max(0.25, minutes / 10.0))  # full durations from 10 minutes on
     kinds = [kind for kind, (every, _d, _r) in CLUSTER_FAULTS.items()
              for _ in range(max(1, round(minutes / every)))]
     rng.shuffle(kinds)
