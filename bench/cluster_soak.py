@@ -131,12 +131,13 @@ def main(argv=None) -> int:
         raise
     finally:
         soak.cleanup()
-    if args.single_host:
+    print(report.text(), flush=True)
+    if args.single_host:  # its verdict is its own: the line says PASS or FAIL
         try:
             report.single_host = single_host(args)
+            print(report.single_host_line(), flush=True)
         except Exception as e:
-            report.failures.append(f"single-host soak: {type(e).__name__}: {e}")
-    print(report.text(), flush=True)
+            print(f"side by side: bench/soak.py failed: {type(e).__name__}: {e}", flush=True)
     if args.json:
         print(to_json(report), flush=True)
     return 0 if report.passed else 1

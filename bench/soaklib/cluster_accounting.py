@@ -27,7 +27,8 @@ import types
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .accounting import Stored, account_symbol, read_files, read_tables, window_spans
+from .accounting import (EVENT_SLACK, Stored, account_symbol, event_ms, read_files, read_tables,
+                         window_spans)
 from .cluster_archive import ArchiveFigures, account_archive, copies_dir
 from .common import MARKETS, say
 from .ledger import Spans
@@ -55,6 +56,7 @@ class ClusterSymbol:
     hole_seconds: float = 0.0
     holes_without_record: int = 0  # FAIL
     hole_spans: List[tuple] = field(default_factory=list)  # event ms, for the merged archive
+    hole_causes: Dict[str, int] = field(default_factory=dict)  # holes per cause of a window in it
     hole_examples: List[str] = field(default_factory=list)
     examples: List[str] = field(default_factory=list)
 
@@ -166,6 +168,10 @@ class ClusterReport:
                 f"{mt} {n}" for mt, n in sorted(sum((collections.Counter(s.missing_dark)
                                                      for s in self.per_symbol),
                                                     collections.Counter()).items())) or "none"),
+            "cluster holes by the causes of the windows in them (a hole may have several): "
+            + (", ".join(f"{k} {v}" for k, v in sorted(sum(
+                (collections.Counter(s.hole_causes) for s in self.per_symbol),
+                collections.Counter()).items())) or "none"),
             f"cluster holes: {self.total('holes')} ({sum(s.hole_seconds for s in self.per_symbol):.1f}"
             f" s), without a record: {self.total('holes_without_record')}",
         ]
@@ -190,8 +196,6 @@ class ClusterReport:
         ]
         if self.archive is not None:
             lines.append(self.archive.line())
-        if self.single_host:
-            lines.append(self.single_host_line())
         lines += [f"FAIL: {x}" for x in self.failures]
         lines.append(f"RESULT: {'PASS' if self.passed else 'FAIL'}")
         return "\n".join(lines)
@@ -260,6 +264,17 @@ def account(soak) -> None:
 def wall_of(soak, event_ms: int) -> str:
     wall = (soak.anchor + (event_ms - soak.anchor) / soak.speed) / 1000
     return time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall * 1000) % 1000:03d}"
+
+
+def hole_causes(soak, name: str, start: int, end: int) -> set:
+    """The causes of every host's windows of the symbol that overlap a cluster hole."""
+    causes = set()
+    for host in soak.hosts.values():
+        for w in host.windows:
+            if w.symbol == name and event_ms(soak, w.start - EVENT_SLACK) <= end \
+                    and start <= event_ms(soak, w.end + EVENT_SLACK):
+                causes.update(w.causes)
+    return causes
 
 
 def account_symbol_cluster(soak, name: str, stored: Dict[str, Dict[str, Stored]]) -> ClusterSymbol:
@@ -338,6 +353,8 @@ def account_symbol_cluster(soak, name: str, stored: Dict[str, Dict[str, Stored]]
         s.holes += 1
         s.hole_spans.append((a, b))
         s.hole_seconds += (b - a) / soak.speed / 1000
+        for cause in hole_causes(soak, name, a, b):
+            s.hole_causes[cause] = s.hole_causes.get(cause, 0) + 1
         if not any(g.start_ms <= b and a <= g.end_ms for gaps in ledgers.values() for g in gaps):
             s.holes_without_record += 1
             if len(s.hole_examples) < 3:
