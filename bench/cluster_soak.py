@@ -46,7 +46,9 @@ some host's gap record or a failure), cluster holes with and without a record, d
 With `--single-host`, bench/soak.py then runs with the same seed, minutes and rate, and its
 trades missing before and after backfill are printed beside the cluster's.
 
-No Tor yet: the bed has no private Tor network (tests/cluster_bed.py); `--tor` is refused.
+Not yet: Tor (the bed has no private Tor network, tests/cluster_bed.py; `--tor` is refused),
+and the merged archive (issue 22 item 3, not in this tree): what is counted is the union of
+the hosts' own files and tables, not merged hour files.
 """
 from __future__ import annotations
 

@@ -34,7 +34,6 @@ from tests.conftest import toml_dump
 
 from . import ROOT
 from . import faults as host_faults
-from .cluster_archive import ArchiveFigures, merging, verify, wait_merged
 from .common import (HEARTBEAT_TIMEOUT, MARKETS, MEXC, SoakError, daemon_config,
                      say, wait_for)
 from .schedule import Fault, light_duration
@@ -522,10 +521,6 @@ class ClusterSoak:
         wait_for(self.drained, 180, "every host drained (nothing buffered, spooled or held)", 1.0)
         self.export_once()
         wait_for(self.drained, 60, "the last rows stored", 1.0)
-        if merging():  # the merged archive: every copied hour merged everywhere, verified
-            wait_merged(self)
-            self.report.archive = ArchiveFigures()
-            verify(self, self.report.archive)
         time.sleep(2.0)
         self.sampler_stop.set()
         self.sampler.join(10)

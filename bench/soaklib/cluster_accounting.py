@@ -23,13 +23,11 @@ import collections
 import dataclasses
 import json
 import time
-import types
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .accounting import (EVENT_SLACK, Stored, account_symbol, event_ms, read_files, read_tables,
                          window_spans)
-from .cluster_archive import ArchiveFigures, account_archive, copies_dir
 from .common import MARKETS, say
 from .ledger import Spans
 from .report import SymbolReport, table
@@ -55,7 +53,6 @@ class ClusterSymbol:
     holes: int = 0  # cluster holes (no collector connected anywhere) needing a record
     hole_seconds: float = 0.0
     holes_without_record: int = 0  # FAIL
-    hole_spans: List[tuple] = field(default_factory=list)  # event ms, for the merged archive
     hole_causes: Dict[str, int] = field(default_factory=dict)  # holes per cause of a window in it
     hole_examples: List[str] = field(default_factory=list)
     examples: List[str] = field(default_factory=list)
@@ -88,7 +85,6 @@ class ClusterReport:
     peak_rss_mb: Dict[str, float] = field(default_factory=dict)
     unplanned: List[str] = field(default_factory=list)
     single_host: Optional[dict] = None  # bench/soak.py with the same seed (--single-host)
-    archive: Optional[ArchiveFigures] = None  # the merged files, where the tree makes them
     failures: List[str] = field(default_factory=list)
 
     @property
@@ -121,8 +117,6 @@ class ClusterReport:
         for host, code in sorted(self.stop_exits.items()):
             if code != 0:
                 f.append(f"{host}: SIGTERM stop exit {code}")
-        if self.archive is not None:
-            f += self.archive.failures()
         undone = [x for x in self.failovers if x["seconds"] is None]
         if undone:
             f.append(f"{len(undone)} failovers not done within 60 s")
@@ -194,8 +188,6 @@ class ClusterReport:
             f"unplanned reconnects and restarts: {len(self.unplanned)}"
             + (f" ({'; '.join(self.unplanned[:4])})" if self.unplanned else ""),
         ]
-        if self.archive is not None:
-            lines.append(self.archive.line())
         lines += [f"FAIL: {x}" for x in self.failures]
         lines.append(f"RESULT: {'PASS' if self.passed else 'FAIL'}")
         return "\n".join(lines)
@@ -242,9 +234,7 @@ def account(soak) -> None:
     for host in soak.hosts.values():
         say(f"reading {host.name}'s files and tables back")
         stored[host.name] = {name: Stored() for name in soak.names}
-        # the host's own rows: in a cluster that merges, its copies, not the merged files
-        read_files(types.SimpleNamespace(export_dir=copies_dir(host), report=host.report)
-                   if r.archive is not None else host, stored[host.name])
+        read_files(host, stored[host.name])
         read_tables(host, stored[host.name])
         r.files[host.name] = host.report.files
         r.bad_files += [f"{host.name} {x}" for x in host.report.bad_files]
@@ -252,9 +242,6 @@ def account(soak) -> None:
                                  for name in soak.names]
     for name in soak.names:
         r.per_symbol.append(account_symbol_cluster(soak, name, stored))
-    if r.archive is not None:
-        r.archive = account_archive(soak, stored, {s.name: s.hole_spans for s in r.per_symbol},
-                                    r.archive)
     sent_dl = [m for _ts, mt, m in soak.sim.expected_rows() if mt == "dl"]
     r.dead_letters_sent = len(sent_dl)
     r.dead_letters_stored = sum(sum(s[n].dead.values()) for s in stored.values()
@@ -351,7 +338,6 @@ def account_symbol_cluster(soak, name: str, stored: Dict[str, Dict[str, Stored]]
         if first is None or first >= a:
             continue  # the start: nothing stored before, nothing to record
         s.holes += 1
-        s.hole_spans.append((a, b))
         s.hole_seconds += (b - a) / soak.speed / 1000
         for cause in hole_causes(soak, name, a, b):
             s.hole_causes[cause] = s.hole_causes.get(cause, 0) + 1
