@@ -3,6 +3,7 @@ of every trade it made, deal merging (compress) and the REST API of recent trade
 import collections
 import decimal
 import http.client
+import socket
 import ssl
 import threading
 import time
@@ -195,3 +196,35 @@ def test_rest_faults_answer_500_or_drop(sim):
 def test_rest_unknown_path_is_404(sim):
     status, answer = get(f"{sim.rest_url}/api/v1/contract/kline/{BTC}")
     assert status == 404 and answer["success"] is False and answer["code"] == "404"
+
+
+def subscribed_from(sim, address: str):
+    """A deal subscriber whose connection comes from `address` (another host of a cluster)."""
+    sock = socket.create_connection(("127.0.0.1", sim.port), timeout=5,
+                                    source_address=(address, 0))
+    ws = connect(sim, socket=sock)
+    subscribe(ws, "deal", BTC)
+    assert recv_json(ws)["channel"] == "rs.sub.deal"
+    return ws
+
+
+def test_rows_are_recorded_per_client_address_and_one_address_can_be_dropped():
+    """A cluster's hosts share one market: each host's rows are what reached its own
+    connections (a push to both is in both lists, and once in expected_rows), and the exchange
+    can drop one host's connections alone."""
+    with MexcSimulator(rate=0) as sim:
+        first, second = subscribed_from(sim, "127.0.0.1"), subscribed_from(sim, "127.0.0.2")
+        both = sim.trade(BTC, 3)
+        for ws in (first, second):
+            assert len(deal_rows(ws)) == 3  # the pong follows the trades made before it
+        sim.force_disconnect("127.0.0.2")
+        poll(lambda: sim.connections == 1, what="the second host's connection dropped")
+        only_first = sim.trade(BTC, 2)
+        assert len(deal_rows(first)) == 2
+        first.close()
+        second.close()
+    assert [row[0] for row in sim.expected_rows_to("127.0.0.1", BTC)] == \
+        [t.t for t in both + only_first]
+    assert [row[0] for row in sim.expected_rows_to("127.0.0.2", BTC)] == [t.t for t in both]
+    assert len(sim.expected_rows(BTC)) == 5
+    assert sim.expected_rows_to("127.0.0.3") == []

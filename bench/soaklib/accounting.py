@@ -18,7 +18,7 @@ from core.clock import HOUR_MS
 from core.store import Store
 from core.vocabulary import DEAL
 
-from .common import DEAD_AFTER, FILE_RE, HEARTBEAT_TIMEOUT, PING_INTERVAL, SYMBOLS, say
+from .common import DEAD_AFTER, FILE_RE, HEARTBEAT_TIMEOUT, MARKETS, PING_INTERVAL, say
 from .ledger import NO_FAULT, count_trades, ledger_figures
 from .schedule import CONNECTION_FAULTS
 from .windows import Window
@@ -192,7 +192,7 @@ def recorded_before(gaps, span: Tuple[int, int], speed: float) -> RecordedBefore
 
 def account_symbol(soak, name: str, stored: Stored) -> SymbolReport:
     report = SymbolReport(name)
-    rows = [row for row in soak.sim.expected_rows(SYMBOLS[name]) if row[0] is not None]
+    rows = [row for row in soak.sim.expected_rows(MARKETS[name]) if row[0] is not None]
     spans = merged_windows(soak, name)
     starts = [a for a, _b, _ws in spans]
 
@@ -215,7 +215,7 @@ def account_symbol(soak, name: str, stored: Stored) -> SymbolReport:
     for ts, mt, m in rows:
         sent_content[ts] = hash((mt, m))
         missing.append(stored.count[ts] == 0)
-    trades = soak.sim.trades(SYMBOLS[name])
+    trades = soak.sim.trades(MARKETS[name])
     traded = {trade.t: hash(trade.rest_row[1:]) for trade in trades}  # REST: no id
     for ts, times in stored.count.items():
         report.stored += 1
@@ -265,7 +265,7 @@ def account_symbol(soak, name: str, stored: Stored) -> SymbolReport:
     # the symbol had subscribed): the killed tor's exit stream, say, still open at the exit
     # relay and accepting sendall() into kernel buffers.  They can outlive the outage window,
     # which closes once the collector is connected again; no collector could have read them.
-    orphaned = soak.sim.orphaned_rows(SYMBOLS[name])
+    orphaned = soak.sim.orphaned_rows(MARKETS[name])
     for i, row in enumerate(rows):
         if missing[i] and not explained[i] and row in orphaned:
             explained[i] = True
@@ -278,6 +278,7 @@ def account_symbol(soak, name: str, stored: Stored) -> SymbolReport:
         report.outages.append(describe_outage(spans[w][2], len(lost), gap, extension[w]))
     outside = [i for i in range(len(rows)) if missing[i] and not explained[i]]
     report.lost_outside = len(outside)
+    report.lost_outside_ts = [rows[i][0] for i in outside]
     run_start = 0  # describe the first runs of consecutive rows lost outside windows
     for j in range(1, len(outside) + 1):
         if j < len(outside) and outside[j] == outside[j - 1] + 1:
@@ -291,7 +292,7 @@ def account_symbol(soak, name: str, stored: Stored) -> SymbolReport:
                 f".{int(wall * 1000) % 1000:03d})")
         run_start = j
     spans, gaps = window_spans(soak, name), soak.ledger.get(name, [])
-    answers = soak.sim.rest_answers(SYMBOLS[name])
+    answers = soak.sim.rest_answers(MARKETS[name])
     report.ledger = ledger_figures(spans, gaps, answers, min(stored.count, default=None),
                                    lambda span: describe_span(soak, span), soak.speed,
                                    fault_kinds(soak, name, gaps))

@@ -4,14 +4,43 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from typing import Callable, Optional
 
 from bus import sockets
 
-from .common import SYMBOLS, SoakError, say, wait_for
+from .common import MARKETS, SYMBOLS, SoakError, say, wait_for
 from .schedule import Fault
 
 BURST_FACTOR = 100  # a burst is one second of frames at this many times the rate
+
+
+class Daemon:
+    """What the injectors need of a daemon (`runtime_dir`, `stopped_pids`): its status, its
+    running children, signals that remember what they stopped."""
+
+    def status(self, timeout: float = 3.0) -> Optional[dict]:
+        try:
+            return sockets.request(self.runtime_dir, "status", timeout=timeout)["result"]
+        except Exception:  # not running, restarting, a reply we cannot read
+            return None
+
+    def child(self, name: str) -> Optional[dict]:
+        for c in (self.status() or {}).get("children", []):
+            if c["name"] == name and c["state"] == "running" and c["pid"]:
+                return c
+        return None
+
+    def signal_pid(self, pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+        if signum == signal.SIGSTOP:
+            self.stopped_pids.add(pid)
+        elif signum == signal.SIGCONT:
+            self.stopped_pids.discard(pid)
 
 
 def _signal_child(soak, fault: Fault, name: str, signum: int):
@@ -148,9 +177,28 @@ def stall(soak, fault):
     soak.sim.stall(fault.duration)
 
 
+def inject(soak, fault: Fault, what: str, send: Callable[[str], object]) -> bool:
+    """A simulator-side send for fault.target, in a thread of its own (a send to a SIGSTOPped
+    collector blocks until it runs again); `what` a dead letter's kind, recorded once sent.
+    False when no connection is subscribed to the symbol (soak.streaming)."""
+    symbol = MARKETS[fault.target]
+    if not soak.streaming(symbol):
+        return False
+    wall = time.time()
+
+    def run():
+        if send(symbol) and what:
+            with soak.lock:
+                soak.injections.append((wall, fault.target, what))
+    thread = threading.Thread(target=run, name=f"inject-{fault.kind}", daemon=True)
+    thread.start()
+    soak.injectors.append(thread)
+    return True
+
+
 def burst(soak, fault):
     frames = int(BURST_FACTOR * soak.args.rate * 3)
-    if soak.inject(fault, "", lambda symbol: soak.sim.send_frames(symbol, frames)):
+    if inject(soak, fault, "", lambda symbol: soak.sim.send_frames(symbol, frames)):
         soak.note(fault, f"{frames} frames at once")
     else:
         soak.report.faults_skipped.append(f"{fault} (not connected)")
@@ -167,7 +215,7 @@ def junk(soak, fault):
     }
     what = soak.rng.choice(sorted(kinds))
     dead_letter = what != "gzip_deal"  # a gzip deal is ordinary data
-    if soak.inject(fault, what if dead_letter else "", kinds[what]):
+    if inject(soak, fault, what if dead_letter else "", kinds[what]):
         soak.note(fault, what)
     else:
         soak.report.faults_skipped.append(f"{fault} (not connected)")
@@ -175,7 +223,7 @@ def junk(soak, fault):
 
 def huge(soak, fault):
     nbytes = soak.rng.randint(2, 6) << 20
-    if soak.inject(fault, "huge", lambda s: soak.sim.send_huge(s, nbytes)):
+    if inject(soak, fault, "huge", lambda s: soak.sim.send_huge(s, nbytes)):
         soak.note(fault, f"{nbytes >> 20} MiB frame")
     else:
         soak.report.faults_skipped.append(f"{fault} (not connected)")

@@ -27,6 +27,8 @@ class SymbolReport:
     unrecorded_outside: int = 0
     lost_in_windows: int = 0
     lost_outside: int = 0
+    lost_outside_ts: List[int] = field(default_factory=list)  # their ts (a cluster's hosts
+    #                                   compare them: a row one host lost, another may hold)
     # sent on a connection after a newer one for the symbol had subscribed: nobody reads them
     lost_orphaned: int = 0
     gap_seconds: float = 0.0
@@ -167,10 +169,7 @@ class Report:
                             f"{s.max_extension_s:.1f}", s.lost_outside,
                             s.dead_letters_injected, s.dead_letters_stored)
                            for s in self.symbols]
-        widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
-        for r in rows:
-            lines.append("  " + "  ".join(str(v).rjust(w) if i else str(v).ljust(w)
-                                          for i, (v, w) in enumerate(zip(r, widths))))
+        lines += table(rows)
         for s in self.symbols:
             for outage in s.outages[:8]:
                 lines.append(f"  {s.name} outage {outage}")
@@ -293,6 +292,13 @@ class Report:
 def _quantile(ordered: List[float], q: float) -> float:
     """The q-quantile of sorted values (nearest rank)."""
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def table(rows: list) -> List[str]:
+    """Rows of cells as aligned lines: the first column left, the others right."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(str(v).rjust(w) if i else str(v).ljust(w)
+                             for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
 
 
 def to_json(report: Report) -> str:

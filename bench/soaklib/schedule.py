@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import collections
+import heapq
 import random
+import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
-from .common import DEAD_AFTER, HEARTBEAT_TIMEOUT
+from .common import DEAD_AFTER, HEARTBEAT_TIMEOUT, say
 
 KILL_SPACING = 20.0  # s between two kills/long stops of one collector
 QUIET_END = 5.0  # s at the end of the fault phase in which no fault is active
@@ -54,7 +56,7 @@ def _exclusive_duration(kind: str, rng: random.Random, minutes: float) -> float:
     return 0.0
 
 
-def _light_duration(kind: str, rng: random.Random) -> float:
+def light_duration(kind: str, rng: random.Random) -> float:
     long = rng.random() < 0.5
     if kind == "stop_collector":
         return HEARTBEAT_TIMEOUT + rng.uniform(1, 3) if long else rng.uniform(1, 3)
@@ -103,7 +105,7 @@ def build_schedule(seed: int, minutes: float, names, tor: bool) -> List[Fault]:
         count = max(1, round(per_minute * minutes * rng.uniform(0.7, 1.3)))
         for _ in range(count):
             for _attempt in range(50):
-                duration = _light_duration(kind, rng)
+                duration = light_duration(kind, rng)
                 at = rng.uniform(3.0, span - QUIET_END - duration)
                 target = rng.choice(names) if kind not in ("kill_exporter", "stop_exporter",
                                                            "disconnect", "stall") else ""
@@ -122,3 +124,29 @@ def build_schedule(seed: int, minutes: float, names, tor: bool) -> List[Fault]:
                 faults.append(Fault(round(at, 2), kind, target, round(duration, 2)))
                 break
     return sorted(faults)
+
+
+def run(schedule: List[Fault], span: float, inject: Callable[[Fault], Optional[Callable]],
+        skipped: List[str]) -> None:
+    """Inject each fault at its time; inject(fault) returns its undo (or None), run
+    fault.duration after it is in force.  A fault that cannot be injected is listed in
+    `skipped`, not fatal.  Returns when every fault is undone and `span` seconds have passed."""
+    t0 = time.monotonic()
+    queue = [(f.at, n, f, inject) for n, f in enumerate(schedule)]
+    heapq.heapify(queue)
+    counter = len(queue)
+    while queue:
+        at, _n, fault, action = heapq.heappop(queue)
+        time.sleep(max(0.0, t0 + at - time.monotonic()))
+        try:
+            undo = action(fault)
+        except Exception as e:
+            undo = None
+            skipped.append(f"{fault} ({type(e).__name__}: {e})")
+            say(f"{fault}: skipped: {type(e).__name__}: {e}")
+        if undo is not None:  # `duration` counts from when the fault is in force
+            counter += 1
+            heapq.heappush(queue, (time.monotonic() - t0 + fault.duration, counter,
+                                   Fault(at, "undo " + fault.kind, fault.target),
+                                   lambda _f, undo=undo: undo()))
+    time.sleep(max(0.0, t0 + span - time.monotonic()))

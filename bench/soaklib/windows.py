@@ -3,7 +3,7 @@ collector connection as the status sampler found them (the accounting reads them
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 
 @dataclass
@@ -32,6 +32,52 @@ class Window:
 @dataclass
 class Link:
     """One symbol's collector connection as the status sampler sees it."""
-    epoch: Optional[Tuple[int, int]] = None  # (pid, reconnects) while connected
+    epoch: Optional[Tuple[int, int, int]] = None  # (pid, reconnects, handovers) while connected
     last_up: float = 0.0
     window: Optional[Window] = None
+
+
+STALE = 1.5  # s a heartbeat (every 1 s) can be older than the status that shows it
+END_SLACK = 0.5  # s added to the end of a window
+
+
+def track(link: Link, name: str, c: Optional[dict], now: float) -> Optional[Window]:
+    """One status sample of a symbol's collector (c: its entry in the status, None when it
+    is not running): opens a window when the connection epoch ends, and returns the window
+    when a connection is up again (closed, not yet explained)."""
+    up = bool(c and c["state"] == "running" and c["pid"] and c.get("connected"))
+    # a handover (make before break) ends an epoch too: the rows the old connection did not
+    # deliver before it was judged are lost, and recorded in the ledger
+    epoch = (c["pid"], c.get("reconnects") or 0, c.get("handovers") or 0) if up else None
+    if link.window is None:
+        if epoch == link.epoch:  # still up
+            link.last_up = now
+            return None
+        link.window = Window(name, start=link.last_up - STALE, detected=now)
+    if not up:
+        return None
+    window = link.window
+    window.end = now + END_SLACK
+    window.restarted = link.epoch is not None and epoch[0] != link.epoch[0]
+    window.last_exit = c.get("last_exit")
+    window.last_exit_code = c.get("last_exit_code")
+    link.window, link.epoch, link.last_up = None, epoch, now
+    return window
+
+
+def name_causes(window: Window, events: Iterable[Event], spread: Dict[str, bool],
+                hang_after: float) -> None:
+    """The planned faults behind a window, added to its causes; its start pulled back to the
+    first of them.  spread: kind -> does it take every symbol down (else only its target's);
+    hang_after: how long a stopped collector runs on before it is taken for hung."""
+    for e in events:
+        if e.kind not in spread or not spread[e.kind] and e.target != window.symbol:
+            continue
+        # the process a planned fault signalled, by pid: also when it came after the
+        # window opened (a collector killed while it was reconnecting)
+        victim = e.note.startswith("pid ") and (window.last_exit or "").startswith(
+            e.note.split(",")[0] + " ")
+        if victim or e.wall - 2.0 <= window.detected and window.start <= e.wall \
+                + e.duration + 2.0 + (hang_after if e.kind == "stop_collector" else 0.0):
+            window.causes.append(e.kind)
+            window.start = min(window.start, e.wall - 0.5)

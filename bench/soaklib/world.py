@@ -6,7 +6,6 @@ cleaned up (Soak.finish, Soak.cleanup)."""
 from __future__ import annotations
 
 import collections
-import heapq
 import os
 import random
 import re
@@ -16,12 +15,11 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import psutil
 import pyarrow.parquet as pq
 
-from bus import sockets
 from supervisor.clickhouse import ManagedClickHouse
 from core.clock import EventClock
 from core.process import free_port
@@ -32,22 +30,20 @@ from tests.conftest import Proc, toml_dump
 
 from . import ROOT
 from .accounting import MISSING_HOUR, account
-from .windows import Event, Link, Window
-from .common import (DEAD_AFTER, EXPORT_DELAY, FILE_RE, HEARTBEAT_TIMEOUT, MAX_BUFFERED_ROWS,
-                     MEXC, PING_INTERVAL, SYMBOLS, say, wait_for)
-from .faults import FAULTS, free_disk
+from .windows import Event, Link, Window, name_causes, track
+from .common import FILE_RE, HEARTBEAT_TIMEOUT, MEXC, SYMBOLS, daemon_config, say, wait_for
+from .faults import FAULTS, Daemon, free_disk
 from .report import Report
 from .schedule import CONNECTION_FAULTS, Fault, build_schedule
+from .schedule import run as run_faults
 
 STATUS_EVERY = 1.0  # s between status samples
-STALE = 1.5  # s a heartbeat (every 1 s) can be older than the status that shows it
-END_SLACK = 0.5  # s added to the end of a window
 STALE_SETTLE = 5.0  # s after the market stops: exchange.stale_min (3 s) and a ping (2 s)
 
 
 # --- the world -----------------------------------------------------------------------------------
 
-class Soak:
+class Soak(Daemon):
     def __init__(self, args):
         self.args = args
         self.names = list(SYMBOLS)
@@ -97,22 +93,9 @@ class Soak:
     def write_config(self, names=None, invalid: bool = False) -> None:
         """Atomically, so the supervisor never reads half a file on SIGHUP."""
         names = self.names if names is None else names
-        data = {
-            "symbols": [SYMBOLS[n] for n in names],
-            "exchange": {"url": self.sim.url, "ping_interval": PING_INTERVAL,
-                         "dead_after": DEAD_AFTER, "silent_alarm": 10.0, "reconnect_min": 0.2,
-                         "reconnect_max": 2.0, "connect_timeout": 5.0},
-            "clickhouse": self.ch_section(),
-            "collector": {"max_buffered_rows": MAX_BUFFERED_ROWS, "stats_interval": 10.0},
-            "supervisor": {"heartbeat_timeout": HEARTBEAT_TIMEOUT, "restart_min": 0.5,
-                           "restart_max": 10.0, "rotation_ack_timeout": 3.0},
-            "tor": {"enabled": self.args.tor},
-            "export": {"dir": self.export_dir, "delay": EXPORT_DELAY,
-                       "clock_speed": self.speed, "clock_anchor_ms": self.anchor},
-            "paths": {"state_dir": self.state_dir, "runtime_dir": self.runtime_dir},
-            "log": {"level": "info"},
-            "http": {"listen": f"127.0.0.1:{self.dashboard_port}"},
-        }
+        data = daemon_config(self, names, self.sim.url)
+        data["tor"]["enabled"] = self.args.tor
+        data["http"] = {"listen": f"127.0.0.1:{self.dashboard_port}"}
         if self.args.tor:
             data["tor"].update(exit_check_interval=1.0, bootstrap_timeout=60.0,
                                torrc_extra=self.network.torrc_extra())
@@ -182,19 +165,6 @@ class Soak:
 
     # --- the daemon's status ---------------------------------------------------------------
 
-    def status(self, timeout: float = 3.0) -> Optional[dict]:
-        try:
-            return sockets.request(self.runtime_dir, "status", timeout=timeout)["result"]
-        except Exception:  # not running, restarting, a reply we cannot read
-            return None
-
-    def child(self, name: str) -> Optional[dict]:
-        status = self.status()
-        for c in (status or {}).get("children", []):
-            if c["name"] == name and c["state"] == "running" and c["pid"]:
-                return c
-        return None
-
     def all_connected(self) -> bool:
         with self.lock:
             return all(self.links[n].epoch is not None and self.links[n].window is None
@@ -235,43 +205,16 @@ class Soak:
 
     def _track(self, name: str, c: Optional[dict], now: float) -> None:
         """Open a window when the symbol's connection epoch ends, close it when one is up."""
-        link = self.links[name]
-        up = bool(c and c["state"] == "running" and c["pid"] and c.get("connected"))
-        # a handover (make before break) ends an epoch too: the rows the old connection did not
-        # deliver before it was judged are lost, and recorded in the ledger
-        epoch = (c["pid"], c.get("reconnects") or 0, c.get("handovers") or 0) if up else None
-        if link.window is None:
-            if epoch == link.epoch:  # still up
-                link.last_up = now
-                return
-            link.window = Window(name, start=link.last_up - STALE, detected=now)
-        if up:
-            window = link.window
-            window.end = now + END_SLACK
-            window.restarted = link.epoch is not None and epoch[0] != link.epoch[0]
-            window.last_exit = c.get("last_exit")
-            window.last_exit_code = c.get("last_exit_code")
+        window = track(self.links[name], name, c, now)
+        if window is not None:
             self._explain(window)
             self.windows.append(window)
-            link.window, link.epoch, link.last_up = None, epoch, now
 
     def _explain(self, window: Window) -> None:
         """Name the planned faults behind a window; pull its start back to the first of them."""
         if window.causes:  # startup
             return
-        for e in self.events:
-            if e.kind not in CONNECTION_FAULTS:
-                continue
-            if not CONNECTION_FAULTS[e.kind] and e.target != window.symbol:
-                continue
-            # the process a planned fault signalled, by pid: also when it came after the
-            # window opened (a collector killed while it was reconnecting)
-            victim = e.note.startswith("pid ") and (window.last_exit or "").startswith(
-                e.note.split(",")[0] + " ")
-            if victim or e.wall - 2.0 <= window.detected and window.start <= e.wall \
-                    + e.duration + 2.0 + (HEARTBEAT_TIMEOUT if e.kind == "stop_collector" else 0.0):
-                window.causes.append(e.kind)
-                window.start = min(window.start, e.wall - 0.5)
+        name_causes(window, self.events, CONNECTION_FAULTS, HEARTBEAT_TIMEOUT)
         if not window.causes:
             what = (f"{window.symbol}: collector restarted by the daemon ({window.last_exit})"
                     if window.restarted else f"{window.symbol}: reconnected")
@@ -298,57 +241,13 @@ class Soak:
                 return False
         return self.sim.streaming_to(symbol)
 
-    def inject(self, fault: Fault, what: str, send: Callable[[str], object]) -> bool:
-        """A simulator-side send for fault.target, in a thread of its own: a send to a
-        SIGSTOPped collector blocks until it runs again."""
-        symbol = SYMBOLS[fault.target]
-        if not self.streaming(symbol):
-            return False
-        wall = time.time()
-
-        def run():
-            if send(symbol) and what:
-                with self.lock:
-                    self.injections.append((wall, fault.target, what))
-        thread = threading.Thread(target=run, name=f"inject-{fault.kind}", daemon=True)
-        thread.start()
-        self.injectors.append(thread)
-        return True
-
-    def signal_pid(self, pid: int, signum: int) -> None:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-        if signum == signal.SIGSTOP:
-            self.stopped_pids.add(pid)
-        elif signum == signal.SIGCONT:
-            self.stopped_pids.discard(pid)
-
     # --- running the schedule --------------------------------------------------------------
 
     def run_schedule(self, schedule: List[Fault], span: float) -> None:
-        """Inject each fault at its time; a fault returns its undo, run `duration` later.
-        Returns when every fault is undone and `span` seconds have passed."""
-        t0 = time.monotonic()
-        queue = [(f.at, n, f, FAULTS[f.kind]) for n, f in enumerate(schedule)]
-        heapq.heapify(queue)
-        counter = len(queue)
-        while queue:
-            at, _n, fault, action = heapq.heappop(queue)
-            time.sleep(max(0.0, t0 + at - time.monotonic()))
-            try:
-                undo = action(self, fault)
-            except Exception as e:  # a fault that could not be injected is reported, not fatal
-                undo = None
-                self.report.faults_skipped.append(f"{fault} ({type(e).__name__}: {e})")
-                say(f"{fault}: skipped: {type(e).__name__}: {e}")
-            if undo is not None:  # `duration` counts from when the fault is in force
-                counter += 1
-                heapq.heappush(queue, (time.monotonic() - t0 + fault.duration, counter,
-                                       Fault(at, "undo " + fault.kind, fault.target),
-                                       lambda soak, _f, undo=undo: undo()))
-        time.sleep(max(0.0, t0 + span - time.monotonic()))
+        """Each fault at its time, its undo `duration` later (schedule.run); then the
+        injector threads joined."""
+        run_faults(schedule, span, lambda fault: FAULTS[fault.kind](self, fault),
+                   self.report.faults_skipped)
         for thread in self.injectors:
             thread.join(30)
 

@@ -181,6 +181,11 @@ class MexcSimulator:
         ts is None for dead letters, and m too for a bad binary frame. symbol=None: all rows."""
         return self._traffic.expected_rows(symbol)
 
+    def expected_rows_to(self, address: str, symbol=None) -> list:
+        """expected_rows() of the connections from one client address (a cluster's host): a
+        push sent to several hosts is in each one's list."""
+        return self._traffic.expected_rows_to(address, symbol)
+
     def sent_counts(self, symbol=None) -> dict:
         """Expected rows per mt ('t', 'd', 'dp', 'dl'): one 'd' per trade, not per frame."""
         return dict(collections.Counter(mt for _, mt, _ in self.expected_rows(symbol)))
@@ -257,9 +262,11 @@ class MexcSimulator:
 
     # fault injection
 
-    def force_disconnect(self) -> None:
+    def force_disconnect(self, address=None) -> None:
+        """Drop every connection, or those from one client address (a cluster's host)."""
         for connection in self._traffic.open_connections():
-            connection.abort()
+            if address is None or connection.peer[0] == address:
+                connection.abort()
 
     def stop_data(self) -> None:
         """The market stops (send_* still work), and pushes not sent yet are dropped.  When

@@ -24,6 +24,7 @@ class Traffic:
         self.depth_limits = {}  # symbol -> limit of its latest sub.depth.full
         self.peers = []  # (host, port) of every WebSocket client
         self.orphaned = {}  # symbol -> data rows sent on superseded connections
+        self.rows_to = {}  # client address -> symbol -> rows sent to it, in send order
         self._shared_sent = set()  # rows of SharedRows recorded already
 
     # connections
@@ -83,6 +84,9 @@ class Traffic:
         collector stores it once), and is orphaned only if no live connection sent it."""
         with self.lock:
             for symbol, rows in records:
+                if connection is not None:  # per client host: a cluster's hosts share pushes
+                    self.rows_to.setdefault(connection.peer[0], {}).setdefault(
+                        symbol, []).extend(rows)
                 orphaned = self.orphaned.setdefault(symbol, set())
                 if isinstance(rows, SharedRows):
                     if not (connection and symbol in connection.superseded):
@@ -107,6 +111,13 @@ class Traffic:
             if symbol is None:
                 return [row for rows in self.rows.values() for row in rows]
             return list(self.rows.get(symbol, ()))
+
+    def expected_rows_to(self, address: str, symbol=None) -> list:
+        with self.lock:
+            rows = self.rows_to.get(address, {})
+            if symbol is None:
+                return [row for symbol_rows in rows.values() for row in symbol_rows]
+            return list(rows.get(symbol, ()))
 
     def symbols(self) -> list:
         with self.lock:

@@ -1,0 +1,582 @@
+"""The cluster soak's world (bench/cluster_soak.py is its entry point and manual): the cluster
+bed (tests/cluster_bed.py: hosts as network namespaces, one ClickHouse each, ZooKeeper), one
+simulator every host reaches as its market, one `mexc run` per host; the status sampler that
+keeps each host's outage windows per symbol (windows.track, as the one-host soak does); the
+schedule of faults, per host and for the cluster; failover times; the end.
+
+Each host is a HostRun: to the one-host soak's fault injectors (faults.py) and accounting
+(accounting.py) it looks like a one-host Soak whose market sent it only what reached its own
+connections (HostMarket)."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+import types
+from typing import Dict, List, Optional
+
+import logging
+
+import psutil
+from kazoo.client import KazooClient
+
+from core.clock import EventClock
+from tests.cluster_bed import ClusterBed
+from tests.conftest import toml_dump
+
+from . import ROOT
+from . import faults as host_faults
+from .common import (HEARTBEAT_TIMEOUT, MARKETS, MEXC, SoakError, daemon_config,
+                     say, wait_for)
+from .schedule import Fault, light_duration
+from .schedule import run as run_faults
+from .windows import Event, Link, Window, name_causes, track
+
+STATUS_EVERY = 1.0  # s between status samples of each host
+SESSION_TIMEOUT = 4.0  # cluster.session_timeout: a host gone is replaced this long after
+ZK_ROOT = "/mexc"
+QUIET_END = 5.0  # s at the end of the fault phase with no fault active
+FAILOVER_DEADLINE = 60.0  # s; a failover not done by then is reported as not done
+
+# Cluster faults, each in a slot of the run to itself: kind -> one per this many minutes (at
+# least one per run), its duration in s (long run; short runs scale it down, never below the
+# floor: a cut shorter than the session timeout moves nothing), and the recovery after it.
+CLUSTER_FAULTS = {
+    "kill_host": (4.0, (20.0, 120.0), 12.0),
+    "cut_host": (4.0, (10.0, 90.0), 12.0),
+    "zookeeper_outage": (6.0, (30.0, 60.0), 8.0),
+    "clickhouse_outage": (5.0, (10.0, 60.0), 5.0),
+    "two_hosts_down": (8.0, (20.0, 60.0), 15.0),
+}
+FLOOR = 2.0 * SESSION_TIMEOUT
+# per-host and market faults of the one-host soak that make sense here: kind -> per minute
+LIGHT_FAULTS = {"kill_collector": 1.0, "stop_collector": 1.0, "kill_exporter": 0.3,
+                "stop_exporter": 0.3, "disconnect": 0.5, "stall": 0.3, "burst": 0.5,
+                "junk": 1.5, "huge": 0.3}
+PER_SYMBOL = ("kill_collector", "stop_collector")  # a symbol the host runs, picked when due
+PER_HOST = PER_SYMBOL + ("kill_exporter", "stop_exporter", "disconnect")
+# fault kind -> does it take down every symbol of its host (False: only fault.target's)
+CONNECTION_FAULTS = {"kill_host": True, "cut_host": True, "two_hosts_down": True,
+                     "disconnect": True, "stall": True, "kill_collector": False,
+                     "stop_collector": False}
+logging.getLogger("kazoo").setLevel(logging.CRITICAL)  # a line per retry while ZooKeeper is out
+
+
+def build_cluster_schedule(seed: int, minutes: float, hosts: List[str]) -> List[Fault]:
+    """Faults of one run, sorted; Fault.target is a host ("h2"; "h1+h3" for two hosts down;
+    "" for ZooKeeper and the market's stall).  The same seed and arguments give the same list."""
+    rng = random.Random(seed)
+    span = minutes * 60.0
+    scale = min(1.0, max(0.25, minutes / 10.0))  # full durations from 10 minutes on
+    kinds = [kind for kind, (every, _d, _r) in CLUSTER_FAULTS.items()
+             for _ in range(max(1, round(minutes / every)))]
+    rng.shuffle(kinds)
+    slot = (span - QUIET_END) / len(kinds)
+    faults = []
+    for i, kind in enumerate(kinds):
+        _every, (low, high), recovery = CLUSTER_FAULTS[kind]
+        duration = max(FLOOR, min(rng.uniform(low, high) * scale, slot - recovery))
+        at = i * slot + rng.uniform(0.0, max(0.0, slot - duration - recovery))
+        target = ("+".join(sorted(rng.sample(hosts, 2))) if kind == "two_hosts_down"
+                  else "" if kind == "zookeeper_outage" else rng.choice(hosts))
+        faults.append(Fault(round(at, 2), kind, target, round(duration, 2)))
+    for kind, per_minute in LIGHT_FAULTS.items():
+        for _ in range(max(1, round(per_minute * minutes * rng.uniform(0.7, 1.3)))):
+            duration = light_duration(kind, rng)
+            at = rng.uniform(3.0, max(3.0, span - QUIET_END - duration))
+            target = rng.choice(hosts) if kind in PER_HOST else ""
+            faults.append(Fault(round(at, 2), kind, target, round(duration, 2)))
+    return sorted(faults)
+
+
+class HostMarket:
+    """The simulator as one host saw it: rows sent on that host's connections, REST answers
+    given to its address, the market's truth as it is."""
+
+    def __init__(self, sim, address: str):
+        self.sim, self.address = sim, address
+
+    def expected_rows(self, symbol=None) -> list:
+        return self.sim.expected_rows_to(self.address, symbol)
+
+    def trades(self, symbol: str) -> list:
+        return self.sim.trades(symbol)
+
+    def rest_answers(self, symbol=None) -> list:
+        return [a for a in self.sim.rest_answers(symbol) if a.ip == self.address]
+
+    def orphaned_rows(self, symbol) -> set:
+        # The simulator's "superseded" is per symbol across every client; without Tor a host's
+        # collector leaves a connection before it opens the next, so no row is orphaned.
+        return set()
+
+
+class HostRun(host_faults.Daemon):
+    """One host's daemon and what the soak saw of it."""
+
+    def __init__(self, soak: "ClusterSoak", host):
+        self.soak, self.bed_host = soak, host
+        self.name, self.address = host.name, host.address
+        self.dir = os.path.join(soak.dir, host.name)
+        os.makedirs(self.dir)
+        self.config_path = os.path.join(self.dir, "mexc.toml")
+        self.runtime_dir = os.path.join(self.dir, "run")
+        self.export_dir = os.path.join(self.dir, "export")
+        self.state_dir = os.path.join(self.dir, "state")
+        os.makedirs(self.export_dir)
+        self.names = soak.names
+        self.sim = HostMarket(soak.sim, self.address)
+        self.speed, self.anchor = soak.speed, soak.anchor
+        self.args, self.rng = soak.args, soak.rng
+        self.daemons: List[subprocess.Popen] = []
+        self.down = False  # killed by the soak (its status is not asked meanwhile)
+        self.links = {n: Link(window=Window(n, start=time.time(), causes=["startup"]))
+                      for n in self.names}
+        self.absent: Dict[str, bool] = {n: True for n in self.names}  # at the window's opening
+        self.windows: List[Window] = []
+        self.events: List[Event] = []
+        self.ledger: Dict[str, list] = {}
+        self.injections: list = []
+        self.stopped_pids = set()
+        self.child_pids: Dict[int, float] = {}
+        self.held: set = set()  # symbols whose collector ran at the last sample
+        self.report = types.SimpleNamespace(  # what accounting.read_files/read_tables fill in
+            files=0, file_rows=0, bad_files=[], temp_files_left=0, temp_file_names=[],
+            fresh_rows=0, faults_skipped=soak.report.faults_skipped)
+
+    # --- the daemon ------------------------------------------------------------------------
+
+    def ch_section(self) -> dict:
+        return {"host": self.address, "port": 9000, "http_port": 8123, "database": "soak",
+                "user": "default", "password": "", "managed": False}
+
+    def write_config(self) -> None:
+        data = daemon_config(self, self.names, self.soak.sim.url)
+        data["http"] = {"listen": ""}
+        data["cluster"] = {"host": self.name, "zookeeper": self.soak.bed.zookeeper.hosts,
+                           "clickhouse": f"{self.address}:9000", "replicas": self.args.replicas,
+                           "root": ZK_ROOT, "session_timeout": SESSION_TIMEOUT}
+        with open(self.config_path, "w") as f:
+            f.write(toml_dump(data))
+
+    def start_daemon(self) -> None:
+        log = open(os.path.join(self.dir, f"daemon-{len(self.daemons)}.log"), "wb")
+        # a session of its own: killpg takes supervisor and collectors at once
+        self.daemons.append(self.soak.bed.popen(
+            self.name, [MEXC, "run", "--config", self.config_path], stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": ROOT}))
+        log.close()
+        self.down = False
+
+    @property
+    def daemon(self) -> subprocess.Popen:
+        return self.daemons[-1]
+
+    def kill(self) -> None:
+        """SIGKILL the whole host: the daemon's process group, then its ClickHouse (after the
+        collectors are gone, as power lost a moment later would)."""
+        self.down = True
+        try:
+            os.killpg(self.daemon.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.daemon.wait(10)
+        server = self.bed_host.clickhouse
+        if server.process is not None and server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(10)
+
+    def revive(self) -> None:
+        server = self.bed_host.clickhouse
+        if server.process is None or server.process.poll() is not None:
+            server.start(60)
+        self.start_daemon()
+
+    # --- what faults.py asks of a soak ------------------------------------------------------
+
+    def note(self, fault: Fault, note: str = "") -> Event:
+        return self.soak.note(fault, note, host=self)
+
+    # --- sampling ----------------------------------------------------------------------------
+
+    def sample(self, status: dict, now: float) -> None:
+        soak = self.soak
+        sup = status["supervisor"]
+        soak.rss("supervisor", sup.get("rss_bytes"))
+        for c in status["children"]:
+            soak.rss(c["kind"], c.get("rss_bytes"))
+            if c["pid"] and c["pid"] not in self.child_pids:
+                try:
+                    self.child_pids[c["pid"]] = psutil.Process(c["pid"]).create_time()
+                except psutil.Error:
+                    pass
+        collectors = {c["symbol"]: c for c in status["children"] if c["kind"] == "collector"
+                      and c["state"] != "stopping"}
+        self.held = {n for n in self.names if MARKETS[n] in collectors}
+        for name in self.names:
+            link, c = self.links[name], collectors.get(MARKETS[name])
+            opening = link.window is None
+            window = track(link, name, c, now)
+            if opening and link.window is not None:
+                self.absent[name] = c is None
+            if window is not None:
+                self.explain(window)
+                self.windows.append(window)
+
+    def explain(self, window: Window) -> None:
+        """The planned faults behind a window, its start pulled back to the first of them; a
+        window of a collector that was not running is a symbol this host did not hold."""
+        if window.causes:  # startup
+            return
+        name_causes(window, self.events + self.soak.market_events, CONNECTION_FAULTS,
+                    HEARTBEAT_TIMEOUT)
+        if not window.causes:
+            window.causes.append("not held" if self.absent[window.symbol] else "unplanned")
+            if not self.absent[window.symbol]:
+                what = f"{self.name} {window.symbol}: " + (
+                    f"collector restarted ({window.last_exit})" if window.restarted
+                    else "reconnected")
+                self.soak.report.unplanned.append(what)
+                say(f"unplanned: {what}")
+
+    def close_windows(self, now: float) -> None:
+        """Windows still open at the end (symbols this host does not hold then)."""
+        for link in self.links.values():
+            if link.window is not None:
+                link.window.end = now
+                if not link.window.causes:
+                    link.window.causes.append("not held")
+                self.windows.append(link.window)
+                link.window = None
+
+
+@dataclasses.dataclass
+class Failover:
+    kind: str
+    victims: str
+    seconds: Optional[float]  # None: not done within FAILOVER_DEADLINE
+    symbols: int
+
+
+class ClusterSoak:
+    def __init__(self, args, report):
+        self.args, self.report = args, report
+        self.names = list(MARKETS)[:args.symbols]
+        self.rng = random.Random(args.seed * 7919 + 1)
+        self.dir = tempfile.mkdtemp(prefix="mexc-cluster-soak-")
+        self.speed = 3600.0 / args.hour_seconds
+        self.anchor = int(time.time() * 1000)
+        self.clock = EventClock(self.speed, self.anchor)
+        self.bed: Optional[ClusterBed] = None
+        self.sim = None
+        self.hosts: Dict[str, HostRun] = {}
+        self.zk: Optional[KazooClient] = None
+        self.lock = threading.Lock()
+        self.market_events: List[Event] = []  # stalls: every host's connections
+        self.events: List[Event] = []
+        self.injections: list = []
+        self.injectors: List[threading.Thread] = []
+        self.failovers: List[Failover] = []
+        self.watchers: List[threading.Thread] = []
+        self.peak_rss: Dict[str, int] = collections.defaultdict(int)
+        self.sampler_stop = threading.Event()
+        self.sampler: Optional[threading.Thread] = None
+
+    # --- setting up ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.bed = ClusterBed(os.path.join(self.dir, "bed"), self.args.hosts).start(120)
+        say(f"bed up: {len(self.bed.hosts)} hosts, zookeeper {self.bed.zookeeper.hosts} "
+            f"({self.bed.start_seconds:.1f}s)")
+        self.sim = self.bed.start_simulator(rate=self.args.rate, event_clock=self.clock.now_ms,
+                                            seed=self.args.seed)
+        for h in self.bed.hosts:
+            self.hosts[h.name] = HostRun(self, h)
+            self.hosts[h.name].write_config()
+        self.zk = KazooClient(hosts=self.bed.zookeeper.hosts, timeout=10.0,
+                              connection_retry={"max_tries": -1, "delay": 0.1, "max_delay": 0.5})
+        self.zk.start(timeout=15)
+        for host in self.hosts.values():
+            host.start_daemon()
+        self.sampler = threading.Thread(target=self._sample_loop, name="status-sampler",
+                                        daemon=True)
+        self.sampler.start()
+        wait_for(lambda: self.settled(exactly=True), 180,
+                 f"every symbol live on exactly {self.copies()} hosts", 0.5)
+        say(f"cluster up: {self.live()}; work dir {self.dir}")
+
+    def copies(self, alive: Optional[int] = None) -> int:
+        return min(self.args.replicas, len(self.hosts) if alive is None else alive)
+
+    def live(self, exclude=()) -> Dict[str, set]:
+        """{name: hosts whose copy is live}, as ZooKeeper has it."""
+        result = {}
+        for name in self.names:
+            path = f"{ZK_ROOT}/live/{name}"
+            hosts = set(self.zk.get_children(path)) if self.zk.exists(path) else set()
+            result[name] = hosts - set(exclude)
+        return result
+
+    def settled(self, exactly: bool = False) -> bool:
+        """Every symbol live on its copies (exactly: and no more, the extras released)."""
+        try:
+            live = self.live()
+        except Exception:  # our own session, lost while ZooKeeper was down
+            return False
+        return all(len(h) == self.copies() if exactly else len(h) >= self.copies()
+                   for h in live.values())
+
+    def rss(self, kind: str, value) -> None:
+        if value:
+            self.peak_rss[kind] = max(self.peak_rss[kind], value)
+
+    def _sample_loop(self) -> None:
+        while not self.sampler_stop.wait(STATUS_EVERY):
+            for host in self.hosts.values():
+                if host.down:
+                    continue
+                status = host.status(timeout=2.0)
+                if status is not None:
+                    with self.lock:
+                        host.sample(status, time.time())
+                self.process_rss("clickhouse", host.bed_host.clickhouse.process)
+            self.process_rss("zookeeper", self.bed.zookeeper.process)
+
+    def process_rss(self, kind: str, process: Optional[subprocess.Popen]) -> None:
+        if process is not None and process.poll() is None:
+            try:
+                self.rss(kind, psutil.Process(process.pid).memory_info().rss)
+            except psutil.Error:
+                pass
+
+    # --- recording and injecting -------------------------------------------------------------
+
+    def note(self, fault: Fault, note: str = "", host: Optional[HostRun] = None) -> Event:
+        event = Event(time.time(), fault.kind, fault.target, fault.duration, note)
+        with self.lock:
+            self.events.append(event)
+            if host is not None:
+                host.events.append(event)
+            elif fault.kind == "stall":
+                self.market_events.append(event)
+        say(f"{host.name + ' ' if host else ''}{fault}{': ' + note if note else ''}")
+        return event
+
+    def streaming(self, symbol: str) -> bool:
+        """Some host's connection is subscribed to symbol (faults.inject sends to it)."""
+        return self.sim.streaming_to(symbol)
+
+    def measure_failover(self, kind: str, victims: List[str], held: set) -> None:
+        """Time from the host(s) lost until every symbol they held is live on as many other
+        hosts as the survivors can give (ZooKeeper's live nodes, read every 0.2 s)."""
+        began = time.monotonic()
+        wanted = self.copies(len(self.hosts) - len(victims))
+        try:
+            live = self.live(exclude=victims)
+            held = {n for n in held if len(live[n]) < wanted}  # the others have their copies
+        except Exception:
+            pass
+        if not held:
+            say(f"{kind} {'+'.join(victims)}: no symbol to move")
+            return
+
+        def watch():
+            seconds = None
+            while time.monotonic() - began < FAILOVER_DEADLINE:
+                try:
+                    live = self.live(exclude=victims)
+                    if all(len(live[n]) >= wanted for n in held):
+                        seconds = time.monotonic() - began
+                        break
+                except Exception:
+                    pass
+                time.sleep(0.2)
+            self.failovers.append(Failover(kind, "+".join(victims), seconds, len(held)))
+            say(f"failover after {kind} {'+'.join(victims)}: " + (
+                f"{seconds:.1f}s ({len(held)} symbols)" if seconds is not None
+                else f"NOT DONE within {FAILOVER_DEADLINE:.0f}s"))
+        thread = threading.Thread(target=watch, name="failover", daemon=True)
+        thread.start()
+        self.watchers.append(thread)
+
+    # --- the faults ----------------------------------------------------------------------------
+
+    def lose_hosts(self, fault: Fault, cut: bool):
+        victims = [self.hosts[h] for h in fault.target.split("+")]
+        held = set().union(*(v.held for v in victims))
+        for v in victims:
+            if cut:
+                self.bed.cut(v.name)
+            else:
+                v.kill()
+        event = victims[0].note(fault, "network cut" if cut else "daemon and clickhouse SIGKILLed")
+        for v in victims[1:]:  # one fault, in each victim's record
+            v.events.append(event)
+        self.measure_failover(fault.kind, [v.name for v in victims], held)
+
+        def back():
+            for v in victims:
+                if cut:
+                    self.bed.restore(v.name)
+                else:
+                    v.revive()
+                say(f"{v.name} back ({'network restored' if cut else 'started again'})")
+        return back
+
+    def inject_fault(self, fault: Fault):
+        kind = fault.kind
+        if kind in ("kill_host", "two_hosts_down"):
+            return self.lose_hosts(fault, cut=False)
+        if kind == "cut_host":
+            return self.lose_hosts(fault, cut=True)
+        if kind == "zookeeper_outage":
+            self.bed.zookeeper.stop()
+            self.note(fault, "zookeeper stopped")
+
+            def back():
+                self.bed.zookeeper.start()
+                say("zookeeper started again")
+            return back
+        if kind == "clickhouse_outage":
+            host = self.hosts[fault.target]
+            host.bed_host.clickhouse.stop()
+            host.note(fault, "clickhouse stopped")
+
+            def back():
+                host.bed_host.clickhouse.start(60)
+                say(f"{host.name} clickhouse started again")
+            return back
+        if kind == "disconnect":
+            host = self.hosts[fault.target]
+            host.note(fault)
+            self.sim.force_disconnect(host.address)
+            return None
+        if kind in PER_HOST:  # the one-host soak's injectors, on this host
+            host = self.hosts[fault.target]
+            if host.down:
+                raise SoakError(f"{host.name} is down")
+            target = ""
+            if kind in PER_SYMBOL:
+                if not host.held:
+                    raise SoakError(f"{host.name} runs no collector")
+                target = self.rng.choice(sorted(host.held))
+            return host_faults.FAULTS[kind](host, Fault(fault.at, kind, target, fault.duration))
+        if kind in ("burst", "junk", "huge"):
+            fault = Fault(fault.at, kind, self.rng.choice(self.names), fault.duration)
+        return host_faults.FAULTS[kind](self, fault)  # stall, burst, junk, huge: the market
+
+    def run_schedule(self, schedule: List[Fault], span: float) -> None:
+        run_faults(schedule, span, self.inject_fault, self.report.faults_skipped)
+        for thread in self.injectors + self.watchers:
+            thread.join(FAILOVER_DEADLINE)
+
+    # --- the end -------------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        for host in self.hosts.values():
+            for pid in list(host.stopped_pids):
+                host.signal_pid(pid, signal.SIGCONT)
+            self.bed.restore(host.name)
+            if host.down or host.daemon.poll() is not None:
+                host.revive()
+        if self.bed.zookeeper.process is None or self.bed.zookeeper.process.poll() is not None:
+            self.bed.zookeeper.start()
+
+    def drained(self) -> bool:
+        for host in self.hosts.values():
+            status = host.status()
+            if status is None:
+                return False
+            for c in status["children"]:
+                if c["kind"] == "collector" and (c["state"] != "running" or c.get(
+                        "buffered_rows") or c.get("spooled_rows") or c.get("held")):
+                    return False
+        return True
+
+    def export_once(self) -> None:
+        for host in self.hosts.values():
+            result = subprocess.run([MEXC, "export", "--once", "--config", host.config_path],
+                                    capture_output=True, text=True, timeout=300,
+                                    env={**os.environ, "PYTHONPATH": ROOT})
+            self.report.export_once_exits[host.name] = result.returncode
+            say(f"{host.name} mexc export --once: exit {result.returncode}")
+
+    def finish(self) -> None:
+        """Everything back, every symbol on its copies, data stopped and drained, exported,
+        the daemons stopped; then everything is read back and counted (ClusterAccounting)."""
+        self.restore()
+        wait_for(self.settled, 120, "every symbol live on its copies again", 0.5)
+        time.sleep(2.0)
+        self.sim.stop_data()
+        say("data stopped; draining")
+        wait_for(self.drained, 180, "every host drained (nothing buffered, spooled or held)", 1.0)
+        self.export_once()
+        wait_for(self.drained, 60, "the last rows stored", 1.0)
+        time.sleep(2.0)
+        self.sampler_stop.set()
+        self.sampler.join(10)
+        now = time.time()
+        for host in self.hosts.values():
+            host.close_windows(now)
+        self.write_timeline()
+        for host in self.hosts.values():
+            began = time.monotonic()
+            host.daemon.terminate()
+            try:
+                self.report.stop_exits[host.name] = host.daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                self.report.stop_exits[host.name] = None
+            self.report.stop_seconds[host.name] = round(time.monotonic() - began, 1)
+        self.report.peak_rss_mb = {k: v / 2**20 for k, v in self.peak_rss.items() if v}
+        for e in self.events:
+            self.report.faults[e.kind] = self.report.faults.get(e.kind, 0) + 1
+        seconds = [f.seconds for f in self.failovers if f.seconds is not None]
+        self.report.failovers = [dataclasses.asdict(f) for f in self.failovers]
+        if seconds:
+            self.report.failover_median = statistics.median(seconds)
+            self.report.failover_max = max(seconds)
+
+    def write_timeline(self) -> None:
+        """Every host's windows and faults, for a reader of a kept work dir."""
+        timeline = {h.name: {"windows": [dataclasses.asdict(w) for w in h.windows],
+                             "events": [dataclasses.asdict(e) for e in h.events]}
+                    for h in self.hosts.values()}
+        timeline["market"] = [dataclasses.asdict(e) for e in self.market_events]
+        with open(os.path.join(self.dir, "timeline.json"), "w") as f:
+            json.dump(timeline, f, indent=1)
+
+    def cleanup(self) -> None:
+        self.sampler_stop.set()
+        if self.zk is not None:
+            try:
+                self.zk.stop()
+                self.zk.close()
+            except Exception:
+                pass
+        for host in self.hosts.values():
+            for pid in list(host.stopped_pids):
+                host.signal_pid(pid, signal.SIGCONT)
+            for daemon in host.daemons:
+                if daemon.poll() is None:
+                    daemon.terminate()
+                    try:
+                        daemon.wait(20)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(daemon.pid, signal.SIGKILL)
+        if self.bed is not None:
+            self.bed.stop()  # every process left in its namespaces, then the namespaces
+        keep = self.args.keep or not self.report.passed
+        if keep:
+            say(f"work dir kept: {self.dir} (hN/daemon-*.log, hN/export/, bed/)")
+        else:
+            import shutil
+            shutil.rmtree(self.dir, ignore_errors=True)
