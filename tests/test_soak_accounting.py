@@ -301,3 +301,23 @@ def test_a_recorded_silence_before_a_window_explains_its_lost_rows_and_no_more(r
     report = accounting.account_symbol(soak, name, stored)
     assert report.lost_outside == lost_outside
     assert report.lost_in_windows + report.lost_outside == report.sent - report.stored == 50
+
+
+@pytest.mark.parametrize("reason, lost_outside", [("stall", 0), ("collector_crash", 30)])
+def test_a_silence_recorded_while_make_before_break_kept_the_collector_connected(reason,
+                                                                                 lost_outside):
+    """Seed 47: a 7-s stall, the socket judged and replaced without a break, so the status
+    never showed it disconnected and no window opened; the ledger's stall (or dead_socket)
+    record holds the lost rows.  Any other record does not explain rows outside windows."""
+    name = "sol"
+    rows = [(ts, "dp", f"{ts}") for ts in range(0, 10_000, 100)]
+    stored = accounting.Stored()
+    for ts, mt, m in rows:
+        if not 4_000 <= ts < 7_000:
+            stored.add(ts, mt, m)
+    soak = types.SimpleNamespace(
+        sim=SentRecord(rows), speed=1.0, anchor=0, injections=[], windows=[], events=[],
+        ledger={name: [gap(3_900, 7_000, reason=reason, symbol="SOL_USDT")]})
+    report = accounting.account_symbol(soak, name, stored)
+    assert report.lost_outside == lost_outside
+    assert report.lost_in_recorded_silences == 30 - lost_outside

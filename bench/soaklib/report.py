@@ -26,6 +26,7 @@ class SymbolReport:
     unrecorded_in_windows: int = 0
     unrecorded_outside: int = 0
     lost_in_windows: int = 0
+    lost_in_recorded_silences: int = 0  # of those: in a dead_socket/stall record, no window
     lost_outside: int = 0
     lost_outside_ts: List[int] = field(default_factory=list)  # their ts (a cluster's hosts
     #                                   compare them: a row one host lost, another may hold)
@@ -191,7 +192,9 @@ class Report:
             + (" (" + ", ".join(f"{s.name} {s.lost_orphaned}" for s in self.symbols
                                 if s.lost_orphaned) + ")" if total('lost_orphaned') else ""),
             f"lost inside outage windows: {total('lost_in_windows')} rows, "
-            f"{sum(s.gap_seconds for s in self.symbols):.1f} gap seconds",
+            f"{sum(s.gap_seconds for s in self.symbols):.1f} gap seconds (of them "
+            f"{total('lost_in_recorded_silences')} in silences the ledger recorded while make "
+            f"before break kept the collector connected)",
             f"stored rows that differ or were never sent: "
             f"{total('corrupt') + total('unrecorded_outside')} "
             f"(+{total('unrecorded_in_windows')} delivered by half-sent frames inside windows)",

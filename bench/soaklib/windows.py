@@ -32,7 +32,7 @@ class Window:
 @dataclass
 class Link:
     """One symbol's collector connection as the status sampler sees it."""
-    epoch: Optional[Tuple[int, int, int]] = None  # (pid, reconnects, handovers) while connected
+    epoch: Optional[Tuple[int, int]] = None  # (pid, reconnects) while connected
     last_up: float = 0.0
     window: Optional[Window] = None
 
@@ -46,9 +46,7 @@ def track(link: Link, name: str, c: Optional[dict], now: float) -> Optional[Wind
     is not running): opens a window when the connection epoch ends, and returns the window
     when a connection is up again (closed, not yet explained)."""
     up = bool(c and c["state"] == "running" and c["pid"] and c.get("connected"))
-    # a handover (make before break) ends an epoch too: the rows the old connection did not
-    # deliver before it was judged are lost, and recorded in the ledger
-    epoch = (c["pid"], c.get("reconnects") or 0, c.get("handovers") or 0) if up else None
+    epoch = (c["pid"], c.get("reconnects") or 0) if up else None
     if link.window is None:
         if epoch == link.epoch:  # still up
             link.last_up = now
