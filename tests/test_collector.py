@@ -268,6 +268,7 @@ def microsocks():
         output.append(proxy.communicate(timeout=10)[0])
 
 
+@pytest.mark.slow  # seconds of sockets or a daemon: full suite only, the quick loop stays under a minute (issue 27)
 @pytest.mark.one_clickhouse
 def test_wss_through_a_real_socks5_proxy(env, tmp_path):
     context, cert = self_signed_tls(tmp_path)
@@ -284,6 +285,7 @@ def test_wss_through_a_real_socks5_proxy(env, tmp_path):
     assert "localhost" in output[0] or "connected" in output[0], output
 
 
+@pytest.mark.slow  # seconds of sockets or a daemon: full suite only, the quick loop stays under a minute (issue 27)
 @pytest.mark.one_clickhouse
 def test_wss_directly_trusts_exchange_ca_file(env, tmp_path):
     """Without a proxy too, the WebSocket and the REST request check the server against

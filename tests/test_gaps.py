@@ -69,6 +69,7 @@ def rows_after(env, sim, n):
     wait_for(lambda: env.count() >= before + n, 30, f"{n} more rows stored")
 
 
+@pytest.mark.slow  # seconds of sockets or a daemon: full suite only, the quick loop stays under a minute (issue 27)
 @pytest.mark.quick_on_one_clickhouse  # the collector's logic; the ledger's SQL: test_gaps_export
 def test_forced_disconnect_is_one_record_with_its_close(env, sim):
     proc = start_collector(env, sim)

@@ -52,6 +52,7 @@ def test_since_takes_a_time_ago_with_or_without_a_minus_an_iso_time_or_epoch_ms(
         parse_time("yesterday")
 
 
+@pytest.mark.quick_on_one_clickhouse
 def test_hour_files_carry_their_gaps_and_verify_recomputes_from_the_ledger(env):
     first, second, empty, last = H - 4 * HOUR_MS, H - 3 * HOUR_MS, H - 2 * HOUR_MS, H - HOUR_MS
     insert(env, rows_for(first, 40, "a") + rows_for(second, 40, "b") + rows_for(last, 40, "c"))

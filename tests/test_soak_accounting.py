@@ -33,6 +33,7 @@ def read_rows(ws, seconds):
     return rows
 
 
+@pytest.mark.slow  # seconds of sockets or a daemon: full suite only, the quick loop stays under a minute (issue 27)
 @pytest.mark.timeout(60)
 def test_rows_sent_on_a_superseded_connection_are_not_lost_outside_windows():
     """Issue 16: after kill_tor the collector is connected again through the new tor (its

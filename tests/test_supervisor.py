@@ -59,7 +59,7 @@ class Daemon:
         return [self.proc.pid] + [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
 
 
-@pytest.mark.quick_on_one_clickhouse  # the server's line in status: both in the full suite
+@pytest.mark.slow  # seconds of sockets or a daemon: full suite only, the quick loop stays under a minute (issue 27)
 def test_status_json_and_table(env, sim):
     daemon = Daemon(env, sim)
     daemon.wait_flowing(["collector-btc", "collector-eth"])
