@@ -54,6 +54,16 @@ class RateBudget:
             self.sent.append(time.monotonic())
 
 
+
+def rest_body(url: str, ex: dict, socks_proxy, budget) -> bytes:
+    """One REST GET within MEXC's rate limit (`budget`, shared by a collector's backfill and
+    book snapshots), along the symbol's path; its body, or BadFrame for a status but 200."""
+    budget.take()
+    status, body = http_get(url, ex["connect_timeout"], ex["ca_file"], socks_proxy)
+    if status != 200:
+        raise wire.BadFrame(f"HTTP {status}: {body[:200]!r}")
+    return body
+
 class Backfill:
     """One collector's backfill: its symbol, its network path, its writer and rate budget."""
 
@@ -71,12 +81,8 @@ class Backfill:
         """The latest trades as deal rows (newest first), or None when MEXC did not answer
         with them after TRIES tries (logged)."""
         for attempt in range(1, TRIES + 1):
-            self.budget.take()
             try:
-                status, body = http_get(self.url, self.ex["connect_timeout"], self.ex["ca_file"],
-                                        self.socks_proxy)
-                if status != 200:
-                    raise wire.BadFrame(f"HTTP {status}: {body[:200]!r}")
+                body = rest_body(self.url, self.ex, self.socks_proxy, self.budget)
                 return wire.recent_deal_rows(body, int(time.time() * 1000))
             except Exception as e:
                 log.warning("backfill request failed try=%d/%d url=%s: %s: %s", attempt, TRIES,

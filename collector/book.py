@@ -25,7 +25,7 @@ import time
 from typing import List, Optional
 
 from collector import wire
-from collector.connection import http_get
+from collector.backfill import rest_body
 from core import archive
 from core.clock import HOUR_MS
 from core.log import first_line
@@ -209,12 +209,8 @@ class BookKeeper:
 
     def _fetch(self):
         """(snapshot row, version), or None (logged)."""
-        self.budget.take()
         try:
-            status, body = http_get(self.url, self.ex["connect_timeout"], self.ex["ca_file"],
-                                    self.socks_proxy)
-            if status != 200:
-                raise wire.BadFrame(f"HTTP {status}: {body[:200]!r}")
+            body = rest_body(self.url, self.ex, self.socks_proxy, self.budget)
             return wire.depth_snapshot_row(body, int(time.time() * 1000))
         except Exception as e:
             log.warning("book snapshot request failed url=%s: %s: %s", self.url,
