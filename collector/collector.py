@@ -615,6 +615,8 @@ class Collector:
             "symbol": self.sym.symbol, "connected": self.connected,
             "rows": dict(s.rows), "frames": s.frames, "errors": s.errors,
             "reconnects": s.reconnects, "handovers": self.handovers,
+            # from the ask (dial included) to the handover: the exit guard waits for it
+            "replacing": self.replace_asked is not None or self.handover is not None,
             "rows_written": w.rows_written,
             "buffered_rows": w.buffered_rows() + len(self.batch), "spooled_rows": w.spool.rows,
             "insert_errors": w.insert_errors, "held": held and held.rotation,

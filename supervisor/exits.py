@@ -1,16 +1,22 @@
 """Tor per collector: start the collector once its tor has bootstrapped, and keep every
 collector's exit IP distinct (the guarantee the old system only checked by hand).
 
-Every `tor.exit_check_interval` seconds each connected collector's exit is read through its
-tor's control port.  When two collectors share an exit IP, the later one (by name) gets
-ExcludeExitNodes set to the other collectors' exits, a NEWNYM, and a SIGUSR1, so it reconnects
-through a new circuit, dialling it before it drops the old one (make before break); after `tor.separation_retries` tries without success the slot shows a
-warning in `mexc status` and the log.
+Every `tor.exit_check_interval` seconds each connected collector's exits are read through its
+tor's control port: one per open stream to the exchange, two while the collector replaces its
+connection (make before break).  Two rules keep them apart:
+- Each tor's ExcludeExitNodes holds every exit the other collectors use, so any circuit it
+  builds for a new connection (a stale socket's replacement, a tor restart, a move below)
+  avoids them, also while both of a replacement's connections are open.
+- When two collectors' newest connections still share an exit IP (both circuits built before
+  the exclusion reached their tor), the one that came to it last moves: a NEWNYM and a
+  SIGUSR1, so it dials a new circuit before it drops the old one.  A collector is not moved
+  again while that replacement is under way.  After `tor.separation_retries` moves without
+  success the slot shows a warning in `mexc status` and the log.
 """
 import logging
 import signal
 from collections import defaultdict
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from supervisor.children import ChildState
 from supervisor.tor import TorError
@@ -26,8 +32,12 @@ class TorSlot:
         self.bootstrapped = False
         self.progress = 0
         self.next_check = 0.0
-        self.exit_fingerprint: Optional[str] = None
+        self.exits: List[Tuple[str, str]] = []  # (fingerprint, address) per open stream, oldest first
+        self.exit_fingerprint: Optional[str] = None  # the newest stream's
         self.exit_ip: Optional[str] = None
+        self.exit_since = 0.0  # when the newest stream's exit was first seen
+        self.excluded: Tuple[str, ...] = ()  # what its tor's ExcludeExitNodes holds
+        self.moved_at: Optional[float] = None  # the last move, until its replacement is seen
         self.separations = 0
         self.stream_missing = 0  # exit checks in a row that found no stream for a connected collector
         self.exit_unreadable: Optional[str] = None  # why the last exit check failed, if it did
@@ -37,18 +47,23 @@ class TorSlot:
         server = self.tor.process.server if self.tor.process else None
         return {"bootstrap_progress": self.progress, "bootstrapped": self.bootstrapped,
                 "separations": self.separations, "warning": self.warning,
-                "exit_fingerprint": self.exit_fingerprint,
+                "exit_fingerprint": self.exit_fingerprint, "excluded_exits": len(self.excluded),
                 "socks_port": server.socks_port if server else None,
                 "control_port": server.control_port if server else None}
 
+    def forget_exits(self) -> None:
+        self.exits, self.exit_ip, self.exit_fingerprint = [], None, None
 
 class ExitGuard:
     """Every collector's tor slot: starts a collector once its tor has bootstrapped, reads
-    each connected collector's exit, and moves a collector that shares an exit."""
+    each connected collector's exits, keeps each tor off the others' exits, and moves a
+    collector that shares one anyway."""
 
-    def __init__(self, tor_config: dict, exchange_port: int):
+    def __init__(self, tor_config: dict, exchange_port: int, move_settle: float = 20.0):
         self.config = tor_config
         self.exchange_port = exchange_port
+        # the longest a move's replacement takes (dial, then overlap) before it may move again
+        self.move_settle = move_settle
         self.slots = {}  # collector name -> TorSlot
         self.next_exit_check = 0.0
 
@@ -76,12 +91,15 @@ class ExitGuard:
         if now >= self.next_exit_check:
             self.next_exit_check = now + self.config["exit_check_interval"]
             self._read_exits(now)
+            self._keep_exits_apart()
             self._separate(now)
 
     def _watch_bootstrap(self, slot: TorSlot, now: float) -> None:
         if slot.tor.state is not ChildState.RUNNING:
-            slot.bootstrapped, slot.progress, slot.exit_ip = False, 0, None
-            slot.separations = 0  # a new tor gets new tries
+            slot.bootstrapped, slot.progress = False, 0
+            slot.forget_exits()
+            slot.separations, slot.moved_at = 0, None  # a new tor gets new tries
+            slot.excluded = ()  # and starts without ExcludeExitNodes
             return
         if slot.bootstrapped or now < slot.next_check:
             return
@@ -89,6 +107,8 @@ class ExitGuard:
         try:
             with slot.tor.process.server.control() as control:
                 slot.progress = control.bootstrap_progress()
+                if slot.progress == 100:  # before its collector's first connection
+                    self._exclude(slot, control)
         except (OSError, TorError):
             pass  # not listening yet
         if slot.progress == 100:
@@ -107,22 +127,27 @@ class ExitGuard:
     def _read_exits(self, now: float) -> None:
         for slot in self.slots.values():
             if not (slot.bootstrapped and slot.collector.stats.get("connected")):
-                slot.exit_ip = slot.exit_fingerprint = None
+                slot.forget_exits()
                 continue
             try:
                 with slot.tor.process.server.control() as control:
-                    found = control.exit_of_stream(self.exchange_port)
+                    found = control.exits_of_streams(self.exchange_port)
             except (OSError, TorError) as e:
                 self._exit_unreadable(slot, str(e))
                 continue
             self._exit_unreadable(slot, None)
-            if found is None:
+            if not found:
                 self._stream_gone(slot, now)
                 continue
             slot.stream_missing = 0
-            if found[1] != slot.exit_ip:
-                log.info("%s exits from %s (%s)", slot.collector.name, found[1], found[0][:8])
-            slot.exit_fingerprint, slot.exit_ip = found
+            for fingerprint, address in found:
+                if fingerprint not in (fp for fp, _ip in slot.exits):
+                    log.info("%s exits from %s (%s)", slot.collector.name, address,
+                             fingerprint[:8])
+            if found[-1][0] != slot.exit_fingerprint:
+                slot.exit_since = now
+            slot.exits = found
+            slot.exit_fingerprint, slot.exit_ip = found[-1]
 
     @staticmethod
     def _exit_unreadable(slot: TorSlot, error: Optional[str]) -> None:
@@ -140,26 +165,66 @@ class ExitGuard:
         died (an exit relay went away).  Reconnect now instead of waiting for the collector's
         dead-socket timeout."""
         slot.stream_missing += 1
-        slot.exit_ip = slot.exit_fingerprint = None
+        slot.forget_exits()
         if slot.stream_missing >= 2:
             log.warning("%s: its tor has no open stream to the exchange (circuit gone); "
                         "reconnecting", slot.collector.name)
             slot.stream_missing = 0
             slot.collector.restart_now(now)
 
+    def _keep_exits_apart(self) -> None:
+        """Each bootstrapped tor excludes every exit the other collectors use (both of a
+        replacement's connections), so the next circuit it builds takes none of them.  Tor
+        keeps the streams it has; only new circuits obey."""
+        for slot in self.slots.values():
+            if slot.bootstrapped and self._others_exits(slot) != slot.excluded:
+                try:
+                    with slot.tor.process.server.control() as control:
+                        self._exclude(slot, control)
+                except (OSError, TorError) as e:
+                    self._exit_unreadable(slot, str(e))
+
+    def _others_exits(self, slot: TorSlot) -> Tuple[str, ...]:
+        return tuple(sorted({fp for other in self.slots.values() if other is not slot
+                             for fp, _ip in other.exits}))
+
+    def _exclude(self, slot: TorSlot, control) -> None:
+        others = self._others_exits(slot)
+        if others:
+            control.command("SETCONF ExcludeExitNodes=" + ",".join(f"${fp}" for fp in others))
+        else:
+            control.command("RESETCONF ExcludeExitNodes")
+        slot.excluded = others
+
     def _separate(self, now: float) -> None:
+        """Collectors whose newest connections share an exit: the one there first keeps it."""
         by_ip = defaultdict(list)
-        for name in sorted(self.slots):
-            if self.slots[name].exit_ip:
-                by_ip[self.slots[name].exit_ip].append(self.slots[name])
+        for slot in self.slots.values():
+            if slot.exit_ip:
+                by_ip[slot.exit_ip].append(slot)
         for ip, sharing in by_ip.items():
+            sharing.sort(key=lambda s: (s.exit_since, s.collector.name))
             if len(sharing) == 1:
                 if sharing[0].warning and sharing[0].warning.startswith("shares"):
                     sharing[0].warning = None
-                sharing[0].separations = 0
+                if not self._moving(sharing[0], now):
+                    sharing[0].separations = 0
                 continue
             for slot in sharing[1:]:
-                self._new_exit(slot, ip, sharing[0], now)
+                if not self._moving(slot, now):
+                    self._new_exit(slot, ip, sharing[0], now)
+
+    def _moving(self, slot: TorSlot, now: float) -> bool:
+        """Its last move is still under way: the collector is replacing its connection, or
+        has not yet dialled a new one since (within move_settle)."""
+        if slot.collector.stats.get("replacing"):
+            return True
+        if slot.moved_at is None:
+            return False
+        if slot.exit_since > slot.moved_at or now - slot.moved_at >= self.move_settle:
+            slot.moved_at = None
+            return False
+        return True
 
     def _new_exit(self, slot: TorSlot, ip: str, keeper: TorSlot, now: float) -> None:
         if slot.separations >= self.config["separation_retries"]:
@@ -170,18 +235,16 @@ class ExitGuard:
                           slot.separations, slot.tor.name)
             slot.warning = f"shares exit {ip} with {keeper.collector.name}"
             return
-        others = sorted({s.exit_fingerprint for s in self.slots.values()
-                         if s is not slot and s.exit_fingerprint})
         try:
             with slot.tor.process.server.control() as control:
-                control.command("SETCONF ExcludeExitNodes=" + ",".join(f"${fp}" for fp in others))
+                self._exclude(slot, control)  # again: its tor may have been changed by hand
                 control.command("SIGNAL NEWNYM")
         except (OSError, TorError) as e:
             log.warning("%s: cannot ask its tor for a new exit: %s", slot.collector.name, e)
             return
         slot.separations += 1
-        slot.exit_ip = slot.exit_fingerprint = None
+        slot.moved_at = now
         log.warning("%s shares exit %s with %s: new circuit avoiding %d exits, reconnecting "
-                    "(try %d)", slot.collector.name, ip, keeper.collector.name, len(others),
-                    slot.separations)
+                    "(try %d)", slot.collector.name, ip, keeper.collector.name,
+                    len(slot.excluded), slot.separations)
         slot.collector.reconnect(now)

@@ -82,22 +82,25 @@ class TorControl:
                 return int(word[9:])
         return 0
 
-    def exit_of_stream(self, target_port: int) -> Optional[Tuple[str, str]]:
-        """(fingerprint, address) of the exit carrying our open stream to target_port."""
+    def exits_of_streams(self, target_port: int) -> List[Tuple[str, str]]:
+        """(fingerprint, address) of the exit of each of our open streams to target_port,
+        oldest stream first: one, or two while a collector replaces its connection (make
+        before break)."""
         circuits = {}
         for line in self.getinfo("circuit-status"):
             parts = line.split()
             if len(parts) >= 3 and parts[1] == "BUILT":
                 circuits[parts[0]] = parts[2]
-        for line in self.getinfo("stream-status"):
+        exits = []
+        for line in sorted(self.getinfo("stream-status"), key=_stream_id):
             parts = line.split()
             if (len(parts) >= 4 and parts[1] == "SUCCEEDED" and parts[2] in circuits
                     and parts[3].rsplit(":", 1)[-1] == str(target_port)):
                 fingerprint = circuits[parts[2]].split(",")[-1].split("~")[0].lstrip("$")
                 for entry in self.getinfo(f"ns/id/{fingerprint}"):
                     if entry.startswith("r "):
-                        return fingerprint, entry.split()[6]
-        return None
+                        exits.append((fingerprint, entry.split()[6]))
+        return exits
 
     def _readline(self) -> str:
         while b"\r\n" not in self.buffer:
@@ -181,3 +184,9 @@ class TorProcess:
             if message.startswith(_ROUTINE):
                 level = logging.DEBUG
             log.log(level, "tor[%s] %s", self.name, message)
+
+
+def _stream_id(line: str) -> int:
+    """A stream-status line's stream id: tor numbers streams in the order it opens them."""
+    head = line.split(" ", 1)[0]
+    return int(head) if head.isdigit() else 0

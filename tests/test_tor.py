@@ -155,12 +155,39 @@ def test_bootstrap_that_never_completes(env, sim, network):
     assert daemon.proc.stop(20) == 0
 
 
-# Known regression (issue 26 left open): since the exit guard moves a collector by SIGUSR1
-# (make before break), a replacement may take another collector's exit, and the clean-clone
-# CI once waited 120 s in vain for btc "back through another exit, still distinct" (it passed
-# in 26 s on its own).  It runs in full and reports, but does not fail the suite.
-@pytest.mark.xfail(reason="issue 26: IP separation during and after a make-before-break "
-                          "replacement is not enforced yet", strict=False)
+def test_a_new_connection_never_exits_where_another_collector_does(env, sim, network):
+    """Each tor excludes the exits the other collectors use, so a collector's new connection
+    (SIGUSR1 here, as for a stale socket or the exit guard's move) never takes another
+    collector's exit, not even while its old connection is still open (make before break).
+    Without the exclusion, 7 of 19 such replacements (3 runs) exited where eth did."""
+    names = ["collector-btc", "collector-eth"]
+    daemon = TorDaemon(env, sim, network, ["BTC_USDT", "ETH_USDT"])
+    ips = wait_for(lambda: daemon.distinct_exits(names), 90, "two distinct exit IPs")
+    eth_exit = next(r for r in network.exits if r.address == ips["collector-eth"])
+    control_port = daemon.child("collector-btc")["tor"]["control_port"]
+    cookie = os.path.join(env.tmp, "state", "tor", "btc", "data", "control_auth_cookie")
+
+    def excluded():
+        with TorControl(control_port, cookie) as control:
+            return " ".join(control.command("GETCONF ExcludeExitNodes"))
+    wait_for(lambda: eth_exit.fingerprint in excluded(), 20, "btc's tor excluding eth's exit")
+    btc_pid = daemon.child("collector-btc")["pid"]
+    peers_before, moves_before = len(sim.peer_addresses), daemon.proc.log().count("shares exit")
+    handovers = daemon.proc.log().count("collector[btc] handover done")
+    for n in range(1, 7):
+        os.kill(btc_pid, signal.SIGUSR1)
+        wait_for(lambda: daemon.proc.log().count("collector[btc] handover done") >= handovers + n,
+                 60, f"replacement {n} handed over")
+    peers = [ip for ip, _port in sim.peer_addresses[peers_before:]]
+    assert len(peers) == 6, peers  # btc's new connections, no other reconnect
+    assert eth_exit.address not in peers, peers
+    assert daemon.proc.log().count("shares exit") == moves_before  # no move was needed
+    assert daemon.exits(names)["collector-eth"] == eth_exit.address
+    assert daemon.child("collector-btc")["pid"] == btc_pid
+    daemon.check_loopback()
+    assert daemon.proc.stop(20) == 0
+
+
 def test_exit_relay_killed_mid_stream(env, sim, network):
     """Last in this module: the network keeps one exit fewer afterwards."""
     names = ["collector-btc", "collector-eth"]
