@@ -8,6 +8,7 @@ import collections
 import logging
 import threading
 import time
+from typing import Optional
 
 from core.log import first_line
 from core.store import Store
@@ -28,8 +29,8 @@ class HoldingsLog:
         self._thread = threading.Thread(target=self._work, name="cluster-holdings", daemon=True)
         self._thread.start()
 
-    def record(self, name: str, held: bool) -> None:
-        self._queue.append((name, int(time.time() * 1000), held))
+    def record(self, name: str, held: bool, ts_ms: Optional[int] = None) -> None:
+        self._queue.append((name, int(time.time() * 1000) if ts_ms is None else ts_ms, held))
         self._wake.set()
 
     def stop(self, timeout: float = 2.0) -> None:

@@ -102,12 +102,14 @@ def stored_last(store, export_dir: str, symbol: str, name: str,
 
 
 def record_end(ch: dict, export_dir: str, symbol, reason: str, detail: str,
-               give_up: threading.Event, retry: float = RETRY) -> Optional[Gap]:
-    """Record that a symbol's data ends now (a delisted contract whose collector the
-    supervisor stopped): one gap from what is stored last to now, covered (the market
-    stopped: no trade is missing).  Retries while ClickHouse is away, until `give_up` is set;
-    the record, or None (nothing stored: no gap; or given up)."""
-    end_ms = int(time.time() * 1000)
+               give_up: threading.Event, retry: float = RETRY, end_ms: Optional[int] = None,
+               covered: bool = True) -> Optional[Gap]:
+    """Record that a symbol's data here ends at `end_ms` (default now) without a collector
+    to say so: one gap from what is stored last to then.  A delisted contract whose collector
+    the supervisor stopped: covered (the market stopped: no trade is missing); a symbol a
+    killed cluster host held and no longer collects: not covered.  Retries while ClickHouse is
+    away, until `give_up` is set; the record, or None (nothing stored: no gap; or given up)."""
+    end_ms = int(time.time() * 1000) if end_ms is None else end_ms
     with Store(ch) as store:
         while True:
             try:
@@ -115,7 +117,7 @@ def record_end(ch: dict, export_dir: str, symbol, reason: str, detail: str,
                 if start_ms is None:
                     return None
                 record = Gap(symbol.symbol, symbol.name, start_ms, end_ms, reason, detail, 0,
-                             True, int(time.time() * 1000))
+                             covered, int(time.time() * 1000))
                 store.create_gaps_table()
                 if not store.gap_recorded(record):
                     store.record_gaps([record])

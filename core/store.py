@@ -740,6 +740,16 @@ class Store:
         return sorted(((host, ts, bool(held)) for host, ts, held in before + during),
                       key=lambda record: (record[1], record[0]))
 
+    def held_before(self, host: str, before_ms: int) -> List[str]:
+        """The symbols `host` held (its last take or release before `before_ms` a take): those
+        a host killed there held when it went down."""
+        if not self.exists("cluster_holdings"):
+            return []
+        return sorted(name for name, held in self.client.execute(
+            f"SELECT name, argMax(held, ts) FROM {self._table('cluster_holdings')} "
+            f"WHERE host = %(host)s AND ts < {int(before_ms)} GROUP BY name", {"host": host})
+            if held)
+
     def newest_table_ms(self, name: str, before_ms: int) -> Optional[int]:
         """The newest exchange time of a data row (not a dead letter) before `before_ms` in a
         symbol's current and previous tables.  None: they hold none."""

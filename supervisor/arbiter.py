@@ -27,7 +27,8 @@ from core import __version__, config as configuration, log as logging_setup, pid
 from core.log import RecentProblems, first_line
 from core.store import SchemaTooNew, Store
 from core.symbols import NameBook, NameClash, resolve
-from core.vocabulary import CLICKHOUSE, COLLECTOR, EXPORTER, GAP_DELISTED, TOR, ChildId
+from core.vocabulary import (CLICKHOUSE, COLLECTOR, EXPORTER, GAP_DAEMON_RESTART, GAP_DELISTED,
+                             TOR, ChildId)
 from supervisor import commands, reload, sdnotify
 from supervisor.children import (Child, ChildState, Forked, Subprocess, collector_main,
                                  exporter_main, start_reason)
@@ -89,7 +90,9 @@ class Arbiter:
         self.clickhouse_checked = (float("-inf"), None)  # (when, Features or None)
         self.clickhouse_probe = threading.Thread()  # the probe in flight, if alive
         url = urlsplit(config.exchange["url"])
-        self.exit_guard = ExitGuard(config.tor, url.port or (443 if url.scheme == "wss" else 80))
+        self.exit_guard = ExitGuard(config.tor, url.port or (443 if url.scheme == "wss" else 80),
+                                    move_settle=config.exchange["connect_timeout"]
+                                    + config.exchange["overlap_max"])
         self.tor_ports = {}  # symbol name -> (socks, control), kept across tor restarts
         # symbols re-added by a reload while their old collector or tor is still stopping:
         # started once those are gone (two collectors of one symbol would share its spool)
@@ -140,8 +143,13 @@ class Arbiter:
 
     def _start_collectors(self) -> None:
         connection.share_tls(self.config.exchange)
-        for symbol in self._symbols_to_start():
+        starting = self._symbols_to_start()
+        for symbol in starting:
             self._add_collector(symbol)
+        if self.holdings is not None:
+            threading.Thread(target=self._end_holdings_of_a_crash, name="cluster-crash-holdings",
+                             args=({s.name for s in starting}, int(time.time() * 1000)),
+                             daemon=True).start()
         parent = os.getpid()
         # self.config at fork time: a restarted exporter works with the reloaded config
         exporter = Child(EXPORTER_ID,
@@ -314,6 +322,29 @@ class Arbiter:
         for name, why in plan.take.items():
             log.info("cluster: %s taken (%s)", name, why)
         return [s for s in self.config.symbols if s.name in plan.take]
+
+    def _end_holdings_of_a_crash(self, taken: set, started_ms: int) -> None:
+        """Symbols this host held when it went down (its last holding record a take, as a
+        SIGKILL leaves it) that it does not take again now: their data here ended with what
+        it stored last, so a gap to the start and a release at the start.  Else the merge
+        would count this host as covering them all the time it was down."""
+        try:
+            with Store(self.config.clickhouse, timeout=10.0) as store:
+                held = store.held_before(self.config.cluster["host"], started_ms)
+        except Exception as e:
+            log.warning("cluster: cannot read what this host held before it started (%s); "
+                        "the hours it was down may count it as covering", first_line(e))
+            return
+        by_name = {s.name: s for s in self.config.symbols}
+        for name in sorted(set(held) - taken):
+            if name in by_name:
+                gaps.record_end(self.config.clickhouse, self.config.export["dir"],
+                                by_name[name], GAP_DAEMON_RESTART,
+                                "host down; collected by other hosts since", self.ledger_stop,
+                                end_ms=started_ms, covered=False)
+            self.holdings.record(name, held=False, ts_ms=started_ms)
+            log.info("cluster: %s was held here when the host went down and is not taken "
+                     "again: its data here ends with what was stored last", name)
 
     def _follow_cluster(self) -> None:
         """Tell the membership which copies are live here; start and stop what it says,
@@ -553,6 +584,10 @@ class Arbiter:
             self.membership.stop()
             log.info("cluster: left")
         if self.holdings is not None:
+            # every collector stopped above (not wanted any more): its data here ends now
+            for name in sorted({c.child_id.name for c in self.children.values()
+                                if c.kind == COLLECTOR}):
+                self.holdings.record(name, held=False)
             self.holdings.stop()
 
     def _stop_group(self, group, timeout: float) -> None:

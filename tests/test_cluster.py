@@ -284,6 +284,23 @@ def test_a_host_started_without_zookeeper_collects_everything_then_hands_back_th
     assert " released (live on " in host.log()
 
 
+def test_a_host_that_stops_releases_what_it_held(cluster):
+    """SIGTERM: every symbol it collected gets a release in its cluster_holdings, so the
+    merge does not count it as covering them while it is down (nor does a SIGKILLed host:
+    its next start releases what it does not take again, with a gap from its last row)."""
+    cluster.wait_settled()
+    host = cluster.hosts["h1"]
+    held = host.collectors()
+    host.daemon.terminate()
+    assert host.daemon.wait(30) == 0
+    last = dict(cluster.bed.host("h1").query(
+        "SELECT name, argMax(held, ts) FROM mexc.cluster_holdings WHERE host = 'h1' "
+        "GROUP BY name"))
+    assert held and all(last[name] == 0 for name in held), (held, last)
+    host.start()
+    cluster.wait_settled(what="h1 back with its symbols")
+
+
 def _status_text(host) -> str:
     done = subprocess.run([MEXC, "status", "--config", str(host.config)], capture_output=True,
                           text=True, timeout=20)

@@ -144,6 +144,11 @@ def test_cluster_holdings_round_trip(env):
         assert session.holdings("btc", 1_000, 9_000) == [
             ("h2", 150, True), ("h1", 200, False), ("h2", 5_000, False)]
         assert session.holdings("eth", 0, 1_000) == [("h1", 300, True)]
+        # what a host still held when it went down: its last record before its start a take
+        assert session.held_before("h1", 10_000) == ["eth"]
+        assert session.held_before("h2", 10_000) == []
+        assert session.held_before("h2", 1_000) == ["btc"]
+        assert session.held_before("h4", 10_000) == []
 
 
 def test_live_rows_of_current_and_previous_in_one_read(env):
