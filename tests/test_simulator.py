@@ -255,6 +255,10 @@ def test_expected_rows_match_what_the_client_received():
 
 def test_send_frames_and_burst_are_recorded_exactly(sim):
     ws = connect(sim)
+    # only to a connection subscribed to the symbol: another's would store them as dead letters
+    assert sim.send_frames(BTC, 10) == 0 and sim.burst(10, BTC) == 0
+    subscribe(ws, "deal", BTC)
+    assert recv_json(ws)["channel"] == "rs.sub.deal"
     assert sim.send_frames(BTC, 1500) == 1500
     assert sim.burst(700, BTC) == 700
     rows = []

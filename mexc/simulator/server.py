@@ -351,8 +351,9 @@ class MexcSimulator:
     def send_frames(self, symbol: str, n: int) -> int:
         """n data frames of the live channel mix, as fast as possible, in sendalls of SEND_CHUNK
         frames; returns how many went. Content comes from a pool of pre-rendered frames (see
-        pool.py): prices repeat, times and versions stay unique and rising."""
-        connection = self._target(symbol)
+        pool.py): prices repeat, times and versions stay unique and rising.  Only to a
+        connection subscribed to symbol: its data on another's would be dead letters there."""
+        connection = self._traffic.newest(symbol, subscribed_only=True)
         sent = 0
         while connection is not None and sent < n:
             chunk = min(SEND_CHUNK, n - sent)
@@ -367,8 +368,9 @@ class MexcSimulator:
         return self._send(symbol, data, ())
 
     def burst(self, n_frames: int, symbol: str) -> int:
-        """n frames pre-encoded into one buffer and sent with one sendall; returns n or 0."""
-        connection = self._target(symbol)
+        """n frames pre-encoded into one buffer and sent with one sendall to a connection
+        subscribed to symbol (as send_frames); returns n, or 0 without one."""
+        connection = self._traffic.newest(symbol, subscribed_only=True)
         if connection is None:
             return 0
         return n_frames if connection.send_pooled(symbol, n_frames) else 0

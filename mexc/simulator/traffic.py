@@ -45,11 +45,13 @@ class Traffic:
         """Connections past their handshake and not closing."""
         return [c for c in self.open_connections() if c.open and not c.closed.is_set()]
 
-    def newest(self, symbol):
-        """The newest live connection subscribed to symbol, else the newest live one."""
+    def newest(self, symbol, subscribed_only: bool = False):
+        """The newest live connection subscribed to symbol, else (unless subscribed_only) the
+        newest live one."""
         candidates = self.live()
         subscribed = [c for c in candidates if symbol is not None and c.subscribed_to(symbol)]
-        return max(subscribed or candidates, key=lambda c: c.index, default=None)
+        return max(subscribed or ([] if subscribed_only else candidates), key=lambda c: c.index,
+                   default=None)
 
     def subscribers(self, symbol: str, channel: str) -> list:
         """(connection, subscription) of every live connection subscribed to the stream."""
