@@ -139,14 +139,14 @@ class Collector:
         # Rows go in over the native protocol; only the export reads over HTTP, so our sessions
         # skip probing the HTTP port (urllib requests: 0.3 MiB of private memory).
         ch = dict(config.clickhouse, http_port=0)
+        # this host's own files: in a cluster its copies, not the merged files (other hosts'
+        # rows would hide its own gaps and trades)
+        files_dir = archive.own_files_dir(config.export["dir"], config.clustered)
         self.writer = RowWriter(ch, self.sym.name,
                                 Spool(config.spool_dir(), self.sym.name),
                                 max_buffered_rows=self.co["max_buffered_rows"],
                                 max_hold=self.co["max_hold"], batch_rows=self.co["batch_rows"],
-                                latency_target=self.co["latency_target"])
-        # this host's own files: in a cluster its copies, not the merged files (other hosts'
-        # rows would hide its own gaps and trades)
-        files_dir = archive.own_files_dir(config.export["dir"], config.clustered)
+                                latency_target=self.co["latency_target"], files_dir=files_dir)
         budget = RateBudget()  # MEXC's REST limit, shared by backfill and book snapshots
         self.backfill = (Backfill(self.ex, self.sym, socks_proxy, self.writer, files_dir, budget)
                          if self.ex["backfill"] else None)

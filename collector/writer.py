@@ -36,7 +36,7 @@ import threading
 import time
 from typing import List, Optional
 
-from core import store
+from core import archive, store
 from core.log import first_line
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,9 @@ class RowWriter:
 
     def __init__(self, ch: dict, name: str, spool, max_buffered_rows: int, max_hold: float = 30.0,
                  max_insert_rows: int = 50_000, retry_max: float = 2.0, batch_rows: int = 1000,
-                 latency_target: float = 1.0):
+                 latency_target: float = 1.0, files_dir: Optional[str] = None):
         self.store = store.Store(ch)
+        self.files_dir = files_dir  # this host's hour files: where a rotated batch may be by now
         self.name = name
         self.table = store.current_table(name)
         self.spool = spool
@@ -362,7 +363,9 @@ class RowWriter:
             found = [table for table in (self.table, store.previous_table(self.name))
                      if self.store.exists(table) and self.store.contains(table, rows[0])
                      and self.store.contains(table, rows[-1])]
-            landed = bool(found)
+            # or exported and its table dropped by the time this run started
+            landed = bool(found) or (self.files_dir is not None and archive.holds_rows(
+                self.files_dir, self.name, (rows[0], rows[-1])))
             self.table_rows = count - (len(rows) if self.table in found else 0)
         elif count in (self.table_rows, self.table_rows + len(rows)):
             landed = count == self.table_rows + len(rows)

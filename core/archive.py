@@ -90,6 +90,30 @@ def newest_data_ms(export_dir: str, name: str, hour_ms: int, before_ms: int) -> 
     return pc.max(kept).as_py() if len(kept) else None
 
 
+def holds_rows(files_dir: str, name: str, rows) -> bool:
+    """Is each of these (ts, mt, m, rts) rows in its hour's file (exactly)?  False when a
+    file is not there."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for ts, mt, m, rts in rows:
+        try:
+            hour_file = pq.ParquetFile(hour_path(files_dir, name, ts // HOUR_MS * HOUR_MS))
+        except OSError:
+            return False
+        with hour_file:
+            table = hour_file.read(columns=["ts", "mt", "m", "rts"])
+        found = table.filter(pc.and_(
+            pc.and_(pc.equal(table.column("ts").cast(pa.int64()), ts),
+                    pc.equal(table.column("rts").cast(pa.int64()), rts)),
+            pc.and_(pc.equal(table.column("mt").cast(pa.string()), mt),
+                    pc.equal(table.column("m"), m))))
+        if not found.num_rows:
+            return False
+    return True
+
+
 def newest_book_update(export_dir: str, name: str, hour_ms: int) -> Optional[Tuple[int, str]]:
     """(ts ms, m) of the newest whole-book increment in an hour's file (None: it has none);
     OSError when the file is not there."""

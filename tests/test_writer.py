@@ -8,11 +8,15 @@ import socket
 import subprocess
 import sys
 
+import pyarrow as pa
 import pytest
 
 from collector.spool import Spool, SpoolBusy
 from collector.writer import LATENCY_MARGIN, SPOOL_AFTER, RowWriter, WriterState
+from core import archive
+from core.clock import HOUR_MS
 from core.store import Store
+from exporter import parquet_files
 from tests.conftest import wait_for
 
 
@@ -143,13 +147,14 @@ def test_an_insert_that_hung_before_it_failed_spools_the_queue_at_once(tmp_path)
         listener.close()
 
 
-@pytest.mark.parametrize("landed", [True, False])
+@pytest.mark.parametrize("landed", [True, False, "exported"])
 def test_an_earlier_runs_unsure_insert_swapped_away_by_a_rotation_is_not_inserted_again(
         env, tmp_path, landed):
     """The 30-minute soak (seed 47): a collector died inserting its first spooled batch, a
     rotation swapped its table before the next run started, and the new table happened to hold
     as many rows as the marker had counted: 'had not landed', inserted again, 6 rows doubled.
-    An earlier run's batch is looked for by its rows, in current and in previous."""
+    An earlier run's batch is looked for by its rows, in current and in previous, and in the
+    hour's file when the exporter wrote it and dropped previous before the next run started."""
     ch = env.ch_section()
     directory = str(tmp_path / "spool")
     batch, moved_back = rows("unsure", 6), rows("moved-back", 7)
@@ -165,8 +170,16 @@ def test_an_earlier_runs_unsure_insert_swapped_away_by_a_rotation_is_not_inserte
             session.insert_rows("btc_current", batch)
         session.swap("btc")  # the rotation: current -> previous, a new empty current
         session.insert_rows("btc_current", moved_back)  # 7 again, as the marker counted
+        if landed == "exported":  # previous written to its hour's file, then dropped
+            hour = batch[0][0] // HOUR_MS * HOUR_MS
+            exported = list(session.rows("btc_previous"))
+            parquet_files.write_hour(archive.hour_path(str(tmp_path), "btc", hour),
+                                     parquet_files.to_table([pa.RecordBatch.from_pylist(
+                                         [dict(zip(("ts", "mt", "m", "rts"), row))
+                                          for row in exported])]), "BTC_USDT", hour)
+            session.client.execute(f"DROP TABLE {env.database}.btc_previous")
     writer = RowWriter(ch, "btc", Spool(directory, "btc"), max_buffered_rows=1000,
-                       latency_target=LATENCY_MARGIN + 0.05)
+                       latency_target=LATENCY_MARGIN + 0.05, files_dir=str(tmp_path))
     writer.start()
     try:
         wait_for(lambda: not writer.spool, 20, "the spooled batch resolved")
@@ -176,4 +189,8 @@ def test_an_earlier_runs_unsure_insert_swapped_away_by_a_rotation_is_not_inserte
         stored_rows = [row for table in ("btc_current", "btc_previous")
                        if session.exists(table) for row in list(session.rows(table))]
     counts = collections.Counter(stored_rows)
-    assert all(counts[row] == 1 for row in batch), "the unsure batch is not stored exactly once"
+    if landed == "exported":  # in the file, and not in a table again
+        assert archive.holds_rows(str(tmp_path), "btc", batch)
+        assert all(counts[row] == 0 for row in batch), "the exported batch was inserted again"
+    else:
+        assert all(counts[row] == 1 for row in batch), "the unsure batch is not stored exactly once"
