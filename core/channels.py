@@ -40,6 +40,10 @@ TICKER_LAYOUT = Layout(("last_price", "fair_price", "index_price", "hold_vol", "
 DEAL_LAYOUT = Layout(("price", "volume", "side"),
                      re.compile(rf"{_NUM}\|{_NUM}\|[12](?:\|[0-9]+)?").fullmatch)
 DEAL_ID_FIELD = len(DEAL_LAYOUT.fields)  # the id's index among a deal's fields
+# A deal's m that carries a trade id, split in two: `core` (price|volume|side, as a REST row of
+# the trade spells it) and `id` (exporter/merge.py matches the copies of a trade by it)
+DEAL_WITH_ID = (r"^(?P<core>" + r"\|".join([r"[^|]*"] * DEAL_ID_FIELD)
+                + r")\|(?P<id>[0-9]+)$")
 DEPTH_LAYOUT = Layout(("bids", "asks"), re.compile(rf"{_LEVELS}\|{_LEVELS}").fullmatch)
 # The whole book.  An increment: the versions it takes the book from begin to end (equal when
 # unmerged), then the levels it sets, each side in the frame's order (not sorted), size 0

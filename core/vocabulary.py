@@ -34,9 +34,13 @@ ROW_COLUMNS = Row._fields
 def event_key(row) -> tuple:
     """What makes two rows one exchange event: (ts, mt, m), the receive time left out.  Two
     connections to one symbol deliver the same event as rows with one key: a trade by its
-    time, price, volume and side, a depth snapshot by its ts and levels (one per version), a
-    ticker by its timestamp and fields.  Two equal trades in one millisecond share a key too;
-    whoever deduplicates by it counts them (collector/overlap.py)."""
+    time, price, volume, side and MEXC's trade id `i` (the 4th field of its m, when the frame
+    had one), a depth snapshot by its ts and levels (one per version), a ticker by its
+    timestamp and fields.  Two equal trades in one millisecond without ids share a key too;
+    whoever deduplicates by it counts them (collector/overlap.py, row by row).  The cluster's
+    merge of hosts' copies (exporter/merge.py, column by column) keeps the same identities,
+    plus one rule only it needs: a trade one copy has without its id (from REST) is the one
+    another copy has with it (core.channels.DEAL_WITH_ID)."""
     return row[0], row[1], row[2]
 
 # Why a symbol had no live subscription for a while (the gap ledger, table `gaps`)

@@ -28,11 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core.channels import DEAL_WITH_ID
 from core.vocabulary import DEAD_LETTER, DEAL, Gap
 from exporter.parquet_files import MERGED_SCHEMA
 
-# a deal's m with a trade id: price|volume|side|id
-_WITH_ID = r"^(?P<core>[^|]*\|[^|]*\|[^|]*)\|(?P<id>[0-9]+)$"
 _ORDER = ["ts", "mt", "m", "rts", "host"]  # the output's order: a total order of distinct rows
 
 
@@ -95,7 +94,7 @@ def _merge_deals(deals: pa.Table, texts) -> list:
     """The rows kept of the deals (narrow, with `texts` their m): trades with an id once per
     id; trades without one as a multiset on (ts, m without the id), each copy's rows with ids
     counted first.  Returns arrays of `row`."""
-    parts = pc.extract_regex(texts, _WITH_ID)  # null where m has no id
+    parts = pc.extract_regex(texts, DEAL_WITH_ID)  # null where m has no id
     trade_id = _codes(pc.struct_field(parts, [1]))
     deals = deals.append_column("id", trade_id)
     deals = deals.append_column("core", _codes(pc.coalesce(pc.struct_field(parts, [0]), texts)))
