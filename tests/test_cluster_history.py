@@ -1,0 +1,236 @@
+"""The whole cluster from any host (issue 22 item 4) on the cluster bed: two real daemons
+(`mexc run` in h1's and h2's namespaces, ClickHouse 18.16 each, one simulator as the market,
+the event clock at SPEED as in tests/test_cluster_export.py).  h1 is cut off for a while (it
+receives nothing then; h2 does), comes back; then from h1:
+  - `mexc trades` returns every trade the cluster received exactly once, across merged hours
+    and the live hour, those only h2 received included, each row saying whose copy it is;
+  - /metrics, `mexc status` and the dashboard (a real headless Chromium) show both hosts and
+    each one's receive lag behind the earliest host;
+  - with h2's ClickHouse down, `mexc trades` and the Python API still answer, and say h2 is
+    unreachable.
+The tests share the daemons and run in file order."""
+import calendar
+import collections
+import csv
+import io
+import json
+import signal
+import time
+import tomllib
+import urllib.request
+
+import pytest
+from kazoo.client import KazooClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster.lag import lags_behind_first, per_host
+from core.clock import HOUR_MS, EventClock, hour_start
+from supervisor.commands import COMMANDS
+from tests.conftest import MEXC, toml_dump, wait_for
+from tests.test_cluster_export import HostDaemon
+from tests.test_dashboard import chromium
+
+HTTP_PORT = 8470
+TOKEN = "cluster-bed-dashboard-token"
+SPEED = 120.0  # an hour in 30 s: hours get merged while the test runs
+
+
+class Cluster:
+    def __init__(self, bed, sim, clock, daemons):
+        self.bed, self.sim, self.clock, self.daemons = bed, sim, clock, daemons
+        self.cut_wall = self.restored_wall = None  # h1's time off the network (wall ms)
+
+    def trades(self, host: str, start_ms: int, end_ms: int):
+        """`mexc trades btc` run on a host: (rows as dicts, stderr)."""
+        daemon = self.daemons[host]
+        done = self.bed.exec(host, [MEXC, "trades", "btc", "--from", str(start_ms), "--to",
+                                    str(end_ms), "--format", "csv", "--config", daemon.config],
+                             timeout=120)
+        assert done.returncode == 0, done.stderr
+        return list(csv.DictReader(io.StringIO(done.stdout))), done.stderr
+
+    def stored_until(self, end_ms: int) -> bool:
+        """Has every host stored a row of exchange time end_ms or later?"""
+        return all((d.host.query("SELECT max(ts) FROM mexc.btc_current")[0][0] or 0) >= end_ms
+                   for d in self.daemons.values())
+
+
+def with_dashboard(daemon) -> None:
+    """The daemon's dashboard and /metrics on its host's address (token required there)."""
+    with open(daemon.config, "rb") as f:
+        config = tomllib.load(f)
+    config["http"] = {"listen": f"{daemon.host.address}:{HTTP_PORT}", "token": TOKEN}
+    with open(daemon.config, "w") as f:
+        f.write(toml_dump(config))
+
+
+@pytest.fixture(scope="module")
+def cluster(cluster_bed, tmp_path_factory):
+    bed = cluster_bed
+    tmp = tmp_path_factory.mktemp("cluster-history")
+    zk = KazooClient(hosts=bed.zookeeper.hosts, timeout=5.0)
+    zk.start(timeout=15)
+    clock = EventClock(SPEED, int(time.time() * 1000))
+    sim = bed.start_simulator(rate=20, event_clock=clock.now_ms)
+    daemons = {h: HostDaemon(bed, h, tmp, sim, clock, zk) for h in ("h1", "h2")}
+    for daemon in daemons.values():
+        with_dashboard(daemon)
+        daemon.start()
+    try:
+        yield Cluster(bed, sim, clock, daemons)
+    finally:
+        for daemon in daemons.values():
+            if daemon.proc and daemon.proc.poll() is None:
+                daemon.proc.send_signal(signal.SIGTERM)
+                daemon.proc.wait(30)
+        zk.stop()
+        zk.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_trades_from_any_host_are_every_trade_the_cluster_received_once(cluster):
+    h1, h2 = cluster.daemons["h1"], cluster.daemons["h2"]
+    wait_for(lambda: all(d.rows() > 50 for d in cluster.daemons.values()), 60,
+             "both hosts collect")
+    start_ms = h2.host.query("SELECT min(ts) FROM mexc.btc_current WHERE mt = 'd'")[0][0]
+    wait_for(lambda: h1.files() and h2.files(), 90, "a merged hour on both hosts")
+    cluster.bed.cut("h1")  # h1 reaches neither the market nor ZooKeeper nor h2
+    cluster.cut_wall = int(time.time() * 1000)
+    cut_event = cluster.clock.now_ms()
+    wait_for(lambda: h2.received_since(cluster.cut_wall + 3000), 30, "h2 collects alone")
+    cluster.bed.restore("h1")
+    cluster.restored_wall = int(time.time() * 1000)
+    restored_event = cluster.clock.now_ms()
+    wait_for(lambda: h1.received_since(cluster.restored_wall), 60, "h1 collects again")
+    end_ms = cluster.clock.now_ms()
+    wait_for(lambda: cluster.stored_until(end_ms), 30, "both hosts stored up to the end")
+
+    rows, stderr = cluster.trades("h1", start_ms, end_ms)
+    truth = {t.t for t in cluster.sim.trades("BTC_USDT", start_ms, end_ms - 1)}
+    answered = collections.Counter(_ms(row["ts"]) for row in rows)
+    assert max(answered.values()) == 1, "a trade twice"
+    assert set(answered) == truth, (len(truth - set(answered)), len(set(answered) - truth))
+    # the trades of h1's time off the network: h2's copies only
+    alone = [row for row in rows if cut_event + 60_000 < _ms(row["ts"]) < restored_event]
+    assert len(alone) > 50 and {row["host"] for row in alone} == {"h2"}
+    assert {row["host"] for row in rows} == {"h1", "h2"}
+    merged = {hour for hour in range(hour_start(start_ms), end_ms, HOUR_MS)
+              if any(name.endswith(time.strftime("%Y%m%d_%H00.parquet",
+                                                 time.gmtime(hour // 1000)))
+                     for name in h1.files())}
+    assert merged and hour_start(end_ms) not in merged, "merged hours and the live hour"
+    assert "unreachable" not in stderr and f"{len(rows):,} trades rows" in stderr
+    print(f"{len(rows)} trades from h1, {len(alone)} of h1's cut received by h2 only, "
+          f"{len(merged)} merged hours")
+    same, _stderr = cluster.trades("h2", start_ms, end_ms)
+    assert sorted(_ms(row["ts"]) for row in same) == sorted(answered)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_metrics_status_and_dashboard_show_each_hosts_receive_lag(cluster):
+    h1 = cluster.daemons["h1"]
+
+    def lag():
+        samples = _scrape(h1.host.address)
+        found = {labels["host"]: value for name, labels, value in samples
+                 if name == "mexc_receive_lag_seconds" and labels["symbol"] == "BTC_USDT"}
+        return (found, samples) if set(found) == {"h1", "h2"} else None
+
+    found, samples = wait_for(lag, 60, "a receive lag per host on h1's /metrics")
+    assert all(0 <= seconds < 2 for seconds in found.values()), found
+    assert {labels["host"] for name, labels, value in samples
+            if name == "mexc_cluster_host_up" and value == 1} == {"h1", "h2"}
+    assert ("mexc_cluster_this_host", {"host": "h1"}, 1) in samples
+    print(f"receive lag behind the earliest host: {found}")
+
+    status = cluster.bed.exec("h1", [MEXC, "status", "--config", h1.config]).stdout
+    assert "receive lag behind the earliest host" in status and " h2 " in status, status
+
+    browser = chromium()
+    try:  # the token as a header on every request of the page, as a proxy would add it
+        browser.execute_cdp_cmd("Network.enable", {})
+        browser.execute_cdp_cmd("Network.setExtraHTTPHeaders",
+                                {"headers": {"Authorization": f"Bearer {TOKEN}"}})
+        browser.get(f"http://{h1.host.address}:{HTTP_PORT}/")
+
+        def rows():
+            return {row.get_attribute("data-host"): row.text for row in
+                    browser.find_elements("css selector", "#cluster tbody tr[data-host]")}
+        shown = wait_for(lambda: (lambda r: r if set(r) == {"h1", "h2"} and all(
+            " s" in text for text in r.values()) else None)(rows()), 30,
+            "a cluster row per host with its lag")
+        assert "this host" in shown["h1"] and "btc" in shown["h2"], shown
+    finally:
+        browser.quit()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_host_down_leaves_the_others_answering_and_is_named(cluster):
+    h1, h2 = cluster.daemons["h1"], cluster.daemons["h2"]
+    end_ms = cluster.clock.now_ms()
+    wait_for(lambda: cluster.stored_until(end_ms), 30, "both hosts stored up to the end")
+    start_ms = end_ms - 20 * 60_000
+    both, _stderr = cluster.trades("h1", start_ms, end_ms)
+    own = h1.host.query(f"SELECT count() FROM mexc.btc_current WHERE mt = 'd' "
+                        f"AND ts >= {start_ms} AND ts < {end_ms}")[0][0]
+    h2.host.clickhouse.stop()
+    try:
+        rows, stderr = cluster.trades("h1", start_ms, end_ms)
+        assert "warning: host h2 unreachable" in stderr, stderr
+        assert own <= len(rows) <= len(both) and len(rows) > 0
+        api = cluster.bed.python("h1", ARCHIVE_API, h1.config, str(start_ms), str(end_ms),
+                                 timeout=60)
+        assert api.returncode == 0, api.stderr
+        answer = json.loads(api.stdout)
+        assert list(answer["unreachable"]) == ["h2"] and answer["rows"] == len(rows)
+    finally:
+        h2.host.clickhouse.start()
+
+
+ARCHIVE_API = """
+import json, sys
+from mexc import history
+archive = history.Archive.from_config(sys.argv[1])
+trades = archive.trades("BTC_USDT", int(sys.argv[2]), int(sys.argv[3]))
+print(json.dumps({"rows": trades.num_rows, "unreachable": archive.unreachable}))
+"""
+
+
+def test_lag_is_the_median_behind_the_earliest_receipt_of_each_trade():
+    lags = lags_behind_first({"h1": {"1": 100, "2": 200, "3": 300, "9": 5},
+                              "h2": {"1": 130, "2": 190, "3": 340}})
+    assert lags == {"h1": 0.0, "h2": 0.03}  # trade 9: one host only, not compared
+    assert per_host({"symbols": {"btc": {"h1": 0.0, "h2": 0.03},
+                                 "eth": {"h2": 0.01, "h3": 0.0}}}) == {
+        "h1": 0.0, "h2": 0.02, "h3": 0.0}
+
+
+def test_status_says_each_hosts_receive_lag_under_the_cluster_line():
+    from tests.test_commands import status
+    cluster = {"host": "h1", "zookeeper": "connected", "frozen": False, "replicas": 2,
+               "hosts": {"h1": ["btc"], "h2": ["btc"]},
+               "lag": {"ts_ms": 0, "window_s": 60.0, "symbols": {"btc": {"h1": 0.0, "h2": 0.012}},
+                       "unreachable": {}}}
+    lines = COMMANDS["status"].show({**status([]), "cluster": cluster}).splitlines()
+    assert lines[2] == ("receive lag behind the earliest host (median of the last 60 s of "
+                        "trades): h1 0.000 s, h2 0.012 s")
+    lines = COMMANDS["status"].show({**status([]), "cluster": dict(cluster, lag=None)})
+    assert "receive lag: not measured" in lines
+
+
+def _ms(iso_text: str) -> int:
+    """`2026-12-06T20:01:02.345Z` (mexc's csv) -> ms."""
+    seconds, _, ms = iso_text.rstrip("Z").partition(".")
+    return calendar.timegm(time.strptime(seconds, "%Y-%m-%dT%H:%M:%S")) * 1000 + int(ms or 0)
+
+
+def _scrape(address: str) -> list:
+    request = urllib.request.Request(f"http://{address}:{HTTP_PORT}/metrics",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        body = response.read().decode()
+    return [(s.name, s.labels, s.value)
+            for family in text_string_to_metric_families(body) for s in family.samples]
