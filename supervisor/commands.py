@@ -9,7 +9,6 @@ import fnmatch
 import json
 
 from bus import sockets
-from cluster.lag import per_host
 from core import __version__
 from core.vocabulary import COLLECTOR, MESSAGE_TYPES, TOR
 from supervisor.children import ChildState
@@ -177,6 +176,7 @@ def _cluster(cluster: dict) -> str:
 def _receive_lag(lag) -> str:
     """`receive lag behind the earliest host (median of the last 60 s of trades): h1 0.000 s,
     h2 0.012 s` (--json has it per symbol)."""
+    from cluster.lag import per_host  # a single host never loads cluster/
     if not lag:
         return "receive lag: not measured (yet: every 10 s while the dashboard or alerts run)"
     figures = ", ".join(f"{h} {s:.3f} s" for h, s in per_host(lag).items()) or "no trade " \

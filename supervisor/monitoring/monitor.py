@@ -15,7 +15,6 @@ import threading
 import time
 from typing import Callable, Optional
 
-from cluster.lag import LAG_EVERY, receive_lag
 from core.clock import HOUR_MS, EventClock, hour_start
 from core.log import first_line
 from core.store import Store
@@ -76,8 +75,7 @@ class Monitor(threading.Thread):
                 next_store = time.monotonic() + STORE_EVERY
             self._sample()
             if self.config.clustered and time.monotonic() >= next_lag:
-                self._measure_lag()
-                next_lag = time.monotonic() + LAG_EVERY
+                next_lag = time.monotonic() + self._measure_lag()
             self.stopped.wait(SAMPLE_EVERY)
         self.store.close()
 
@@ -143,12 +141,14 @@ class Monitor(threading.Thread):
         with self.lock:
             self.ledger = ledger
 
-    def _measure_lag(self) -> None:
+    def _measure_lag(self) -> float:
         """Each host's receive lag over the symbols live on two hosts or more, from the
-        hosts and addresses of the last status's cluster section."""
+        hosts and addresses of the last status's cluster section; returns the seconds to
+        the next measurement."""
+        from cluster.lag import LAG_EVERY, receive_lag  # a single host never loads cluster/
         cluster = (self.snapshot() or {}).get("cluster")
         if not cluster:
-            return
+            return SAMPLE_EVERY
         sources = {h: (None if h == cluster["host"] else address)
                    for h, address in cluster.get("clickhouse", {}).items()
                    if address or h == cluster["host"]}
@@ -161,6 +161,7 @@ class Monitor(threading.Thread):
         except Exception as e:  # this host's ClickHouse away: the next try
             self.store.close()
             log.debug("monitor: receive lag: %s", first_line(e))
+        return LAG_EVERY
 
     def _read_disks(self) -> None:
         disks = {}
