@@ -789,7 +789,7 @@ class Store:
         current table here or at `source` (the receive lag behind the earliest host)."""
         rts = self.features.ms("rts")
         return self.client.execute(
-            f"SELECT extract(m, '[|]([0-9]+)$') AS id, {rts} FROM "
+            f"SELECT extract(m, '^[^|]*[|][^|]*[|][^|]*[|]([0-9]+)$') AS id, {rts} FROM "
             f"{self._source(current_table(name), source)} WHERE mt = '{DEAL}' "
             f"AND {rts} >= {int(since_ms)} AND id != '' LIMIT {int(limit)}",
             settings=REMOTE_SETTINGS)

@@ -266,6 +266,33 @@ print(json.dumps({"rows": trades.num_rows, "unreachable": archive.unreachable}))
 """
 
 
+@pytest.mark.quick_on_one_clickhouse
+def test_a_hosts_rows_read_alike_here_and_through_remote(env):
+    """The statements a cluster's answers send for each host (core/store.py) on each
+    ClickHouse release: this server's tables, and the same through remote() to itself."""
+    hour, now_ms = 1_796_000_400_000, int(time.time() * 1000)
+    with env.store() as store:
+        store.setup(["btc"], clustered=True)
+        store.insert_rows("btc_current", [(hour + 1, "d", "1|2|1|7", hour + 2),
+                                          (hour + 3, "t", "1|2|3|4|5", hour + 4)])
+        store.swap("btc")
+        store.insert_rows("btc_current", [(hour + 5, "d", "1|2|2|8", now_ms),
+                                          (hour + 6, "d", "1|2|2", now_ms)])
+        store.log_export("BTC_USDT", hour - HOUR_MS, 1, "/x", 3, 4, "a" * 64, table="copy_log")
+        seen = []
+        for source in (None, f"127.0.0.1:{env.clickhouse.port}"):
+            tables = store.rows_tables("btc", source)
+            seen.append((tables, [list(c) for c in store.host_live_rows(
+                "btc", "d", hour, hour + HOUR_MS, tables, source)],
+                         store.logged_copies("BTC_USDT", hour - 1, hour + 10, source),
+                         store.recent_trade_receipts("btc", now_ms - 1, source)))
+    assert seen[0] == seen[1]
+    assert seen[0] == (["btc_current", "btc_previous"],
+                       [[hour + 1, hour + 5, hour + 6], ["1|2|1|7", "1|2|2|8", "1|2|2"],
+                        [hour + 2, now_ms, now_ms], [1, 0, 0]],
+                       {hour - HOUR_MS: "a" * 64}, [("8", now_ms)])
+
+
 def test_lag_is_the_median_behind_the_earliest_receipt_of_each_trade():
     lags = lags_behind_first({"h1": {"1": 100, "2": 200, "3": 300, "9": 5},
                               "h2": {"1": 130, "2": 190, "3": 340}})
