@@ -362,12 +362,12 @@ class Archive:
         for _attempt in range(ATTEMPTS):
             before = self._file_identities(name, start_ms, end_ms)
             merged_hours = {hour for hour, *_rest in before.values()}
-            rows, self.live = {}, LIVE
+            read, self.live = {}, LIVE
             try:
                 with Store(self.clickhouse) as store:
                     for host, source in sorted(hosts.items()):
                         try:
-                            rows[host] = self._host_rows(store, host, source, name, mt,
+                            read[host] = self._read_host(store, host, source, name, mt,
                                                          start_ms, end_ms, merged_hours)
                         except Exception as e:
                             if source is None:
@@ -376,7 +376,8 @@ class Archive:
                             store.close()
             except Exception as e:  # the files still answer for every merged hour
                 self.live = f"ClickHouse unavailable, the files only: {first_line(e)}"
-                rows = {}
+                read = {}
+            rows = {host: _host_table(*columns) for host, columns in read.items()}
             files = {hour: _file_rows(path, mt, start_ms, end_ms, hour, host=True)
                      for path, (hour, *_rest) in before.items()}
             if self._file_identities(name, start_ms, end_ms) == before:
@@ -389,12 +390,12 @@ class Archive:
                   for hour in range(hour_start(start_ms), end_ms, HOUR_MS)]
         return pa.concat_tables(chunks)  # hours in order, each in ts order
 
-    def _host_rows(self, store: Store, host: str, source: Optional[str], name: str, mt: str,
-                   start_ms: int, end_ms: int, merged_hours: set) -> pa.Table:
-        """One host's rows of the range that the merged files here do not hold: its copies
-        of the other hours (their bytes in its hour_copies) and its live tables, each row
-        once as _rows reads this host's own; read again while its export moves rows (which
-        tables exist, which copies are logged: the same before and after)."""
+    def _read_host(self, store: Store, host: str, source: Optional[str], name: str, mt: str,
+                   start_ms: int, end_ms: int, merged_hours: set):
+        """One host's rows of the range that the merged files here do not hold, for
+        _host_table: its live tables' columns (Store.host_live_rows) and its copies of the
+        other hours (their bytes in its hour_copies); read again while its export moves rows
+        (which tables exist, which copies are logged: the same before and after)."""
         symbol = self.symbol(name).symbol
         for _attempt in range(ATTEMPTS):
             state = (store.rows_tables(name, source),
@@ -411,14 +412,7 @@ class Archive:
         else:
             raise HistoryError(f"{name}: the rows of {host} moved during each of {ATTEMPTS} "
                                "reads (an export running?)")
-        table = _raw_table(ts, m, rts)
-        in_pending = pa.array(is_pending, pa.uint8()).cast(pa.bool_())
-        current = table.filter(pc.invert(in_pending))
-        pending = table.filter(in_pending).group_by(KEYS, use_threads=False).aggregate([])
-        pending = _anti_join(pending.select(KEYS), current)
-        for copy in copies:
-            pending = _anti_join(pending, copy)
-        return pa.concat_tables([*copies, current, pending])
+        return (ts, m, rts, is_pending), copies
 
     @staticmethod
     def _copy_rows(store: Store, host: str, source: Optional[str], name: str, mt: str,
@@ -448,6 +442,22 @@ class Archive:
                     self.unreachable[host] = first_line(e) or type(e).__name__
                     store.close()
         return merge.cluster_gaps(hosts, self.symbol(name).symbol, name, start_ms, end_ms)[0]
+
+
+def _host_table(columns, copies: List[pa.Table]) -> pa.Table:
+    """One host's rows (ts, m, rts) from what _read_host read, each row once as _rows has
+    this host's own: pending rows (an export under way) also in current or in a copy are
+    dropped."""
+    ts, m, rts, is_pending = columns
+    table = _raw_table(ts, m, rts)
+    in_pending = pa.array(is_pending, pa.uint8()).cast(pa.bool_())
+    current = table.filter(pc.invert(in_pending))
+    pending = table.filter(in_pending).group_by(KEYS, use_threads=False).aggregate([])
+    pending = _anti_join(pending.select(KEYS), current)
+    copies = [_identity(copy) for copy in copies]  # the file's non-null fields as ClickHouse's
+    for copy in copies:
+        pending = _anti_join(pending, copy)
+    return pa.concat_tables([*copies, current, pending])
 
 
 def _merged_hour(mt: str, hour: int, merged_file: Optional[pa.Table], hosts: dict) -> pa.Table:
