@@ -18,6 +18,11 @@ exchange's text, so `float(text) == value`.  `exact=True` gives decimal128(38, 1
 the exchange's value to the last digit, trailing zeros and exponent forms included; a number
 that does not fit raises, nothing is rounded silently.  The text itself stays in the archive.
 
+In a cluster ([cluster] host set) an answer is the whole cluster's from any host: the merged
+files here and every host's rows they do not hold yet, read through ClickHouse's remote() and
+merged as the exporter merges copies (exporter/merge.py), with a `host` column; a host that
+does not answer is left out and named in `Archive.unreachable` (docs/cluster.md).
+
 All heavy lifting is pyarrow compute (already a dependency): splitting the `m` text, casting,
 grouping bars.  Memory stays bounded by the answer: each hour's file is read, filtered to one
 message type and typed before the next one is read.
@@ -60,6 +65,7 @@ KEYS = ["ts", "m", "rts"]  # a row's identity within one symbol and message type
 LIVE = "files and ClickHouse"  # Archive.live when ClickHouse answered
 HOSTS_FRESH = 5.0  # seconds a cluster's host list from ZooKeeper is used for answers
 ZOOKEEPER_WAIT = 5.0  # seconds to reach ZooKeeper before answering from this host alone
+OTHERS = "(others)"  # Archive.unreachable's key when ZooKeeper could not name the hosts
 
 
 class HistoryError(Exception):
@@ -123,7 +129,9 @@ class Archive:
         for s in self.symbols:
             if symbol in (s.symbol, s.name):
                 return s
-        return configuration.Symbol(symbol, configuration.default_name(symbol))
+        s = configuration.Symbol(symbol, configuration.default_name(symbol))
+        self.symbols.append(s)  # its short name now finds the contract (a cluster's logs)
+        return s
 
     # --- the four kinds ---------------------------------------------------------------------
 
@@ -341,8 +349,8 @@ class Archive:
             hosts = {h: data.get("clickhouse") for h, data in nodes.live_hosts().items()}
             self.unreachable = {}
         except Exception as e:  # the hosts' rows cannot be found: this host's answer
-            self.unreachable = {"(others)": f"ZooKeeper {self.cluster['zookeeper']}: "
-                                            f"{first_line(e) or type(e).__name__}"}
+            self.unreachable = {OTHERS: f"ZooKeeper {self.cluster['zookeeper']}: "
+                                        f"{first_line(e) or type(e).__name__}"}
         finally:
             nodes.stop()
         hosts[self.cluster["host"]] = None
@@ -769,9 +777,15 @@ def summary(table: pa.Table, kind: str) -> str:
     lines += [f"  gap {iso(g.start_ms)} to {iso(g.end_ms)}: {g.reason} {g.detail}".rstrip()
               + (f", {g.backfilled} trades backfilled" if g.backfilled else "")
               + ("" if g.covered else ", trades may be missing") for g in gaps]
-    lines += [f"  warning: host {host} unreachable ({why}): its rows not in the merged files "
-              f"here are missing" for host, why in sorted(about.get("unreachable", {}).items())]
+    lines += [_unreachable(host, why) for host, why in sorted(about.get("unreachable", {}).items())]
     return "\n".join(lines)
+
+
+def _unreachable(host: str, why: str) -> str:
+    if host == OTHERS:
+        return f"  warning: the other hosts are unknown ({why}): this host's rows only"
+    return (f"  warning: host {host} unreachable ({why}): its rows not in the merged files here "
+            f"are missing")
 
 
 # --- conversions -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ The tests share the daemons and run in file order."""
 import calendar
 import collections
 import csv
+import hashlib
 import io
 import json
 import queue
@@ -23,6 +24,8 @@ import time
 import tomllib
 import urllib.request
 
+import pyarrow as pa
+import pyarrow.parquet  # noqa: F401 (pa.parquet)
 import pytest
 from kazoo.client import KazooClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -312,6 +315,40 @@ def test_a_hosts_rows_read_alike_here_and_through_remote(env):
                        [[hour + 1, hour + 5, hour + 6], ["1|2|1|7", "1|2|2|8", "1|2|2"],
                         [hour + 2, now_ms, now_ms], [1, 0, 0]],
                        {hour - HOUR_MS: "a" * 64}, [("8", now_ms)])
+
+
+@pytest.mark.one_clickhouse
+def test_without_zookeeper_a_cluster_host_answers_with_its_own_rows_and_says_so(
+        env, tmp_path, monkeypatch):
+    """No ZooKeeper answering: the other hosts are unknown; this host's live rows and its
+    copy of an hour not merged yet (hour_copies) answer, each trade once."""
+    from core.store import COPY
+    from exporter import parquet_files
+    from mexc import history
+    monkeypatch.setattr(history, "ZOOKEEPER_WAIT", 0.5)
+    hour = 1_796_000_400_000
+    copy = pa.table({"ts": [hour + 1, hour + 2], "mt": ["d", "d"],
+                     "m": ["1|2|1|7", "1|2|1|8"], "rts": [hour + 3, hour + 4]})
+    copy = pa.table([copy.column(n).cast(f.type) for n, f in zip(
+        copy.column_names, parquet_files.SCHEMA)], schema=parquet_files.SCHEMA)
+    data = io.BytesIO()
+    pa.parquet.write_table(copy, data)
+    sha = hashlib.sha256(data.getvalue()).hexdigest()
+    with env.store() as store:
+        store.setup(["btc"], clustered=True)
+        store.log_export("BTC_USDT", hour, 1, "/copy", 2, 1, sha, table="copy_log")
+        store.put_hour_file("btc", hour, COPY, "h1", sha, 2, data.getvalue())
+        store.insert_rows("btc_current", [(hour + 2, "d", "1|2|1|8", hour + 5),
+                                          (hour + HOUR_MS + 1, "d", "1|2|2|9", hour + 6)])
+    archive = history.Archive(str(tmp_path), env.ch_section(), cluster={
+        "host": "h1", "zookeeper": "127.0.0.1:9", "root": "/mexc", "session_timeout": 4.0})
+    trades = archive.trades("BTC_USDT", hour, hour + 2 * HOUR_MS)
+    assert trades.column("ts").cast(pa.int64()).to_pylist() == [hour + 1, hour + 2,
+                                                                hour + HOUR_MS + 1]
+    assert trades.column("host").cast(pa.string()).to_pylist() == ["h1"] * 3
+    assert list(archive.unreachable) == [history.OTHERS]
+    assert "the other hosts are unknown (ZooKeeper 127.0.0.1:9" in history.summary(trades,
+                                                                                   "trades")
 
 
 def test_lag_is_the_median_behind_the_earliest_receipt_of_each_trade():
