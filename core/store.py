@@ -785,13 +785,14 @@ class Store:
 
     def recent_trade_receipts(self, name: str, since_ms: int, source: Optional[str] = None,
                               limit: int = 5000) -> List[Tuple[str, int]]:
-        """(MEXC trade id, rts ms) of a symbol's trades received from since_ms on, in its
-        current table here or at `source` (the receive lag behind the earliest host)."""
+        """(MEXC trade id, rts ms) of a symbol's trades received from since_ms on, the newest
+        `limit`, in its current table here or at `source` (the receive lag behind the
+        earliest host)."""
         rts = self.features.ms("rts")
         return self.client.execute(
             f"SELECT extract(m, '^[^|]*[|][^|]*[|][^|]*[|]([0-9]+)$') AS id, {rts} FROM "
             f"{self._source(current_table(name), source)} WHERE mt = '{DEAL}' "
-            f"AND {rts} >= {int(since_ms)} AND id != '' LIMIT {int(limit)}",
+            f"AND {rts} >= {int(since_ms)} AND id != '' ORDER BY {rts} DESC LIMIT {int(limit)}",
             settings=REMOTE_SETTINGS)
 
     def newest_table_ms(self, name: str, before_ms: int) -> Optional[int]:

@@ -113,7 +113,7 @@ class Archive:
         self.cluster = cluster
         self.live = None  # where the last answer came from (files, ClickHouse), for users
         self.unreachable: Dict[str, str] = {}  # in a cluster: hosts the last answer lacks: why
-        self._hosts_seen = (0.0, {})  # (when, {host: source}): ZooKeeper asked once per answer
+        self._hosts_seen = (0.0, {}, {})  # (when, {host: source}, ZooKeeper's problem)
 
     @classmethod
     def from_config(cls, config=None, offline: bool = False) -> "Archive":
@@ -214,6 +214,7 @@ class Archive:
         """The gaps overlapping [start, end): from the ledger (ClickHouse's `gaps` table) when
         it answers, else from the hourly files' `mexc.gaps` metadata (offline use)."""
         start_ms, end_ms = self._range(start, end)
+        self.unreachable = {}  # what an earlier answer found, not this one's
         return self._gaps(self.symbol(symbol).name, start_ms, end_ms,
                           ledger=self.clickhouse is not None)
 
@@ -335,27 +336,26 @@ class Archive:
 
     # --- a cluster: every host's rows (docs/cluster.md "The whole cluster from any host") --
 
-    def _hosts(self) -> Dict[str, Optional[str]]:
-        """{host: its ClickHouse as remote() reaches it; None for this host}: the hosts
-        registered in ZooKeeper now, asked at most once per HOSTS_FRESH seconds.  Without
-        ZooKeeper: this host alone, and `unreachable` says so."""
-        when, hosts = self._hosts_seen
+    def _hosts(self):
+        """({host: its ClickHouse as remote() reaches it; None for this host}, {OTHERS: why}
+        when ZooKeeper did not answer (then this host alone)): the hosts registered in
+        ZooKeeper, asked at most once per HOSTS_FRESH seconds."""
+        when, hosts, problem = self._hosts_seen
         if time.monotonic() - when < HOSTS_FRESH:
-            return dict(hosts)
+            return dict(hosts), dict(problem)
         from cluster.exports import HourNodes  # kazoo only in a cluster
-        nodes, hosts = HourNodes(self.cluster), {}
+        nodes, hosts, problem = HourNodes(self.cluster), {}, {}
         try:
             nodes.start(timeout=ZOOKEEPER_WAIT)
             hosts = {h: data.get("clickhouse") for h, data in nodes.live_hosts().items()}
-            self.unreachable = {}
         except Exception as e:  # the hosts' rows cannot be found: this host's answer
-            self.unreachable = {OTHERS: f"ZooKeeper {self.cluster['zookeeper']}: "
-                                        f"{first_line(e) or type(e).__name__}"}
+            problem = {OTHERS: f"ZooKeeper {self.cluster['zookeeper']}: "
+                               f"{first_line(e) or type(e).__name__}"}
         finally:
             nodes.stop()
         hosts[self.cluster["host"]] = None
-        self._hosts_seen = (time.monotonic(), hosts)
-        return dict(hosts)
+        self._hosts_seen = (time.monotonic(), hosts, problem)
+        return dict(hosts), dict(problem)
 
     def _cluster_rows(self, name: str, mt: str, start_ms: int, end_ms: int,
                       convert) -> pa.Table:
@@ -365,8 +365,7 @@ class Archive:
         that file does not have yet (its copies of hours not merged here, its live tables),
         read through remote().  A host that does not answer is left out and named in
         `unreachable`; the others answer.  This host's ClickHouse away: the files only."""
-        hosts = self._hosts()
-        unreachable = dict(self.unreachable)
+        hosts, unreachable = self._hosts()
         for _attempt in range(ATTEMPTS):
             before = self._file_identities(name, start_ms, end_ms)
             merged_hours = {hour for hour, *_rest in before.values()}
@@ -434,10 +433,11 @@ class Archive:
 
     def _cluster_gaps(self, name: str, start_ms: int, end_ms: int) -> List[Gap]:
         """The stretches of the range no host covered, from every answering host's ledger and
-        holdings, as a merged file's gaps are made (exporter/merge.py cluster_gaps)."""
+        holdings, as a merged file's gaps are made (exporter/merge.py cluster_gaps); hosts
+        the rows of this answer found unreachable are not asked again."""
         hosts = {}
         with Store(self.clickhouse) as store:
-            for host, source in sorted(self._hosts().items()):
+            for host, source in sorted(self._hosts()[0].items()):
                 if host in self.unreachable:
                     continue
                 try:
