@@ -104,14 +104,18 @@ class Cluster:
         self.bed, self.sim, self.clock, self.daemons = bed, sim, clock, daemons
         self.cut_wall = self.restored_wall = None  # h1's time off the network (wall ms)
 
-    def trades(self, host: str, start_ms: int, end_ms: int):
-        """`mexc trades btc` run on a host: (rows as dicts, stderr)."""
-        daemon = self.daemons[host]
-        done = self.bed.exec(host, [MEXC, "trades", "btc", "--from", str(start_ms), "--to",
+    def history(self, host: str, kind: str, start_ms: int, end_ms: int):
+        """`mexc KIND btc` run on a host: (rows as dicts, stderr)."""
+        daemon, began = self.daemons[host], time.monotonic()
+        done = self.bed.exec(host, [MEXC, kind, "btc", "--from", str(start_ms), "--to",
                                     str(end_ms), "--format", "csv", "--config", daemon.config],
                              timeout=120)
         assert done.returncode == 0, done.stderr
+        print(f"mexc {kind} on {host}: {time.monotonic() - began:.1f} s")
         return list(csv.DictReader(io.StringIO(done.stdout))), done.stderr
+
+    def trades(self, host: str, start_ms: int, end_ms: int):
+        return self.history(host, "trades", start_ms, end_ms)
 
     def wait_collecting(self) -> None:
         wait_for(lambda: all(d.rows() > 50 for d in self.daemons.values()), 60,
@@ -198,6 +202,13 @@ def test_trades_from_any_host_are_every_trade_the_cluster_received_once(cluster)
           f"{len(merged)} merged hours")
     same, _stderr = cluster.trades("h2", start_ms, end_ms)
     assert sorted(_ms(row["ts"]) for row in same) == sorted(answered)
+    # tickers (no id: matched by time and text) each once too; bars count every trade
+    tickers, _stderr = cluster.history("h1", "ticker", start_ms, end_ms)
+    sent = {(ts, m) for ts, mt, m in cluster.sim.expected_rows("BTC_USDT")
+            if mt == "t" and start_ms <= ts < end_ms}
+    assert sorted(_ms(row["ts"]) for row in tickers) == sorted(ts for ts, _m in sent)
+    bars, _stderr = cluster.history("h1", "bars", start_ms, end_ms)
+    assert sum(int(row["trades"]) for row in bars) == len(rows)
 
 
 @pytest.mark.slow
