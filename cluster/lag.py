@@ -8,7 +8,9 @@ median of those, in seconds.  The earliest host of most trades has a lag of 0.  
 differ add their offset to the figure (NTP keeps it to milliseconds).
 
 Each host's recent trades are read from its own ClickHouse through remote() (core/store.py):
-a few thousand (id, rts) pairs per host and symbol, every LAG_EVERY seconds.
+a few thousand (id, rts) pairs per host and symbol.  Every LAG_EVERY seconds at most
+SYMBOLS_PER_ROUND symbols are measured, in turn, so 300 symbols cost what 20 do; each keeps
+its last figure until its next turn.
 """
 import statistics
 import time
@@ -18,18 +20,26 @@ from core.log import first_line
 
 WINDOW_MS = 60_000
 LAG_EVERY = 10.0  # seconds between measurements (the monitor's thread)
+SYMBOLS_PER_ROUND = 20
 
 
 def receive_lag(store, sources: Dict[str, Optional[str]], holders: Dict[str, list],
-                now_ms: Optional[int] = None) -> dict:
+                previous: Optional[dict] = None, now_ms: Optional[int] = None) -> dict:
     """sources: {host: its ClickHouse for remote(), None for this host}; holders: {name:
-    hosts whose copy of it is live}.  Returns {"ts_ms", "window_s", "symbols": {name: {host:
-    seconds}}, "unreachable": {host: why}}: symbols held by fewer than two answering hosts,
-    or without a trade both received, are left out."""
+    hosts whose copy of it is live}; previous: the last measurement (its symbols not measured
+    in this round are kept).  Returns {"ts_ms", "window_s", "symbols": {name: {host:
+    seconds}}, "unreachable": {host: why}, "last": the last symbol measured}: symbols held by
+    fewer than two answering hosts, or without a trade two received, are left out."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    since, lags, unreachable = now_ms - WINDOW_MS, {}, {}
-    for name, hosts in sorted(holders.items()):
-        receipts = {}
+    previous = previous or {}
+    names = sorted(n for n, hosts in holders.items() if len(hosts) > 1)
+    after = [n for n in names if n > previous.get("last", "")]
+    turn = (after + [n for n in names if n not in after])[:SYMBOLS_PER_ROUND]
+    since, unreachable = now_ms - WINDOW_MS, {}
+    lags = {n: lag for n, lag in previous.get("symbols", {}).items()
+            if n in names and n not in turn}
+    for name in turn:
+        hosts, receipts = holders[name], {}
         for host in sorted(h for h in hosts if h in sources and h not in unreachable):
             try:
                 receipts[host] = dict(store.recent_trade_receipts(name, since, sources[host]))
@@ -40,7 +50,7 @@ def receive_lag(store, sources: Dict[str, Optional[str]], holders: Dict[str, lis
         if lag:
             lags[name] = lag
     return {"ts_ms": now_ms, "window_s": WINDOW_MS / 1000, "symbols": lags,
-            "unreachable": unreachable}
+            "unreachable": unreachable, "last": turn[-1] if turn else ""}
 
 
 def lags_behind_first(receipts: Dict[str, Dict[str, int]]) -> Dict[str, float]:

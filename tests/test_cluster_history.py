@@ -30,7 +30,7 @@ import pytest
 from kazoo.client import KazooClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.lag import lags_behind_first, per_host
+from cluster.lag import lags_behind_first, per_host, receive_lag
 from core.clock import HOUR_MS, EventClock, hour_start
 from supervisor.commands import COMMANDS
 from tests.conftest import MEXC, toml_dump, wait_for
@@ -369,6 +369,26 @@ def test_lag_is_the_median_behind_the_earliest_receipt_of_each_trade():
     assert per_host({"symbols": {"btc": {"h1": 0.0, "h2": 0.03},
                                  "eth": {"h2": 0.01, "h3": 0.0}}}) == {
         "h1": 0.0, "h2": 0.02, "h3": 0.0}
+
+
+def test_lag_measures_a_round_of_symbols_in_turn_and_keeps_the_others():
+    class Store:  # each host received each trade 5 ms later than the one before it
+        asked = []
+
+        def recent_trade_receipts(self, name, since_ms, source):
+            self.asked.append(name)
+            return [("1", 1000 + 5 * int(source[1]))]
+
+        def close(self):
+            pass
+    holders = {f"s{i:02d}": ["h1", "h2"] for i in range(30)} | {"one": ["h1"]}
+    sources = {"h1": "h1", "h2": "h2"}
+    first = receive_lag(Store(), sources, holders)
+    assert sorted(first["symbols"]) == [f"s{i:02d}" for i in range(20)]
+    assert first["symbols"]["s00"] == {"h1": 0.0, "h2": 0.005}
+    second = receive_lag(Store(), sources, holders, first)
+    assert len(second["symbols"]) == 30 and second["last"] == "s09"  # 20..29, then 0..9
+    assert len(Store.asked) == 2 * 2 * 20
 
 
 def test_status_says_each_hosts_receive_lag_under_the_cluster_line():

@@ -157,7 +157,7 @@ class Monitor(threading.Thread):
             for name in names:
                 holders.setdefault(name, []).append(host)
         try:
-            self.cluster_lag = receive_lag(self.store, sources, holders)
+            self.cluster_lag = receive_lag(self.store, sources, holders, self.cluster_lag)
         except Exception as e:  # this host's ClickHouse away: the next try
             self.store.close()
             log.debug("monitor: receive lag: %s", first_line(e))
