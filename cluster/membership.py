@@ -55,6 +55,7 @@ class Membership:
         logging.getLogger("kazoo").setLevel(logging.ERROR)  # one line per retry otherwise
         self._lock = threading.Lock()
         self._hosts: Set[str] = set()  # as the hosts/ watch last saw them
+        self._addresses: Dict[str, str] = {}  # host -> its cluster.clickhouse (hosts/ data)
         self._live: Dict[str, Set[str]] = {name: set() for name in self.names}
         self._state = LOST
         self._session = None  # the session id this host's nodes belong to
@@ -147,9 +148,11 @@ class Membership:
         """The cluster section of `mexc status`: hosts alive and the symbols live on each."""
         with self._lock:
             hosts, live = sorted(self._hosts), {n: set(h) for n, h in self._live.items()}
+            addresses = {h: self._addresses.get(h) for h in hosts}
         return {"host": self.me, "zookeeper": self._state, "frozen": not self.ready(),
                 "replicas": self.replicas,
-                "hosts": {h: sorted(n for n in self.names if h in live[n]) for h in hosts}}
+                "hosts": {h: sorted(n for n in self.names if h in live[n]) for h in hosts},
+                "clickhouse": addresses}
 
     # --- kazoo's threads: record only ------------------------------------------------------
 
@@ -188,6 +191,7 @@ class Membership:
         if session != self._session:
             self._register(session)
         self._watch_names()  # new ones after a reload
+        self._read_addresses()
         want = set(self._want_live)
         for name in sorted(want - self._published):
             self._own(f"{self.root}/live/{name}/{self.me}", b"")
@@ -198,6 +202,21 @@ class Membership:
             except NoNodeError:
                 pass
             self._published.discard(name)
+
+    def _read_addresses(self) -> None:
+        """Each live host's ClickHouse address, read once per host that joined (again after
+        it left and came back: it may have moved)."""
+        with self._lock:
+            self._addresses = {h: a for h, a in self._addresses.items() if h in self._hosts}
+            missing = self._hosts - set(self._addresses)
+        for host in sorted(missing):
+            try:
+                data, _stat = self.zk.get(f"{self.root}/hosts/{host}")
+                address = json.loads(data.decode() or "{}").get("clickhouse")
+            except (NoNodeError, ValueError):
+                continue
+            with self._lock:
+                self._addresses[host] = address
 
     def _register(self, session) -> None:
         """In a new session: this host's node, no live node of an earlier session of this

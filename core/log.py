@@ -7,6 +7,7 @@ UTC timestamp and the level name instead.
 import collections
 import logging
 import os
+import re
 import sys
 import time
 
@@ -67,5 +68,10 @@ class RecentProblems(logging.Handler):
 
 
 def first_line(e: BaseException) -> str:
-    """An exception as one short log-friendly line (ClickHouse errors carry a stack trace)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    """An exception as one short log-friendly line (ClickHouse errors carry a stack trace;
+    clickhouse-driver puts their code alone on the first line, `Code: 279.`, and what went
+    wrong on the next: both are kept)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and re.fullmatch(r"Code: \d+\.", lines[0]):
+        lines = [f"{lines[0]} {lines[1]}"]
+    return (lines or [type(e).__name__])[0][:300]

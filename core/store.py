@@ -76,6 +76,9 @@ FILE_PART_BYTES = 4 << 20  # an hour file's bytes go into hour_copies in parts o
 COPY, MERGED = "copy", "merged"  # hour_copies.kind: a host's copy of an hour, the merged file
 # export_log's twin for a cluster host's own copies (export_log holds the merged files)
 COPY_LOG = "copy_log"
+# reads through remote(): a peer away fails the statement within seconds, not minutes
+REMOTE_SETTINGS = {"connect_timeout_with_failover_ms": 1000, "connect_timeout": 2,
+                   "receive_timeout": 10, "send_timeout": 10}
 
 
 class SchemaTooNew(Exception):
@@ -673,13 +676,13 @@ class Store:
             f") ENGINE = MergeTree ORDER BY (name, hour, kind, host, sha256, part)")
         self.create_holdings_table()
 
-    def _source(self, table: str, source: Optional[str]) -> str:
+    def _source(self, table: str, source: Optional[str], database: Optional[str] = None) -> str:
         """This server's table, or the same table on the server at `source` (host:port, the
         native port) read through remote() with this session's user and password."""
         if source is None:
-            return self._table(table)
+            return self._table(table) if database is None else f"{quote(database)}.{quote(table)}"
         ch = self.ch
-        args = [source, self.database, table, ch["user"], ch["password"]]
+        args = [source, database or self.database, table, ch["user"], ch["password"]]
         return "remote(" + ", ".join("'" + a.replace("\\", "\\\\").replace("'", "\\'") + "'"
                                      for a in args) + ")"
 
@@ -749,6 +752,58 @@ class Store:
             f"SELECT name, argMax(held, ts) FROM {self._table('cluster_holdings')} "
             f"WHERE host = %(host)s AND ts < {int(before_ms)} GROUP BY name", {"host": host})
             if held)
+
+    # --- a cluster: every host's rows, for answers from any host (mexc/history.py) ---------
+
+    def rows_tables(self, name: str, source: Optional[str] = None) -> List[str]:
+        """Which of a symbol's current, previous and fresh tables exist (here, or on the
+        server at `source`), in that order."""
+        names = [current_table(name), previous_table(name), fresh_table(name)]
+        found = {t for t, in self.client.execute(
+            f"SELECT name FROM {self._source('tables', source, 'system')} "
+            f"WHERE database = %(db)s AND name IN %(names)s",
+            {"db": self.database, "names": tuple(names)}, settings=REMOTE_SETTINGS)}
+        return [t for t in names if t in found]
+
+    def host_live_rows(self, name: str, mt: str, since_ms: int, until_ms: int,
+                       tables: Sequence[str], source: Optional[str] = None) -> list:
+        """live_rows' columns from the given rows tables of one host (here, or at `source`,
+        through remote()): [ts ms], [m], [rts ms], [1 if not from current]."""
+        if not tables:
+            return [[], [], [], []]
+        f = self.features
+        where = (f"WHERE mt = %(mt)s AND {f.ms()} >= {int(since_ms)} "
+                 f"AND {f.ms()} < {int(until_ms)}")
+        union = " UNION ALL ".join(
+            f"SELECT {f.ms()} AS t, m, {f.ms('rts')} AS r, "
+            f"toUInt8({int(table != current_table(name))}) AS p "
+            f"FROM {self._source(table, source)} {where}" for table in tables)
+        columns = self.client.execute(f"SELECT t, m, r, p FROM ({union}) ORDER BY t",
+                                      {"mt": mt}, columnar=True, settings=REMOTE_SETTINGS)
+        return columns or [[], [], [], []]
+
+    def logged_copies(self, symbol: str, since_ms: int, until_ms: int,
+                      source: Optional[str] = None) -> dict:
+        """{hour start ms: sha256} of a host's copies (copy_log, the latest entry per hour)
+        of the hours overlapping [since_ms, until_ms); here or at `source`."""
+        hour = self.features.ms("hour_start")
+        return dict(self.client.execute(
+            f"SELECT {hour}, argMax(sha256, export_time) FROM {self._source(COPY_LOG, source)} "
+            f"WHERE symbol = %(symbol)s AND {hour} > {int(since_ms) - HOUR_MS} "
+            f"AND {hour} < {int(until_ms)} GROUP BY hour_start",
+            {"symbol": symbol}, settings=REMOTE_SETTINGS))
+
+    def recent_trade_receipts(self, name: str, since_ms: int, source: Optional[str] = None,
+                              limit: int = 5000) -> List[Tuple[str, int]]:
+        """(MEXC trade id, rts ms) of a symbol's trades received from since_ms on, the newest
+        `limit`, in its current table here or at `source` (the receive lag behind the
+        earliest host)."""
+        rts = self.features.ms("rts")
+        return self.client.execute(
+            f"SELECT extract(m, '^[^|]*[|][^|]*[|][^|]*[|]([0-9]+)$') AS id, {rts} FROM "
+            f"{self._source(current_table(name), source)} WHERE mt = '{DEAL}' "
+            f"AND {rts} >= {int(since_ms)} AND id != '' ORDER BY {rts} DESC LIMIT {int(limit)}",
+            settings=REMOTE_SETTINGS)
 
     def newest_table_ms(self, name: str, before_ms: int) -> Optional[int]:
         """The newest exchange time of a data row (not a dead letter) before `before_ms` in a

@@ -379,7 +379,9 @@ def _add_history_commands(commands, common) -> None:
             description=f"{what[0].upper()}{what[1:]}.  From the hourly Parquet files and, for "
                         "what is not exported yet, ClickHouse; every row once.  Gaps in the "
                         "range are listed on stderr.  Times: ISO-8601 (2026-11-24T14:00, UTC "
-                        "unless a zone is given), relative (-2h, -30m, -1d) or now.",
+                        "unless a zone is given), relative (-2h, -30m, -1d) or now.  In a cluster: every "
+                        "host's rows, each event once, with a host column; a host that does "
+                        "not answer is named on stderr.",
             epilog="Exit codes: 0 ok, 1 failure, 2 usage, 78 bad configuration.")
         command.add_argument("symbol", help="contract (BTC_USDT) or its short name (btc)")
         command.add_argument("--from", dest="start", required=kind != "book", metavar="T",

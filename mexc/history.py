@@ -18,6 +18,11 @@ exchange's text, so `float(text) == value`.  `exact=True` gives decimal128(38, 1
 the exchange's value to the last digit, trailing zeros and exponent forms included; a number
 that does not fit raises, nothing is rounded silently.  The text itself stays in the archive.
 
+In a cluster ([cluster] host set) an answer is the whole cluster's from any host: the merged
+files here and every host's rows they do not hold yet, read through ClickHouse's remote() and
+merged as the exporter merges copies (exporter/merge.py), with a `host` column; a host that
+does not answer is left out and named in `Archive.unreachable` (docs/cluster.md).
+
 All heavy lifting is pyarrow compute (already a dependency): splitting the `m` text, casting,
 grouping bars.  Memory stays bounded by the answer: each hour's file is read, filtered to one
 message type and typed before the next one is read.
@@ -25,10 +30,12 @@ message type and typed before the next one is read.
 import concurrent.futures
 import contextlib
 import datetime
+import hashlib
+import io
 import json
 import os
 import time
-from typing import Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,12 +45,13 @@ import pyarrow.parquet as pq
 from core import archive, clock, config as configuration
 from core.clock import HOUR_MS, hour_start, iso
 from core.log import first_line
-from core.store import Store
+from core.store import COPY, Store
 from core.symbols import resolved_symbols
 from core.channels import (BOOK_CHANNEL, DEAL_CHANNEL, DEAL_SIDES,
                            DEPTH_CHANNEL, FIELD_SEPARATOR, LEVEL_CLOSE, LEVEL_FIELDS, LEVEL_OPEN,
                            LEVEL_SEPARATOR, TICKER_CHANNEL, Layout)
 from core.vocabulary import BOOK_SNAPSHOT, Gap
+from exporter import merge
 from mexc import fullbook
 
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
@@ -55,6 +63,9 @@ READERS = 2  # hourly files read at the same time
 ATTEMPTS = 5  # reads of a range that a rotation changed midway before giving up
 KEYS = ["ts", "m", "rts"]  # a row's identity within one symbol and message type
 LIVE = "files and ClickHouse"  # Archive.live when ClickHouse answered
+HOSTS_FRESH = 5.0  # seconds a cluster's host list from ZooKeeper is used for answers
+ZOOKEEPER_WAIT = 5.0  # seconds to reach ZooKeeper before answering from this host alone
+OTHERS = "(others)"  # Archive.unreachable's key when ZooKeeper could not name the hosts
 
 
 class HistoryError(Exception):
@@ -91,14 +102,18 @@ def parse_interval(text: str) -> int:
 
 class Archive:
     """One export directory, and the ClickHouse whose live tables hold what is not exported
-    yet (clickhouse=None: the files only)."""
+    yet (clickhouse=None: the files only).  With `cluster` (a [cluster] section), the whole
+    cluster's: see "A cluster" below."""
 
     def __init__(self, export_dir: str, clickhouse: Optional[dict] = None,
-                 symbols: Sequence[configuration.Symbol] = ()):
+                 symbols: Sequence[configuration.Symbol] = (), cluster: Optional[dict] = None):
         self.export_dir = export_dir
         self.clickhouse = clickhouse
         self.symbols = list(symbols)
+        self.cluster = cluster
         self.live = None  # where the last answer came from (files, ClickHouse), for users
+        self.unreachable: Dict[str, str] = {}  # in a cluster: hosts the last answer lacks: why
+        self._hosts_seen = (0.0, {}, {})  # (when, {host: source}, ZooKeeper's problem)
 
     @classmethod
     def from_config(cls, config=None, offline: bool = False) -> "Archive":
@@ -106,7 +121,7 @@ class Archive:
         if not isinstance(config, configuration.Config):
             config = configuration.load(config)
         return cls(config.export["dir"], None if offline else config.clickhouse,
-                   resolved_symbols(config))
+                   resolved_symbols(config), config.cluster if config.clustered else None)
 
     def symbol(self, symbol: str) -> configuration.Symbol:
         """A configured symbol by contract or short name; else the default short name (a
@@ -114,7 +129,9 @@ class Archive:
         for s in self.symbols:
             if symbol in (s.symbol, s.name):
                 return s
-        return configuration.Symbol(symbol, configuration.default_name(symbol))
+        s = configuration.Symbol(symbol, configuration.default_name(symbol))
+        self.symbols.append(s)  # its short name now finds the contract (a cluster's logs)
+        return s
 
     # --- the four kinds ---------------------------------------------------------------------
 
@@ -148,7 +165,7 @@ class Archive:
             s = self.symbol(symbol)
             return _with_metadata(_book_at(at, book, levels, per_level), s, at, at + 1,
                                   self._gaps(s.name, at, at + 1, ledger=self.live == LIVE),
-                                  self.live)
+                                  self.live, self.unreachable)
         return self._typed(symbol, DEPTH_CHANNEL.mt, start, end,
                            lambda raw: _book(raw, levels, per_level, exact))
 
@@ -190,12 +207,14 @@ class Archive:
         gaps = gaps_of(trades)
         table = _bars(trades, start_ms, end_ms, parse_interval(interval),
                       [g for g in gaps if not g.covered])
-        return _with_metadata(table, self.symbol(symbol), start_ms, end_ms, gaps, self.live)
+        return _with_metadata(table, self.symbol(symbol), start_ms, end_ms, gaps, self.live,
+                              self.unreachable)
 
     def gaps(self, symbol: str, start, end) -> List[Gap]:
         """The gaps overlapping [start, end): from the ledger (ClickHouse's `gaps` table) when
         it answers, else from the hourly files' `mexc.gaps` metadata (offline use)."""
         start_ms, end_ms = self._range(start, end)
+        self.unreachable = {}  # what an earlier answer found, not this one's
         return self._gaps(self.symbol(symbol).name, start_ms, end_ms,
                           ledger=self.clickhouse is not None)
 
@@ -211,6 +230,8 @@ class Archive:
     def _gaps(self, name: str, start_ms: int, end_ms: int, ledger: bool) -> List[Gap]:
         if ledger:
             try:
+                if self.cluster is not None:
+                    return self._cluster_gaps(name, start_ms, end_ms)
                 with Store(self.clickhouse) as store:
                     return store.gaps(name, start_ms, end_ms)
             except Exception:  # ClickHouse away: the files know the gaps of exported hours
@@ -222,7 +243,7 @@ class Archive:
         s = self.symbol(symbol)
         table = self._rows(s.name, mt, start_ms, end_ms, convert)
         gaps = self._gaps(s.name, start_ms, end_ms, ledger=self.live == LIVE)
-        return _with_metadata(table, s, start_ms, end_ms, gaps, self.live)
+        return _with_metadata(table, s, start_ms, end_ms, gaps, self.live, self.unreachable)
 
     def _rows(self, name: str, mt: str, start_ms: int, end_ms: int, convert) -> pa.Table:
         """Every row of type mt with ts in [start_ms, end_ms), exactly once, typed.
@@ -240,7 +261,10 @@ class Archive:
              pending is only what the exporter has not finished yet;
           5. if any file changed since step 1 (a rotation wrote or merged an hour, possibly
              with rows read in step 2), read again.
-        Current is never compared with files: its late rows for an exported hour are new."""
+        Current is never compared with files: its late rows for an exported hour are new.
+        In a cluster: every host's rows, merged (_cluster_rows)."""
+        if self.cluster is not None and self.clickhouse is not None:
+            return self._cluster_rows(name, mt, start_ms, end_ms, convert)
         for _attempt in range(ATTEMPTS):
             before = self._file_identities(name, start_ms, end_ms)
             current, pending = self._live_rows(name, mt, start_ms, end_ms)
@@ -310,21 +334,176 @@ class Archive:
         return sorted((g for g in found if g.end_ms > start_ms and g.start_ms < end_ms),
                       key=lambda g: (g.start_ms, g.end_ms))
 
+    # --- a cluster: every host's rows (docs/cluster.md "The whole cluster from any host") --
+
+    def _hosts(self):
+        """({host: its ClickHouse as remote() reaches it; None for this host}, {OTHERS: why}
+        when ZooKeeper did not answer (then this host alone)): the hosts registered in
+        ZooKeeper, asked at most once per HOSTS_FRESH seconds."""
+        when, hosts, problem = self._hosts_seen
+        if time.monotonic() - when < HOSTS_FRESH:
+            return dict(hosts), dict(problem)
+        from cluster.exports import HourNodes  # kazoo only in a cluster
+        nodes, hosts, problem = HourNodes(self.cluster), {}, {}
+        try:
+            nodes.start(timeout=ZOOKEEPER_WAIT)
+            hosts = {h: data.get("clickhouse") for h, data in nodes.live_hosts().items()}
+        except Exception as e:  # the hosts' rows cannot be found: this host's answer
+            problem = {OTHERS: f"ZooKeeper {self.cluster['zookeeper']}: "
+                               f"{first_line(e) or type(e).__name__}"}
+        finally:
+            nodes.stop()
+        hosts[self.cluster["host"]] = None
+        self._hosts_seen = (time.monotonic(), hosts, problem)
+        return dict(hosts), dict(problem)
+
+    def _cluster_rows(self, name: str, mt: str, start_ms: int, end_ms: int,
+                      convert) -> pa.Table:
+        """Every row of type mt in the range that any host holds, each exchange event once,
+        merged as the exporter merges an hour (exporter/merge.py; `host` says whose row it
+        is): per hour, the merged file here if there is one, and from every host the rows
+        that file does not have yet (its copies of hours not merged here, its live tables),
+        read through remote().  A host that does not answer is left out and named in
+        `unreachable`; the others answer.  This host's ClickHouse away: the files only."""
+        hosts, unreachable = self._hosts()
+        for _attempt in range(ATTEMPTS):
+            before = self._file_identities(name, start_ms, end_ms)
+            merged_hours = {hour for hour, *_rest in before.values()}
+            read, self.live = {}, LIVE
+            try:
+                with Store(self.clickhouse) as store:
+                    for host, source in sorted(hosts.items()):
+                        try:
+                            read[host] = self._read_host(store, host, source, name, mt,
+                                                         start_ms, end_ms, merged_hours)
+                        except Exception as e:
+                            if source is None:
+                                raise
+                            unreachable[host] = first_line(e) or type(e).__name__
+                            store.close()
+            except Exception as e:  # the files still answer for every merged hour
+                self.live = f"ClickHouse unavailable, the files only: {first_line(e)}"
+                read = {}
+            rows = {host: _host_table(*columns) for host, columns in read.items()}
+            files = {hour: _file_rows(path, mt, start_ms, end_ms, hour, host=True)
+                     for path, (hour, *_rest) in before.items()}
+            if self._file_identities(name, start_ms, end_ms) == before:
+                break
+        else:
+            raise HistoryError(f"{name}: the files of {iso(start_ms)}..{iso(end_ms)} changed "
+                               f"during each of {ATTEMPTS} reads (an export running?)")
+        self.unreachable = unreachable
+        chunks = [convert(_merged_hour(mt, hour, files.get(hour), rows))
+                  for hour in range(hour_start(start_ms), end_ms, HOUR_MS)]
+        return pa.concat_tables(chunks)  # hours in order, each in ts order
+
+    def _read_host(self, store: Store, host: str, source: Optional[str], name: str, mt: str,
+                   start_ms: int, end_ms: int, merged_hours: set):
+        """One host's rows of the range that the merged files here do not hold, for
+        _host_table: its live tables' columns (Store.host_live_rows) and its copies of the
+        other hours (their bytes in its hour_copies); read again while its export moves rows
+        (which tables exist, which copies are logged: the same before and after)."""
+        symbol = self.symbol(name).symbol
+        for _attempt in range(ATTEMPTS):
+            state = (store.rows_tables(name, source),
+                     store.logged_copies(symbol, start_ms, end_ms, source))
+            ts, m, rts, is_pending = store.host_live_rows(name, mt, start_ms, end_ms, state[0],
+                                                          source)
+            copies = [self._copy_rows(store, host, source, name, mt, start_ms, end_ms, hour,
+                                      sha) for hour, sha in sorted(state[1].items())
+                      if hour not in merged_hours]
+            if None not in copies and state == (
+                    store.rows_tables(name, source),
+                    store.logged_copies(symbol, start_ms, end_ms, source)):
+                break
+        else:
+            raise HistoryError(f"{name}: the rows of {host} moved during each of {ATTEMPTS} "
+                               "reads (an export running?)")
+        return (ts, m, rts, is_pending), copies
+
+    @staticmethod
+    def _copy_rows(store: Store, host: str, source: Optional[str], name: str, mt: str,
+                   start_ms: int, end_ms: int, hour: int, sha256: str) -> Optional[pa.Table]:
+        """A host's copy of an hour (its rows of type mt in the range), None while its bytes
+        are not whole in hour_copies yet (logged a moment before they are stored)."""
+        data = store.hour_file(name, hour, COPY, host, sha256, source)
+        if data is None or hashlib.sha256(data).hexdigest() != sha256:
+            return None
+        return _file_rows(io.BytesIO(data), mt, start_ms, end_ms, hour)
+
+    def _cluster_gaps(self, name: str, start_ms: int, end_ms: int) -> List[Gap]:
+        """The stretches of the range no host covered, from every answering host's ledger and
+        holdings, as a merged file's gaps are made (exporter/merge.py cluster_gaps); hosts
+        the rows of this answer found unreachable are not asked again."""
+        hosts = {}
+        with Store(self.clickhouse) as store:
+            for host, source in sorted(self._hosts()[0].items()):
+                if host in self.unreachable:
+                    continue
+                try:
+                    hosts[host] = ([(ts, held) for h, ts, held in
+                                    store.holdings(name, start_ms, end_ms, source) if h == host],
+                                   store.gaps(name, start_ms, end_ms, source))
+                except Exception as e:
+                    if source is None:
+                        raise
+                    self.unreachable[host] = first_line(e) or type(e).__name__
+                    store.close()
+        return merge.cluster_gaps(hosts, self.symbol(name).symbol, name, start_ms, end_ms)[0]
+
+
+def _host_table(columns, copies: List[pa.Table]) -> pa.Table:
+    """One host's rows (ts, m, rts) from what _read_host read, each row once as _rows has
+    this host's own: pending rows (an export under way) also in current or in a copy are
+    dropped."""
+    ts, m, rts, is_pending = columns
+    table = _raw_table(ts, m, rts)
+    in_pending = pa.array(is_pending, pa.uint8()).cast(pa.bool_())
+    current = table.filter(pc.invert(in_pending))
+    pending = table.filter(in_pending).group_by(KEYS, use_threads=False).aggregate([])
+    pending = _anti_join(pending.select(KEYS), current)
+    copies = [_identity(copy) for copy in copies]  # the file's non-null fields as ClickHouse's
+    for copy in copies:
+        pending = _anti_join(pending, copy)
+    return pa.concat_tables([*copies, current, pending])
+
+
+def _merged_hour(mt: str, hour: int, merged_file: Optional[pa.Table], hosts: dict) -> pa.Table:
+    """One hour's rows (ts, m, rts, host): the merged file's and every host's, each event once
+    (exporter/merge.py)."""
+    def in_hour(table):
+        ts = table.column("ts")
+        return table.filter(pc.and_(pc.greater_equal(ts, pa.scalar(hour, TIMESTAMP)),
+                                    pc.less(ts, pa.scalar(hour + HOUR_MS, TIMESTAMP))))
+    inputs = [(host, in_hour(table)) for host, table in sorted(hosts.items())]
+    inputs = [(host, table) for host, table in inputs if table.num_rows]
+    if merged_file is not None and merged_file.num_rows:
+        if not inputs:  # merged already
+            return merged_file
+        inputs.insert(0, ("", merged_file))
+    rows = merge.merge([(host, table.append_column("mt", pa.array([mt] * table.num_rows,
+                                                                  pa.string())))
+                        for host, table in inputs])
+    return rows.select(["ts", "m", "rts", "host"])
+
 
 def _raw_table(ts, m, rts) -> pa.Table:
     return pa.table({"ts": pa.array(ts, pa.int64()).cast(TIMESTAMP), "m": pa.array(m, pa.string()),
                      "rts": pa.array(rts, pa.int64()).cast(TIMESTAMP)})
 
 
-def _file_rows(path: str, mt: str, start_ms: int, end_ms: int, hour: int) -> pa.Table:
-    """One hourly file's rows of type mt in the range, as (ts, m, rts)."""
-    table = pq.read_table(path, columns=["ts", "mt", "m", "rts"])
+def _file_rows(path, mt: str, start_ms: int, end_ms: int, hour: int,
+               host: bool = False) -> pa.Table:
+    """One hourly file's rows of type mt in the range, as (ts, m, rts), and `host` (a merged
+    file's) if asked.  path: a path or a file object."""
+    columns = ["ts", "m", "rts"] + (["host"] if host else [])
+    table = pq.read_table(path, columns=["ts", "mt"] + columns[1:])
     keep = _is_type(table.column("mt"), mt)
     if start_ms > hour or end_ms < hour + HOUR_MS:  # the range cuts this hour
         ts = table.column("ts")
         keep = pc.and_(keep, pc.and_(pc.greater_equal(ts, pa.scalar(start_ms, TIMESTAMP)),
                                      pc.less(ts, pa.scalar(end_ms, TIMESTAMP))))
-    return table.filter(keep).select(["ts", "m", "rts"])
+    return table.filter(keep).select(columns)
 
 
 def _is_type(mt_column: pa.ChunkedArray, mt: str) -> pa.ChunkedArray:
@@ -354,6 +533,14 @@ def _fields(m, layout: Layout) -> list:
     return [pc.list_element(parts, i) for i in range(count)]
 
 
+def _tail(raw: pa.Table, parents=None) -> dict:
+    """The typed table's last columns: rts, and in a cluster `host` (whose copy the row is),
+    taken per row of the raw rows (`parents`: the raw row of each typed row)."""
+    names = ["rts"] + (["host"] if "host" in raw.column_names else [])
+    return {n: raw.column(n) if parents is None else pc.take(raw.column(n), parents)
+            for n in names}
+
+
 def _number(text, exact: bool):
     return pc.cast(text, EXACT if exact else pa.float64())
 
@@ -363,7 +550,7 @@ def _trades(raw: pa.Table, exact: bool) -> pa.Table:
     codes = pc.subtract(pc.cast(direction, pa.int8()), 1).cast(pa.int8())  # DEAL_SIDES index
     side = pa.DictionaryArray.from_arrays(_array(codes), SIDES, safe=True)  # raises if not 1/2
     return pa.table({"ts": raw.column("ts"), "price": _number(price, exact),
-                     "volume": _number(volume, exact), "side": side, "rts": raw.column("rts")})
+                     "volume": _number(volume, exact), "side": side, **_tail(raw)})
 
 
 def _ticker(raw: pa.Table, exact: bool) -> pa.Table:
@@ -371,7 +558,7 @@ def _ticker(raw: pa.Table, exact: bool) -> pa.Table:
     fields = _fields(raw.column("m"), layout)
     return pa.table({"ts": raw.column("ts"),
                      **{name: _number(f, exact) for name, f in zip(layout.fields, fields)},
-                     "rts": raw.column("rts")})
+                     **_tail(raw)})
 
 
 def _array(values) -> pa.Array:
@@ -414,7 +601,7 @@ def _book_updates(raw: pa.Table, exact: bool) -> pa.Table:
             "end": pc.take(pc.cast(end, pa.int64()), parents),
             "side": pa.array([code] * len(parents), pa.int8()),
             "price": pc.list_flatten(price), "size": pc.list_flatten(size),
-            "rts": pc.take(raw.column("rts"), parents)}))
+            **_tail(raw, parents)}))
     table = pa.concat_tables(sides).sort_by([("ts", "ascending"), ("begin", "ascending"),
                                               ("side", "ascending")])
     side = pa.DictionaryArray.from_arrays(_array(table.column("side")), BOOK_SIDES)
@@ -449,7 +636,7 @@ def _book(raw: pa.Table, levels: int, per_level: bool, exact: bool) -> pa.Table:
     ask_price, ask_size = _levels(asks, levels, exact)
     if not per_level:
         return pa.table({"ts": raw.column("ts"), "bid_price": bid_price, "bid_size": bid_size,
-                         "ask_price": ask_price, "ask_size": ask_size, "rts": raw.column("rts")})
+                         "ask_price": ask_price, "ask_size": ask_size, **_tail(raw)})
     sides = [_one_row_per_level(raw, 0, bid_price, bid_size),
              _one_row_per_level(raw, 1, ask_price, ask_size)]
     table = pa.concat_tables(sides)  # all bids, then all asks: sort each snapshot together
@@ -468,7 +655,7 @@ def _one_row_per_level(raw: pa.Table, side: int, price, size) -> pa.Table:
     return pa.table({"ts": pc.take(raw.column("ts"), parents),
                      "side": pa.array([side] * n, pa.int8()),  # 0 bid, 1 ask; see _book
                      "level": level, "price": pc.list_flatten(price),
-                     "size": pc.list_flatten(size), "rts": pc.take(raw.column("rts"), parents)})
+                     "size": pc.list_flatten(size), **_tail(raw, parents)})
 
 
 # --- bars ------------------------------------------------------------------------------------
@@ -518,13 +705,14 @@ def _overlaps(bucket, interval_ms: int, gaps: Sequence[Gap]):
 # --- gaps in the answer ----------------------------------------------------------------------
 
 def _with_metadata(table: pa.Table, symbol, start_ms: int, end_ms: int,
-                   gaps: Iterable[Gap], source: str) -> pa.Table:
-    return table.replace_schema_metadata({
-        archive.GAPS_KEY: archive.gaps_json(gaps),
-        RANGE_KEY: json.dumps({"symbol": symbol.symbol, "name": symbol.name,
-                               "start": iso(start_ms), "end": iso(end_ms),
-                               "start_ms": start_ms, "end_ms": end_ms,
-                               "source": source}).encode()})
+                   gaps: Iterable[Gap], source: str, unreachable=None) -> pa.Table:
+    """unreachable: in a cluster, {host: why} of the hosts whose rows the answer lacks."""
+    about = {"symbol": symbol.symbol, "name": symbol.name, "start": iso(start_ms),
+             "end": iso(end_ms), "start_ms": start_ms, "end_ms": end_ms, "source": source}
+    if unreachable:
+        about["unreachable"] = unreachable
+    return table.replace_schema_metadata({archive.GAPS_KEY: archive.gaps_json(gaps),
+                                          RANGE_KEY: json.dumps(about).encode()})
 
 
 def gaps_of(table: pa.Table) -> List[Gap]:
@@ -589,7 +777,15 @@ def summary(table: pa.Table, kind: str) -> str:
     lines += [f"  gap {iso(g.start_ms)} to {iso(g.end_ms)}: {g.reason} {g.detail}".rstrip()
               + (f", {g.backfilled} trades backfilled" if g.backfilled else "")
               + ("" if g.covered else ", trades may be missing") for g in gaps]
+    lines += [_unreachable(host, why) for host, why in sorted(about.get("unreachable", {}).items())]
     return "\n".join(lines)
+
+
+def _unreachable(host: str, why: str) -> str:
+    if host == OTHERS:
+        return f"  warning: the other hosts are unknown ({why}): this host's rows only"
+    return (f"  warning: host {host} unreachable ({why}): its rows not in the merged files here "
+            f"are missing")
 
 
 # --- conversions -----------------------------------------------------------------------------

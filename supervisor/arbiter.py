@@ -822,7 +822,10 @@ class Arbiter:
             if entry["pid"]:
                 entry["rss_bytes"], entry["cpu_percent"] = self._usage(entry["pid"], now)
             children.append(entry)
-        cluster = {"cluster": self.membership.describe()} if self.membership is not None else {}
+        cluster = {}
+        if self.membership is not None:  # with the monitor's last receive lag (cluster/lag.py)
+            lag = self.monitor.cluster_lag if self.monitor is not None else None
+            cluster = {"cluster": {**self.membership.describe(), "lag": lag}}
         contracts = ({"contracts": {**self.contract_list.describe(),
                                     "symbols": len(self.config.symbols),
                                     "delisting": sorted(s.symbol for s, _ in

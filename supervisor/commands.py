@@ -169,7 +169,21 @@ def _cluster(cluster: dict) -> str:
     state = cluster["zookeeper"] + (", ASSIGNMENT FROZEN" if cluster["frozen"] else "")
     hosts = "  ".join(f"{h}: {', '.join(names) or '-'}" for h, names in cluster["hosts"].items())
     return (f"cluster: host {cluster['host']}, zookeeper {state}, {len(cluster['hosts'])} hosts "
-            f"alive, {cluster['replicas']} copies wanted; live {hosts or '-'}")
+            f"alive, {cluster['replicas']} copies wanted; live {hosts or '-'}\n"
+            + _receive_lag(cluster.get("lag")))
+
+
+def _receive_lag(lag) -> str:
+    """`receive lag behind the earliest host (median of the last 60 s of trades): h1 0.000 s,
+    h2 0.012 s` (--json has it per symbol)."""
+    from cluster.lag import per_host  # a single host never loads cluster/
+    if not lag:
+        return "receive lag: not measured (yet: every 10 s while the dashboard or alerts run)"
+    figures = ", ".join(f"{h} {s:.3f} s" for h, s in per_host(lag).items()) or "no trade " \
+        "received by two hosts"
+    away = "".join(f"; {h} unreachable" for h in sorted(lag.get("unreachable", {})))
+    return (f"receive lag behind the earliest host (median of the last {lag['window_s']:.0f} s "
+            f"of trades): {figures}{away}")
 
 
 PROBLEM = "problem"  # the --state that selects every child with a problem

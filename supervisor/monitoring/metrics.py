@@ -5,6 +5,12 @@ project): one metric family per figure, built anew from a snapshot at each scrap
 numbers are exactly those of `mexc status --json`.  Counters are the children's own (a
 restarted collector starts again at 0; Prometheus' rate() handles such resets).  No secret
 is ever a label or a value here.
+
+In a cluster the series above stay as they are, this host's own (Prometheus' `instance` tells
+the hosts' scrapes apart, and the shipped alert rules keep working), and the cluster-wide
+series, the same on every host, gain a `host` label: mexc_cluster_host_up,
+mexc_cluster_live_symbols, mexc_receive_lag_seconds{host,symbol}; mexc_cluster_this_host
+names the host that serves the page.
 """
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -40,15 +46,16 @@ COLLECTOR_GAUGES = [
 def render(monitor) -> bytes:
     """The text of one scrape."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(*monitor.view()))
+    registry.register(_Snapshot(*monitor.view(), symbols=monitor.config.symbols))
     return generate_latest(registry)
 
 
 class _Snapshot:
     """A prometheus_client collector over one (status, ledger, disks)."""
 
-    def __init__(self, status, ledger, disks):
+    def __init__(self, status, ledger, disks, symbols=()):
         self.status, self.ledger, self.disks = status, ledger, disks
+        self.symbols = symbols  # the config's: a cluster's lag is by short name
 
     def collect(self):
         yield _gauge("mexc_build_info", "mexc's version", {"version": __version__}, 1)
@@ -61,6 +68,8 @@ class _Snapshot:
         yield from self._export(self.status["supervisor"].get("export") or {})
         yield from self._gaps(self.ledger.gaps)
         yield from self._disks(self.disks)
+        if self.status.get("cluster"):
+            yield from self._cluster(self.status["cluster"])
 
     def _supervisor(self, sup):
         yield _gauge("mexc_supervisor_uptime_seconds", "seconds since mexc run started", {},
@@ -189,6 +198,30 @@ class _Snapshot:
             free.add_metric([path], free_bytes)
             size.add_metric([path], size_bytes)
         yield from (free, size)
+
+
+    def _cluster(self, cluster):
+        yield _gauge("mexc_cluster_this_host", "1 for the host serving these metrics",
+                     {"host": cluster["host"]}, 1)
+        up = GaugeMetricFamily("mexc_cluster_host_up", "1 for each host registered in "
+                               "ZooKeeper", labels=["host"])
+        live = GaugeMetricFamily("mexc_cluster_live_symbols", "symbols whose collector is "
+                                 "live on the host", labels=["host"])
+        for host, names in cluster["hosts"].items():
+            up.add_metric([host], 1)
+            live.add_metric([host], len(names))
+        yield from (up, live)
+        yield _gauge("mexc_cluster_frozen", "1 while this host's assignment is frozen (no "
+                     "ZooKeeper session)", {}, int(cluster["frozen"]))
+        lag = GaugeMetricFamily("mexc_receive_lag_seconds", "median seconds the host received "
+                                "a trade after the earliest host did (its last minute of "
+                                "trades): which host sits closest to MEXC",
+                                labels=["host", "symbol"])
+        symbols = {s.name: s.symbol for s in self.symbols}
+        for name, by_host in ((cluster.get("lag") or {}).get("symbols") or {}).items():
+            for host, seconds in by_host.items():
+                lag.add_metric([host, symbols.get(name, name)], seconds)
+        yield lag
 
 
 def _per_symbol(family_type, name: str, help_text: str, entries, key: str):

@@ -1,6 +1,7 @@
 """What the dashboard, /metrics and the alerts read: the daemon's status every SAMPLE_EVERY s,
 an hour of message rates, the restarts seen, and from ClickHouse the gap ledger and the
-hours exported.
+hours exported; in a cluster also each host's receive lag (cluster/lag.py) every LAG_EVERY s,
+which the status's cluster section carries (`cluster_lag`).
 
 A thread of the supervisor process.  It asks for the status over the control socket, as
 `mexc status` does, so the supervisor's loop answers in its own time and no state of the
@@ -61,17 +62,20 @@ class Monitor(threading.Thread):
         self.ledger = Ledger()
         self.disks = {}  # path -> (free bytes, size bytes)
         self.store = Store(config.clickhouse, timeout=2.0)
+        self.cluster_lag: Optional[dict] = None  # cluster/lag.py's last measurement
 
     # --- the thread ------------------------------------------------------------------------
 
     def run(self) -> None:
-        next_store = 0.0
+        next_store = next_lag = 0.0
         while not self.stopped.is_set():
             if time.monotonic() >= next_store:
                 self._read_store()
                 self._read_disks()
                 next_store = time.monotonic() + STORE_EVERY
             self._sample()
+            if self.config.clustered and time.monotonic() >= next_lag:
+                next_lag = time.monotonic() + self._measure_lag()
             self.stopped.wait(SAMPLE_EVERY)
         self.store.close()
 
@@ -136,6 +140,28 @@ class Monitor(threading.Thread):
             return
         with self.lock:
             self.ledger = ledger
+
+    def _measure_lag(self) -> float:
+        """Each host's receive lag over the symbols live on two hosts or more, from the
+        hosts and addresses of the last status's cluster section; returns the seconds to
+        the next measurement."""
+        from cluster.lag import LAG_EVERY, receive_lag  # a single host never loads cluster/
+        cluster = (self.snapshot() or {}).get("cluster")
+        if not cluster:
+            return SAMPLE_EVERY
+        sources = {h: (None if h == cluster["host"] else address)
+                   for h, address in cluster.get("clickhouse", {}).items()
+                   if address or h == cluster["host"]}
+        holders = {}
+        for host, names in cluster["hosts"].items():
+            for name in names:
+                holders.setdefault(name, []).append(host)
+        try:
+            self.cluster_lag = receive_lag(self.store, sources, holders, self.cluster_lag)
+        except Exception as e:  # this host's ClickHouse away: the next try
+            self.store.close()
+            log.debug("monitor: receive lag: %s", first_line(e))
+        return LAG_EVERY
 
     def _read_disks(self) -> None:
         disks = {}
