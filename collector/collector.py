@@ -206,7 +206,7 @@ class Collector:
             self._sleep(wait)
             delay = min(delay * 2, self.ex["reconnect_max"])
         if bus_thread is not None:
-            bus_thread.join()  # it sees self.stopping within a heartbeat interval
+            bus_thread.join()  # it sees self.stopping within MAX_WAIT
         return self._shutdown()
 
     def _on_signal(self, signum, _frame) -> None:
@@ -598,7 +598,9 @@ class Collector:
             if now >= next_beat:
                 self.bus.send("heartbeat", name=name, pid=os.getpid(), stats=self.status(now))
                 next_beat = now + interval
-            event = self.bus.receive(timeout=max(0.0, next_beat - time.monotonic()))
+            # at most MAX_WAIT: a stop joins this thread, and waited up to a heartbeat interval
+            event = self.bus.receive(timeout=max(0.0, min(next_beat - time.monotonic(),
+                                                          MAX_WAIT)))
             if event is None:
                 continue
             holder.on_event(event)

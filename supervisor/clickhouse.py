@@ -41,9 +41,12 @@ CONFIG_XML = """<?xml version="1.0"?>
 {extra_config}</clickhouse>
 """
 
+# poll_interval: an idle native connection looks at the server's stop every second, not every
+# 10 s (18.16's default): with a client connected, SIGTERM took 10 s instead of 1.
 USERS_XML = """<?xml version="1.0"?>
 <clickhouse>
-  <profiles><default><max_memory_usage>4000000000</max_memory_usage></default></profiles>
+  <profiles><default><max_memory_usage>4000000000</max_memory_usage>
+    <poll_interval>1</poll_interval></default></profiles>
   <users>
     <{user}>
       <password>{password}</password>

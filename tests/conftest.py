@@ -3,6 +3,7 @@
 Everything listens on 127.0.0.1 only.  Waiting is done by polling with a deadline (`wait_for`).
 """
 import fcntl
+import itertools
 import os
 import shutil
 import signal
@@ -82,10 +83,23 @@ def pytest_generate_tests(metafunc):
     """Every test touching ClickHouse runs against each of SERVERS; those marked
     one_clickhouse need *a* ClickHouse, not a particular release, and run on the first.  Those
     marked quick_on_one_clickhouse run on each too, but only the first run is quick: the
-    quick loop (-m "not slow") runs them once."""
+    quick loop (-m "not slow") runs them once.  Those marked
+    one_clickhouse_per(argname, values, ids=...) run once per value, the values given to the
+    servers in turn (the first value to the first server, ...): every release and every value
+    runs, not every pair."""
     if "clickhouse" in metafunc.fixturenames:
         marked = metafunc.definition.get_closest_marker
         first, *others = SERVERS
+        per = marked("one_clickhouse_per")
+        if per:
+            argname, values = per.args
+            ids = per.kwargs.get("ids", [str(value) for value in values])
+            kinds = [kind for kind, _ in zip(itertools.cycle(SERVERS), values)]
+            pairs = [pytest.param(kind, value, id=f"{kind}-{name}")
+                     for kind, value, name in zip(kinds, values, ids)]
+            metafunc.parametrize(["clickhouse", argname], pairs, indirect=["clickhouse"],
+                                 scope="session")
+            return
         if marked("one_clickhouse"):
             servers = [first]
         elif marked("quick_on_one_clickhouse"):

@@ -4,10 +4,8 @@ same symbol from the simulator; the daemons are stopped and started again.
 Every trade the market made while a host collected is in the merged archive exactly once, the
 archive is the same bytes on both hosts, logged with the same sha256 in each host's
 export_log, a host's hole the other covered is no gap, and the stretch when neither collected
-is the archive's only gap.
-
-Membership (`{root}/hosts/{host}`) is written here, as cluster/membership.py will: a node
-while a host's daemon runs."""
+is the archive's only gap.  Each daemon registers itself (`{root}/hosts/{host}`, its
+membership) while it runs."""
 import collections
 import hashlib
 import json
@@ -33,6 +31,10 @@ from tests.conftest import MEXC, toml_dump, wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 SPEED = 120.0  # an hour in 30 s
+# The event minute at the start (it was the wall clock's, so the first hour ended 0 to 30 s
+# later): the first hour ends 10 s later, when every exporter waits for it (one that started
+# after it waited 30 s for the next).
+FIRST_MINUTE = 40
 ROOT = "/mexc-test"
 HOSTS = ("h1", "h2")
 
@@ -40,8 +42,8 @@ HOSTS = ("h1", "h2")
 class HostDaemon:
     """`mexc run` in a bed host's namespace, with a config of its own."""
 
-    def __init__(self, bed, host, tmp_path, sim, clock, zk):
-        self.bed, self.host, self.zk = bed, bed.host(host), zk
+    def __init__(self, bed, host, tmp_path, sim, clock):
+        self.bed, self.host = bed, bed.host(host)
         self.dir = tmp_path / host
         self.dir.mkdir()
         self.config = str(self.dir / "mexc.toml")
@@ -72,11 +74,8 @@ class HostDaemon:
         log = open(self.dir / f"run{self.runs}.log", "wb")
         self.proc = self.bed.popen(self.host.name, [MEXC, "run", "--config", self.config],
                                    stdout=log, stderr=subprocess.STDOUT)
-        self.zk.create(f"{ROOT}/hosts/{self.host.name}", json.dumps(
-            {"clickhouse": f"{self.host.address}:{CH_PORT}"}).encode(), makepath=True)
 
     def stop(self):
-        self.zk.delete(f"{ROOT}/hosts/{self.host.name}")
         self.proc.send_signal(signal.SIGTERM)
         assert self.proc.wait(30) == 0
 
@@ -118,6 +117,17 @@ class HostDaemon:
                 for name in os.listdir(self.export_dir) if name.endswith(".parquet")}
 
 
+def clock_at_minute(minute):
+    """An event clock that is now at `minute` past an hour (the next such moment): the first
+    hour ends as soon after the start as every exporter is sure to be waiting for it."""
+    wall = int(time.time() * 1000)
+    start = hour_start(wall) + minute * 60_000
+    if start < wall:
+        start += HOUR_MS
+    # now = anchor + (wall - anchor) * SPEED
+    return EventClock(SPEED, int((wall * SPEED - start) / (SPEED - 1)))
+
+
 def hour_path(hour):
     return f"{ROOT}/hours/btc/{time.strftime('%Y%m%d_%H00', time.gmtime(hour // 1000))}"
 
@@ -151,9 +161,9 @@ def test_two_hosts_one_archive_every_trade_once_and_only_uncovered_time_a_gap(cl
     bed = cluster_bed
     zk = KazooClient(hosts=bed.zookeeper.hosts, timeout=5.0)
     zk.start(timeout=15)
-    clock = EventClock(SPEED, int(time.time() * 1000))
+    clock = clock_at_minute(FIRST_MINUTE)
     sim = bed.start_simulator(rate=20, event_clock=clock.now_ms)
-    daemons = {h: HostDaemon(bed, h, tmp_path, sim, clock, zk) for h in HOSTS}
+    daemons = {h: HostDaemon(bed, h, tmp_path, sim, clock) for h in HOSTS}
     h1, h2 = daemons["h1"], daemons["h2"]
 
     def event_minutes(n):

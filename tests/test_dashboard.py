@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from core.process import free_port
 from mexc.simulator import MexcSimulator
-from tests.conftest import MEXC, wait_for
+from tests.conftest import MEXC, World, wait_for
 from tests.test_supervisor import Daemon
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180),
@@ -51,6 +51,20 @@ def start(env, sim, **http):
     daemon = Daemon(env, sim, symbols=SYMBOLS, http={"listen": f"127.0.0.1:{port}", **http})
     daemon.wait_flowing([f"collector-{s.split('_')[0].lower()}" for s in SYMBOLS])
     return daemon, port
+
+
+@pytest.fixture(scope="module")
+def looked_at(clickhouse, tmp_path_factory):
+    """One running daemon for the tests that only look at it (its API, page and status):
+    (Daemon, dashboard port); it must then stop with exit 0."""
+    env = World(tmp_path_factory.mktemp("dashboard"), clickhouse)
+    try:
+        with MexcSimulator(rate=40.0) as sim:
+            daemon, port = start(env, sim)
+            yield daemon, port
+            assert daemon.proc.stop(20) == 0
+    finally:
+        env.cleanup()
 
 
 def test_metrics_match_what_clickhouse_stores(env, sim):
@@ -90,8 +104,8 @@ def test_metrics_match_what_clickhouse_stores(env, sim):
     assert daemon.proc.stop(20) == 0
 
 
-def test_api_status_is_what_mexc_status_json_prints(env, sim):
-    daemon, port = start(env, sim)
+def test_api_status_is_what_mexc_status_json_prints(looked_at):
+    daemon, port = looked_at
     status, content_type, body = get(port, "/api/status")
     assert status == 200 and content_type == "application/json"
     served = json.loads(body)
@@ -104,7 +118,6 @@ def test_api_status_is_what_mexc_status_json_prints(env, sim):
     assert served["supervisor"]["dashboard"] == f"http://127.0.0.1:{port}/"
     calendar = json.loads(get(port, "/api/dashboard")[2])["calendar"]
     assert set(calendar["symbols"]) == set(SYMBOLS) and len(calendar["hours"]) == 24
-    assert daemon.proc.stop(20) == 0
 
 
 def test_off_loopback_needs_a_token_and_never_shows_it(env, sim):
@@ -143,8 +156,8 @@ def chromium():
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
 
 
-def test_dashboard_in_a_real_browser(env, sim):
-    daemon, port = start(env, sim)
+def test_dashboard_in_a_real_browser(looked_at, tmp_path):
+    _daemon, port = looked_at
     _status, _type, page = get(port, "/")
     assert not re.search(rb"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", page, re.I), \
         "the page must load nothing from elsewhere"
@@ -169,17 +182,16 @@ def test_dashboard_in_a_real_browser(env, sim):
         resources = browser.execute_script(
             "return performance.getEntriesByType('resource').map(e => e.name)")
         assert all(name.startswith(f"http://127.0.0.1:{port}/") for name in resources)
-        screenshot = env.tmp / "dashboard.png"  # the test's own output directory
+        screenshot = tmp_path / "dashboard.png"  # the test's own output directory
         browser.save_screenshot(str(screenshot))
         print(f"dashboard screenshot: {screenshot}")
         assert screenshot.stat().st_size > 10_000
     finally:
         browser.quit()
-    assert daemon.proc.stop(20) == 0
 
 
-def test_status_watch_redraws_in_place_until_ctrl_c(env, sim):
-    daemon, _port = start(env, sim)
+def test_status_watch_redraws_in_place_until_ctrl_c(looked_at):
+    daemon, _port = looked_at
     watcher = subprocess.Popen([MEXC, "status", "--watch", "--interval", "0.3", "--config",
                                 daemon.config], stdout=subprocess.PIPE, text=True)
     lines = []
@@ -194,7 +206,6 @@ def test_status_watch_redraws_in_place_until_ctrl_c(env, sim):
         watcher.kill()
     screens = "".join(lines).split("\033[H\033[J")[1:-1]
     assert len(screens) == 3 and all("collector-btc" in screen for screen in screens)
-    assert daemon.proc.stop(20) == 0
 
 
 class ManySymbols:

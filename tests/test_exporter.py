@@ -16,7 +16,6 @@ import pytest
 
 from exporter import parquet_files
 from core import archive, config as configuration
-from supervisor.clickhouse import ManagedClickHouse
 from core.clock import HOUR_MS, EventClock
 from core.store import Store
 from exporter.exporter import Exporter, HourExport, Phase, Progress, SymbolState
@@ -274,22 +273,20 @@ def test_full_export_disk_keeps_data_and_leaves_no_temporary_files(env):
 
 
 @pytest.mark.slow
-def test_clickhouse_down_during_rotation(env, tmp_path):
-    own = ManagedClickHouse(str(tmp_path / "own")).start()
-    try:
-        env.clickhouse = own
-        sent = rows_for(H - HOUR_MS, 10, "a")
-        insert(env, sent)
-        exporter = Exporter(make_config(env), clock=SetClock(H + 61_000))
-        own.stop()
-        ok, files, error = exporter.cycle()
-        assert not ok and files == [] and error
-        own.start()
-        ok, files, _ = exporter.cycle()
-        assert ok and len(files) == 1
-        assert_exactly_once(env, sent)
-    finally:
-        own.stop()
+def test_clickhouse_down_during_rotation(env, own_clickhouse):
+    # own_clickhouse: a server of the test's release, which the test may stop
+    env.clickhouse = own_clickhouse
+    sent = rows_for(H - HOUR_MS, 10, "a")
+    insert(env, sent)
+    exporter = Exporter(make_config(env), clock=SetClock(H + 61_000))
+    own_clickhouse.stop()
+    ok, files, error = exporter.cycle()
+    assert not ok and files == [] and error
+    own_clickhouse.start()
+    ok, files, _ = exporter.cycle()
+    assert ok and len(files) == 1
+    assert_exactly_once(env, sent)
+    exporter.store.close()  # the server's stop need not wait for an idle session
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ then land in {name}_current only."""
 import collections
 import csv
 import io
+import shutil
 import subprocess
 from decimal import Decimal
 
@@ -25,7 +26,7 @@ from exporter import parquet_files
 from exporter.exporter import Exporter
 from mexc import history
 from mexc.simulator import MexcSimulator
-from tests.conftest import MEXC, wait_for
+from tests.conftest import MEXC, World, wait_for
 from tests.test_exporter import (H, SetClock, export_dying_after_the_file, insert,
                                  make_config, rows_for)
 
@@ -47,10 +48,19 @@ def ms(value) -> int:
     return int(value.timestamp() * 1000)
 
 
-@pytest.fixture
-def archive(env):
-    """Frames in hour H-1 (exported to a file) and hour H (in btc_current), a gap in H-1.
-    Yields (Archive, the (ts, mt, m) rows the simulator sent)."""
+@pytest.fixture(scope="module")
+def archive(clickhouse, tmp_path_factory):
+    """Frames in hour H-1 (exported to a file) and hour H (in btc_current), a gap in H-1; one
+    per server for the module's tests, which only read it.  Yields (Archive, the (ts, mt, m)
+    rows the simulator sent, its World)."""
+    env = World(tmp_path_factory.mktemp("history"), clickhouse)
+    try:
+        yield build_archive(env)
+    finally:
+        env.cleanup()
+
+
+def build_archive(env):
     clock = Clock(H - 20 * MINUTE)
     with MexcSimulator(rate=0, event_clock=clock) as sim:
         config = env.write_config(sim.url)
@@ -72,7 +82,7 @@ def archive(env):
         collector.stop()
     with env.store() as store:
         store.record_gaps([GAP])
-    yield history.Archive.from_config(make_config(env)), sent
+    return history.Archive.from_config(make_config(env)), sent, env
 
 
 def wait_for_stored(env, sim, in_files=0):
@@ -90,8 +100,8 @@ def sent_of(sent, mt, start=H - HOUR_MS, end=H + HOUR_MS):
 
 
 @pytest.mark.slow
-def test_trades_ticker_and_book_typed_exactly_once_across_file_and_live_table(env, archive):
-    archive, sent = archive
+def test_trades_ticker_and_book_typed_exactly_once_across_file_and_live_table(archive):
+    archive, sent, env = archive
     assert env.count() > 0 and env.rows("btc_previous") == []  # both sources hold rows
     trades = archive.trades("BTC_USDT", H - HOUR_MS, H + HOUR_MS)
     expected = sent_of(sent, "d")
@@ -137,8 +147,8 @@ def levels(text):
 
 
 @pytest.mark.slow
-def test_gaps_and_bars(env, archive):
-    archive, sent = archive
+def test_gaps_and_bars(archive):
+    archive, sent, _env = archive
     start, end = H - 30 * MINUTE, H + 30 * MINUTE
     bars = archive.bars("BTC_USDT", start, end, interval="1m")
     assert history.gaps_of(bars) == [GAP] == archive.gaps("BTC_USDT", start, end)
@@ -167,20 +177,21 @@ def test_gaps_and_bars(env, archive):
 
 
 @pytest.mark.slow
-def test_offline_reads_the_files_and_their_gap_metadata(env, archive):
-    archive, sent = archive
-    path = f"{archive.export_dir}/{archive_file_name('btc', H - HOUR_MS)}"
+def test_offline_reads_the_files_and_their_gap_metadata(archive, tmp_path):
+    archive, sent, _env = archive
+    export_dir = str(shutil.copytree(archive.export_dir, tmp_path / "export"))  # shared: a copy
+    path = f"{export_dir}/{archive_file_name('btc', H - HOUR_MS)}"
     table = pq.read_table(path)  # the exporter of the gap-ledger issue writes this key
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata,
                                                   GAPS_KEY: gaps_json([GAP])}),
                    path)
-    offline = history.Archive(archive.export_dir)
+    offline = history.Archive(export_dir)
     trades = offline.trades("BTC_USDT", H - HOUR_MS, H + HOUR_MS)
     assert trades.num_rows == len(sent_of(sent, "d", H - HOUR_MS, H))  # the file's hour only
     assert history.gaps_of(trades) == [GAP]
     assert offline.gaps("BTC_USDT", H - 13 * MINUTE, H - 12 * MINUTE) == [GAP]
     assert offline.gaps("BTC_USDT", H - 12 * MINUTE, H) == []
-    away = history.Archive(archive.export_dir, {**archive.clickhouse, "port": free_port()})
+    away = history.Archive(export_dir, {**archive.clickhouse, "port": free_port()})
     away_trades = away.trades("btc", H - HOUR_MS, H + HOUR_MS)
     assert away_trades == trades and history.gaps_of(away_trades) == [GAP]  # files, their gaps
     assert away.live.startswith("ClickHouse unavailable")
@@ -188,8 +199,8 @@ def test_offline_reads_the_files_and_their_gap_metadata(env, archive):
 
 @pytest.mark.slow
 @pytest.mark.one_clickhouse  # the command line over the API tested on both above
-def test_command_line(env, archive):
-    _archive, sent = archive
+def test_command_line(archive):
+    _archive, sent, env = archive
     config = env.tmp / "mexc.toml"
     result = run("trades", "BTC_USDT", "--from", "2025-11-23T23:00", "--to",
                  "2025-11-24T01:00:00Z", "--format", "csv", "--config", str(config))

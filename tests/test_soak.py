@@ -10,24 +10,28 @@ import time
 
 import pytest
 
-from tests.chdb_server import SERVERS
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOAK = os.path.join(ROOT, "bench", "soak.py")
+SERVER = "ch18"
 
 
 pytestmark = pytest.mark.slow
 
 
+# On Debian's 18.16 only (the server ./setup installs, and the soak's default): the release
+# matters to storage and rotation, not to the faults, and each release's rotation is
+# exercised under faults by its own daemon tests (test_exporter's ClickHouse down during a
+# rotation and accelerated clock, test_supervisor's rotations with a paused and a SIGKILLed
+# collector, test_writer's unsure insert swapped away by a rotation, test_store's rotation
+# operations); bench/soak.py --clickhouse ch26 soaks the current release by hand.
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("server", SERVERS)
-def test_short_soak_with_tor_loses_and_doubles_nothing(server):
+def test_short_soak_with_tor_loses_and_doubles_nothing():
     started = time.monotonic()
     # Seed 83 over 72 s injects every kind of fault, and the stall, a collector's stop, a tor's
     # stop and the exporter's stop each last long enough to be a dead socket or a hang, with no
     # burst or huge frame aimed at a symbol that is not connected then.
     result = subprocess.run([sys.executable, SOAK, "--minutes", "1.2", "--seed", "83", "--tor",
-                             "--clickhouse", server, "--json"],
+                             "--clickhouse", SERVER, "--json"],
                             cwd=ROOT, capture_output=True, text=True, timeout=380)
     elapsed = time.monotonic() - started
     out = result.stdout
