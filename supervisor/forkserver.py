@@ -12,7 +12,13 @@ A collector stays the supervisor's own child (it waits for it, signals it, reads
 code): the supervisor is a child subreaper (PR_SET_CHILD_SUBREAPER), the server forks a middle
 process that forks the collector and exits, and the orphaned collector is handed to the
 supervisor.  The server answers a request with the collector's pid once the middle process is
-gone, so the supervisor waits for a child that is already its own.
+gone, so the supervisor waits for a child that is already its own.  Any other orphan below
+the supervisor comes to it too: none of the programs it runs leaves one, but a background
+process an alert command leaves would stay a zombie until the daemon stops.
+
+Before serving, the server takes the free blocks of CPython's allocator and the free chunks
+of C's malloc, which lie all over its heap: a collector's new objects then go to fresh pages
+of its own instead of into shared ones, each first one copying a page (0.1 MiB each).
 """
 import ctypes
 import gc
