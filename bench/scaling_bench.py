@@ -195,6 +195,9 @@ def mexc_run(world: benchlib.World, url: str, simulator, n: int, seconds: float,
         for child in status["children"]:
             if child.get("pid"):
                 processes.setdefault(child["kind"], []).append(psutil.Process(child["pid"]))
+        listed = {p.pid for group in processes.values() for p in group}
+        # the daemon's children status does not list (the fork server) count too
+        processes["other"] = [p for p in daemon.process.children() if p.pid not in listed]
         if len(processes.get("collector", [])) != n:
             raise BenchError(f"{name}: {n} collectors configured, "
                              f"{len(processes.get('collector', []))} running")
@@ -302,6 +305,7 @@ def summary(kind: str, n: int, found: dict, latency: dict, restarted: list) -> d
         "collector_uss_mib_median": statistics.median(row[1] for row in found["collector"]),
         "collector_cpu_percent_median": statistics.median(row[0] for row in found["collector"]),
         "exporter_uss_mib": sum(row[1] for row in found.get("exporter", [])),
+        "other_uss_mib": sum(row[1] for row in found.get("other", [])),
         "clickhouse_cpu_percent": found["clickhouse"][0][0],
         "clickhouse_uss_mib": found["clickhouse"][0][1],
         "simulator_cpu_percent": found["simulator"][0][0],
@@ -332,6 +336,7 @@ COLUMNS = [("kind", "kind", "{}"), ("symbols", "symbols", "{:d}"),
            ("coll USS med", "collector_uss_mib_median", "{:.1f}"),
            ("coll CPU med", "collector_cpu_percent_median", "{:.2f}"),
            ("exp USS", "exporter_uss_mib", "{:.1f}"),
+           ("other USS", "other_uss_mib", "{:.1f}"),
            ("CH CPU %", "clickhouse_cpu_percent", "{:.1f}"),
            ("CH USS", "clickhouse_uss_mib", "{:.0f}"),
            ("sim CPU %", "simulator_cpu_percent", "{:.1f}"),

@@ -322,6 +322,8 @@ class GapLedger:
             except Exception:
                 log.exception("gap record failed start_ms=%s end_ms=%s reason=%s",
                               gap.start_ms, gap.end_ms, gap.reason)
+            if self.closed.empty():  # gaps are rare: no idle session (a server thread) kept
+                self.store.close()
 
     def _settle(self, gap: OpenGap) -> Outcome:
         """Backfill and record one closed gap."""

@@ -47,7 +47,7 @@ def _become_child(tag: str, level: str, parent_pid: int) -> None:
     logging_setup.setup(tag, level)
 
 
-def collector_main(config, symbol, parent_pid: int, socks_port: Optional[int],
+def collector_main(config, parent_pid: int, symbol, socks_port: Optional[int],
                    started_because: tuple) -> None:
     """Body of a forked collector process; with Tor, it connects through its tor's SocksPort.
     `started_because`: the (reason, detail) of the gap this start ends (start_reason())."""
@@ -79,27 +79,10 @@ def exporter_main(config, parent_pid: int) -> None:
     os._exit(code)
 
 
-class Forked:
-    """A child forked from the supervisor, running `target(*args)` (which ends with os._exit()).
+class ChildProcess:
+    """A forked child of this process, by pid: alive(), exit_description(), signal()."""
 
-    The supervisor's memory stays shared with the child until either writes to a page, so:
-    - everything the supervisor holds is frozen for the garbage collector before each fork, and
-      stays frozen: the child's collections never walk those objects, and neither do the
-      supervisor's own (which would rewrite every page a restarted collector still shares with
-      it: 14 MiB private instead of 9 a minute after a restart).  A cycle frozen and dropped
-      later is never freed: a few KB per symbol a reload removes.
-    - only the young generations are collected first: a full collection frees holes all over
-      shared pages, where the child's new objects then land, copying a page each (0.3 MiB).
-    - a bare os.fork(): multiprocessing's start-up in the child made 0.1 MiB more private."""
-
-    def __init__(self, target, args):
-        for stream in (sys.stdout, sys.stderr):  # or the child writes their buffers again
-            stream.flush()
-        gc.collect(1)
-        gc.freeze()
-        pid = os.fork()
-        if pid == 0:
-            _child(target, args)
+    def __init__(self, pid: int):
         self.pid = pid
         self.exitcode = None
 
@@ -121,7 +104,32 @@ class Forked:
             os.kill(self.pid, signum)
 
 
-def _child(target, args) -> None:
+class Forked(ChildProcess):
+    """A child forked from the supervisor, running `target(*args)` (which ends with os._exit()).
+
+    The supervisor's memory stays shared with the child until either writes to a page, so:
+    - everything the supervisor holds is frozen for the garbage collector before each fork, and
+      stays frozen: the child's collections never walk those objects, and neither do the
+      supervisor's own (which would rewrite every page a restarted collector still shares with
+      it: 14 MiB private instead of 9 a minute after a restart).  A cycle frozen and dropped
+      later is never freed: a few KB per symbol a reload removes.
+    - only the young generations are collected first: a full collection frees holes all over
+      shared pages, where the child's new objects then land, copying a page each (0.3 MiB).
+    - a bare os.fork(): multiprocessing's start-up in the child made 0.1 MiB more private.
+    Collectors are forked by the fork server (supervisor/forkserver.py), itself a Forked."""
+
+    def __init__(self, target, args):
+        for stream in (sys.stdout, sys.stderr):  # or the child writes their buffers again
+            stream.flush()
+        gc.collect(1)
+        gc.freeze()
+        pid = os.fork()
+        if pid == 0:
+            run_child(target, args)
+        super().__init__(pid)
+
+
+def run_child(target, args) -> None:
     """The forked child's whole life: it never returns into the supervisor's code."""
     try:
         target(*args)

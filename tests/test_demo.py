@@ -17,7 +17,7 @@ from tests.conftest import MEXC, Terminal, kill_left, wait_for, wait_gone
 pytestmark = pytest.mark.slow
 # The demo's processes: its daemon (`python -m mexc.cli run`) and what the daemon starts.
 DEMO_PROCESSES = ["clickhouse-server", "mexc-collector[", "mexc-collector[", "mexc-collector[",
-                  "mexc-exporter", "python"]
+                  "mexc-exporter", "mexc-forkserver", "python"]
 STOPPED_WITHIN = 30  # the daemon stops its children in order in 15 s at most
 
 

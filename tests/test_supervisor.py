@@ -139,7 +139,8 @@ def test_supervisor_sigkill_leaves_no_orphans(env, sim):
     daemon.wait_flowing(["collector-btc", "collector-eth"])
     tree = daemon.tree()
     assert sorted(psutil.Process(pid).name() for pid in tree[1:]) == [
-        "clickhouse-server", "mexc-collector[", "mexc-collector[", "mexc-exporter"]
+        "clickhouse-server", "mexc-collector[", "mexc-collector[", "mexc-exporter",
+        "mexc-forkserver"]
 
     def stored():
         with Store({**env.ch_section(), **managed}, timeout=5.0) as store:
