@@ -1,15 +1,19 @@
 """When this host held each symbol: every take and release goes to its own ClickHouse
 (`cluster_holdings`, core/store.py), which the merge of the hosts' copies reads.
 
+Each record is stamped by the host's event clock (core/clock.py: its wall clock at speed 1,
+the exchange's time in the tests' and the demo's faster hours), the time the merge compares
+with the hours and the gap ledger's exchange times.
+
 A worker thread writes them in order, retrying while ClickHouse is away, so the supervisor's
 loop never waits on it; what is still queued at shutdown gets a last try.
 """
 import collections
 import logging
 import threading
-import time
 from typing import Optional
 
+from core.clock import EventClock
 from core.log import first_line
 from core.store import Store
 
@@ -19,9 +23,10 @@ RETRY_EVERY = 1.0
 
 
 class HoldingsLog:
-    def __init__(self, clickhouse: dict, host: str):
+    def __init__(self, clickhouse: dict, host: str, clock: EventClock):
         self.clickhouse = clickhouse
         self.host = host
+        self.clock = clock
         self._queue = collections.deque()  # (name, ts_ms, held), oldest first
         self._wake = threading.Event()
         self._stopped = False
@@ -30,7 +35,7 @@ class HoldingsLog:
         self._thread.start()
 
     def record(self, name: str, held: bool, ts_ms: Optional[int] = None) -> None:
-        self._queue.append((name, int(time.time() * 1000) if ts_ms is None else ts_ms, held))
+        self._queue.append((name, self.clock.now_ms() if ts_ms is None else ts_ms, held))
         self._wake.set()
 
     def stop(self, timeout: float = 2.0) -> None:

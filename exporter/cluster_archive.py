@@ -266,7 +266,8 @@ class ClusterArchive:
                 [(ts, held) for h, ts, held in
                  self.store.holdings(symbol.name, hour, hour + HOUR_MS, source) if h == host],
                 self.store.gaps(symbol.name, hour, hour + HOUR_MS, source))
-        return merge.cluster_gaps(hosts, symbol.symbol, symbol.name, hour, hour + HOUR_MS)
+        return merge.cluster_gaps(hosts, symbol.symbol, symbol.name, hour, hour + HOUR_MS,
+                                  int(merge.CLOCK_SKEW_MS * self.export["clock_speed"]))
 
     def _file_sha256(self, path: str) -> Optional[str]:
         """A file's sha256 (None: no file), hashed again only when it changed: an hour waiting

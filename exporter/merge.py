@@ -166,10 +166,21 @@ def _as_file_table(rows: pa.Table) -> pa.Table:
 
 # --- the merged file's gaps ------------------------------------------------------------------
 
-def covered(holdings: Sequence[Tuple[int, int]], gaps, start_ms: int, end_ms: int) -> list:
+# Holdings are stamped by a host's own clock, its ledger's gaps by the exchange's (its last
+# row before a stop, its first after): within this much of a clock difference, a gap of the
+# host's own that spans a stretch it did not hold says when it stopped and started collecting.
+# (Event time: an event clock running faster, export.clock_speed, scales it.)
+CLOCK_SKEW_MS = 5_000
+
+
+def covered(holdings: Sequence[Tuple[int, int]], gaps, start_ms: int, end_ms: int,
+            skew_ms: int = CLOCK_SKEW_MS) -> list:
     """[(start, end)] of [start_ms, end_ms) a host covered: while it held the symbol
     (holdings: its (ts, held) takes and releases, oldest first; none recorded: held all along,
-    as when every host collects every symbol) and not inside one of its ledger's gaps."""
+    as when every host collects every symbol) and not inside one of its ledger's gaps.  A
+    stretch not held that one of its gaps spans (a release and a take again: the gap runs from
+    its last row to its first) is the gap's alone, so a host's clock a few seconds off moves
+    no edge (skew_ms)."""
     held, state, since = [], not holdings, start_ms
     for ts, take in sorted(holdings):
         ts = min(max(ts, start_ms), end_ms)
@@ -180,14 +191,31 @@ def covered(holdings: Sequence[Tuple[int, int]], gaps, start_ms: int, end_ms: in
         state = bool(take)
     if state:
         held.append((since, end_ms))
-    return _minus(held, [(g.start_ms, g.end_ms) for g in gaps])
+    spans = [(g.start_ms, g.end_ms) for g in gaps]
+    restarts = [(a, b) for a, b in _minus([(start_ms, end_ms)], held)
+                if any(gs < b and ge > a and gs <= a + skew_ms and ge >= b - skew_ms
+                       for gs, ge in spans)]
+    return _joined(_minus(_joined(held + restarts), spans))
 
 
-def cluster_gaps(hosts: dict, symbol: str, name: str, start_ms: int, end_ms: int):
+def _joined(spans) -> list:
+    """Spans sorted, those touching or overlapping as one."""
+    result = []
+    for start, end in sorted(spans):
+        if result and start <= result[-1][1]:
+            result[-1] = (result[-1][0], max(end, result[-1][1]))
+        else:
+            result.append((start, end))
+    return result
+
+
+def cluster_gaps(hosts: dict, symbol: str, name: str, start_ms: int, end_ms: int,
+                 skew_ms: int = CLOCK_SKEW_MS):
     """hosts: {host: (holdings, ledger gaps)} of the hosts whose copies the file merges ->
     (the file's gaps: the stretches no host covered, as Gap records; the holes of single
     hosts that others covered: [{host, start_ms, end_ms, reason, covered_by: [hosts]}])."""
-    coverage = {host: covered(h, g, start_ms, end_ms) for host, (h, g) in hosts.items()}
+    coverage = {host: covered(h, g, start_ms, end_ms, skew_ms)
+                for host, (h, g) in hosts.items()}
     everyone = sorted(span for spans in coverage.values() for span in spans)
     # Before the symbol's first take by any host nothing was ever collected: no gap, as a
     # single host records none before its first row.

@@ -7,7 +7,7 @@ import time
 from typing import List, NamedTuple, Optional, Sequence
 
 from core.vocabulary import Gap
-from exporter.merge import covered
+from exporter.merge import CLOCK_SKEW_MS, covered
 
 
 class HostGap(NamedTuple):
@@ -29,13 +29,13 @@ def of_cluster(config, store, name: Optional[str], since_ms: Optional[int]) -> L
     sources[config.cluster["host"]] = None  # this host: its own server, not remote()
     ledgers = {host: store.gaps(name, since_ms=since_ms, source=source)
                for host, source in sorted(sources.items())}
-    found = []
+    found, skew_ms = [], int(CLOCK_SKEW_MS * config.export["clock_speed"])
     for host, gaps in ledgers.items():
         for g in gaps:
             by = [other for other, source in sorted(sources.items()) if other != host and covered(
                 [(ts, held) for h, ts, held in store.holdings(g.name, g.start_ms, g.end_ms,
                                                              source) if h == other],
-                [o for o in ledgers[other] if o.name == g.name], g.start_ms, g.end_ms)]
+                [o for o in ledgers[other] if o.name == g.name], g.start_ms, g.end_ms, skew_ms)]
             found.append(HostGap(host, g, by))
     return sorted(found, key=lambda f: (f.gap.start_ms, f.gap.name, f.host))
 

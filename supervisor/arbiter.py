@@ -24,6 +24,7 @@ from bus import sockets
 from bus.rotation import Coordinator, Timeouts
 from collector import connection, gaps
 from core import __version__, config as configuration, log as logging_setup, pidlock
+from core.clock import EventClock
 from core.log import RecentProblems, first_line
 from core.store import SchemaTooNew, Store
 from core.symbols import NameBook, NameClash, resolve
@@ -151,7 +152,7 @@ class Arbiter:
             self._add_collector(symbol)
         if self.holdings is not None:
             threading.Thread(target=self._end_holdings_of_a_crash, name="cluster-crash-holdings",
-                             args=({s.name for s in starting}, int(time.time() * 1000)),
+                             args=({s.name for s in starting}, self.holdings.clock.now_ms()),
                              daemon=True).start()
         parent = os.getpid()
         # self.config at fork time: a restarted exporter works with the reloaded config
@@ -305,7 +306,8 @@ class Arbiter:
         from cluster.holdings import HoldingsLog  # kazoo only where it is used
         from cluster.membership import Membership
         cluster = self.config.cluster
-        self.holdings = HoldingsLog(self.config.clickhouse, cluster["host"])
+        self.holdings = HoldingsLog(self.config.clickhouse, cluster["host"], EventClock(
+            self.config.export["clock_speed"], self.config.export["clock_anchor_ms"]))
         self.membership = Membership(cluster, [s.name for s in self.config.symbols]).start()
         if self.membership.wait_ready(min(JOIN_WAIT, 2 * cluster["session_timeout"])):
             self.cluster_frozen = False

@@ -210,3 +210,27 @@ def test_before_the_first_take_of_any_host_nothing_was_collected_and_nothing_is_
     gaps, _holes = merge.cluster_gaps(hosts, "BTC_USDT", "btc", H, H + 1000)
     assert [(g.start_ms - H, g.end_ms - H, g.reason) for g in gaps] == [
         (600, 800, "not_collected")]
+
+
+def test_a_host_whose_clock_is_2s_off_moves_no_edge_of_a_gap():
+    """tokyo's holdings are stamped by its clock, 2 s behind or ahead: it stopped after its
+    last row at 10 s (release stamped 8 s or 12 s) and started again a second before its first
+    row at 40 s (take stamped 37 s or 41 s), its ledger's gap running from row to row;
+    frankfurt was down from 5 s to 50 s.  No host had the symbol from 10 s to 40 s, exactly,
+    either way (behind, the release alone made it 8 s to 40 s)."""
+    frankfurt = ([], [gap(5_000, 50_000, "daemon_restart")])
+    for skew in (-2_000, 2_000):
+        tokyo = ([(H - 60_000, 1), (H + 10_000 + skew, 0), (H + 39_000 + skew, 1)],
+                 [gap(10_000, 40_000, "daemon_restart")])
+        gaps, _holes = merge.cluster_gaps({"tokyo": tokyo, "frankfurt": frankfurt},
+                                          "BTC_USDT", "btc", H, H + 60_000)
+        assert [(g.start_ms - H, g.end_ms - H) for g in gaps] == [(10_000, 40_000)], skew
+        assert merge.covered(*tokyo, H, H + 60_000) == [(H, H + 10_000),
+                                                        (H + 40_000, H + 60_000)]
+
+
+def test_a_gap_of_a_host_that_ends_before_it_let_a_symbol_go_does_not_cover_the_rest():
+    """A disconnect gap, then a release 3 s later and no take again: from the release on the
+    host did not collect, whatever its gaps."""
+    assert merge.covered([(H - 60_000, 1), (H + 20_000, 0)], [gap(10_000, 17_000)], H,
+                         H + 60_000) == [(H, H + 10_000), (H + 17_000, H + 20_000)]
