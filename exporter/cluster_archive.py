@@ -230,6 +230,11 @@ class ClusterArchive:
             value = {"sha256": sha, "rows": table.num_rows, "merged_by": self.host,
                      "copies": included, "ledgers": ledgers,
                      "holders": {self.host: self.address}}
+            if merged is not None and merged["sha256"] == sha:
+                # the same bytes again (a ledger stamp changed, not the gaps): whoever held
+                # them still does, under the name their hour_copies rows carry
+                value["merged_by"] = merged["merged_by"]
+                value["holders"] = {**merged["holders"], self.host: self.address}
             if not self.nodes.set_merged(name, hour, value, version):
                 raise RuntimeError("the merged node changed under the lock")
             log.info("cluster: merged %s from %s rows=%d gaps=%d in %.3fs sha256=%s", path,

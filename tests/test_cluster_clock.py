@@ -43,8 +43,8 @@ class SkewedDaemon(HostDaemon):
     """HostDaemon whose whole daemon runs `skew_ms` off (libfaketime), registering itself in
     ZooKeeper as a user's daemon does."""
 
-    def __init__(self, bed, host, tmp_path, sim, clock, zk, skew_ms=0):
-        super().__init__(bed, host, tmp_path, sim, clock, zk)
+    def __init__(self, bed, host, tmp_path, sim, clock, skew_ms=0):
+        super().__init__(bed, host, tmp_path, sim, clock)
         self.skew_ms = skew_ms
 
     def start(self):
@@ -79,7 +79,7 @@ def test_hosts_2s_off_lose_nothing_and_the_archive_gaps_are_exact(cluster_bed, t
     zk.start(timeout=15)
     clock = EventClock(SPEED, market_anchor(int(time.time() * 1000)))
     sim = bed.start_simulator(rate=20, event_clock=clock.now_ms)
-    daemons = {h: SkewedDaemon(bed, h, tmp_path, sim, clock, zk, SKEW_MS[h]) for h in HOSTS}
+    daemons = {h: SkewedDaemon(bed, h, tmp_path, sim, clock, SKEW_MS[h]) for h in HOSTS}
     h1, h2 = daemons["h1"], daemons["h2"]
     began = time.monotonic()
 

@@ -27,7 +27,6 @@ import urllib.request
 import pyarrow as pa
 import pyarrow.parquet  # noqa: F401 (pa.parquet)
 import pytest
-from kazoo.client import KazooClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.lag import lags_behind_first, per_host, receive_lag
@@ -143,12 +142,10 @@ def configure(daemon, exchange_url=None) -> None:
 def cluster(cluster_bed, tmp_path_factory):
     bed = cluster_bed
     tmp = tmp_path_factory.mktemp("cluster-history")
-    zk = KazooClient(hosts=bed.zookeeper.hosts, timeout=5.0)
-    zk.start(timeout=15)
     clock = EventClock(SPEED, int(time.time() * 1000))
     sim = bed.start_simulator(rate=20, event_clock=clock.now_ms)
     relay = DelayRelay(bed.gateway, (bed.gateway, sim.port))
-    daemons = {h: HostDaemon(bed, h, tmp, sim, clock, zk) for h in ("h1", "h2")}
+    daemons = {h: HostDaemon(bed, h, tmp, sim, clock) for h in ("h1", "h2")}
     configure(daemons["h1"])
     configure(daemons["h2"], f"ws://{bed.gateway}:{relay.address[1]}/edge")
     for daemon in daemons.values():
@@ -160,8 +157,6 @@ def cluster(cluster_bed, tmp_path_factory):
             if daemon.proc and daemon.proc.poll() is None:
                 daemon.proc.send_signal(signal.SIGTERM)
                 daemon.proc.wait(30)
-        zk.stop()
-        zk.close()
         relay.stop()
 
 
