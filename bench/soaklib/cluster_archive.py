@@ -42,6 +42,7 @@ from core.channels import DEAL_WITH_ID
 from core.clock import HOUR_MS
 from core.store import Store
 from core.vocabulary import DEAD_LETTER, DEAL
+from exporter.cluster_archive import _stale
 
 from . import ROOT
 from .accounting import Stored
@@ -217,8 +218,7 @@ def pending(soak, nodes) -> str:
             merged, _version = nodes.merged(name, hour)
             if merged is None:
                 return f"{label}: not merged"
-            stale = sorted(h for h, c in real.items() if merged["copies"].get(h) != c["sha256"]
-                           or merged.get("ledgers", {}).get(h) != c.get("ledger"))
+            stale = sorted(_stale(merged, real))  # the exporter's own test: merge again
             if stale:
                 return f"{label}: {','.join(stale)}'s copy not merged yet"
             for host in hosts.values():
