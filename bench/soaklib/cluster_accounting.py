@@ -19,7 +19,10 @@ union of every host's rows against the market's truth:
   are the status sampler's estimate: a market stall holds frames and sends them later, and a
   host releasing a symbol reads on until the others have it): it is counted apart.
 * doubled: a row stored twice on one host, a failure (each host holds its own copy, so the
-  same row on two hosts is the replica, not a double)."""
+  same row on two hosts is the replica, not a double).
+
+A host's own rows are its copies (export.dir/copies/) and its tables; the merged files in
+export.dir are every host's rows and are counted apart (cluster_archive.py)."""
 from __future__ import annotations
 
 import collections
