@@ -52,7 +52,9 @@ copy is registered in ZooKeeper as it is on disk, and every hour is merged from 
 current version and held by every host; then `mexc verify` runs on every host (its "no data
 in the last 5 minutes" lines are excused: the market has stopped, and a host collects only
 the symbols it holds).  A failure is any merged file on fewer than min(replicas, hosts) hosts,
-with different bytes on two hosts or not the version ZooKeeper names; an event twice in one
+with different bytes on two hosts or not the version ZooKeeper names (except a host holding
+the version settled before the stop where a newer one was merged during the stop: a stopping
+host records the gaps open then); an event twice in one
 merged file (a trade by its trade id, else by (ts, m); depth and tickers by (ts, m)); a row
 some host stored of a merged hour missing from its file, or one in it no host stored, or
 whose `host` column names a host that did not store it; dead letters not each host's own

@@ -282,6 +282,8 @@ class ClusterSoak:
         self.hosts: Dict[str, HostRun] = {}
         self.zk: Optional[KazooClient] = None
         self.zk_root = ZK_ROOT
+        self.stop_sent: Dict[str, float] = {}  # host -> wall s its SIGTERM was sent
+        self.settled_versions: Dict[tuple, str] = {}  # (name, hour) -> merged sha256, settled
         self.lock = threading.Lock()
         self.market_events: List[Event] = []  # stalls: every host's connections
         self.events: List[Event] = []
@@ -540,6 +542,7 @@ class ClusterSoak:
         self.write_timeline()
         for host in self.hosts.values():
             began = time.monotonic()
+            self.stop_sent[host.name] = time.time()
             host.daemon.terminate()
             try:
                 self.report.stop_exits[host.name] = host.daemon.wait(30)

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Tuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster.exports import HourNodes
+from cluster.exports import HourNodes, hour_label
 from core import archive
 from core.channels import DEAL_WITH_ID
 from core.clock import HOUR_MS
@@ -74,6 +74,9 @@ class ArchiveFigures:
     under_replicated: List[str] = field(default_factory=list)  # fewer holders than replicas
     differing: List[str] = field(default_factory=list)  # holders with different bytes
     not_named: List[str] = field(default_factory=list)  # not the version ZooKeeper names
+    # a host holding the version settled before the stop, ZooKeeper naming one merged after
+    # the first SIGTERM (gaps open at a stop are recorded, the hour merged again): a note
+    newer_after_stop: List[str] = field(default_factory=list)
     temp_files: int = 0  # temporary files left in export.dir
     gaps_in_files: int = 0
     holes_checked: int = 0  # cluster holes in hours with a merged file
@@ -129,7 +132,10 @@ class ArchiveFigures:
             + (", ".join(f"{n} hosts {k}" for n, k in sorted(self.holders.items(), reverse=True))
                or "none")
             + f"; on too few hosts {len(self.under_replicated)}, bytes differing "
-            f"{len(self.differing)}, not ZooKeeper's version {len(self.not_named)}",
+            f"{len(self.differing)}, not ZooKeeper's version {len(self.not_named)}; "
+            f"the settled version, a newer one merged during the stop: "
+            f"{len(self.newer_after_stop)}"
+            + (f" ({', '.join(self.newer_after_stop[:4])})" if self.newer_after_stop else ""),
             f"merged archive events: doubled {self.doubled}, missing {self.missing}, extra "
             f"{self.extra}, host column wrong {self.misattributed}; dead letters "
             f"{self.dead_letters} (missing {self.dead_letters_missing}, extra "
@@ -242,6 +248,9 @@ def settle(soak, figures: ArchiveFigures) -> None:
     try:
         wait_for(done, SETTLE_TIMEOUT, "the last export and merge", 2.0)
         figures.settled_s = time.monotonic() - began
+        soak.settled_versions = {(name, hour): nodes.merged(name, hour)[0]["sha256"]
+                                 for name in soak.names for hour in nodes.hours(name)
+                                 if nodes.merged(name, hour)[0] is not None}
         say(f"archive settled in {figures.settled_s:.1f}s")
     except SoakError:
         figures.unsettled = last[0]
@@ -325,9 +334,13 @@ def account_archive(soak, stored: Dict[str, Dict[str, Stored]], holes: Dict[str,
             if len(paths) < wanted:
                 a.under_replicated.append(f"{label} on {','.join(sorted(paths))}")
             sums = {h: _sha256(p) for h, p in paths.items()}
+            node, _version = nodes.merged(name, hour)
+            if node is not None:
+                late = late_holders(soak, nodes, name, hour, node, sums)
+                a.newer_after_stop += [f"{h} {label}" for h in late]
+                sums = {h: s for h, s in sums.items() if h not in late}
             if len(set(sums.values())) > 1:
                 a.differing.append(label)
-            node, _version = nodes.merged(name, hour)
             if node is None or set(sums.values()) != {node["sha256"]}:
                 a.not_named.append(label)
             if name not in in_files:
@@ -367,6 +380,19 @@ def account_archive(soak, stored: Dict[str, Dict[str, Stored]], holes: Dict[str,
                 a.example(f"{name}: cluster hole {start}..{end} "
                           f"({(end - start) / soak.speed / 1000:.1f}s) in no merged file's gaps")
     return a
+
+
+def late_holders(soak, nodes, name: str, hour: int, node: dict, sums: dict) -> List[str]:
+    """Hosts holding the version of an hour settled before the stop while ZooKeeper names one
+    merged after the first SIGTERM: a stopping host records the gaps open then, so its last
+    hours are merged once more, while the others stop too (they would pull it at their next
+    start).  Any other difference is a failure."""
+    stat = nodes.zk.exists(f"{soak.zk_root}/hours/{name}/{hour_label(hour)}/merged")
+    settled = soak.settled_versions.get((name, hour))
+    if stat is None or settled is None or not soak.stop_sent \
+            or stat.mtime < min(soak.stop_sent.values()) * 1000:
+        return []
+    return sorted(h for h, sha in sums.items() if sha != node["sha256"] and sha == settled)
 
 
 def account_file(soak, a: ArchiveFigures, name: str, hour: int, label: str, table: pa.Table,
