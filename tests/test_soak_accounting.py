@@ -353,3 +353,21 @@ def test_a_merged_file_holds_each_event_once_under_the_host_that_stored_it(tmp_p
     assert (a.dead_letters, a.dead_letters_extra, a.dead_letters_missing) == (1, 1, 0)
     assert a.rows_in_gaps == 3 and "inside its gap" in a.gap_examples[0]
     assert a.outside_hour == 0
+
+
+def test_only_the_settled_version_under_a_version_merged_during_the_stop_is_excused():
+    """A host holding the version settled before the stop, while ZooKeeper names one merged
+    after the first SIGTERM, is counted apart; a host with any other bytes, or a newer version
+    written before the stop, is not (soaklib/cluster_archive.py late_holders)."""
+    from soaklib import cluster_archive
+
+    def soak_with(mtime_ms):
+        zk = types.SimpleNamespace(exists=lambda path: types.SimpleNamespace(mtime=mtime_ms))
+        return (types.SimpleNamespace(zk_root="/mexc", stop_sent={"h1": 100.0, "h2": 103.0},
+                                      settled_versions={("btc", 0): "old"}),
+                types.SimpleNamespace(zk=zk))
+    sums = {"h1": "old", "h2": "other", "h3": "new"}
+    soak, nodes = soak_with(101_000)  # merged 1 s after the first SIGTERM
+    assert cluster_archive.late_holders(soak, nodes, "btc", 0, {"sha256": "new"}, sums) == ["h1"]
+    soak, nodes = soak_with(99_000)  # before the stop: every difference counts
+    assert cluster_archive.late_holders(soak, nodes, "btc", 0, {"sha256": "new"}, sums) == []
