@@ -54,12 +54,12 @@ in the last 5 minutes" lines are excused: the market has stopped, and a host col
 the symbols it holds).  A failure is any merged file on fewer than min(replicas, hosts) hosts,
 with different bytes on two hosts or not the version ZooKeeper names (except a host holding
 the version settled before the stop where a newer one was merged during the stop: a stopping
-host records the gaps open then); an event twice in one
-merged file (a trade by its trade id, else by (ts, m); depth and tickers by (ts, m)); a row
-some host stored of a merged hour missing from its file, or one in it no host stored, or
-whose `host` column names a host that did not store it; dead letters not each host's own
-once; a cluster hole in a merged hour outside every gap of the merged files (`mexc.gaps`);
-any other `mexc verify` failure; or no settling by the deadline.
+host records the gaps open then); an event twice in one merged file (a trade by its trade
+id, else by (ts, m); depth and tickers by (ts, m)); a row some host stored of a merged hour
+missing from its file, or one in it no host stored, or whose `host` column names a host that
+did not store it; dead letters not each host's own once; a cluster hole in a merged hour
+outside every gap of the merged files (`mexc.gaps`); any other `mexc verify` failure; or no
+settling by the deadline.
 
 With `--single-host`, bench/soak.py then runs with the same seed, minutes and rate, and its
 trades missing before and after backfill are printed beside the cluster's.
