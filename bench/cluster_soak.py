@@ -7,8 +7,9 @@ Run from the repository root, as root (the bed makes network namespaces):
                                            [--symbols K] [--replicas R] [--single-host] [--json]
 
 Exit status 0 only when no row is doubled, no row or trade is missing that a live replica
-should have stored, every cluster gap (no replica live) has a gap record, every host's export
-and SIGTERM stop exit 0, and every failover finishes within 60 s.
+should have stored, every cluster gap (no replica live) has a gap record, the merged archive
+is whole (below), every host's export and SIGTERM stop exit 0, and every failover finishes
+within 60 s.
 
 What runs
 ---------
@@ -39,16 +40,31 @@ connections dropped by the exchange); on the market: stall, burst, junk, huge.
 Failover time: from a host lost (killed, cut) until every symbol it held is live on as many
 other hosts as can hold it (min(replicas, hosts left)), read from ZooKeeper every 0.2 s.
 
-Counting (soaklib/cluster_accounting.py): each host as the one-host soak counts its daemon,
-then per symbol the union of every host's rows against the truth: missing while a replica was
-live (a failure), made while none was (trades: never sent, backfilled, left, each left inside
-some host's gap record or a failure), cluster holes with and without a record, doubled rows.
+Counting (soaklib/cluster_accounting.py): each host as the one-host soak counts its daemon
+(its own rows: its copies in export.dir/copies/ and its tables), then per symbol the union of
+every host's rows against the truth: missing while a replica was live (a failure), made while
+none was (trades: never sent, backfilled, left, each left inside some host's gap record or a
+failure), cluster holes with and without a record, doubled rows.
+
+The merged archive (soaklib/cluster_archive.py; docs/cluster.md "One merged archive"): after
+the last export, the soak waits (at most 240 s) until every host's tables are empty, every
+copy is registered in ZooKeeper as it is on disk, and every hour is merged from every copy's
+current version and held by every host; then `mexc verify` runs on every host (its "no data
+in the last 5 minutes" lines are excused: the market has stopped, and a host collects only
+the symbols it holds).  A failure is any merged file on fewer than min(replicas, hosts) hosts,
+with different bytes on two hosts or not the version ZooKeeper names (except a host holding
+the version settled before the stop where a newer one was merged during the stop: a stopping
+host records the gaps open then); an event twice in one merged file (a trade by its trade
+id, else by (ts, m); depth and tickers by (ts, m)); a row some host stored of a merged hour
+missing from its file, or one in it no host stored, or whose `host` column names a host that
+did not store it; dead letters not each host's own once; a cluster hole in a merged hour
+outside every gap of the merged files (`mexc.gaps`); any other `mexc verify` failure; or no
+settling by the deadline.
+
 With `--single-host`, bench/soak.py then runs with the same seed, minutes and rate, and its
 trades missing before and after backfill are printed beside the cluster's.
 
-Not yet: Tor (the bed has no private Tor network, tests/cluster_bed.py; `--tor` is refused),
-and the merged archive (issue 22 item 3, not in this tree): what is counted is the union of
-the hosts' own files and tables, not merged hour files.
+Not yet: Tor (the bed has no private Tor network, tests/cluster_bed.py; `--tor` is refused).
 """
 from __future__ import annotations
 

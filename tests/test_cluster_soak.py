@@ -2,7 +2,8 @@
 seeded faults with every cluster fault once (a host SIGKILLed with its ClickHouse, a host's
 network cut, ZooKeeper stopped, a host's ClickHouse stopped, two hosts down at once) beside
 the one-host soak's faults per host, then every host's rows and their union counted against
-the market's truth."""
+the market's truth, and the merged archive checked (each file on every host, byte-identical,
+each event once, every row a host stored in it, every cluster hole among its gaps)."""
 import json
 import os
 import subprocess
@@ -50,6 +51,19 @@ def test_short_cluster_soak_doubles_nothing_and_loses_nothing_a_live_replica_had
         assert symbol["holes_without_record"] == symbol["dark_left_unrecorded"] == 0, symbol
     # two hosts down at once left holes (symbols both held), each with its gap record
     assert sum(s["holes"] for s in report["per_symbol"]) >= 1
+    # the merged archive: settled, on enough hosts with the same bytes, and exactly the union
+    # of the hosts' rows (each event once), every cluster hole among its files' gaps
+    archive = report["archive"]
+    assert archive["settled_s"] is not None, archive["unsettled"]
+    assert archive["files"] >= len(report["per_symbol"]) and archive["not_merged_rows"] == 0
+    assert archive["under_replicated"] == archive["differing"] == archive["not_named"] == []
+    assert archive["doubled"] == archive["missing"] == archive["extra"] == 0, archive["examples"]
+    assert archive["misattributed"] == archive["dead_letters_missing"] == 0, archive["examples"]
+    assert archive["rows"] == (sum(s["stored"] for s in report["per_symbol"])
+                               + report["dead_letters_stored"])
+    assert archive["holes_checked"] == sum(s["holes"] for s in report["per_symbol"])
+    assert archive["holes_without_gap"] == 0, archive["examples"]
+    assert all(n == 0 for n in archive["verify_problems"].values()), archive["verify_said"]
     for host, symbols in report["per_host"].items():
         assert sum(s["stored"] for s in symbols) > 10_000, host
         assert report["export_once_exits"][host] == report["stop_exits"][host] == 0

@@ -322,3 +322,52 @@ def test_a_silence_recorded_while_make_before_break_kept_the_collector_connected
     report = accounting.account_symbol(soak, name, stored)
     assert report.lost_outside == lost_outside
     assert report.lost_in_recorded_silences == 30 - lost_outside
+
+
+def test_a_merged_file_holds_each_event_once_under_the_host_that_stored_it(tmp_path):
+    """The cluster soak's check of one merged file (soaklib/cluster_archive.py): a trade twice
+    (its row with the trade id and a REST row without it), a depth snapshot twice, a row
+    under a host that did not store it, a dead letter no host's copy has, and rows inside a
+    gap that says no host covered them are each counted."""
+    import pyarrow as pa
+    from soaklib import cluster_archive
+
+    hosts = {h: types.SimpleNamespace(name=h, export_dir=str(tmp_path / h)) for h in
+             ("h1", "h2", "h3")}
+    soak = types.SimpleNamespace(hosts=hosts, speed=1.0)
+    stored = {h: {"btc": accounting.Stored()} for h in hosts}
+    stored["h1"]["btc"].add(1000, "d", "1.5|2|1|77")
+    stored["h1"]["btc"].add(1001, "dp", "1|1|2|1")
+    stored["h2"]["btc"].add(1000, "d", "1.5|2|1")
+    rows = [(1000, "d", "1.5|2|1|77", "h1"), (1000, "d", "1.5|2|1", "h2"),
+            (1001, "dp", "1|1|2|1", "h1"), (1001, "dp", "1|1|2|1", "h1"),
+            (1002, "t", "1.5|9", "h3"), (1003, "dl", "junk", "h1"), (1004, "d", "1.6|1|2|78", "h1")]
+    table = pa.table({k: [r[i] for r in rows] for i, k in enumerate(("ts", "mt", "m", "host"))})
+    a, seen = cluster_archive.ArchiveFigures(), set()
+    gap = Gap("BTC_USDT", "btc", 1000, 1005, "daemon_restart", "no host covered it", 0, False, 0)
+    cluster_archive.account_file(soak, a, "btc", 0, "btc_19700101_0000.parquet", table, stored,
+                                 seen, [gap])
+    assert a.rows == 7 and seen == {1000, 1001, 1002, 1004}
+    assert a.doubled == 2  # trade 77 with and without its id; the depth snapshot
+    assert a.misattributed == 2  # h3 stored no ticker at 1002, h1 no trade at 1004
+    assert (a.dead_letters, a.dead_letters_extra, a.dead_letters_missing) == (1, 1, 0)
+    assert a.rows_in_gaps == 3 and "inside its gap" in a.gap_examples[0]
+    assert a.outside_hour == 0
+
+
+def test_only_the_settled_version_under_a_version_merged_during_the_stop_is_excused():
+    """A host holding the version settled before the stop, while ZooKeeper names one merged
+    after the first SIGTERM, is counted apart; a host with any other bytes, or a newer version
+    written before the stop, is not (soaklib/cluster_archive.py late_holders)."""
+    from soaklib import cluster_archive
+
+    def soak_with(mtime_ms):
+        zk = types.SimpleNamespace(exists=lambda path: types.SimpleNamespace(mtime=mtime_ms))
+        return (types.SimpleNamespace(zk_root="/mexc", stop_sent={"h1": 100.0, "h2": 103.0},
+                                      settled_versions={("btc", 0): "old"}),
+                types.SimpleNamespace(zk=zk))
+    sums = {"h1": "old", "h2": "other", "h3": "new"}
+    soak, nodes = soak_with(101_000)  # merged 1 s after the first SIGTERM
+    assert cluster_archive.late_holders(soak, nodes, "btc", 0, {"sha256": "new"}, sums) == ["h1"]
+    soak, nodes = soak_with(99_000)  # before the stop: every difference counts
+    assert cluster_archive.late_holders(soak, nodes, "btc", 0, {"sha256": "new"}, sums) == []

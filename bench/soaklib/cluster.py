@@ -34,6 +34,7 @@ from tests.conftest import toml_dump
 
 from . import ROOT
 from . import faults as host_faults
+from .cluster_archive import ArchiveFigures, settle, verify
 from .common import (HEARTBEAT_TIMEOUT, MARKETS, MEXC, SoakError, daemon_config,
                      say, wait_for)
 from .schedule import Fault, light_duration
@@ -280,6 +281,9 @@ class ClusterSoak:
         self.sim = None
         self.hosts: Dict[str, HostRun] = {}
         self.zk: Optional[KazooClient] = None
+        self.zk_root = ZK_ROOT
+        self.stop_sent: Dict[str, float] = {}  # host -> wall s its SIGTERM was sent
+        self.settled_versions: Dict[tuple, str] = {}  # (name, hour) -> merged sha256, settled
         self.lock = threading.Lock()
         self.market_events: List[Event] = []  # stalls: every host's connections
         self.events: List[Event] = []
@@ -508,7 +512,11 @@ class ClusterSoak:
                                     capture_output=True, text=True, timeout=300,
                                     env={**os.environ, "PYTHONPATH": ROOT})
             self.report.export_once_exits[host.name] = result.returncode
-            say(f"{host.name} mexc export --once: exit {result.returncode}")
+            with open(os.path.join(host.dir, "export-once.txt"), "w") as f:
+                f.write(result.stdout + result.stderr)
+            said = (result.stdout + result.stderr).strip().splitlines()
+            say(f"{host.name} mexc export --once: exit {result.returncode}"
+                + (f": {said[-1][:300]}" if result.returncode and said else ""))
 
     def finish(self) -> None:
         """Everything back, every symbol on its copies, data stopped and drained, exported,
@@ -521,6 +529,10 @@ class ClusterSoak:
         wait_for(self.drained, 180, "every host drained (nothing buffered, spooled or held)", 1.0)
         self.export_once()
         wait_for(self.drained, 60, "the last rows stored", 1.0)
+        # the merged archive: the last hours exported, merged and pulled everywhere, verified
+        self.report.archive = ArchiveFigures()
+        settle(self, self.report.archive)
+        verify(self, self.report.archive)
         time.sleep(2.0)
         self.sampler_stop.set()
         self.sampler.join(10)
@@ -530,6 +542,7 @@ class ClusterSoak:
         self.write_timeline()
         for host in self.hosts.values():
             began = time.monotonic()
+            self.stop_sent[host.name] = time.time()
             host.daemon.terminate()
             try:
                 self.report.stop_exits[host.name] = host.daemon.wait(30)

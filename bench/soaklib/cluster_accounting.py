@@ -19,18 +19,23 @@ union of every host's rows against the market's truth:
   are the status sampler's estimate: a market stall holds frames and sends them later, and a
   host releasing a symbol reads on until the others have it): it is counted apart.
 * doubled: a row stored twice on one host, a failure (each host holds its own copy, so the
-  same row on two hosts is the replica, not a double)."""
+  same row on two hosts is the replica, not a double).
+
+A host's own rows are its copies (export.dir/copies/) and its tables; the merged files in
+export.dir are every host's rows and are counted apart (cluster_archive.py)."""
 from __future__ import annotations
 
 import collections
 import dataclasses
 import json
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from .accounting import (EVENT_SLACK, Stored, account_symbol, event_ms, read_files, read_tables,
                          window_spans)
+from .cluster_archive import ArchiveFigures, account_archive, copies_dir
 from .common import MARKETS, say
 from .ledger import Spans
 from .report import SymbolReport, table
@@ -56,6 +61,7 @@ class ClusterSymbol:
     holes: int = 0  # cluster holes (no collector connected anywhere) needing a record
     hole_seconds: float = 0.0
     holes_without_record: int = 0  # FAIL
+    hole_spans: List[tuple] = field(default_factory=list)  # event ms, for the merged archive
     holes_delivered: int = 0  # windows overlapping everywhere, yet every trade in them arrived
     hole_causes: Dict[str, int] = field(default_factory=dict)  # holes per cause of a window in it
     hole_examples: List[str] = field(default_factory=list)
@@ -89,6 +95,7 @@ class ClusterReport:
     peak_rss_mb: Dict[str, float] = field(default_factory=dict)
     unplanned: List[str] = field(default_factory=list)
     single_host: Optional[dict] = None  # bench/soak.py with the same seed (--single-host)
+    archive: Optional[ArchiveFigures] = None  # the merged files (cluster_archive.py)
     failures: List[str] = field(default_factory=list)
 
     @property
@@ -121,6 +128,8 @@ class ClusterReport:
         for host, code in sorted(self.stop_exits.items()):
             if code != 0:
                 f.append(f"{host}: SIGTERM stop exit {code}")
+        if self.archive is not None:
+            f += self.archive.failures()
         undone = [x for x in self.failovers if x["seconds"] is None]
         if undone:
             f.append(f"{len(undone)} failovers not done within 60 s")
@@ -182,7 +191,7 @@ class ClusterReport:
                 f"{sum(s.lost_outside for s in symbols)} outside them, "
                 f"{sum(s.ledger.gaps for s in symbols)} gap records, "
                 f"{sum(s.backfilled for s in symbols)} rows backfilled, "
-                f"{self.files.get(host, 0)} files")
+                f"{self.files.get(host, 0)} copies")
         lines += [
             f"dead letters: {self.dead_letters_sent} sent, {self.dead_letters_stored} stored",
             "mexc export --once: " + ", ".join(f"{h} exit {c}" for h, c in
@@ -193,6 +202,8 @@ class ClusterReport:
             f"unplanned reconnects and restarts: {len(self.unplanned)}"
             + (f" ({'; '.join(self.unplanned[:4])})" if self.unplanned else ""),
         ]
+        if self.archive is not None:
+            lines += self.archive.lines()
         lines += [f"FAIL: {x}" for x in self.failures]
         lines.append(f"RESULT: {'PASS' if self.passed else 'FAIL'}")
         return "\n".join(lines)
@@ -239,7 +250,9 @@ def account(soak) -> None:
     for host in soak.hosts.values():
         say(f"reading {host.name}'s files and tables back")
         stored[host.name] = {name: Stored() for name in soak.names}
-        read_files(host, stored[host.name])
+        # the host's own rows: its copies (export.dir holds the merged files, every host's)
+        read_files(types.SimpleNamespace(export_dir=copies_dir(host), report=host.report),
+                   stored[host.name])
         read_tables(host, stored[host.name])
         r.files[host.name] = host.report.files
         r.bad_files += [f"{host.name} {x}" for x in host.report.bad_files]
@@ -247,6 +260,9 @@ def account(soak) -> None:
                                  for name in soak.names]
     for name in soak.names:
         r.per_symbol.append(account_symbol_cluster(soak, name, stored))
+    if r.archive is not None:
+        say("reading the merged archive back")
+        account_archive(soak, stored, {s.name: s.hole_spans for s in r.per_symbol}, r.archive)
     sent_dl = [m for _ts, mt, m in soak.sim.expected_rows() if mt == "dl"]
     r.dead_letters_sent = len(sent_dl)
     r.dead_letters_stored = sum(sum(s[n].dead.values()) for s in stored.values()
@@ -315,6 +331,11 @@ def account_symbol_cluster(soak, name: str, stored: Dict[str, Dict[str, Stored]]
     # subscription) but no host had the symbol yet, which no gap record can say
     first = min((min(st.count) for st in mine.values() if st.count), default=None)
     trades = soak.sim.trades(MARKETS[name])
+    # likewise for trades, from the first trade stored anywhere: the deal channel's first push
+    # can come after the ticker's (seed 5: two eth trades made between them, "outside every
+    # gap record")
+    first_trade = min((t.t for t in trades if any(st.count[t.t] for st in mine.values())),
+                      default=None)
     traded = {t.t: hash(t.row[1:]) for t in trades}
     stream_end = max((ts for ts, mt, _m in rows if mt == "d"), default=None)
     delivered = set()  # trades that reached some host over its WebSocket
@@ -337,7 +358,7 @@ def account_symbol_cluster(soak, name: str, stored: Dict[str, Dict[str, Stored]]
         s.dark_backfilled += is_stored and not was_sent
         if not is_stored:
             s.dark_left += 1
-            if trade.t not in recorded and first is not None and trade.t > first:
+            if trade.t not in recorded and first_trade is not None and trade.t > first_trade:
                 s.dark_left_unrecorded += 1
                 if len(s.examples) < 3:
                     s.examples.append(f"trade t={trade.t} ({wall_of(soak, trade.t)}) left "
@@ -353,6 +374,7 @@ def account_symbol_cluster(soak, name: str, stored: Dict[str, Dict[str, Stored]]
             s.holes_delivered += 1
             continue
         s.holes += 1
+        s.hole_spans.append((a, b))
         s.hole_seconds += (b - a) / soak.speed / 1000
         for cause in hole_causes(soak, name, a, b):
             s.hole_causes[cause] = s.hole_causes.get(cause, 0) + 1
