@@ -195,10 +195,10 @@ def covered(holdings: Sequence[Tuple[int, int]], gaps, start_ms: int, end_ms: in
     restarts = [(a, b) for a, b in _minus([(start_ms, end_ms)], held)
                 if any(gs < b and ge > a and gs <= a + skew_ms and ge >= b - skew_ms
                        for gs, ge in spans)]
-    return _joined(_minus(_joined(held + restarts), spans))
+    return joined(_minus(joined(held + restarts), spans))
 
 
-def _joined(spans) -> list:
+def joined(spans) -> list:
     """Spans sorted, those touching or overlapping as one."""
     result = []
     for start, end in sorted(spans):

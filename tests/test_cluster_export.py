@@ -25,6 +25,7 @@ from core.store import Store
 from core.vocabulary import GAP_DAEMON_RESTART
 from exporter import parquet_files
 from exporter.cluster_archive import CLUSTER_KEY
+from exporter.merge import joined
 from tests.cluster_bed import CH_HTTP_PORT, CH_PORT
 from tests.conftest import MEXC, toml_dump, wait_for
 
@@ -283,14 +284,3 @@ def test_two_hosts_one_archive_every_trade_once_and_only_uncovered_time_a_gap(cl
                 daemon.proc.wait(30)
         zk.stop()
         zk.close()
-
-
-def joined(spans):
-    """Spans touching end to start (a gap cut at hour boundaries) as one."""
-    result = []
-    for start, end in sorted(spans):
-        if result and start <= result[-1][1]:
-            result[-1] = (result[-1][0], max(end, result[-1][1]))
-        else:
-            result.append((start, end))
-    return result
