@@ -13,7 +13,7 @@ collector/wire.py, and its test.  `mexc status` counts rows per message type.
 import re
 from typing import Callable, NamedTuple, Optional, Tuple
 
-from core.vocabulary import BOOK_SNAPSHOT, BOOK_UPDATE, DEAL, DEPTH, TICKER
+from core.vocabulary import BOOK_UPDATE, DEAL, DEPTH, TICKER
 
 FIELD_SEPARATOR = "|"  # between the fields of every layout
 # a depth side: up to DEPTH_LEVELS levels, best first, each "[price,size]", joined by ","

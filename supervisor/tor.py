@@ -15,7 +15,7 @@ import shutil
 import socket
 import subprocess
 import threading
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 from core.process import dies_with_this_process, free_port
 

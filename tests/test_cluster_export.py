@@ -7,7 +7,6 @@ export_log, a host's hole the other covered is no gap, and the stretch when neit
 is the archive's only gap.  Each daemon registers itself (`{root}/hosts/{host}`, its
 membership) while it runs."""
 import collections
-import hashlib
 import json
 import os
 import signal

@@ -25,7 +25,6 @@ from __future__ import annotations
 import calendar
 import collections
 import hashlib
-import json
 import os
 import re
 import subprocess
