@@ -286,9 +286,9 @@ def test_pinned_clients_come_from_their_exits_address(tor_net, clients, server):
             # which exit carries the stream (circuit path last hop) and where the consensus
             # says that exit is.
             with client.controller() as ctl:
-                found = ctl.exit_of_stream(server.port)
-            assert found is not None, f"{client.workdir}: no stream to port {server.port}"
-            assert found == (exit_relay.fingerprint, exit_relay.address)
+                found = ctl.exits_of_streams(server.port)
+            assert found, f"{client.workdir}: no stream to port {server.port}"
+            assert found == [(exit_relay.fingerprint, exit_relay.address)]
         finally:
             s.close()
         seen.append(peer)

@@ -411,8 +411,9 @@ class TorClient:
 
     def controller(self) -> TorControl:
         """The daemon's own control-port client (supervisor.tor.TorControl) on this client:
-        cookie-authenticated; command(), getinfo(), exit_of_stream(port) (None when no
-        succeeded stream goes there); a 10 s timeout (the daemon's is 1 s)."""
+        cookie-authenticated; command(), getinfo(), exits_of_streams(port) (one (fingerprint,
+        address) per succeeded stream there, oldest first); a 10 s timeout (the daemon's is
+        1 s)."""
         return TorControl(self.control_port, os.path.join(self.workdir, "control_auth_cookie"),
                           timeout=10)
 
