@@ -137,16 +137,23 @@ def recent_deals_path(symbol: str, limit: int) -> str:
     return f"/api/v1/contract/deals/{symbol}?limit={limit}"
 
 
-def recent_deal_rows(body: bytes, rts: int):
-    """The answer to recent_deals_path() -> deal rows, exactly as the WebSocket's trades
-    become rows, in the answer's order.  Raises BadFrame for a failure answer or bad fields."""
+def _rest_answer(body: bytes, data_type: type) -> dict:
+    """A REST answer's JSON, when it says success and its `data` is a data_type; else
+    BadFrame."""
     try:
         answer = _decode(body.decode())
     except (ValueError, UnicodeDecodeError):
         raise BadFrame(f"not JSON: {body[:120]!r}") from None
     if type(answer) is not dict or answer.get("success") is not True \
-            or type(answer.get("data")) is not list:
+            or type(answer.get("data")) is not data_type:
         raise BadFrame(f"not a successful answer: {body[:200]!r}")
+    return answer
+
+
+def recent_deal_rows(body: bytes, rts: int):
+    """The answer to recent_deals_path() -> deal rows, exactly as the WebSocket's trades
+    become rows, in the answer's order.  Raises BadFrame for a failure answer or bad fields."""
+    answer = _rest_answer(body, list)
     try:
         return [_trade_row(trade, rts) for trade in answer["data"]]
     except (KeyError, TypeError) as e:
@@ -220,13 +227,7 @@ def depth_snapshot_row(body: bytes, rts: int):
     """The answer to depth_snapshot_path() -> (a BOOK_SNAPSHOT row, its version).  The row's ts
     is the answer's `timestamp` (the exchange's ms of the book), else rts.  Raises BadFrame
     for a failure answer or bad fields."""
-    try:
-        answer = _decode(body.decode())
-    except (ValueError, UnicodeDecodeError):
-        raise BadFrame(f"not JSON: {body[:120]!r}") from None
-    if type(answer) is not dict or answer.get("success") is not True \
-            or type(answer.get("data")) is not dict:
-        raise BadFrame(f"not a successful answer: {body[:200]!r}")
+    answer = _rest_answer(body, dict)
     data = answer["data"]
     try:
         version, stamp = data["version"], data.get("timestamp", rts)
