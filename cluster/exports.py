@@ -40,10 +40,32 @@ import logging
 import time
 from typing import Dict, List, Optional, Set, Tuple
 
+from core.log import first_line
+
 log = logging.getLogger(__name__)
 
 HOUR_FORMAT = "%Y%m%d_%H00"
 CHANGES_KEEP = 400  # change-log entries kept per symbol (about 3 days of 5 changes an hour)
+
+
+OTHERS = "(others)"  # the unreachable "host" when ZooKeeper could not name the hosts
+
+
+def cluster_hosts(cluster: dict, timeout: float) -> Tuple[Dict[str, Optional[str]], Dict[str, str]]:
+    """({host: its ClickHouse as remote() reaches it, None for this host}, {}) of the hosts
+    registered in ZooKeeper; ({this host: None}, {OTHERS: why}) when ZooKeeper does not
+    answer within `timeout`: what answers from any host read (docs/cluster.md)."""
+    nodes, hosts, problem = HourNodes(cluster), {}, {}
+    try:
+        nodes.start(timeout=timeout)
+        hosts = {h: data.get("clickhouse") for h, data in nodes.live_hosts().items()}
+    except Exception as e:  # the other hosts cannot be found: this host's answer
+        problem = {OTHERS: f"ZooKeeper {cluster['zookeeper']}: "
+                           f"{first_line(e) or type(e).__name__}"}
+    finally:
+        nodes.stop()
+    hosts[cluster["host"]] = None
+    return hosts, problem
 
 
 class HourPruned(Exception):

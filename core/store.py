@@ -433,9 +433,10 @@ class Store:
         return dict(self.client.execute(
             f"SELECT toString(mt), count() FROM {self._table(table)} GROUP BY mt"))
 
-    def newest_receive_ms(self, table: str) -> int:
-        """The latest rts in the table (0 when empty)."""
-        return self._one(f"SELECT max({self.features.ms('rts')}) FROM {self._table(table)}")
+    def newest_receive_ms(self, table: str, source: Optional[str] = None) -> int:
+        """The latest rts in the table (0 when empty); here, or on the server at `source`."""
+        return self._one(f"SELECT max({self.features.ms('rts')}) "
+                         f"FROM {self._source(table, source)}") or 0
 
     def drop(self, table: str) -> None:
         self.client.execute(f"DROP TABLE IF EXISTS {self._table(table)}")
@@ -774,13 +775,14 @@ class Store:
         return sorted(((host, ts, bool(held)) for host, ts, held in before + during),
                       key=lambda record: (record[1], record[0]))
 
-    def held_before(self, host: str, before_ms: int) -> List[str]:
+    def held_before(self, host: str, before_ms: int, source: Optional[str] = None
+                    ) -> List[str]:
         """The symbols `host` held (its last take or release before `before_ms` a take): those
-        a host killed there held when it went down."""
-        if not self.exists("cluster_holdings"):
+        a host killed there held when it went down; here, or on the server at `source`."""
+        if source is None and not self.exists("cluster_holdings"):
             return []
         return sorted(name for name, held in self.client.execute(
-            f"SELECT name, argMax(held, ts) FROM {self._table('cluster_holdings')} "
+            f"SELECT name, argMax(held, ts) FROM {self._source('cluster_holdings', source)} "
             f"WHERE host = %(host)s AND ts < {int(before_ms)} GROUP BY name", {"host": host})
             if held)
 

@@ -8,9 +8,13 @@ small real copies through the real ZooKeeper and remote().
   and a query per hour, and every merged file hashed at the start); a restart examines no
   settled hour again.
 - Hours past cluster.retention_hours lose their nodes and hour_copies rows; a late copy of one
-  is refused (logged), and the merged file stays as it was."""
+  is refused (logged), and the merged file stays as it was.
+- `mexc gaps` and `mexc verify` answer from the hosts that answer, name the one that does not
+  and exit 3; verify judges "no recent data" on each host that holds a symbol."""
+import json
 import logging
 import os
+import subprocess
 import time
 
 import pyarrow as pa
@@ -21,10 +25,11 @@ from cluster.exports import hour_label
 from core import archive, config as configuration
 from core.clock import HOUR_MS, hour_start
 from core.store import Store
+from core.vocabulary import GAP_DAEMON_RESTART, Gap
 from exporter import parquet_files
 from exporter.cluster_archive import ClusterArchive, copies_dir
 from tests.cluster_bed import CH_PORT
-from tests.conftest import toml_dump, wait_for
+from tests.conftest import MEXC, toml_dump, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -60,12 +65,12 @@ class Counted:
         return self.zk_reads - zk, self.ch_queries - ch
 
 
-def host_config(bed, host, tmp_path, root, retention_hours=0):
+def host_config(bed, host, tmp_path, root, retention_hours=0, symbols=(SYMBOL,)):
     address = bed.host(host).address
     path = tmp_path / host / "mexc.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(toml_dump({
-        "symbols": [SYMBOL],
+        "symbols": list(symbols),
         "clickhouse": {"host": address, "port": CH_PORT, "managed": False,
                        "database": root.strip("/").replace("-", "_")},
         "export": {"dir": str(tmp_path / host / "export")},
@@ -79,10 +84,10 @@ def host_config(bed, host, tmp_path, root, retention_hours=0):
 
 
 class Host:
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, config, path):
+        self.config, self.path = config, path
         self.store = Store(config.clickhouse, timeout=30.0)
-        self.store.setup([NAME], clustered=True)
+        self.store.setup([s.name for s in config.symbols], clustered=True)
         self.state_dir = os.path.join(config.paths["state_dir"], "exporter")
         os.makedirs(self.state_dir, exist_ok=True)
         self.archive = None
@@ -123,9 +128,10 @@ def hosts(cluster_bed, tmp_path, request):
     root = f"/tick-{request.node.name[5:25]}"
     made = {}
 
-    def make(retention_hours=0):
+    def make(**options):
         for host in HOSTS:
-            made[host] = Host(host_config(cluster_bed, host, tmp_path, root, retention_hours))
+            made[host] = Host(host_config(cluster_bed, host, tmp_path, root, **options),
+                              str(tmp_path / host / "mexc.toml"))
         return made
     yield make
     for host in made.values():
@@ -216,3 +222,62 @@ def test_hours_past_the_retention_are_pruned_and_a_late_copy_of_one_refused(host
     assert not zk.exists(f"{root}/hours/{NAME}/{hour_label(hours[0])}")
     assert {hour: h1.merged_file(hour) for hour in hours} == files
     assert h2.store.logged_file(SYMBOL, hours[0])[0] == files[hours[0]]
+
+
+def test_gaps_and_verify_judge_each_holding_host_and_name_one_unreachable(cluster_bed, hosts):
+    """btc held by h2 only, eth by h1 only (cluster_holdings): h1's stale btc rows are no
+    failure; with h2's ClickHouse stopped, `mexc gaps` and `mexc verify` on h1 answer from h1,
+    name h2 on one stderr line and exit 3 (partial); a stale symbol its holder holds fails."""
+    hosts = hosts(symbols=("BTC_USDT", "ETH_USDT"))
+    h1, h2 = hosts["h1"], hosts["h2"]
+    zk = h1.archive.nodes
+    zk.start()
+    root = h1.config.cluster["root"]
+    for host in hosts.values():  # membership as the daemons write it
+        zk.zk.create(f"{root}/hosts/{host.config.cluster['host']}", json.dumps(
+            {"clickhouse": host.config.cluster["clickhouse"]}).encode(), ephemeral=True,
+            makepath=True)
+    now = int(time.time() * 1000)
+    h1.store.insert_rows("btc_current", [(now - HOUR_MS, "d", "1|2|1|1", now - HOUR_MS)])
+    h1.store.insert_rows("eth_current", [(now, "d", "1|2|1|2", now)])
+    h2.store.insert_rows("btc_current", [(now, "d", "1|2|1|1", now)])
+    h1.store.record_holding("eth", "h1", now - 60_000, True)
+    h2.store.record_holding("btc", "h2", now - 60_000, True)
+    for host in hosts.values():
+        h = host.config.cluster["host"]
+        host.store.record_gaps([Gap("BTC_USDT", "btc", now - 50_000, now - 40_000 + len(h),
+                                    GAP_DAEMON_RESTART, h, 0, False, now)])
+
+    def mexc(*argv):
+        return subprocess.run([MEXC, *argv, "--config", h1.path], capture_output=True,
+                              text=True, timeout=60)
+
+    verify = mexc("verify")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "btc_current: 1 records (t: 0, d: 1, dp: 0): not held here (held by h2)" \
+        in verify.stdout
+    listed = json.loads(mexc("gaps", "--json").stdout)
+    assert sorted(g["host"] for g in listed) == ["h1", "h2"]
+
+    h2_server = cluster_bed.host("h2").clickhouse
+    h2_server.stop()
+    try:
+        gaps = mexc("gaps", "--json")
+        assert gaps.returncode == 3, gaps.stderr
+        assert [g["host"] for g in json.loads(gaps.stdout)] == ["h1"]
+        assert gaps.stderr.startswith("mexc: warning: host h2 unreachable (") \
+            and gaps.stderr.count("\n") == 1 and "its gaps are missing" in gaps.stderr
+        verify = mexc("verify")
+        assert verify.returncode == 3, verify.stdout + verify.stderr
+        assert verify.stderr.startswith("mexc: warning: host h2 unreachable (") \
+            and verify.stderr.count("\n") == 1, verify.stderr
+        assert "not checked: h2" in verify.stdout
+    finally:
+        h2_server.start()
+    print(f"h2's ClickHouse stopped: mexc gaps and verify exit 3; {gaps.stderr.strip()[:120]}")
+
+    h1.store.record_holding("btc", "h1", now - 30_000, True)  # h1 holds btc: stale is stale
+    verify = mexc("verify")
+    assert verify.returncode == 1, verify.stdout + verify.stderr
+    assert "❌ btc_current on h1, which holds it: no data in the last 5 minutes" in verify.stdout
+    assert "on h2" not in verify.stdout
