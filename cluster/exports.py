@@ -276,8 +276,8 @@ class HourNodes:
         unread."""
         path = self._changes(name)
         stat = self.zk.exists(path)
-        if stat is None:  # nothing written by this release yet
-            return None, None if cursor is None else set(), cursor
+        if stat is None:  # no entry yet: examine every hour once, then wait for the first
+            return None, None if cursor is None else set(), -1 if cursor is None else cursor
         if cursor is not None and stat.cversion == seen:
             return seen, set(), cursor
         entries = sorted((int(child.rsplit("-", 1)[1]), child.rsplit("-", 1)[0])

@@ -775,15 +775,18 @@ class Store:
         return sorted(((host, ts, bool(held)) for host, ts, held in before + during),
                       key=lambda record: (record[1], record[0]))
 
-    def held_before(self, host: str, before_ms: int, source: Optional[str] = None
-                    ) -> List[str]:
+    def held_before(self, host: str, before_ms: Optional[int] = None,
+                    source: Optional[str] = None) -> List[str]:
         """The symbols `host` held (its last take or release before `before_ms` a take): those
-        a host killed there held when it went down; here, or on the server at `source`."""
+        a host killed there held when it went down; with no `before_ms` those it holds now
+        (its latest record; the records carry its export clock's ms); here, or on the server
+        at `source`."""
         if source is None and not self.exists("cluster_holdings"):
             return []
+        before = "" if before_ms is None else f"AND ts < {int(before_ms)} "
         return sorted(name for name, held in self.client.execute(
             f"SELECT name, argMax(held, ts) FROM {self._source('cluster_holdings', source)} "
-            f"WHERE host = %(host)s AND ts < {int(before_ms)} GROUP BY name", {"host": host})
+            f"WHERE host = %(host)s {before}GROUP BY name", {"host": host})
             if held)
 
     # --- a cluster: every host's rows, for answers from any host (mexc/history.py) ---------

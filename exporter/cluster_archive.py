@@ -416,11 +416,19 @@ class HourState:
         self.cursors: Dict[str, int] = {}
         self.unsettled: Dict[str, set] = {}
         self.dirty = False
-        if path and os.path.exists(path):
+        if path is None:
+            return
+        try:
             with open(path) as f:
                 saved = json.load(f)
             self.cursors = dict(saved["cursors"])
             self.unsettled = {name: set(hours) for name, hours in saved["unsettled"].items()}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("cluster: %s unreadable (%s): every hour is examined once", path,
+                        first_line(e))
+            self.cursors, self.unsettled = {}, {}
 
     def unsettle(self, name: str, hours) -> None:
         if hours:

@@ -85,10 +85,10 @@ def _holders(config, store, unreachable: dict) -> dict:
 
     sources, problem = cluster_hosts(config.cluster, ZOOKEEPER_WAIT)
     unreachable.update(problem)
-    held, now_ms = {}, int(time.time() * 1000)
+    held = {}
     for host, source in sorted(sources.items()):
         try:
-            held[host] = (set(store.held_before(host, now_ms + 1, source)), source)
+            held[host] = (set(store.held_before(host, source=source)), source)
         except Exception as e:
             if source is None:
                 raise
