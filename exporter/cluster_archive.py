@@ -229,7 +229,7 @@ class ClusterArchive:
             if merged is not None:
                 if not _stale(merged, real):
                     return []
-                self._hold(symbol, hour, merged)  # the base: this host must hold it
+                self._hold(symbol, hour, merged, hashed=True)  # the base, read back whole
                 base = [("", parquet_files.read(archive.hour_path(self.export["dir"], name,
                                                                    hour)))]
                 new = {h: c for h, c in real.items() if merged["copies"].get(h) != c["sha256"]}
@@ -344,11 +344,13 @@ class ClusterArchive:
                      hour_label(before), keep)
         self.pruned_until = before
 
-    def _hold(self, symbol, hour: int, merged: dict) -> None:
-        """Have the merged file `merged` names in export.dir, logged and in hour_copies."""
+    def _hold(self, symbol, hour: int, merged: dict, hashed: bool = False) -> None:
+        """Have the merged file `merged` names in export.dir, logged and in hour_copies
+        (`hashed`: the file on disk hashed too, not trusted by export_log)."""
         name, sha = symbol.name, merged["sha256"]
         path = archive.hour_path(self.export["dir"], name, hour)
-        held = self._holds(symbol, hour, path, sha)
+        held = self._holds(symbol, hour, path, sha) and (
+            not hashed or parquet_files.sha256(path) == sha)
         if self.host in merged["holders"] and held:
             return
         if not held:
