@@ -16,6 +16,19 @@ Nodes, all under `{root}` ([cluster] root):
                                         the merged file, what it was merged from, and the hosts
                                         holding its bytes (in export.dir and in hour_copies)
         lock                            a kazoo Lock: the host merging the hour holds it
+    changes/{name}/{YYYYMMDD_HH00}-{seq}
+                                        the symbol's change log: one sequential node per write
+                                        of a copy, a "none" or the merged node, made in one
+                                        transaction with that write, so a host re-examines only
+                                        the hours named since its cursor (the highest seq it
+                                        read); the oldest beyond CHANGES_KEEP are pruned, and
+                                        changes/{name}'s data says up to which seq
+                                        ({"pruned_through": seq}): a host whose cursor is older
+                                        examines every hour once
+    pruned/{name}                       {"before": hour ms}: hours before it are past
+                                        cluster.retention_hours and their nodes are gone (or
+                                        going); a copy, "none" or merged node of such an hour
+                                        is refused (each write checks this node's version)
 
 Values are JSON.  Every change of a node that several hosts write is a compare-and-set on the
 node's version, so no host's word is lost.  kazoo is imported here only, when a cluster is
@@ -25,11 +38,38 @@ import calendar
 import json
 import logging
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
+
+from core.log import first_line
 
 log = logging.getLogger(__name__)
 
 HOUR_FORMAT = "%Y%m%d_%H00"
+CHANGES_KEEP = 400  # change-log entries kept per symbol (about 3 days of 5 changes an hour)
+
+
+OTHERS = "(others)"  # the unreachable "host" when ZooKeeper could not name the hosts
+
+
+def cluster_hosts(cluster: dict, timeout: float) -> Tuple[Dict[str, Optional[str]], Dict[str, str]]:
+    """({host: its ClickHouse as remote() reaches it, None for this host}, {}) of the hosts
+    registered in ZooKeeper; ({this host: None}, {OTHERS: why}) when ZooKeeper does not
+    answer within `timeout`: what answers from any host read (docs/cluster.md)."""
+    nodes, hosts, problem = HourNodes(cluster), {}, {}
+    try:
+        nodes.start(timeout=timeout)
+        hosts = {h: data.get("clickhouse") for h, data in nodes.live_hosts().items()}
+    except Exception as e:  # the other hosts cannot be found: this host's answer
+        problem = {OTHERS: f"ZooKeeper {cluster['zookeeper']}: "
+                           f"{first_line(e) or type(e).__name__}"}
+    finally:
+        nodes.stop()
+    hosts[cluster["host"]] = None
+    return hosts, problem
+
+
+class HourPruned(Exception):
+    """The hour is past the retention: its nodes are gone and no node of it is written."""
 
 
 def hour_label(hour_ms: int) -> str:
@@ -78,14 +118,64 @@ class HourNodes:
             return None, -1
         return json.loads(data.decode() or "{}"), stat.version
 
-    def _put(self, path: str, value: dict) -> None:
-        """Create or replace a node only this host writes."""
+    def _changes(self, name: str) -> str:
+        return f"{self.root}/changes/{name}"
+
+    def _pruned_path(self, name: str) -> str:
+        return f"{self.root}/pruned/{name}"
+
+    def _pruned(self, name: str) -> Tuple[int, int]:
+        """(hours before this are pruned, the pruned node's version); made when missing."""
         from kazoo.exceptions import NodeExistsError
+        value, version = self._get(self._pruned_path(name))
+        if value is None:
+            try:
+                self.zk.create(self._pruned_path(name), b'{"before": 0}', makepath=True)
+            except NodeExistsError:
+                pass
+            value, version = self._get(self._pruned_path(name))
+        return value["before"], version
+
+    def _write(self, name: str, hour_ms: int, path: str, value: dict,
+               version: Optional[int] = None):
+        """Create `path` (version None) or set it at `version` (-1: any), in one transaction
+        with a change-log entry naming the hour and a check that the hour is not pruned.
+        Returns None when written, else the kazoo error of the write (NodeExistsError,
+        BadVersionError); raises HourPruned for an hour past the retention."""
+        from kazoo.exceptions import BadVersionError, NoNodeError, RolledBackError
         data = json.dumps(value, sort_keys=True).encode()
-        try:
-            self.zk.create(path, data, makepath=True)
-        except NodeExistsError:
-            self.zk.set(path, data)
+        while True:
+            before, pruned_version = self._pruned(name)
+            if hour_ms < before:
+                raise HourPruned(f"{name} {hour_label(hour_ms)} is past the retention (hour "
+                                 f"nodes before {hour_label(before)} are pruned)")
+            self.zk.ensure_path(path.rsplit("/", 1)[0])
+            self.zk.ensure_path(self._changes(name))
+            transaction = self.zk.transaction()
+            transaction.check(self._pruned_path(name), pruned_version)
+            if version is None:
+                transaction.create(path, data)
+            else:
+                transaction.set_data(path, data, version)
+            transaction.create(f"{self._changes(name)}/{hour_label(hour_ms)}-", b"",
+                               sequence=True)
+            results = transaction.commit()
+            errors = [r for r in results if isinstance(r, Exception)
+                      and not isinstance(r, RolledBackError)]
+            if not errors:
+                return None
+            if isinstance(results[0], (BadVersionError, NoNodeError)):
+                continue  # the retention moved meanwhile: look again
+            return errors[0]
+
+    def _put(self, name: str, hour_ms: int, path: str, value: dict) -> None:
+        """Create or replace a node only this host writes (with its change-log entry)."""
+        from kazoo.exceptions import NodeExistsError
+        error = self._write(name, hour_ms, path, value)
+        if isinstance(error, NodeExistsError):
+            error = self._write(name, hour_ms, path, value, version=-1)
+        if error is not None:
+            raise error
 
     # --- hosts -----------------------------------------------------------------------------
 
@@ -105,7 +195,7 @@ class HourNodes:
 
     def register_copy(self, name: str, hour_ms: int, sha256: str, rows: int,
                       clickhouse: str, ledger: str) -> None:
-        self._put(f"{self._hour(name, hour_ms)}/copies/{self.host}",
+        self._put(name, hour_ms, f"{self._hour(name, hour_ms)}/copies/{self.host}",
                   {"host": self.host, "sha256": sha256, "rows": rows, "clickhouse": clickhouse,
                    "ledger": ledger})
 
@@ -113,7 +203,7 @@ class HourNodes:
         """This host has no rows of the hour (it did not hold the symbol, or was down)."""
         path = f"{self._hour(name, hour_ms)}/copies/{self.host}"
         if not self.zk.exists(path):
-            self._put(path, {"host": self.host, "none": True})
+            self._write(name, hour_ms, path, {"host": self.host, "none": True})
 
     def copies(self, name: str, hour_ms: int) -> Dict[str, dict]:
         """{host: its copy node} of the hour (a "none" node included)."""
@@ -146,23 +236,15 @@ class HourNodes:
         return self._get(f"{self._hour(name, hour_ms)}/merged")
 
     def set_merged(self, name: str, hour_ms: int, value: dict, version: int) -> bool:
-        """Write the merged node if it is still at `version` (-1: not there); False when
-        another host changed it first."""
-        from kazoo.exceptions import BadVersionError, NodeExistsError
-        path = f"{self._hour(name, hour_ms)}/merged"
-        data = json.dumps(value, sort_keys=True).encode()
-        try:
-            if version < 0:
-                self.zk.create(path, data, makepath=True)
-            else:
-                self.zk.set(path, data, version=version)
-            return True
-        except (BadVersionError, NodeExistsError):
-            return False
+        """Write the merged node if it is still at `version` (-1: not there), with its
+        change-log entry; False when another host changed it first."""
+        return self._write(name, hour_ms, f"{self._hour(name, hour_ms)}/merged", value,
+                           None if version < 0 else version) is None
 
     def add_holder(self, name: str, hour_ms: int, sha256: str, clickhouse: str) -> bool:
         """Note that this host holds the merged file `sha256` (False: the node now names
         another file, a newer version)."""
+        from kazoo.exceptions import BadVersionError, NoNodeError
         while True:
             value, version = self.merged(name, hour_ms)
             if value is None or value["sha256"] != sha256:
@@ -170,10 +252,84 @@ class HourNodes:
             if value["holders"].get(self.host) == clickhouse:
                 return True
             value["holders"][self.host] = clickhouse
-            if self.set_merged(name, hour_ms, value, version):
+            try:  # no change-log entry: no other host acts on a holder more
+                self.zk.set(f"{self._hour(name, hour_ms)}/merged",
+                            json.dumps(value, sort_keys=True).encode(), version=version)
                 return True
+            except BadVersionError:
+                continue
+            except NoNodeError:  # pruned meanwhile
+                return False
 
     def lock(self, name: str, hour_ms: int):
         """The kazoo Lock of the hour: `with nodes.lock(...)`, or acquire(timeout=...)."""
         return self.zk.Lock(f"{self._hour(name, hour_ms)}/lock", self.host)
 
+
+    # --- the change log and the retention --------------------------------------------------
+
+    def changes(self, name: str, cursor: Optional[int], seen: Optional[int]
+                ) -> Tuple[Optional[int], Optional[Set[int]], Optional[int]]:
+        """(the change log's cversion, the hours named by entries after `cursor`, the new
+        cursor).  One read when nothing changed since the cversion `seen`.  The hours are
+        None when every hour must be examined: no cursor yet, or entries after it pruned
+        unread."""
+        path = self._changes(name)
+        stat = self.zk.exists(path)
+        if stat is None:  # no entry yet: examine every hour once, then wait for the first
+            return None, None if cursor is None else set(), -1 if cursor is None else cursor
+        if cursor is not None and stat.cversion == seen:
+            return seen, set(), cursor
+        entries = sorted((int(child.rsplit("-", 1)[1]), child.rsplit("-", 1)[0])
+                         for child in self.zk.get_children(path))
+        pruned = json.loads(self.zk.get(path)[0].decode() or "{}").get("pruned_through", -1)
+        newest = max([cursor if cursor is not None else -1] + [seq for seq, _ in entries])
+        hours = None if cursor is None or cursor < pruned else \
+            {hour_of_label(label) for seq, label in entries if seq > cursor}
+        if len(entries) > CHANGES_KEEP * 3 // 2:
+            self._prune_changes(path, entries[:len(entries) - CHANGES_KEEP])
+        return stat.cversion, hours, newest
+
+    def _prune_changes(self, path: str, old: list) -> None:
+        """The oldest entries deleted, once changes/{name} says up to which seq (a host whose
+        cursor is older then examines every hour)."""
+        from kazoo.exceptions import BadVersionError, NoNodeError
+        through = old[-1][0]
+        while True:
+            data, stat = self.zk.get(path)
+            value = json.loads(data.decode() or "{}")
+            if value.get("pruned_through", -1) >= through:
+                break
+            value["pruned_through"] = through
+            try:
+                self.zk.set(path, json.dumps(value).encode(), version=stat.version)
+                break
+            except BadVersionError:
+                continue
+        for seq, label in old:
+            try:
+                self.zk.delete(f"{path}/{label}-{seq:010d}")
+            except NoNodeError:
+                pass
+
+    def prune(self, name: str, before_ms: int) -> List[int]:
+        """Hours before `before_ms`: refused from now on (pruned/{name}), then their nodes
+        deleted; returns the hours deleted."""
+        from kazoo.exceptions import BadVersionError, NoNodeError
+        while True:
+            current, version = self._pruned(name)
+            if current >= before_ms:
+                break
+            try:
+                self.zk.set(self._pruned_path(name), json.dumps({"before": before_ms}).encode(),
+                            version=version)
+                break
+            except BadVersionError:
+                continue
+        old = [hour for hour in self.hours(name) if hour < max(current, before_ms)]
+        for hour in old:
+            try:
+                self.zk.delete(self._hour(name, hour), recursive=True)
+            except NoNodeError:
+                pass
+        return old

@@ -121,6 +121,7 @@ SCHEMA = {
         "root": (str, "/mexc"),  # mexc's ZooKeeper path: one per cluster
         "session_timeout": (float, 10.0),  # a host silent this long is gone: failover starts
         "export_wait": (float, 600.0),  # longest wait for a live host's copy of an hour
+        "retention_hours": (int, 2160),  # hour nodes and hour_copies rows older: pruned; 0 never
     },
 }
 # Keys of earlier releases that were renamed or removed: old key -> the key that took its
@@ -467,6 +468,8 @@ def _check_cluster(cluster: dict, clickhouse: dict, bad) -> None:
         bad("cluster.session_timeout", "must be 2-20 seconds (failover takes about this long)")
     if cluster["export_wait"] < 0:
         bad("cluster.export_wait", "must be >= 0")
+    if cluster["retention_hours"] == 1 or cluster["retention_hours"] < 0:
+        bad("cluster.retention_hours", "must be 0 (never prune) or at least 2")
     if clickhouse["managed"] and port is not None and port != clickhouse["port"]:
         bad("cluster.clickhouse", f"must end in :{clickhouse['port']} (clickhouse.port): the "
                                   "managed server listens there for the other hosts too")

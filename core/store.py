@@ -433,9 +433,10 @@ class Store:
         return dict(self.client.execute(
             f"SELECT toString(mt), count() FROM {self._table(table)} GROUP BY mt"))
 
-    def newest_receive_ms(self, table: str) -> int:
-        """The latest rts in the table (0 when empty)."""
-        return self._one(f"SELECT max({self.features.ms('rts')}) FROM {self._table(table)}")
+    def newest_receive_ms(self, table: str, source: Optional[str] = None) -> int:
+        """The latest rts in the table (0 when empty); here, or on the server at `source`."""
+        return self._one(f"SELECT max({self.features.ms('rts')}) "
+                         f"FROM {self._source(table, source)}") or 0
 
     def drop(self, table: str) -> None:
         self.client.execute(f"DROP TABLE IF EXISTS {self._table(table)}")
@@ -613,6 +614,15 @@ class Store:
             f"GROUP BY symbol", {"symbol": symbol})
         return rows[0][0] if rows else None
 
+    def logged_file(self, symbol: str, hour: int) -> Optional[Tuple[str, int]]:
+        """(sha256, file bytes) of the latest export_log entry of a symbol-hour, or None."""
+        rows = self.client.execute(
+            f"SELECT argMax(sha256, export_time), argMax(file_bytes, export_time) "
+            f"FROM {self._table('export_log')} WHERE symbol = %(symbol)s "
+            f"AND {self.features.ms('hour_start')} = {int(hour)} GROUP BY symbol",
+            {"symbol": symbol})
+        return (rows[0][0], rows[0][1]) if rows else None
+
     def exported_hours(self, since_ms: int) -> List[Tuple[str, int]]:
         """[(symbol, hour start ms)] of every hour with a file in export_log from since_ms on."""
         hour = self.features.ms("hour_start")
@@ -655,6 +665,19 @@ class Store:
             f"{recorded} FROM {self._source('gaps', source)} "
             f"{'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {start}, name", params)
         return [Gap(*row[:7], bool(row[7]), row[8]) for row in rows]
+
+    def ledger_total(self) -> Tuple[int, int]:
+        """(records, the newest recorded_ms) of the whole ledger ((0, 0) before it exists):
+        changes with every record."""
+        try:
+            count, newest = self.client.execute(
+                f"SELECT count(), max({self.features.ms('recorded_ms')}) "
+                f"FROM {self._table('gaps')}")[0]
+        except ServerException as e:
+            if e.code in (UNKNOWN_TABLE, UNKNOWN_DATABASE):
+                return 0, 0
+            raise
+        return count, newest or 0
 
     def newest_gap_end_ms(self, name: str, before_ms: int) -> Optional[int]:
         """The latest end of a symbol's ledger record at or before `before_ms` (None: no
@@ -722,6 +745,15 @@ class Store:
             f"AND sha256 = %(sha)s", {"name": name, "kind": kind, "host": host,
                                       "sha": sha256}) > 0
 
+    def drop_hour_files(self, before_ms: int) -> int:
+        """Delete the hour_copies rows of hours before `before_ms` (a mutation: ClickHouse
+        rewrites the parts holding them in the background); returns how many there were."""
+        where = f"WHERE hour < {int(before_ms)}"
+        rows = self._one(f"SELECT count() FROM {self._table(HOUR_COPIES)} {where}")
+        if rows:
+            self.client.execute(f"ALTER TABLE {self._table(HOUR_COPIES)} DELETE {where}")
+        return rows
+
     def record_holding(self, name: str, host: str, ts_ms: int, held: bool) -> None:
         """This host took (held) or released a symbol at ts_ms."""
         self.client.execute(f"INSERT INTO {self._table('cluster_holdings')} "
@@ -743,14 +775,18 @@ class Store:
         return sorted(((host, ts, bool(held)) for host, ts, held in before + during),
                       key=lambda record: (record[1], record[0]))
 
-    def held_before(self, host: str, before_ms: int) -> List[str]:
+    def held_before(self, host: str, before_ms: Optional[int] = None,
+                    source: Optional[str] = None) -> List[str]:
         """The symbols `host` held (its last take or release before `before_ms` a take): those
-        a host killed there held when it went down."""
-        if not self.exists("cluster_holdings"):
+        a host killed there held when it went down; with no `before_ms` those it holds now
+        (its latest record; the records carry its export clock's ms); here, or on the server
+        at `source`."""
+        if source is None and not self.exists("cluster_holdings"):
             return []
+        before = "" if before_ms is None else f"AND ts < {int(before_ms)} "
         return sorted(name for name, held in self.client.execute(
-            f"SELECT name, argMax(held, ts) FROM {self._table('cluster_holdings')} "
-            f"WHERE host = %(host)s AND ts < {int(before_ms)} GROUP BY name", {"host": host})
+            f"SELECT name, argMax(held, ts) FROM {self._source('cluster_holdings', source)} "
+            f"WHERE host = %(host)s {before}GROUP BY name", {"host": host})
             if held)
 
     # --- a cluster: every host's rows, for answers from any host (mexc/history.py) ---------

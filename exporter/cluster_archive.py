@@ -15,6 +15,17 @@ and ZooKeeper hears of it (cluster/exports.py).  Then, on every host, `tick()`:
   3. pulls a merged file it does not hold from a host that does, checks its sha256, writes it
      into export.dir atomically and logs it in its own export_log: the same bytes everywhere.
 Nothing here blocks the host's own export: ZooKeeper or a peer away only delays the merge.
+
+What a tick looks at does not grow with the archive's age: per symbol one read of its change
+log (cluster/exports.py: an entry naming the hour comes with every write of a copy, a "none" or
+the merged node), then only the hours named since this host's cursor, the hours it has not
+settled yet (unsettled: waiting for copies, a merge, a pull) and those whose gap-ledger stamp
+changed (one query of the ledger's count and newest record per tick).  Cursors and unsettled
+hours persist in the exporter's state (cluster-hours.json); without them (a first start, or a
+host away while the log was pruned past its cursor) every hour of the symbol is examined once.
+A file this host holds is trusted by export_log's sha256 and its size, as on one host; `mexc
+verify` hashes every file.  Hours older than cluster.retention_hours are pruned (nodes and
+hour_copies rows); a late copy of such an hour is refused, never merged without the file.
 """
 import hashlib
 import io
@@ -26,17 +37,18 @@ from typing import Dict, Optional
 
 import pyarrow.parquet as pq
 
-from cluster.exports import HourNodes, hour_label
+from cluster.exports import HourNodes, HourPruned, hour_label
 from core import archive, store
-from core.clock import HOUR_MS
+from core.clock import HOUR_MS, EventClock, hour_start
 from core.log import first_line
+from core.process import write_json_atomic
 from exporter import merge, parquet_files
 
 log = logging.getLogger(__name__)
 
 CLUSTER_KEY = b"mexc.cluster"  # metadata: the hosts merged, their holes others covered
 TICK = 2.0  # seconds between ticks while the exporter waits
-RECHECK = 10.0  # seconds before an hour settled here is looked at again (a newer version)
+STATE_FILE = "cluster-hours.json"  # in the exporter's state dir: cursors, unsettled hours
 
 
 def copies_dir(export_dir: str) -> str:
@@ -48,7 +60,8 @@ class ClusterArchive:
     exported_before() after each cycle, tick() between cycles.  `store_session` is the
     exporter's own; `group` the files' group id (None: the process's)."""
 
-    def __init__(self, config, store_session: store.Store, group=None):
+    def __init__(self, config, store_session: store.Store, group=None,
+                 state_dir: Optional[str] = None):
         self.config = config
         self.cluster = config.cluster
         self.host = self.cluster["host"]
@@ -58,11 +71,13 @@ class ClusterArchive:
         self.group = group
         self.nodes = HourNodes(self.cluster)
         self.boundary: Optional[int] = None  # hours before it: this host's copies are out
-        # (name, hour) -> when it was last seen merged from every copy and held here
-        self.settled: Dict[tuple, float] = {}
+        self.hours = HourState(os.path.join(state_dir, STATE_FILE) if state_dir else None)
+        self.seen: Dict[str, Optional[int]] = {}  # name -> its change log's cversion read
+        self.ledger = Ledger()
+        self.clock = EventClock(self.export["clock_speed"], self.export["clock_anchor_ms"])
+        self.pruned_until: Optional[int] = None  # the retention's last boundary applied here
         self.ready = False
         self.failing: Optional[str] = None  # the last tick's failure, logged once
-        self.hashed: Dict[str, tuple] = {}  # path -> ((inode, mtime, size), sha256)
 
     def stop(self) -> None:
         self.nodes.stop()
@@ -87,17 +102,16 @@ class ClusterArchive:
             with open(path, "rb") as f:
                 self.store.put_hour_file(name, hour, store.COPY, self.host, sha256, rows,
                                          f.read())
-        self.nodes.register_copy(name, hour, sha256, rows, self.address,
-                                 self._ledger(name, hour))
+        self.ledger.refresh(self.store, self.hours)
+        try:
+            self.nodes.register_copy(name, hour, sha256, rows, self.address,
+                                     self.ledger.stamp(name, hour))
+        except HourPruned as e:  # never merged without the file made then: refused
+            log.warning("cluster: late copy of %s %s refused, not merged: %s; its %d rows "
+                        "stay in %s (copy_log)", name, hour_label(hour), e, rows, path)
+            return
         log.info("cluster: copy of %s %s registered rows=%d sha256=%s", name,
                  hour_label(hour), rows, sha256[:12])
-
-    def _ledger(self, name: str, hour: int) -> str:
-        """What this host's gap ledger holds of the hour, as a stamp that changes with each
-        record: a gap recorded after the hour was merged (data back after an outage) makes a
-        new version of the file with the gaps right."""
-        gaps = self.store.gaps(name, hour, hour + HOUR_MS)
-        return f"{len(gaps)}:{max((g.recorded_ms for g in gaps), default=0)}"
 
     def exported_before(self, boundary: int) -> None:
         """Every row of this host before `boundary` is in its copies."""
@@ -106,25 +120,28 @@ class ClusterArchive:
     # --- the tick --------------------------------------------------------------------------
 
     def tick(self, symbols) -> list:
-        """Speak, merge, pull for every hour not settled; returns the merged files written
-        here.  Errors are logged and left for the next tick."""
+        """Speak, merge, pull for every hour due (the module's docstring); returns the
+        merged files written here.  Errors are logged and left for the next tick."""
         written, problems = [], []
         try:
             self._start()
             live = self.nodes.live_hosts()
+            self.ledger.refresh(self.store, self.hours)
             for symbol in symbols:
-                for hour in self.nodes.hours(symbol.name):
-                    if time.monotonic() < self.settled.get((symbol.name, hour), 0) + RECHECK:
-                        continue
+                for hour in sorted(self._due(symbol.name)):
                     try:  # one hour's trouble (a holder away) holds up no other hour
                         written += self._hour(symbol, hour, live)
+                    except HourPruned:
+                        self.hours.settle(symbol.name, hour)
                     except Exception as e:
                         problems.append(f"{symbol.name} {hour_label(hour)}: "
                                         f"{type(e).__name__}: {first_line(e)}")
                         self.store.close()
+            self._prune(symbols)
         except Exception as e:  # ZooKeeper or this host's ClickHouse away
             problems.append(f"{type(e).__name__}: {first_line(e)}")
             self.store.close()
+        self.hours.save()
         if problems:
             problem = "; ".join(problems)
             if problem != self.failing:  # once per kind of failure, not every TICK
@@ -137,15 +154,35 @@ class ClusterArchive:
             self.failing = None
         return written
 
+    def _due(self, name: str) -> set:
+        """The symbol's hours to examine now: those its change log named since the cursor
+        (every hour when there is none), and those not settled here yet."""
+        cursor = self.hours.cursors.get(name)
+        cversion, named, newest = self.nodes.changes(name, cursor, self.seen.get(name))
+        if named is None:
+            named = set(self.nodes.hours(name))
+            if named:
+                log.info("cluster: examining every hour of %s once (%d hours; %s)", name,
+                         len(named), "no cursor yet" if cursor is None
+                         else "its change log was pruned past this host's cursor")
+        self.hours.unsettle(name, named)
+        self.hours.advance(name, newest)
+        self.seen[name] = cversion
+        return set(self.hours.unsettled.get(name, ()))
+
     def _hour(self, symbol, hour: int, live: dict) -> list:
         name = symbol.name
         copies = self.nodes.copies(name, hour)
+        if not copies:  # no node of the hour (a ledger change only): nothing to say yet
+            self.hours.settle(name, hour)
+            return []
         own = copies.get(self.host)
+        spoken = own is not None
         if own is None and self.boundary is not None and hour + HOUR_MS <= self.boundary:
             self.nodes.register_none(name, hour)
-            copies = self.nodes.copies(name, hour)
+            copies, spoken = self.nodes.copies(name, hour), True
         elif own is not None and not own.get("none"):
-            ledger = self._ledger(name, hour)
+            ledger = self.ledger.stamp(name, hour)
             if own.get("ledger") != ledger:  # a gap of the hour recorded since
                 self.nodes.register_copy(name, hour, own["sha256"], own["rows"], self.address,
                                          ledger)
@@ -155,10 +192,11 @@ class ClusterArchive:
         if self._wants_merge(name, hour, copies, merged, live):
             written += self._merge(symbol, hour)
             merged, _version = self.nodes.merged(name, hour)
+        real = {h: c for h, c in copies.items() if not c.get("none")}
         if merged is not None:
             self._hold(symbol, hour, merged)
-            if self._complete(copies, merged, live) and self.host in merged["holders"]:
-                self.settled[(name, hour)] = time.monotonic()
+        if spoken and (not real or merged is not None and not _stale(merged, real)):
+            self.hours.settle(name, hour)  # a later copy or merge names the hour again
         return written
 
     def _wants_merge(self, name: str, hour: int, copies: dict, merged, live: dict) -> bool:
@@ -177,11 +215,6 @@ class ClusterArchive:
             return True
         return False
 
-    @staticmethod
-    def _complete(copies: dict, merged: dict, live: dict) -> bool:
-        real = {h: c for h, c in copies.items() if not c.get("none")}
-        return set(live) <= set(copies) and not _stale(merged, real)
-
     # --- merging ---------------------------------------------------------------------------
 
     def _merge(self, symbol, hour: int) -> list:
@@ -196,7 +229,7 @@ class ClusterArchive:
             if merged is not None:
                 if not _stale(merged, real):
                     return []
-                self._hold(symbol, hour, merged)  # the base: this host must hold it
+                self._hold(symbol, hour, merged, hashed=True)  # the base, read back whole
                 base = [("", parquet_files.read(archive.hour_path(self.export["dir"], name,
                                                                    hour)))]
                 new = {h: c for h, c in real.items() if merged["copies"].get(h) != c["sha256"]}
@@ -250,7 +283,7 @@ class ClusterArchive:
         """A host's copy of the hour: this host's from its file, another's through remote()."""
         if copy["host"] == self.host:
             path = archive.hour_path(copies_dir(self.export["dir"]), name, hour)
-            if self._file_sha256(path) == copy["sha256"]:
+            if os.path.exists(path) and parquet_files.sha256(path) == copy["sha256"]:
                 return parquet_files.read(path)
         data = self.store.hour_file(name, hour, store.COPY, copy["host"], copy["sha256"],
                                     None if copy["host"] == self.host else copy["clickhouse"])
@@ -274,28 +307,53 @@ class ClusterArchive:
         return merge.cluster_gaps(hosts, symbol.symbol, symbol.name, hour, hour + HOUR_MS,
                                   int(merge.CLOCK_SKEW_MS * self.export["clock_speed"]))
 
-    def _file_sha256(self, path: str) -> Optional[str]:
-        """A file's sha256 (None: no file), hashed again only when it changed: an hour waiting
-        for copies is looked at every TICK."""
-        try:
-            stat = os.stat(path)
-        except FileNotFoundError:
-            return None
-        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        known = self.hashed.get(path)
-        if known is None or known[0] != key:
-            known = self.hashed[path] = (key, parquet_files.sha256(path))
-        return known[1]
-
     # --- holding the merged file -----------------------------------------------------------
 
-    def _hold(self, symbol, hour: int, merged: dict) -> None:
-        """Have the merged file `merged` names in export.dir, logged and in hour_copies."""
+    def _holds(self, symbol, hour: int, path: str, sha256: str) -> bool:
+        """This host holds the file `sha256` at `path`: its export_log's latest entry for the
+        hour names it and the file has the logged size (trusted as on one host, not hashed;
+        `mexc verify` hashes)."""
+        logged = self.store.logged_file(symbol.symbol, hour)
+        try:
+            return logged is not None and logged[0] == sha256 \
+                and os.path.getsize(path) == logged[1]
+        except OSError:
+            return False
+
+    # --- the retention ---------------------------------------------------------------------
+
+    def _prune(self, symbols) -> None:
+        """Once per hour (of the export clock): each symbol's hour nodes older than
+        cluster.retention_hours deleted (a late copy of them is refused from then on), and
+        this host's hour_copies rows of those hours."""
+        keep = self.cluster["retention_hours"]
+        if not keep:
+            return
+        before = hour_start(self.clock.now_ms()) - keep * HOUR_MS
+        if self.pruned_until is not None and before <= self.pruned_until:
+            return
+        for symbol in symbols:
+            old = self.nodes.prune(symbol.name, before)
+            self.hours.forget_before(symbol.name, before)
+            if old:
+                log.info("cluster: pruned %d hour nodes of %s before %s (retention %dh)",
+                         len(old), symbol.name, hour_label(before), keep)
+        rows = self.store.drop_hour_files(before)
+        if rows:
+            log.info("cluster: pruned %d hour_copies rows before %s (retention %dh)", rows,
+                     hour_label(before), keep)
+        self.pruned_until = before
+
+    def _hold(self, symbol, hour: int, merged: dict, hashed: bool = False) -> None:
+        """Have the merged file `merged` names in export.dir, logged and in hour_copies
+        (`hashed`: the file on disk hashed too, not trusted by export_log)."""
         name, sha = symbol.name, merged["sha256"]
         path = archive.hour_path(self.export["dir"], name, hour)
-        if self.host in merged["holders"] and self._file_sha256(path) == sha:
+        held = self._holds(symbol, hour, path, sha) and (
+            not hashed or parquet_files.sha256(path) == sha)
+        if self.host in merged["holders"] and held:
             return
-        if self._file_sha256(path) != sha:
+        if not held:
             data = None
             for holder, source in sorted(merged["holders"].items()):
                 try:
@@ -349,3 +407,88 @@ def _write_atomic(path: str, data: bytes, mode: int, group) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     parquet_files.fsync_directory(os.path.dirname(path))
+
+
+class HourState:
+    """Per symbol, the change-log cursor and the hours not settled here, kept in a JSON file
+    (None: in memory only) so that a restart examines no settled hour again."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+        self.cursors: Dict[str, int] = {}
+        self.unsettled: Dict[str, set] = {}
+        self.dirty = False
+        if path is None:
+            return
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            self.cursors = dict(saved["cursors"])
+            self.unsettled = {name: set(hours) for name, hours in saved["unsettled"].items()}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("cluster: %s unreadable (%s): every hour is examined once", path,
+                        first_line(e))
+            self.cursors, self.unsettled = {}, {}
+
+    def unsettle(self, name: str, hours) -> None:
+        if hours:
+            self.unsettled.setdefault(name, set()).update(hours)
+            self.dirty = True
+
+    def settle(self, name: str, hour: int) -> None:
+        if hour in self.unsettled.get(name, ()):
+            self.unsettled[name].discard(hour)
+            self.dirty = True
+
+    def advance(self, name: str, cursor: Optional[int]) -> None:
+        if cursor is not None and self.cursors.get(name) != cursor:
+            self.cursors[name] = cursor
+            self.dirty = True
+
+    def forget_before(self, name: str, before: int) -> None:
+        for hour in [h for h in self.unsettled.get(name, ()) if h < before]:
+            self.settle(name, hour)
+
+    def save(self) -> None:
+        if self.dirty and self.path:
+            write_json_atomic(self.path, {
+                "cursors": self.cursors,
+                "unsettled": {n: sorted(h) for n, h in self.unsettled.items() if h}})
+        self.dirty = False
+
+
+class Ledger:
+    """This host's gap ledger as a stamp per symbol-hour (records overlapping the hour, and
+    the newest `recorded_ms`), read again only when the whole ledger's count or newest record
+    changed: one query a tick."""
+
+    def __init__(self):
+        self.total = None
+        self.stamps: Dict[tuple, tuple] = {}
+
+    def refresh(self, store_session: store.Store, hours: HourState) -> None:
+        """Read the ledger again if it changed; the hours whose stamp changed become
+        unsettled in `hours`."""
+        total = store_session.ledger_total()
+        if total == self.total:
+            return
+        stamps: Dict[tuple, tuple] = {}
+        for gap in store_session.gaps():
+            hour = hour_start(gap.start_ms) - HOUR_MS
+            while hour < gap.end_ms:  # as Store.gaps(name, hour, hour + HOUR_MS) finds it
+                if gap.end_ms > hour and gap.start_ms < hour + HOUR_MS:
+                    count, newest = stamps.get((gap.name, hour), (0, 0))
+                    stamps[(gap.name, hour)] = (count + 1, max(newest, gap.recorded_ms))
+                hour += HOUR_MS
+        for name, hour in set(stamps) ^ set(self.stamps) | {
+                key for key in stamps if stamps[key] != self.stamps.get(key)}:
+            hours.unsettle(name, {hour})
+        self.total, self.stamps = total, stamps
+
+    def stamp(self, name: str, hour: int) -> str:
+        """What the ledger holds of the hour: a gap recorded after the hour was merged (data
+        back after an outage) changes it, and the hour is merged again with the gaps right."""
+        count, newest = self.stamps.get((name, hour), (0, 0))
+        return f"{count}:{newest}"

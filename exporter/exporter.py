@@ -151,7 +151,7 @@ class Exporter:
         self.rotation = None if bus is None else Requester(bus, EXPORTER, on_other=self._note)
         self.server = None  # Features.describe() of the server, logged when it changes
         # a cluster: this host's files are its copies, merged into export.dir by ClusterArchive
-        self.cluster = ClusterArchive(config, self.store, self._group()) \
+        self.cluster = ClusterArchive(config, self.store, self._group(), self.state_dir) \
             if config.clustered else None
         self.files_dir = copies_dir(self.export["dir"]) if self.cluster else self.export["dir"]
         self.stats = {"last_export": None, "last_error": None, "errors": 0, "files": 0,

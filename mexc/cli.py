@@ -1,4 +1,5 @@
-"""The `mexc` command.  Exit codes: 0 ok, 1 failure, 2 usage error, 78 bad configuration."""
+"""The `mexc` command.  Exit codes: 0 ok, 1 failure, 2 usage error, 3 partial answer (`mexc gaps`,
+`mexc verify` in a cluster: a host did not answer, named on stderr), 78 bad configuration."""
 import argparse
 import dataclasses
 import os
@@ -10,6 +11,7 @@ from core.symbols import resolved_symbols
 from mexc import __version__
 
 EX_CONFIG = 78
+EX_PARTIAL = 3  # mexc gaps / verify in a cluster: a host did not answer; the rest is its answer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,7 +97,10 @@ def _parser() -> argparse.ArgumentParser:
         "verify", parents=[common], help="check IP separation, data collection and exports",
         description="IP separation, data collection (as mexc verif), and export integrity: "
                     "every file readable, rows and sha256 as in export_log, rows inside their "
-                    "hour, no hour missing.  Exit 1 on any problem.")
+                    "hour, no hour missing.  In a cluster, every host's part too; a host that "
+                    "does not answer is named on stderr.",
+        epilog="Exit codes: 0 all checks passed, 1 a check failed, 2 usage, 3 partial: all "
+               "passed on the hosts that answered, one or more did not, 78 bad configuration.")
     verify.set_defaults(handler=_verify)
 
     gaps = commands.add_parser(
@@ -103,7 +108,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Every stretch in which a symbol had no live subscription (disconnect, "
                     "dead socket, stall, exchange error, collector restart or crash, tor or "
                     "daemon restart), oldest first, with the trades backfilled from MEXC's REST "
-                    "API and whether backfill reached back to the stretch's start (covered).")
+                    "API and whether backfill reached back to the stretch's start (covered).  In "
+                    "a cluster, every live host's ledger; a host that does not answer is named "
+                    "on stderr.",
+        epilog="Exit codes: 0 ok, 1 failure, 2 usage, 3 partial: a cluster's host did not "
+               "answer (its gaps are missing), 78 bad configuration.")
     gaps.add_argument("--symbol", help="only this contract (BTC_USDT) or short name (btc)")
     gaps.add_argument("--since", metavar="T",
                       help="only gaps ending after T: 2h, 30m, 1d ago, an ISO time "
@@ -298,9 +307,11 @@ def _gaps(args, config) -> int:
     try:
         with Store(config.clickhouse) as store:
             if config.clustered:  # every live host's ledger
-                found = gaps.of_cluster(config, store, name, since)
+                found, unreachable = gaps.of_cluster(config, store, name, since)
                 print(gaps.cluster_json(found) if args.json else gaps.cluster_table(found))
-                return 0
+                for line in gaps.unreachable_lines(unreachable, "gaps are missing"):
+                    print(line, file=sys.stderr)
+                return EX_PARTIAL if unreachable else 0
             found = store.gaps(name, since_ms=since)
     except Exception as e:
         print(f"mexc: cannot read the gap ledger: ClickHouse at {config.clickhouse['host']}:"
@@ -328,15 +339,20 @@ def _verif(args, config) -> int:
 def _verify(args, config) -> int:
     from mexc import verify
 
+    unreachable = {}  # in a cluster: hosts that did not answer, why
     return _report(config, lambda store: [verify.server(config, store),
                                           verify.ip_separation(config),
-                                          verify.collection(config, store),
+                                          verify.collection(config, store, unreachable),
                                           verify.exports(config, store),
-                                          verify.cluster_copies(config, store)])
+                                          verify.cluster_copies(config, store, unreachable)],
+                   unreachable)
 
 
-def _report(config, checks) -> int:
+def _report(config, checks, unreachable=None) -> int:
+    """Exit 0 all passed, 1 a check failed, EX_PARTIAL all passed on the hosts that answered
+    (a cluster's host unreachable: one line each on stderr)."""
     from core.store import Store
+    from mexc import gaps
 
     try:
         with Store(config.clickhouse) as store:
@@ -347,9 +363,17 @@ def _report(config, checks) -> int:
         return 1
     for _ok, lines in results:
         print("\n".join(lines))
-    ok = all(ok for ok, _lines in results)
-    print("✅ all checks passed" if ok else "❌ some checks failed")
-    return 0 if ok else 1
+    for line in gaps.unreachable_lines(unreachable or {}, "files and rows are not checked"):
+        print(line, file=sys.stderr)
+    if not all(ok for ok, _lines in results):
+        print("❌ some checks failed")
+        return 1
+    if unreachable:
+        print(f"✅ all checks passed on the hosts that answered; not checked: "
+              f"{', '.join(sorted(unreachable))}")
+        return EX_PARTIAL
+    print("✅ all checks passed")
+    return 0
 
 
 def _demo(args, _config) -> int:

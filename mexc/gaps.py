@@ -4,10 +4,13 @@ hosts that collected the symbol during some of it (`covered_by`): a gap another 
 is no gap of the merged archive (docs/cluster.md)."""
 import json
 import time
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from core.log import first_line
 from core.vocabulary import Gap
 from exporter.merge import CLOCK_SKEW_MS, covered
+
+ZOOKEEPER_WAIT = 5.0  # seconds to reach ZooKeeper before answering from this host alone
 
 
 class HostGap(NamedTuple):
@@ -16,28 +19,52 @@ class HostGap(NamedTuple):
     covered_by: Sequence[str]
 
 
-def of_cluster(config, store, name: Optional[str], since_ms: Optional[int]) -> List[HostGap]:
-    """Every live host's ledger records (and this host's), oldest first, with covered_by."""
-    from cluster.exports import HourNodes
+def of_cluster(config, store, name: Optional[str], since_ms: Optional[int]
+               ) -> Tuple[List[HostGap], Dict[str, str]]:
+    """Every reachable live host's ledger records (and this host's), oldest first, with
+    covered_by; and {host: why} of the hosts whose ClickHouse (or ZooKeeper, OTHERS) did not
+    answer: their ledgers are missing, and they count as covering nothing."""
+    from cluster.exports import cluster_hosts
 
-    nodes = HourNodes(config.cluster)
-    nodes.start(timeout=10.0)
-    try:
-        sources = {host: data.get("clickhouse") for host, data in nodes.live_hosts().items()}
-    finally:
-        nodes.stop()
-    sources[config.cluster["host"]] = None  # this host: its own server, not remote()
-    ledgers = {host: store.gaps(name, since_ms=since_ms, source=source)
-               for host, source in sorted(sources.items())}
+    sources, unreachable = cluster_hosts(config.cluster, ZOOKEEPER_WAIT)
+    ledgers = {}
+    for host, source in sorted(sources.items()):
+        try:
+            ledgers[host] = store.gaps(name, since_ms=since_ms, source=source)
+        except Exception as e:
+            if source is None:  # this host's own ClickHouse: no answer at all
+                raise
+            unreachable[host] = first_line(e) or type(e).__name__
+            store.close()
     found, skew_ms = [], int(CLOCK_SKEW_MS * config.export["clock_speed"])
     for host, gaps in ledgers.items():
         for g in gaps:
-            by = [other for other, source in sorted(sources.items()) if other != host and covered(
-                [(ts, held) for h, ts, held in store.holdings(g.name, g.start_ms, g.end_ms,
-                                                             source) if h == other],
-                [o for o in ledgers[other] if o.name == g.name], g.start_ms, g.end_ms, skew_ms)]
+            by = []
+            for other in sorted(ledgers):
+                if other == host or other in unreachable:
+                    continue
+                try:
+                    holdings = store.holdings(g.name, g.start_ms, g.end_ms, sources[other])
+                except Exception as e:
+                    unreachable[other] = first_line(e) or type(e).__name__
+                    store.close()
+                    continue
+                if covered([(ts, held) for h, ts, held in holdings if h == other],
+                           [o for o in ledgers[other] if o.name == g.name], g.start_ms,
+                           g.end_ms, skew_ms):
+                    by.append(other)
             found.append(HostGap(host, g, by))
-    return sorted(found, key=lambda f: (f.gap.start_ms, f.gap.name, f.host))
+    return sorted(found, key=lambda f: (f.gap.start_ms, f.gap.name, f.host)), unreachable
+
+
+def unreachable_lines(unreachable: Dict[str, str], missing: str) -> List[str]:
+    """One line per host that did not answer, for stderr; `missing`: what of it the answer
+    lacks ("gaps are missing")."""
+    from cluster.exports import OTHERS
+
+    return [f"mexc: warning: the other hosts are unknown ({why}): their {missing}"
+            if host == OTHERS else f"mexc: warning: host {host} unreachable ({why}): its {missing}"
+            for host, why in sorted(unreachable.items())]
 
 
 def utc(ms: int) -> str:

@@ -50,6 +50,7 @@ from core.symbols import resolved_symbols
 from core.channels import (BOOK_CHANNEL, DEAL_CHANNEL, DEAL_SIDES,
                            DEPTH_CHANNEL, FIELD_SEPARATOR, LEVEL_CLOSE, LEVEL_FIELDS, LEVEL_OPEN,
                            LEVEL_SEPARATOR, TICKER_CHANNEL, Layout)
+from cluster.exports import OTHERS
 from core.vocabulary import BOOK_SNAPSHOT, Gap
 from exporter import merge
 from mexc import fullbook
@@ -65,7 +66,6 @@ KEYS = ["ts", "m", "rts"]  # a row's identity within one symbol and message type
 LIVE = "files and ClickHouse"  # Archive.live when ClickHouse answered
 HOSTS_FRESH = 5.0  # seconds a cluster's host list from ZooKeeper is used for answers
 ZOOKEEPER_WAIT = 5.0  # seconds to reach ZooKeeper before answering from this host alone
-OTHERS = "(others)"  # Archive.unreachable's key when ZooKeeper could not name the hosts
 
 
 class HistoryError(Exception):
@@ -343,17 +343,8 @@ class Archive:
         when, hosts, problem = self._hosts_seen
         if time.monotonic() - when < HOSTS_FRESH:
             return dict(hosts), dict(problem)
-        from cluster.exports import HourNodes  # kazoo only in a cluster
-        nodes, hosts, problem = HourNodes(self.cluster), {}, {}
-        try:
-            nodes.start(timeout=ZOOKEEPER_WAIT)
-            hosts = {h: data.get("clickhouse") for h, data in nodes.live_hosts().items()}
-        except Exception as e:  # the hosts' rows cannot be found: this host's answer
-            problem = {OTHERS: f"ZooKeeper {self.cluster['zookeeper']}: "
-                               f"{first_line(e) or type(e).__name__}"}
-        finally:
-            nodes.stop()
-        hosts[self.cluster["host"]] = None
+        from cluster.exports import cluster_hosts  # kazoo only in a cluster
+        hosts, problem = cluster_hosts(self.cluster, ZOOKEEPER_WAIT)
         self._hosts_seen = (time.monotonic(), hosts, problem)
         return dict(hosts), dict(problem)
 

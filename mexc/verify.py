@@ -19,6 +19,7 @@ from mexc import fullbook
 from supervisor import commands
 
 RECENT_S = 300  # a symbol with no row received in this many seconds has "no recent data"
+ZOOKEEPER_WAIT = 5.0  # seconds to reach ZooKeeper before checking this host alone
 
 
 def server(config, store):
@@ -28,8 +29,12 @@ def server(config, store):
     return True, [f"clickhouse {ch['host']}:{ch['port']}: {store.features.describe()}"]
 
 
-def collection(config, store):
-    """`btc_current: 4,128 records (t: 128, d: 2,890, dp: 1,110)` per symbol."""
+def collection(config, store, unreachable=None):
+    """`btc_current: 4,128 records (t: 128, d: 2,890, dp: 1,110)` per symbol.  In a cluster,
+    "no recent data" is judged on each host that holds the symbol now (its cluster_holdings),
+    through remote() for the others; hosts that do not answer go into `unreachable`."""
+    unreachable = {} if unreachable is None else unreachable
+    held = _holders(config, store, unreachable) if config.clustered else None
     ok, lines = True, []
     now_ms = int(time.time() * 1000)
     for symbol in config.symbols:
@@ -45,11 +50,51 @@ def collection(config, store):
             "".join(f", {mt}: {counts[mt]:,}" for mt in (DEAD_LETTER, BOOK_UPDATE, BOOK_SNAPSHOT)
                     if counts.get(mt))
         line = f"{table}: {sum(counts.values()):,} records ({by_type})"
-        if not counts or now_ms - newest > RECENT_S * 1000:
-            ok = False
-            line = f"❌ {line}: no data in the last {RECENT_S // 60} minutes"
+        if held is None:
+            if not counts or now_ms - newest > RECENT_S * 1000:
+                ok = False
+                line = f"❌ {line}: no data in the last {RECENT_S // 60} minutes"
+            lines.append(line)
+            continue
+        holders = sorted(h for h, (names, _source) in held.items() if symbol.name in names)
+        if config.cluster["host"] not in holders:
+            line += f": not held here (held by {', '.join(holders) or 'no host that answered'})"
         lines.append(line)
+        for host in holders:
+            source = held[host][1]
+            try:
+                newest = store.newest_receive_ms(table, source) if source else newest
+            except Exception as e:
+                unreachable[host] = first_line(e) or type(e).__name__
+                store.close()
+                continue
+            if now_ms - newest > RECENT_S * 1000:
+                ok = False
+                lines.append(f"❌ {table} on {host}, which holds it: no data in the last "
+                             f"{RECENT_S // 60} minutes")
+        if not holders and not unreachable:
+            ok = False
+            lines.append(f"❌ {symbol.name}: held by no host (cluster_holdings)")
     return ok, lines
+
+
+def _holders(config, store, unreachable: dict) -> dict:
+    """{host: (the symbols it holds now, its ClickHouse; None here)} of the cluster's hosts
+    that answer; the others into `unreachable`."""
+    from cluster.exports import cluster_hosts
+
+    sources, problem = cluster_hosts(config.cluster, ZOOKEEPER_WAIT)
+    unreachable.update(problem)
+    held = {}
+    for host, source in sorted(sources.items()):
+        try:
+            held[host] = (set(store.held_before(host, source=source)), source)
+        except Exception as e:
+            if source is None:
+                raise
+            unreachable[host] = first_line(e) or type(e).__name__
+            store.close()
+    return held
 
 
 def exports(config, store):
@@ -100,13 +145,15 @@ def exports(config, store):
     return ok, lines
 
 
-def cluster_copies(config, store):
+def cluster_copies(config, store, unreachable=None):
     """In a cluster: each hour this host logged is the merged file ZooKeeper names, and every
-    host holding it logged the same sha256 (read from its export_log through remote())."""
+    host holding it logged the same sha256 (read from its export_log through remote()); a
+    holder that does not answer goes into `unreachable`, not among the problems."""
     if not config.clustered:
         return True, []
     from cluster.exports import HourNodes, hour_label
 
+    unreachable = {} if unreachable is None else unreachable
     nodes = HourNodes(config.cluster)
     try:
         nodes.start(timeout=10.0)
@@ -127,8 +174,15 @@ def cluster_copies(config, store):
                     problems.append(f"{label}: this host has {digest[:12]}, the merged file is "
                                     f"{merged['sha256'][:12]} (not pulled yet?)")
                 for host, source in sorted(merged["holders"].items()):
-                    theirs = digest if host == config.cluster["host"] else \
-                        _their_sha256(store, symbol.symbol, hour, source)
+                    if host in unreachable:
+                        continue
+                    try:
+                        theirs = digest if host == config.cluster["host"] else \
+                            store.logged_sha256(symbol.symbol, hour, source)
+                    except Exception as e:
+                        unreachable[host] = first_line(e) or type(e).__name__
+                        store.close()
+                        continue
                     holders.add(host)
                     if theirs != merged["sha256"]:
                         problems.append(f"{label}: {host} ({source}) logged "
@@ -143,14 +197,6 @@ def cluster_copies(config, store):
     finally:
         nodes.stop()
     return ok, lines
-
-
-def _their_sha256(store, symbol: str, hour: int, source: str):
-    try:
-        return store.logged_sha256(symbol, hour, source)
-    except Exception as e:
-        store.close()
-        return f"unreachable: {first_line(e)}"
 
 
 def _merged_hour_gaps(path: str) -> list:

@@ -274,6 +274,10 @@ def test_a_host_down_leaves_the_others_answering_and_is_named(cluster):
         assert api.returncode == 0, api.stderr
         answer = json.loads(api.stdout)
         assert list(answer["unreachable"]) == ["h2"] and answer["rows"] == len(rows)
+        for command in ("gaps", "verify"):  # h1's answers, h2 named, exit 3: partial
+            done = cluster.bed.exec("h1", [MEXC, command, "--config", h1.config], timeout=60)
+            assert done.returncode == 3 and done.stderr.startswith(
+                "mexc: warning: host h2 unreachable ("), done.stdout + done.stderr
     finally:
         h2.host.clickhouse.start()
     cluster.bed.cut("h2")  # packets to h2 dropped: remote() waits for its connect timeout

@@ -7,7 +7,7 @@ import pytest
 from core import store
 from core.clock import HOUR_MS
 from tests.chdb_server import SERVERS
-from tests.conftest import MEXC
+from tests.conftest import MEXC, wait_for
 
 HOUR = 1_700_000_000_000 // HOUR_MS * HOUR_MS
 
@@ -114,9 +114,11 @@ def test_gap_ledger_round_trip(env):
     second = Gap("ETH_USDT", "eth", HOUR + 4_000, HOUR + HOUR_MS + 1, GAP_COLLECTOR_CRASH,
                  "SIGKILL", 0, False, HOUR + HOUR_MS + 2)
     with env.store() as session:
+        assert session.ledger_total() == (0, 0)  # no database yet
         session.setup(["btc", "eth"])
         assert session.newest_gap_end_ms("btc", 2 ** 62) is None
         session.record_gaps([second, first])
+        assert session.ledger_total() == (2, HOUR + HOUR_MS + 2)
         assert session.gaps() == [first, second]
         assert session.gaps(name="eth") == [second]
         assert session.gaps(since_ms=HOUR + 5_000) == [second]  # first ends where this starts
@@ -149,6 +151,18 @@ def test_cluster_holdings_round_trip(env):
         assert session.held_before("h2", 10_000) == []
         assert session.held_before("h2", 1_000) == ["btc"]
         assert session.held_before("h4", 10_000) == []
+        assert session.held_before("h3") == ["btc"]  # now: its latest record
+        # an hour file's bytes and its export_log entry; the bytes pruned by hour
+        session.put_hour_file("btc", HOUR, store.COPY, "h1", "a" * 64, 2, b"bytes")
+        session.put_hour_file("btc", HOUR + HOUR_MS, store.COPY, "h1", "b" * 64, 2, b"more")
+        session.log_export("BTC_USDT", HOUR, 1, "/x", 2, 5, "a" * 64)
+        session.log_export("BTC_USDT", HOUR, 2, "/x", 3, 7, "c" * 64)
+        assert session.logged_file("BTC_USDT", HOUR) == ("c" * 64, 7)
+        assert session.logged_file("BTC_USDT", HOUR + HOUR_MS) is None
+        assert session.drop_hour_files(HOUR + HOUR_MS) == 1
+        wait_for(lambda: session.hour_file("btc", HOUR, store.COPY, "h1", "a" * 64) is None, 30,
+                 "the pruned hour's bytes gone")
+        assert session.hour_file("btc", HOUR + HOUR_MS, store.COPY, "h1", "b" * 64) == b"more"
 
 
 def test_live_rows_of_current_and_previous_in_one_read(env):
