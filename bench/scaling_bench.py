@@ -311,12 +311,14 @@ def start_up(log_path: str) -> dict:
         return datetime.strptime(line[:23], "%Y-%m-%dT%H:%M:%S.%f").timestamp()
 
     with open(log_path, errors="replace") as f:
-        lines = f.read().splitlines()
+        everything = f.read().splitlines()
+    lines = [line for line in everything if line[:4].isdigit()]  # not a traceback's lines
     started = next(when(line) for line in lines if " starting pid=" in line)
     connects = sorted(when(line) for line in lines if " connected url=" in line)
     starts = sorted(when(line) for line in lines
                     if " collector-" in line and " started pid=" in line)
     return {"connected_after_s": connects[-1] - started,
+            "log_tracebacks": sum(line.startswith("Traceback") for line in everything),
             "max_starts_per_s": _most_in_a_second(starts),
             "max_connects_per_s": _most_in_a_second(connects)}
 
@@ -425,6 +427,9 @@ def print_report(result: dict, machine: dict, args) -> None:
               f"loopback ({result['loopback_sockets']} sockets checked at the end)")
     if "tor_error" in result:
         print(f"tor: no figures: {result['tor_error'].splitlines()[0]}")
+    tracebacks = {r["symbols"]: r["log_tracebacks"] for r in rows if r.get("log_tracebacks")}
+    if tracebacks:
+        print(f"note: tracebacks in the daemon's log: {tracebacks}")
     restarted = {r["symbols"]: r["restarted"] for r in rows if r["restarted"]}
     if restarted:
         print(f"note: children restarted during the window: {restarted}")
