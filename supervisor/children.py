@@ -27,6 +27,9 @@ from core.vocabulary import (EXPORTER, GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTAR
 log = logging.getLogger(__name__)
 
 STABLE_AFTER = 60.0  # a child up this long has its restart backoff reset
+# A child whose threads waited for a CPU more than this share of the time its heartbeat was
+# late is starved (a loaded host), not hung: it is judged again later, not killed.
+STARVED_SHARE = 0.5
 FLAP_WINDOW, FLAP_EXITS = 60.0, 5  # this many exits within the window: flapping
 
 
@@ -181,6 +184,28 @@ def describe_exit(code: Optional[int]) -> str:
     return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
+def runqueue_waits(pid: int) -> dict:
+    """thread id -> seconds it has spent runnable but waiting for a CPU
+    (/proc/PID/task/*/schedstat); {} where the kernel does not tell."""
+    waits = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return waits
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                waits[task] = int(f.read().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            continue
+    return waits
+
+
+def waited_since(before: dict, now: dict) -> float:
+    """The longest wait for a CPU of one thread between two runqueue_waits() readings."""
+    return max((w - before.get(task, 0.0) for task, w in now.items()), default=0.0)
+
+
 class Child:
     """One supervised slot (a collector, the exporter, a tor, the managed ClickHouse): its
     process, its state, and when it may start again.  `child_id` is a ChildId; `name` its
@@ -194,6 +219,8 @@ class Child:
         self.sup = sup
         self.heartbeats = heartbeats
         self.process = None
+        # (when, its CPU run-queue wait then) once its heartbeat is half a timeout late
+        self.late_since = None
         self.state = ChildState.WAITING
         self.restarts = 0
         self.started_at = None
@@ -258,7 +285,27 @@ class Child:
             self.start(now)
 
     def _hung(self, now: float) -> bool:
-        return now - self.last_heartbeat > self.sup["heartbeat_timeout"]
+        """No heartbeat for heartbeat_timeout, and not for want of a CPU: from half the
+        timeout on, the child's wait on the run queue is read, and a child that waited for
+        more than STARVED_SHARE of the time since is judged again later."""
+        timeout, silent = self.sup["heartbeat_timeout"], now - self.last_heartbeat
+        if silent <= timeout / 2:
+            self.late_since = None
+            return False
+        if self.late_since is None:
+            self.late_since = (now, runqueue_waits(self.process.pid))
+        if silent <= timeout:
+            return False
+        since, waits_then = self.late_since
+        waits = runqueue_waits(self.process.pid)
+        waited = waited_since(waits_then, waits)
+        if waited <= STARVED_SHARE * (now - since):
+            return True
+        log.warning("%s pid=%d sent no heartbeat for %.0fs, but waited %.1fs of the last %.1fs "
+                    "for a CPU: starved, not hung", self.name, self.process.pid, silent, waited,
+                    now - since)
+        self.late_since = (now, waits)
+        return False
 
     def _exited(self, now: float) -> None:
         self.exit_code = self.process.exitcode

@@ -6,14 +6,19 @@ ClickHouse; the pure parts below."""
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
+import types
 from datetime import datetime
 
 import pytest
 
 from collector.collector import DeadSocket
 from collector.pacing import MAX_LEAD, SLACK, DialPacer, Starvation
+from core.vocabulary import COLLECTOR, ChildId
 from mexc.simulator import MexcSimulator
+from supervisor.children import Child
 from tests.conftest import wait_for
 
 STOPPED_FOR = 8.0  # s the collector is frozen: beyond exchange.dead_after (5 s)
@@ -111,3 +116,39 @@ def test_a_silence_is_judged_without_the_time_the_loop_could_not_run():
     assert collector._deadline(deal.last_data, 3.0) == pytest.approx(deal.last_data + 5.0)
     verdict = collector._verdict(now + 5.2)
     assert type(verdict) is DeadSocket and "2.0s this process could not run" in str(verdict)
+
+
+def _pinned(code: str, nice: int) -> subprocess.Popen:
+    """A Python process on CPU 0 only, at the given nice value; it prints a line when it
+    runs `code`."""
+    def prepare():
+        os.sched_setaffinity(0, {0})
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    return subprocess.Popen([sys.executable, "-c", "print(flush=True)\n" + code],
+                            stdout=subprocess.PIPE, preexec_fn=prepare)
+
+
+def test_a_child_starved_of_cpu_is_not_killed_as_hung_and_a_hung_one_is():
+    """Two children silent past heartbeat_timeout: one runnable but kept off its CPU by a
+    busier process of higher priority (a loaded host), one asleep for good (hung).  Only the
+    hung one is judged hung; the starved one is judged again later."""
+    starved = _pinned("while True: pass", 19)
+    asleep = _pinned("import time; time.sleep(60)", 0)
+    try:
+        children = []
+        for proc in (starved, asleep):
+            proc.stdout.readline()  # started: its start-up is no part of what is measured
+            child = Child(ChildId(COLLECTOR, str(proc.pid)), None,
+                          {"heartbeat_timeout": 2.0, "restart_min": 1.0})
+            child.process = types.SimpleNamespace(pid=proc.pid)
+            child.last_heartbeat = time.monotonic() - 1.5
+            assert not child._hung(time.monotonic())  # half the timeout late: CPU wait read
+            children.append(child)
+        hog = _pinned("import time\nend = time.monotonic() + 1.0\n"
+                      "while time.monotonic() < end: pass", -20)
+        assert hog.wait(30) == 0
+        assert [child._hung(time.monotonic()) for child in children] == [False, True]
+    finally:
+        for proc in (starved, asleep):
+            proc.kill()
+            proc.wait()
