@@ -127,7 +127,7 @@ class Collector:
         # after a handover, until the new connection is past what the old one brought
         self.tail: Optional[_Handover] = None
         self.replace_asked: Optional[str] = None  # why a replacement was asked for (SIGUSR1)
-        # a replacement waiting for its dial slot (DialPacer): (slot, why, verdict, asked at)
+        # a replacement waiting for its dial slot (DialPacer): (slot, why, verdict)
         self.pending_dial: Optional[tuple] = None
         self.starved = Starvation()  # time the receive loop could not run: not the socket's
         # every dial of the host's collectors at supervisor.start_rate, like their starts
