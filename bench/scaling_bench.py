@@ -7,7 +7,8 @@ Run from the repository root:
         [--seconds 20] [--json]
 
 Everything listens on 127.0.0.1: a private ClickHouse in a temporary directory, the simulator
-CLI (`python -m mexc.simulator --rate RATE --processes 3`, at nice -10: see SIMULATOR_PROCESSES)
+CLI (`python -m mexc.simulator --rate RATE --processes 3`, at nice -10: see SIMULATOR_PROCESSES;
+no idle timeout: the reference sends no pings)
 and, for each N in --symbols, one after the other:
 - mexc: a fresh daemon (`mexc run --config ...`, tor.enabled = false, clickhouse.managed =
   false, the shipped [collector], [supervisor] and [export] settings) with symbols S001_USDT ..;
@@ -80,6 +81,10 @@ RATE = 5.0  # simulator frames/s per (symbol, channel) stream
 # time is counted whenever it runs.
 SIMULATOR_PROCESSES = 3
 SIMULATOR_PRIORITY = -10
+# The reference collector sends no pings, and the simulator closes a connection without one
+# for its --idle-timeout (MEXC's 60 s): a reference start-up of over a minute on a loaded
+# machine lost 69 of 300 connections before the window.
+SIMULATOR_IDLE_TIMEOUT = 3600
 SETTLE = 5.0  # s between "all collectors store rows" and the window
 PROBES = 4  # tables whose rows the latency probe follows
 PROBE_EVERY = 0.1  # s between the probe's polls
@@ -458,8 +463,9 @@ def run(args) -> int:
     with contextlib.ExitStack() as stack:
         world = benchlib.World.start(stack, "mexc-scbench-")
         result["baseline"] = baseline(world, args.seconds)
-        simulator, url = benchlib.start_simulator(RATE, SIMULATOR_PROCESSES,
-                                                  SIMULATOR_PRIORITY)
+        simulator, url = benchlib.start_simulator(
+            RATE, "--processes", str(SIMULATOR_PROCESSES),
+            "--idle-timeout", str(SIMULATOR_IDLE_TIMEOUT), priority=SIMULATOR_PRIORITY)
         stack.callback(benchlib.stop_simulator, simulator)
         runs = []
         for n in ns:  # back to back, so both meet about the same background load
