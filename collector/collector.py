@@ -67,6 +67,7 @@ STOP_GRACE = 5.0  # seconds SIGTERM waits for ClickHouse before spooling the res
 HEARTBEAT_INTERVAL = 2.0
 HEARTBEATS_PER_TIMEOUT = 4
 READY_TIMEOUT = 0.05  # s a read of a socket select() found readable may wait (a TLS record)
+PACED_NOTE = 0.1  # s; a dial slot at least this far off is logged
 # A channel's rhythm is learnt from exchange.rhythm_window seconds of its traffic, in
 # RHYTHM_BUCKETS buckets; it counts as busy when every one of them brought BUSY_RATE frames a
 # second (depth.full and deals of a liquid symbol do; a quiet symbol, a ticker do not, and
@@ -250,8 +251,9 @@ class Collector:
     def _session(self) -> None:
         slot = self.pacer.reserve()
         if slot > time.monotonic():
-            log.info("dial paced: in %.1fs (supervisor.start_rate across the host's "
-                     "collectors)", slot - time.monotonic())
+            if slot - time.monotonic() >= PACED_NOTE:
+                log.info("dial paced: in %.1fs (supervisor.start_rate across the host's "
+                         "collectors)", slot - time.monotonic())
             self._sleep(slot - time.monotonic())
             if self.stopping:
                 return
@@ -569,8 +571,9 @@ class Collector:
         self.tail = None
         slot = self.pacer.reserve()
         if slot > time.monotonic():
-            log.info("replacement paced: dialled in %.1fs (supervisor.start_rate across the "
-                     "host's collectors)", slot - time.monotonic())
+            if slot - time.monotonic() >= PACED_NOTE:
+                log.info("replacement paced: dialled in %.1fs (supervisor.start_rate across "
+                         "the host's collectors)", slot - time.monotonic())
             self.pending_dial = (slot, why, verdict)
             return
         self._dial_replacement(why, verdict)
