@@ -184,26 +184,36 @@ def describe_exit(code: Optional[int]) -> str:
     return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
-def runqueue_waits(pid: int) -> dict:
-    """thread id -> seconds it has spent runnable but waiting for a CPU
-    (/proc/PID/task/*/schedstat); {} where the kernel does not tell."""
-    waits = {}
+def thread_times(pid: int) -> dict:
+    """thread id -> (s it ran, s it waited on the run queue, whether it is runnable now), from
+    /proc/PID/task/*; {} where the kernel does not tell."""
+    found = {}
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return waits
+        return found
     for task in tasks:
         try:
             with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                waits[task] = int(f.read().split()[1]) / 1e9
+                ran, waited = (int(n) / 1e9 for n in f.read().split()[:2])
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
         except (OSError, IndexError, ValueError):
             continue
-    return waits
+        found[task] = (ran, waited, state == "R")
+    return found
 
 
-def waited_since(before: dict, now: dict) -> float:
-    """The longest wait for a CPU of one thread between two runqueue_waits() readings."""
-    return max((w - before.get(task, 0.0) for task, w in now.items()), default=0.0)
+def kept_from_cpu(before: dict, after: dict, elapsed: float) -> float:
+    """The longest one thread was kept from a CPU between two thread_times() readings
+    `elapsed` s apart: its wait on the run queue, or, for one runnable at the second reading,
+    the time it did not run (the kernel counts a wait only once it is over)."""
+    longest = 0.0
+    for task, (ran, waited, runnable) in after.items():
+        ran_before, waited_before, _ = before.get(task, (0.0, 0.0, False))
+        longest = max(longest, waited - waited_before,
+                      elapsed - (ran - ran_before) if runnable else 0.0)
+    return longest
 
 
 class Child:
@@ -219,7 +229,7 @@ class Child:
         self.sup = sup
         self.heartbeats = heartbeats
         self.process = None
-        # (when, its CPU run-queue wait then) once its heartbeat is half a timeout late
+        # (when, thread_times() then) once its heartbeat is half a timeout late
         self.late_since = None
         self.state = ChildState.WAITING
         self.restarts = 0
@@ -293,18 +303,18 @@ class Child:
             self.late_since = None
             return False
         if self.late_since is None:
-            self.late_since = (now, runqueue_waits(self.process.pid))
+            self.late_since = (now, thread_times(self.process.pid))
         if silent <= timeout:
             return False
-        since, waits_then = self.late_since
-        waits = runqueue_waits(self.process.pid)
-        waited = waited_since(waits_then, waits)
+        since, times_then = self.late_since
+        times = thread_times(self.process.pid)
+        waited = kept_from_cpu(times_then, times, now - since)
         if waited <= STARVED_SHARE * (now - since):
             return True
         log.warning("%s pid=%d sent no heartbeat for %.0fs, but waited %.1fs of the last %.1fs "
                     "for a CPU: starved, not hung", self.name, self.process.pid, silent, waited,
                     now - since)
-        self.late_since = (now, waits)
+        self.late_since = (now, times)
         return False
 
     def _exited(self, now: float) -> None:
