@@ -136,12 +136,21 @@ class World:
 
 # --- processes: the simulator, `mexc` commands, spawned helpers ------------------------------
 
-def start_simulator(rate: float) -> tuple[subprocess.Popen, str]:
+def start_simulator(rate: float, *options: str,
+                    priority: int = 0) -> tuple[subprocess.Popen, str]:
     """The simulator CLI (`python -m mexc.simulator`); --rate is frames/s per subscribed
-    stream (3 per collector).  Returns the process and the URL from its `LISTENING` line."""
+    stream (3 per collector), `options` more of its arguments (--processes ...), `priority`
+    its nice value (below 0: ahead of what the bench measures).  Returns the process and the
+    URL from its `LISTENING` line."""
+    def prepare():
+        die_with_parent()
+        if priority:
+            os.setpriority(os.PRIO_PROCESS, 0, priority)
+
     popen = subprocess.Popen([sys.executable, "-m", "mexc.simulator", "--port", "0",
-                              "--rate", str(rate)], cwd=ROOT, stdout=subprocess.PIPE,
-                             stdin=subprocess.DEVNULL, text=True, preexec_fn=die_with_parent)
+                              "--rate", str(rate), *options], cwd=ROOT,
+                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                             preexec_fn=prepare)
     line = popen.stdout.readline()
     if not line.startswith("LISTENING "):
         popen.kill()

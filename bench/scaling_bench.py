@@ -7,7 +7,9 @@ Run from the repository root:
         [--seconds 20] [--json]
 
 Everything listens on 127.0.0.1: a private ClickHouse in a temporary directory, the simulator
-CLI (`python -m mexc.simulator --rate RATE`) and, for each N in --symbols, one after the other:
+CLI (`python -m mexc.simulator --rate RATE --processes 3`, at nice -10: see SIMULATOR_PROCESSES;
+no idle timeout: the reference sends no pings)
+and, for each N in --symbols, one after the other:
 - mexc: a fresh daemon (`mexc run --config ...`, tor.enabled = false, clickhouse.managed =
   false, the shipped [collector], [supervisor] and [export] settings) with symbols S001_USDT ..;
 - reference: bench/reference_collector.py with the same symbols (one forked process per symbol:
@@ -29,8 +31,10 @@ first saw it minus its receive time (rts); up to PROBE_EVERY of it is the pollin
 probe's own queries cost ClickHouse the same for every N and both kinds (the slope drops it).
 
 Start-up (mexc only), from the daemon's log: seconds from its `starting` line to the last
-collector's `connected` line, and the most collectors that connected within any one second
-(supervisor.start_rate, shipped 10, paces them).  The daemon runs with its dashboard on, as
+collector's `connected` line, and the most collectors that connected within any one second,
+replacements included (supervisor.start_rate, shipped 10, paces starts and every dial).  From
+the collectors' status around the window: the frames a second each symbol received (15 due:
+whether the simulator kept up) and the sockets replaced.  The daemon runs with its dashboard on, as
 shipped (http.listen on a free loopback port): the monitor asks the status every 2 s, and
 during the window /api/status and /api/dashboard are fetched every 2 s, as an open dashboard
 does, and /metrics every 15 s, as a Prometheus would (a scrape costs the supervisor about
@@ -51,6 +55,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -68,6 +73,20 @@ from core.process import free_port
 from tests.tor_network import TorNetwork, TorNetworkError
 
 RATE = 5.0  # simulator frames/s per (symbol, channel) stream
+CONNECTED = re.compile(r" collector\[(\w+)\] connected url=")  # a collector's dial, in its log
+# The load generator must keep up, or the bench measures it instead of mexc: one process makes
+# every symbol's events in one thread under one GIL, and at 300 symbols on a loaded 2-core
+# machine it got a tenth of a core and sent 0.1-0.7 of the 15 frames/s a symbol was due (the
+# collectors then judged their silent sockets dead, and each replacement added load).  So it
+# runs as SIMULATOR_PROCESSES processes (python -m mexc.simulator --processes), each symbol's
+# market in one of them, at nice SIMULATOR_PRIORITY: ahead of what is measured, whose CPU
+# time is counted whenever it runs.
+SIMULATOR_PROCESSES = 3
+SIMULATOR_PRIORITY = -10
+# The reference collector sends no pings, and the simulator closes a connection without one
+# for its --idle-timeout (MEXC's 60 s): a reference start-up of over a minute on a loaded
+# machine lost 69 of 300 connections before the window.
+SIMULATOR_IDLE_TIMEOUT = 3600
 SETTLE = 5.0  # s between "all collectors store rows" and the window
 PROBES = 4  # tables whose rows the latency probe follows
 PROBE_EVERY = 0.1  # s between the probe's polls
@@ -189,7 +208,7 @@ def mexc_run(world: benchlib.World, url: str, simulator, n: int, seconds: float,
         before = {c["name"]: c["restarts"] for c in status["children"]}
         processes = {"supervisor": [daemon.process],
                      "clickhouse": [psutil.Process(world.clickhouse.process.pid)],
-                     "simulator": [psutil.Process(simulator.pid)]}
+                     "simulator": simulator_processes(simulator)}
         if idle_tor is not None:
             processes["idle tor"] = [psutil.Process(idle_tor.pid)]
         for child in status["children"]:
@@ -203,14 +222,19 @@ def mexc_run(world: benchlib.World, url: str, simulator, n: int, seconds: float,
                              f"{len(processes.get('collector', []))} running")
         if network:
             network.watch(*(p.pid for p in processes.get("tor", [])))
+        started = time.monotonic()
         with Scraper(port):
             found, latency = measure(world, name, symbols(n), processes, seconds)
-        restarted = [c["name"] for c in daemon.status()["children"]
+        after = daemon.status()
+        restarted = [c["name"] for c in after["children"]
                      if c["restarts"] != before.get(c["name"], 0)]
+        delivered = delivery(Daemon.collectors(status), Daemon.collectors(after),
+                             time.monotonic() - started)
         exits = {c.get("exit_ip") for c in Daemon.collectors(daemon.status()).values()}
         daemon.check_alive()
     result = summary("mexc+tor" if network else "mexc", n, found, latency, restarted)
     result.update(start_up(daemon.log_path))
+    result.update(delivered)
     if network:
         result["distinct_exits"] = len(exits - {None})
     return result
@@ -233,13 +257,31 @@ def reference_run(world: benchlib.World, url: str, simulator, n: int, seconds: f
         me = psutil.Process(parent.pid)
         processes = {"supervisor": [me], "collector": me.children(),
                      "clickhouse": [psutil.Process(world.clickhouse.process.pid)],
-                     "simulator": [psutil.Process(simulator.pid)]}
+                     "simulator": simulator_processes(simulator)}
         found, latency = measure(world, name, symbols(n), processes, seconds)
         if parent.poll() is not None:
             raise BenchError(f"{name}: the reference collectors exited ({parent.returncode})")
     finally:
         benchlib.stop_process(parent, 10)
     return summary("reference", n, found, latency, [])
+
+
+def simulator_processes(simulator) -> list:
+    parent = psutil.Process(simulator.pid)
+    return [parent, *parent.children()]
+
+
+def delivery(before: dict, after: dict, seconds: float) -> dict:
+    """From the collectors' status before and after the window: the frames a second a symbol
+    received (what the simulator delivered; RATE per stream is due) and the sockets replaced
+    (handovers and reconnects) meanwhile."""
+    def total(status, key):
+        return sum(c.get(key) or 0 for c in status.values())
+
+    return {"frames_per_s_per_symbol": (total(after, "frames") - total(before, "frames"))
+            / seconds / max(1, len(after)),
+            "replaced_in_window": sum(total(after, k) - total(before, k)
+                                      for k in ("handovers", "reconnects"))}
 
 
 class Scraper(threading.Thread):
@@ -270,20 +312,29 @@ class Scraper(threading.Thread):
 
 
 def start_up(log_path: str) -> dict:
-    """From the daemon's log: start -> last collector connected (s), and the most collector
-    starts (the supervisor's pacing) and connects (each a start plus its own dial) in 1 s."""
+    """From the daemon's log: start -> every collector connected (its first connect; s), the
+    most collector starts (the supervisor's pacing) and connects (a start's dial, or a
+    reconnect's or replacement's: all paced) in 1 s, and how many connects there were."""
     def when(line):
         return datetime.strptime(line[:23], "%Y-%m-%dT%H:%M:%S.%f").timestamp()
 
     with open(log_path, errors="replace") as f:
-        lines = f.read().splitlines()
+        everything = f.read().splitlines()
+    lines = [line for line in everything if line[:4].isdigit()]  # not a traceback's lines
     started = next(when(line) for line in lines if " starting pid=" in line)
-    connects = sorted(when(line) for line in lines if " connected url=" in line)
+    first, connects = {}, []
+    for line in lines:
+        found = CONNECTED.search(line)
+        if found:
+            connects.append(when(line))
+            first.setdefault(found.group(1), connects[-1])
     starts = sorted(when(line) for line in lines
                     if " collector-" in line and " started pid=" in line)
-    return {"connected_after_s": connects[-1] - started,
+    return {"connected_after_s": max(first.values()) - started,
+            "starts_span_s": starts[-1] - starts[0], "connects": len(connects),
+            "log_tracebacks": sum(line.startswith("Traceback") for line in everything),
             "max_starts_per_s": _most_in_a_second(starts),
-            "max_connects_per_s": _most_in_a_second(connects)}
+            "max_connects_per_s": _most_in_a_second(sorted(connects))}
 
 
 def _most_in_a_second(times: list) -> int:
@@ -308,7 +359,7 @@ def summary(kind: str, n: int, found: dict, latency: dict, restarted: list) -> d
         "other_uss_mib": sum(row[1] for row in found.get("other", [])),
         "clickhouse_cpu_percent": found["clickhouse"][0][0],
         "clickhouse_uss_mib": found["clickhouse"][0][1],
-        "simulator_cpu_percent": found["simulator"][0][0],
+        "simulator_cpu_percent": sum(row[0] for row in found["simulator"]),
         "tor_cpu_percent_median": statistics.median(row[0] for row in tors) if tors else 0.0,
         "tor_uss_mib_median": statistics.median(row[1] for row in tors) if tors else 0.0,
         "idle_tor_cpu_percent": idle[0][0] if idle else 0.0,
@@ -374,9 +425,12 @@ def print_report(result: dict, machine: dict, args) -> None:
     for r in rows:
         if "connected_after_s" in r:
             print(f"{r['kind']} {r['symbols']}: start-up: every collector connected "
-                  f"{r['connected_after_s']:.1f} s after the daemon's start; in any second "
-                  f"at most {r['max_starts_per_s']} collector starts and "
-                  f"{r['max_connects_per_s']} connects")
+                  f"{r['connected_after_s']:.1f} s after the daemon's start (the starts took "
+                  f"{r['starts_span_s']:.1f} s); in any second at most "
+                  f"{r['max_starts_per_s']} collector starts and {r['max_connects_per_s']} "
+                  f"of the {r['connects']} connects; in the window each symbol received "
+                  f"{r['frames_per_s_per_symbol']:.1f} frames/s ({3 * RATE:g} due) and "
+                  f"{r['replaced_in_window']} sockets were replaced")
     for kind, m in result["marginal"].items():
         print(f"{kind}: marginal cost of one more symbol (slope): {m['cpu_percent']:.2f} % of a "
               f"core, {m['uss_mib']:.1f} MiB USS "
@@ -388,6 +442,9 @@ def print_report(result: dict, machine: dict, args) -> None:
               f"loopback ({result['loopback_sockets']} sockets checked at the end)")
     if "tor_error" in result:
         print(f"tor: no figures: {result['tor_error'].splitlines()[0]}")
+    tracebacks = {r["symbols"]: r["log_tracebacks"] for r in rows if r.get("log_tracebacks")}
+    if tracebacks:
+        print(f"note: tracebacks in the daemon's log: {tracebacks}")
     restarted = {r["symbols"]: r["restarted"] for r in rows if r["restarted"]}
     if restarted:
         print(f"note: children restarted during the window: {restarted}")
@@ -416,7 +473,9 @@ def run(args) -> int:
     with contextlib.ExitStack() as stack:
         world = benchlib.World.start(stack, "mexc-scbench-")
         result["baseline"] = baseline(world, args.seconds)
-        simulator, url = benchlib.start_simulator(RATE)
+        simulator, url = benchlib.start_simulator(
+            RATE, "--processes", str(SIMULATOR_PROCESSES),
+            "--idle-timeout", str(SIMULATOR_IDLE_TIMEOUT), priority=SIMULATOR_PRIORITY)
         stack.callback(benchlib.stop_simulator, simulator)
         runs = []
         for n in ns:  # back to back, so both meet about the same background load

@@ -6,7 +6,9 @@ rows of each read to the RowWriter, which decides when to insert (`batch_rows`,
 `ping_interval` seconds whatever arrives, a dead socket after `dead_after` seconds without a
 frame, a stale one once no data came for far longer than its busy channels' rhythm (see
 _ChannelWatch), an alarm for a subscribed channel that stays silent, a stats line every
-`stats_interval` seconds.  A socket we drop because it stopped delivering is replaced at once.
+`stats_interval` seconds.  A socket we drop because it stopped delivering is replaced at once,
+in the next dial slot of the host (collector/pacing.py DialPacer); a silence is judged without
+the time this process could not run (Starvation: it pinged no one then).
 
 Make before break: a suspect socket, or one we replace on purpose (SIGUSR1: the supervisor
 moving us to a new exit), is replaced by opening and subscribing the new connection first;
@@ -41,6 +43,7 @@ from collector.book import BookKeeper
 from collector.connection import OP_CLOSE, OP_TEXT, FrameReader, open_websocket
 from collector.gaps import GapLedger
 from collector.overlap import NEW, OLD, Overlap
+from collector.pacing import DialPacer, Starvation
 from collector.spool import Spool
 from collector.writer import RowWriter
 from core import archive
@@ -64,6 +67,7 @@ STOP_GRACE = 5.0  # seconds SIGTERM waits for ClickHouse before spooling the res
 HEARTBEAT_INTERVAL = 2.0
 HEARTBEATS_PER_TIMEOUT = 4
 READY_TIMEOUT = 0.05  # s a read of a socket select() found readable may wait (a TLS record)
+PACED_NOTE = 0.1  # s; a dial slot at least this far off is logged
 # A channel's rhythm is learnt from exchange.rhythm_window seconds of its traffic, in
 # RHYTHM_BUCKETS buckets; it counts as busy when every one of them brought BUSY_RATE frames a
 # second (depth.full and deals of a liquid symbol do; a quiet symbol, a ticker do not, and
@@ -124,6 +128,12 @@ class Collector:
         # after a handover, until the new connection is past what the old one brought
         self.tail: Optional[_Handover] = None
         self.replace_asked: Optional[str] = None  # why a replacement was asked for (SIGUSR1)
+        # a replacement waiting for its dial slot (DialPacer): (slot, why, verdict)
+        self.pending_dial: Optional[tuple] = None
+        self.starved = Starvation()  # time the receive loop could not run: not the socket's
+        # every dial of the host's collectors at supervisor.start_rate, like their starts
+        self.pacer = DialPacer(os.path.join(config.paths["runtime_dir"], "dials.pace"),
+                               config.supervisor["start_rate"])
         now = time.monotonic()
         # kept across connections: a channel's rhythm is the symbol's, not the socket's
         self.book_kind = config.book(self.sym)  # exchange.book: "top", "full" or "both"
@@ -239,6 +249,14 @@ class Collector:
     # --- one connection --------------------------------------------------------------------
 
     def _session(self) -> None:
+        slot = self.pacer.reserve()
+        if slot > time.monotonic():
+            if slot - time.monotonic() >= PACED_NOTE:
+                log.info("dial paced: in %.1fs (supervisor.start_rate across the host's "
+                         "collectors)", slot - time.monotonic())
+            self._sleep(slot - time.monotonic())
+            if self.stopping:
+                return
         self._use(self._dial())
         self.replace_asked, self.tail = None, None  # a new connection already
         if self.book is not None:  # a break: the increments must be synced again
@@ -247,6 +265,7 @@ class Collector:
             self._receive()
         finally:
             self.connected = False
+            self.pending_dial = None
             if self.handover is not None:
                 self.handover.link.close()
                 self.handover = None
@@ -339,25 +358,36 @@ class Collector:
         for watch in self.channels.values():
             watch.subscribed(now)
         due = now
+        self.starved.begin()
         while not self.stopping:
             if now >= due:
                 self._housekeeping(now)
                 self._keepalive(now)
                 due = self._due(now)
-            if self.replace_asked is not None and self.handover is None and self.tail is None:
+            if (self.replace_asked is not None and self.handover is None and self.tail is None
+                    and self.pending_dial is None):
                 self._replace(f"asked by {self.replace_asked}")
                 self.replace_asked, now = None, time.monotonic()
                 due = now
                 continue
+            if self.pending_dial is not None and now >= self.pending_dial[0]:
+                self._dial_replacement(*self.pending_dial[1:3])
+                now = due = time.monotonic()
+                continue
+            # the wait, timed: a late wake-up (this process starved) is not the socket's fault
+            started = time.monotonic()
+            self.starved.before_wait(started)
+            wait = max(0.001, due - started)
             if self.handover is None:  # one connection: block on its socket alone
-                self.link.reader.sock.settimeout(due - now)
+                self.link.reader.sock.settimeout(wait)
                 self._read(self.link)
             else:
-                for link in _ready((self.link, self.handover.link), due - now):
+                for link in _ready((self.link, self.handover.link), wait):
                     link.reader.sock.settimeout(READY_TIMEOUT)
                     self._read(link)
                 self._maybe_hand_over(time.monotonic())
             now = time.monotonic()
+            self.starved.after_wait(started + wait, now)
             if self.book is not None and self._book_snapshots(now):
                 self._flush()
 
@@ -388,14 +418,26 @@ class Collector:
                   if not watch.alarmed]
         last_data, limit = self._last_data(), self._stale_limit()
         if last_data is not None and limit is not None:
-            alarms.append(last_data + limit)
+            alarms.append(self._deadline(last_data, limit))
         if self.handover is not None:
             new = self.handover.link
             alarms += [self.handover.started + ex["overlap_max"],
-                       new.last_ping + ex["ping_interval"], new.last_frame + ex["dead_after"]]
+                       new.last_ping + ex["ping_interval"],
+                       self._deadline(new.last_frame, ex["dead_after"])]
+        if self.pending_dial is not None:
+            alarms.append(self.pending_dial[0])
         return max(now + 0.001, min(link.last_ping + ex["ping_interval"],
-                                     link.last_frame + ex["dead_after"],
+                                     self._deadline(link.last_frame, ex["dead_after"]),
                                      self._housekeeping_due(now), *alarms))
+
+    def _silence(self, since: float, now: float) -> float:
+        """Seconds of silence since `since` that count against a socket: without the time
+        this process could not run (it sent no ping then, and read nothing)."""
+        return now - since - self.starved.since(since)
+
+    def _deadline(self, since: float, limit: float) -> float:
+        """When a silence since `since` reaches `limit` (_silence), unless the loop starves."""
+        return since + limit + self.starved.since(since)
 
     def _last_data(self) -> Optional[float]:
         """When this connection last brought a data frame (None: not yet)."""
@@ -476,6 +518,10 @@ class Collector:
             self.tail = None
         if self.handover is not None:
             self._maybe_hand_over(now)
+        elif self.pending_dial is not None:
+            if self.pending_dial[2] is not None and self._verdict(now) is None:
+                log.info("the suspect socket delivers again: its replacement is not dialled")
+                self.pending_dial = None
         else:
             verdict = self._verdict(now)
             # Frames waiting unread (this process was stopped, or busy) say the socket lives.
@@ -489,19 +535,24 @@ class Collector:
         `dead_after`; or no data on any channel for `stale_after` (learnt from the busy
         channels' rhythm), with pongs (stale) or without (dead)."""
         link = self.link
-        if now - link.last_frame >= self.ex["dead_after"]:
-            return DeadSocket(f"no frame or pong for {now - link.last_frame:.1f}s")
+        if self._silence(link.last_frame, now) >= self.ex["dead_after"]:
+            return DeadSocket(f"no frame or pong for {self._silence(link.last_frame, now):.1f}s"
+                              + self._starved_note(link.last_frame))
         last_data, limit = self._last_data(), self._stale_limit()
-        if last_data is None or limit is None or now - last_data < limit:
+        if last_data is None or limit is None or self._silence(last_data, now) < limit:
             return None
-        silent = (f"no data for {now - last_data:.1f}s, beyond the channels' rhythm "
-                  f"({limit:.1f}s)")
+        silent = (f"no data for {self._silence(last_data, now):.1f}s, beyond the channels' "
+                  f"rhythm ({limit:.1f}s){self._starved_note(last_data)}")
         # Pongs still come when one came after the data was overdue (later than the longest
         # silence of the busy window): a pong right behind the last data frame, before a
         # path froze, says nothing (it made a frozen tor exit look like a live socket).
         if link.last_pong > last_data + limit / max(1.0, self.ex["stale_factor"]):
             return StaleSocket(f"{silent}; pongs still come")
         return DeadSocket(f"{silent}; no pong either")
+
+    def _starved_note(self, since: float) -> str:
+        starved = self.starved.since(since)
+        return f" (and {starved:.1f}s this process could not run)" if starved else ""
 
     # --- make before break -----------------------------------------------------------------
 
@@ -518,6 +569,19 @@ class Collector:
                            f"{type(verdict).__name__}: {why[:200]}")
             self._silence_judged()
         self.tail = None
+        slot = self.pacer.reserve()
+        if slot > time.monotonic():
+            if slot - time.monotonic() >= PACED_NOTE:
+                log.info("replacement paced: dialled in %.1fs (supervisor.start_rate across "
+                         "the host's collectors)", slot - time.monotonic())
+            self.pending_dial = (slot, why, verdict)
+            return
+        self._dial_replacement(why, verdict)
+
+    def _dial_replacement(self, why: str, verdict: Optional[DeadSocket]) -> None:
+        """_replace's dial, in its slot; the old connection is read until the new one
+        covers it."""
+        self.pending_dial = None
         self._fresh_path("silent" if verdict is not None else "live")
         try:
             link = self._dial()
@@ -545,8 +609,9 @@ class Collector:
             else:
                 self._lose_one(h.link, DeadSocket(
                     f"no data within overlap_max {self.ex['overlap_max']:g}s"))
-        elif now - h.link.last_frame >= self.ex["dead_after"]:
-            self._lose_one(h.link, DeadSocket(f"no frame for {now - h.link.last_frame:.1f}s"))
+        elif self._silence(h.link.last_frame, now) >= self.ex["dead_after"]:
+            self._lose_one(h.link, DeadSocket(
+                f"no frame for {self._silence(h.link.last_frame, now):.1f}s"))
 
     def _hand_over(self, now: float, why: str) -> None:
         h, old = self.handover, self.link
@@ -618,7 +683,8 @@ class Collector:
             "rows": dict(s.rows), "frames": s.frames, "errors": s.errors,
             "reconnects": s.reconnects, "handovers": self.handovers,
             # from the ask (dial included) to the handover: the exit guard waits for it
-            "replacing": self.replace_asked is not None or self.handover is not None,
+            "replacing": (self.replace_asked is not None or self.handover is not None
+                          or self.pending_dial is not None),
             "rows_written": w.rows_written,
             "buffered_rows": w.buffered_rows() + len(self.batch), "spooled_rows": w.spool.rows,
             "insert_errors": w.insert_errors, "held": held and held.rotation,

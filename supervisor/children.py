@@ -27,6 +27,9 @@ from core.vocabulary import (EXPORTER, GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTAR
 log = logging.getLogger(__name__)
 
 STABLE_AFTER = 60.0  # a child up this long has its restart backoff reset
+# A child whose threads waited for a CPU more than this share of the time its heartbeat was
+# late is starved (a loaded host), not hung: it is judged again later, not killed.
+STARVED_SHARE = 0.5
 FLAP_WINDOW, FLAP_EXITS = 60.0, 5  # this many exits within the window: flapping
 
 
@@ -181,6 +184,38 @@ def describe_exit(code: Optional[int]) -> str:
     return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
+def thread_times(pid: int) -> dict:
+    """thread id -> (s it ran, s it waited on the run queue, whether it is runnable now), from
+    /proc/PID/task/*; {} where the kernel does not tell."""
+    found = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                ran, waited = (int(n) / 1e9 for n in f.read().split()[:2])
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except (OSError, IndexError, ValueError):
+            continue
+        found[task] = (ran, waited, state == "R")
+    return found
+
+
+def kept_from_cpu(before: dict, after: dict, elapsed: float) -> float:
+    """The longest one thread was kept from a CPU between two thread_times() readings
+    `elapsed` s apart: its wait on the run queue, or, for one runnable at the second reading,
+    the time it did not run (the kernel counts a wait only once it is over)."""
+    longest = 0.0
+    for task, (ran, waited, runnable) in after.items():
+        ran_before, waited_before, _ = before.get(task, (0.0, 0.0, False))
+        longest = max(longest, waited - waited_before,
+                      elapsed - (ran - ran_before) if runnable else 0.0)
+    return longest
+
+
 class Child:
     """One supervised slot (a collector, the exporter, a tor, the managed ClickHouse): its
     process, its state, and when it may start again.  `child_id` is a ChildId; `name` its
@@ -194,6 +229,8 @@ class Child:
         self.sup = sup
         self.heartbeats = heartbeats
         self.process = None
+        # (when, thread_times() then) once its heartbeat is half a timeout late
+        self.late_since = None
         self.state = ChildState.WAITING
         self.restarts = 0
         self.started_at = None
@@ -258,7 +295,27 @@ class Child:
             self.start(now)
 
     def _hung(self, now: float) -> bool:
-        return now - self.last_heartbeat > self.sup["heartbeat_timeout"]
+        """No heartbeat for heartbeat_timeout, and not for want of a CPU: from half the
+        timeout on, the child's wait on the run queue is read, and a child that waited for
+        more than STARVED_SHARE of the time since is judged again later."""
+        timeout, silent = self.sup["heartbeat_timeout"], now - self.last_heartbeat
+        if silent <= timeout / 2:
+            self.late_since = None
+            return False
+        if self.late_since is None:
+            self.late_since = (now, thread_times(self.process.pid))
+        if silent <= timeout:
+            return False
+        since, times_then = self.late_since
+        times = thread_times(self.process.pid)
+        waited = kept_from_cpu(times_then, times, now - since)
+        if waited <= STARVED_SHARE * (now - since):
+            return True
+        log.warning("%s pid=%d sent no heartbeat for %.0fs, but waited %.1fs of the last %.1fs "
+                    "for a CPU: starved, not hung", self.name, self.process.pid, silent, waited,
+                    now - since)
+        self.late_since = (now, times)
+        return False
 
     def _exited(self, now: float) -> None:
         self.exit_code = self.process.exitcode

@@ -13,6 +13,7 @@ import types
 import pytest
 
 from collector.collector import RHYTHM_BUCKETS, Collector, DeadSocket, StaleSocket, _ChannelWatch
+from collector.pacing import Starvation
 from core.channels import DEAL_CHANNEL
 from core.vocabulary import GAP_DEAD_SOCKET, GAP_STALL
 from mexc.simulator import MexcSimulator
@@ -194,6 +195,7 @@ def judging_collector():
     collector.channels = {"deal": _ChannelWatch(DEAL_CHANNEL, 0.0)}
     collector.stale_after, collector.rhythm_bucket, collector.stopping = None, 10.0, False
     collector.judged, collector.handover = 0, None
+    collector.starved = Starvation()  # it always ran: every silence is the socket's
     collector.link = connection(0.0)
     now = 0.0
     for _ in range(RHYTHM_BUCKETS):  # a busy minute
@@ -282,6 +284,7 @@ def test_a_pong_right_behind_the_last_data_frame_is_no_sign_of_life():
     socket lives.  (It made the tor stall test above see `stall` now and then.)"""
     collector = Collector.__new__(Collector)
     collector.ex = {"dead_after": 5.0, "stale_factor": 4.0}
+    collector.starved = Starvation()
     collector.stale_after, collector.judged = 3.0, 0  # data overdue 0.75 s after the last frame
     deal = _ChannelWatch(DEAL_CHANNEL, 0.0)
     deal.last_data = 10.0

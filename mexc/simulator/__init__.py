@@ -18,6 +18,7 @@ One module per concern; each part gets what it uses of the others in its constru
   traffic.py     the connections and every row sent (expected_rows, orphaned_rows)
   server.py      MexcSimulator, the façade tests use
   cli.py         python -m mexc.simulator
+  shards.py      python -m mexc.simulator --processes K: one exchange from K processes
 
 Run standalone: python -m mexc.simulator --port 0 --rate 1000 [--tls-cert C --tls-key K]
 (prints "LISTENING ws://HOST:PORT/edge REST http://HOST:PORT"; SIGTERM prints the rows sent)

@@ -5,6 +5,7 @@ import signal
 import ssl
 import threading
 
+from mexc.simulator import shards
 from mexc.simulator.server import MexcSimulator
 
 
@@ -19,7 +20,15 @@ def main(argv=None) -> int:
     parser.add_argument("--idle-timeout", type=float, default=60.0)
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="serve the exchange from this many processes on the one port, each "
+                             "symbol's market in one of them (benchmarks of hundreds of symbols; "
+                             "plain ws:// only)")
     args = parser.parse_args(argv)
+    if args.processes > 1:
+        if args.tls_cert:
+            parser.error("--processes works with plain ws:// only")
+        return shards.serve(args.host, args.port, args.rate, args.idle_timeout, args.processes)
     context = None
     if args.tls_cert:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

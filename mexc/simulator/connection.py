@@ -26,7 +26,10 @@ from mexc.simulator.wire import (OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP
                                  merges_deals, rs_error, text_frame, unmask, wall_ms)
 
 IDLE_MESSAGE = "more than 60 seconds no response, close the channel"
-SENDER_POLL = 0.05  # s; longest a sender sleeps (idle checks, stall ends, new subscriptions)
+# s; longest an idle sender sleeps: pushes, replies held back and abort() wake it, the idle
+# limit and a stall's end are waited for exactly (300 connections polling every 50 ms cost
+# 6,000 wake-ups a second, each taking the GIL from the market thread)
+SENDER_POLL = 1.0
 HANDSHAKE_TIMEOUT = 5.0
 BATCH_BYTES = 256 * 1024  # pushes sent in one sendall at most
 MAX_CLIENT_FRAME = 1 << 20
@@ -46,11 +49,18 @@ class Venue:
     traffic: Traffic
     contract_exists: Callable[[str], bool]
     stall_remaining: Callable[[], float]  # s the simulator still sends nothing (<= 0: none)
+    # Several processes as one exchange (shards.py): hand_off(connection, symbol, request,
+    # rest_line) gives the connection to the process that serves symbol; False: serve it here.
+    hand_off: Optional[Callable] = None
     tokens: Iterator[int] = dataclasses.field(default_factory=itertools.count)  # subscriptions
 
 
 class _ConnectionEnded(Exception):
     pass
+
+
+class _HandedOff(Exception):
+    """Another process of the exchange serves this connection now (Venue.hand_off)."""
 
 
 # variant: what tells this subscriber's frames apart from another's of the same event: the
@@ -62,8 +72,12 @@ class Connection:
     (the market's pushes, idle timeout, replies held back by a stall). Every write goes through
     send_lock."""
 
-    def __init__(self, venue: Venue, sock: socket.socket, index: int, peer: tuple):
+    def __init__(self, venue: Venue, sock: socket.socket, index: int, peer: tuple,
+                 adopted: Optional[tuple] = None):
+        """adopted: (WebSocket requests already read, a REST request line or None, bytes
+        read past them) of a connection another process of the exchange accepted."""
         self.venue = venue
+        self.adopted = adopted
         self.sock = sock
         self.peer = peer  # (host, port) of the client
         self.index = index
@@ -200,6 +214,7 @@ class Connection:
                 if start is not None:
                     key, subscription = start
                     self.active[key] = subscription
+                    self.venue.traffic.listen(key[0], self)
             self._send_locked(b"".join(frame for frame, _, _ in replies),
                               [record for _, records, _ in replies for record in records])
 
@@ -221,21 +236,43 @@ class Connection:
 
     def _run(self) -> None:
         try:
-            self._handshake()
+            requests = self._adopt() if self.adopted else self._handshake()
             self.sender = threading.Thread(target=self._send_loop, daemon=True,
                                            name=f"mexc-sim-send-{self.index}")
             self.sender.start()
+            for request in requests:
+                self._on_request(request)
             self._read_loop()
+        except _HandedOff:  # no shutdown: the socket lives on in the other process
+            self.closed.set()
+            self.wake.set()
         except (OSError, ValueError, _ConnectionEnded):
             pass
         finally:
-            self.abort()
+            if not self.closed.is_set():
+                self.abort()
             if self.sender:
                 self.sender.join()
             self.sock.close()
             self.venue.traffic.forget(self)
 
-    def _handshake(self) -> None:
+    def _adopt(self) -> list:
+        """A connection handed over by another process: its WebSocket requests to serve, or
+        its REST request answered (and _ConnectionEnded)."""
+        requests, rest_line, self.buffer = self.adopted[0], self.adopted[1], bytearray(
+            self.adopted[2])
+        self.sock.settimeout(None)
+        if rest_line is not None:
+            self._answer_rest(rest_line)
+            raise _ConnectionEnded
+        self.last_ping = time.monotonic()
+        self.venue.traffic.count_websocket(self.peer)
+        self.open = True
+        return requests
+
+    def _handshake(self) -> list:
+        """The WebSocket handshake (or a REST request answered); the requests to serve
+        first: none."""
         self.sock.settimeout(HANDSHAKE_TIMEOUT)
         if self.venue.ssl_context:
             self.sock = self.venue.ssl_context.wrap_socket(self.sock, server_side=True)
@@ -257,9 +294,14 @@ class Connection:
             self.open = True
             self.sock.sendall(response)
             self.sock.settimeout(None)
+        return []
 
     def _answer_rest(self, request_line: str) -> None:
         """One HTTP request that is not a WebSocket upgrade: REST, answered, then closed."""
+        symbol = self.venue.rest.symbol_of(request_line)
+        if (symbol and not self.adopted and self.venue.hand_off is not None
+                and self.venue.hand_off(self, symbol, None, request_line)):
+            raise _HandedOff
         response = self.venue.rest.answer(request_line, self.peer[0])
         if response is not None:
             self.sock.sendall(response)
@@ -326,6 +368,13 @@ class Connection:
         except ValueError:
             return
         method = request.get("method") if isinstance(request, dict) else None
+        if (self.venue.hand_off is not None and isinstance(method, str)
+                and method.startswith("sub.") and not self.active and not self.adopted
+                and self.first_symbol is None):
+            param = request.get("param")
+            symbol = param.get("symbol") if isinstance(param, dict) else None
+            if isinstance(symbol, str) and self.venue.hand_off(self, symbol, raw, None):
+                raise _HandedOff
         if method == "ping":
             self.last_ping = time.monotonic()
             self.venue.traffic.count_ping()
@@ -382,7 +431,9 @@ class Connection:
                 return
             with self.send_lock:
                 self._send_outbox_locked()
-            self.wake.wait(0 if self.outbox else SENDER_POLL)
+            if not self.outbox:
+                idle_in = self.last_ping + self.venue.idle_timeout - time.monotonic()
+                self.wake.wait(min(SENDER_POLL, max(0.0, idle_in)))
 
     def _stall_remaining(self) -> float:
         """Seconds this connection stays silent: the whole exchange's stall, or its own."""

@@ -61,6 +61,13 @@ class RestApi:
         with self.lock:
             self.fault, self.fault_until = mode, time.monotonic() + seconds
 
+    @staticmethod
+    def symbol_of(request_line: str):
+        """The symbol a deals or depth request names, else None."""
+        path = request_line.partition(" ")[2].rpartition(" ")[0].partition("?")[0]
+        match = DEALS_PATH.fullmatch(path) or DEPTH_PATH.fullmatch(path)
+        return match.group(1) if match else None
+
     def answer(self, request_line: str, ip: str):
         """The HTTP response bytes, or None to drop the connection without one."""
         method, _, target = request_line.partition(" ")

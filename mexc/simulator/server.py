@@ -33,11 +33,13 @@ class MexcSimulator:
     Rows of a symbol get unique event ms; at high rates they run ahead of the event clock.
     contracts: the contract list REST serves (default: known_symbols, else DEFAULT_CONTRACTS);
     list_contract / delist_contract change it at run time.
+    listener, hand_off: one process of several serving one exchange (shards.py): the listening
+    socket they share, and Venue.hand_off.
     """
 
     def __init__(self, host="127.0.0.1", port=0, ssl_context=None, rate=50.0,
                  event_clock=None, idle_timeout=60.0, known_symbols=None, seed=1,
-                 contracts=None):
+                 contracts=None, listener=None, hand_off=None):
         self.host = host
         self.ssl_context = ssl_context
         self.rate = rate
@@ -50,7 +52,7 @@ class MexcSimulator:
         self._stall_lock = threading.Lock()
         self._stall_until = 0.0
         self._stopping = threading.Event()
-        self._listener = None
+        self._listener = listener
         self._acceptor = None
         sequences = Sequences(event_clock or wall_ms)
         self._traffic = Traffic()
@@ -59,12 +61,14 @@ class MexcSimulator:
                                     else sorted(known_symbols or DEFAULT_CONTRACTS))
         self._rest = RestApi(self._market, sequences, self._contract_exists, self._contracts)
         self._venue = Venue(seed, ssl_context, idle_timeout, sequences, self._market, self._rest,
-                            self._traffic, self._contract_exists, self._stall_remaining)
+                            self._traffic, self._contract_exists, self._stall_remaining,
+                            hand_off)
 
     # lifecycle
 
     def start(self) -> "MexcSimulator":
-        self._listener = socket.create_server((self.host, self._port), backlog=128)
+        if self._listener is None:
+            self._listener = socket.create_server((self.host, self._port), backlog=128)
         self._port = self._listener.getsockname()[1]
         self._listener.settimeout(ACCEPT_POLL)
         self._acceptor = threading.Thread(target=self._accept_loop, name="mexc-sim-accept",
@@ -374,6 +378,15 @@ class MexcSimulator:
         if connection is None:
             return 0
         return n_frames if connection.send_pooled(symbol, n_frames) else 0
+
+    def adopt(self, sock: socket.socket, peer: tuple, requests: list, rest_line,
+              buffered: bytes) -> None:
+        """Serve a connection another process of the exchange accepted (shards.py): its
+        WebSocket requests read so far (or its REST request line) and the bytes after them."""
+        connection = Connection(self._venue, sock, next(self._connection_ids), peer,
+                                adopted=(requests, rest_line, buffered))
+        self._traffic.add(connection)
+        connection.start()
 
     # internals
 

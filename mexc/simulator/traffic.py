@@ -18,6 +18,7 @@ class Traffic:
         self.lock = threading.Lock()
         self.rows = {}  # symbol -> rows in send order
         self.connections = set()
+        self.listeners = {}  # symbol -> connections that subscribed to it (the market's pushes)
         self.total_connections = 0
         self.pings = 0
         self.subscriptions = []  # (symbol, channel, param) of every sub.* received
@@ -36,6 +37,14 @@ class Traffic:
     def forget(self, connection) -> None:
         with self.lock:
             self.connections.discard(connection)
+            for listeners in self.listeners.values():
+                listeners.discard(connection)
+
+    def listen(self, symbol: str, connection) -> None:
+        """connection started a subscription to symbol: the market's pushes of it look there
+        (not through every connection: 300 of them made each event cost 300 checks)."""
+        with self.lock:
+            self.listeners.setdefault(symbol, set()).add(connection)
 
     def open_connections(self) -> list:
         with self.lock:
@@ -56,7 +65,9 @@ class Traffic:
     def subscribers(self, symbol: str, channel: str) -> list:
         """(connection, subscription) of every live connection subscribed to the stream."""
         found = []
-        for connection in self.open_connections():
+        with self.lock:
+            listeners = list(self.listeners.get(symbol, ()))
+        for connection in listeners:
             subscription = connection.active.get((symbol, channel))
             if subscription is not None and connection.open and not connection.closed.is_set():
                 found.append((connection, subscription))
