@@ -20,7 +20,7 @@ from tests.test_collector import microsocks, self_signed_tls, start_collector
 from tests.test_exporter import H, SetClock, make_config
 from tests.test_history import MINUTE, Clock
 from tests.test_supervisor import Daemon
-from tests.test_tor import TorDaemon, network  # noqa: F401 (the private Tor network fixture)
+from tests.test_tor import TorDaemon
 
 pytestmark = pytest.mark.timeout(180)
 
