@@ -343,8 +343,8 @@ def own_clickhouse(tmp_path, clickhouse):
 class TorNetworks:
     """The session's private Tor network (3 authorities, 3 exits on loopback), brought up
     when a test first needs it and shared by every test module that uses one (a bring-up
-    costs 10-15 s); a test that killed an exit leaves it spent, and the next test gets a
-    fresh one with every exit alive."""
+    costs 10-30 s); one a test killed an exit of is stopped after that test, and the next
+    test gets a fresh one with every exit alive."""
 
     def __init__(self, tmp_path_factory):
         self.tmp_path_factory = tmp_path_factory
@@ -354,8 +354,6 @@ class TorNetworks:
     def get(self) -> TorNetwork:
         if self.failure is not None:
             raise self.failure
-        if self.current is not None and any(relay.killed for relay in self.current.exits):
-            self.stop()
         if self.current is None:
             self.current = TorNetwork(str(self.tmp_path_factory.mktemp("tornet")),
                                       n_authorities=3, n_exits=3, key_cache_dir=TOR_KEY_CACHE)
@@ -365,6 +363,13 @@ class TorNetworks:
                 self.current, self.failure = None, e
                 raise
         return self.current
+
+    def stop_if_spent(self) -> None:
+        """After each test: a network with a killed exit, or whose watcher saw a socket off
+        loopback (and killed it), is stopped (stop() raises on the latter)."""
+        if self.current is not None and (self.current.violations or any(
+                relay.killed for relay in self.current.exits)):
+            self.stop()
 
     def stop(self) -> None:
         if self.current is not None:
@@ -382,4 +387,5 @@ def tor_networks(tmp_path_factory):
 @pytest.fixture
 def network(tor_networks):
     """The private Tor network (TorNetworks), every exit alive."""
-    return tor_networks.get()
+    yield tor_networks.get()
+    tor_networks.stop_if_spent()
