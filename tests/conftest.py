@@ -21,8 +21,10 @@ from core.store import UNKNOWN_DATABASE, UNKNOWN_TABLE, Refused, Store
 from tests import chdb_server
 from tests.chdb_server import SERVERS
 from tests.cluster_bed import ClusterBed, ClusterBedError
+from tests.tor_network import TorNetwork
 
 MEXC = os.path.join(os.path.dirname(sys.executable), "mexc")
+TOR_KEY_CACHE = os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "tor-keys")
 
 
 def wait_for(predicate, timeout: float = 20.0, what: str = "condition", interval: float = 0.05):
@@ -336,3 +338,54 @@ def own_clickhouse(tmp_path, clickhouse):
     server = type(clickhouse)(str(tmp_path / "own-clickhouse")).start()
     yield server
     server.stop()
+
+
+class TorNetworks:
+    """The session's private Tor network (3 authorities, 3 exits on loopback), brought up
+    when a test first needs it and shared by every test module that uses one (a bring-up
+    costs 10-30 s); one a test killed an exit of is stopped after that test, and the next
+    test gets a fresh one with every exit alive."""
+
+    def __init__(self, tmp_path_factory):
+        self.tmp_path_factory = tmp_path_factory
+        self.current = None
+        self.failure = None  # a bring-up that failed fails every test after it at once
+
+    def get(self) -> TorNetwork:
+        if self.failure is not None:
+            raise self.failure
+        if self.current is None:
+            self.current = TorNetwork(str(self.tmp_path_factory.mktemp("tornet")),
+                                      n_authorities=3, n_exits=3, key_cache_dir=TOR_KEY_CACHE)
+            try:
+                self.current.start(timeout=90)
+            except Exception as e:
+                self.current, self.failure = None, e
+                raise
+        return self.current
+
+    def stop_if_spent(self) -> None:
+        """After each test: a network with a killed exit, or whose watcher saw a socket off
+        loopback (and killed it), is stopped (stop() raises on the latter)."""
+        if self.current is not None and (self.current.violations or any(
+                relay.killed for relay in self.current.exits)):
+            self.stop()
+
+    def stop(self) -> None:
+        if self.current is not None:
+            network, self.current = self.current, None
+            network.stop()
+
+
+@pytest.fixture(scope="session")
+def tor_networks(tmp_path_factory):
+    networks = TorNetworks(tmp_path_factory)
+    yield networks
+    networks.stop()
+
+
+@pytest.fixture
+def network(tor_networks):
+    """The private Tor network (TorNetworks), every exit alive."""
+    yield tor_networks.get()
+    tor_networks.stop_if_spent()

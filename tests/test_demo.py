@@ -33,7 +33,7 @@ def directory(out: str) -> str:
 
 @pytest.mark.timeout(180)
 def test_demo_stores_rows_for_every_symbol_and_stops_cleanly():
-    result = subprocess.run([MEXC, "demo", "--duration", "20"], capture_output=True, text=True,
+    result = subprocess.run([MEXC, "demo", "--duration", "12"], capture_output=True, text=True,
                             timeout=170)
     out = result.stdout
     try:

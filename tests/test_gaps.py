@@ -20,7 +20,7 @@ from tests.test_collector import microsocks, self_signed_tls, start_collector
 from tests.test_exporter import H, SetClock, make_config
 from tests.test_history import MINUTE, Clock
 from tests.test_supervisor import Daemon
-from tests.test_tor import TorDaemon, network  # noqa: F401 (the private Tor network fixture)
+from tests.test_tor import TorDaemon
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -299,7 +299,7 @@ def test_supervisor_sigkill_is_a_daemon_restart(env, sim):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.one_clickhouse  # the collector's logic; the ledger's SQL runs on both above
-def test_tor_sigkill_is_a_tor_restart(env, sim, network):  # noqa: F811
+def test_tor_sigkill_is_a_tor_restart(env, sim, network):
     daemon = TorDaemon(env, sim, network, ["BTC_USDT"])
     wait_for(lambda: daemon.exits(["collector-btc"]), 90, "btc's exit")
     rows_after(env, sim, 20)

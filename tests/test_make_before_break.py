@@ -13,7 +13,6 @@ from core.vocabulary import GAP_DISCONNECT
 from mexc.simulator import MexcSimulator
 from tests.conftest import wait_for
 from tests.test_collector import start_collector
-from tests.test_tor import network  # noqa: F401 (the private Tor network fixture)
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.one_clickhouse]
 SYMBOL = "BTC_USDT"

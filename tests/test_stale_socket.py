@@ -20,7 +20,6 @@ from mexc.simulator import MexcSimulator
 from tests.conftest import wait_for
 from tests.test_collector import start_collector
 from tests.test_gaps import assert_trades_once, rows_after, wait_gaps
-from tests.test_tor import network  # noqa: F401 (the private Tor network fixture)
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.one_clickhouse]
 FAST_RHYTHM = {"rhythm_window": 12.0}

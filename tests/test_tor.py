@@ -16,19 +16,8 @@ from bus import sockets
 from mexc.simulator import MexcSimulator
 from tests.conftest import MEXC, wait_for
 from supervisor.tor import TorControl
-from tests.tor_network import TorNetwork
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow, pytest.mark.one_clickhouse]
-
-
-@pytest.fixture(scope="module")
-def network(tmp_path_factory):
-    net = TorNetwork(str(tmp_path_factory.mktemp("tornet")), n_authorities=3, n_exits=3,
-                     key_cache_dir=os.path.join(os.path.dirname(__file__), "..", ".pytest_cache",
-                                                "tor-keys"))
-    net.start(timeout=90)
-    yield net
-    net.stop()
 
 
 @pytest.fixture
@@ -189,7 +178,8 @@ def test_a_new_connection_never_exits_where_another_collector_does(env, sim, net
 
 
 def test_exit_relay_killed_mid_stream(env, sim, network):
-    """Last in this module: the network keeps one exit fewer afterwards."""
+    """The network keeps one exit fewer afterwards: the next test gets a fresh one
+    (conftest.TorNetworks)."""
     names = ["collector-btc", "collector-eth"]
     daemon = TorDaemon(env, sim, network, ["BTC_USDT", "ETH_USDT"])
     ips = wait_for(lambda: daemon.distinct_exits(names), 90, "two distinct exit IPs")
