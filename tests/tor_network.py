@@ -431,6 +431,8 @@ class TorNetwork:
 
     # where the relays live (hooks): the exits' reachable targets, in their exit policy
     exit_targets = "127.0.0.0/8"
+    # the voting schedule (s): interval, vote delay, distribution delay
+    voting = (VOTING_INTERVAL, VOTE_DELAY, DIST_DELAY)
 
     def __init__(self, workdir: str, n_authorities: int = 3, n_exits: int = 3,
                  key_cache_dir: Optional[str] = None, log_level: str = "notice"):
@@ -542,12 +544,12 @@ class TorNetwork:
                 "V3AuthoritativeDirectory 1",
                 "ExitRelay 0",
                 "ExitPolicy reject *:*",
-                f"TestingV3AuthInitialVotingInterval {VOTING_INTERVAL}",
-                f"TestingV3AuthInitialVoteDelay {VOTE_DELAY}",
-                f"TestingV3AuthInitialDistDelay {DIST_DELAY}",
-                f"V3AuthVotingInterval {VOTING_INTERVAL}",
-                f"V3AuthVoteDelay {VOTE_DELAY}",
-                f"V3AuthDistDelay {DIST_DELAY}",
+                f"TestingV3AuthInitialVotingInterval {self.voting[0]}",
+                f"TestingV3AuthInitialVoteDelay {self.voting[1]}",
+                f"TestingV3AuthInitialDistDelay {self.voting[2]}",
+                f"V3AuthVotingInterval {self.voting[0]}",
+                f"V3AuthVoteDelay {self.voting[1]}",
+                f"V3AuthDistDelay {self.voting[2]}",
                 f"V3AuthNIntervalsValid {INTERVALS_VALID}",
                 "TestingDirAuthVoteExit *",
                 "TestingDirAuthVoteGuard *",
@@ -705,7 +707,7 @@ class TorNetwork:
         self._prepare_keys()
         self.timings["keys"] = time.monotonic() - t0
 
-        offset = voting_start_offset(time.time(), FIRST_VOTE_LEAD)
+        offset = voting_start_offset(time.time(), FIRST_VOTE_LEAD, *self.voting)
         for r in self.authorities + self.exits:
             lines = self._relay_lines(r)
             if r.role == "authority":

@@ -322,7 +322,8 @@ class ClusterSoak:
         # with Tor, as many exits per host as symbols: a host holding every one (two hosts
         # down) keeps each on an exit of its own
         self.bed = ClusterBed(os.path.join(self.dir, "bed"), self.args.hosts, tor=self.args.tor,
-                              exits_per_host=self.args.symbols).start(120)
+                              exits_per_host=self.args.symbols).start(
+                                  240 if self.args.tor else 120)
         say(f"bed up: {len(self.bed.hosts)} hosts, zookeeper {self.bed.zookeeper.hosts}"
             + (f", a Tor network of {len(self.bed.tor_network.authorities)} authorities and "
                f"{len(self.bed.tor_network.exits)} exits" if self.args.tor else "")
