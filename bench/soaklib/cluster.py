@@ -181,7 +181,9 @@ class HostRun(host_faults.Daemon):
         data = daemon_config(self, self.names, self.soak.sim.url)
         data["http"] = {"listen": ""}
         if self.args.tor:
-            data["tor"] = {"enabled": True, "exit_check_interval": 1.0, "bootstrap_timeout": 60.0,
+            # bootstrap_timeout as shipped (120 s): at a load average of 200 (other benches)
+            # 60 s restarted every tor before it was done, again and again
+            data["tor"] = {"enabled": True, "exit_check_interval": 1.0, "bootstrap_timeout": 120.0,
                            "torrc_extra": self.soak.bed.torrc_extra(self.name)}
         data["cluster"] = {"host": self.name, "zookeeper": self.soak.bed.zookeeper.hosts,
                            "clickhouse": f"{self.address}:9000", "replicas": self.args.replicas,
@@ -341,7 +343,7 @@ class ClusterSoak:
         self.sampler = threading.Thread(target=self._sample_loop, name="status-sampler",
                                         daemon=True)
         self.sampler.start()
-        wait_for(lambda: self.settled(exactly=True), 180,
+        wait_for(lambda: self.settled(exactly=True), 300 if self.args.tor else 180,
                  f"every symbol live on exactly {self.copies()} hosts", 0.5)
         say(f"cluster up: {self.live()}; work dir {self.dir}")
 
