@@ -87,7 +87,7 @@ class ArchiveFigures:
     not_merged_rows: int = 0  # rows of hours no merged file holds
     verify_exits: Dict[str, Optional[int]] = field(default_factory=dict)
     verify_problems: Dict[str, int] = field(default_factory=dict)  # its failures but those
-    verify_excused: Dict[str, int] = field(default_factory=dict)  # 'no data in the last ...'
+    verify_excused: Dict[str, int] = field(default_factory=dict)  # lines not counted (verify())
     verify_said: Dict[str, str] = field(default_factory=dict)
     examples: List[str] = field(default_factory=list)
 
@@ -145,7 +145,7 @@ class ArchiveFigures:
             f"hours {self.holes_checked}, without a gap {self.holes_without_gap}; depth and "
             f"ticker rows inside a gap {self.rows_in_gaps}; mexc verify: "
             + (", ".join(f"{h} exit {c} ({self.verify_problems.get(h, 0)} problems, "
-                         f"{self.verify_excused.get(h, 0)} 'no recent data' excused)"
+                         f"{self.verify_excused.get(h, 0)} excused)"
                          for h, c in sorted(self.verify_exits.items())) or "not run"),
         ] + [f"  {x}" for x in self.examples[:6] + self.gap_examples[:4]]
 
@@ -280,7 +280,8 @@ def verify(soak, figures: ArchiveFigures) -> None:
         figures.verify_said[host.name] = "; ".join(
             [p for p in problems if p not in excused][:3])[:400]
         say(f"{host.name} mexc verify: exit {done.returncode}, {len(problems) - len(excused)} "
-            f"problems, {len(excused)} 'no recent data' (excused)"
+            f"problems, {len(excused)} excused (no data in the last 5 minutes, an hour no "
+            "host stored, IP separation after the market stopped)"
             + (f": {figures.verify_said[host.name]}" if figures.verify_said[host.name] else ""))
         with open(os.path.join(host.dir, "verify.txt"), "w") as f:
             f.write(done.stdout + done.stderr)
