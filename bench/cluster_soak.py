@@ -4,7 +4,8 @@ faults, then every row of every host counted against the market's truth.
 Run from the repository root, as root (the bed makes network namespaces):
 
     .venv/bin/python bench/cluster_soak.py [--minutes M] [--seed S] [--rate R] [--hosts N]
-                                           [--symbols K] [--replicas R] [--single-host] [--json]
+                                           [--symbols K] [--replicas R] [--tor] [--single-host]
+                                           [--json]
 
 Exit status 0 only when no row is doubled, no row or trade is missing that a live replica
 should have stored, every cluster gap (no replica live) has a gap record, the merged archive
@@ -20,7 +21,15 @@ What runs
   connections (`sim.expected_rows_to(address)`); its event clock runs an hour every
   `--hour-seconds` (30) wall seconds, as the daemons' exporters do;
 * `mexc run` in each host's namespace with `[cluster]` (replicas 2, session timeout 4 s),
-  `--symbols` symbols (6), tor off.
+  `--symbols` symbols (6), tor off;
+* with `--tor`, the bed's private Tor network (tests/cluster_bed.py, `tor=True`): 3 directory
+  authorities and, per host, as many exit relays as symbols, each relay in a namespace of its
+  own on the bridge; each host's daemon runs one tor per collector in its namespace, pinned
+  to its own exits (`ExitNodes`), and keeps its collectors on distinct exits.  The simulator
+  then sees a host's connections and REST requests from its exits' addresses, and counts a
+  host by those.  The bed's watcher checks every tor socket in the bed every 0.25 s; at the
+  end every socket in the bed must be on its subnet or loopback (a failure otherwise), and
+  `mexc verify` on each host checks its IP separation.
 
 Faults (seeded; soaklib/cluster.py build_cluster_schedule)
 ----------------------------------------------------------
@@ -35,7 +44,8 @@ scaled down for runs under 10 minutes and to fit their slot, never below 8 s):
   two_hosts_down     two hosts SIGKILLed at once for 20-60 s: the third takes every symbol
 Per host, as the one-host soak injects them (soaklib/faults.py), on a symbol the host runs:
 kill_collector, stop_collector, kill_exporter, stop_exporter, disconnect (that host's
-connections dropped by the exchange); on the market: stall, burst, junk, huge.
+connections dropped by the exchange), with `--tor` kill_tor and stop_tor (a tor of a symbol
+the host runs SIGKILLed, or SIGSTOPped for 1-10 s); on the market: stall, burst, junk, huge.
 
 Failover time: from a host lost (killed, cut) until every symbol it held is live on as many
 other hosts as can hold it (min(replicas, hosts left)), read from ZooKeeper every 0.2 s.
@@ -61,10 +71,8 @@ did not store it; dead letters not each host's own once; a cluster hole in a mer
 outside every gap of the merged files (`mexc.gaps`); any other `mexc verify` failure; or no
 settling by the deadline.
 
-With `--single-host`, bench/soak.py then runs with the same seed, minutes and rate, and its
-trades missing before and after backfill are printed beside the cluster's.
-
-Not yet: Tor (the bed has no private Tor network, tests/cluster_bed.py; `--tor` is refused).
+With `--single-host`, bench/soak.py then runs with the same seed, minutes and rate (and
+`--tor`), and its trades missing before and after backfill are printed beside the cluster's.
 """
 from __future__ import annotations
 
@@ -87,7 +95,8 @@ def single_host(args) -> dict:
     say("the one-host soak with the same seed")
     done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "soak.py"), "--minutes",
                            str(args.minutes), "--seed", str(args.seed), "--rate",
-                           str(args.rate), "--json"], capture_output=True, text=True,
+                           str(args.rate), "--json"] + (["--tor"] if args.tor else []),
+                          capture_output=True, text=True,
                           timeout=args.minutes * 60 * 3 + 900, cwd=ROOT)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     total = lambda key: sum(s["ledger"][key] for s in report["symbols"])  # noqa: E731
@@ -109,7 +118,9 @@ def main(argv=None) -> int:
     parser.add_argument("--replicas", type=int, default=2, help="cluster.replicas (2)")
     parser.add_argument("--hour-seconds", type=float, default=30.0,
                         help="wall seconds per event hour (30)")
-    parser.add_argument("--tor", action="store_true", help="not yet: the bed has no Tor network")
+    parser.add_argument("--tor", action="store_true",
+                        help="each host's collectors through tors of their own, on the bed's "
+                             "private Tor network")
     parser.add_argument("--single-host", action="store_true",
                         help="then run bench/soak.py with the same seed for the comparison")
     parser.add_argument("--schedule", action="store_true",
@@ -117,15 +128,13 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work dir even on success")
     parser.add_argument("--json", action="store_true", help="also print the report as JSON")
     args = parser.parse_args(argv)
-    if args.tor:
-        parser.error("--tor: the cluster bed has no private Tor network yet (tests/cluster_bed.py)")
     if args.minutes <= 0.5:
         parser.error("--minutes must be more than 0.5")
     if args.hosts < 3:
         parser.error("--hosts must be 3 or more (two hosts down at once leaves one)")
     if args.schedule:
         for fault in build_cluster_schedule(args.seed, args.minutes,
-                                            [f"h{i + 1}" for i in range(args.hosts)]):
+                                            [f"h{i + 1}" for i in range(args.hosts)], args.tor):
             print(f"{fault.at:7.1f}s  {fault}")
         return 0
     report = ClusterReport(args.seed, args.minutes, args.rate, args.hosts, args.symbols,
@@ -134,7 +143,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     try:
         soak.start()
-        schedule = build_cluster_schedule(args.seed, args.minutes, list(soak.hosts))
+        schedule = build_cluster_schedule(args.seed, args.minutes, list(soak.hosts), args.tor)
         say(f"{len(schedule)} faults over {args.minutes:g} min")
         soak.run_schedule(schedule, args.minutes * 60.0)
         say("fault phase over")

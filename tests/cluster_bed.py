@@ -38,8 +38,27 @@ tests are: ZooKeeper tickTime 500 ms, ClickHouse's ZooKeeper session 3 s.
 
 Only the network is separate: the hosts share the machine's file system, users and host name
 (`hostName()` answers the same on each; tell hosts apart by address or the `replica` macro).
-Needs root and iproute2. Tor is not part of the bed yet; a host's tors would be run with
-`bed.popen(host, [tor, ...])` inside its namespace.
+Needs root and iproute2.
+
+Tor (`ClusterBed(..., tor=True)`): a private Tor network of the bed's own, on its subnet
+(BedTorNetwork: tests/tor_network.py's keys, torrcs, voting and socket watcher, its relays
+placed here). Every authority and exit relay runs in a namespace of its own on the bridge:
+
+    <prefix>-a0 ...  eth0   10.233.K.120 ...   directory authorities (ORPort 5000, DirPort 7000)
+    <prefix>-x0 ...  eth0   the next ones      exit relays (ORPort 5000)
+
+so each exit's connections really come from its own address, as the simulator (on the
+bridge's address) sees them. A host's daemon runs its own tors, one per collector as in
+production, inside its namespace; `bed.torrc_extra(host)` is their `[tor] torrc_extra`: the
+network's DirAuthority lines (which replace tor's built-in authorities and fallbacks),
+`TestingTorNetwork 1`, `UseDefaultFallbackDirs 0`, and `ExitNodes` pinned to the host's own
+`exits_per_host` exits. The exits are per host because the simulator knows a connection only
+by its peer address: with exits of its own, what each host was sent stays apart (a soak
+counts each host against it). Exits accept the bed's subnet only. No tor of the bed can
+reach anything but the bed: its namespaces have no route out, and the network's watcher
+checks, every 0.25 s, every socket of every tor in the bed's namespaces (the relays and the
+hosts' own tors, found in /proc) and kills the relays on a socket outside the subnet and
+loopback; `assert_contained()` checks every process of the bed the same way.
 """
 from __future__ import annotations
 
@@ -54,14 +73,14 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 from clickhouse_driver import Client
 
 from supervisor.clickhouse import ManagedClickHouse
 from core.process import dies_with_this_process
-from tests.tor_network import process_sockets
+from tests.tor_network import TOR, Relay, TorNetwork, process_sockets
 
 PREFIX = "mxb"
 NAME = re.compile(rf"^{PREFIX}([0-9a-z]+)_(\d+)-")
@@ -71,6 +90,10 @@ GATEWAY, ZOOKEEPER, FIRST_HOST = 1, 2, 11     # last octets
 ZK_PORT, CH_PORT, CH_HTTP_PORT, INTERSERVER_PORT = 2181, 9000, 8123, 9009
 ZK_TICK_MS = 500
 CH_ZK_SESSION_MS = 3000
+TOR_FIRST = 120     # last octet of the first authority; the exits follow
+TOR_OR_PORT, TOR_DIR_PORT = 5000, 7000
+TOR_KEY_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".pytest_cache",
+                             "tor-keys")
 ZOOKEEPER_JARS = ("/usr/share/java/zookeeper.jar", "/usr/share/java/slf4j-simple.jar")
 ZOOKEEPER_MAIN = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
 ROUTE_TYPES = ("unicast", "local", "broadcast", "multicast", "anycast", "blackhole",
@@ -267,6 +290,52 @@ class NamespacedClickHouse(ManagedClickHouse):
         return ["ip", "netns", "exec", self.netns] + super().command(config_path)
 
 
+class BedTorNetwork(TorNetwork):
+    """The bed's private Tor network (see the module's docstring): TorNetwork's relays, each
+    in a namespace of its own on the bed's bridge; `exits_per_host` exits for each host."""
+
+    # Votes posted 2 s late are refused: on a machine whose load was near 100 (other benches'
+    # hundreds of processes) no consensus came in 83 s.  A slower schedule leaves them 4 s.
+    voting = (20, 4, 4)
+
+    def __init__(self, bed: "ClusterBed", workdir: str, n_authorities: int,
+                 exits_per_host: int, key_cache_dir: Optional[str]):
+        self.bed = bed
+        self.exit_targets = str(bed.subnet)
+        self.netns = {}      # relay nickname -> its namespace
+        super().__init__(workdir, n_authorities, bed.n_hosts * exits_per_host, key_cache_dir)
+
+    def relay_place(self, role: str, index: int) -> tuple:
+        if role == "authority":
+            nickname, octet, suffix = f"bedauth{index}", TOR_FIRST + index, "a"
+        else:
+            nickname, suffix = f"bedexit{index}", "x"
+            octet = TOR_FIRST + len(self.authorities) + index
+        self.netns[nickname] = f"{self.bed.prefix}-{suffix}{_base36(index)}"
+        return nickname, self.bed.address(octet)
+
+    def pick_ports(self, r: Relay) -> None:
+        r.or_port = TOR_OR_PORT      # each relay has a namespace, and so its ports, to itself
+        r.dir_port = TOR_DIR_PORT if r.role == "authority" else 0
+
+    def prepare_relays(self) -> None:
+        for r in self.authorities + self.exits:
+            netns = self.netns[r.nickname]
+            self.bed._namespace(netns, netns, r.address)
+
+    def spawn_relay(self, r: Relay) -> subprocess.Popen:
+        process = self.bed.popen_in(
+            self.netns[r.nickname], [TOR, "--defaults-torrc", self.empty_defaults, "-f", r.torrc],
+            track=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._popens.append(process)
+        return process
+
+    def socket_violations(self, pids) -> List[str]:
+        """Every tor in the bed (the relays and the hosts' own), not only `pids`: each may
+        talk to the bed's subnet and its loopback, nothing else."""
+        return self.bed.outside(set(pids) | set(self.bed.tor_pids()))
+
+
 @dataclass
 class Host:
     name: str            # h1, h2, ...: also its ClickHouse replica name
@@ -274,6 +343,7 @@ class Host:
     veth: str            # the root end on the bridge; cut() takes it down
     address: str
     clickhouse: NamespacedClickHouse
+    exits: List[Relay] = field(default_factory=list)   # with Tor: the exits its tors use
 
     def client(self, timeout: float = 5.0) -> Client:
         return Client(host=self.address, port=CH_PORT, connect_timeout=timeout,
@@ -292,9 +362,14 @@ class Host:
 class ClusterBed:
     """N hosts as network namespaces on a private bridge; see the module's docstring."""
 
-    def __init__(self, workdir: str, n_hosts: int = 3):
+    def __init__(self, workdir: str, n_hosts: int = 3, tor: bool = False,
+                 exits_per_host: int = 3, tor_authorities: int = 3,
+                 tor_key_cache: Optional[str] = TOR_KEY_CACHE):
         if not 1 <= n_hosts <= 99:
             raise ValueError("a bed has 1 to 99 hosts")
+        if tor and (exits_per_host < 1 or tor_authorities < 1
+                    or TOR_FIRST + tor_authorities + n_hosts * exits_per_host > 255):
+            raise ValueError(f"Tor relays are last octets {TOR_FIRST}..254 of the bed's /24")
         self.workdir = os.path.abspath(workdir)
         self.n_hosts = n_hosts
         self.prefix = f"{PREFIX}{_base36(os.getpid())}_{next(_beds)}"
@@ -306,6 +381,9 @@ class ClusterBed:
         self.simulators: list = []
         self.processes: List[subprocess.Popen] = []
         self.start_seconds = 0.0
+        self.tor = tor
+        self.tor_options = (tor_authorities, exits_per_host, tor_key_cache)
+        self.tor_network: Optional[BedTorNetwork] = None
         self._made_netns: List[str] = []
         self._made_links: List[str] = []
 
@@ -335,6 +413,8 @@ class ClusterBed:
                                        self.address(ZOOKEEPER)).start(timeout)
             for h in self.hosts:                  # all start at once, then each is awaited
                 h.clickhouse.start(timeout, wait=False)
+            if self.tor:                          # meanwhile
+                self._start_tor(timeout)
             for h in self.hosts:
                 h.clickhouse.wait_ready(timeout)
         except BaseException:
@@ -363,6 +443,21 @@ class ClusterBed:
                 listen_host=address, extra_config=self._cluster_xml(name, address, all_hosts),
                 client_networks=(str(self.subnet),))
             self.hosts.append(Host(name, netns, veth, address, server))
+
+    def _start_tor(self, timeout: float) -> None:
+        authorities, per_host, key_cache = self.tor_options
+        self.tor_network = BedTorNetwork(self, os.path.join(self.workdir, "tor"), authorities,
+                                         per_host, key_cache)
+        for i, h in enumerate(self.hosts):
+            h.exits = self.tor_network.exits[i * per_host:(i + 1) * per_host]
+        self.tor_network.start(timeout)
+
+    def torrc_extra(self, host: str) -> List[str]:
+        """A host's `[tor] torrc_extra`: its tors join the bed's network and leave by its
+        own exits only."""
+        return [*self.tor_network.torrc_extra(),
+                "ExitNodes " + ",".join(f"${e.fingerprint}" for e in self.host(host).exits),
+                "StrictNodes 1"]
 
     def _link(self, *args: str) -> None:
         ip("link", *args)
@@ -444,27 +539,59 @@ class ClusterBed:
 
     # ---- checks ------------------------------------------------------------------------------
     def pids(self) -> List[int]:
-        """Every process inside the bed's namespaces."""
+        """Every process inside the bed's namespaces (as `ip netns pids` finds them: by the
+        network namespace /proc/<pid>/ns/net names, without a process started per namespace)."""
+        inodes = set()
+        for netns in list(self._made_netns):
+            try:
+                inodes.add(os.stat(f"/run/netns/{netns}").st_ino)
+            except OSError:
+                pass
         pids = []
-        for netns in self._made_netns:
-            pids += [int(p) for p in ip("netns", "pids", netns, check=False).stdout.split()]
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.stat(f"/proc/{entry}/ns/net").st_ino in inodes:
+                        pids.append(int(entry))
+                except OSError:
+                    pass
         return pids
 
-    def assert_contained(self) -> int:
-        """Every socket of every process in the bed talks only to the bed's subnet or to
-        loopback; returns the number of sockets checked."""
-        checked, wrong = 0, []
+    def tor_pids(self) -> List[int]:
+        """Every tor process in the bed: the Tor network's relays and the hosts' own tors."""
+        found = []
         for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    if f.read().strip() == "tor":
+                        found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    def outside(self, pids) -> List[str]:
+        """The sockets of these processes that reach, or are bound to, an address neither on
+        the bed's subnet nor on loopback."""
+        wrong = []
+        for pid in pids:
             for s in process_sockets(pid):
-                checked += 1
                 for addr in (s.local, s.remote):
                     a = ipaddress.ip_address(addr)
                     a = getattr(a, "ipv4_mapped", None) or a
                     if not (a.is_loopback or a.is_unspecified or a in self.subnet):
                         wrong.append(f"pid {pid}: {s}")
+        return wrong
+
+    def assert_contained(self) -> int:
+        """Every socket of every process in the bed (its tors among them: the Tor network's
+        relays and the hosts' own) talks only to the bed's subnet or to loopback, now and, for
+        the tors, at every check of the Tor network's watcher so far; returns the number of
+        sockets checked."""
+        pids = self.pids()
+        wrong = self.outside(pids) + (self.tor_network.violations if self.tor_network else [])
         if wrong:
             raise ClusterBedError("traffic outside the bed:\n" + "\n".join(wrong))
-        return checked
+        return sum(len(process_sockets(pid)) for pid in pids)
 
     # ---- teardown ----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -473,6 +600,14 @@ class ClusterBed:
             simulator.stop()
         for process in self.processes:
             _stop(process, 5.0)
+        violations = []
+        if self.tor_network is not None:
+            violations = list(self.tor_network.violations)
+            try:
+                self.tor_network.stop()
+            except Exception:        # its violations: raised below, once all is gone
+                pass
+            self.tor_network = None
         for h in self.hosts:
             h.clickhouse.stop()
         if self.zookeeper is not None:
@@ -485,6 +620,8 @@ class ClusterBed:
         self._made_links.clear()
         self.simulators.clear()
         self.processes.clear()
+        if violations:
+            raise ClusterBedError("Tor traffic outside the bed:\n" + "\n".join(violations))
 
     def __enter__(self) -> "ClusterBed":
         return self.start()

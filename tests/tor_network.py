@@ -422,7 +422,17 @@ class TorClient:
 
 
 class TorNetwork:
-    """n authorities + n exits on 127.0.0.0/8; see the module docstring."""
+    """n authorities + n exits on 127.0.0.0/8; see the module docstring.
+
+    The cluster bed's network (tests/cluster_bed.py BedTorNetwork) is this class with its
+    relays elsewhere: it overrides the hooks marked "where the relays live" (addresses and
+    nicknames, ports, how a relay is started, the targets its exits accept, what a socket may
+    reach) and shares keys, torrcs, voting, the consensus wait and the socket watcher."""
+
+    # where the relays live (hooks): the exits' reachable targets, in their exit policy
+    exit_targets = "127.0.0.0/8"
+    # the voting schedule (s): interval, vote delay, distribution delay
+    voting = (VOTING_INTERVAL, VOTE_DELAY, DIST_DELAY)
 
     def __init__(self, workdir: str, n_authorities: int = 3, n_exits: int = 3,
                  key_cache_dir: Optional[str] = None, log_level: str = "notice"):
@@ -446,11 +456,38 @@ class TorNetwork:
         self._watch_stop = threading.Event()
         self._watcher: Optional[threading.Thread] = None
         for i in range(n_authorities):
-            self.authorities.append(Relay("authority", f"auth{i}", f"127.0.1.{i + 1}", 0, 0,
-                                          os.path.join(self.workdir, f"auth{i}")))
+            nickname, address = self.relay_place("authority", i)
+            self.authorities.append(Relay("authority", nickname, address, 0, 0,
+                                          os.path.join(self.workdir, nickname)))
         for i in range(n_exits):
-            self.exits.append(Relay("exit", f"exit{i}", f"127.0.2.{i + 1}", 0, 0,
-                                    os.path.join(self.workdir, f"exit{i}")))
+            nickname, address = self.relay_place("exit", i)
+            self.exits.append(Relay("exit", nickname, address, 0, 0,
+                                    os.path.join(self.workdir, nickname)))
+
+    # -- where the relays live (hooks) ---------------------------------------------------------
+
+    def relay_place(self, role: str, index: int) -> tuple:
+        """(nickname, address) of the index-th authority or exit."""
+        if role == "authority":
+            return f"auth{index}", f"127.0.1.{index + 1}"
+        return f"exit{index}", f"127.0.2.{index + 1}"
+
+    def pick_ports(self, r: Relay) -> None:
+        r.or_port = free_port(r.address)
+        if r.role == "authority":
+            r.dir_port = free_port(r.address)
+
+    def prepare_relays(self) -> None:
+        """What the relays need before they start: here the bind shim."""
+        self._build_shim()
+
+    def spawn_relay(self, r: Relay) -> subprocess.Popen:
+        env = {**os.environ, "LD_PRELOAD": self.shim_path, "TOR_TEST_BIND_ADDR": r.address}
+        return self._spawn_tor(r.torrc, env)
+
+    def socket_violations(self, pids: Iterable[int]) -> List[str]:
+        """Sockets of these processes that reach (or listen) where no tor of ours may."""
+        return loopback_violations(pids, self.sockets_of)
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -507,12 +544,12 @@ class TorNetwork:
                 "V3AuthoritativeDirectory 1",
                 "ExitRelay 0",
                 "ExitPolicy reject *:*",
-                f"TestingV3AuthInitialVotingInterval {VOTING_INTERVAL}",
-                f"TestingV3AuthInitialVoteDelay {VOTE_DELAY}",
-                f"TestingV3AuthInitialDistDelay {DIST_DELAY}",
-                f"V3AuthVotingInterval {VOTING_INTERVAL}",
-                f"V3AuthVoteDelay {VOTE_DELAY}",
-                f"V3AuthDistDelay {DIST_DELAY}",
+                f"TestingV3AuthInitialVotingInterval {self.voting[0]}",
+                f"TestingV3AuthInitialVoteDelay {self.voting[1]}",
+                f"TestingV3AuthInitialDistDelay {self.voting[2]}",
+                f"V3AuthVotingInterval {self.voting[0]}",
+                f"V3AuthVoteDelay {self.voting[1]}",
+                f"V3AuthDistDelay {self.voting[2]}",
                 f"V3AuthNIntervalsValid {INTERVALS_VALID}",
                 "TestingDirAuthVoteExit *",
                 "TestingDirAuthVoteGuard *",
@@ -525,11 +562,11 @@ class TorNetwork:
                 "IPv6Exit 0",
                 "ExitPolicyRejectPrivate 0",
                 "ExitPolicyRejectLocalInterfaces 0",
-                "ExitPolicy accept 127.0.0.0/8:*",
+                f"ExitPolicy accept {self.exit_targets}:*",
                 "ExitPolicy reject 0.0.0.0/1:*",
                 "ExitPolicy reject 128.0.0.0/1:*",
                 # Never reached for a real address, but without it clients judge a loopback
-                # target "probably rejected" by every exit.
+                # (or private) target "probably rejected" by every exit.
                 "ExitPolicy accept *4:*",
                 "DirCache 0",
                 "RefuseUnknownExits 0",
@@ -665,14 +702,12 @@ class TorNetwork:
         with open(self.resolv_conf, "w") as f:
             f.write("nameserver 127.0.0.1\n")
         for r in self.authorities + self.exits:
-            r.or_port = free_port(r.address)
-            if r.role == "authority":
-                r.dir_port = free_port(r.address)
-        self._build_shim()
+            self.pick_ports(r)
+        self.prepare_relays()
         self._prepare_keys()
         self.timings["keys"] = time.monotonic() - t0
 
-        offset = voting_start_offset(time.time(), FIRST_VOTE_LEAD)
+        offset = voting_start_offset(time.time(), FIRST_VOTE_LEAD, *self.voting)
         for r in self.authorities + self.exits:
             lines = self._relay_lines(r)
             if r.role == "authority":
@@ -682,9 +717,7 @@ class TorNetwork:
                 f.write("\n".join(lines) + "\n")
         try:
             for r in self.exits + self.authorities:
-                env = {**os.environ, "LD_PRELOAD": self.shim_path,
-                       "TOR_TEST_BIND_ADDR": r.address}
-                r.popen = self._spawn_tor(r.torrc, env)
+                r.popen = self.spawn_relay(r)
             self._watcher = threading.Thread(target=self._watch, name="tor-socket-watch",
                                              daemon=True)
             self._watcher.start()
@@ -794,7 +827,7 @@ class TorNetwork:
         while not self._watch_stop.wait(WATCH_INTERVAL):
             alive = [p for p, start in list(self.watched_pids.items())
                      if start is not None and process_start(p) == start]
-            problems = loopback_violations(self.pids() + alive, self.sockets_of)
+            problems = self.socket_violations(self.pids() + alive)
             if problems:
                 self.violations += problems
                 for p in self._popens:
@@ -811,7 +844,7 @@ class TorNetwork:
         Returns how many sockets were checked (so a caller can see it checked something).
         """
         pids = self.pids() + list(extra_pids)
-        problems = self.violations + loopback_violations(pids, self.sockets_of)
+        problems = self.violations + self.socket_violations(pids)
         if problems:
             raise TorNetworkError("NON-LOOPBACK SOCKETS:\n" + "\n".join(problems))
         return sum(len(self.sockets_of(p)) for p in pids)

@@ -96,6 +96,7 @@ class ClusterReport:
     unplanned: List[str] = field(default_factory=list)
     single_host: Optional[dict] = None  # bench/soak.py with the same seed (--single-host)
     archive: Optional[ArchiveFigures] = None  # the merged files (cluster_archive.py)
+    tor: Optional[str] = None  # with --tor: the bed's Tor network and its containment
     failures: List[str] = field(default_factory=list)
 
     @property
@@ -204,6 +205,8 @@ class ClusterReport:
         ]
         if self.archive is not None:
             lines += self.archive.lines()
+        if self.tor is not None:
+            lines.append(self.tor)
         lines += [f"FAIL: {x}" for x in self.failures]
         lines.append(f"RESULT: {'PASS' if self.passed else 'FAIL'}")
         return "\n".join(lines)
