@@ -597,7 +597,8 @@ class Collector:
 
     def _maybe_hand_over(self, now: float) -> None:
         """Drop the old connection once the new one covers it; after `overlap_max` seconds,
-        keep whichever delivers (a suspect old one goes once the new one delivers at all)."""
+        keep whichever delivers (a suspect old one goes once the new one delivers at all; on
+        a quiet market, where neither delivers, the live new one)."""
         h = self.handover
         if h.overlap.covered():
             self._hand_over(now, "it covers every channel")
@@ -606,6 +607,12 @@ class Collector:
         elif now - h.started >= self.ex["overlap_max"]:
             if h.link.data_at is not None or h.suspect:
                 self._hand_over(now, f"overlap_max {self.ex['overlap_max']:g}s")
+            elif ((self.link.data_at or 0) < h.started
+                  and self._silence(h.link.last_frame, now) < self.ex["dead_after"]):
+                # A quiet market: neither brought data, so nothing is lost by the switch, and
+                # a move asked for (a new exit) must not wait for a trade that may not come.
+                self._hand_over(now, "a quiet market: neither brought data, the new one "
+                                     "answers pings")
             else:
                 self._lose_one(h.link, DeadSocket(
                     f"no data within overlap_max {self.ex['overlap_max']:g}s"))

@@ -106,6 +106,26 @@ def test_planned_replacements_leave_no_gap_and_no_duplicate(env):
 
 
 @pytest.mark.slow
+def test_a_move_on_a_quiet_market_is_done_after_overlap_max(env):
+    """A market that makes nothing: neither connection brings data, so the handover cannot
+    wait for the new one to cover the old one; after overlap_max the live new one is kept (the
+    exit guard's move must complete, or the collector stays on a shared exit)."""
+    with MexcSimulator(rate=3.0) as sim:
+        proc = start_collector(env, sim, exchange={"overlap_max": 2.0})
+        wait_for(lambda: env.count() > 0, 20, "rows stored")
+        sim.stop_data()
+        rows = env.count()
+        replace_and_wait(proc, sim, 1)
+        assert "a quiet market: neither brought data" in proc.log()
+        assert sim.total_connections == 2
+        assert "connection lost during the handover" not in proc.log()
+        sim.trade(SYMBOL, 3)
+        wait_for(lambda: env.count() >= rows + 3, 20, "trades on the new connection")
+        assert env.gaps() == []
+        assert proc.stop() == 0
+
+
+@pytest.mark.slow
 def test_without_make_before_break_a_replacement_is_a_drop_and_a_gap(env):
     """exchange.make_before_break = false: SIGUSR1 drops the connection, then dials; the
     stretch between is a ledger gap (what handover_bench measures as before)."""
