@@ -461,7 +461,10 @@ class ClusterSoak:
         except SoakError as e:
             say(f"{fault}: {e}; injected anyway")
         victims = [self.hosts[h] for h in fault.target.split("+")]
-        held = set().union(*(v.held for v in victims))
+        try:  # what they hold, by ZooKeeper (the sampler may not have seen a host back yet)
+            held = {n for n, hosts in self.live().items() if hosts & {v.name for v in victims}}
+        except Exception:
+            held = set().union(*(v.held for v in victims))
         for v in victims:
             if cut:
                 self.bed.cut(v.name)
