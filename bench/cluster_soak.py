@@ -39,7 +39,9 @@ kill_collector, stop_collector, kill_exporter, stop_exporter, disconnect (that h
 connections dropped by the exchange); on the market: stall, burst, junk, huge.
 
 Failover time: from a host lost (killed, cut) until every symbol it held is live on as many
-other hosts as can hold it (min(replicas, hosts left)), read from ZooKeeper every 0.2 s.
+other hosts as can hold it (min(replicas, hosts left)), read from ZooKeeper every 0.2 s.  The
+faults begin once the status sampler has seen every copy up, and a host loss waits (20 s at
+most) until every host holds its share again, so that each loss moves symbols.
 
 Counting (soaklib/cluster_accounting.py): each host as the one-host soak counts its daemon
 (its own rows: its copies in export.dir/copies/ and its tables), then per symbol the union of
