@@ -35,12 +35,13 @@ from tests.conftest import toml_dump
 
 from . import ROOT
 from . import faults as host_faults
+from .accounting import EVENT_SLACK
 from .cluster_archive import ArchiveFigures, settle, verify
 from .common import (HEARTBEAT_TIMEOUT, MARKETS, MEXC, SoakError, daemon_config,
                      on_every_host, say, wait_for)
 from .schedule import Fault, light_duration
 from .schedule import run as run_faults
-from .windows import Event, Link, Window, name_causes, track
+from .windows import STALE, Event, Link, Window, name_causes, track
 
 STATUS_EVERY = 1.0  # s between status samples of each host
 SESSION_TIMEOUT = 4.0  # cluster.session_timeout: a host gone is replaced this long after
@@ -52,6 +53,7 @@ FAILOVER_DEADLINE = 60.0  # s; a failover not done by then is reported as not do
 SET_UP = 10.0
 ZK_WAIT = 5.0  # s the soak waits for an answer of ZooKeeper
 SETTLE_BEFORE_LOSS = 20.0  # s a host loss waits at most for the cluster to settle first
+UP_FIRST = STALE + 2 * EVENT_SLACK + 0.5  # s a copy is seen up before the first fault
 
 # Cluster faults, each in a slot of the run to itself: kind -> one per this many minutes (at
 # least one per run), its duration in s (long run; short runs scale it down, never below the
@@ -347,16 +349,20 @@ class ClusterSoak:
         self.sampler.start()
         wait_for(lambda: self.settled(exactly=True), 180,
                  f"every symbol live on exactly {self.copies()} hosts", 0.5)
-        # and the sampler has seen each host's copies up: a fault before that merges into
-        # the startup windows, whose stretch needs no record (seed 7 lost h1 and h2 at 0.0 s:
-        # its cluster holes were taken for the start)
+        # and the sampler has seen each host's copies up a while: a fault before that merges
+        # into the startup windows, whose stretch needs no record (seed 7 lost h1 and h2 at
+        # 0.0 s: its cluster holes, 288 and 276 trades left, were taken for the start)
         wait_for(self.sampled_up, 60, "the status sampler seeing every copy up", 0.5)
         say(f"cluster up: {self.live()}; work dir {self.dir}")
 
     def sampled_up(self) -> bool:
+        """Every copy seen up long enough that a loss's window, which opens STALE before the
+        last sample that saw it up and is EVENT_SLACK wider, cannot touch its startup one."""
         with self.lock:
-            return all(host.held and all(host.links[n].window is None for n in host.held)
-                       for host in self.hosts.values())
+            return all(host.held and all(
+                host.links[n].window is None and host.links[n].last_up - max(
+                    (w.end for w in host.windows if w.symbol == n), default=0.0) > UP_FIRST
+                for n in host.held) for host in self.hosts.values())
 
     def copies(self, alive: Optional[int] = None) -> int:
         return min(self.args.replicas, len(self.hosts) if alive is None else alive)
