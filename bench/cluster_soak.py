@@ -34,7 +34,8 @@ What runs
 Faults (seeded; soaklib/cluster.py build_cluster_schedule)
 ----------------------------------------------------------
 Cluster faults, each in a slot of the run to itself (at least one of each per run; durations
-scaled down for runs under 10 minutes and to fit their slot, never below 8 s):
+scaled down for runs under 10 minutes and to fit their slot, never below 8 s; in runs too
+short for that, under about 2 minutes, a ClickHouse outage shares a ZooKeeper outage's slot):
   kill_host          a host SIGKILLed, daemon and collectors (its process group) and then its
                      ClickHouse, for 20-120 s, then started again
   cut_host           a host's network cut (its veth down) for 10-90 s: it loses the exchange,
@@ -48,7 +49,9 @@ connections dropped by the exchange), with `--tor` kill_tor and stop_tor (a tor 
 the host runs SIGKILLed, or SIGSTOPped for 1-10 s); on the market: stall, burst, junk, huge.
 
 Failover time: from a host lost (killed, cut) until every symbol it held is live on as many
-other hosts as can hold it (min(replicas, hosts left)), read from ZooKeeper every 0.2 s.
+other hosts as can hold it (min(replicas, hosts left)), read from ZooKeeper every 0.2 s.  The
+faults begin once the status sampler has seen every copy up, and a host loss waits (20 s at
+most) until every host holds its share again, so that each loss moves symbols.
 
 Counting (soaklib/cluster_accounting.py): each host as the one-host soak counts its daemon
 (its own rows: its copies in export.dir/copies/ and its tables), then per symbol the union of
@@ -56,12 +59,14 @@ every host's rows against the truth: missing while a replica was live (a failure
 none was (trades: never sent, backfilled, left, each left inside some host's gap record or a
 failure), cluster holes with and without a record, doubled rows.
 
-The merged archive (soaklib/cluster_archive.py; docs/cluster.md "One merged archive"): after
-the last export, the soak waits (at most 240 s) until every host's tables are empty, every
-copy is registered in ZooKeeper as it is on disk, and every hour is merged from every copy's
-current version and held by every host; then `mexc verify` runs on every host (its "no data
-in the last 5 minutes" lines are excused: the market has stopped, and a host collects only
-the symbols it holds).  A failure is any merged file on fewer than min(replicas, hosts) hosts,
+The event clock's anchor puts an event hour's end about when the market stops, so the last
+hour is exported at once.  The merged archive (soaklib/cluster_archive.py; docs/cluster.md
+"One merged archive"): after the last export (`mexc export --once` on every host at once),
+the soak waits (at most 240 s) until every host's tables are empty, every copy is
+registered in ZooKeeper as it is on disk, and every hour is merged from every copy's current
+version and held by every host; then `mexc verify` runs on every host (its "no data in the
+last 5 minutes" lines are excused: the market has stopped, and a host collects only the
+symbols it holds).  A failure is any merged file on fewer than min(replicas, hosts) hosts,
 with different bytes on two hosts or not the version ZooKeeper names (except a host holding
 the version settled before the stop where a newer one was merged during the stop: a stopping
 host records the gaps open then); an event twice in one merged file (a trade by its trade

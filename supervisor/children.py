@@ -31,6 +31,10 @@ STABLE_AFTER = 60.0  # a child up this long has its restart backoff reset
 # late is starved (a loaded host), not hung: it is judged again later, not killed.
 STARVED_SHARE = 0.5
 FLAP_WINDOW, FLAP_EXITS = 60.0, 5  # this many exits within the window: flapping
+# A child just started has this many heartbeat timeouts for its first heartbeat: the exporter
+# imports pyarrow and the export modules before it can send one (0.2 s of CPU alone, seconds
+# on a loaded machine: a cluster soak's restarted exporters were killed at 6 s, 4 s into it)
+START_GRACE = 3
 
 
 class ChildState(str, enum.Enum):
@@ -240,6 +244,7 @@ class Child:
         self.last_exit = None  # how the last process ended, for people: "pid 12 exit code 0"
         self.exit_code: Optional[int] = None  # ... and for code: its exit code (< 0: a signal)
         self.last_heartbeat = None
+        self.beating = False  # a heartbeat came since the process started
         self.stats = {}
         self.rates = {}
         self.wanted = True  # False once removed from the config or shutting down
@@ -266,13 +271,14 @@ class Child:
     def running(self, now: float, why: str) -> None:
         """The process is up (start() calls this; so does a caller that started it itself)."""
         self.started_at = now
-        self.last_heartbeat = now  # grace: a fresh child has until heartbeat_timeout to report
+        self.last_heartbeat = now  # grace: a fresh child has START_GRACE timeouts to report
+        self.beating = False
         self.kill_deadline = None
         self._become(ChildState.RUNNING, why)
 
     def heartbeat(self, stats: dict, now: float) -> None:
         previous, previous_time = self.stats, self.last_heartbeat
-        self.stats, self.last_heartbeat = stats, now
+        self.stats, self.last_heartbeat, self.beating = stats, now, True
         if previous.get("rows") and stats.get("rows") and now > previous_time:
             span = now - previous_time
             self.rates = {mt: round((stats["rows"][mt] - previous["rows"].get(mt, 0)) / span, 1)
@@ -285,7 +291,9 @@ class Child:
         elif self.state is ChildState.RUNNING and self.heartbeats and self._hung(now):
             self.process.signal(signal.SIGKILL)
             self._become(ChildState.STOPPING, f"pid={self.process.pid} sent no heartbeat for "
-                         f"{now - self.last_heartbeat:.0f}s: hung, killing it", logging.ERROR)
+                         f"{now - self.last_heartbeat:.0f}s" + ("" if self.beating else
+                                                               " since its start")
+                         + ": hung, killing it", logging.ERROR)
         elif self.state is ChildState.STOPPING and self.kill_deadline and now >= self.kill_deadline:
             log.warning("%s pid=%d did not stop in time: killing it", self.name, self.process.pid)
             self.process.signal(signal.SIGKILL)
@@ -295,10 +303,12 @@ class Child:
             self.start(now)
 
     def _hung(self, now: float) -> bool:
-        """No heartbeat for heartbeat_timeout, and not for want of a CPU: from half the
-        timeout on, the child's wait on the run queue is read, and a child that waited for
-        more than STARVED_SHARE of the time since is judged again later."""
-        timeout, silent = self.sup["heartbeat_timeout"], now - self.last_heartbeat
+        """No heartbeat for heartbeat_timeout (START_GRACE times that for the first one), and
+        not for want of a CPU: from half the timeout on, the child's wait on the run queue is
+        read, and a child that waited for more than STARVED_SHARE of the time since is judged
+        again later."""
+        timeout = self.sup["heartbeat_timeout"] * (1 if self.beating else START_GRACE)
+        silent = now - self.last_heartbeat
         if silent <= timeout / 2:
             self.late_since = None
             return False

@@ -82,6 +82,28 @@ def test_a_hung_child_is_killed_then_restarted():
     assert child.state == "backoff"
 
 
+def test_a_child_just_started_has_three_timeouts_for_its_first_heartbeat():
+    """The exporter imports pyarrow before its first heartbeat: on a loaded machine that took
+    more than the 6-s heartbeat_timeout of the cluster soak, which killed it as hung."""
+    child = Child(BTC, FakeProcess, SUP)
+    child.start(0.0)
+    child.tick(25.0)  # silent since its start, within START_GRACE (3) timeouts
+    assert child.process.signals == [] and child.state == "running"
+    child.heartbeat({}, 26.0)
+    child.tick(35.0)
+    assert child.process.signals == []
+    child.tick(36.5)  # once it has beaten, one timeout as before
+    assert child.process.signals == [signal.SIGKILL] and child.state == "stopping"
+    child.process.running = False
+    child.tick(37.0)
+    child.tick(child.next_start)  # the next start has the grace again
+    assert child.state == "running"
+    child.tick(child.started_at + 29.0)
+    assert child.state == "running"
+    child.tick(child.started_at + 30.5)  # never beat: hung after 3 timeouts
+    assert child.process.signals == [signal.SIGKILL] and child.state == "stopping"
+
+
 def test_rates_come_from_successive_heartbeats():
     child = Child(BTC, FakeProcess, SUP)
     child.start(0.0)

@@ -1,9 +1,10 @@
-"""The short cluster soak (bench/cluster_soak.py): three daemons on the cluster bed, 90 s of
+"""The short cluster soak (bench/cluster_soak.py): three daemons on the cluster bed, 60 s of
 seeded faults with every cluster fault once (a host SIGKILLed with its ClickHouse, a host's
-network cut, ZooKeeper stopped, a host's ClickHouse stopped, two hosts down at once) beside
-the one-host soak's faults per host, then every host's rows and their union counted against
-the market's truth, and the merged archive checked (each file on every host, byte-identical,
-each event once, every row a host stored in it, every cluster hole among its gaps)."""
+network cut, ZooKeeper stopped and meanwhile a host's ClickHouse, two hosts down at once)
+beside the one-host soak's faults per host, then every host's rows and their union counted
+against the market's truth, and the merged archive checked (each file on every host,
+byte-identical, each event once, every row a host stored in it, every cluster hole among its
+gaps).  MEXC_CLUSTER_SOAK_SEED picks another seed (default 5)."""
 import json
 import os
 import subprocess
@@ -20,20 +21,21 @@ CLUSTER_FAULTS = {"kill_host", "cut_host", "zookeeper_outage", "clickhouse_outag
 pytestmark = pytest.mark.slow
 
 
-# Known flaky (issue 23 left open): on the final main a run found one 3-s hole of a symbol
-# whose hosts were both down during a market stall "without a record", another passed; the
-# cause is not found yet.  It runs in full and reports, but does not fail the suite.
-@pytest.mark.xfail(reason="issue 23: a cluster hole during two hosts down and a stall is now "
-                          "and then without a gap record (cause not found)", strict=False)
 @pytest.mark.timeout(400)
 def test_short_cluster_soak_doubles_nothing_and_loses_nothing_a_live_replica_had():
     started = time.monotonic()
-    result = subprocess.run([sys.executable, SOAK, "--minutes", "1.5", "--seed", "5", "--json"],
+    seed = os.environ.get("MEXC_CLUSTER_SOAK_SEED", "5")
+    result = subprocess.run([sys.executable, SOAK, "--minutes", "1", "--seed", seed, "--json"],
                             cwd=ROOT, capture_output=True, text=True, timeout=380)
     elapsed = time.monotonic() - started
     out = result.stdout
     print(out, f"\n(cluster soak took {elapsed:.0f}s)")  # shown with -s or on failure
     assert result.returncode == 0, out[-4000:] + "\n--- stderr ---\n" + result.stderr[-4000:]
+    check(out)
+
+
+def check(out: str) -> None:
+    """What a passing short run shows, from its output (the text, then the JSON line)."""
     for line in ("doubled: 0", "missing while a replica was live: 0 rows, 0 trades",
                  "RESULT: PASS"):
         assert line in out, line

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import time
+import types
 import urllib.error
 import urllib.request
 
@@ -19,6 +20,8 @@ from core.channels import deal_without_id
 from core.process import free_port
 from core.store import Store
 from core.vocabulary import GAP_COLLECTOR_CRASH
+from supervisor.arbiter import _live
+from supervisor.children import ChildState
 from supervisor.commands import COMMANDS
 from tests.conftest import MEXC, wait_for, wait_gone
 from mexc.simulator import MexcSimulator
@@ -57,6 +60,32 @@ class Daemon:
 
     def tree(self):
         return [self.proc.pid] + [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
+
+
+@pytest.mark.one_clickhouse
+@pytest.mark.slow
+def test_a_collector_connected_during_a_market_stall_is_no_live_copy(env, sim):
+    """A cluster releases a symbol on the copies it counts live (arbiter._live); one connected
+    while the market stalls has delivered nothing and must not count until its data comes
+    (before: a connection's start counted as a frame, and a host released xrp during a stall
+    on two such copies; cluster soak seed 18, 63 trades lost without a record)."""
+    sim.stall(10.0)  # longer than the daemon's start: its collector connects meanwhile
+    daemon = Daemon(env, sim, symbols=["BTC_USDT"])
+    child = types.SimpleNamespace(state=ChildState.RUNNING, stats={})
+
+    def connected():
+        try:
+            child.stats = daemon.collectors().get("collector-btc") or {}
+        except sockets.NotRunning:
+            return False
+        return child.stats.get("connected")
+    wait_for(connected, 30, "collector-btc connected while the market stalls")
+    assert child.stats["last_data_age_s"] is None, child.stats  # nothing came yet
+    assert not _live(child)
+    wait_for(lambda: connected() and child.stats["last_data_age_s"] is not None, 30,
+             "data after the stall")
+    assert _live(child)
+    assert daemon.proc.stop(15) == 0
 
 
 @pytest.mark.slow  # seconds of sockets or a daemon: full suite only, the quick loop stays under a minute (issue 27)

@@ -15,9 +15,10 @@ union of every host's rows against the market's truth:
 * cluster holes: the stretches inside every host's windows (no collector of the symbol
   connected anywhere), after the symbol's first stored row; each must overlap a ledger gap of
   some host, else a failure ("a cluster gap without a record").  A hole in which every trade
-  the market made reached some host over its WebSocket was no hole in the data (the windows
-  are the status sampler's estimate: a market stall holds frames and sends them later, and a
-  host releasing a symbol reads on until the others have it): it is counted apart.
+  the market made reached some host over its WebSocket, and no row sent in it was lost, was
+  no hole in the data (the windows are the status sampler's estimate: a market stall holds
+  frames and sends them later, and a host releasing a symbol reads on until the others have
+  it): it is counted apart, and so are those of them no gap record overlaps.
 * doubled: a row stored twice on one host, a failure (each host holds its own copy, so the
   same row on two hosts is the replica, not a double).
 
@@ -63,6 +64,9 @@ class ClusterSymbol:
     holes_without_record: int = 0  # FAIL
     hole_spans: List[tuple] = field(default_factory=list)  # event ms, for the merged archive
     holes_delivered: int = 0  # windows overlapping everywhere, yet every trade in them arrived
+    # and no row sent in them was lost: no hole in the data, so no record is owed ...
+    holes_delivered_unrecorded: int = 0  # ... and none was written (a stall, make before break)
+    delivered_examples: List[str] = field(default_factory=list)
     hole_causes: Dict[str, int] = field(default_factory=dict)  # holes per cause of a window in it
     hole_examples: List[str] = field(default_factory=list)
     examples: List[str] = field(default_factory=list)
@@ -182,8 +186,11 @@ class ClusterReport:
                 collections.Counter()).items())) or "none"),
             f"cluster holes: {self.total('holes')} ({sum(s.hole_seconds for s in self.per_symbol):.1f}"
             f" s), without a record: {self.total('holes_without_record')}; windows overlapping on "
-            f"every host whose trades all arrived (no hole): {self.total('holes_delivered')}",
+            f"every host whose trades all arrived (no hole): {self.total('holes_delivered')}, "
+            f"{self.total('holes_delivered_unrecorded')} of them without a record",
         ]
+        for s in self.per_symbol:
+            lines += [f"  {s.name}: {x}" for x in s.delivered_examples[:3]]
         for host, symbols in sorted(self.per_host.items()):
             lines.append(
                 f"  {host}: {sum(s.stored for s in symbols):,} rows stored, "
@@ -373,15 +380,24 @@ def account_symbol_cluster(soak, name: str, stored: Dict[str, Dict[str, Stored]]
         if first is None or first >= a:
             continue  # the start: nothing stored before, nothing to record
         inside = [t.t for t in trades if a <= t.t <= b]
-        if inside and all(t in delivered for t in inside):
+        recorded_here = any(g.start_ms <= b and a <= g.end_ms
+                            for gaps in ledgers.values() for g in gaps)
+        if inside and all(t in delivered for t in inside) and not any(
+                a <= ts <= b and not union[ts] for ts, _mt, _m in rows):
             s.holes_delivered += 1
+            if not recorded_here:  # what issue 23's flaky "hole without a record" was
+                s.holes_delivered_unrecorded += 1
+                s.delivered_examples.append(
+                    f"windows from {wall_of(soak, a)} ({(b - a) / soak.speed / 1000:.1f}s; "
+                    f"{', '.join(sorted(hole_causes(soak, name, a, b)))}) on every host, no "
+                    f"record, yet all {len(inside)} trades in it arrived over a WebSocket")
             continue
         s.holes += 1
         s.hole_spans.append((a, b))
         s.hole_seconds += (b - a) / soak.speed / 1000
         for cause in hole_causes(soak, name, a, b):
             s.hole_causes[cause] = s.hole_causes.get(cause, 0) + 1
-        if not any(g.start_ms <= b and a <= g.end_ms for gaps in ledgers.values() for g in gaps):
+        if not recorded_here:
             s.holes_without_record += 1
             if len(s.hole_examples) < 3:
                 s.hole_examples.append(f"hole from {wall_of(soak, a)} "

@@ -45,7 +45,7 @@ from exporter.cluster_archive import _stale
 
 from . import ROOT
 from .accounting import MISSING_HOUR, Stored
-from .common import FILE_RE, MEXC, SoakError, say, wait_for
+from .common import FILE_RE, MEXC, SoakError, on_every_host, say, wait_for
 
 # `mexc verify`'s collection check wants rows received in the last minutes in every symbol's
 # current table: the market has stopped by now, the rotations have emptied the tables, and a
@@ -261,30 +261,33 @@ def settle(soak, figures: ArchiveFigures) -> None:
 
 
 def verify(soak, figures: ArchiveFigures) -> None:
-    """`mexc verify` on every host (the daemons still running)."""
-    for host in soak.hosts.values():
-        try:
-            done = subprocess.run([MEXC, "verify", "--config", host.config_path],
-                                  capture_output=True, text=True, timeout=300,
-                                  env={**os.environ, "PYTHONPATH": ROOT})
-        except subprocess.TimeoutExpired:
-            figures.verify_exits[host.name], figures.verify_said[host.name] = None, "timed out"
-            continue
-        figures.verify_exits[host.name] = done.returncode
-        problems = [line for line in done.stdout.splitlines()
-                    if line.startswith("❌") and "some checks failed" not in line]
-        excused = [p for p in problems if NO_RECENT_DATA in p or hour_of_nothing(soak, p)
-                   or (IP_SEPARATION in p and getattr(soak, "exits_apart_live", False))]
-        figures.verify_excused[host.name] = len(excused)
-        figures.verify_problems[host.name] = len(problems) - len(excused)
-        figures.verify_said[host.name] = "; ".join(
-            [p for p in problems if p not in excused][:3])[:400]
-        say(f"{host.name} mexc verify: exit {done.returncode}, {len(problems) - len(excused)} "
-            f"problems, {len(excused)} excused (no data in the last 5 minutes, an hour no "
-            "host stored, IP separation after the market stopped)"
-            + (f": {figures.verify_said[host.name]}" if figures.verify_said[host.name] else ""))
-        with open(os.path.join(host.dir, "verify.txt"), "w") as f:
-            f.write(done.stdout + done.stderr)
+    """`mexc verify` on every host at once (the daemons still running)."""
+    on_every_host(soak.hosts.values(), lambda host: verify_host(soak, host, figures))
+
+
+def verify_host(soak, host, figures: ArchiveFigures) -> None:
+    try:
+        done = subprocess.run([MEXC, "verify", "--config", host.config_path],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": ROOT})
+    except subprocess.TimeoutExpired:
+        figures.verify_exits[host.name], figures.verify_said[host.name] = None, "timed out"
+        return
+    figures.verify_exits[host.name] = done.returncode
+    problems = [line for line in done.stdout.splitlines()
+                if line.startswith("❌") and "some checks failed" not in line]
+    excused = [p for p in problems if NO_RECENT_DATA in p or hour_of_nothing(soak, p)
+               or (IP_SEPARATION in p and getattr(soak, "exits_apart_live", False))]
+    figures.verify_excused[host.name] = len(excused)
+    figures.verify_problems[host.name] = len(problems) - len(excused)
+    figures.verify_said[host.name] = "; ".join(
+        [p for p in problems if p not in excused][:3])[:400]
+    say(f"{host.name} mexc verify: exit {done.returncode}, {len(problems) - len(excused)} "
+        f"problems, {len(excused)} excused (no data in the last 5 minutes, an hour no "
+        "host stored, IP separation after the market stopped)"
+        + (f": {figures.verify_said[host.name]}" if figures.verify_said[host.name] else ""))
+    with open(os.path.join(host.dir, "verify.txt"), "w") as f:
+        f.write(done.stdout + done.stderr)
 
 
 def hour_of_nothing(soak, problem: str) -> bool:

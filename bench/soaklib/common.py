@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 
 from tests.conftest import wait_for as poll
@@ -61,6 +62,16 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
         return poll(predicate, timeout, what, interval)
     except AssertionError as e:
         raise SoakError(str(e)) from None
+
+
+def on_every_host(hosts, work) -> None:
+    """work(host) for every host at once, each in a thread; returns when all are done."""
+    threads = [threading.Thread(target=work, args=(host,), name=f"{work.__name__}-{host.name}")
+               for host in hosts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 class SoakError(Exception):
