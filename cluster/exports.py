@@ -261,9 +261,39 @@ class HourNodes:
             except NoNodeError:  # pruned meanwhile
                 return False
 
-    def lock(self, name: str, hour_ms: int):
-        """The kazoo Lock of the hour: `with nodes.lock(...)`, or acquire(timeout=...)."""
-        return self.zk.Lock(f"{self._hour(name, hour_ms)}/lock", self.host)
+    def lock(self, name: str, hour_ms: int, timeout: float):
+        """The hour's kazoo Lock, acquired within `timeout` s (release() it), or None: another
+        host holds it (it merges the hour now).
+
+        A contender node of this session found before acquiring is stale, and deleted: this
+        process merges one hour at a time, so none of its own is live then.  kazoo leaves one
+        behind when an acquire times out while the connection is lost (its clean-up is best
+        effort), and the session outlives the loss: that node stood before every later
+        acquire, this host's and every other's, until the daemon stopped (an hour unmerged
+        for 5 minutes in a cluster soak after a ZooKeeper outage)."""
+        from kazoo.exceptions import LockTimeout, NoNodeError
+        path = f"{self._hour(name, hour_ms)}/lock"
+        session = self.zk.client_id[0] if self.zk.client_id else None
+        try:
+            contenders = self.zk.get_children(path)
+        except NoNodeError:
+            contenders = []
+        for node in contenders:
+            stat = self.zk.exists(f"{path}/{node}")
+            if stat is None or stat.ephemeralOwner != session:
+                continue
+            try:
+                self.zk.delete(f"{path}/{node}")
+            except NoNodeError:
+                continue
+            log.warning("cluster: %s %s: a lock node this host left behind (an acquire cut "
+                        "short by a lost connection) deleted", name, hour_label(hour_ms))
+        lock = self.zk.Lock(path, self.host)
+        try:
+            lock.acquire(timeout=timeout)
+        except LockTimeout:
+            return None
+        return lock
 
 
     # --- the change log and the retention --------------------------------------------------

@@ -219,8 +219,8 @@ class ClusterArchive:
 
     def _merge(self, symbol, hour: int) -> list:
         name = symbol.name
-        lock = self.nodes.lock(name, hour)
-        if not lock.acquire(timeout=0.5):  # another host merges it now
+        lock = self.nodes.lock(name, hour, timeout=0.5)
+        if lock is None:  # another host merges it now
             return []
         try:
             copies = self.nodes.copies(name, hour)

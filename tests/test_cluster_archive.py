@@ -139,7 +139,7 @@ def hosts(cluster_bed, tmp_path, request):
         host.store.close()
 
 
-def settle(hosts, hours):
+def settle(hosts, hours, timeout=120):
     """Tick both hosts until each holds the merged file of every hour, the same bytes."""
     def settled():
         for host in hosts.values():
@@ -148,7 +148,7 @@ def settle(hosts, hours):
         files = [{hour: host.merged_file(hour) for hour in hours} for host in hosts.values()]
         return None not in files[0].values() and files[0] == files[1] and all(
             not host.archive.hours.unsettled.get(NAME) for host in hosts.values())
-    wait_for(settled, 120, "every hour merged and held by both hosts", interval=0.2)
+    wait_for(settled, timeout, "every hour merged and held by both hosts", interval=0.2)
 
 
 def test_a_settled_archive_costs_a_tick_the_same_at_any_age(hosts, monkeypatch):
@@ -185,6 +185,25 @@ def test_a_settled_archive_costs_a_tick_the_same_at_any_age(hosts, monkeypatch):
     assert h1.merged_file(late) != before
     assert parquet_files.read(archive.hour_path(h1.config.export["dir"], NAME, late)
                               ).num_rows == 5
+
+
+def test_a_lock_node_left_by_a_lost_connection_does_not_stop_the_merge(hosts, caplog):
+    """kazoo leaves its contender node behind when an acquire times out while the connection
+    is lost, and the session outlives the loss: before, that node stood before every later
+    acquire of every host, and the hour stayed unmerged until the daemon stopped."""
+    hosts = hosts()
+    h1 = hosts["h1"]
+    hour = hour_start(int(time.time() * 1000)) - HOUR_MS
+    nodes = h1.archive.nodes
+    nodes.start()
+    nodes.zk.create(f"{nodes.root}/hours/{NAME}/{hour_label(hour)}/lock/"
+                    f"{'0' * 32}__lock__", b"h1", ephemeral=True, sequence=True, makepath=True)
+    with caplog.at_level(logging.WARNING, logger="cluster.exports"):
+        for host in hosts.values():
+            host.export_copy(hour, 3)
+        settle(hosts, [hour], timeout=30)
+    assert "a lock node this host left behind" in caplog.text
+    assert h1.merged_file(hour) == hosts["h2"].merged_file(hour)
 
 
 def test_hours_past_the_retention_are_pruned_and_a_late_copy_of_one_refused(hosts, caplog):
