@@ -148,7 +148,7 @@ def test_a_child_starved_of_cpu_is_not_killed_as_hung_and_a_hung_one_is():
             child = Child(ChildId(COLLECTOR, str(proc.pid)), None,
                           {"heartbeat_timeout": 2.0, "restart_min": 1.0})
             child.process = types.SimpleNamespace(pid=proc.pid)
-            child.last_heartbeat = time.monotonic() - 1.5
+            child.last_heartbeat, child.beating = time.monotonic() - 1.5, True  # not new
             assert not child._hung(time.monotonic())  # half the timeout late: CPU wait read
             children.append(child)
         time.sleep(1.0)  # the starvation's length, not a wait for state
