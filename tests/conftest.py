@@ -81,6 +81,21 @@ def toml_dump(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The two soaks, the heaviest files, run one after the other on one worker.
+SOAKS = ("test_soak.py", "test_cluster_soak.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Two workers (pytest-xdist, setup.cfg's -n 2 --dist loadgroup) share the files: each
+    file's tests run on one worker, in order, so its module fixtures start once, and the soaks
+    share one worker.  Each worker starts its own ClickHouse servers and Tor network, ports
+    are free ones, databases a test's own and each cluster bed picks a subnet of its own, so
+    the workers never meet."""
+    for item in items:
+        group = "soaks" if item.path.name in SOAKS else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_generate_tests(metafunc):
     """Every test touching ClickHouse runs against each of SERVERS; those marked
     one_clickhouse need *a* ClickHouse, not a particular release, and run on the first.  Those
