@@ -150,10 +150,6 @@ class Arbiter:
         starting = self._symbols_to_start()
         for symbol in starting:
             self._add_collector(symbol)
-        if self.holdings is not None:
-            threading.Thread(target=self._end_holdings_of_a_crash, name="cluster-crash-holdings",
-                             args=({s.name for s in starting}, self.holdings.clock.now_ms()),
-                             daemon=True).start()
         parent = os.getpid()
         # self.config at fork time: a restarted exporter works with the reloaded config
         exporter = Child(EXPORTER_ID,
@@ -161,6 +157,11 @@ class Arbiter:
                          self.config.supervisor)
         self.children[exporter.child_id] = exporter
         exporter.start(time.monotonic())
+        if self.holdings is not None:  # after the fork: a thread importing then would leave
+            # the import lock held in the child for good (the exporter imports on its start)
+            threading.Thread(target=self._end_holdings_of_a_crash, name="cluster-crash-holdings",
+                             args=({s.name for s in starting}, self.holdings.clock.now_ms()),
+                             daemon=True).start()
 
     # --- patterns: MEXC's contract list (core/symbols.py, supervisor/contracts.py) ----------
 

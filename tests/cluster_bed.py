@@ -62,6 +62,7 @@ loopback; `assert_contained()` checks every process of the bed the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import ipaddress
 import itertools
@@ -147,6 +148,16 @@ def _kill_namespace(netns: str) -> None:
                 pass
         time.sleep(0.05)
     ip("netns", "del", netns, check=False)
+
+
+@contextlib.contextmanager
+def bed_lock():
+    """Held while a bed removes stale beds and picks its subnet (beds of other processes, e.g.
+    pytest-xdist's other worker, wait)."""
+    os.makedirs(os.path.dirname(LOCK), exist_ok=True)
+    with open(LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def remove_stale() -> List[str]:
@@ -424,9 +435,7 @@ class ClusterBed:
         return self
 
     def _make_network(self) -> None:
-        os.makedirs(os.path.dirname(LOCK), exist_ok=True)
-        with open(LOCK, "w") as lock:            # one bed at a time picks and takes a subnet
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with bed_lock():                          # one bed at a time picks and takes a subnet
             remove_stale()
             self.subnet = free_subnet()
             self._link("add", self.bridge, "type", "bridge", "forward_delay", "0")

@@ -85,15 +85,20 @@ def toml_dump(data: dict) -> str:
 SOAKS = ("test_soak.py", "test_cluster_soak.py")
 
 
-def pytest_collection_modifyitems(items):
-    """Two workers (pytest-xdist, setup.cfg's -n 2 --dist loadgroup) share the files: each
-    file's tests run on one worker, in order, so its module fixtures start once, and the soaks
-    share one worker.  Each worker starts its own ClickHouse servers and Tor network, ports
-    are free ones, databases a test's own and each cluster bed picks a subnet of its own, so
-    the workers never meet."""
-    for item in items:
-        group = "soaks" if item.path.name in SOAKS else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
+def pytest_xdist_make_scheduler(config, log):
+    """Two workers (pytest-xdist, setup.cfg's -n 2) share the files: each file's tests run on
+    one worker, in order, so its module fixtures start once and tests that build on the one
+    before still do, and the soaks share one worker.  Each worker starts its own ClickHouse
+    servers and Tor network, ports are free ones, databases a test's own and each cluster bed
+    picks a subnet of its own, so the workers never meet.  (xdist's own `--dist loadgroup`
+    does not group under pytest 9: its group suffix on the node id is lost.)"""
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return "soaks" if os.path.basename(file) in SOAKS else file
+    return FileScheduling(config, log)
 
 
 def pytest_generate_tests(metafunc):

@@ -13,7 +13,7 @@ import pytest
 from clickhouse_driver.errors import Error as ClickHouseError
 from kazoo.client import KazooClient
 
-from tests.cluster_bed import NAME, ClusterBed, ip, remove_stale
+from tests.cluster_bed import NAME, ClusterBed, bed_lock, ip, remove_stale
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
@@ -258,13 +258,18 @@ def test_a_killed_owners_bed_is_removed_by_the_next(tmp_path):
     try:
         prefix, *pids = owner.stdout.readline().decode().split()
         assert NAME.match(prefix + "-") and _leftovers(prefix)
-    finally:
+    except BaseException:
+        owner.kill()
+        raise
+    # the bed lock: a bed of another process (pytest-xdist's other worker) starting once the
+    # owner is dead would remove the leftovers first
+    with bed_lock():
         owner.send_signal(signal.SIGKILL)
         owner.wait()
-    # its servers die with it (PR_SET_PDEATHSIG); its namespaces and devices stay...
-    wait_for(lambda: not [p for p in pids if os.path.exists(f"/proc/{p}")], 20,
-             "the killed bed's processes gone")
-    assert _leftovers(prefix)
-    # ...until the next bed starts, or anyone calls remove_stale()
-    removed = remove_stale()
+        # its servers die with it (PR_SET_PDEATHSIG); its namespaces and devices stay...
+        wait_for(lambda: not [p for p in pids if os.path.exists(f"/proc/{p}")], 20,
+                 "the killed bed's processes gone")
+        assert _leftovers(prefix)
+        # ...until the next bed starts, or anyone calls remove_stale()
+        removed = remove_stale()
     assert _leftovers(prefix) == [] and f"{prefix}-h1" in removed
