@@ -249,11 +249,8 @@ class Collector:
     # --- one connection --------------------------------------------------------------------
 
     def _session(self) -> None:
-        slot = self.pacer.reserve()
+        slot = self._dial_slot("dial paced: in")
         if slot > time.monotonic():
-            if slot - time.monotonic() >= PACED_NOTE:
-                log.info("dial paced: in %.1fs (supervisor.start_rate across the host's "
-                         "collectors)", slot - time.monotonic())
             self._sleep(slot - time.monotonic())
             if self.stopping:
                 return
@@ -569,14 +566,19 @@ class Collector:
                            f"{type(verdict).__name__}: {why[:200]}")
             self._silence_judged()
         self.tail = None
-        slot = self.pacer.reserve()
+        slot = self._dial_slot("replacement paced: dialled in")
         if slot > time.monotonic():
-            if slot - time.monotonic() >= PACED_NOTE:
-                log.info("replacement paced: dialled in %.1fs (supervisor.start_rate across "
-                         "the host's collectors)", slot - time.monotonic())
             self.pending_dial = (slot, why, verdict)
             return
         self._dial_replacement(why, verdict)
+
+    def _dial_slot(self, what: str) -> float:
+        """The host's next free dial slot (DialPacer), logged as `what` when it is far off."""
+        slot = self.pacer.reserve()
+        if slot - time.monotonic() >= PACED_NOTE:
+            log.info("%s %.1fs (supervisor.start_rate across the host's collectors)", what,
+                     slot - time.monotonic())
+        return slot
 
     def _dial_replacement(self, why: str, verdict: Optional[DeadSocket]) -> None:
         """_replace's dial, in its slot; the old connection is read until the new one
