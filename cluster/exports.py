@@ -51,13 +51,18 @@ CHANGES_KEEP = 400  # change-log entries kept per symbol (about 3 days of 5 chan
 OTHERS = "(others)"  # the unreachable "host" when ZooKeeper could not name the hosts
 
 
-def cluster_hosts(cluster: dict, timeout: float) -> Tuple[Dict[str, Optional[str]], Dict[str, str]]:
+# seconds a command waits for ZooKeeper before it answers from this host alone
+ZOOKEEPER_WAIT = 5.0
+
+
+def cluster_hosts(cluster: dict, timeout: Optional[float] = None
+                  ) -> Tuple[Dict[str, Optional[str]], Dict[str, str]]:
     """({host: its ClickHouse as remote() reaches it, None for this host}, {}) of the hosts
     registered in ZooKeeper; ({this host: None}, {OTHERS: why}) when ZooKeeper does not
-    answer within `timeout`: what answers from any host read (docs/cluster.md)."""
+    answer within `timeout` (ZOOKEEPER_WAIT): what answers from any host read (docs/cluster.md)."""
     nodes, hosts, problem = HourNodes(cluster), {}, {}
     try:
-        nodes.start(timeout=timeout)
+        nodes.start(timeout=ZOOKEEPER_WAIT if timeout is None else timeout)
         hosts = {h: data.get("clickhouse") for h, data in nodes.live_hosts().items()}
     except Exception as e:  # the other hosts cannot be found: this host's answer
         problem = {OTHERS: f"ZooKeeper {cluster['zookeeper']}: "

@@ -10,8 +10,6 @@ from core.log import first_line
 from core.vocabulary import Gap
 from exporter.merge import CLOCK_SKEW_MS, covered
 
-ZOOKEEPER_WAIT = 5.0  # seconds to reach ZooKeeper before answering from this host alone
-
 
 class HostGap(NamedTuple):
     host: str
@@ -26,7 +24,7 @@ def of_cluster(config, store, name: Optional[str], since_ms: Optional[int]
     answer: their ledgers are missing, and they count as covering nothing."""
     from cluster.exports import cluster_hosts
 
-    sources, unreachable = cluster_hosts(config.cluster, ZOOKEEPER_WAIT)
+    sources, unreachable = cluster_hosts(config.cluster)
     ledgers = {}
     for host, source in sorted(sources.items()):
         try:

@@ -65,7 +65,6 @@ ATTEMPTS = 5  # reads of a range that a rotation changed midway before giving up
 KEYS = ["ts", "m", "rts"]  # a row's identity within one symbol and message type
 LIVE = "files and ClickHouse"  # Archive.live when ClickHouse answered
 HOSTS_FRESH = 5.0  # seconds a cluster's host list from ZooKeeper is used for answers
-ZOOKEEPER_WAIT = 5.0  # seconds to reach ZooKeeper before answering from this host alone
 
 
 class HistoryError(Exception):
@@ -344,7 +343,7 @@ class Archive:
         if time.monotonic() - when < HOSTS_FRESH:
             return dict(hosts), dict(problem)
         from cluster.exports import cluster_hosts  # kazoo only in a cluster
-        hosts, problem = cluster_hosts(self.cluster, ZOOKEEPER_WAIT)
+        hosts, problem = cluster_hosts(self.cluster)
         self._hosts_seen = (time.monotonic(), hosts, problem)
         return dict(hosts), dict(problem)
 

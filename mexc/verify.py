@@ -19,7 +19,6 @@ from mexc import fullbook
 from supervisor import commands
 
 RECENT_S = 300  # a symbol with no row received in this many seconds has "no recent data"
-ZOOKEEPER_WAIT = 5.0  # seconds to reach ZooKeeper before checking this host alone
 
 
 def server(config, store):
@@ -83,7 +82,7 @@ def _holders(config, store, unreachable: dict) -> dict:
     that answer; the others into `unreachable`."""
     from cluster.exports import cluster_hosts
 
-    sources, problem = cluster_hosts(config.cluster, ZOOKEEPER_WAIT)
+    sources, problem = cluster_hosts(config.cluster)
     unreachable.update(problem)
     held = {}
     for host, source in sorted(sources.items()):

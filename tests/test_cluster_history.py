@@ -334,8 +334,9 @@ def test_without_zookeeper_a_cluster_host_answers_with_its_own_rows_and_says_so(
     copy of an hour not merged yet (hour_copies) answer, each trade once."""
     from core.store import COPY
     from exporter import parquet_files
+    from cluster import exports
     from mexc import history
-    monkeypatch.setattr(history, "ZOOKEEPER_WAIT", 0.5)
+    monkeypatch.setattr(exports, "ZOOKEEPER_WAIT", 0.5)
     hour = 1_796_000_400_000
     copy = pa.table({"ts": [hour + 1, hour + 2], "mt": ["d", "d"],
                      "m": ["1|2|1|7", "1|2|1|8"], "rts": [hour + 3, hour + 4]})
