@@ -16,7 +16,6 @@ import statistics
 import time
 from typing import Dict, Optional
 
-from core.log import first_line
 
 WINDOW_MS = 60_000
 LAG_EVERY = 10.0  # seconds between measurements (the monitor's thread)
@@ -41,11 +40,8 @@ def receive_lag(store, sources: Dict[str, Optional[str]], holders: Dict[str, lis
     for name in turn:
         hosts, receipts = holders[name], {}
         for host in sorted(h for h in hosts if h in sources and h not in unreachable):
-            try:
+            with store.asking(host, unreachable):  # a peer away: the others still compared
                 receipts[host] = dict(store.recent_trade_receipts(name, since, sources[host]))
-            except Exception as e:  # a peer away: the others are still compared
-                unreachable[host] = first_line(e) or type(e).__name__
-                store.close()
         lag = lags_behind_first(receipts)
         if lag:
             lags[name] = lag

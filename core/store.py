@@ -26,6 +26,7 @@ on older ones, so no row becomes a Python object on the way to its file.  Writer
 supervisor, verify and status all go through it; nobody else writes SQL.
 """
 import base64
+import contextlib
 import functools
 import logging
 import os
@@ -43,6 +44,7 @@ from clickhouse_driver import Client
 from clickhouse_driver.errors import ServerException
 
 from core.clock import HOUR_MS
+from core.log import first_line
 from core.vocabulary import (BOOK_UPDATE, DEAD_LETTER, DEAL, GAP_COLUMNS, MESSAGE_TYPES,
                              ROW_COLUMNS, Gap, Row)
 
@@ -202,6 +204,20 @@ class Store:
         if self._client is not None:
             self._client.disconnect()
         self._client = self._features = None
+
+    @contextlib.contextmanager
+    def asking(self, host: str, unreachable: dict, required: bool = False) -> Iterator[None]:
+        """Around a query of one cluster host's ClickHouse (through remote()): a failure is
+        recorded as unreachable[host] = why, and the connection is dropped so the next host's
+        query starts afresh; the caller goes on with the hosts that answer.  required (this
+        host's own ClickHouse, without which there is no answer): the failure is raised."""
+        try:
+            yield
+        except Exception as e:
+            if required:
+                raise
+            unreachable[host] = first_line(e) or type(e).__name__
+            self.close()
 
     def __enter__(self) -> "Store":
         return self

@@ -6,7 +6,6 @@ import json
 import time
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from core.log import first_line
 from core.vocabulary import Gap
 from exporter.merge import CLOCK_SKEW_MS, covered
 
@@ -27,13 +26,8 @@ def of_cluster(config, store, name: Optional[str], since_ms: Optional[int]
     sources, unreachable = cluster_hosts(config.cluster)
     ledgers = {}
     for host, source in sorted(sources.items()):
-        try:
+        with store.asking(host, unreachable, required=source is None):
             ledgers[host] = store.gaps(name, since_ms=since_ms, source=source)
-        except Exception as e:
-            if source is None:  # this host's own ClickHouse: no answer at all
-                raise
-            unreachable[host] = first_line(e) or type(e).__name__
-            store.close()
     found, skew_ms = [], int(CLOCK_SKEW_MS * config.export["clock_speed"])
     for host, gaps in ledgers.items():
         for g in gaps:
@@ -41,11 +35,9 @@ def of_cluster(config, store, name: Optional[str], since_ms: Optional[int]
             for other in sorted(ledgers):
                 if other == host or other in unreachable:
                     continue
-                try:
+                with store.asking(other, unreachable):
                     holdings = store.holdings(g.name, g.start_ms, g.end_ms, sources[other])
-                except Exception as e:
-                    unreachable[other] = first_line(e) or type(e).__name__
-                    store.close()
+                if other in unreachable:
                     continue
                 if covered([(ts, held) for h, ts, held in holdings if h == other],
                            [o for o in ledgers[other] if o.name == g.name], g.start_ms,

@@ -363,14 +363,9 @@ class Archive:
             try:
                 with Store(self.clickhouse) as store:
                     for host, source in sorted(hosts.items()):
-                        try:
+                        with store.asking(host, unreachable, required=source is None):
                             read[host] = self._read_host(store, host, source, name, mt,
                                                          start_ms, end_ms, merged_hours)
-                        except Exception as e:
-                            if source is None:
-                                raise
-                            unreachable[host] = first_line(e) or type(e).__name__
-                            store.close()
             except Exception as e:  # the files still answer for every merged hour
                 self.live = f"ClickHouse unavailable, the files only: {first_line(e)}"
                 read = {}
@@ -430,15 +425,10 @@ class Archive:
             for host, source in sorted(self._hosts()[0].items()):
                 if host in self.unreachable:
                     continue
-                try:
+                with store.asking(host, self.unreachable, required=source is None):
                     hosts[host] = ([(ts, held) for h, ts, held in
                                     store.holdings(name, start_ms, end_ms, source) if h == host],
                                    store.gaps(name, start_ms, end_ms, source))
-                except Exception as e:
-                    if source is None:
-                        raise
-                    self.unreachable[host] = first_line(e) or type(e).__name__
-                    store.close()
         return merge.cluster_gaps(hosts, self.symbol(name).symbol, name, start_ms, end_ms)[0]
 
 

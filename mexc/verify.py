@@ -61,11 +61,9 @@ def collection(config, store, unreachable=None):
         lines.append(line)
         for host in holders:
             source = held[host][1]
-            try:
+            with store.asking(host, unreachable):
                 newest = store.newest_receive_ms(table, source) if source else newest
-            except Exception as e:
-                unreachable[host] = first_line(e) or type(e).__name__
-                store.close()
+            if host in unreachable:
                 continue
             if now_ms - newest > RECENT_S * 1000:
                 ok = False
@@ -86,13 +84,8 @@ def _holders(config, store, unreachable: dict) -> dict:
     unreachable.update(problem)
     held = {}
     for host, source in sorted(sources.items()):
-        try:
+        with store.asking(host, unreachable, required=source is None):
             held[host] = (set(store.held_before(host, source=source)), source)
-        except Exception as e:
-            if source is None:
-                raise
-            unreachable[host] = first_line(e) or type(e).__name__
-            store.close()
     return held
 
 
@@ -175,12 +168,10 @@ def cluster_copies(config, store, unreachable=None):
                 for host, source in sorted(merged["holders"].items()):
                     if host in unreachable:
                         continue
-                    try:
+                    with store.asking(host, unreachable):
                         theirs = digest if host == config.cluster["host"] else \
                             store.logged_sha256(symbol.symbol, hour, source)
-                    except Exception as e:
-                        unreachable[host] = first_line(e) or type(e).__name__
-                        store.close()
+                    if host in unreachable:
                         continue
                     holders.add(host)
                     if theirs != merged["sha256"]:

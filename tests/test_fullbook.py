@@ -104,7 +104,9 @@ def test_the_rebuilt_book_is_the_true_book_through_every_break(env, merged):
         assert not unknown, unknown[:3]
         differ = [t for t, b, (version, bids, asks) in zip(instants, rebuilt, truth)
                   if (b.version, b.bids, b.asks) != (version, bids, asks)]
-        assert not differ, f"{len(differ)} of 100 instants differ, first {differ[:3]}"
+        assert not differ, (f"{len(differ)} of 100 instants differ, first {differ[:3]}: "
+                            + "; ".join(_differ_detail(t, instants, rebuilt, truth, windows)
+                                        for t in differ[:3]))
         hours = {t // HOUR_MS for t in instants}
         assert len(hours) >= 2, "the instants span an hour boundary"
         at = instants[0]
@@ -122,6 +124,16 @@ def test_the_rebuilt_book_is_the_true_book_through_every_break(env, merged):
         assert "book:" in verify.stdout and " 0 differ" in verify.stdout, verify.stdout
         assert daemon.stop(20) == 0
         assert not any("Traceback" in d.log() for d in daemons)
+
+
+def _differ_detail(at: int, instants, rebuilt, truth, windows) -> str:
+    """What a failure needs: the versions rebuilt and true at an instant, and the nearest
+    ledger windows on each side."""
+    book, (version, _bids, _asks) = rebuilt[instants.index(at)], truth[instants.index(at)]
+    before = max((w for w in windows if w[1] < at), default=None, key=lambda w: w[1])
+    after = min((w for w in windows if w[0] > at), default=None, key=lambda w: w[0])
+    return (f"at {at} rebuilt v{book.version} (its last change at {book.ts}), true v{version}; "
+            f"windows before {before} after {after}")
 
 
 def first_snapshot_ms(archive, since_ms: int, until_ms: int) -> int:

@@ -8,6 +8,7 @@ from core import store
 from core.clock import HOUR_MS
 from tests.chdb_server import SERVERS
 from tests.conftest import MEXC, wait_for
+from tests.tor_network import free_port
 
 HOUR = 1_700_000_000_000 // HOUR_MS * HOUR_MS
 
@@ -304,6 +305,15 @@ def test_a_clusters_hour_files_holdings_and_logs_read_here_and_through_remote(en
         gap = store.Gap("BTC_USDT", "btc", HOUR + 1, HOUR + 9, "disconnect", "", 0, False, 1)
         session.record_gaps([gap])
         assert session.gaps("btc", HOUR, HOUR + HOUR_MS, source=peer) == [gap]
+        # a peer that does not answer: recorded as unreachable, and the next query answers
+        unreachable, away = {}, f"127.0.0.1:{free_port('127.0.0.1')}"
+        with session.asking("osaka", unreachable):
+            session.gaps("btc", HOUR, HOUR + HOUR_MS, source=away)
+        assert list(unreachable) == ["osaka"] and unreachable["osaka"], unreachable
+        assert session.gaps("btc", HOUR, HOUR + HOUR_MS, source=peer) == [gap]
+        with pytest.raises(Exception), session.asking("here", unreachable, required=True):
+            session.gaps("btc", HOUR, HOUR + HOUR_MS, source=away)
+        assert "here" not in unreachable
 
 
 def test_a_store_of_the_previous_schema_gets_the_whole_books_types(env):
