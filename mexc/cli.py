@@ -12,6 +12,9 @@ from mexc import __version__
 
 EX_CONFIG = 78
 EX_PARTIAL = 3  # mexc gaps / verify in a cluster: a host did not answer; the rest is its answer
+# seconds `mexc export --once` keeps polling a daemon that accepted its request but does not
+# answer (a loaded host); longer, and the daemon is taken for gone
+EXPORT_POLL_PATIENCE = 30.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -270,10 +273,15 @@ def _export(args, config) -> int:
     try:
         request_id = ask(runtime_dir, "export")["request"]
         deadline = time.monotonic() + args.timeout
-        result = None
+        result, answered = None, time.monotonic()
         while result is None and time.monotonic() < deadline:
             time.sleep(0.5)
-            result = ask(runtime_dir, "export_result", request=request_id)
+            try:
+                result = ask(runtime_dir, "export_result", request=request_id)
+                answered = time.monotonic()
+            except NotRunning:  # a busy daemon misses a poll now and then: it has the request
+                if time.monotonic() - answered > EXPORT_POLL_PATIENCE:
+                    raise
     except NotRunning as e:
         print(f"mexc is not running ({e})", file=sys.stderr)
         return 1

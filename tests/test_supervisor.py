@@ -130,6 +130,34 @@ def test_status_without_a_daemon(env):
         assert result.stderr.startswith("mexc is not running (no answer on ipc://")
 
 
+@pytest.mark.slow
+@pytest.mark.one_clickhouse
+def test_export_once_outlasts_a_daemon_too_busy_to_answer_a_poll(env, sim):
+    """`mexc export --once` polls the daemon for its result every 0.5 s, each poll answered
+    within 3 s or not; a loaded host misses one now and then (a soak at load 180 saw "mexc is
+    not running" though the daemon had the request).  Here the supervisor is stopped for
+    longer than a poll waits while the export is pending (its exporter stopped too)."""
+    daemon = Daemon(env, sim, symbols=["BTC_USDT"], supervisor={"heartbeat_timeout": 20.0})
+    daemon.wait_flowing(["collector-btc"])
+    exporter = next(c["pid"] for c in daemon.status()["children"] if c["kind"] == "exporter")
+    os.kill(exporter, signal.SIGSTOP)  # the export stays pending
+    try:
+        export = subprocess.Popen([MEXC, "export", "--once", "--config", daemon.config],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: "export requested (" in daemon.proc.log(), 20, "the request accepted")
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(4.0)  # the fault's length: more than one poll's 3 s
+            assert export.poll() is None, export.communicate()
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+    finally:
+        os.kill(exporter, signal.SIGCONT)
+    _out, err = export.communicate(timeout=60)
+    assert export.returncode == 0 and "export done" in err, err
+    assert daemon.proc.stop(15) == 0
+
+
 @pytest.mark.slow  # a whole daemon and a SIGKILL: the quick loop stays under a minute (issue 27)
 @pytest.mark.one_clickhouse
 def test_sigkill_collector_is_replaced_and_data_flows_again(env, sim):
