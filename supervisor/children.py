@@ -26,7 +26,11 @@ from core.vocabulary import (EXPORTER, GAP_COLLECTOR_CRASH, GAP_COLLECTOR_RESTAR
 
 log = logging.getLogger(__name__)
 
-STABLE_AFTER = 60.0  # a child up this long has its restart backoff reset
+# A child up this long, or a collector that delivered market data since its start, has its
+# restart backoff reset: its exit is no failure to get going, and each second a collector is
+# down is a hole in its symbol's data.  Doubling is for children that cannot start; one that
+# keeps exiting still waits restart_max once flapping (FLAP_EXITS within FLAP_WINDOW).
+STABLE_AFTER = 60.0
 # A child whose threads waited for a CPU more than this share of the time its heartbeat was
 # late is starved (a loaded host), not hung: it is judged again later, not killed.
 STARVED_SHARE = 0.5
@@ -330,6 +334,7 @@ class Child:
     def _exited(self, now: float) -> None:
         self.exit_code = self.process.exitcode
         self.last_exit = f"pid {self.process.pid} {self.process.exit_description()}"
+        delivered = self._delivered()
         self.stats, self.rates = {}, {}
         if not self.wanted:
             self._become(ChildState.STOPPED, f"stopped ({self.last_exit})")
@@ -340,10 +345,10 @@ class Child:
             self.restart_at_once, self.next_start = False, now
             self._become(ChildState.BACKOFF, f"{self.last_exit}; restarting now as asked")
         else:
-            self._schedule_restart(now, self.last_exit)
+            self._schedule_restart(now, self.last_exit, delivered)
 
-    def _schedule_restart(self, now: float, why: str) -> None:
-        if self.started_at is not None and now - self.started_at >= STABLE_AFTER:
+    def _schedule_restart(self, now: float, why: str, delivered: bool = False) -> None:
+        if delivered or (self.started_at is not None and now - self.started_at >= STABLE_AFTER):
             self.delay = self.sup["restart_min"]
         self.exit_times.append(now)
         flapping = len(self.exit_times) == FLAP_EXITS and now - self.exit_times[0] <= FLAP_WINDOW
@@ -354,6 +359,10 @@ class Child:
         self._become(ChildState.BACKOFF, f"{why}; restarting in {delay:.1f}s"
                      + (f" (flapping: {FLAP_EXITS} exits in {now - self.exit_times[0]:.0f}s)"
                         if flapping else ""), logging.ERROR if flapping else logging.WARNING)
+
+    def _delivered(self) -> bool:
+        """A heartbeat of this process said market data came since it started (collectors)."""
+        return self.beating and self.stats.get("last_data_age_s") is not None
 
     def restart_now(self, now: float) -> None:
         """Operator's `restart NAME`: stop it; it comes back at once, no backoff."""

@@ -57,6 +57,23 @@ def test_backoff_doubles_and_resets_after_a_stable_run():
     assert crash_and_restart(child, now) == 1.0
 
 
+def test_a_collector_that_delivered_comes_back_at_restart_min():
+    """Doubling is for children that cannot get going: a collector whose heartbeat said data
+    came since its start is restarted at restart_min however often it is killed, until it
+    flaps; one that exits before any data still doubles."""
+    child = Child(BTC, FakeProcess, SUP, symbol="BTC_USDT")
+    child.start(0.0)
+    now, delays = 100.0, []
+    for _ in range(3):
+        child.heartbeat({"connected": True, "last_data_age_s": 0.1}, now - 1)
+        delays.append(crash_and_restart(child, now))
+        now += 20
+    assert delays == [1.0, 1.0, 1.0]
+    child.heartbeat({"connected": True, "last_data_age_s": None}, now - 1)  # none since start
+    assert crash_and_restart(child, now) == 2.0  # doubling from restart_min again
+    assert crash_and_restart(child, now + 20) == 4.0  # no heartbeat of this process at all
+
+
 def test_flapping_waits_restart_max_and_never_gives_up():
     child = Child(BTC, FakeProcess, SUP)
     child.start(0.0)
