@@ -11,7 +11,7 @@ from core.symbols import resolved_symbols
 from mexc import __version__
 
 EX_CONFIG = 78
-EX_PARTIAL = 3  # mexc gaps / verify in a cluster: a host did not answer; the rest is its answer
+EX_PARTIAL = 3  # in a cluster, a host did not answer (gaps, verify, history): the rest answered
 # seconds `mexc export --once` keeps polling a daemon that accepted its request but does not
 # answer (a loaded host); longer, and the daemon is taken for gone
 EXPORT_POLL_PATIENCE = 30.0
@@ -457,7 +457,7 @@ def _history(args, config) -> int:
         print(f"mexc: {args.kind} {args.symbol}: {first_line(e)}", file=sys.stderr)
         return 1
     print(history.summary(table, args.kind), file=sys.stderr)
-    return 0
+    return EX_PARTIAL if archive.unreachable else 0
 
 
 def _history_request(args, output: str):
