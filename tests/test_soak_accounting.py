@@ -199,6 +199,23 @@ def test_a_gap_is_put_down_to_the_faults_injected_while_it_was_open():
     assert accounting.fault_kinds(soak, "btc", gaps)[1] == "disconnect+stall"
 
 
+def test_a_reconnect_long_after_a_kill_is_no_victim_of_it():
+    """A window names the fault that signalled its process by pid (also one that came after
+    the window opened), but only a window that ended with a new process: after a restart the
+    status keeps naming the killed pid as last_exit while the new process runs, and a later
+    reconnect of it is no victim of that kill (cluster soak seed 7: a reconnect's window was
+    pulled back 14 minutes to a kill, and the host taken for absent all that time)."""
+    kill = windows.Event(1_000.0, "kill_collector", "eth", 0.0, "pid 42")
+    restart = windows.Window("eth", start=999.0, end=1_002.0, detected=1_001.0, restarted=True,
+                             last_exit="pid 42 killed by SIGKILL")
+    windows.name_causes(restart, [kill], {"kill_collector": False}, 6.0)
+    assert restart.causes == ["kill_collector"] and restart.start == 999.0
+    later = windows.Window("eth", start=1_840.0, end=1_845.0, detected=1_841.0,
+                           restarted=False, last_exit="pid 42 killed by SIGKILL")
+    windows.name_causes(later, [kill], {"kill_collector": False}, 6.0)
+    assert later.causes == [] and later.start == 1_840.0
+
+
 def deal_rows(ws):
     """Rows of every push received up to the pong of a ping sent now."""
     ping(ws)

@@ -72,9 +72,12 @@ def name_causes(window: Window, events: Iterable[Event], spread: Dict[str, bool]
         if e.kind not in spread or not spread[e.kind] and e.target != window.symbol:
             continue
         # the process a planned fault signalled, by pid: also when it came after the
-        # window opened (a collector killed while it was reconnecting)
-        victim = e.note.startswith("pid ") and (window.last_exit or "").startswith(
-            e.note.split(",")[0] + " ")
+        # window opened (a collector killed while it was reconnecting).  Only a window that
+        # ended with a new process: last_exit names the collector's last exit for as long
+        # as its successor runs, and a later reconnect's window is no victim of that fault
+        # (its start pulled back to it stretched one window over 14 minutes of data)
+        victim = window.restarted and e.note.startswith("pid ") and \
+            (window.last_exit or "").startswith(e.note.split(",")[0] + " ")
         if victim or e.wall - 2.0 <= window.detected and window.start <= e.wall \
                 + e.duration + 2.0 + (hang_after if e.kind == "stop_collector" else 0.0):
             window.causes.append(e.kind)
