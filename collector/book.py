@@ -60,7 +60,11 @@ class BookKeeper:
         self.covered = -1  # version of the newest snapshot: increments up to it are in it
         self.held: List[Held] = []
         self.broke = None  # (version, ms, why) where the book broke; None at a first start
-        self.restarted = True  # the first resync looks up where an earlier run stopped
+        self.restarted = True  # the first resync looks up where an earlier run stopped ...
+        # ... among the increments received before this run: by the time it looks, the
+        # writer may have stored this run's first ones (CI, 600x clock: a resync record that
+        # began at them left a stretch before them uncovered, where the book was not known)
+        self.started_ms = int(time.time() * 1000)
         self.hour = None
         self.next_periodic = time.monotonic() + self.interval
         self.asked = False  # a snapshot is asked for and not in yet
@@ -197,10 +201,11 @@ class BookKeeper:
         while we were down); none stored: the first start, no break."""
         try:
             with Store(self.ch) as store:
-                newest = store.newest_book_update(self.name)
+                newest = store.newest_book_update(self.name, self.started_ms)
                 hour = store.latest_exported_hour(self.symbol) if newest is None else None
             if hour is not None:
-                newest = archive.newest_book_update(self.export_dir, self.name, hour)
+                newest = archive.newest_book_update(self.export_dir, self.name, hour,
+                                                    self.started_ms)
         except Exception as e:
             log.warning("book: where an earlier run stopped is unknown: %s", first_line(e))
             return

@@ -114,16 +114,19 @@ def holds_rows(files_dir: str, name: str, rows) -> bool:
     return True
 
 
-def newest_book_update(export_dir: str, name: str, hour_ms: int) -> Optional[Tuple[int, str]]:
-    """(ts ms, m) of the newest whole-book increment in an hour's file (None: it has none);
-    OSError when the file is not there."""
+def newest_book_update(export_dir: str, name: str, hour_ms: int, received_before_ms: int
+                       ) -> Optional[Tuple[int, str]]:
+    """(ts ms, m) of the newest whole-book increment in an hour's file received before
+    received_before_ms (None: it has none); OSError when the file is not there."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     with pq.ParquetFile(hour_path(export_dir, name, hour_ms)) as hour_file:
-        table = hour_file.read(columns=["ts", "mt", "m"])
-    table = table.filter(pc.equal(table.column("mt").cast(pa.string()), BOOK_UPDATE))
+        table = hour_file.read(columns=["ts", "mt", "m", "rts"])
+    table = table.filter(pc.and_(
+        pc.equal(table.column("mt").cast(pa.string()), BOOK_UPDATE),
+        pc.less(table.column("rts").cast(pa.int64()), received_before_ms)))
     if not table.num_rows:
         return None
     last = table.num_rows - 1  # the file is in ts order

@@ -879,16 +879,17 @@ class Store:
             f"SELECT max({f.ms('hour_start')}) FROM {self._table(self.files_log)} "
             f"WHERE symbol = %(symbol)s{before}", {"symbol": symbol}) or None
 
-    def newest_book_update(self, name: str) -> Optional[Tuple[int, str]]:
+    def newest_book_update(self, name: str, received_before_ms: int) -> Optional[Tuple[int, str]]:
         """(ts ms, m) of the newest whole-book increment in the tables ({name}_current and
-        {name}_previous), None when there is none: where a restarted collector's book broke."""
+        {name}_previous) received before received_before_ms, None when there is none: where a
+        restarted collector's book broke (its own rows, received since, may be stored too)."""
         names = [current_table(name), previous_table(name)]
         if not any(self.exists(table) for table in names):
             return None
         f = self.features
         rows = self.client.execute(
             f"SELECT {f.ms()}, m FROM merge(%(db)s, %(tables)s) WHERE mt = %(mt)s "
-            f"ORDER BY {f.ms()} DESC LIMIT 1",
+            f"AND {f.ms('rts')} < {int(received_before_ms)} ORDER BY {f.ms()} DESC LIMIT 1",
             {"db": self.database, "tables": "^(" + "|".join(map(re.escape, names)) + ")$",
              "mt": BOOK_UPDATE})
         return tuple(rows[0]) if rows else None

@@ -340,6 +340,10 @@ def test_a_store_of_the_previous_schema_gets_the_whole_books_types(env):
         session.insert_rows("btc_current", [(HOUR, "bu", "1|1||[2,3]", HOUR),
                                             (HOUR, "bs", "1|[1,1]|[2,3]", HOUR)])
         assert session.rows_by_type("btc_current") == {"d": 20, "bu": 1, "bs": 1}
-        assert session.newest_book_update("btc") == (HOUR, "1|1||[2,3]")
+        assert session.newest_book_update("btc", HOUR + 1) == (HOUR, "1|1||[2,3]")
+        # one received later (a restarted collector's own, stored before it looked): not it
+        session.insert_rows("btc_current", [(HOUR + 10, "bu", "2|2||[2,4]", HOUR + 5)])
+        assert session.newest_book_update("btc", HOUR + 5) == (HOUR, "1|1||[2,3]")
+        assert session.newest_book_update("btc", HOUR + 6) == (HOUR + 10, "2|2||[2,4]")
     finally:
         session.close()
