@@ -60,10 +60,9 @@ class BookKeeper:
         self.covered = -1  # version of the newest snapshot: increments up to it are in it
         self.held: List[Held] = []
         self.broke = None  # (version, ms, why) where the book broke; None at a first start
-        self.restarted = True  # the first resync looks up where an earlier run stopped ...
-        # ... among the increments received before this run: by the time it looks, the
-        # writer may have stored this run's first ones (CI, 600x clock: a resync record that
-        # began at them left a stretch before them uncovered, where the book was not known)
+        self.restarted = True  # the first resync looks up where an earlier run stopped:
+        # among the increments received before this run started, for by the time it looks
+        # the writer may have stored this run's first ones
         self.started_ms = int(time.time() * 1000)
         self.hour = None
         self.next_periodic = time.monotonic() + self.interval
