@@ -216,6 +216,17 @@ def test_a_reconnect_long_after_a_kill_is_no_victim_of_it():
     assert later.causes == [] and later.start == 1_840.0
 
 
+def test_a_process_that_outlived_a_fault_is_the_victim_of_its_last_one_only():
+    """Two SIGSTOPs of one collector: it outlived the first (3 s) and was killed as hung in
+    the second; its restart's window starts at the second, not two minutes earlier at the
+    first (cluster soak seed 11: that stretch of data counted as an outage)."""
+    first = windows.Event(1_000.0, "stop_collector", "sol", 2.9, "pid 42")
+    second = windows.Event(1_131.0, "stop_collector", "sol", 7.3, "pid 42")
+    window = windows.Window("sol", start=1_136.0, end=1_141.0, detected=1_137.5,
+                            restarted=True, last_exit="pid 42 killed by SIGKILL")
+    windows.name_causes(window, [first, second], {"stop_collector": False}, 6.0)
+    assert window.causes == ["stop_collector"] and window.start == 1_130.5
+
 def deal_rows(ws):
     """Rows of every push received up to the pong of a ping sent now."""
     ping(ws)

@@ -68,17 +68,28 @@ def name_causes(window: Window, events: Iterable[Event], spread: Dict[str, bool]
     """The planned faults behind a window, added to its causes; its start pulled back to the
     first of them.  spread: kind -> does it take every symbol down (else only its target's);
     hang_after: how long a stopped collector runs on before it is taken for hung."""
+    events = [e for e in events
+              if e.kind in spread and (spread[e.kind] or e.target == window.symbol)]
+    killer = _killer(window, events)
     for e in events:
-        if e.kind not in spread or not spread[e.kind] and e.target != window.symbol:
-            continue
-        # the process a planned fault signalled, by pid: also when it came after the
-        # window opened (a collector killed while it was reconnecting).  Only a window that
-        # ended with a new process: last_exit names the collector's last exit for as long
-        # as its successor runs, and a later reconnect's window is no victim of that fault
-        # (its start pulled back to it stretched one window over 14 minutes of data)
-        victim = window.restarted and e.note.startswith("pid ") and \
-            (window.last_exit or "").startswith(e.note.split(",")[0] + " ")
-        if victim or e.wall - 2.0 <= window.detected and window.start <= e.wall \
+        if e is killer or e.wall - 2.0 <= window.detected and window.start <= e.wall \
                 + e.duration + 2.0 + (hang_after if e.kind == "stop_collector" else 0.0):
             window.causes.append(e.kind)
             window.start = min(window.start, e.wall - 0.5)
+
+
+def _killer(window: Window, events: List[Event]) -> Optional[Event]:
+    """The fault that signalled the process this window's restart replaced, by pid: also
+    one that came after the window opened (a collector killed while it was reconnecting).
+    Only a window that ended with a new process has one: last_exit names the collector's
+    last exit for as long as its successor runs, and a later reconnect's window is no victim
+    of that fault (its start pulled back to it stretched one window over 14 minutes of
+    data).  And only the last fault aimed at that pid: it outlived the earlier ones (a
+    SIGSTOP of 3 s two minutes before the one it was killed for as hung stretched a window
+    over those two minutes of data: cluster soak seed 11)."""
+    if not window.restarted or not window.last_exit:
+        return None
+    aimed = [e for e in events if e.note.startswith("pid ")
+             and (window.end is None or e.wall <= window.end)
+             and window.last_exit.startswith(e.note.split(",")[0] + " ")]
+    return max(aimed, key=lambda e: e.wall, default=None)
