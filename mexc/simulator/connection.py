@@ -164,6 +164,10 @@ class Connection:
         self.outbox.append((frame, symbol, rows, (symbol, channel), token))
         self.wake.set()
 
+    def send_queued(self) -> None:
+        """Every queued push now, under send_lock (stop_data(send_queued=True))."""
+        self._send_outbox_locked(max_bytes=None)
+
     def _send_outbox_locked(self, max_bytes=BATCH_BYTES) -> None:
         """Queued pushes in one sendall (up to max_bytes; None: all)."""
         parts, records = self._take_outbox(max_bytes)

@@ -272,13 +272,16 @@ class MexcSimulator:
             if address is None or connection.peer[0] == address:
                 connection.abort()
 
-    def stop_data(self) -> None:
-        """The market stops (send_* still work), and pushes not sent yet are dropped.  When
-        this returns, nothing more is being sent, so expected_rows() is final until the next
-        send_*."""
+    def stop_data(self, send_queued: bool = False) -> None:
+        """The market stops (send_* still work), and pushes not sent yet are dropped, or sent
+        now with send_queued (the market's truth then holds no event its subscribers were
+        not sent: the whole book's test compares every version made).  When this returns,
+        nothing more is being sent, so expected_rows() is final until the next send_*."""
         self._market.stop_data()  # the market makes no event after this one
         for connection in self._traffic.open_connections():
             with connection.send_lock:
+                if send_queued:
+                    connection.send_queued()
                 connection.outbox.clear()
 
     def fail_rest(self, seconds: float, mode: str = "error") -> None:
