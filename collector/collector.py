@@ -701,6 +701,8 @@ class Collector:
             "last_message_age_s": None if self.last_frame is None else round(now - self.last_frame, 3),
             # data frames only (pongs come from a delisted contract's socket too)
             "last_data_age_s": round(now - self.gaps.last_seen, 3) if self.gaps.last_seen else None,
+            # a cluster counts this host as holding the symbol from here (cluster/holdings.py)
+            "first_data_ms": self.gaps.first_ms,
         }
 
     # --- handing rows over, and stats --------------------------------------------------------

@@ -209,6 +209,7 @@ class GapLedger:
         self.backfill = backfill
         self.open: Optional[OpenGap] = OpenGap(None, start_reason, start_detail)
         self.last_ms = 0  # newest exchange ts of the data seen
+        self.first_ms: Optional[int] = None  # exchange ts of this run's first data
         self.last_seen = 0.0  # monotonic time of the last data frame
         self.hinted = None  # (reason, detail, until): explains a gap opening before `until`
         self.closed = queue.Queue()
@@ -271,6 +272,8 @@ class GapLedger:
                                                 f"no data for {now - self.last_seen:.1f}s")
             gap = OpenGap(self.last_ms, reason, detail)
         gap.end_ms, gap.closed_at = min(row[0] for row in rows), now
+        if self.first_ms is None:  # the start's gap ends at the first data
+            self.first_ms = gap.end_ms
         self.open = None
         self.journal.add(gap)
         self.closed.put(gap)

@@ -357,6 +357,7 @@ class Arbiter:
         through the same steps as a reload's symbol change.  Frozen: nothing changes."""
         membership = self.membership
         membership.set_live({c.child_id.name for c in self._collectors() if _live(c)})
+        self._record_takes()
         held = self._held_names()
         frozen = not membership.ready()
         if frozen != self.cluster_frozen:  # once per outage, however its states follow
@@ -376,6 +377,12 @@ class Arbiter:
                 self.holdings.record(name, held=False)
         for name, why in plan.take.items():
             self._start_symbol(by_name[name], f"cluster: {name} taken ({why})")
+
+    def _record_takes(self) -> None:
+        """A symbol taken here is held from its collector's first data (cluster/holdings.py)."""
+        for c in self.children.values():
+            if c.kind == COLLECTOR:  # stopping ones too: before their release
+                self.holdings.delivering(c.child_id.name, c.first_data_ms)
 
     def _held_names(self) -> set:
         """Symbols with a collector running or waiting to start here."""
@@ -497,7 +504,7 @@ class Arbiter:
                       self.config.supervisor, symbol=symbol.symbol)
         self.children[child.child_id] = child
         if self.holdings is not None:
-            self.holdings.record(symbol.name, held=True)
+            self.holdings.taking(symbol.name)
         if tor is None:
             self.start_queue.append(child)
         else:  # started by the ExitGuard once its tor has bootstrapped
@@ -602,6 +609,7 @@ class Arbiter:
             self.membership.stop()
             log.info("cluster: left")
         if self.holdings is not None:
+            self._record_takes()  # of collectors stopped before the next look at the cluster
             # every collector stopped above (not wanted any more): its data here ends now
             for name in sorted({c.child_id.name for c in self.children.values()
                                 if c.kind == COLLECTOR}):

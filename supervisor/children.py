@@ -251,6 +251,7 @@ class Child:
         self.beating = False  # a heartbeat came since the process started
         self.stats = {}
         self.rates = {}
+        self.first_data_ms = None  # a collector's first data under this child, kept over exits
         self.wanted = True  # False once removed from the config or shutting down
         self.restart_at_once = False  # set by `restart NAME`: no backoff, not a crash
         self.kill_deadline = None
@@ -283,6 +284,8 @@ class Child:
     def heartbeat(self, stats: dict, now: float) -> None:
         previous, previous_time = self.stats, self.last_heartbeat
         self.stats, self.last_heartbeat, self.beating = stats, now, True
+        if self.first_data_ms is None:
+            self.first_data_ms = stats.get("first_data_ms")
         if previous.get("rows") and stats.get("rows") and now > previous_time:
             span = now - previous_time
             self.rates = {mt: round((stats["rows"][mt] - previous["rows"].get(mt, 0)) / span, 1)

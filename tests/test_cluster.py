@@ -191,11 +191,13 @@ def test_every_symbol_on_two_hosts_evenly_with_rows_in_each_holder(cluster):
             assert name not in cluster.hosts[h].collectors()
     for h, host in cluster.hosts.items():
         # each symbol's last take or release: a start may take what a later joiner's
-        # copies then relieve it of
-        last = cluster.bed.host(h).query(
-            "SELECT name, argMax(held, ts) FROM mexc.cluster_holdings WHERE host = %(h)s "
-            "GROUP BY name", {"h": h})
-        assert {n for n, held in last if held} == {n for n in NAMES if h in live[n]}
+        # copies then relieve it of; a take is recorded once the collector delivers
+        def held_here():
+            last = cluster.bed.host(h).query(
+                "SELECT name, argMax(held, ts) FROM mexc.cluster_holdings WHERE host = %(h)s "
+                "GROUP BY name", {"h": h})
+            return {n for n, held in last if held} == {n for n in NAMES if h in live[n]}
+        wait_for(held_here, 10, f"{h}'s holdings recorded")
         status = host.status()["cluster"]
         assert status["host"] == h and status["zookeeper"] == "connected"
         assert not status["frozen"] and set(status["hosts"]) == {"h1", "h2", "h3"}

@@ -7,6 +7,7 @@ export_log, a host's hole the other covered is no gap, and the stretch when neit
 is the archive's only gap.  Each daemon registers itself (`{root}/hosts/{host}`, its
 membership) while it runs."""
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from core.vocabulary import GAP_DAEMON_RESTART
 from exporter import parquet_files
 from exporter.cluster_archive import CLUSTER_KEY
 from exporter.merge import joined
+from mexc import history
 from tests.cluster_bed import CH_HTTP_PORT, CH_PORT
 from tests.conftest import MEXC, toml_dump, wait_for
 
@@ -42,15 +44,16 @@ HOSTS = ("h1", "h2")
 class HostDaemon:
     """`mexc run` in a bed host's namespace, with a config of its own."""
 
-    def __init__(self, bed, host, tmp_path, sim, clock):
+    def __init__(self, bed, host, tmp_path, sim, clock, symbol="BTC_USDT"):
         self.bed, self.host = bed, bed.host(host)
+        self.symbol, self.name = symbol, symbol.split("_")[0].lower()
         self.dir = tmp_path / host
         self.dir.mkdir()
         self.config = str(self.dir / "mexc.toml")
         self.export_dir = str(self.dir / "export")
         with open(self.config, "w") as f:
             f.write(toml_dump({
-                "symbols": ["BTC_USDT"],
+                "symbols": [symbol],
                 "exchange": {"url": sim.url.replace("127.0.0.1", bed.gateway),
                              "reconnect_min": 0.2, "reconnect_max": 1.0},
                 "clickhouse": {"host": self.host.address, "port": CH_PORT,
@@ -85,29 +88,33 @@ class HostDaemon:
 
     def rows(self):
         try:
-            return self.host.query("SELECT count() FROM mexc.btc_current")[0][0]
+            return self.host.query(f"SELECT count() FROM mexc.{self.name}_current")[0][0]
         except Exception:
             return 0
 
     def received_since(self, wall_ms):
         """Has a row received from wall_ms on been stored?"""
         try:
-            return (self.host.query("SELECT max(rts) FROM mexc.btc_current")[0][0] or 0) \
+            return (self.host.query(f"SELECT max(rts) FROM mexc.{self.name}_current")[0][0]
+                    or 0) \
                 >= wall_ms
         except Exception:
             return False
+
+    def first_row_ms(self):
+        return self.host.query(f"SELECT min(ts) FROM mexc.{self.name}_current")[0][0]
 
     def gaps(self):
         """This host's gap ledger, oldest first."""
         with Store({"host": self.host.address, "port": CH_PORT, "database": "mexc",
                     "user": "default", "password": ""}) as store:
-            return store.gaps("btc")
+            return store.gaps(self.name)
 
     def export_log(self):
         """{hour: sha256} of the latest entry per hour."""
         return {hour: sha for hour, sha in self.host.query(
             "SELECT hour_start, argMax(sha256, export_time) FROM mexc.export_log "
-            "WHERE symbol = 'BTC_USDT' GROUP BY hour_start")}
+            "WHERE symbol = %(s)s GROUP BY hour_start", {"s": self.symbol})}
 
     def files(self):
         """{file name: sha256} of the merged files in export.dir."""
@@ -283,3 +290,49 @@ def test_two_hosts_one_archive_every_trade_once_and_only_uncovered_time_a_gap(cl
                 daemon.proc.wait(30)
         zk.stop()
         zk.close()
+
+
+def test_a_host_that_takes_a_symbol_covers_it_from_its_first_row_not_its_start(cluster_bed,
+                                                                            tmp_path):
+    """h1 collects and stops; h2 starts for the first time (no row of it before): the
+    cluster's gap runs from h1's last row to h2's first row.  h2 covers nothing while it
+    connects: a take counted from the collector's start made that stretch no gap (cluster
+    soak seed 11: a collector killed on one host while another was starting the symbol and
+    the third was cut off, and the merged file had no gap there)."""
+    bed = cluster_bed
+    clock = clock_at_minute(FIRST_MINUTE)
+    sim = bed.start_simulator(rate=20, event_clock=clock.now_ms)
+    # a symbol of its own: h2 has no row of it from an earlier test on the bed
+    daemons = {h: HostDaemon(bed, h, tmp_path, sim, clock, "ETH_USDT") for h in HOSTS}
+    h1, h2 = daemons["h1"], daemons["h2"]
+
+    def start(daemon):
+        began = int(time.time() * 1000)
+        daemon.start()
+        wait_for(lambda: daemon.received_since(began), 60, f"{daemon.host.name} collects")
+
+    try:
+        start(h1)
+        wait_for(lambda: h1.rows() > 300, 60, "h1 collects a while")  # beyond a heartbeat
+        h1.stop()
+        start(h2)
+        start(h1)
+        h1_gap = wait_for(lambda: [g for g in h1.gaps() if g.reason == GAP_DAEMON_RESTART],
+                          30, "h1's gap recorded")
+        assert len(h1_gap) == 1 and not h2.gaps(), (h1_gap, h2.gaps())
+        expected = [(h1_gap[0].start_ms, h2.first_row_ms())]
+        archive = history.Archive.from_config(h2.config)
+        found = []
+
+        def cluster_gaps():
+            found[:] = [(g.start_ms, g.end_ms) for g in archive.gaps(
+                "ETH_USDT", h1_gap[0].start_ms - 60_000, clock.now_ms())]
+            return found == expected
+        with contextlib.suppress(AssertionError):
+            wait_for(cluster_gaps, 20, "the cluster's gap")
+        assert found == expected
+    finally:
+        for daemon in daemons.values():
+            if daemon.proc and daemon.proc.poll() is None:
+                daemon.proc.send_signal(signal.SIGTERM)
+                daemon.proc.wait(30)
