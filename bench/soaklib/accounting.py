@@ -38,6 +38,7 @@ class Stored:
         self.count = collections.Counter()  # ts -> times stored
         self.content: Dict[int, int] = {}  # ts -> hash((mt, m)) of the first copy
         self.dead = collections.Counter()  # m -> times stored
+        self.at_stop = set()  # ts of rows in a table received after the stop was asked for
 
     def add(self, ts: int, mt: str, m: str) -> None:
         if mt == "dl":
@@ -82,7 +83,10 @@ def read_files(soak, stored: Dict[str, Stored]) -> None:
             add(t, mt, m)
 
 
-def read_tables(soak, stored: Dict[str, Stored]) -> None:
+def read_tables(soak, stored: Dict[str, Stored], stop_ms: Optional[int] = None) -> None:
+    """stop_ms: when the daemon was asked to stop; rows received later (a gap open then is
+    recorded and backfilled at the stop) are noted in Stored.at_stop: in the tables, exported
+    at the next start."""
     store = Store(soak.ch_section(), timeout=60.0)
     try:
         for name in soak.names:
@@ -90,8 +94,10 @@ def read_tables(soak, stored: Dict[str, Stored]) -> None:
                 if not store.exists(table):
                     continue
                 add, n = stored[name].add, 0
-                for ts, mt, m, _rts in store.rows(table):
+                for ts, mt, m, rts in store.rows(table):
                     add(ts, mt, m)
+                    if stop_ms is not None and rts >= stop_ms:
+                        stored[name].at_stop.add(ts)
                     n += 1
                 if table.endswith("_fresh"):
                     soak.report.fresh_rows += n

@@ -41,6 +41,8 @@ from .common import MARKETS, say
 from .ledger import Spans
 from .report import SymbolReport, table
 
+FAILOVER_GOAL = 30.0  # s; the others take a lost host's symbols within this (issue 22)
+
 
 @dataclass
 class ClusterSymbol:
@@ -135,9 +137,11 @@ class ClusterReport:
                 f.append(f"{host}: SIGTERM stop exit {code}")
         if self.archive is not None:
             f += self.archive.failures()
-        undone = [x for x in self.failovers if x["seconds"] is None]
+        undone = [x for x in self.failovers if x["seconds"] is None and not (
+            x["back_first"] is not None and x["back_first"] <= FAILOVER_GOAL)]
         if undone:
-            f.append(f"{len(undone)} failovers not done within 60 s")
+            f.append(f"{len(undone)} failovers not done within 60 s, nor the host back within "
+                     f"{FAILOVER_GOAL:.0f} s")
 
     def text(self) -> str:
         lines = [f"mexc cluster soak: seed {self.seed}, {self.minutes:g} min of faults, "
@@ -148,10 +152,14 @@ class ClusterReport:
                  + (f" ({len(self.faults_skipped)} skipped: {'; '.join(self.faults_skipped[:4])})"
                     if self.faults_skipped else "")]
         done = [x for x in self.failovers if x["seconds"] is not None]
+        first = [x for x in self.failovers if x["seconds"] is None and x["back_first"] is not None]
         lines.append(f"failovers: {len(self.failovers)}, "
                      + (f"median {self.failover_median:.1f} s, max {self.failover_max:.1f} s ("
                         + ", ".join(f"{x['kind']} {x['victims']} {x['seconds']:.1f}s"
-                                    for x in done) + ")" if done else "none measured"))
+                                    for x in done) + ")" if done else "none measured")
+                     + ("; the host back before the takeover: " + ", ".join(
+                         f"{x['kind']} {x['victims']} back after {x['back_first']:.1f}s"
+                         for x in first) if first else ""))
         survived = {k: self.faults.get(k, 0) for k in
                     ("zookeeper_outage", "clickhouse_outage", "kill_host", "cut_host",
                      "two_hosts_down")}
@@ -263,7 +271,8 @@ def account(soak) -> None:
         # the host's own rows: its copies (export.dir holds the merged files, every host's)
         read_files(types.SimpleNamespace(export_dir=copies_dir(host), report=host.report),
                    stored[host.name])
-        read_tables(host, stored[host.name])
+        stop = soak.stop_sent.get(host.name)
+        read_tables(host, stored[host.name], None if stop is None else int(stop * 1000))
         r.files[host.name] = host.report.files
         r.bad_files += [f"{host.name} {x}" for x in host.report.bad_files]
         r.per_host[host.name] = [account_symbol(host, name, stored[host.name][name])
