@@ -95,9 +95,8 @@ class HostDaemon:
     def received_since(self, wall_ms):
         """Has a row received from wall_ms on been stored?"""
         try:
-            return (self.host.query(f"SELECT max(rts) FROM mexc.{self.name}_current")[0][0]
-                    or 0) \
-                >= wall_ms
+            newest = self.host.query(f"SELECT max(rts) FROM mexc.{self.name}_current")[0][0]
+            return (newest or 0) >= wall_ms
         except Exception:
             return False
 

@@ -227,6 +227,7 @@ def test_a_process_that_outlived_a_fault_is_the_victim_of_its_last_one_only():
     windows.name_causes(window, [first, second], {"stop_collector": False}, 6.0)
     assert window.causes == ["stop_collector"] and window.start == 1_130.5
 
+
 def deal_rows(ws):
     """Rows of every push received up to the pong of a ping sent now."""
     ping(ws)

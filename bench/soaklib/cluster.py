@@ -322,7 +322,8 @@ class Failover:
     seconds: Optional[float]  # None: not done within FAILOVER_DEADLINE
     symbols: int
     # s from the loss to the victims' return, when they came back before the others had
-    # taken over (then seconds is None: nothing to judge if that was soon: cluster_accounting.FAILOVER_GOAL)
+    # taken over (then seconds is None; judged only if later than FAILOVER_GOAL,
+    # cluster_accounting.py)
     back_first: Optional[float] = None
 
 
