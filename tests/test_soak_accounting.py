@@ -11,8 +11,8 @@ import pytest
 
 from core.vocabulary import GAP_DISCONNECT, GAP_STALL, Gap
 from mexc.simulator import MexcSimulator, RestAnswer, Trade
-from tests.test_simulator import (connect, exact_json, ping, recv_json, recv_until_pong, rows_of,
-                                  subscribe)
+from tests.test_simulator import (connect, exact_json, ping, poll, recv_json, recv_until_pong,
+                                  rows_of, subscribe)
 from tests.test_simulator_market import subscribed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -254,6 +254,9 @@ def test_a_window_backfilled_over_rest_is_recorded_and_complete():
         sim.trade(symbol, 5)
         before = deal_rows(ws)
         ws.close()
+        # the simulator sees the close on its own thread; until then it still sends (CI,
+        # loaded: the outage's 30 trades all counted as sent, none as backfilled)
+        poll(lambda: not sim.streaming_to(symbol), what="the simulator to see the close")
         clock.now_ms = 2_000_000  # the outage: the market trades, nobody listens
         missed = [trade for _ in range(10) for trade in sim.trade(symbol, 3)]
         clock.now_ms = 3_000_000  # connected again: one trade arrives, then the backfill
