@@ -34,6 +34,13 @@ STABLE_AFTER = 60.0
 # A child whose threads waited for a CPU more than this share of the time its heartbeat was
 # late is starved (a loaded host), not hung: it is judged again later, not killed.
 STARVED_SHARE = 0.5
+# A child late with its heartbeat none of whose threads ran, or waited for a CPU, for this
+# long since is hung without the rest of heartbeat_timeout: its heartbeat thread wakes at
+# least once a second, so no CPU at all is a process stopped, frozen or deadlocked, never a
+# busy or a starved one.  Each second sooner is a second less of its symbol's hole (a REST
+# page reaches back 100 trades only).
+STILL_FOR = 1.5
+STILL_CPU = 0.001  # s of CPU that counts as none (a wake-up costs microseconds)
 FLAP_WINDOW, FLAP_EXITS = 60.0, 5  # this many exits within the window: flapping
 # A child just started has this many heartbeat timeouts for its first heartbeat: the exporter
 # imports pyarrow and the export modules before it can send one (0.2 s of CPU alone, seconds
@@ -239,6 +246,8 @@ class Child:
         self.process = None
         # (when, thread_times() then) once its heartbeat is half a timeout late
         self.late_since = None
+        self.still_since = None  # (when, thread_times() then): the window _still reads
+        self.found_still = False  # the last hang verdict was _still's (for its log line)
         self.state = ChildState.WAITING
         self.restarts = 0
         self.started_at = None
@@ -300,6 +309,8 @@ class Child:
             self._become(ChildState.STOPPING, f"pid={self.process.pid} sent no heartbeat for "
                          f"{now - self.last_heartbeat:.0f}s" + ("" if self.beating else
                                                                " since its start")
+                         + (f" and none of its threads ran for {STILL_FOR:.1f}s"
+                            if self.found_still else "")
                          + ": hung, killing it", logging.ERROR)
         elif self.state is ChildState.STOPPING and self.kill_deadline and now >= self.kill_deadline:
             log.warning("%s pid=%d did not stop in time: killing it", self.name, self.process.pid)
@@ -313,16 +324,19 @@ class Child:
         """No heartbeat for heartbeat_timeout (START_GRACE times that for the first one), and
         not for want of a CPU: from half the timeout on, the child's wait on the run queue is
         read, and a child that waited for more than STARVED_SHARE of the time since is judged
-        again later."""
+        again later.  One that has beaten before and, half the timeout late, sits still for
+        STILL_FOR (_still) is hung then."""
         timeout = self.sup["heartbeat_timeout"] * (1 if self.beating else START_GRACE)
         silent = now - self.last_heartbeat
+        self.found_still = False
         if silent <= timeout / 2:
-            self.late_since = None
+            self.late_since = self.still_since = None
             return False
         if self.late_since is None:
             self.late_since = (now, thread_times(self.process.pid))
         if silent <= timeout:
-            return False
+            self.found_still = self.beating and self._still(now)
+            return self.found_still
         since, times_then = self.late_since
         times = thread_times(self.process.pid)
         waited = kept_from_cpu(times_then, times, now - since)
@@ -332,6 +346,22 @@ class Child:
                     "for a CPU: starved, not hung", self.name, self.process.pid, silent, waited,
                     now - since)
         self.late_since = (now, times)
+        return False
+
+    def _still(self, now: float) -> bool:
+        """For the last STILL_FOR at least, not one of the late child's threads ran or waited
+        for a CPU.  Read over windows from when it was found late: a window in which it
+        ran starts the next one."""
+        since, times_then = self.still_since or self.late_since
+        if now - since < STILL_FOR:
+            return False
+        times = thread_times(self.process.pid)
+        ran = sum(r - times_then.get(task, (0.0, 0.0, False))[0]
+                  for task, (r, _waited, _runnable) in times.items())
+        if (times_then and times and ran < STILL_CPU
+                and kept_from_cpu(times_then, times, now - since) < STILL_CPU):
+            return True
+        self.still_since = (now, times)
         return False
 
     def _exited(self, now: float) -> None:

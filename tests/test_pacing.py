@@ -18,7 +18,7 @@ from collector.collector import DeadSocket
 from collector.pacing import MAX_LEAD, SLACK, DialPacer, Starvation
 from core.vocabulary import COLLECTOR, ChildId
 from mexc.simulator import MexcSimulator
-from supervisor.children import Child
+from supervisor.children import STILL_FOR, Child
 from tests.conftest import wait_for
 
 STOPPED_FOR = 8.0  # s the collector is frozen: beyond exchange.dead_after (5 s)
@@ -127,6 +127,45 @@ def _pinned(code: str, nice: int) -> subprocess.Popen:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
     return subprocess.Popen([sys.executable, "-c", "print(flush=True)\n" + code],
                             stdout=subprocess.PIPE, preexec_fn=prepare)
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+def test_a_late_child_none_of_whose_threads_runs_is_hung_before_the_timeout():
+    """Half heartbeat_timeout late: a child asleep for good and a SIGSTOPped one (no thread
+    ran or waited for a CPU for STILL_FOR) are hung then; a busy one (its heartbeat thread
+    kept from the GIL), and one that never beat yet (a start may wait on the disk), wait for
+    the whole timeout as before."""
+    def process(code):
+        proc = subprocess.Popen([sys.executable, "-c", "print(flush=True)\n" + code],
+                                stdout=subprocess.PIPE)
+        proc.stdout.readline()  # started: its start-up is no part of what is measured
+        return proc
+    asleep, stopped, busy, starting = procs = [
+        process("import time; time.sleep(60)"), process("while True: pass"),
+        process("while True: pass"), process("import time; time.sleep(60)")]
+    os.kill(stopped.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: _state(stopped.pid) == "T", 10, "the busy process stopped")
+        children = []
+        for proc in procs:
+            child = Child(ChildId(COLLECTOR, str(proc.pid)), None,
+                          {"heartbeat_timeout": 10.0, "restart_min": 1.0})
+            child.process = types.SimpleNamespace(pid=proc.pid)
+            child.last_heartbeat, child.beating = time.monotonic() - 5.5, proc is not starting
+            assert not child._hung(time.monotonic())  # half the timeout late: threads read
+            children.append(child)
+        time.sleep(STILL_FOR + 0.2)  # the stillness's length, not a wait for state
+        assert [child._hung(time.monotonic()) for child in children] == [True, True, False,
+                                                                         False]
+        assert [child.found_still for child in children] == [True, True, False, False]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.slow  # Python start-ups on one CPU of a loaded machine: 5-30 s
