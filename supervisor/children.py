@@ -199,6 +199,13 @@ def describe_exit(code: Optional[int]) -> str:
     return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
+def process_state(proc_dir: str) -> str:
+    """The one-letter state (R running, S asleep, T stopped...) in proc_dir/stat: after the
+    command's closing parenthesis, which a command name may contain."""
+    with open(f"{proc_dir}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
 def thread_times(pid: int) -> dict:
     """thread id -> (s it ran, s it waited on the run queue, whether it is runnable now), from
     /proc/PID/task/*; {} where the kernel does not tell."""
@@ -211,8 +218,7 @@ def thread_times(pid: int) -> dict:
         try:
             with open(f"/proc/{pid}/task/{task}/schedstat") as f:
                 ran, waited = (int(n) / 1e9 for n in f.read().split()[:2])
-            with open(f"/proc/{pid}/task/{task}/stat") as f:
-                state = f.read().rpartition(")")[2].split()[0]
+            state = process_state(f"/proc/{pid}/task/{task}")
         except (OSError, IndexError, ValueError):
             continue
         found[task] = (ran, waited, state == "R")

@@ -18,7 +18,7 @@ from collector.collector import DeadSocket
 from collector.pacing import MAX_LEAD, SLACK, DialPacer, Starvation
 from core.vocabulary import COLLECTOR, ChildId
 from mexc.simulator import MexcSimulator
-from supervisor.children import STILL_FOR, Child
+from supervisor.children import STILL_FOR, Child, process_state
 from tests.conftest import wait_for
 
 STOPPED_FOR = 8.0  # s the collector is frozen: beyond exchange.dead_after (5 s)
@@ -129,11 +129,6 @@ def _pinned(code: str, nice: int) -> subprocess.Popen:
                             stdout=subprocess.PIPE, preexec_fn=prepare)
 
 
-def _state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rpartition(")")[2].split()[0]
-
-
 def test_a_late_child_none_of_whose_threads_runs_is_hung_before_the_timeout():
     """Half heartbeat_timeout late: a child asleep for good and a SIGSTOPped one (no thread
     ran or waited for a CPU for STILL_FOR) are hung then; a busy one (its heartbeat thread
@@ -149,7 +144,8 @@ def test_a_late_child_none_of_whose_threads_runs_is_hung_before_the_timeout():
         process("while True: pass"), process("import time; time.sleep(60)")]
     os.kill(stopped.pid, signal.SIGSTOP)
     try:
-        wait_for(lambda: _state(stopped.pid) == "T", 10, "the busy process stopped")
+        wait_for(lambda: process_state(f"/proc/{stopped.pid}") == "T", 10,
+                 "the busy process stopped")
         children = []
         for proc in procs:
             child = Child(ChildId(COLLECTOR, str(proc.pid)), None,
