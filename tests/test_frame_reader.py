@@ -1,8 +1,9 @@
 """FrameReader (collector/connection.py), the hand-made RFC 6455 reader, fed prepared bytes.
 
-No server: a fake `ws` whose sock.recv() hands out prepared chunks (or raises socket.timeout)
+No server: a fake `ws` whose sock.recv_into() hands out prepared chunks (or raises socket.timeout)
 and whose pong() records what it was asked to send.
 """
+import ctypes
 import random
 import socket
 import struct
@@ -24,13 +25,14 @@ class FakeSock:
         self.chunks = deque(chunks)
         self.asked = []
 
-    def recv(self, n):
-        self.asked.append(n)
+    def recv_into(self, buffer):
+        self.asked.append(len(buffer))
         chunk = self.chunks.popleft()
         if chunk is TIMEOUT:
             raise socket.timeout("timed out")
-        assert len(chunk) <= n, "the fake hands out at most what was asked"
-        return chunk
+        assert len(chunk) <= len(buffer), "the fake hands out at most what was asked"
+        buffer[:len(chunk)] = chunk
+        return len(chunk)
 
     def add(self, *chunks):
         self.chunks.extend(chunks)
@@ -364,6 +366,29 @@ def test_it_asks_for_big_reads():
     reader, ws = reader_for(frame(OP_TEXT, b"x"))
     reader.read()
     assert ws.sock.asked == [connection.READ_BYTES]
+
+
+def resident_bytes(mapped) -> int:
+    """How much of an mmap object is in memory now (its Rss in /proc/self/smaps)."""
+    start = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
+    with open("/proc/self/smaps") as f:
+        lines = iter(f)
+        for line in lines:
+            if line.split("-", 1)[0] == f"{start:x}":
+                for field in lines:
+                    if field.startswith("Rss:"):
+                        return int(field.split()[1]) * 1024
+    raise AssertionError("the read buffer is not in /proc/self/smaps")
+
+
+def test_after_a_long_read_the_buffer_keeps_only_its_first_pages_in_memory():
+    """A burst reaches deep into the 256 KiB read buffer; a collector keeps none of that."""
+    burst = [frame(OP_BINARY, bytes([i]) * 50_000) for i in range(4)]
+    reader, _ = reader_for(frame(OP_TEXT, b"x"), b"".join(burst))
+    assert reader.read() == [(OP_TEXT, b"x")]
+    assert resident_bytes(reader.chunk) <= 4096  # only what reads reached is memory
+    assert reader.read() == [(OP_BINARY, bytes([i]) * 50_000) for i in range(4)]
+    assert resident_bytes(reader.chunk) <= connection.KEEP_BYTES
 
 
 # --- fuzz ------------------------------------------------------------------------------------
