@@ -380,9 +380,11 @@ class Collector:
                 self._read(self.link)
             else:
                 for link in _ready((self.link, self.handover.link), wait):
-                    link.reader.sock.settimeout(READY_TIMEOUT)
-                    self._read(link)
-                self._maybe_hand_over(time.monotonic())
+                    if link is self.link or self.handover is not None:  # else left behind
+                        link.reader.sock.settimeout(READY_TIMEOUT)
+                        self._read(link)
+                if self.handover is not None:  # a read may have lost one of the two
+                    self._maybe_hand_over(time.monotonic())
             now = time.monotonic()
             self.starved.after_wait(started + wait, now)
             if self.book is not None and self._book_snapshots(now):

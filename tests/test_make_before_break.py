@@ -126,6 +126,29 @@ def test_a_move_on_a_quiet_market_is_done_after_overlap_max(env):
 
 
 @pytest.mark.slow
+def test_a_replacement_lost_during_the_handover_leaves_the_old_connection_reading(env):
+    """The server drops the new connection before it covers the old one (the market is
+    quiet, overlap_max far off): the collector reads on with the old one, with no gap and
+    without crashing (it did: the handover was gone when it next looked at it)."""
+    with MexcSimulator(rate=3.0) as sim:
+        proc = start_collector(env, sim, exchange={"overlap_max": 60.0})
+        wait_for(lambda: env.count() > 0, 20, "rows stored")
+        sim.stop_data()
+        os.kill(proc.pid, signal.SIGUSR1)
+        wait_for(lambda: sim.connections == 2 and len(sim.subscriptions) >= 6, 20,
+                 "the replacement subscribed")
+        assert sim.drop_newest(SYMBOL)
+        wait_for(lambda: "new connection lost during the handover" in proc.log(), 20,
+                 "the replacement lost")
+        rows = env.count()
+        sim.trade(SYMBOL, 3)
+        wait_for(lambda: env.count() >= rows + 3, 20, "trades on the old connection")
+        assert proc.popen.poll() is None and "Traceback" not in proc.log()
+        assert sim.total_connections == 2 and env.gaps() == []
+        assert proc.stop() == 0
+
+
+@pytest.mark.slow
 def test_without_make_before_break_a_replacement_is_a_drop_and_a_gap(env):
     """exchange.make_before_break = false: SIGUSR1 drops the connection, then dials; the
     stretch between is a ledger gap (what handover_bench measures as before)."""

@@ -272,6 +272,14 @@ class MexcSimulator:
             if address is None or connection.peer[0] == address:
                 connection.abort()
 
+    def drop_newest(self, symbol=None) -> bool:
+        """Drop the newest live connection (subscribed to symbol, if given) without a close
+        frame, the others left open: a replacement lost while the old one still reads."""
+        connection = self._traffic.newest(symbol, subscribed_only=symbol is not None)
+        if connection is not None:
+            connection.abort()
+        return connection is not None
+
     def stop_data(self, send_queued: bool = False) -> None:
         """The market stops (send_* still work), and pushes not sent yet are dropped, or sent
         now with send_queued (the market's truth then holds no event its subscribers were
