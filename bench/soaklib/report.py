@@ -88,6 +88,7 @@ class Report:
     health_notes: List[str] = field(default_factory=list)
     flapping_lines: int = 0
     tracebacks: int = 0
+    traceback_errors: List[str] = field(default_factory=list)  # each one's exception line
     stop_exit: Optional[int] = None
     stop_seconds: Optional[float] = None
     loopback_only: Optional[bool] = None
@@ -223,7 +224,8 @@ class Report:
             f"unplanned collector crashes: {len(self.crashes)}"
             + (f" ({'; '.join(self.crashes[:5])})" if self.crashes else ""),
             f"supervisor restarts refused: {self.supervisor_restart_refusals}; "
-            f"flapping log lines: {self.flapping_lines}; tracebacks in logs: {self.tracebacks}",
+            f"flapping log lines: {self.flapping_lines}; tracebacks in logs: {self.tracebacks}"
+            + (f" ({'; '.join(self.traceback_errors[:3])})" if self.traceback_errors else ""),
         ]
         if self.loopback_only is not None:
             lines.append(f"tor sockets loopback only: {'yes' if self.loopback_only else 'NO'}")

@@ -402,6 +402,9 @@ class Soak(Daemon):
         self.report.rotations = len(re.findall(r"exporter rotated ", text))
         self.report.flapping_lines = text.count("(flapping:")
         self.report.tracebacks = text.count("Traceback")
+        # what each one ended in: a line of its own, starting with the exception's name
+        self.report.traceback_errors = re.findall(r"^[A-Za-z_][\w.]*(?:Error|Exception)\b.*$",
+                                                  text, re.MULTILINE)
 
     def finish(self) -> None:
         """Everything back, data stopped and drained, exported, counted, checked, stopped."""
