@@ -194,8 +194,8 @@ class FrameReader:
         # Read into one buffer, not recv(READ_BYTES): that makes a new bytes object of
         # READ_BYTES per read and shrinks it to what came, and C's malloc, asked 16 times a
         # second for 256 KiB, took fresh memory each time and left the rest in holes (a
-        # collector's heap grew by 1 MiB in 5 minutes).  Mapped, not allocated: only the pages
-        # a read reached are memory, and after a burst all but KEEP_BYTES are given back.
+        # collector grew by about 160 KiB a minute, without end).  Mapped, not allocated: only
+        # the pages a read reached are memory, and after a burst all but KEEP_BYTES go back.
         self.chunk = mmap.mmap(-1, READ_BYTES)
         self.view = memoryview(self.chunk)
 
