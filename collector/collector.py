@@ -632,28 +632,31 @@ class Collector:
         log.info("handover done after %.2fs (%s): %d duplicate rows dropped; the old "
                  "connection closed", now - h.started, why, h.overlap.duplicates)
         old.close()
-        h.overlap.old_gone, h.started = True, now
-        self.tail = h
+        h.overlap.close(OLD)
+        h.started, self.tail = now, h
 
     def _after_handover(self, kind: str, rows: list, now: float) -> list:
-        """The new connection's rows while it may still bring what the old one brought
-        (it was behind); for `overlap_max` seconds at most."""
+        """The rows of the connection that stayed while it may still bring what the closed
+        one brought (it was behind); for `overlap_max` seconds at most."""
         t = self.tail
-        rows = t.overlap.admit(NEW, kind, rows)
+        rows = t.overlap.admit(t.overlap.survivor, kind, rows)
         if t.overlap.finished() or now - t.started >= self.ex["overlap_max"]:
             self.tail = None
         return rows
 
     def _lose_one(self, link: "_Link", error: Exception) -> None:
-        """One of the two connections of a handover failed: read on with the other.  The
-        old one failing before the new one brought data is a gap (from the old one's last
+        """One of the two connections of a handover failed: read on with the other, whose
+        rows still pass the overlap a while (it may bring again what the lost one brought).
+        The old one failing before the new one brought data is a gap (from the old one's last
         data to the new one's first)."""
         h = self.handover
-        self.handover = self.tail = None
+        self.handover = None
         log.warning("%s connection lost during the handover: %s: %s",
                     "new" if link is h.link else "old", type(error).__name__,
                     str(error)[:200] or "-")
         link.close()
+        h.overlap.close(NEW if link is h.link else OLD)
+        h.started, self.tail = time.monotonic(), h
         if link is h.link:
             return
         self._use(h.link)

@@ -15,9 +15,10 @@ the new connection has seen data on is joined, and the new one has data on every
 old one had, the old connection can go without a hole.
 
 The old one may have been ahead then: the new one brings again what the old one brought
-last.  So after the old one is closed (old_gone) the new one's rows still pass through here,
+last.  So after the old one is closed (close(OLD)) the new one's rows still pass through here,
 until on every channel the old one brought data on it brings one the old one did not
-(finished): past that, it brings nothing the old one did.
+(finished): past that, it brings nothing the old one did.  The same holds the other way round
+when the new one is lost during the handover and the old one, stalled behind it, reads on.
 """
 from typing import Dict, List, Set
 
@@ -36,9 +37,9 @@ class Overlap:
         self.new_channels: Set[str] = set()  # channels that brought data on the new one
         self.joined: Set[str] = set()
         self.duplicates = 0  # rows dropped because the other connection brought them first
-        self.old_gone = False
-        self.past_old: Set[str] = set()  # channels on which, the old one gone, the new one
-        # brought a row the old one had not
+        self.gone = None  # OLD or NEW, once that connection is closed
+        self.past: Set[str] = set()  # channels on which, one connection gone, the other
+        # brought a row the gone one had not
 
     def admit(self, side: int, channel: str, rows: list) -> List[tuple]:
         """The rows of one data frame from connection `side` (OLD, NEW) that are to be
@@ -54,17 +55,25 @@ class Overlap:
             else:
                 self.duplicates += 1
                 self.joined.add(channel)
-        if side == NEW:
-            self.new_channels.add(channel)
-            if self.old_gone and keep:
-                self.past_old.add(channel)
-        else:
-            self.old_channels.add(channel)
+        (self.new_channels if side == NEW else self.old_channels).add(channel)
+        if self.gone is not None and side != self.gone and keep:
+            self.past.add(channel)
         return keep
 
+    def close(self, side: int) -> None:
+        """Connection `side` is gone; the other one's rows still pass through admit()."""
+        self.gone = side
+
+    @property
+    def survivor(self) -> int:
+        """The connection that stayed, once one is closed."""
+        return OLD if self.gone == NEW else NEW
+
     def finished(self) -> bool:
-        """The old one is gone and the new one is past everything it brought."""
-        return self.old_gone and self.old_channels <= self.past_old
+        """One connection is gone and the other is past everything the gone one brought."""
+        if self.gone is None:
+            return False
+        return (self.old_channels if self.gone == OLD else self.new_channels) <= self.past
 
     def covered(self) -> bool:
         """The new connection delivers everything the old one would: the old can go."""

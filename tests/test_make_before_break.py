@@ -52,10 +52,24 @@ def test_a_new_connection_behind_the_old_one_brings_nothing_twice_after_the_hand
     overlap.admit(OLD, "deal", [deal(1), deal(2), deal(3)])
     assert overlap.admit(NEW, "deal", [deal(2)]) == []  # joined; the old one is ahead
     assert overlap.covered()
-    overlap.old_gone = True  # the collector closes the old one
+    overlap.close(OLD)  # the collector closes the old one
     assert not overlap.finished()
     assert overlap.admit(NEW, "deal", [deal(3)]) == []  # what the old one brought last
     assert overlap.admit(NEW, "deal", [deal(4)]) == [deal(4)]
+    assert overlap.finished()
+
+
+def test_an_old_connection_left_alone_brings_nothing_twice_that_the_lost_new_one_brought():
+    """The new connection is lost during the handover, ahead of the old one (which was
+    stalled): what the old one then brings late was stored already."""
+    overlap = Overlap()
+    overlap.admit(OLD, "deal", [deal(1)])
+    assert overlap.admit(NEW, "deal", [deal(1), deal(2), deal(3)]) == [deal(2), deal(3)]
+    overlap.close(NEW)
+    assert overlap.survivor == OLD and not overlap.finished()
+    assert overlap.admit(OLD, "deal", [deal(2), deal(3)]) == []
+    assert not overlap.finished()
+    assert overlap.admit(OLD, "deal", [deal(4)]) == [deal(4)]
     assert overlap.finished()
 
 

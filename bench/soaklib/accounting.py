@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from core.clock import HOUR_MS
 from core.store import Store
-from core.vocabulary import DEAL, GAP_DEAD_SOCKET, GAP_STALL
+from core.vocabulary import DEAL, GAP_DEAD_SOCKET, GAP_DISCONNECT, GAP_STALL
 
 from .common import DEAD_AFTER, FILE_RE, HEARTBEAT_TIMEOUT, MARKETS, PING_INTERVAL, say
 from .ledger import NO_FAULT, count_trades, ledger_figures
@@ -282,9 +282,11 @@ def account_symbol(soak, name: str, stored: Stored) -> SymbolReport:
         report.gap_seconds += gap
         report.max_extension_s = max(report.max_extension_s, extension[w])
         report.outages.append(describe_outage(spans[w][2], len(lost), gap, extension[w]))
-    # A silence the collector judged and recorded (dead_socket, stall) while make before break
-    # kept it connected: no sampler window, but the ledger's record says what was lost.
-    silences = [(g.start_ms, g.end_ms) for g in gaps if g.reason in (GAP_DEAD_SOCKET, GAP_STALL)]
+    # A silence the collector judged and recorded (dead_socket, stall), or the old connection
+    # of a handover lost before the new one brought data (disconnect), while make before
+    # break kept it connected: no sampler window, but the ledger's record says what was lost.
+    silences = [(g.start_ms, g.end_ms) for g in gaps
+                if g.reason in (GAP_DEAD_SOCKET, GAP_STALL, GAP_DISCONNECT)]
     for i, (ts, _mt, _m) in enumerate(rows):
         if missing[i] and not explained[i] and any(a < ts <= b for a, b in silences):
             explained[i] = True

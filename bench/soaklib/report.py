@@ -26,7 +26,7 @@ class SymbolReport:
     unrecorded_in_windows: int = 0
     unrecorded_outside: int = 0
     lost_in_windows: int = 0
-    lost_in_recorded_silences: int = 0  # of those: in a dead_socket/stall record, no window
+    lost_in_recorded_silences: int = 0  # of those: in a dead_socket/stall/disconnect record
     lost_outside: int = 0
     lost_outside_ts: List[int] = field(default_factory=list)  # their ts (a cluster's hosts
     #                                   compare them: a row one host lost, another may hold)
